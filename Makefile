@@ -1,0 +1,54 @@
+# tuneline: the two commands are `make run` and `make test`. Both set themselves up.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+# torch is installed first and pinned so pip never swaps in another build; on a machine
+# with a GPU, `make TORCH=torch` takes the normal (CUDA) build from PyPI.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test repro serve report push pull dag clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Run the whole pipeline on the embedded default. Initialises git and DVC where needed.
+run: $(STAMP)
+	test -d .git || (git init -q && git add -A && git -c user.name=tuneline -c user.email=tuneline@localhost commit -qm "tuneline: initial")
+	test -d .dvc || dvc init -q
+	dvc repro
+	@echo; echo "metrics:"; dvc metrics show
+
+repro: run
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).
+serve: $(STAMP)
+	$(VENV)/bin/tuneline serve
+
+report: $(STAMP)
+	$(VENV)/bin/tuneline report --rev $(or $(REV),main)
+
+push: $(STAMP)
+	dvc push
+
+pull: $(STAMP)
+	dvc pull
+
+dag: $(STAMP)
+	dvc dag
+
+clean-venv:
+	rm -rf $(VENV)

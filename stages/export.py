@@ -1,0 +1,37 @@
+"""Export the fine-tuned model for serving: adapter merged into the base, with a model card.
+
+Reads:  base.selected, base.adapter_dir, base.metrics_dir/eval.json, the Alpaca files (their hashes
+        go into the model card), `export:`.
+Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card).
+Run:    python -m stages.export; then `make serve` serves it on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tuneline import params
+from tuneline.export import export, file_md5, model_card
+from tuneline.records import read_json, write_json
+
+
+def main() -> None:
+    base, p = params.load("base", "export")
+    selected = read_json(base.selected)
+    out_dir = Path(base.export_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if selected["kind"] == "api":
+        write_json(out_dir / "SKIPPED.json", {"reason": f"{selected['name']} is an API model used as is; nothing to export"})
+        print("export: skipped, an API model was chosen")
+        return
+    training = read_json(Path(base.adapter_dir) / "training_args.json")
+    export(selected, base.adapter_dir, out_dir, p.dtype)
+    hashes = {f.name: file_md5(f) for f in sorted(Path(base.alpaca_dir).glob("*.json")) if f.name != "dataset_info.json"}
+    card = model_card(selected, training, hashes, read_json(Path(base.metrics_dir) / "eval.json"))
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    print(f"export: merged {training['method']} model written to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

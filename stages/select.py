@@ -1,0 +1,43 @@
+"""Score one candidate base model on the validation split (one DVC stage per candidate).
+
+Reads:  base.alpaca_dir/val.json, select.candidates.<name>, select.{generation_samples,max_new_tokens,batch_size}.
+Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size).
+Run:    python -m stages.select <name>
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tuneline import params
+from tuneline.modeling import load_model, load_tokenizer
+from tuneline.records import read_json, write_json
+from tuneline.scoring import score
+
+
+def main(name: str) -> None:
+    base, p = params.load("base", "select")
+    if name not in p.candidates:
+        raise SystemExit(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
+    cand = p.candidates[name]
+    records = read_json(Path(base.alpaca_dir) / "val.json")
+    if cand.kind == "api":
+        from tuneline.apiscoring import score_api_candidate
+
+        metrics = score_api_candidate(name, cand, p, records, base)
+    else:
+        tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
+        template = "auto" if tokenizer.chat_template else "chatml"
+        model = load_model(cand.model, cand.revision, cand.trust_remote_code)
+        metrics, _ = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
+        metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
+    metrics["name"] = name
+    write_json(Path(base.metrics_dir) / "select" / f"{name}.json", metrics)
+    print(f"select: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m stages.select <candidate name from select.candidates>")
+    main(sys.argv[1])

@@ -1,0 +1,90 @@
+"""Render, tokenize, label-mask and (optionally) pack the Alpaca train/val files.
+
+Reads:  base.alpaca_dir/{train,val}.json, base.selected (the chosen base model, whose tokenizer
+        and chat template are used; its tokenizer hash is part of that file), `tokenize:`.
+Writes: base.tokenized_dir/{train,val} (datasets saved with save_to_disk: input_ids, labels,
+        and position_ids when packed), base.tokenized_dir/chat_template.jinja (the template used),
+        base.metrics_dir/tokenize.json.
+Run:    python -m stages.tokenize
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from datasets import Dataset
+
+from tuneline import params
+from tuneline.modeling import load_tokenizer
+from tuneline.records import read_json, write_json
+from tuneline.templates import chat_template_for
+from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
+
+
+def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tuple[Dataset, dict]:
+    """One split tokenized (and packed when asked), with its counts."""
+    records = Dataset.from_json(str(path), cache_dir=cache_dir)
+    if len(records) == 0:
+        raise SystemExit(f"tokenize: {path} has no records; check metrics/build.json")
+    tokenized = records.map(
+        tokenize_example,
+        fn_kwargs=dict(tokenizer=tokenizer, template=p.template, max_length=p.max_length,
+                       overlong=p.overlong, train_on_prompt=p.train_on_prompt),
+        remove_columns=records.column_names,
+        num_proc=p.num_proc if p.num_proc > 1 else None,
+        desc=f"tokenize {path.name}",
+    )
+    status = Counter(tokenized["status"])
+    kept = tokenized.filter(lambda s: not s.startswith("dropped"), input_columns="status")
+    lengths = kept["length"]
+    counts = {
+        "records_in": len(records),
+        "records_out": len(kept),
+        "truncated": status.get("truncated", 0),
+        "dropped_overlong": status.get("dropped_overlong", 0),
+        "dropped_no_answer": status.get("dropped_no_answer", 0),
+        "tokens": sum(lengths),
+        "answer_tokens": sum(sum(1 for t in labels if t != -100) for labels in kept["labels"]),
+        "padding_fraction_unpacked": round(padding_fraction(lengths, 8), 4),
+    }
+    kept = kept.remove_columns(["length", "original_length", "status"])
+    if pack:
+        kept = kept.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=p.max_length),
+                        remove_columns=kept.column_names, desc=f"pack {path.name}")
+        counts["packed_sequences"] = len(kept)
+        counts["padding_fraction_packed"] = round(padding_fraction([len(x) for x in kept["input_ids"]], 8), 4)
+    return kept, counts
+
+
+def main() -> None:
+    base, p = params.load("base", "tokenize")
+    selected = read_json(base.selected)
+    out_dir = Path(base.tokenized_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    if selected["kind"] == "api":
+        msg = f"the chosen model {selected['name']} is an API model used as is: nothing to tokenize or train"
+        print(f"tokenize: skipped, {msg}")
+        write_json(out_dir / "SKIPPED.json", {"reason": msg})
+        write_json(Path(base.metrics_dir) / "tokenize.json", {"skipped": 1})
+        return
+
+    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    # The template actually used travels with the data, so training saves it with the model.
+    (out_dir / "chat_template.jinja").write_text(chat_template_for(tokenizer, p.template), encoding="utf-8")
+    metrics = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for split in ("train", "val"):
+            ds, counts = tokenize_split(Path(base.alpaca_dir) / f"{split}.json", tokenizer, p,
+                                        pack=p.packing and split == "train", cache_dir=cache_dir)
+            ds.save_to_disk(str(out_dir / split))
+            metrics[split] = counts
+            print(f"tokenize: {split}: {counts}")
+    write_json(Path(base.metrics_dir) / "tokenize.json", metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Fine-tune the selected base model on the tokenized training set.
+
+Reads:  base.tokenized_dir/{train,val}, base.selected, `train:` (method: qlora | lora | ptuning | full).
+Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
+        training_args.json), base.cache_dir/checkpoints/<run key>/ (persisted: a killed run
+        resumes from its newest complete checkpoint), base.metrics_dir/train/ (DVCLive: loss,
+        learning rate, grad norm, tokens/s; `dvc plots show` draws the curves).
+Run:    python -m stages.train   (or under `accelerate launch -m stages.train` for several processes)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from datasets import load_from_disk
+from dvclive import Live
+from transformers.integrations import DVCLiveCallback
+
+from tuneline import params
+from tuneline.records import read_json, write_json
+from tuneline.training import checkpoint_dir, dir_fingerprint, last_checkpoint, run_key, train, trainable_parameters
+
+
+def main() -> None:
+    base, p = params.load("base", "train")
+    selected = read_json(base.selected)
+    out_dir = Path(base.adapter_dir)
+    live_dir = Path(base.metrics_dir) / "train"
+    if selected["kind"] == "api":
+        msg = f"the chosen model {selected['name']} is an API model used as is; no local training"
+        print(f"train: skipped, {msg}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        write_json(out_dir / "SKIPPED.json", {"reason": msg})
+        write_json(live_dir / "metrics.json", {"skipped": 1})
+        return
+
+    data_dir = Path(base.tokenized_dir)
+    train_ds = load_from_disk(str(data_dir / "train"))
+    eval_ds = load_from_disk(str(data_dir / "val")) if (data_dir / "val").exists() else None
+    key = run_key(p, selected, dir_fingerprint(data_dir), base.seed)
+    checkpoints = checkpoint_dir(Path(base.cache_dir) / "checkpoints", key)
+    resuming = last_checkpoint(checkpoints) is not None
+    live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    model, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, [DVCLiveCallback(live=live)])
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    tokenizer.save_pretrained(out_dir)
+    trainable, total = trainable_parameters(model)
+    write_json(out_dir / "training_args.json", {
+        "base_model": selected, "method": p.method, "params": p.__dict__, "seed": base.seed,
+        "run_key": key, "trainable_parameters": trainable, "total_parameters": total,
+        "train_records": len(train_ds),
+    })
+    print(f"train: {p.method} on {selected['name']}: {trainable:,} of {total:,} parameters trained; "
+          f"train_loss {metrics.get('train_loss', float('nan')):.4f}; saved to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

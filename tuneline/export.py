@@ -1,0 +1,55 @@
+"""Export: the adapter merged into its base, saved as a standalone model with a model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+from tuneline.modeling import DTYPES, load_model
+
+
+def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
+    """The base model (de-quantised, at `dtype`) with the adapter merged in; full weights load as they are."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        return load_model(str(adapter_dir), dtype=dtype)
+    # QLoRA adapters merge into the full-precision base: merging into 4-bit weights would round them.
+    base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False), dtype=dtype)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    if model.peft_config["default"].is_prompt_learning:
+        raise SystemExit("export: P-tuning adapters cannot be merged into weights; serve base + adapter instead")
+    return model.merge_and_unload().to(DTYPES[dtype])
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 DVC records for a file in dvc.lock."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def model_card(selected: dict, training: dict, data_hashes: dict[str, str], eval_metrics: dict) -> str:
+    """README.md of the exported model: base, method, params, data version and eval metrics."""
+    lines = [
+        "---", "library_name: transformers", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
+        f"# Fine-tuned {selected['name']}", "",
+        f"Made by the tuneline pipeline: base model `{selected['model']}` (chosen by {selected['why']}),",
+        f"fine-tuned with **{training['method']}**, merged and exported.", "",
+        "## Training data (the md5 hashes dvc.lock records for the Alpaca files)", "",
+        *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
+        "## Training parameters", "", "```json", json.dumps(training["params"], indent=2, sort_keys=True), "```", "",
+        "## Evaluation (test split)", "", "| metric | base | tuned | delta |", "|---|---|---|---|",
+        *[f"| {k} | {eval_metrics['base'][k]:.4f} | {eval_metrics['tuned'][k]:.4f} | {eval_metrics['delta'][k]:+.4f} |" for k in eval_metrics.get("base", {})],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> None:
+    from tuneline.modeling import load_tokenizer
+
+    model = merged_model(selected, adapter_dir, dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)

@@ -1,0 +1,164 @@
+"""Fine-tuning with transformers' Trainer and peft: QLoRA, LoRA (DoRA, rsLoRA), P-tuning, full.
+
+Checkpoints go to a directory keyed by everything that changes the run (params, base model,
+tokenized data), so a rerun after a crash resumes its own run and never someone else's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from tuneline.modeling import DTYPES, load_model, load_tokenizer
+from tuneline.params import Train
+from tuneline.tokenization import collate
+
+
+def peft_config(p: Train):
+    """The peft config of `p.method` (None for full fine-tuning)."""
+    from peft import LoraConfig, PromptEncoderConfig, TaskType
+
+    if p.method in ("lora", "qlora"):
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=p.lora_r,
+            lora_alpha=p.lora_alpha,
+            lora_dropout=p.lora_dropout,
+            target_modules=p.target_modules,
+            use_dora=p.use_dora,
+            use_rslora=p.use_rslora,
+        )
+    if p.method == "ptuning":
+        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p.ptuning_virtual_tokens)
+    return None
+
+
+def prepare_model(selected: dict, p: Train, seed: int):
+    """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    set_seed(seed)
+    model = load_model(
+        selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
+        quantize_4bit=p.method == "qlora", dtype=p.compute_dtype,
+    )
+    if p.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = peft_config(p)
+    if config is not None:
+        set_seed(seed)  # adapter initialisation draws from the RNG: same seed, same adapter
+        model = get_peft_model(model, config)
+    return model
+
+
+def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int) -> str:
+    """A hash of everything that makes a training run what it is."""
+    blob = json.dumps({"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dir_fingerprint(path: str | Path) -> str:
+    """A content hash of the data files under `path`."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and f.suffix == ".arrow":
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint in `run_dir`; one cut off mid-save is skipped."""
+    done = [d for d in run_dir.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    if not done:
+        return None
+    return str(max(done, key=lambda d: int(d.name.split("-")[1])))
+
+
+def checkpoint_dir(root: str | Path, key: str) -> Path:
+    """The checkpoint directory of the run `key`; other runs' checkpoints are removed."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for other in root.iterdir():
+        if other.name != key:
+            shutil.rmtree(other, ignore_errors=True)
+    return root / key
+
+
+class TokensPerSecond(TrainerCallback):
+    """Adds training throughput (tokens/s, from the Trainer's token count) to each log."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        if self.last is not None and now > self.last[0]:
+            logs["tokens_per_s"] = (seen - self.last[1]) / (now - self.last[0])
+        self.last = (now, seen)
+
+
+def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        learning_rate=p.learning_rate,
+        num_train_epochs=p.epochs,
+        warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=p.weight_decay,
+        logging_steps=p.logging_steps,
+        save_steps=p.save_steps,
+        save_strategy="steps",
+        save_total_limit=2,
+        eval_strategy="epoch" if has_eval else "no",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=p.compute_dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=p.compute_dtype == "float16" and torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+        report_to=[],
+        disable_tqdm=False,
+    )
+
+
+def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list) -> tuple:
+    """Train, resuming from the newest complete checkpoint of this run; return (model, tokenizer, metrics)."""
+    if p.method == "ptuning" and "position_ids" in train_ds.column_names:
+        raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    model = prepare_model(selected, p, seed)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[TokensPerSecond(), *callbacks],
+    )
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        print(f"train: resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    return trainer.model, tokenizer, result.metrics
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
