@@ -22,8 +22,11 @@ def choose(scores: dict[str, dict], metric: str) -> tuple[str, str]:
     missing = [name for name, s in scores.items() if s.get(metric) is None]
     if missing:
         raise SystemExit(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has")
-    pick = min if metric in LOWER_IS_BETTER else max
-    best = pick(sorted(scores), key=lambda n: scores[n][metric])
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    # Ties (common among small untrained models) go to a local candidate, which can be
+    # fine-tuned, then to the lower validation loss, then to the name, so the choice is stable.
+    best = min(scores, key=lambda n: (sign * scores[n][metric], scores[n].get("kind") == "api",
+                                      scores[n].get("loss") if scores[n].get("loss") is not None else float("inf"), n))
     others = ", ".join(f"{n} {scores[n][metric]:.4f}" for n in sorted(scores) if n != best)
     direction = "lowest" if metric in LOWER_IS_BETTER else "highest"
     return best, f"{direction} validation {metric}: {scores[best][metric]:.4f}" + (f" (others: {others})" if others else "")

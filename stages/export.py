@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from tuneline import params
-from tuneline.export import export, file_md5, model_card
+from tuneline.export import dir_md5, export, file_md5, model_card
 from tuneline.records import read_json, write_json
 
 
@@ -28,7 +28,8 @@ def main() -> None:
     training = read_json(Path(base.adapter_dir) / "training_args.json")
     export(selected, base.adapter_dir, out_dir, p.dtype)
     hashes = {f.name: file_md5(f) for f in sorted(Path(base.alpaca_dir).glob("*.json")) if f.name != "dataset_info.json"}
-    card = model_card(selected, training, hashes, read_json(Path(base.metrics_dir) / "eval.json"))
+    card = model_card(selected, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
+                      read_json(Path(base.metrics_dir) / "eval.json"))
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     print(f"export: merged {training['method']} model written to {out_dir}")
 

@@ -1,7 +1,10 @@
 """Score one candidate base model on the validation split (one DVC stage per candidate).
 
-Reads:  base.alpaca_dir/val.json, select.candidates.<name>, select.{generation_samples,max_new_tokens,batch_size}.
-Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size).
+Reads:  base.alpaca_dir/val.json (and train.json for an API candidate's few-shot examples),
+        select.candidates.<name> and the select keys listed for it in dvc.yaml.
+Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size;
+        for an API candidate: no loss, and tokens, cost and latency from its replies),
+        base.cache_dir/select/<name>/ (persisted replies of an API candidate: a rerun pays nothing).
 Run:    python -m stages.select <name>
 """
 
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+from transformers import set_seed
 
 from tuneline import params
 from tuneline.modeling import load_model, load_tokenizer
@@ -22,11 +27,15 @@ def main(name: str) -> None:
         raise SystemExit(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]
     records = read_json(Path(base.alpaca_dir) / "val.json")
+    cache_dir = Path(base.cache_dir) / "select" / name
+    cache_dir.mkdir(parents=True, exist_ok=True)
     if cand.kind == "api":
         from tuneline.apiscoring import score_api_candidate
 
-        metrics = score_api_candidate(name, cand, p, records, base)
+        shots = read_json(Path(base.alpaca_dir) / "train.json")[: cand.few_shot_k]
+        metrics = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
     else:
+        set_seed(base.seed)
         tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
         template = "auto" if tokenizer.chat_template else "chatml"
         model = load_model(cand.model, cand.revision, cand.trust_remote_code)

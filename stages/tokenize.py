@@ -4,6 +4,7 @@ Reads:  base.alpaca_dir/{train,val}.json, base.selected (the chosen base model, 
         and chat template are used; its tokenizer hash is part of that file), `tokenize:`.
 Writes: base.tokenized_dir/{train,val} (datasets saved with save_to_disk: input_ids, labels,
         and position_ids when packed), base.tokenized_dir/chat_template.jinja (the template used),
+        base.tokenized_dir/rejects.jsonl (records dropped for length, with the reason),
         base.metrics_dir/tokenize.json.
 Run:    python -m stages.tokenize
 """
@@ -19,13 +20,13 @@ from datasets import Dataset
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer
-from tuneline.records import read_json, write_json
+from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.templates import chat_template_for
 from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
 
 
-def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tuple[Dataset, dict]:
-    """One split tokenized (and packed when asked), with its counts."""
+def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tuple[Dataset, dict, list[dict]]:
+    """One split tokenized (and packed when asked), with its counts and the records it dropped."""
     records = Dataset.from_json(str(path), cache_dir=cache_dir)
     if len(records) == 0:
         raise SystemExit(f"tokenize: {path} has no records; check metrics/build.json")
@@ -38,6 +39,10 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         desc=f"tokenize {path.name}",
     )
     status = Counter(tokenized["status"])
+    rejects = [
+        {"file": str(path), "index": i, "id": records[i].get("id"), "reason": s, "tokens": n, "max_length": p.max_length}
+        for i, (s, n) in enumerate(zip(tokenized["status"], tokenized["original_length"])) if s.startswith("dropped")
+    ]
     kept = tokenized.filter(lambda s: not s.startswith("dropped"), input_columns="status")
     lengths = kept["length"]
     counts = {
@@ -47,16 +52,16 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         "dropped_overlong": status.get("dropped_overlong", 0),
         "dropped_no_answer": status.get("dropped_no_answer", 0),
         "tokens": sum(lengths),
-        "answer_tokens": sum(sum(1 for t in labels if t != -100) for labels in kept["labels"]),
+        "answer_tokens": sum(kept["answer_tokens"]),
         "padding_fraction_unpacked": round(padding_fraction(lengths, 8), 4),
     }
-    kept = kept.remove_columns(["length", "original_length", "status"])
+    kept = kept.remove_columns(["length", "original_length", "answer_tokens", "status"])
     if pack:
         kept = kept.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=p.max_length),
                         remove_columns=kept.column_names, desc=f"pack {path.name}")
         counts["packed_sequences"] = len(kept)
         counts["padding_fraction_packed"] = round(padding_fraction([len(x) for x in kept["input_ids"]], 8), 4)
-    return kept, counts
+    return kept, counts, rejects
 
 
 def main() -> None:
@@ -75,14 +80,17 @@ def main() -> None:
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
     # The template actually used travels with the data, so training saves it with the model.
     (out_dir / "chat_template.jinja").write_text(chat_template_for(tokenizer, p.template), encoding="utf-8")
-    metrics = {}
+    metrics, rejects = {}, []
     with tempfile.TemporaryDirectory() as cache_dir:
         for split in ("train", "val"):
-            ds, counts = tokenize_split(Path(base.alpaca_dir) / f"{split}.json", tokenizer, p,
-                                        pack=p.packing and split == "train", cache_dir=cache_dir)
+            ds, counts, dropped = tokenize_split(Path(base.alpaca_dir) / f"{split}.json", tokenizer, p,
+                                                 pack=p.packing and split == "train", cache_dir=cache_dir)
             ds.save_to_disk(str(out_dir / split))
             metrics[split] = counts
+            rejects += dropped
             print(f"tokenize: {split}: {counts}")
+    # Nothing is dropped silently: each dropped record, with its reason and length, is listed here.
+    write_jsonl(out_dir / "rejects.jsonl", rejects)
     write_json(Path(base.metrics_dir) / "tokenize.json", metrics)
 
 

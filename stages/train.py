@@ -5,11 +5,15 @@ Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer
         training_args.json), base.cache_dir/checkpoints/<run key>/ (persisted: a killed run
         resumes from its newest complete checkpoint), base.metrics_dir/train/ (DVCLive: loss,
         learning rate, grad norm, tokens/s; `dvc plots show` draws the curves).
-Run:    python -m stages.train   (or under `accelerate launch -m stages.train` for several processes)
+Run:    python -m stages.train
+        Several processes (DDP): accelerate launch --multi_gpu --num_processes 2 -m stages.train
+        (on a machine without GPUs this runs 2 CPU processes over gloo; `--cpu` alone starts one
+        process). FSDP/DeepSpeed: pass accelerate's --use_fsdp / --use_deepspeed options or a config file.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +23,9 @@ from transformers.integrations import DVCLiveCallback
 
 from tuneline import params
 from tuneline.records import read_json, write_json
-from tuneline.training import checkpoint_dir, dir_fingerprint, last_checkpoint, run_key, train, trainable_parameters
+from tuneline.training import (
+    checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, trainable_parameters,
+)
 
 
 def main() -> None:
@@ -38,12 +44,20 @@ def main() -> None:
     data_dir = Path(base.tokenized_dir)
     train_ds = load_from_disk(str(data_dir / "train"))
     eval_ds = load_from_disk(str(data_dir / "val")) if (data_dir / "val").exists() else None
-    key = run_key(p, selected, dir_fingerprint(data_dir), base.seed)
+    key = run_key(p, selected, dir_fingerprint(data_dir), base.seed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     checkpoints = checkpoint_dir(Path(base.cache_dir) / "checkpoints", key)
     resuming = last_checkpoint(checkpoints) is not None
-    live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+    # Under `accelerate launch` every process runs this script; only the main one logs and saves,
+    # or the processes would clear and write the same directories at once.
+    main_process = is_main_process()
+    callbacks = []
+    if main_process:
+        live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+        callbacks.append(DVCLiveCallback(live=live))
 
-    model, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, [DVCLiveCallback(live=live)])
+    model, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks)
+    if not main_process:
+        return
 
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -30,14 +30,29 @@ def file_md5(path: str | Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def model_card(selected: dict, training: dict, data_hashes: dict[str, str], eval_metrics: dict) -> str:
-    """README.md of the exported model: base, method, params, data version and eval metrics."""
+def dir_md5(path: str | Path) -> str:
+    """The `<md5>.dir` hash dvc.lock records for a directory, computed by DVC's own dvc-data."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    # The object database only receives the directory listing; an in-memory one leaves no trace.
+    _, _, tree = build(HashFileDB(MemoryFileSystem(), "/odb"), str(path), LocalFileSystem(), "md5")
+    return tree.hash_info.value
+
+
+def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str, data_hashes: dict[str, str],
+               eval_metrics: dict) -> str:
+    """README.md of the exported model: base, method, params, data version (the directory hash
+    dvc.lock records for `data_dir`, and each file's md5) and eval metrics."""
     lines = [
         "---", "library_name: transformers", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
         f"# Fine-tuned {selected['name']}", "",
         f"Made by the tuneline pipeline: base model `{selected['model']}` (chosen by {selected['why']}),",
         f"fine-tuned with **{training['method']}**, merged and exported.", "",
-        "## Training data (the md5 hashes dvc.lock records for the Alpaca files)", "",
+        "## Training data", "",
+        f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:", "",
         *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
         "## Training parameters", "", "```json", json.dumps(training["params"], indent=2, sort_keys=True), "```", "",
         "## Evaluation (test split)", "", "| metric | base | tuned | delta |", "|---|---|---|---|",

@@ -66,6 +66,8 @@ def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False):
         return load_model(str(adapter_dir))
     base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
     model = PeftModel.from_pretrained(base, adapter_dir)
+    if merge and model.peft_config["default"].is_prompt_learning:
+        raise SystemExit("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
     return model.merge_and_unload() if merge else model
 
 

@@ -23,8 +23,53 @@ class ParamsError(ValueError):
     """A params.yaml value that a stage cannot run with; the message names the key and the fix."""
 
 
+# Which params keys a stage reads, recorded when TUNELINE_PARAMS_AUDIT names a file: the test
+# that checks dvc.yaml's `params:` lists against what each stage's code really reads uses it.
+AUDIT_ENV = "TUNELINE_PARAMS_AUDIT"
+_reads: set[str] | None = None
+
+
+class _Section:
+    """Base of the params dataclasses: records each leaf value read while auditing is on."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if _reads is None or (name.startswith("_") and name != "__dict__"):
+            return value
+        key = object.__getattribute__(self, "__dict__").get("_key")
+        fields = object.__getattribute__(self, "__dataclass_fields__")
+        for n in fields if name == "__dict__" else [name]:
+            if n in fields and not _holds_sections(fields[n].type):
+                _reads.add(f"{key}.{n}")
+        return value
+
+
+def _holds_sections(annotation: str) -> bool:
+    """True for fields that hold nested sections (reading them is not reading a value)."""
+    return any(name in str(annotation) for name in ("TinyModel", "CrawlSource", "CrawlDataset", "Candidate"))
+
+
+def _start_audit(path: str) -> None:
+    import atexit
+    import json
+    import sys
+
+    global _reads
+    if _reads is not None:
+        return
+    _reads = set()
+    argv = [Path(sys.argv[0]).stem, *sys.argv[1:2]]
+    stage = argv[0] + (f"@{argv[1]}" if len(argv) > 1 else "")
+
+    def dump() -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": stage, "reads": sorted(_reads or ())}) + "\n")
+
+    atexit.register(dump)
+
+
 @dataclass(frozen=True)
-class Base:
+class Base(_Section):
     seed: int
     seeds: str
     site_dir: str
@@ -42,7 +87,7 @@ class Base:
 
 
 @dataclass(frozen=True)
-class TinyModel:
+class TinyModel(_Section):
     arch: Literal["llama", "qwen2"]
     hidden_size: int
     intermediate_size: int
@@ -54,13 +99,13 @@ class TinyModel:
 
 
 @dataclass(frozen=True)
-class Models:
+class Models(_Section):
     vocab_size: int
     tiny: dict[str, TinyModel]
 
 
 @dataclass(frozen=True)
-class CrawlSource:
+class CrawlSource(_Section):
     name: str
     start_urls: list[str]
     allowed_domains: list[str]
@@ -76,7 +121,7 @@ class CrawlSource:
 
 
 @dataclass(frozen=True)
-class CrawlDataset:
+class CrawlDataset(_Section):
     name: str
     path: str
     format: Literal["json", "jsonl", "csv", "parquet", "hub"]
@@ -85,7 +130,7 @@ class CrawlDataset:
 
 
 @dataclass(frozen=True)
-class Crawl:
+class Crawl(_Section):
     user_agent: str
     serve_site: bool
     sources: list[CrawlSource]
@@ -100,36 +145,55 @@ class Crawl:
 
 
 @dataclass(frozen=True)
-class Augment:
+class Augment(_Section):
     base_url: str
     model: str
     api_key_env: str
     temperature: float
     max_tokens: int
     rounds: int
+    pilot_size: int
     per_round: int
+    per_call: int
     few_shot_k: int
     chunk_chars: int
+    prompts_dir: str
+    json_mode: bool
+    reply_retries: int
+    feedback_examples: int
+    min_grounding: float
     concurrency: int
     requests_per_minute: int
     max_retries: int
     timeout_s: float
+    price_prompt_per_mtok: float
+    price_completion_per_mtok: float
 
 
 @dataclass(frozen=True)
-class Clean:
+class Clean(_Section):
     min_chars: int
     max_chars: int
+    min_tokens: int
+    max_tokens: int
     languages: list[str]
+    language_min_chars: int
+    language_confidence: float
     pii: Literal["redact", "reject"]
     embedding_model: str
+    batch_size: int
+    datalab_min_records: int
+    knn_k: int
     near_duplicate_threshold: float
     outlier_threshold: float
-    batch_size: int
+    label_cv_folds: int
+    reject_issues: list[Literal["near_duplicate", "outlier", "label"]]
+    trusted_sources: list[str]
+    report_examples: int
 
 
 @dataclass(frozen=True)
-class Build:
+class Build(_Section):
     val_fraction: float
     test_fraction: float
     max_tokens: int
@@ -137,20 +201,28 @@ class Build:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(_Section):
     kind: Literal["local", "api"]
     model: str
     trust_remote_code: bool = False
     revision: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
+    # API candidates only: optional, and their defaults live here, not in params.yaml.
+    few_shot_k: int = 0
+    concurrency: int = 4
+    requests_per_minute: int = 600
+    max_retries: int = 3
+    timeout_s: float = 60.0
+    price_prompt_per_mtok: float = 0.0
+    price_completion_per_mtok: float = 0.0
 
 
 METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match")
 
 
 @dataclass(frozen=True)
-class Select:
+class Select(_Section):
     metric: Literal["loss", "perplexity", "rouge_l", "bleu", "exact_match"]
     generation_samples: int
     max_new_tokens: int
@@ -159,7 +231,7 @@ class Select:
 
 
 @dataclass(frozen=True)
-class Tokenize:
+class Tokenize(_Section):
     template: Literal["auto", "chatml", "llama3", "alpaca"]
     max_length: int
     overlong: Literal["truncate", "drop"]
@@ -169,7 +241,7 @@ class Tokenize:
 
 
 @dataclass(frozen=True)
-class Train:
+class Train(_Section):
     method: Literal["lora", "qlora", "ptuning", "full"]
     lora_r: int
     lora_alpha: int
@@ -190,7 +262,7 @@ class Train:
 
 
 @dataclass(frozen=True)
-class Evaluate:
+class Evaluate(_Section):
     max_new_tokens: int
     batch_size: int
     generation_samples: int
@@ -199,7 +271,7 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
-class Export:
+class Export(_Section):
     dtype: Literal["float32", "bfloat16", "float16"]
 
 
@@ -304,7 +376,9 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
                 raise ParamsError(f"{key}.{name} is missing; add it to {PARAMS_FILE} ({_type_name(hints[name])})")
             continue
         values[name] = _convert(data[name], hints[name], f"{key}.{name}")
-    return cls(**values)
+    obj = cls(**values)
+    object.__setattr__(obj, "_key", key.split("[")[0])
+    return obj
 
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict:
@@ -331,12 +405,26 @@ def section(name: str, data: dict | None = None, path: str | Path = PARAMS_FILE)
 
 def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
     """Load several sections at once: `base, p = load("base", "train")`."""
+    import os
+
     data = read_params_file(path)
-    return tuple(section(n, data, path) for n in names)
+    sections = tuple(section(n, data, path) for n in names)
+    if os.environ.get(AUDIT_ENV):
+        _start_audit(os.environ[AUDIT_ENV])
+    return sections
 
 
 def _check_section(name: str, p: Any) -> Any:
     """Cross-field checks that a type alone cannot express."""
+    if name == "augment":
+        for key in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
+                    "concurrency", "requests_per_minute"):  # fmt: skip
+            if getattr(p, key) < 1:
+                raise ParamsError(f"augment.{key} must be at least 1, got {getattr(p, key)}")
+        if p.reply_retries < 0 or p.max_retries < 0 or p.feedback_examples < 0:
+            raise ParamsError("augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0")
+        if not 0 <= p.min_grounding <= 1:
+            raise ParamsError(f"augment.min_grounding must be between 0 and 1, got {p.min_grounding}")
     if name == "build":
         if not 0 <= p.val_fraction < 1 or not 0 <= p.test_fraction < 1 or p.val_fraction + p.test_fraction >= 1:
             raise ParamsError(
@@ -354,6 +442,11 @@ def _check_section(name: str, p: Any) -> Any:
                     f"select.metric '{p.metric}' is not available for API candidate "
                     f"select.candidates.{cname}: API models report no loss. "
                     "Choose by rouge_l, bleu or exact_match, or remove the API candidate"
+                )
+            if cand.kind == "local" and (cand.base_url or cand.api_key_env):
+                raise ParamsError(
+                    f"select.candidates.{cname}: base_url and api_key_env are for kind: api; "
+                    "a local candidate names a hub id or a directory in `model`"
                 )
     if name == "train":
         if p.lora_r <= 0 or p.learning_rate <= 0 or p.batch_size <= 0:

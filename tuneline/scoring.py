@@ -40,12 +40,31 @@ def answer_losses(model, tokenizer, records: list[dict], template: str, batch_si
     return out
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's end of sequence and the model's generation
+    config ones (instruct models often list several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({t for t in [tokenizer.eos_token_id, *configured] if t is not None})
+
+
+def until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """The tokens a sequence really produced: up to and including its first stop token. A finished
+    sequence in a batch is padded until the longest is done; that padding was never generated."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[: i + 1]
+    return ids
+
+
 @torch.no_grad()
-def generate(model, tokenizer, records: list[dict], template: str, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers to the records' prompts, batched with left padding."""
+def generate_ids(model, tokenizer, records: list[dict], template: str, batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """The greedy answer tokens of each record's prompt (ending with the stop token when one came),
+    batched with left padding."""
     model.eval()
     device = next(model.parameters()).device
     prompts = [render(tokenizer, to_messages(r, with_answer=False), template, add_generation_prompt=True) for r in records]
+    stops = stop_ids(model, tokenizer)
     answers = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -53,14 +72,18 @@ def generate(model, tokenizer, records: list[dict], template: str, batch_size: i
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
             )
-            new = output[:, batch["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            answers += [until_stop(row, stops) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def generate(model, tokenizer, records: list[dict], template: str, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers to the records' prompts, batched with left padding."""
+    ids = generate_ids(model, tokenizer, records, template, batch_size, max_new_tokens)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def score(model, tokenizer, records: list[dict], template: str, batch_size: int, max_new_tokens: int,

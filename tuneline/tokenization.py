@@ -41,11 +41,14 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlon
 
 
 def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
-    """The `datasets.map` function: one record to input_ids, labels, length and status."""
+    """The `datasets.map` function: one record to input_ids, labels, and the counts the stage reports
+    (length, original_length, answer_tokens, status)."""
     input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
     original = len(input_ids)
     input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong)
-    return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "original_length": original, "status": status}
+    answer_tokens = sum(1 for label in labels if label != IGNORE)
+    return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "original_length": original,
+            "answer_tokens": answer_tokens, "status": status}
 
 
 def pack(examples: Iterator[tuple[list[int], list[int]]], max_length: int) -> Iterator[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from functools import partial
@@ -40,6 +41,22 @@ def peft_config(p: Train):
     return None
 
 
+def keep_4bit_training_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout training uses, on CPU too.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` repacks its weight in place for an inference
+    kernel the first time it runs in eval mode without grad (the Trainer's evaluation pass), and
+    the training steps after that fail on the repacked weight ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation"). A run evaluates every epoch, so
+    the repacking is switched off for the whole run.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_model(selected: dict, p: Train, seed: int):
     """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -50,6 +67,7 @@ def prepare_model(selected: dict, p: Train, seed: int):
         quantize_4bit=p.method == "qlora", dtype=p.compute_dtype,
     )
     if p.method == "qlora":
+        keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft_config(p)
     if config is not None:
@@ -58,9 +76,14 @@ def prepare_model(selected: dict, p: Train, seed: int):
     return model
 
 
-def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int) -> str:
-    """A hash of everything that makes a training run what it is."""
-    blob = json.dumps({"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed}, sort_keys=True, default=str)
+def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int, world_size: int = 1) -> str:
+    """A hash of everything that makes a training run what it is.
+
+    The number of processes is part of it: it changes the global batch and the data order, so a
+    checkpoint of a 2-process run cannot be resumed by a single process.
+    """
+    run = {"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
+    blob = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -75,11 +98,23 @@ def dir_fingerprint(path: str | Path) -> str:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint in `run_dir`; one cut off mid-save is skipped."""
-    done = [d for d in run_dir.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    """The newest complete checkpoint in `run_dir`; one cut off mid-save is skipped.
+
+    The Trainer writes trainer_state.json last, so a checkpoint is complete when that file is
+    there and whole (a kill during its write leaves it cut short).
+    """
+    done = [d for d in run_dir.glob("checkpoint-*") if _readable_json(d / "trainer_state.json")]
     if not done:
         return None
     return str(max(done, key=lambda d: int(d.name.split("-")[1])))
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def checkpoint_dir(root: str | Path, key: str) -> Path:
@@ -129,6 +164,9 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         fp16=p.compute_dtype == "float16" and torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        # Every trainable parameter takes part in each forward pass (LoRA, P-tuning and full alike),
+        # so DDP need not search the graph for unused ones on every step.
+        ddp_find_unused_parameters=False,
         include_num_input_tokens_seen=True,
         report_to=[],
         disable_tqdm=False,
@@ -155,6 +193,12 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
         print(f"train: resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
     return trainer.model, tokenizer, result.metrics
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that logs and saves: rank 0 under `accelerate launch`/torchrun
+    (which set RANK), and the only process otherwise."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def trainable_parameters(model) -> tuple[int, int]:

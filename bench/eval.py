@@ -1,0 +1,149 @@
+"""Bench the evaluate stage's generation: batched greedy decoding against one prompt at a time.
+
+Builds the default `tiny_qwen` from params.yaml (models.tiny; about 3.4M parameters, ChatML),
+fine-tunes it for a few seconds on the seed records so that it ends its answers with its
+end-of-turn token (a random model never stops, which would hide the cost of waiting for the
+longest answer in a batch), then generates answers to 64 prompts made from the seeds with
+`tuneline.scoring.generate_ids`, the code the evaluate and select stages run, at batch sizes 1
+(the named baseline: one at a time), 8 and 16.
+
+Only tokens a sequence really produced count: up to and including its first stop token, never
+the padding a finished row gets while the rest of its batch runs on. Every mode uses the same
+stop tokens and max_new_tokens (evaluate.max_new_tokens), and the bench reports how many answers
+stopped at EOS and how many equal the one-at-a-time answers, so the modes do the same work.
+Target on CPU: batched >= 3x the tokens/s of one at a time.
+
+Run:  .venv/bin/python bench/eval.py [--repeats 2]   (writes bench/results/eval.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.models import corpus  # noqa: E402
+from tuneline import params  # noqa: E402
+from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
+from tuneline.records import read_jsonl  # noqa: E402
+from tuneline.scoring import generate_ids, stop_ids  # noqa: E402
+from tuneline.tinymodels import build_tiny_model  # noqa: E402
+from tuneline.tokenization import collate, encode  # noqa: E402
+
+PROMPTS = 64
+BATCH_SIZES = (1, 8, 16)  # 1 is the baseline
+TARGET_SPEEDUP = 3.0
+
+
+def build_model(out_dir: Path) -> int:
+    """The default tiny_qwen, built as the models stage builds it; return its parameter count."""
+    base, models = params.load("base", "models", path=ROOT / "params.yaml")
+    texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
+    return build_tiny_model(models.tiny["tiny_qwen"], texts, models.vocab_size, base.seed, out_dir)
+
+
+def teach_to_stop(model, tokenizer, records: list[dict], steps: int, seed: int) -> float:
+    """A few full fine-tuning steps on the records (answers end with the end-of-turn token); the last loss."""
+    torch.manual_seed(seed)
+    examples = []
+    for r in records:
+        ids, labels = encode(tokenizer, r, "auto", train_on_prompt=False)
+        examples.append({"input_ids": ids, "labels": labels})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    loss = float("nan")
+    for step in range(steps):
+        start = (step * 8) % len(examples)
+        batch = collate((examples + examples)[start : start + 8], tokenizer.pad_token_id)
+        out = model(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = float(out.loss)
+    model.eval()
+    return loss
+
+
+def run_mode(model, tokenizer, prompts: list[dict], batch_size: int, max_new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+    """The best wall time of `repeats` runs and the answers' token ids."""
+    best, answers = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        answers = generate_ids(model, tokenizer, prompts, "auto", batch_size, max_new_tokens)
+        best = min(best, time.perf_counter() - start)
+    return best, answers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest counts")
+    ap.add_argument("--train-steps", type=int, default=120)
+    args = ap.parse_args()
+    base, evaluate = params.load("base", "evaluate", path=ROOT / "params.yaml")
+    seeds = read_jsonl(ROOT / base.seeds)
+    prompts = [seeds[i % len(seeds)] for i in range(PROMPTS)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n_params = build_model(Path(tmp) / "tiny_qwen")
+        tokenizer, model = load_tokenizer(str(Path(tmp) / "tiny_qwen")), load_model(str(Path(tmp) / "tiny_qwen"))
+    start = time.perf_counter()
+    final_loss = teach_to_stop(model, tokenizer, seeds, args.train_steps, base.seed)
+    print(f"tiny_qwen: {n_params / 1e6:.2f}M parameters, {args.train_steps} fine-tuning steps "
+          f"in {time.perf_counter() - start:.1f} s (loss {final_loss:.3f}); torch threads: {torch.get_num_threads()}")
+    stops = stop_ids(model, tokenizer)
+    generate_ids(model, tokenizer, prompts[:2], "auto", 2, 4)  # warm-up: first-call allocations
+
+    rows, baseline = [], None
+    for batch_size in BATCH_SIZES:
+        seconds, answers = run_mode(model, tokenizer, prompts, batch_size, evaluate.max_new_tokens, args.repeats)
+        if baseline is None:
+            baseline = {"seconds": seconds, "answers": answers}
+        tokens = sum(len(a) for a in answers)
+        row = {
+            "mode": "one at a time (baseline)" if batch_size == 1 else f"batched {batch_size}",
+            "batch_size": batch_size,
+            "seconds": round(seconds, 3),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "stopped_at_eos": sum(1 for a in answers if a and a[-1] in stops),
+            "same_answers_as_baseline": sum(a == b for a, b in zip(answers, baseline["answers"], strict=True)),
+        }
+        rows.append(row)
+        print(f"  {row['mode']}: {row['tokens_per_s']} tokens/s", flush=True)
+    for row in rows:
+        row["speedup"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+
+    print()
+    print(f"| mode | batch | seconds | tokens | tokens/s | stopped at EOS | same answers as baseline | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['batch_size']} | {r['seconds']:.2f} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
+              f"{r['stopped_at_eos']}/{PROMPTS} | {r['same_answers_as_baseline']}/{PROMPTS} | {r['speedup']:.2f}x |")
+    best = max(r["speedup"] for r in rows[1:])
+    print(f"\nbest batched speedup {best:.2f}x (target >= {TARGET_SPEEDUP}x): {'met' if best >= TARGET_SPEEDUP else 'NOT met'}")
+
+    out = ROOT / "bench" / "results" / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "bench": "evaluate generation throughput (tuneline.scoring.generate_ids, greedy)",
+        "baseline": "one at a time (batch 1)",
+        "model": {"name": "tiny_qwen", "parameters": n_params, "fine_tuning_steps": args.train_steps},
+        "prompts": PROMPTS, "max_new_tokens": evaluate.max_new_tokens, "repeats": args.repeats,
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "rows": rows, "target_speedup": TARGET_SPEEDUP, "best_speedup": best, "target_met": best >= TARGET_SPEEDUP,
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Augment the raw material into records: pass-through sources plus LLM-generated records.
+
+Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets.jsonl,
+        the prompt templates in augment.prompts_dir
+Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | dataset | generated),
+        base.augmented_dir/rejects.jsonl (every generated record or reply left out, with the reason,
+        and the raw reply for replies that were not the JSON asked for),
+        base.cache_dir/llm/ (one file per answered call; a rerun repeats no answered call),
+        base.metrics_dir/augment.json (counts per source and round, rejects by reason, tokens, cost)
+Run:    python -m stages.augment
+        augment.base_url "local" starts `transformers serve` on 127.0.0.1 for augment.model and
+        stops it afterwards. Against a hosted API or a vLLM server:
+        dvc exp run -S augment.base_url=https://api.openai.com/v1 -S augment.model=gpt-4o-mini
+        with the key in the environment variable named by augment.api_key_env.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+from tuneline import augment, llm, params
+from tuneline.llmserver import endpoint_url
+from tuneline.records import InputError, write_json, write_jsonl
+
+log = logging.getLogger("augment")
+
+
+def require(path: Path, fix: str) -> Path:
+    if not path.is_file():
+        raise InputError(f"{path}: not found; {fix}")
+    return path
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="augment: %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
+    base, p = params.load("base", "augment")
+    raw = Path(base.raw_dir)
+    seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
+    crawled, docs = augment.crawl_items(require(raw / "crawl.jsonl", "run `dvc repro crawl` first"))
+    passthrough = seeds + crawled + augment.dataset_records(require(raw / "datasets.jsonl", "run `dvc repro crawl` first"))
+    chunks = augment.doc_chunks(docs, p.chunk_chars)
+    templates = augment.load_templates(p.prompts_dir)
+    cache_dir = Path(base.cache_dir) / "llm"
+    # The request names a local model only by its path: its files join the cache key.
+    salt = llm.model_fingerprint(p.model) if Path(p.model).is_dir() else ""
+
+    with ExitStack() as server:
+        # The server (or the remote URL) is needed only once a call is missing from the
+        # cache: a fully cached rerun starts no `transformers serve`.
+        endpoint = augment.endpoint(p, p.base_url)
+        started = False
+
+        def call(requests: list[list[dict]], seed: int) -> list[llm.Reply]:
+            nonlocal endpoint, started
+            if not started and llm.uncached(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt):
+                endpoint = augment.endpoint(p, server.enter_context(endpoint_url(p.base_url, p.model)))
+                started = True
+            replies = llm.complete_many_sync(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt)
+            log.info("%d calls (%d cached, %d failed)", len(replies), sum(r.cached for r in replies),
+                     sum(r.error is not None for r in replies))  # fmt: skip
+            return replies
+
+        result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed)
+
+    # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
+    failed = [r for r in result.replies if r.error is not None and r.error != llm.EMPTY_REPLY]
+    if result.replies and len(failed) == len(result.replies):
+        raise RuntimeError(
+            f"every call to {p.model} failed, first error: {failed[0].error}. Check augment.base_url, "
+            f"augment.model and the key in ${p.api_key_env}"
+        )
+
+    records = sorted(passthrough + result.records, key=lambda r: (r["id"], r["source"]))
+    write_jsonl(Path(base.augmented_dir) / "records.jsonl", records)
+    write_jsonl(Path(base.augmented_dir) / "rejects.jsonl", result.rejects)
+    metrics = {
+        **augment.summary(passthrough, result),
+        "model": p.model,
+        "chunks": len(chunks),
+        "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok),
+    }
+    write_json(Path(base.metrics_dir) / "augment.json", metrics)
+    log.info(
+        "%d records (%s); generated %d, accepted %d, rejected %d records and %d replies; %d calls, %d made this run",
+        metrics["records"], metrics["records_by_source"], metrics["generated"], metrics["accepted"],
+        metrics["rejected_records"], metrics["failed_replies"], metrics["llm"]["calls"],
+        metrics["llm"]["this_run"]["calls"],
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, params.ParamsError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"augment: {err}") from None

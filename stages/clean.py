@@ -1,0 +1,62 @@
+"""Clean the augmented records: rule filters, PII policy, duplicates, and cleanlab Datalab.
+
+Reads:  base.augmented_dir/records.jsonl
+Writes: base.clean_dir/records.jsonl (kept records, PII redacted when clean.pii is redact),
+        base.clean_dir/rejects.jsonl (each removed record with its reason, score and, for
+        duplicates, the id of the kept twin),
+        base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary),
+        base.metrics_dir/clean_report.md (the worst examples per reason, for review),
+        base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
+Run:    python -m stages.clean
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tuneline import params
+from tuneline.clean import check_params, clean_records, embed_texts, lazy_encoder, model_key, render_report
+from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
+
+
+def main() -> None:
+    base, p = params.load("base", "clean")
+    check_params(p)
+    source = Path(base.augmented_dir) / "records.jsonl"
+    if not source.exists():
+        raise InputError(f"{source} does not exist; run the augment stage first (dvc repro augment)")
+    records = read_jsonl(source)
+
+    store = Path(base.cache_dir) / "embeddings" / "embeddings.sqlite"
+    encoder, key = lazy_encoder(p.embedding_model, p.batch_size), model_key(p.embedding_model)
+    counts = {"texts": 0, "encoded": 0}
+
+    def embed(texts: list[str]):
+        vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size)
+        counts["texts"] += len(texts)
+        counts["encoded"] += encoded
+        return vectors
+
+    started = time.perf_counter()
+    result = clean_records(records, p, embed)
+    clean_dir = Path(base.clean_dir)
+    write_jsonl(clean_dir / "records.jsonl", result.kept)
+    write_jsonl(clean_dir / "rejects.jsonl", result.rejects)
+    write_json(Path(base.metrics_dir) / "clean.json", result.metrics)
+    report = Path(base.metrics_dir) / "clean_report.md"
+    report.write_text(render_report(result, p.report_examples), encoding="utf-8")
+
+    m = result.metrics
+    reasons = ", ".join(f"{r} {n}" for r, n in m["rejects_by_reason"].items()) or "none"
+    print(f"clean: {m['records_in']} records -> {m['records_out']} kept, {m['rejected']} rejected ({reasons})")
+    print(
+        f"clean: embeddings for {counts['texts']} texts: {counts['encoded']} newly encoded, "
+        f"the rest from {store}; {time.perf_counter() - started:.1f} s"
+    )
+    if "skipped" in m["cleanlab"]:
+        print(f"clean: cleanlab Datalab skipped: {m['cleanlab']['skipped']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Stage `crawl`: crawl the configured web sources and load the configured datasets.
+
+Reads  params.yaml `base` and `crawl`; the bundled site in base.site_dir (served on 127.0.0.1
+       while the stage runs when crawl.serve_site is true); dataset files named in crawl.datasets.
+Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text)
+       {base.raw_dir}/datasets.jsonl       Alpaca records mapped from crawl.datasets
+       {base.raw_dir}/crawl_rejects.jsonl  every page, request or row that gave no record, with its reason
+       {base.cache_dir}/http               scrapy's HTTP cache (DVC persist: a rerun does not refetch)
+       {base.metrics_dir}/crawl.json       pages, items by kind, rejects by reason, cache hits, bytes
+Run    python -m stages.crawl  (or `dvc repro crawl`), from the repository root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from tuneline import crawl, params
+from tuneline.records import InputError, write_json, write_jsonl
+
+
+def main() -> int:
+    try:
+        base, p = params.load("base", "crawl")
+        crawl.check_params(p)
+        # Datasets first: a missing column fails in seconds, not after the crawl.
+        records, dataset_rejects = crawl.load_datasets(p.datasets)
+        http_cache = Path(base.cache_dir) / "http"
+        http_cache.mkdir(parents=True, exist_ok=True)  # a DVC out even when every source is uncached
+        with _site(base.site_dir, p.serve_site) as site_url:
+            sources = crawl.resolve_sources(p.sources, site_url)
+            # The served site is local and a DVC dep: a cached copy of it could only be stale.
+            served = frozenset(s.name for s, orig in zip(sources, p.sources) if s != orig)
+            result = crawl.run_crawl(p, sources, http_cache, uncached=served)
+            if site_url:
+                result = crawl.rebase_urls(result, site_url, base.site_dir)
+    except (params.ParamsError, InputError) as err:
+        print(f"crawl: {err}", file=sys.stderr)
+        return 2
+
+    raw = Path(base.raw_dir)
+    write_jsonl(raw / "crawl.jsonl", result.items)
+    write_jsonl(raw / "datasets.jsonl", records)
+    write_jsonl(raw / "crawl_rejects.jsonl", crawl.sorted_rejects(result.rejects + dataset_rejects))
+    metrics = crawl.crawl_metrics(result, records, dataset_rejects)
+    write_json(Path(base.metrics_dir) / "crawl.json", metrics)
+    print(
+        f"crawl: {metrics['pages_fetched']} pages, {metrics['items']} items {metrics['items_by_kind']}, "
+        f"{metrics['dataset_records']} dataset records, {metrics['rejects']} rejects "
+        f"{metrics['rejects_by_reason']}, {metrics['cache_hits']} cache hits"
+    )
+    return 0
+
+
+def _site(site_dir: str, serve: bool) -> contextlib.AbstractContextManager[str | None]:
+    """The bundled site's base URL while it is served, or None when crawl.serve_site is false."""
+    return crawl.serve_directory(site_dir) if serve else contextlib.nullcontext(None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""A temporary git + DVC repository copy of the project, for end-to-end pipeline tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+RAN = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "tuneline-test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "tuneline-test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
+def project_files() -> list[str]:
+    """The files of the project as a clone would have them: tracked, plus untracked not ignored."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).exists()]
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
+    e.update(GIT_ENV)
+    e.update(PATH=f"{VENV_BIN}:{e.get('PATH', '/usr/bin:/bin')}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return e
+
+
+def run(repo: Path, *cmd: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=repo, env={**env(), **(extra_env or {})}, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_repo(dest: Path) -> Path:
+    """Copy the project into `dest` and commit it to a fresh git repository."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in project_files():
+        target = dest / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, target)
+    run(dest, "git", "init", "-q", "-b", "main")
+    if not (dest / ".dvc").exists():
+        run(dest, "dvc", "init", "-q")
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-qm", "tuneline test copy")
+    return dest
+
+
+def repro(repo: Path, *args: str, extra_env: dict | None = None) -> dict[str, set[str]]:
+    """Run `dvc repro`; return the stages that ran, were skipped, or were restored from the run cache."""
+    out = run(repo, "dvc", "repro", *args, extra_env=extra_env)
+    text = out.stdout + out.stderr
+    return {"ran": set(RAN.findall(text)), "skipped": set(SKIPPED.findall(text)), "restored": set(RESTORED.findall(text))}
+
+
+def declared_params(repo: Path) -> dict[str, set[str]]:
+    """The params keys each stage of the resolved pipeline declares (`dvc.yaml` after templating)."""
+    from dvc.repo import Repo
+
+    declared = {}
+    with Repo(str(repo)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            keys = set()
+            for dep in stage.deps:
+                if dep.def_path.endswith("params.yaml") and hasattr(dep, "params"):
+                    keys |= set(dep.params)
+            declared[stage.addressing] = keys
+    return declared
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    """Change one key of params.yaml in place, keeping the file's comments."""
+    import ruamel.yaml
+
+    yaml = ruamel.yaml.YAML()
+    path = repo / "params.yaml"
+    data = yaml.load(path.read_text())
+    node = data
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    with open(path, "w") as f:
+        yaml.dump(data, f)

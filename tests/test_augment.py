@@ -1,0 +1,361 @@
+"""The augment library and stage, end to end against real servers on 127.0.0.1.
+
+The stage runs as DVC runs it (`python -m stages.augment` in a project directory) against
+a scripted OpenAI-compatible server whose replies include good records, records the rule
+checks must flag, and malformed JSON; one test uses the real `transformers serve`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.openai_stub import ScriptedServer
+from tuneline import augment
+from tuneline.records import InputError, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_ENV = "TUNELINE_TEST_AUGMENT_KEY"
+KEY = "sk-tuneline-augment-test-52b9a0e4"
+
+SEEDS = [
+    {"instruction": "How long should a French press steep?", "input": "", "output": "About four minutes.", "category": "brewing"},
+    {"instruction": "What ratio for pour-over?", "input": "", "output": "Start at 1:16.", "category": "brewing"},
+    {"instruction": "Why is my espresso sour?", "input": "", "output": "Under-extraction: grind finer.", "category": "brewing"},
+    {"instruction": "How fine for espresso?", "input": "", "output": "Like table salt, a bit finer.", "category": "grinding"},
+    {"instruction": "Burr or blade grinder?", "input": "", "output": "Burr: the particles are even.", "category": "grinding"},
+]
+DOC = (
+    "Coffee beans keep best in an airtight container away from light, heat and moisture.\n"
+    "Whole beans stay fresh for about a month after roasting; ground coffee loses aroma within days.\n"
+    "Freezing is fine for long storage if the beans are sealed and thawed only once."
+)
+CRAWL = [
+    {"kind": "qa", "url": "http://site/faq.html", "question": "Do I need to descale?", "answer": "Yes, monthly.", "category": "cleaning"},
+    {"kind": "doc", "url": "http://site/storage.html", "title": "Storing beans", "text": DOC},
+]
+DATASETS = [{"instruction": "Is decaf caffeine-free?", "input": "", "output": "Almost: about 97% is removed.", "category": "beans"}]
+
+
+# --- the scripted model -------------------------------------------------------------------
+
+
+def _n(prompt: str, pattern: str) -> int:
+    return int(re.search(pattern, prompt).group(1))
+
+
+def respond(body: dict) -> str:
+    """Deterministic replies by prompt kind, with planted faults the review must catch.
+
+    expand:   n requests; the second of each batch says MALFORMED (its answer call gets
+              broken JSON) and the third EMPTY (its answer is an empty string)
+    grounded: n pairs; the first question is the same in every call (duplicate after the
+              first), the last answer is not in the passage (not_grounded)
+    Like a sampling model, the rest varies with the prompt and the request seed.
+    """
+    first = body["messages"][0]["content"]
+    tag = hashlib.sha256(f"{first}{body['seed']}".encode()).hexdigest()[:6]
+    if '{"questions"' in first:
+        n = _n(first, r"Write (\d+) new requests")
+        kinds = ["plain", "MALFORMED", "EMPTY"]
+        return json.dumps({"questions": [f"Request {tag}-{i} {kinds[i % 3]} about coffee?" for i in range(n)]})
+    if '{"pairs"' in first:
+        n = _n(first, r"Write (\d+) question-and-answer pairs")
+        passage = re.search(r"<passage>\n(.*?)\n</passage>", first, re.S).group(1)
+        sentences = [s for s in passage.split("\n") if s]
+        pairs = [{"question": f"Question {tag}-{i} on storage?", "answer": sentences[i % len(sentences)]} for i in range(n)]
+        pairs[0]["question"] = "How should coffee beans be stored?"
+        pairs[-1]["answer"] = "Roast the beans twice on a moonlit beach for ultimate flavour."
+        return json.dumps({"pairs": pairs})
+    if '{"answer"' in first:
+        question = re.findall(r"\nRequest: (.*)\n", first)[-1]  # the examples come first
+        if "MALFORMED" in question:
+            return '{"answer": "unterminated'
+        if "EMPTY" in question:
+            return json.dumps({"answer": ""})
+        return "Sure! ```json\n" + json.dumps({"answer": f"Answer to {question}"}) + "\n```"
+    raise AssertionError(f"unexpected prompt: {first[:200]}")
+
+
+# --- a project directory like the repository ----------------------------------------------
+
+
+def make_project(root: Path, base_url: str, model: str = "stub", **augment_params) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "prompts", root / "prompts", dirs_exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["augment"].update(
+        base_url=base_url, model=model, api_key_env=KEY_ENV, rounds=2, pilot_size=3, per_round=6, per_call=3,
+        concurrency=2, requests_per_minute=60_000, reply_retries=1, max_retries=2,
+    )  # fmt: skip
+    params["augment"].update(augment_params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    base = params["base"]
+    for path, rows in ((base["seeds"], SEEDS), (f"{base['raw_dir']}/crawl.jsonl", CRAWL),
+                       (f"{base['raw_dir']}/datasets.jsonl", DATASETS)):  # fmt: skip
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def stage_env() -> dict:
+    return {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def run_stage(project: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def outputs(project: Path) -> tuple[list[dict], list[dict], dict]:
+    return (
+        read_jsonl(project / "data/augmented/records.jsonl"),
+        read_jsonl(project / "data/augmented/rejects.jsonl"),
+        json.loads((project / "metrics/augment.json").read_text()),
+    )
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with ScriptedServer(respond=respond) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def first_run(stub, tmp_path_factory):
+    """The stage run once against the scripted server: (project, server bodies, server requests, log)."""
+    project = make_project(tmp_path_factory.mktemp("augment"), stub.base_url)
+    stub.reset_counts()
+    result = run_stage(project)
+    return project, stub.bodies(), stub.requests, result.stdout + result.stderr
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def test_records_pass_through_and_are_generated(first_run):
+    project, _, _, _ = first_run
+    records, _, metrics = outputs(project)
+    by_source = {s: [r for r in records if r["source"] == s] for s in ("seed", "crawl", "dataset", "generated")}
+    assert len(by_source["seed"]) == 5 and len(by_source["crawl"]) == 1 and len(by_source["dataset"]) == 1
+    assert by_source["crawl"][0]["url"] == "http://site/faq.html" and by_source["crawl"][0]["category"] == "cleaning"
+    generated = by_source["generated"]
+    assert generated and metrics["records_by_source"]["generated"] == len(generated) == metrics["accepted"]
+    grounded = [r for r in generated if r["generator"] == "grounded"]
+    expanded = [r for r in generated if r["generator"] == "expand"]
+    assert grounded and all(r["url"] == "http://site/storage.html" and r["output"] in DOC for r in grounded)
+    assert expanded and all("plain" in r["instruction"] and r["category"] in ("brewing", "grinding") for r in expanded)
+    assert [r["id"] for r in records] == sorted(r["id"] for r in records)
+    assert all(set(r) >= {"instruction", "input", "output", "system", "history", "id", "source"} for r in records)
+
+
+def test_flagged_records_and_bad_replies_are_rejected_with_reasons(first_run):
+    project, _, _, _ = first_run
+    _, rejects, metrics = outputs(project)
+    by_reason = {}
+    for r in rejects:
+        by_reason.setdefault(r["reason"], []).append(r)
+    assert set(by_reason) == {"empty_output", "not_grounded", "invalid_json", "duplicate"}
+    assert len(by_reason["duplicate"]) == 2  # 3 grounded calls, each repeating one question
+    assert {r["record"]["instruction"] for r in by_reason["duplicate"]} == {"How should coffee beans be stored?"}
+    assert all("EMPTY" in r["record"]["instruction"] for r in by_reason["empty_output"])
+    assert all("moonlit" in r["record"]["output"] for r in by_reason["not_grounded"])
+    malformed = by_reason["invalid_json"]
+    assert all(r["raw"] == '{"answer": "unterminated' and r["attempts"] == 2 for r in malformed)
+    assert metrics["rejected_records_by_reason"] == {
+        reason: len(by_reason[reason]) for reason in ("duplicate", "empty_output", "not_grounded")
+    }
+    assert metrics["failed_replies_by_reason"] == {"invalid_json": len(malformed)}
+    for round_log in metrics["rounds"]:
+        assert round_log["generated"] == round_log["accepted"] + round_log["rejected"]
+    # round 1: 3 requests and 3 pairs asked; round 2: 6 and 6
+    assert [r["asked"] for r in metrics["rounds"]] == [6, 12]
+
+
+def test_malformed_reply_is_asked_again_with_the_reason(first_run):
+    _, bodies, _, _ = first_run
+    retries = [b for b in bodies if len(b["messages"]) == 3]
+    assert retries and all(b["messages"][1]["content"] == '{"answer": "unterminated' for b in retries)
+    assert all("could not be used (the reply is not a JSON object)" in b["messages"][2]["content"] for b in retries)
+
+
+def test_round_two_prompts_carry_round_one_mistakes(first_run):
+    _, bodies, _, _ = first_run
+    prompts = [b["messages"][0]["content"] for b in bodies]
+    grounded = [p for p in prompts if '{"pairs"' in p]
+    expand = [p for p in prompts if '{"questions"' in p]
+    # round 1 asks 3 per generator in one call each; round 2 asks 6 in two calls each
+    assert len(grounded) == 3 and len(expand) == 3
+    assert "Avoid these mistakes" not in grounded[0] and "Avoid these mistakes" not in expand[0]
+    for p in grounded[1:]:
+        assert "Avoid these mistakes" in p and "moonlit beach" in p and "not_grounded" in p
+    for p in expand[1:]:
+        assert "Avoid these mistakes" in p and "empty_output" in p and "invalid_json" in p
+
+
+def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
+    project, bodies, requests, log = first_run
+    _, _, metrics = outputs(project)
+    assert metrics["llm"]["calls"] == requests == metrics["llm"]["this_run"]["calls"]
+    assert metrics["llm"]["prompt_tokens"] > 0 and metrics["llm"]["completion_tokens"] > 0
+    assert all(b["seed"] is not None and b["response_format"] == {"type": "json_object"} for b in bodies)
+    files = [p for p in project.rglob("*") if p.is_file()]
+    assert any("cache/llm" in str(p) for p in files)
+    for path in files:
+        assert KEY not in path.read_text(errors="replace"), path
+    assert KEY not in log and "calls" in log
+
+
+def test_second_run_makes_no_request_and_writes_the_same(first_run, stub):
+    project, _, _, _ = first_run
+    before = (project / "data/augmented/records.jsonl").read_bytes(), (project / "data/augmented/rejects.jsonl").read_bytes()
+    stub.reset_counts()
+    run_stage(project)
+    assert stub.requests == 0
+    after = (project / "data/augmented/records.jsonl").read_bytes(), (project / "data/augmented/rejects.jsonl").read_bytes()
+    assert after == before
+    assert outputs(project)[2]["llm"]["this_run"]["calls"] == 0
+
+
+def test_fully_cached_rerun_starts_no_local_server(first_run, tmp_path):
+    # base_url "local" with a model that is no model directory: starting `transformers serve`
+    # would fail, so the stage can only succeed if every answer comes from the cache.
+    project = make_project(tmp_path / "local", "local")
+    shutil.copytree(first_run[0] / "cache", project / "cache")
+    result = run_stage(project)
+    assert "started `transformers serve" not in result.stderr
+    assert outputs(project)[:2] == outputs(first_run[0])[:2]
+
+    (project / "prompts/retry.txt").write_text("Try again ({{ reason }}).")
+    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "augment: augment.model 'stub' is not a local model directory" in result.stderr
+
+
+def test_editing_a_prompt_template_asks_again(first_run, stub, tmp_path):
+    project = make_project(tmp_path / "edited", stub.base_url)
+    shutil.copytree(first_run[0] / "cache", project / "cache")
+    template = project / "prompts/grounded.txt"
+    template.write_text(template.read_text().replace("might ask.", "might ask, in plain words."))
+    stub.reset_counts()
+    run_stage(project)
+    prompts = [b["messages"][0]["content"] for b in stub.bodies()]
+    assert prompts and all('{"pairs"' in p for p in prompts)  # only the edited template's calls
+
+
+def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
+    with ScriptedServer(respond=respond, latency_s=0.05) as server:
+        whole = make_project(tmp_path / "whole", server.base_url, concurrency=1)
+        run_stage(whole)
+        total = server.requests
+
+        server.reset_counts()
+        killed = make_project(tmp_path / "killed", server.base_url, concurrency=1)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.augment"], cwd=killed, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(list((killed / "cache/llm").rglob("*.json"))) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up: as hard as a crash
+        proc.wait()
+        saved = len(list((killed / "cache/llm").rglob("*.json")))
+        assert 5 <= saved < total and server.answered >= saved
+        assert not (killed / "data/augmented/records.jsonl").exists()
+
+        server.reset_counts()
+        run_stage(killed)
+        assert server.requests == total - saved
+    assert outputs(killed)[0] == outputs(whole)[0]
+    assert outputs(killed)[1] == outputs(whole)[1]
+
+
+# --- the real server ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stage_with_transformers_serve_counts_every_reject(tmp_path, tiny_model_dir):
+    model = tiny_model_dir  # built like the `models` stage builds the default model
+    project = make_project(tmp_path / "project", "local", model=str(model), max_tokens=16, rounds=1,
+                           pilot_size=2, per_call=2)  # fmt: skip
+    log = run_stage(project)
+    records, rejects, metrics = outputs(project)
+    # A random-weight model writes no usable JSON: every reply is rejected, none hidden,
+    # and the pass-through records still flow.
+    assert "started `transformers serve" in log.stderr
+    assert subprocess.run(["pgrep", "-f", f"serve.*{model}"], capture_output=True).returncode == 1
+    assert metrics["records_by_source"] == {"crawl": 1, "dataset": 1, "seed": 5}
+    assert metrics["accepted"] == 0 and len(records) == 7
+    assert metrics["failed_replies"] == len(rejects) == 2  # one expand call, one grounded call
+    for reject in rejects:
+        assert reject["reason"] in ("invalid_json", "invalid_schema", "empty_reply")
+        assert (reject["raw"] is None) == (reject["reason"] == "empty_reply")
+    assert metrics["llm"]["calls"] >= 2 and metrics["llm"]["prompt_tokens"] > 0
+    # Empty replies are never cached (the next run asks again); every other reply is.
+    cached = len(list((project / "cache/llm").rglob("*.json")))
+    assert cached == metrics["llm"]["calls"] - metrics["failed_replies_by_reason"].get("empty_reply", 0)
+
+
+# --- the pure parts -----------------------------------------------------------------------
+
+
+def test_parse_json_object_tolerates_fences_and_chatter():
+    assert augment.parse_json_object('{"a": 1}') == {"a": 1}
+    assert augment.parse_json_object('Here:\n```json\n{"a": 2}\n```\nDone.') == {"a": 2}
+    assert augment.parse_json_object('Sure. {"a": 3} Hope that helps') == {"a": 3}
+    for bad in ("", "[1, 2]", '{"a": ', "no json here"):
+        with pytest.raises(augment.ReplyError) as err:
+            augment.parse_json_object(bad)
+        assert err.value.reason == "invalid_json"
+
+
+def test_parsers_validate_the_schema():
+    assert augment.parse_questions('{"questions": [" a ", "b"]}') == ["a", "b"]
+    assert augment.parse_pairs('{"pairs": [{"question": "q", "answer": "a"}]}') == [("q", "a")]
+    assert augment.parse_answer('{"answer": " x "}') == "x"
+    for parser, bad in ((augment.parse_questions, '{"questions": []}'), (augment.parse_questions, '{"questions": [1]}'),
+                        (augment.parse_pairs, '{"pairs": [{"question": "q"}]}'), (augment.parse_answer, '{"text": "a"}')):  # fmt: skip
+        with pytest.raises(augment.ReplyError) as err:
+            parser(bad)
+        assert err.value.reason == "invalid_schema"
+
+
+def test_chunks_respect_the_size_and_keep_all_text():
+    text = "First paragraph is short.\n" + "A long sentence goes on. " * 40 + "\nLast one."
+    chunks = augment.chunk_text(text, 120)
+    assert all(len(c) <= 120 for c in chunks) and len(chunks) > 5
+    assert "".join(chunks).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(" ", "")
+
+
+def test_grounding_share():
+    passage = "Whole beans stay fresh for about a month after roasting."
+    assert augment.grounding("Whole beans stay fresh for about a month.", passage) == 1.0
+    assert augment.grounding("Roast twice on a moonlit beach.", passage) < 0.5
+    assert augment.grounding("", passage) == 0.0
+    assert augment.grounding("咖啡豆新鲜", "咖啡豆在烘焙后一个月内保持新鲜") == 1.0
+
+
+def test_bad_input_lines_name_file_line_and_field(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps(SEEDS[0]) + "\n\n" + json.dumps({"instruction": "q", "output": ""}) + "\n")
+    with pytest.raises(InputError, match=r"seeds.jsonl:3: .*'output'"):
+        augment.seed_records(seeds)
+    crawl = tmp_path / "crawl.jsonl"
+    crawl.write_text(json.dumps({"kind": "page", "url": "u"}) + "\n")
+    with pytest.raises(InputError, match=r"crawl.jsonl:1: field 'kind' is 'page'"):
+        augment.crawl_items(crawl)
+    crawl.write_text("{not json\n")
+    with pytest.raises(InputError, match=r"crawl.jsonl:1: not valid JSON"):
+        augment.crawl_items(crawl)

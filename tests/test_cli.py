@@ -1,0 +1,88 @@
+"""`tuneline serve`: the exported model behind a real `transformers serve` on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from openai import OpenAI
+
+from tests.tuned_project import ROOT
+from tuneline.cli import main, stop, wait_ready
+from tuneline.llmserver import free_port
+from tuneline.records import write_json
+
+QUESTION = [{"role": "user", "content": "How long should a French press steep?"}]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ask(url: str, model: str) -> str:
+    client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [model]
+    reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    return reply.choices[0].message.content
+
+
+@pytest.fixture
+def project_without_export(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_serve_says_how_to_make_the_missing_export(project_without_export):
+    with pytest.raises(SystemExit, match=r"no exported model in models/export .* run `dvc repro export` first"):
+        main(["serve", "--port", str(free_port())])
+
+
+def test_serve_says_when_an_api_model_was_chosen(project_without_export):
+    write_json(project_without_export / "models" / "export" / "SKIPPED.json", {"reason": "gpt-x is an API model"})
+    with pytest.raises(SystemExit, match="nothing was exported .* gpt-x is an API model"):
+        main(["serve"])
+
+
+def test_wait_ready_fails_fast_when_the_server_dies_or_never_answers():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_ready(url, timeout=60, process=dead)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(RuntimeError, match="not ready after"):
+            wait_ready(url, timeout=0.5, process=silent)
+    finally:
+        assert stop(silent) == -signal.SIGTERM
+
+
+def test_tuneline_serve_runs_until_terminated_and_takes_the_server_down(tuned_project, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(tmp_path / "cli.log", "w+b") as log:
+        # Run from the project directory, as `make serve` does; the package comes from this checkout.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        cli = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--port", str(port), "--device", "cpu"],
+                               cwd=tuned_project, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            try:
+                wait_ready(url, timeout=180, process=cli)
+            except RuntimeError as err:
+                log.seek(0)
+                pytest.fail(f"{err}:\n{log.read().decode(errors='replace')[-3000:]}")
+            assert ask(url, "models/export").strip()  # the request names the model as params.yaml does
+            cli.terminate()
+            assert cli.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            stop(cli)
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    assert f"tuneline serve: models/export at {url}" in output
+    assert not listening(port)  # the `transformers serve` child went down with it

@@ -1,0 +1,106 @@
+"""The evaluate stage and the scoring it shares with select: base vs tuned on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.evaluate import compare, samples_table
+from tuneline.records import read_json, read_jsonl, write_json
+from tuneline.scoring import generate, generate_ids, score, stop_ids, until_stop
+
+
+def test_compare_reports_base_tuned_and_delta_of_the_metrics_both_have():
+    base = {"loss": 2.0, "perplexity": 7.389, "rouge_l": 0.25, "records": 5, "generation_s": 3.0}
+    tuned = {"loss": 1.5, "perplexity": 4.482, "rouge_l": 0.5, "records": 5, "generation_s": 1.0, "bleu": 0.2}
+    out = compare(base, tuned)
+    assert out["delta"] == {"loss": -0.5, "perplexity": pytest.approx(-2.907), "rouge_l": 0.25}
+    assert set(out["base"]) == set(out["tuned"]) == {"loss", "perplexity", "rouge_l"}  # no bleu: base has none
+    assert out["records"] == 5
+
+
+def test_samples_table_keeps_one_row_per_record_whatever_the_text():
+    records = [{"instruction": "a | b\nc", "output": "x"}, {"instruction": "two", "output": "y"}, {"instruction": "3", "output": "z"}]
+    rows = [{"answer": "ans | 1"}, {"answer": "ans 2"}, {}]
+    table = samples_table(records, rows, rows, n=2)
+    lines = table.splitlines()
+    assert lines[-2] == "| a \\| b c | x | ans \\| 1 | ans \\| 1 |"
+    assert len([line for line in lines if line.startswith("| ")]) == 3  # header + 2 rows
+
+
+def test_until_stop_keeps_what_was_generated_up_to_the_first_stop_token():
+    assert until_stop([5, 6, 3, 0, 0], stops=[3]) == [5, 6, 3]  # a finished row padded in its batch
+    assert until_stop([5, 6, 7], stops=[3]) == [5, 6, 7]
+    assert until_stop([9, 4, 3], stops=[3, 4]) == [9, 4]
+
+
+def test_stop_ids_join_the_tokenizer_eos_and_the_generation_config_ones(tiny_model_dir):
+    from tuneline.modeling import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 1]
+    assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 1})
+
+
+def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny_model_dir):
+    from tuneline.modeling import load_model, load_tokenizer
+    from tuneline.records import read_jsonl as read
+    from tests.conftest import SEEDS
+
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    records = read(SEEDS)[:6]  # prompts of different lengths: the batch is left padded
+    batched = generate_ids(model, tokenizer, records, "auto", batch_size=6, max_new_tokens=6)
+    single = generate_ids(model, tokenizer, records, "auto", batch_size=1, max_new_tokens=6)
+    assert batched == single
+    assert all(0 < len(ids) <= 6 for ids in batched)
+    assert tokenizer.padding_side == "right"  # restored after generating
+    assert generate(model, tokenizer, records[:2], "auto", 2, 6) == [
+        tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in batched[:2]
+    ]
+
+
+def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_project):
+    result = read_json(tuned_project / "metrics" / "eval.json")
+    assert result["records"] == 16
+    assert set(result["base"]) == {"loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match"}
+    assert result["tuned"]["loss"] < result["base"]["loss"] - 0.1
+    assert result["delta"]["loss"] == pytest.approx(result["tuned"]["loss"] - result["base"]["loss"], abs=1e-5)
+    assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
+
+    rows = read_jsonl(tuned_project / "metrics" / "eval" / "records.jsonl")
+    assert [r["index"] for r in rows] == list(range(16))
+    assert sum(r["tuned_loss"] < r["base_loss"] for r in rows) >= 12
+    assert [("tuned_rouge_l" in r) for r in rows] == [True] * 4 + [False] * 12  # generation_samples: 4
+
+    samples = (tuned_project / "metrics" / "eval_samples.md").read_text(encoding="utf-8")
+    first = read_json(tuned_project / "data" / "alpaca" / "test.json")[0]
+    assert samples.count("\n| ") == 4  # header and samples_in_report: 3
+    assert first["instruction"] in samples
+
+
+def test_loss_counts_exactly_the_answer_tokens_training_learns_from(tuned_project, tiny_model_dir):
+    from tuneline.modeling import load_model, load_tokenizer
+
+    records = read_json(tuned_project / "data" / "alpaca" / "train.json")
+    tokenizer = load_tokenizer(str(tuned_project / "models" / "adapter"))
+    metrics, rows = score(load_model(str(tiny_model_dir)), tokenizer, records, "auto", 8, 4, generation_samples=0)
+    trained_on = json.loads((tuned_project / "metrics" / "tokenize.json").read_text())["train"]["answer_tokens"]
+    assert metrics["answer_tokens"] == sum(r["answer_tokens"] for r in rows) == trained_on
+    assert metrics["loss"] == pytest.approx(read_json(tuned_project / "metrics" / "eval.json")["base"]["loss"], abs=1e-5)
+    assert "rouge_l" not in metrics  # no generation asked for
+
+
+def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
+    import shutil
+
+    import stages.evaluate
+    from tests.tuned_project import ROOT
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    write_json(tmp_path / "models" / "selected.json", {"name": "hosted", "kind": "api", "model": "gpt-x"})
+    monkeypatch.chdir(tmp_path)
+    stages.evaluate.main()
+    assert read_json(tmp_path / "metrics" / "eval.json") == {"skipped": 1}
+    assert read_jsonl(tmp_path / "metrics" / "eval" / "records.jsonl") == []

@@ -1,0 +1,126 @@
+"""End to end: `dvc repro` in a temporary git repository copy of the project.
+
+The whole chain runs on the embedded default (bundled site, tiny offline models, the loopback
+LLM server); a second repro runs nothing; a param change reruns its stage and what follows only.
+"""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from tests.pipeline_repo import declared_params, make_repo, repro, run, set_param
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM = {"models", "crawl", "augment", "clean"}
+
+
+def all_stages(repo) -> set[str]:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    names = {"models", "crawl", "augment", "clean", "build", "choose", "tokenize", "train", "evaluate", "export"}
+    return names | {f"select@{c}" for c in params["select"]["candidates"]}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "project")
+    audit = repo.parent / "params_reads.jsonl"
+    first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(audit)})
+    first["audit"] = audit
+    return repo, first
+
+
+def covered(key: str, declared: set[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+def test_each_stage_declares_exactly_the_params_it_reads(pipeline):
+    repo, first = pipeline
+    reads: dict[str, set[str]] = {}
+    for line in first["audit"].read_text().splitlines():
+        entry = json.loads(line)
+        reads.setdefault(entry["stage"], set()).update(entry["reads"])
+    declared = declared_params(repo)
+    assert set(reads) == set(declared)
+    for stage, keys in declared.items():
+        undeclared = sorted(k for k in reads[stage] if not covered(k, keys))
+        assert not undeclared, f"{stage} reads params that dvc.yaml does not list: {undeclared}"
+    # The other way round, per script: a foreach stage declares one list for all its items,
+    # so a key counts as used when some item of that stage reads it.
+    by_script: dict[str, tuple[set, set]] = {}
+    for stage, keys in declared.items():
+        script = stage.split("@")[0]
+        decl, used = by_script.setdefault(script, (set(), set()))
+        decl |= {k for k in keys if ".candidates." not in k}
+        used |= reads[stage]
+    for script, (decl, used) in by_script.items():
+        unused = sorted(d for d in decl if not any(covered(k, {d}) for k in used))
+        assert not unused, f"{script} lists params in dvc.yaml that its code never reads: {unused}"
+
+
+def restore(repo) -> None:
+    run(repo, "git", "checkout", "--", "params.yaml")
+    repro(repo)
+
+
+def test_first_repro_runs_every_stage_and_writes_the_outputs(pipeline):
+    repo, first = pipeline
+    assert first["ran"] == all_stages(repo)
+    for name in ("crawl", "augment", "clean", "build", "tokenize", "eval"):
+        assert (repo / "metrics" / f"{name}.json").exists(), name
+    assert (repo / "metrics/train/metrics.json").exists()
+    assert (repo / "models/export/model.safetensors").exists()
+    assert (repo / "models/export/README.md").read_text().count("md5") >= 1
+    for split in ("train", "val", "test"):
+        assert json.loads((repo / f"data/alpaca/{split}.json").read_text()), split
+    build = json.loads((repo / "metrics/build.json").read_text())
+    assert build["records_out"] == build["train"] + build["val"] + build["test"]
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
+
+
+def test_metrics_are_tracked_by_git_not_ignored(pipeline):
+    repo, _ = pipeline
+    for path in ("metrics/eval.json", "metrics/build.json", "metrics/train/metrics.json", "models/selected.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 1, path
+    shown = run(repo, "dvc", "metrics", "show", "--json").stdout
+    assert "eval.json" in shown and "build.json" in shown
+
+
+def test_second_repro_runs_nothing(pipeline):
+    repo, _ = pipeline
+    second = repro(repo)
+    assert second["ran"] == set()
+    assert second["skipped"] == all_stages(repo)
+
+
+def test_build_param_reruns_build_and_downstream_only(pipeline):
+    repo, _ = pipeline
+    set_param(repo, "build.val_fraction", 0.2)
+    result = repro(repo)
+    try:
+        assert not result["ran"] & UPSTREAM
+        assert result["ran"] == all_stages(repo) - UPSTREAM
+    finally:
+        restore(repo)
+
+
+def test_learning_rate_reruns_train_and_what_follows_only(pipeline):
+    repo, _ = pipeline
+    set_param(repo, "train.learning_rate", 0.001)
+    result = repro(repo)
+    try:
+        assert result["ran"] == {"train", "evaluate", "export"}
+    finally:
+        restore(repo)
+
+
+def test_restoring_params_takes_outputs_from_the_run_cache(pipeline):
+    repo, _ = pipeline
+    set_param(repo, "train.learning_rate", 0.002)
+    repro(repo)
+    run(repo, "git", "checkout", "--", "params.yaml")
+    result = repro(repo)
+    assert "train" in result["restored"] and "train" not in result["ran"]

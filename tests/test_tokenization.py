@@ -1,0 +1,224 @@
+"""tuneline.tokenization and the tokenize stage: rendering, label masks, length limits, packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import load_from_disk
+from stage_project import make_project, seed_records
+
+from tuneline.modeling import load_tokenizer
+from tuneline.templates import render, to_messages
+from tuneline.tokenization import IGNORE, collate, encode, fit_length, pack, tokenize_example
+
+RECORD = {
+    "system": "You are a patient barista.",
+    "history": [
+        ["What is a flat white?", "Espresso with thin, velvety steamed milk."],
+        ["And a cortado?", "Espresso cut with an equal part of warm milk."],
+    ],
+    "instruction": "Which one is stronger?",
+    "input": "Same cup size.",
+    "output": "The cortado: it has less milk per shot.",
+}
+ANSWERS = [RECORD["history"][0][1], RECORD["history"][1][1], RECORD["output"]]
+# What ends an assistant turn in each template: the answer's label span is the answer plus this.
+TURN_END = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>"}
+MODELS = [("tiny_model_dir", "chatml"), ("tiny_llama_dir", "llama3")]
+
+
+@pytest.fixture(params=MODELS, ids=[t for _, t in MODELS])
+def tokenizer_and_template(request):
+    fixture, template = request.param
+    return load_tokenizer(str(request.getfixturevalue(fixture))), template
+
+
+def labelled_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive tokens that carry a label."""
+    spans, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            spans, current = [*spans, current], []
+    return spans + [current] if current else spans
+
+
+def test_decode_gives_back_the_rendered_conversation(tokenizer_and_template):
+    tokenizer, template = tokenizer_and_template
+    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
+    rendered = render(tokenizer, to_messages(RECORD), "auto")
+    assert tokenizer.decode(input_ids) == rendered
+    assert len(labels) == len(input_ids)
+    # the template is the tokenizer's own, and the bos token (Llama 3 has one) appears exactly once
+    assert rendered.count(RECORD["system"]) == 1 and rendered.startswith(tokenizer.bos_token or "<|im_start|>")
+    if tokenizer.bos_token:
+        assert input_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_labels_cover_exactly_the_assistant_answers(tokenizer_and_template):
+    tokenizer, template = tokenizer_and_template
+    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
+    assert all(label in (IGNORE, token) for token, label in zip(input_ids, labels))
+    spans = [tokenizer.decode(span) for span in labelled_spans(input_ids, labels)]
+    assert spans == [answer + TURN_END[template] for answer in ANSWERS]
+
+
+def test_named_template_overrides_the_tokenizer_s_own(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    input_ids, labels = encode(tokenizer, RECORD, "alpaca", train_on_prompt=False)
+    assert tokenizer.decode(input_ids) == render(tokenizer, to_messages(RECORD), "alpaca")
+    assert "### Instruction:" in tokenizer.decode(input_ids)
+    spans = [tokenizer.decode(span) for span in labelled_spans(input_ids, labels)]
+    assert spans == [answer + tokenizer.eos_token + "\n\n" for answer in ANSWERS]
+
+
+def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_template):
+    tokenizer, _ = tokenizer_and_template
+    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=True)
+    assert labels[0] == IGNORE
+    assert labels[1:] == input_ids[1:]
+
+
+def test_fit_length_truncates_or_drops_and_says_so(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
+    n = len(input_ids)
+    assert fit_length(input_ids, labels, n, "truncate") == (input_ids, labels, "ok")
+    ids, labs, status = fit_length(input_ids, labels, n - 3, "truncate")
+    assert (ids, labs, status) == (input_ids[: n - 3], labels[: n - 3], "truncated")
+    assert fit_length(input_ids, labels, n - 3, "drop") == ([], [], "dropped_overlong")
+    # cut before the first answer: nothing left to learn from
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE)
+    assert fit_length(input_ids, labels, first_answer, "truncate") == ([], [], "dropped_no_answer")
+    row = tokenize_example(RECORD, tokenizer, "auto", n - 3, "truncate", False)
+    assert (row["length"], row["original_length"], row["status"]) == (n - 3, n, "truncated")
+    assert row["answer_tokens"] == sum(1 for label in row["labels"] if label != IGNORE)
+
+
+def test_pack_keeps_whole_examples_in_order_with_restarting_positions():
+    examples = [([i] * length, [i] * length) for i, length in enumerate([5, 3, 4, 6, 2, 7], start=1)]
+    packs = list(pack(iter(examples), max_length=9))
+    assert [p["num_examples"] for p in packs] == [2, 1, 2, 1]
+    assert all(len(p["input_ids"]) <= 9 for p in packs)
+    assert [t for p in packs for t in p["input_ids"]] == [t for ids, _ in examples for t in ids]
+    assert packs[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def per_example_losses(model, batch: dict, example_of_token: torch.Tensor) -> dict[int, float]:
+    """Mean answer-token loss of each example, from one forward pass over `batch`."""
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    owners = example_of_token[:, 1:]
+    mask = labels != IGNORE
+    return {int(e): float(loss[mask & (owners == e)].mean()) for e in owners[mask].unique()}
+
+
+def test_packed_and_unpacked_give_the_same_per_example_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    records = [RECORD, *seed_records()[:5]]
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in records]
+    pad = tokenizer.pad_token_id
+
+    unpacked = collate([{"input_ids": i, "labels": l} for i, l in examples], pad)
+    row_of = torch.arange(len(examples)).unsqueeze(1).expand_as(unpacked["input_ids"])
+    expected = per_example_losses(model, unpacked, row_of)
+
+    packs = list(pack(iter(examples), max_length=max(len(i) for i, _ in examples) * 3))
+    assert len(packs) < len(examples) and any(p["num_examples"] > 1 for p in packs)
+    packed = collate(packs, pad)
+    assert "attention_mask" not in packed
+    # the example of every token: a new one starts wherever the position ids restart (padding at
+    # the end of a row counts as one more, but carries no labels)
+    starts = (packed["position_ids"] == 0).long()
+    offsets = torch.tensor([sum(p["num_examples"] for p in packs[:k]) for k in range(len(packs))])
+    example_of_token = starts.cumsum(1) - 1 + offsets.unsqueeze(1)
+    got = per_example_losses(model, packed, example_of_token)
+
+    assert sorted(got) == sorted(expected) == list(range(len(examples)))
+    for e in expected:
+        assert got[e] == pytest.approx(expected[e], abs=1e-5), f"example {e}"
+
+    # The control: the same packs as one causal sequence (no position ids) let examples see each
+    # other, and the later examples' losses change. Without this the test above could not fail.
+    leaky = {"input_ids": packed["input_ids"], "labels": packed["labels"],
+             "attention_mask": torch.ones_like(packed["input_ids"])}
+    leaked = per_example_losses(model, leaky, example_of_token)
+    assert max(abs(leaked[e] - expected[e]) for e in expected) > 1e-3
+
+
+def long_record(i: int, field: str) -> dict:
+    text = " ".join(f"grind{i} setting{j} bloom{j % 7}" for j in range(120))
+    record = {"instruction": f"Describe brew {i}.", "input": "", "output": f"Answer {i}.", "system": "", "history": []}
+    record[field] = text
+    return record
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypatch, tiny_model_dir, overlong):
+    from stages import tokenize as stage
+
+    max_length = 256
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    short = [r for r in seed_records() if len(encode(tokenizer, r, "auto", False)[0]) <= max_length][:8]
+    long_answer = [long_record(i, "output") for i in range(3)]  # truncation keeps part of the answer
+    long_prompt = [long_record(i, "instruction") for i in range(3, 5)]  # truncation leaves no answer
+    for r in long_answer + long_prompt:
+        assert len(encode(tokenizer, r, "auto", False)[0]) > max_length
+    train = short[:2] + long_answer + short[2:5] + long_prompt + short[5:]
+    val = short[:3]
+    project = make_project(tmp_path, tiny_model_dir, train, val,
+                           tokenize={"max_length": max_length, "overlong": overlong, "num_proc": 1})
+    monkeypatch.chdir(project)
+    stage.main()
+
+    metrics = json.loads((project / "metrics" / "tokenize.json").read_text())["train"]
+    ds = load_from_disk(str(project / "data" / "tokenized" / "train"))
+    rejects = [json.loads(line) for line in (project / "data" / "tokenized" / "rejects.jsonl").read_text().splitlines()]
+    assert metrics["records_in"] == len(train) == 13
+    if overlong == "truncate":
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (3, 0, 2)
+        assert metrics["records_out"] == 8 + 3
+    else:
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (0, 5, 0)
+        assert metrics["records_out"] == 8
+    assert len(ds) == metrics["records_out"]
+    assert sorted(r["index"] for r in rejects) == ([8, 9] if overlong == "truncate" else [2, 3, 4, 8, 9])
+    assert all(r["tokens"] > max_length for r in rejects)
+    assert max(len(x) for x in ds["input_ids"]) <= max_length
+    assert metrics["tokens"] == sum(len(x) for x in ds["input_ids"])
+    assert metrics["answer_tokens"] == sum(sum(1 for t in x if t != IGNORE) for x in ds["labels"])
+    # the kept records, in order, are exactly what encode + fit_length give for them
+    kept = [r for r in train if fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[2] in ("ok", "truncated")]
+    assert ds["input_ids"] == [fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[0] for r in kept]
+    assert (project / "data" / "tokenized" / "chat_template.jinja").read_text() == tokenizer.chat_template
+
+
+def test_tokenize_stage_packs_and_num_proc_gives_the_same_data(tmp_path, monkeypatch, tiny_model_dir):
+    from stages import tokenize as stage
+
+    records = seed_records()
+    runs = {}
+    for num_proc in (1, 2):
+        project = make_project(tmp_path / f"p{num_proc}", tiny_model_dir, records[:40], records[40:],
+                               tokenize={"packing": True, "max_length": 512, "num_proc": num_proc})
+        monkeypatch.chdir(project)
+        stage.main()
+        runs[num_proc] = (json.loads((project / "metrics" / "tokenize.json").read_text()),
+                          load_from_disk(str(project / "data" / "tokenized" / "train")).to_dict())
+    (metrics, packed), (metrics2, packed2) = runs[1], runs[2]
+    assert (metrics, packed) == (metrics2, packed2)
+    train = metrics["train"]
+    assert train["records_out"] == 40 and train["packed_sequences"] == len(packed["input_ids"]) < 40
+    assert sum(packed["num_examples"]) == 40
+    assert train["padding_fraction_packed"] < train["padding_fraction_unpacked"]
+    assert all(len(ids) <= 512 for ids in packed["input_ids"])
+    assert sum(p.count(0) for p in packed["position_ids"]) == 40
+    assert "position_ids" not in load_from_disk(str(project / "data" / "tokenized" / "val")).column_names

