@@ -13,23 +13,31 @@ stop tokens and max_new_tokens (evaluate.max_new_tokens), and the bench reports 
 stopped at EOS and how many equal the one-at-a-time answers, so the modes do the same work.
 Target on CPU: batched >= 3x the tokens/s of one at a time.
 
+Torch runs on one thread by default (--threads): on a small shared machine, OpenMP threads
+that spin while a neighbour holds the other core made every figure 10-100x slower and noisy.
+
 Run:  .venv/bin/python bench/eval.py [--repeats 2]   (writes bench/results/eval.json)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
+# The project root replaces this script's folder on the path: bench/ holds scripts named like
+# standard modules (bench/tokenize.py would shadow the `tokenize` that torch imports).
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from stages.models import corpus  # noqa: E402
 from tuneline import params  # noqa: E402
@@ -68,7 +76,7 @@ def teach_to_stop(model, tokenizer, records: list[dict], steps: int, seed: int) 
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        loss = float(out.loss)
+        loss = out.loss.detach().item()
     model.eval()
     return loss
 
@@ -87,7 +95,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest counts")
     ap.add_argument("--train-steps", type=int, default=120)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every mode")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     base, evaluate = params.load("base", "evaluate", path=ROOT / "params.yaml")
     seeds = read_jsonl(ROOT / base.seeds)
     prompts = [seeds[i % len(seeds)] for i in range(PROMPTS)]

@@ -58,3 +58,19 @@ def tuned_project(tmp_path_factory, tiny_model_dir) -> Path:
     from tests.tuned_project import make_tuned_project
 
     return make_tuned_project(tmp_path_factory.mktemp("tuned_project"), tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """A temporary git + DVC copy of the project after one full `dvc repro` of the default pipeline.
+
+    Returns (repo, first) where `first` says which stages ran, and `first["audit"]` is the file
+    where each stage recorded the params keys it read. Tests that change the repo put it back.
+    """
+    from tests.pipeline_repo import make_repo, repro
+
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "project")
+    audit = repo.parent / "params_reads.jsonl"
+    first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(audit)})
+    first["audit"] = audit
+    return repo, first

@@ -45,7 +45,8 @@ CRAWL = [
     {"kind": "qa", "url": "http://site/faq.html", "question": "Do I need to descale?", "answer": "Yes, monthly.", "category": "cleaning"},
     {"kind": "doc", "url": "http://site/storage.html", "title": "Storing beans", "text": DOC},
 ]
-DATASETS = [{"instruction": "Is decaf caffeine-free?", "input": "", "output": "Almost: about 97% is removed.", "category": "beans"}]
+DATASETS = [{"instruction": "Is decaf caffeine-free?", "input": "", "output": "Almost: about 97% is removed.",
+             "category": "beans", "source": "dataset:faq"}]  # fmt: skip
 
 
 # --- the scripted model -------------------------------------------------------------------
@@ -152,6 +153,7 @@ def test_records_pass_through_and_are_generated(first_run):
     by_source = {s: [r for r in records if r["source"] == s] for s in ("seed", "crawl", "dataset", "generated")}
     assert len(by_source["seed"]) == 5 and len(by_source["crawl"]) == 1 and len(by_source["dataset"]) == 1
     assert by_source["crawl"][0]["url"] == "http://site/faq.html" and by_source["crawl"][0]["category"] == "cleaning"
+    assert by_source["dataset"][0]["origin"] == "dataset:faq" and by_source["dataset"][0]["category"] == "beans"
     generated = by_source["generated"]
     assert generated and metrics["records_by_source"]["generated"] == len(generated) == metrics["accepted"]
     grounded = [r for r in generated if r["generator"] == "grounded"]

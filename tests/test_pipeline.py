@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.pipeline_repo import declared_params, make_repo, repro, run, set_param
+from tests.pipeline_repo import declared_params, repro, run, set_param
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +21,6 @@ def all_stages(repo) -> set[str]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     names = {"models", "crawl", "augment", "clean", "build", "choose", "tokenize", "train", "evaluate", "export"}
     return names | {f"select@{c}" for c in params["select"]["candidates"]}
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "project")
-    audit = repo.parent / "params_reads.jsonl"
-    first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(audit)})
-    first["audit"] = audit
-    return repo, first
 
 
 def covered(key: str, declared: set[str]) -> bool:
@@ -124,3 +115,21 @@ def test_restoring_params_takes_outputs_from_the_run_cache(pipeline):
     run(repo, "git", "checkout", "--", "params.yaml")
     result = repro(repo)
     assert "train" in result["restored"] and "train" not in result["ran"]
+
+
+@pytest.mark.parametrize(
+    ("path", "stage", "upstream"),
+    [("prompts/expand.txt", "augment", {"models", "crawl"}), ("tuneline/clean.py", "clean", {"models", "crawl", "augment"})],
+)
+def test_editing_code_or_a_prompt_reruns_its_stage_not_upstream(pipeline, path, stage, upstream):
+    repo, _ = pipeline
+    file = repo / path
+    original = file.read_text()
+    file.write_text(original + ("\n# edited\n" if path.endswith(".py") else "\nKeep every answer under three sentences.\n"))
+    try:
+        result = repro(repo)
+        assert stage in result["ran"]
+        assert not result["ran"] & upstream
+    finally:
+        file.write_text(original)
+        repro(repo)

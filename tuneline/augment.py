@@ -76,7 +76,10 @@ def _text_field(item: dict, names: tuple[str, ...], where: str) -> str:
 
 
 def alpaca_record(item: dict, source: str, **extra: Any) -> dict:
-    """A record with all Alpaca fields (defaults filled in), provenance, and its id."""
+    """A record with all Alpaca fields (defaults filled in), provenance, and its id.
+
+    `source` is one of seed | crawl | dataset | generated; `origin` (in `extra`) keeps the
+    upstream stage's own source name, e.g. the crawl source or "dataset:faq_csv"."""
     record = {
         "instruction": item["instruction"],
         "input": item.get("input") or "",
@@ -113,7 +116,8 @@ def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str,
         if kind == "qa":
             question = _text_field(item, ("question", "instruction"), where)
             answer = _text_field(item, ("answer", "output"), where)
-            records.append(alpaca_record({**item, "instruction": question, "output": answer}, "crawl", url=url or None))
+            records.append(alpaca_record({**item, "instruction": question, "output": answer}, "crawl",
+                                         url=url or None, origin=item.get("source")))  # fmt: skip
         elif kind == "doc":
             text = _text_field(item, ("text", "content"), where)
             docs.append((url, item.get("title") or "", text, item.get("category")))
@@ -129,7 +133,7 @@ def dataset_records(path: str | Path) -> list[dict]:
         where = f"{path}:{line_no}"
         _text_field(item, ("instruction",), where)
         _text_field(item, ("output",), where)
-        records.append(alpaca_record(item, "dataset"))
+        records.append(alpaca_record(item, "dataset", origin=item.get("source")))
     return records
 
 

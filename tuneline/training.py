@@ -128,7 +128,7 @@ def checkpoint_dir(root: str | Path, key: str) -> Path:
 
 
 class TokensPerSecond(TrainerCallback):
-    """Adds training throughput (tokens/s, from the Trainer's token count) to each log."""
+    """Adds training throughput (non-padding tokens/s, from the Trainer's token count) to each log."""
 
     def __init__(self) -> None:
         self.last = None
@@ -143,6 +143,7 @@ class TokensPerSecond(TrainerCallback):
 
 
 def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> TrainingArguments:
+    """The Trainer's arguments for a run of `p`, checkpointing into `out_dir`."""
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=p.batch_size,
@@ -167,7 +168,8 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         # Every trainable parameter takes part in each forward pass (LoRA, P-tuning and full alike),
         # so DDP need not search the graph for unused ones on every step.
         ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen=True,
+        # Count real tokens, not padding, so tokens/s compares packed and unpacked runs fairly.
+        include_num_input_tokens_seen="non_padding",
         report_to=[],
         disable_tqdm=False,
     )

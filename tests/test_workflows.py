@@ -1,0 +1,107 @@
+"""The DVC workflows users come for, on the tiny default, in temporary git repositories:
+sharing through a remote, experiments (direct and queued), the pull-request report, and
+reproducibility across two fresh runs."""
+
+import hashlib
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.pipeline_repo import make_repo, repro, run, set_param
+
+pytestmark = pytest.mark.slow
+
+# Outputs compared between fresh runs: everything a stage produces except persistent caches
+# (HTTP pages, LLM replies, embeddings, checkpoints hold timings) and crawl.jsonl (fetch times).
+NOT_COMPARED = ("cache/", "data/raw/crawl.jsonl", "metrics/")
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lock_outs(repo) -> dict[str, str]:
+    """{output path: md5} of every stage output recorded in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            outs[out["path"]] = out["md5"]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def clone(pipeline, tmp_path_factory):
+    """Clone B of the pipeline repository A, filled from A's `dvc push` to a directory remote."""
+    repo_a, _ = pipeline
+    remote = tmp_path_factory.mktemp("remote")
+    run(repo_a, "dvc", "remote", "add", "-f", "-d", "shared", str(remote))
+    run(repo_a, "git", "add", "-A")
+    run(repo_a, "git", "commit", "-qm", "pipeline run")
+    run(repo_a, "dvc", "push")
+    repo_b = tmp_path_factory.mktemp("clone") / "b"
+    subprocess.run(["git", "clone", "-q", str(repo_a), str(repo_b)], check=True)
+    run(repo_b, "dvc", "pull")
+    return repo_b
+
+
+def test_a_clone_that_pulls_reruns_nothing_and_has_the_same_model(pipeline, clone):
+    repo_a, _ = pipeline
+    result = repro(clone)
+    assert result["ran"] == set()
+    for path in ("models/export/model.safetensors", "models/adapter/adapter_model.safetensors", "data/alpaca/train.json"):
+        assert sha(clone / path) == sha(repo_a / path), path
+
+
+def test_experiments_run_and_show_with_their_metrics(clone):
+    run(clone, "dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", "-S", "train.learning_rate=1e-4")
+    run(clone, "dvc", "exp", "run", "--queue", "-n", "rank4", "-S", "train.lora_r=4")
+    run(clone, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(clone, "dvc", "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Success" in run(clone, "dvc", "queue", "status").stdout
+
+    shown = json.loads(run(clone, "dvc", "exp", "show", "--json").stdout)
+    exps = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                exps[rev.get("name") or exp.get("name")] = data
+    assert {"rank16", "rank4"} <= set(exps)
+    for name, lora_r in (("rank16", 16), ("rank4", 4)):
+        data = exps[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == lora_r
+        metrics = data["metrics"]["metrics/eval.json"]["data"]
+        assert metrics["tuned"]["loss"] > 0
+    run(clone, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    run(clone, "dvc", "checkout")
+
+
+def test_report_shows_the_changed_param_and_metrics(clone):
+    set_param(clone, "train.learning_rate", 0.01)
+    repro(clone)
+    run(clone, "tuneline", "report", "--rev", "HEAD", "--out", "report.md")
+    report = (clone / "report.md").read_text()
+    assert "train.learning_rate" in report and "0.003" in report and "0.01" in report
+    assert "metrics/eval.json" in report and "tuned.loss" in report
+    assert (clone / "report_plots").is_dir()
+    run(clone, "git", "checkout", "--", "params.yaml")
+
+
+def test_two_fresh_runs_give_identical_outputs(pipeline, tmp_path_factory):
+    repo_a, _ = pipeline
+    repo_c = make_repo(tmp_path_factory.mktemp("fresh") / "c")
+    repro(repo_c)
+    a, c = lock_outs(repo_a), lock_outs(repo_c)
+    compared = {p for p in a if not p.startswith(NOT_COMPARED)}
+    assert {"data/alpaca", "data/tokenized", "models/adapter", "data/augmented/records.jsonl"} <= compared
+    differing = sorted(p for p in compared if a[p] != c.get(p))
+    assert not differing, f"outputs differ between two fresh runs: {differing}"
