@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.pipeline_repo import make_repo, repro, run  # noqa: E402
+from tests.pipeline_repo import RAN, make_repo, repro, run  # noqa: E402
 
 BASELINE_RAW_FILES = 3
 EXTRA_SIZES = (30, 300, 3_000, 30_000)
@@ -60,15 +60,22 @@ for i in range(n):
 '''
 
 
-def timed(repo: Path, *cmd: str) -> float:
-    """Seconds one CLI call takes; it must succeed."""
+def timed(repo: Path, *cmd: str) -> tuple[float, str]:
+    """Seconds one CLI call takes, and what it printed; it must succeed."""
     start = time.perf_counter()
-    run(repo, *cmd)
-    return time.perf_counter() - start
+    out = run(repo, *cmd)
+    return time.perf_counter() - start, out.stdout + out.stderr
 
 
-def median_time(repo: Path, *cmd: str) -> float:
-    return statistics.median(timed(repo, *cmd) for _ in range(REPEATS))
+def median_time(repo: Path, *cmd: str, must_print: str) -> float:
+    """Median seconds of REPEATS calls, each checked to print `must_print` (a no-op stays a no-op)."""
+    times = []
+    for _ in range(REPEATS):
+        seconds, text = timed(repo, *cmd)
+        if must_print not in text or RAN.search(text):
+            sys.exit(f"`{' '.join(cmd)}` was not a no-op:\n{text[-3000:]}")
+        times.append(seconds)
+    return statistics.median(times)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -84,19 +91,15 @@ def touch(files: list[Path]) -> None:
 
 
 def measure(repo: Path, touched: list[Path]) -> dict:
-    """No-op repro and status (medians), then status after touching `touched`; checks nothing reran."""
-    result = repro(repo)
-    if result["ran"] or result["restored"]:
-        sys.exit(f"a no-op `dvc repro` reran {sorted(result['ran'] | result['restored'])}: the bench needs a clean pipeline")
-    noop_repro = median_time(repo, "dvc", "repro")
-    status = median_time(repo, "dvc", "status")
+    """No-op repro and status (medians), then status after touching `touched`."""
+    noop_repro = median_time(repo, "dvc", "repro", must_print="didn't change, skipping")
+    status = median_time(repo, "dvc", "status", must_print="up to date")
     touch(touched)
-    after_touch = timed(repo, "dvc", "status")
-    out = run(repo, "dvc", "status").stdout
-    if "up to date" not in out:
-        sys.exit(f"`dvc status` after touching files reports changes:\n{out}")
+    after_touch, text = timed(repo, "dvc", "status")
+    if "up to date" not in text:
+        sys.exit(f"`dvc status` after an mtime-only touch reports changes:\n{text}")
     return {"noop_repro_s": round(noop_repro, 3), "status_s": round(status, 3),
-            "status_after_touch_s": round(after_touch, 3), "stages_skipped": len(result["skipped"])}
+            "status_after_touch_s": round(after_touch, 3)}
 
 
 def add_growth_stages(repo: Path, n: int) -> float:
@@ -112,10 +115,20 @@ def add_growth_stages(repo: Path, n: int) -> float:
     return time.perf_counter() - start
 
 
+def projected_cost(costs: list[tuple[int, float]], n: int) -> float:
+    """Seconds a size of N files should take: a fixed part (the DVC calls) plus a part linear in N."""
+    if not costs:
+        return 0.0
+    if len(costs) == 1:
+        return 2 * costs[0][1]  # one point cannot split fixed from per-file cost: allow it to double
+    (n1, s1), (n2, s2) = costs[-2:]
+    return s2 + max(0.0, (s2 - s1) / (n2 - n1)) * (n - n2)
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':34} {'files in data/raw':>17} {'no-op repro s':>13} {'status s':>9} {'status after touch s':>20}")
+    print(f"{'case':42} {'files in data/raw':>17} {'no-op repro s':>13} {'status s':>9} {'status after touch s':>20}")
     for r in rows:
-        print(f"{r['case']:34} {r['raw_files']:17,d} {r['noop_repro_s']:13.2f} {r['status_s']:9.2f} "
+        print(f"{r['case']:42} {r['raw_files']:17,d} {r['noop_repro_s']:13.2f} {r['status_s']:9.2f} "
               f"{r['status_after_touch_s']:20.2f}")
 
 
@@ -128,7 +141,7 @@ def main() -> None:
         first_repro_s = time.perf_counter() - start
         print(f"first `dvc repro` of the default pipeline: {first_repro_s:.0f} s, {len(first['ran'])} stages ran")
 
-        cli_floor = median_time(repo, "dvc", "--version")
+        cli_floor = median_time(repo, "dvc", "--version", must_print=".")
         raw_files = files_under(repo / "data" / "raw")
         if len(raw_files) != BASELINE_RAW_FILES:
             print(f"note: data/raw holds {len(raw_files)} files, not {BASELINE_RAW_FILES}")
@@ -137,11 +150,10 @@ def main() -> None:
         print_table(rows[-1:])
 
         (repo / "bench_gen.py").write_text(GENERATOR, encoding="utf-8")
-        skipped, setup_s, last_cost = [], {}, None
+        skipped, setup_s, costs = [], {}, []
         for n in EXTRA_SIZES:
             elapsed = time.perf_counter() - bench_start
-            # Setup and checks grow about linearly with N: skip a size that would run past the budget.
-            projected = last_cost[1] * n / last_cost[0] if last_cost else 0.0
+            projected = projected_cost(costs, n)
             if elapsed + projected > BUDGET_S:
                 skipped.append({"extra_files": n, "projected_s": round(projected), "elapsed_s": round(elapsed)})
                 print(f"skipped N={n:,}: projected {projected:.0f} s with {elapsed:.0f} s of the {BUDGET_S:.0f} s budget spent")
@@ -151,7 +163,7 @@ def main() -> None:
             extra = sorted((repo / EXTRA_DIR).iterdir())
             rows.append({"case": f"+{n:,} files ({n // BASELINE_RAW_FILES:,}x) in {EXTRA_DIR}", "extra_files": n,
                          "raw_files": len(files_under(repo / "data" / "raw")), **measure(repo, extra)})
-            last_cost = (n, time.perf_counter() - size_start)
+            costs.append((n, time.perf_counter() - size_start))
             print_table(rows[-1:])
 
     base = rows[0]

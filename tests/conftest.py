@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# One torch thread per process: tests run stages, servers and clients side by side on 2 cores,
+# and oversubscribed threads made tiny-model steps 10x slower there.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "data" / "seeds" / "seeds.jsonl"

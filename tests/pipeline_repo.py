@@ -74,7 +74,7 @@ def declared_params(repo: Path) -> dict[str, set[str]]:
             for dep in stage.deps:
                 if dep.def_path.endswith("params.yaml") and hasattr(dep, "params"):
                     keys |= set(dep.params)
-            declared[stage.addressing] = keys
+            declared[stage.name] = keys
     return declared
 
 

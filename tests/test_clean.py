@@ -1,7 +1,6 @@
 """The clean stage: Datalab on planted issues, nothing lost, cached embeddings, small inputs, the stage run."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys

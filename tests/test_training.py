@@ -231,6 +231,11 @@ def uninterrupted(tmp_path_factory, tokenized_project) -> Path:
     return project
 
 
+# The promise is for CPU (issue 7); CUDA kernels may add in a different order from run to run.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise-equal runs are promised on CPU")
+
+
+@cpu_only
 def test_same_seed_gives_identical_adapter_bytes(tmp_path, tokenized_project, uninterrupted):
     other = copy_project(tokenized_project, tmp_path / "b")
     run_stage(other, "train")  # a separate process, as DVC runs it
@@ -253,6 +258,7 @@ def _parses(path: Path) -> bool:
     return True
 
 
+@cpu_only
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, tokenized_project, uninterrupted):
     project = copy_project(tokenized_project, tmp_path / "killed")
     proc = subprocess.Popen(stage_command("train"), cwd=project, env=stage_env(),

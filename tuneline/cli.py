@@ -1,6 +1,7 @@
 """The `tuneline` command.
 
     tuneline serve [--host 127.0.0.1] [--port 8000] [--device auto]
+    tuneline report [--rev main] [--out report.md]
 
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
@@ -33,7 +34,8 @@ def serve_process(
 ) -> subprocess.Popen:
     """Start `transformers serve` for `model_dir` on host:port; its output goes to `log` (default: ours)."""
     command = serve_command(str(model_dir), port, device, host=host)
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None, env={**os.environ, **OFFLINE_ENV})
+    stderr = subprocess.STDOUT if log else None
+    return subprocess.Popen(command, stdout=log, stderr=stderr, env={**os.environ, **OFFLINE_ENV})
 
 
 def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -71,7 +73,9 @@ def exported_model(export_dir: str | Path) -> Path:
     path = Path(export_dir)
     if (path / "SKIPPED.json").is_file():
         reason = json.loads((path / "SKIPPED.json").read_text(encoding="utf-8")).get("reason", "")
-        raise SystemExit(f"tuneline serve: nothing was exported to {path}: {reason}. Send requests to that API directly")
+        raise SystemExit(
+            f"tuneline serve: nothing was exported to {path}: {reason}. Send requests to that API directly"
+        )
     if not (path / "config.json").is_file():
         raise SystemExit(
             f"tuneline serve: no exported model in {path} (base.export_dir; no config.json there); "
@@ -95,23 +99,43 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         wait_ready(url, args.startup_timeout, process)
-        print(f"tuneline serve: {model_dir} at {url} (request model name: {str(model_dir)!r}); Ctrl-C stops it", flush=True)
+        name = str(model_dir)
+        print(f"tuneline serve: {name} at {url} (request model name: {name!r}); Ctrl-C stops it", flush=True)
         return process.wait()
+    except RuntimeError as err:  # it died or never came up; its own output above says why
+        raise SystemExit(f"tuneline serve: {err}") from None
     except KeyboardInterrupt:
         return 0
     finally:
         stop(process)
 
 
+def report(args: argparse.Namespace) -> int:
+    """Write the pull-request report: params and metrics diffs against a revision, and the curves."""
+    from tuneline.report import write_report
+
+    try:
+        path = write_report(args.rev, args.out, args.plots_dir)
+    except RuntimeError as err:
+        raise SystemExit(f"tuneline report: {err}") from None
+    print(f"tuneline report: wrote {path} (workspace vs {args.rev}) and {args.plots_dir}/index.html")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tuneline", description="tuneline: run the pipeline with `dvc repro`; this serves its result.")
+    p = argparse.ArgumentParser(prog="tuneline", description="Serve and report on what `dvc repro` made.")
     commands = p.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="serve the exported model on an OpenAI-compatible endpoint (transformers serve)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s = commands.add_parser("serve", help="serve the exported model on an OpenAI-compatible endpoint")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="auto", help="auto, cpu, cuda:0, …")
-    s.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
+    s.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
     s.set_defaults(run=serve)
+    r = commands.add_parser("report", help="params and metrics diffs against a revision, as Markdown for a pull request")
+    r.add_argument("--rev", default="main", help="the revision to compare the workspace with (default: main)")
+    r.add_argument("--out", default="report.md")
+    r.add_argument("--plots-dir", default="report_plots", help="where `dvc plots diff` renders the curves")
+    r.set_defaults(run=report)
     return p
 
 

@@ -90,6 +90,8 @@ def score(model, tokenizer, records: list[dict], template: str, batch_size: int,
           generation_samples: int, max_length: int = 2048) -> tuple[dict, list[dict]]:
     """Aggregate metrics and per-record scores: loss/perplexity on all records, generation metrics
     on the first `generation_samples` (records are in a fixed order, so the sample is stable)."""
+    # Records longer than the model's context are cut at it rather than crash the forward pass.
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)
     losses = answer_losses(model, tokenizer, records, template, batch_size, max_length)
     total, count = sum(l for l, _ in losses), sum(n for _, n in losses)
     loss = total / max(count, 1)
