@@ -27,8 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-# The project root replaces this script's folder on the path: bench/ holds scripts named like
-# standard modules (bench/tokenize.py would shadow the `tokenize` that torch imports).
+# The project root replaces this script's folder on the path, so `tuneline` imports from this checkout.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402

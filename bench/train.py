@@ -13,17 +13,23 @@ Each run is its own process, so its peak memory is its own:
   method qlora, lora and full, and lora on packed data (tokenize.packing: true);
 - baseline: a plain TRL `SFTTrainer` script on the same model, records, chat template, max
   length, LoRA config and settings (prompt-completion conversations, completion-only loss).
+Runs go in pairs, the two sides of a comparison at once: on CPU one process per core, one thread
+each, so both see the same machine (other work on a shared machine changes speed several fold
+from one minute to the next, which would decide a comparison made one run after the other). The
+pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full. On a GPU the runs go one
+after the other.
 Tokens/s counts non-padding tokens (the Trainer's `num_input_tokens_seen`, "non_padding") over the
-steps after the warm-up ones, so packed and padded runs compare fairly ("effective tokens/s"). On
-CPU the ratios use each configuration's fastest step over its repeats (a CPU shared with other
-work slows some steps several fold); the mean over the measured steps and tokens per CPU-second
-are reported beside it.
+steps after the warm-up ones, so packed and padded runs compare fairly ("effective tokens/s");
+the fastest single step is reported beside it.
 Peak memory: on CPU, the process's peak RSS and its growth over the RSS before the model was
 loaded (the interpreter and libraries weigh the same in every run); on CUDA, peak allocated.
+The training state (weights as stored, plus gradient and two AdamW moments per trainable
+parameter) is computed exactly beside it: that is what QLoRA shrinks, while at 24M parameters
+activations and the framework dominate the peak.
 Targets (issue 7): tuneline >= 1.0x TRL's tokens/s; packing >= 1.5x effective tokens/s;
 qlora peak memory <= 0.6x full fine-tuning's.
 
-Run:  .venv/bin/python bench/train.py [--steps 3] [--warmup 1] [--batch-size 4] [--repeats 2]
+Run:  .venv/bin/python bench/train.py [--steps 4] [--warmup 1] [--batch-size 4] [--repeats 3]
       (writes bench/results/train.json)
 """
 
@@ -47,6 +53,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RUNS = ("tuneline_lora", "trl_lora", "tuneline_qlora", "tuneline_full", "tuneline_lora_packed")
+# (ours, the one it is measured against, the ratio's name, what is compared)
+PAIRS = (
+    ("tuneline_lora", "trl_lora", "tuneline_vs_trl_tokens_per_s", "tokens_per_s"),
+    ("tuneline_lora_packed", "tuneline_lora", "packing_effective_tokens_per_s", "tokens_per_s"),
+    ("tuneline_qlora", "tuneline_full", "qlora_vs_full_peak_memory", "memory"),
+)
 BENCH_MODEL = dict(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                    num_kv_heads=4, max_positions=1024, chat_template="llama3")
 TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6}
@@ -89,6 +101,7 @@ class StepTimer:
         from transformers import TrainerCallback
 
         marks = self.marks = []
+        self.padding_fraction = None
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -118,7 +131,7 @@ def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_s
     from datasets import Dataset
 
     from tuneline.modeling import load_tokenizer
-    from tuneline.tokenization import pack_batch, tokenize_example
+    from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
     from tuneline.training import train
 
     base, tok, p = settings(batch_size)
@@ -131,6 +144,8 @@ def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_s
         ds = ds.map(pack_batch, batched=True, batch_size=len(ds), fn_kwargs=dict(max_length=tok.max_length),
                     remove_columns=ds.column_names)
     ds = ds.select(range(steps * p.batch_size))  # one epoch of exactly `steps` batches
+    # the share of padding in batches of these rows: what packing can save at most
+    timer.padding_fraction = padding_fraction([len(ids) for ids in ds["input_ids"]], p.batch_size)
     selected = {"name": "bench", "kind": "local", "model": str(model_dir)}
     model, _, _ = train(selected, p, ds, None, out / "checkpoints", base.seed, [timer.callback])
     return model
@@ -175,11 +190,14 @@ def state_memory(model) -> dict:
     return {"weights_mb": round(weights / 2**20, 1), "state_mb": round((weights + 3 * trainable) / 2**20, 1)}
 
 
-def one_run(name: str, model_dir: Path, steps: int, warmup: int, batch_size: int) -> dict:
-    """Run `name` in this process; its throughput and peak memory."""
+def one_run(name: str, model_dir: Path, steps: int, warmup: int, batch_size: int, core: int | None) -> dict:
+    """Run `name` in this process (on CPU `core` alone when given); its throughput and peak memory."""
     import psutil
     import torch
 
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+        torch.set_num_threads(1)
     timer = StepTimer()
     rss_before = psutil.Process().memory_info().rss
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +213,7 @@ def one_run(name: str, model_dir: Path, steps: int, warmup: int, batch_size: int
         "best_step_tokens_per_s": round(timer.best_step(warmup), 1),
         "measured_tokens": tokens, "measured_seconds": round(seconds, 2), "measured_cpu_seconds": round(cpu_seconds, 2),
         "steps": len(timer.marks), "warmup_steps": warmup, **state_memory(trained),
+        "padding_fraction": None if timer.padding_fraction is None else round(timer.padding_fraction, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_model_mb": round(rss_before / 2**20, 1),
     }
@@ -204,77 +223,85 @@ def one_run(name: str, model_dir: Path, steps: int, warmup: int, batch_size: int
     return result
 
 
-def best_of(repeats: list[dict]) -> dict:
-    """The repeat with the fastest step, with the largest memory figures of all repeats."""
-    best = dict(max(repeats, key=lambda r: r["best_step_tokens_per_s"]))
-    for key in ("peak_rss_mb", "peak_rss_growth_mb", "peak_cuda_allocated_mb"):
-        if key in best:
-            best[key] = max(r[key] for r in repeats)
-    best["repeats"] = repeats
-    return best
-
-
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+def launch(name: str, model_dir: Path, args, core: int | None) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--run", name, "--model", str(model_dir), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    env = dict(os.environ)
+    if core is not None:
+        cmd += ["--core", str(core)]
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result_of(name: str, proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"bench run {name} failed:\n{out[-2000:]}\n{err[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_pair(ours: str, theirs: str, model_dir: Path, args, cuda: bool) -> dict[str, dict]:
+    """Both sides of a comparison: at once on two CPU cores, or one after the other on a GPU."""
+    if cuda:
+        return {name: result_of(name, launch(name, model_dir, args, None)) for name in (ours, theirs)}
+    cores = sorted(os.sched_getaffinity(0))
+    procs = {name: launch(name, model_dir, args, cores[i % len(cores)]) for i, name in enumerate((ours, theirs))}
+    return {name: result_of(name, proc) for name, proc in procs.items()}
+
+
+def memory_of(run: dict) -> float:
+    return run.get("peak_cuda_allocated_mb", run["peak_rss_growth_mb"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step, every run alike")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, taken in turn")
-    parser.add_argument("--only", nargs="*", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--repeats", type=int, default=3, help="times each pair runs; ratios are their median")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        print("RESULT " + json.dumps(one_run(args.run, args.model, args.steps, args.warmup, args.batch_size)))
+        print("RESULT " + json.dumps(one_run(args.run, args.model, args.steps, args.warmup, args.batch_size, args.core)))
         return
+
+    import statistics
 
     import torch
 
+    cuda = torch.cuda.is_available()
     load_before = os.getloadavg()[0]
-    repeats: dict[str, list[dict]] = {name: [] for name in args.only}
+    pairs: dict[str, list[dict]] = {key: [] for _, _, key, _ in PAIRS}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         parameters = build_model(model_dir)
-        # in turn (a b c a b c), so a stretch of heavy load on the machine does not hit one run only
-        for name in [n for _ in range(args.repeats) for n in args.only]:
-            start = time.perf_counter()
-            child = subprocess.run([sys.executable, __file__, "--run", name, "--model", str(model_dir),
-                                    "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                    "--batch-size", str(args.batch_size)],
-                                   capture_output=True, text=True)
-            lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
-            if child.returncode != 0 or not lines:
-                raise SystemExit(f"bench run {name} failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
-            run = {**json.loads(lines[-1][len("RESULT "):]), "wall_s": round(time.perf_counter() - start, 1)}
-            repeats[name].append(run)
-            print(f"  {name}: best step {run['best_step_tokens_per_s']:,.0f} tokens/s, mean {run['tokens_per_s']:,.0f}, "
-                  f"peak RSS {run['peak_rss_mb']:,.0f} MB ({run['wall_s']} s)", flush=True)
-    runs = {name: best_of(rs) for name, rs in repeats.items()}
+        for _ in range(args.repeats):
+            for ours, theirs, key, measure in PAIRS:
+                start = time.perf_counter()
+                runs = run_pair(ours, theirs, model_dir, args, cuda)
+                value = (ratio(memory_of(runs[ours]), memory_of(runs[theirs])) if measure == "memory"
+                         else ratio(runs[ours]["tokens_per_s"], runs[theirs]["tokens_per_s"]))
+                pairs[key].append({"ratio": value, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)})
+                print(f"  {key}: {value}  " + ", ".join(
+                    f"{n} {r['tokens_per_s']:,.0f} tokens/s, {memory_of(r):,.0f} MB" for n, r in runs.items()), flush=True)
 
-    cuda = torch.cuda.is_available()
-    # On a CPU shared with other work, the mean over all steps mostly measures the others: the
-    # fastest step is the one least slowed by them. On a GPU, the mean is the measure.
-    speed = "tokens_per_s" if cuda else "best_step_tokens_per_s"
-    memory = "peak_cuda_allocated_mb" if cuda else "peak_rss_growth_mb"
-    get = lambda run, key: runs.get(run, {}).get(key, 0.0)  # noqa: E731
-    ratios = {
-        "tuneline_vs_trl_tokens_per_s": ratio(get("tuneline_lora", speed), get("trl_lora", speed)),
-        "packing_effective_tokens_per_s": ratio(get("tuneline_lora_packed", speed), get("tuneline_lora", speed)),
-        "qlora_vs_full_peak_memory": ratio(get("tuneline_qlora", memory), get("tuneline_full", memory)),
-        "lora_vs_full_peak_memory": ratio(get("tuneline_lora", memory), get("tuneline_full", memory)),
-        "qlora_vs_full_training_state": ratio(get("tuneline_qlora", "state_mb"), get("tuneline_full", "state_mb")),
-        "tuneline_vs_trl_mean_tokens_per_s": ratio(get("tuneline_lora", "tokens_per_s"), get("trl_lora", "tokens_per_s")),
-        "tuneline_vs_trl_tokens_per_cpu_s": ratio(get("tuneline_lora", "tokens_per_cpu_s"),
-                                                  get("trl_lora", "tokens_per_cpu_s")),
-    }
+    ratios = {key: round(statistics.median(p["ratio"] for p in results), 3) for key, results in pairs.items()}
+    first = {key: results[0]["runs"] for key, results in pairs.items()}
+    state = {n: r["state_mb"] for runs in first.values() for n, r in runs.items()}
+    ratios["qlora_vs_full_training_state"] = ratio(state["tuneline_qlora"], state["tuneline_full"])
+    ratios["lora_vs_full_training_state"] = ratio(state["tuneline_lora"], state["tuneline_full"])
     met = {k: (v <= t if k.endswith("memory") else v >= t) for k, t in TARGETS.items() if (v := ratios[k]) == v}
     _, tok, p = settings(args.batch_size)
     results = {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores; pairs run one per core, "
+                                                            "one thread each)",
         "platform": platform.platform(),
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "model": {**BENCH_MODEL, "parameters": parameters},
@@ -282,9 +309,8 @@ def main() -> None:
                      "lora_r": p.lora_r, "lora_alpha": p.lora_alpha, "target_modules": p.target_modules,
                      "compute_dtype": p.compute_dtype, "steps": args.steps, "warmup_steps": args.warmup,
                      "repeats": args.repeats},
-        "speed_measure": speed,
-        "memory_measure": memory,
-        "runs": runs,
+        "memory_measure": "peak_cuda_allocated_mb" if cuda else "peak_rss_growth_mb",
+        "pairs": pairs,
         "ratios": ratios,
         "targets": TARGETS,
         "targets_met": met,
@@ -293,22 +319,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    print(f"\ntrain bench: {parameters / 1e6:.1f}M-parameter Llama-style model on {results['device']}, "
-          f"batch {p.batch_size}, {args.steps} measured steps after {args.warmup}, best of {args.repeats}; "
-          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"| {'run':<22} | {'best step tok/s':>15} | {'mean tok/s':>10} | {'tok/CPU-s':>9} | {'peak RSS MB':>11} "
-          f"| {'growth MB':>9} | {'state MB':>8} |")
-    print(f"|{'-' * 24}|{'-' * 17}|{'-' * 12}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|")
-    for name, r in runs.items():
-        print(f"| {name:<22} | {r['best_step_tokens_per_s']:>15,.0f} | {r['tokens_per_s']:>10,.0f} "
-              f"| {r['tokens_per_cpu_s']:>9,.0f} | {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} "
-              f"| {r['state_mb']:>8,.1f} |")
-    print(f"ratios from {speed} and {memory}:")
+    print(f"\ntrain bench: {parameters / 1e6:.1f}M-parameter Llama-style model on {results['device']}, batch "
+          f"{p.batch_size}, {args.steps} measured steps after {args.warmup}; load average {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"| {'pair (first repeat)':<31} | {'run':<21} | {'tokens/s':>8} | {'best step':>9} | {'peak RSS MB':>11} "
+          f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |")
+    print(f"|{'-' * 33}|{'-' * 23}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
+    for key, runs in first.items():
+        for name, r in runs.items():
+            padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.3f}"
+            print(f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | {r['best_step_tokens_per_s']:>9,.0f} "
+                  f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | {r['state_mb']:>8,.1f} "
+                  f"| {padding:>7} |")
+    print(f"ratios (median of {args.repeats}): " + ", ".join(
+        f"{key} {[p['ratio'] for p in results]}" for key, results in pairs.items()))
     for key, value in ratios.items():
         target = TARGETS.get(key)
         verdict = "" if target is None else f" (target {'<=' if key.endswith('memory') else '>='} {target}: " \
             f"{'met' if met.get(key) else 'NOT met'})"
-        print(f"  {key}: {value}{verdict}")
+        print(f"{key}: {value}{verdict}")
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -15,6 +16,7 @@ from tuneline.clean import (
     check_params,
     clean_records,
     embed_texts,
+    label_pred_probs,
     load_encoder,
     model_key,
     output_text,
@@ -271,6 +273,18 @@ def test_label_check_leaves_out_single_record_classes(encoder, tmp_path):
     result = clean_records(no_labels, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
     assert "found 0" in result.metrics["cleanlab"]["issues"]["label"]["skipped"]
     assert result.metrics["records_out"] + result.metrics["rejected"] == 25
+
+
+def test_label_pred_probs_fit_unit_length_embeddings():
+    # 400 unit vectors in 768 dimensions around 8 class centres, like sentence embeddings: an
+    # optimiser that stops early (components of 1/sqrt(d) give tiny gradients) predicts 1 in 8.
+    rng = np.random.default_rng(0)
+    classes = np.arange(400) % 8
+    features = rng.normal(size=(8, 768))[classes] + 3.0 * rng.normal(size=(400, 768))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    probs = label_pred_probs(features, [f"c{c}" for c in classes], 5)
+    assert probs.shape == (400, 8) and np.allclose(probs.sum(axis=1), 1)
+    assert (probs.argmax(axis=1) == classes).mean() >= 0.9
 
 
 def test_params_checks_name_the_key():

@@ -37,6 +37,8 @@ class _Section:
         if _reads is None or (name.startswith("_") and name != "__dict__"):
             return value
         key = object.__getattribute__(self, "__dict__").get("_key")
+        if key is None:  # a copy made in code (dataclasses.replace): its section was read to make it
+            return value
         fields = object.__getattribute__(self, "__dataclass_fields__")
         for n in fields if name == "__dict__" else [name]:
             if n in fields and not _holds_sections(fields[n].type):

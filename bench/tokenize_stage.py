@@ -1,4 +1,5 @@
-"""Bench the tokenize stage: records/s on 50,000 synthetic Alpaca records, and the rerun when nothing changed.
+"""Bench the tokenize stage (named so, not tokenize.py, which would shadow the standard library's
+`tokenize` for every script run from bench/): records/s on 50,000 synthetic Alpaca records, and the rerun when nothing changed.
 
 Setup: the default `tiny_qwen` is built as the models stage builds it (a fast byte-level BPE
 tokenizer trained offline, vocab 2048, ChatML template); 50,000 synthetic Alpaca records (a
@@ -15,7 +16,7 @@ Measured, in one run:
   checking deps, params and outs.
 Target: >= 2,000 records/s on 2 cores (num_proc 2).
 
-Run:  .venv/bin/python bench/tokenize.py [--records 50000]   (writes bench/results/tokenize.json)
+Run:  .venv/bin/python bench/tokenize_stage.py [--records 50000]   (writes bench/results/tokenize.json)
 """
 
 from __future__ import annotations
@@ -23,30 +24,19 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ != "__main__":
-    # This file shares its name with the standard library's `tokenize`, and a script run as
-    # `python bench/<name>.py` has bench/ first on its import path, so linecache, inspect or lxml
-    # would import this file instead. Whoever imports `tokenize` gets the standard library's
-    # (the import system returns what sys.modules holds once the file has run).
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("tokenize", os.path.join(os.path.dirname(os.__file__), "tokenize.py"))
-    sys.modules["tokenize"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["tokenize"])
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import contextlib
+import io
+import json
+import platform
+import random
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_RECORDS = 500
