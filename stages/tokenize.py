@@ -11,6 +11,7 @@ Run:    python -m stages.tokenize
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections import Counter
@@ -64,6 +65,14 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
     return kept, counts, rejects
 
 
+def pin_fingerprint(saved: Path) -> None:
+    """Replace the random fingerprint `datasets` writes into state.json by a hash of the data,
+    so the same tokens give the same DVC hash on every run."""
+    state = read_json(saved / "state.json")
+    state["_fingerprint"] = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(saved.glob("*.arrow")))).hexdigest()[:16]
+    write_json(saved / "state.json", state)
+
+
 def main() -> None:
     base, p = params.load("base", "tokenize")
     selected = read_json(base.selected)
@@ -86,6 +95,7 @@ def main() -> None:
             ds, counts, dropped = tokenize_split(Path(base.alpaca_dir) / f"{split}.json", tokenizer, p,
                                                  pack=p.packing and split == "train", cache_dir=cache_dir)
             ds.save_to_disk(str(out_dir / split))
+            pin_fingerprint(out_dir / split)
             metrics[split] = counts
             rejects += dropped
             print(f"tokenize: {split}: {counts}")

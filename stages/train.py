@@ -28,6 +28,17 @@ from tuneline.training import (
 )
 
 
+def sort_target_modules(config_path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes between processes; sorted,
+    the same adapter has the same bytes (and DVC hash) on every run."""
+    if not config_path.exists():
+        return
+    config = read_json(config_path)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    write_json(config_path, config)
+
+
 def main() -> None:
     base, p = params.load("base", "train")
     selected = read_json(base.selected)
@@ -61,6 +72,7 @@ def main() -> None:
 
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    sort_target_modules(out_dir / "adapter_config.json")
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text(encoding="utf-8")
     tokenizer.save_pretrained(out_dir)
     trainable, total = trainable_parameters(model)

@@ -108,15 +108,6 @@ def test_learning_rate_reruns_train_and_what_follows_only(pipeline):
         restore(repo)
 
 
-def test_restoring_params_takes_outputs_from_the_run_cache(pipeline):
-    repo, _ = pipeline
-    set_param(repo, "train.learning_rate", 0.002)
-    repro(repo)
-    run(repo, "git", "checkout", "--", "params.yaml")
-    result = repro(repo)
-    assert "train" in result["restored"] and "train" not in result["ran"]
-
-
 @pytest.mark.parametrize(
     ("path", "stage", "upstream"),
     [("prompts/expand.txt", "augment", {"models", "crawl"}), ("tuneline/clean.py", "clean", {"models", "crawl", "augment"})],

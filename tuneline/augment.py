@@ -31,7 +31,7 @@ import jinja2
 
 from tuneline.llm import EMPTY_REPLY, Endpoint, Reply
 from tuneline.params import Augment
-from tuneline.records import InputError, content_hash, with_id
+from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_id
 from tuneline.rules import review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
@@ -53,19 +53,7 @@ class Chunk:
 
 def read_numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line fails naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(value, dict):
-                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(value).__name__}")
-            rows.append((line_no, value))
-    return rows
+    return list(iter_numbered_jsonl(path))
 
 
 def _text_field(item: dict, names: tuple[str, ...], where: str) -> str:

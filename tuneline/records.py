@@ -26,6 +26,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    for _, value in iter_numbered_jsonl(path):
+        yield value
+
+
+def iter_numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line fails naming file and line."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -36,7 +42,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
                 raise InputError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(value, dict):
                 raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(value).__name__}")
-            yield value
+            yield line_no, value
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
