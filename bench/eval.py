@@ -41,12 +41,12 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from stages.models import corpus  # noqa: E402
+from stages.models import tokenizer_texts as corpus  # noqa: E402
 from tuneline import params  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.records import read_jsonl  # noqa: E402
 from tuneline.scoring import generate_ids, stop_ids  # noqa: E402
-from tuneline.tinymodels import build_tiny_model  # noqa: E402
+from tuneline.tinymodels import save_tiny_model  # noqa: E402
 from tuneline.tokenization import collate, encode  # noqa: E402
 
 PROMPTS = 64
@@ -58,7 +58,7 @@ def build_model(out_dir: Path) -> int:
     """The default tiny_qwen, built as the models stage builds it; return its parameter count."""
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
-    return build_tiny_model(models.tiny["tiny_qwen"], texts, models.vocab_size, base.seed, out_dir)
+    return save_tiny_model(models.tiny["tiny_qwen"], texts, models.vocab_size, base.seed, out_dir)
 
 
 def teach_to_stop(model, tokenizer, records: list[dict], steps: int, seed: int) -> float:

@@ -44,13 +44,13 @@ TARGET_RECORDS_PER_S = 2000.0
 
 
 def build_model(out_dir: Path) -> None:
-    from stages.models import corpus
+    from stages.models import tokenizer_texts as corpus
     from tuneline import params
-    from tuneline.tinymodels import build_tiny_model
+    from tuneline.tinymodels import save_tiny_model
 
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
-    build_tiny_model(models.tiny["tiny_qwen"], texts, models.vocab_size, base.seed, out_dir)
+    save_tiny_model(models.tiny["tiny_qwen"], texts, models.vocab_size, base.seed, out_dir)
 
 
 def synthetic_records(n: int, seed: int) -> list[dict]:

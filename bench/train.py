@@ -60,7 +60,7 @@ PAIRS = (
     ("tuneline_qlora", "tuneline_full", "qlora_vs_full_peak_memory", "memory"),
 )
 BENCH_MODEL = dict(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
-                   num_kv_heads=4, max_positions=1024, chat_template="llama3")
+                   num_kv_heads=4, max_positions=1024, chat_template="llama3", pretrain_steps=0)
 TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6}
 
 
@@ -74,14 +74,14 @@ def settings(batch_size: int | None = None):
 
 def build_model(out_dir: Path) -> int:
     """The bench model and its offline tokenizer, built as the models stage builds the tiny ones."""
-    from stages.models import corpus
+    from stages.models import tokenizer_texts as corpus
     from tuneline import params
     from tuneline.params import TinyModel
-    from tuneline.tinymodels import build_tiny_model
+    from tuneline.tinymodels import save_tiny_model
 
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
-    return build_tiny_model(TinyModel(**BENCH_MODEL), texts, models.vocab_size, base.seed, out_dir)
+    return save_tiny_model(TinyModel(**BENCH_MODEL), texts, models.vocab_size, base.seed, out_dir)
 
 
 def seed_records() -> list[dict]:

@@ -1,25 +1,37 @@
-"""Build the small offline base models that stand in for hub models.
+"""Build and pretrain the small offline base models that stand in for hub models.
 
-Reads:  base.seeds and base.site_dir (the bundled text the tokenizer is trained on), `models:`.
+Reads:  models.corpus_dir (the shipped pretraining text, `*.txt`), base.seeds and base.site_dir
+        (more text for the tokenizer only), `models:`.
 Writes: base.base_models_dir/<name>/ for each entry of models.tiny: config, safetensors weights,
-        tokenizer with its chat template, all loadable with `from_pretrained(path)`.
+        tokenizer with its chat template and pretraining.json (corpus files and their md5, steps,
+        losses), all loadable with `from_pretrained(path)`; base.metrics_dir/models.json (per
+        model: parameters, pretraining tokens, held-out loss before and after) and DVCLive curves
+        in base.metrics_dir/models/<name>/.
 Run:    python -m stages.models
 """
 
 from __future__ import annotations
 
+import math
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import lxml.html
+from dvclive import Live
+from transformers.integrations import DVCLiveCallback
 
 from tuneline import params
-from tuneline.records import read_jsonl
-from tuneline.tinymodels import build_tiny_model
+from tuneline.params import Pretrain
+from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, split_blocks, text_blocks
+from tuneline.records import read_jsonl, write_json
+from tuneline.tinymodels import build_tiny_model, train_tokenizer
 
 
-def corpus(seeds_path: str, site_dir: str) -> list[str]:
-    """The bundled text, in a stable order: seed records, then the visible text of the site pages."""
+def tokenizer_texts(seeds_path: str, site_dir: str) -> list[str]:
+    """Bundled text the tokenizer also learns from, so every script in the data (Chinese included)
+    encodes compactly: seed records, then the visible text of the site pages. Models never train on it."""
     texts = []
     for record in read_jsonl(seeds_path):
         texts.append(record.get("system") or "")
@@ -31,14 +43,52 @@ def corpus(seeds_path: str, site_dir: str) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
+def run_params(p: params.Models) -> Pretrain:
+    """The training settings of pretraining from scratch, in the form the train stage's code takes."""
+    return Pretrain(enabled=True, min_doc_chars=0, block_size=p.block_size, batch_size=p.batch_size,
+                    learning_rate=p.learning_rate, epochs=1.0, warmup_ratio=p.warmup_ratio, weight_decay=0.0,
+                    logging_steps=p.logging_steps, save_steps=10**9, compute_dtype="float32", grad_accum=1,
+                    decontamination_ngram=13)
+
+
 def main() -> None:
     base, p = params.load("base", "models")
-    texts = corpus(base.seeds, base.site_dir)
+    files = corpus_files(p.corpus_dir)
+    corpus = [f.read_text(encoding="utf-8") for f in files]
+    tokenizer_extra = tokenizer_texts(base.seeds, base.site_dir)
     out_root = Path(base.base_models_dir)
     shutil.rmtree(out_root, ignore_errors=True)
+    metrics = {}
     for name, spec in p.tiny.items():
-        n = build_tiny_model(spec, texts, p.vocab_size, base.seed, out_root / name)
-        print(f"models: built {name} ({spec.arch}, {n / 1e6:.2f}M parameters) in {out_root / name}")
+        start = time.perf_counter()
+        tokenizer = train_tokenizer(corpus + tokenizer_extra, p.vocab_size, spec.chat_template)
+        model = build_tiny_model(spec, tokenizer, base.seed)
+        train_blocks, heldout = split_blocks(text_blocks(tokenizer, corpus, p.block_size), p.heldout_fraction)
+        before = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
+        train_loss = math.nan
+        if spec.pretrain_steps:
+            live = Live(dir=str(Path(base.metrics_dir) / "models" / name), save_dvc_exp=False, dvcyaml=None, report=None)
+            with tempfile.TemporaryDirectory() as checkpoints:  # a rerun starts over: pretraining is short
+                model, result = pretrain(model, tokenizer, train_blocks, run_params(p), Path(checkpoints), base.seed,
+                                         [DVCLiveCallback(live=live)], max_steps=spec.pretrain_steps)
+            train_loss = result.get("train_loss", math.nan)
+        after = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
+        seconds = time.perf_counter() - start
+        info = {
+            "corpus_dir": p.corpus_dir, "corpus_files": file_hashes(files), "pretrain_steps": spec.pretrain_steps,
+            "pretrain_tokens": spec.pretrain_steps * p.batch_size * p.block_size,
+            "train_loss": round(train_loss, 4), "heldout_loss_before": round(before, 4), "heldout_loss": round(after, 4),
+        }
+        out_dir = out_root / name
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        write_json(out_dir / "pretraining.json", info)
+        parameters = sum(x.numel() for x in model.parameters())
+        metrics[name] = {"parameters": parameters, **{k: v for k, v in info.items() if k not in ("corpus_dir", "corpus_files")},
+                         "seconds": round(seconds, 1)}
+        print(f"models: {name} ({spec.arch}, {parameters / 1e6:.2f}M parameters): pretrained {spec.pretrain_steps} steps "
+              f"on {len(files)} files, held-out loss {before:.3f} -> {after:.3f} in {seconds:.0f} s")
+    write_json(Path(base.metrics_dir) / "models.json", metrics)
 
 
 if __name__ == "__main__":

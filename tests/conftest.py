@@ -34,12 +34,12 @@ def seed_texts() -> list[str]:
 def build_tiny(out_dir: Path, arch: str, chat_template: str) -> Path:
     """A tiny model and tokenizer saved in `out_dir` (about 0.1M parameters, built in about a second)."""
     from tuneline.params import TinyModel
-    from tuneline.tinymodels import build_tiny_model
+    from tuneline.tinymodels import save_tiny_model
 
     # Widths are multiples of 64: bitsandbytes quantises in blocks of 64, so QLoRA tests run on these too.
     spec = TinyModel(arch=arch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, max_positions=512, chat_template=chat_template)
-    build_tiny_model(spec, seed_texts(), vocab_size=512, seed=0, out_dir=out_dir)
+                     num_kv_heads=2, max_positions=512, chat_template=chat_template, pretrain_steps=0)
+    save_tiny_model(spec, seed_texts(), vocab_size=512, seed=0, out_dir=out_dir)
     return out_dir
 
 

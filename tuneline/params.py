@@ -82,6 +82,8 @@ class Base(_Section):
     tokenized_dir: str
     base_models_dir: str
     selected: str
+    tuning_base: str
+    pretrained_dir: str
     adapter_dir: str
     export_dir: str
     metrics_dir: str
@@ -98,12 +100,37 @@ class TinyModel(_Section):
     num_kv_heads: int
     max_positions: int
     chat_template: Literal["chatml", "llama3", "alpaca"]
+    pretrain_steps: int
 
 
 @dataclass(frozen=True)
 class Models(_Section):
     vocab_size: int
+    corpus_dir: str
+    block_size: int
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    heldout_fraction: float
+    logging_steps: int
     tiny: dict[str, TinyModel]
+
+
+@dataclass(frozen=True)
+class Pretrain(_Section):
+    enabled: bool
+    min_doc_chars: int
+    block_size: int
+    batch_size: int
+    learning_rate: float
+    epochs: float
+    warmup_ratio: float
+    weight_decay: float
+    logging_steps: int
+    save_steps: int
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    grad_accum: int
+    decontamination_ngram: int
 
 
 @dataclass(frozen=True)
@@ -268,6 +295,7 @@ class Evaluate(_Section):
     max_new_tokens: int
     batch_size: int
     generation_samples: int
+    seen_samples: int
     merge: bool
     samples_in_report: int
 
@@ -285,6 +313,7 @@ SECTIONS: dict[str, type] = {
     "clean": Clean,
     "build": Build,
     "select": Select,
+    "pretrain": Pretrain,
     "tokenize": Tokenize,
     "train": Train,
     "evaluate": Evaluate,
@@ -450,6 +479,14 @@ def _check_section(name: str, p: Any) -> Any:
                     f"select.candidates.{cname}: base_url and api_key_env are for kind: api; "
                     "a local candidate names a hub id or a directory in `model`"
                 )
+    if name == "models":
+        if not 0 <= p.heldout_fraction < 1:
+            raise ParamsError(f"models.heldout_fraction must be in [0, 1), got {p.heldout_fraction}")
+        for mname, spec in p.tiny.items():
+            if spec.pretrain_steps < 0:
+                raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
+    if name == "pretrain" and p.decontamination_ngram < 1:
+        raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":
         if p.lora_r <= 0 or p.learning_rate <= 0 or p.batch_size <= 0:
             raise ParamsError("train.lora_r, train.learning_rate and train.batch_size must be positive")

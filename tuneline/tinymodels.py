@@ -1,15 +1,14 @@
 """Small base models built offline: the stand-ins for hub models in the default pipeline and tests.
 
 A byte-level BPE tokenizer is trained on the bundled text (so any script, Chinese included,
-encodes without unknown tokens), and each architecture is built from a config with a fixed seed
-and saved with `save_pretrained`, so everything downstream loads it through the real
-`from_pretrained(path)` path, exactly as it would a hub model.
+encodes without unknown tokens), and each architecture is built from a config with a fixed seed.
+The `models` stage then pretrains them and saves them with `save_pretrained`, so everything
+downstream loads them through the real `from_pretrained(path)` path, exactly as it would a hub model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,14 +64,21 @@ def model_config(spec: TinyModel, tokenizer: PreTrainedTokenizerFast):
     return Qwen2Config(**common)
 
 
-def build_tiny_model(spec: TinyModel, texts: list[str], vocab_size: int, seed: int, out_dir: str | Path) -> int:
-    """Train the tokenizer, build the model from its config and save both; return the parameter count."""
-    tokenizer = train_tokenizer(texts, vocab_size, spec.chat_template)
+def build_tiny_model(spec: TinyModel, tokenizer: PreTrainedTokenizerFast, seed: int):
+    """The model of `spec` built from its config with seeded random weights, its generation
+    config ending answers at the tokenizer's end-of-turn token."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out_dir = Path(out_dir)
+    return model
+
+
+def save_tiny_model(spec: TinyModel, texts: Iterable[str], vocab_size: int, seed: int, out_dir) -> int:
+    """Train a tokenizer on `texts`, build the model of `spec` with random weights and save both in
+    `out_dir` (tests and benches; the `models` stage pretrains before saving). Return the parameter count."""
+    tokenizer = train_tokenizer(texts, vocab_size, spec.chat_template)
+    model = build_tiny_model(spec, tokenizer, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from tuneline.modeling import DTYPES, load_model, load_tokenizer
-from tuneline.params import Train
+from tuneline.params import Pretrain, Train
 from tuneline.tokenization import collate
 
 
@@ -142,8 +142,9 @@ class TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
-def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> TrainingArguments:
-    """The Trainer's arguments for a run of `p`, checkpointing into `out_dir`."""
+def training_arguments(p: Train | Pretrain, out_dir: Path, seed: int, has_eval: bool, max_steps: int = -1) -> TrainingArguments:
+    """The Trainer's arguments for a run of `p` (fine-tuning, or pretraining on raw text),
+    checkpointing into `out_dir`; `max_steps` > 0 overrides the epochs."""
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=p.batch_size,
@@ -151,6 +152,7 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         gradient_accumulation_steps=p.grad_accum,
         learning_rate=p.learning_rate,
         num_train_epochs=p.epochs,
+        max_steps=max_steps,
         warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=p.weight_decay,
         logging_steps=p.logging_steps,
@@ -175,18 +177,15 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
     )
 
 
-def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list) -> tuple:
-    """Train, resuming from the newest complete checkpoint of this run; return (model, tokenizer, metrics)."""
-    if p.method == "ptuning" and "position_ids" in train_ds.column_names:
-        raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
-    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
-    model = prepare_model(selected, p, seed)
+def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, checkpoints: Path, callbacks: list) -> tuple:
+    """Train `model` with the Trainer, resuming from the newest complete checkpoint in `checkpoints`;
+    return (model, metrics). Fine-tuning and pretraining on raw text both run through here."""
     trainer = Trainer(
         model=model,
-        args=training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0),
+        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[TokensPerSecond(), *callbacks],
     )
@@ -194,7 +193,20 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     if resume:
         print(f"train: resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
-    return trainer.model, tokenizer, result.metrics
+    return trainer.model, result.metrics
+
+
+def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list) -> tuple:
+    """Fine-tune the selected model, resuming from the newest complete checkpoint of this run;
+    return (model, tokenizer, metrics)."""
+    if p.method == "ptuning" and "position_ids" in train_ds.column_names:
+        raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    model = prepare_model(selected, p, seed)
+    args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
+                         checkpoints, callbacks)
+    return model, tokenizer, metrics
 
 
 def is_main_process() -> bool:

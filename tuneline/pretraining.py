@@ -1,0 +1,99 @@
+"""Pretraining on raw text: the causal-LM objective over fixed-length blocks of a text corpus.
+
+The `models` stage pretrains the small offline candidates from scratch on the shipped corpus
+(`models.corpus_dir`), and the optional `pretrain` stage continues pretraining the chosen base on
+crawled documents. Both run through the train stage's own code (`training.fit`: the Trainer,
+checkpoints, DVCLive curves); only the data differs: blocks of text whose labels are the tokens.
+
+Decontamination follows the GPT-3 paper: an evaluation answer counts as contaminated when one of
+its 13-word sequences also occurs in the pretraining text (words as the generation metrics count
+them: lower-cased, punctuation dropped, each CJK character a word).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from tuneline.params import Pretrain
+from tuneline.textmetrics import tokens
+from tuneline.tokenization import collate
+from tuneline.training import fit, training_arguments
+
+
+def corpus_files(corpus_dir: str | Path) -> list[Path]:
+    """The corpus's text files (`*.txt`), in a stable order."""
+    files = sorted(Path(corpus_dir).rglob("*.txt"))
+    if not files:
+        raise SystemExit(f"models: no *.txt files in {corpus_dir} (models.corpus_dir); put the pretraining text there")
+    return files
+
+
+def file_hashes(files: list[Path]) -> dict[str, str]:
+    """Each file's md5, by path: what the model card and the decontamination check name."""
+    return {f.as_posix(): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def text_blocks(tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
+    """The texts tokenized, each ended by the end-of-sequence token, concatenated and cut into
+    blocks of `block_size` tokens (the last one may be shorter; nothing is left out)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [ids[i : i + block_size] for i in range(0, len(ids), block_size)]
+
+
+def split_blocks(blocks: list[list[int]], heldout_fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held-out): every k-th block is held out, so both spread over the whole corpus."""
+    if heldout_fraction <= 0 or len(blocks) < 2:
+        return blocks, []
+    every = max(2, round(1 / heldout_fraction))
+    return ([b for i, b in enumerate(blocks) if i % every != every - 1],
+            [b for i, b in enumerate(blocks) if i % every == every - 1])
+
+
+def as_examples(blocks: list[list[int]]) -> list[dict]:
+    """Blocks as training examples: every token is a label (the collator masks the padding)."""
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: list[list[int]], pad_token_id: int, batch_size: int) -> float:
+    """Mean next-token loss over the held-out blocks (nan when there are none)."""
+    if not blocks:
+        return math.nan
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for i in range(0, len(blocks), batch_size):
+        batch = {k: v.to(device) for k, v in collate(as_examples(blocks[i : i + batch_size]), pad_token_id).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Pretrain, checkpoints: Path, seed: int,
+             callbacks: list, max_steps: int = -1) -> tuple:
+    """Train `model` on the blocks with the causal-LM objective; return (model, metrics)."""
+    args = training_arguments(p, checkpoints, seed, has_eval=False, max_steps=max_steps)
+    return fit(model, tokenizer, args, as_examples(train_blocks), None,
+               partial(collate, pad_token_id=tokenizer.pad_token_id), checkpoints, callbacks)
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """The n-word sequences of `text`."""
+    words = tokens(text)
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def contaminated(answers: list[str], texts: list[str], n: int) -> list[int]:
+    """Indices of the answers that share an n-word sequence with any of `texts`."""
+    seen: set[tuple[str, ...]] = set()
+    for text in texts:
+        seen |= ngrams(text, n)
+    return [i for i, answer in enumerate(answers) if ngrams(answer, n) & seen]
