@@ -308,3 +308,106 @@ def test_train_stage_runs_under_accelerate_launch_with_2_cpu_processes(tmp_path,
     state = json.loads((Path(last_checkpoint(project / "cache" / "checkpoints" / info["run_key"])) /
                         "trainer_state.json").read_text())
     assert state["global_step"] == 2 * TRAIN_RECORDS // (TRAIN["batch_size"] * 2)
+
+
+def test_compute_dtype_auto_is_bf16_where_supported_fp16_on_other_gpus_fp32_on_cpu(monkeypatch):
+    from tuneline.modeling import resolve_dtype
+    from tuneline.training import precision_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto") == "float16"
+    # the Trainer's mixed precision follows: autocast on a GPU, never on CPU
+    assert precision_flags("bfloat16", cuda=True) == {"bf16": True, "fp16": False}
+    assert precision_flags("float16", cuda=True) == {"bf16": False, "fp16": True}
+    assert precision_flags("bfloat16", cuda=False) == {"bf16": False, "fp16": False}
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at_the_compute_dtype(tiny_model_dir):
+    selected = selected_of(tiny_model_dir)
+    full = prepare_model(selected, train_params(method="full", compute_dtype="bfloat16"), SEED)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    lora = prepare_model(selected, train_params(method="lora", compute_dtype="bfloat16"), SEED)
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}  # the adapter
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
+    assert lora.config.use_cache is False
+
+
+def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
+    from tuneline.modeling import device, device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert device_map() == {"": 1} and device() == torch.device("cuda", 1)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP shards the CPU copy over the ranks itself
+    assert device_map() is None
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert device_map() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert device_map() is None and device() == torch.device("cpu")
+
+
+class SeenAtStart(TrainerCallback):
+    """What the Trainer really trains with: its arguments, model and optimizer when training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.args, self.model, self.optimizer = args, model, optimizer
+
+
+def test_memory_and_speed_switches_reach_the_trainer_and_the_model(tmp_path, monkeypatch, tiny_model_dir):
+    import bitsandbytes as bnb
+    import transformers.trainer
+
+    liger_applied = []
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: liger_applied.append(model))
+    selected = selected_of(tiny_model_dir)
+    ds = tokenized(tiny_model_dir, seed_records()[:8], 64)
+    p = train_params(gradient_checkpointing=True, attn_implementation="eager", optim="adamw_8bit", use_liger_kernel=True,
+                     max_steps=3, batch_size=2, eval_batch_size=3, save_steps=1, save_total_limit=1, **{"epochs": 5})
+    seen = SeenAtStart()
+    model, _, metrics = train(selected, p, ds, ds.select(range(2)), tmp_path / "ck", SEED, [seen])
+
+    assert seen.args.gradient_checkpointing and seen.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert model.base_model.model.model.gradient_checkpointing  # switched on in the model itself
+    assert model.config._attn_implementation == "eager"
+    optimizer = getattr(seen.optimizer, "optimizer", seen.optimizer)  # accelerate wraps it
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
+    assert liger_applied == [model]
+    assert seen.args.per_device_eval_batch_size == 3
+    assert metrics["train_runtime"] > 0 and json.loads(
+        (Path(last_checkpoint(tmp_path / "ck")) / "trainer_state.json").read_text())["global_step"] == 3  # not 5 epochs
+    assert [d.name for d in (tmp_path / "ck").iterdir()] == ["checkpoint-3"]  # save_total_limit: 1
+
+
+def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(monkeypatch):
+    import copy
+    import importlib.util
+
+    raw = params.read_params_file(ROOT / "params.yaml")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("flash_attn", "liger_kernel", "kernels") else real_find_spec(name, *a))
+    for key, value, message in [
+        ("use_liger_kernel", True, r"train\.use_liger_kernel True needs the liger_kernel package.*pip install liger-kernel"),
+        ("attn_implementation", "flash_attention_2", r"train\.attn_implementation 'flash_attention_2' needs the flash_attn"),
+        ("attn_implementation", "kernels-community/flash-attn", r"needs the kernels package"),
+        ("attn_implementation", "flash", r"train\.attn_implementation 'flash' is not one of sdpa, eager"),
+        ("optim", "adamw", r"train\.optim 'adamw' is not one of adamw_torch, adamw_8bit, paged_adamw_8bit"),
+        ("max_steps", 0, r"train\.max_steps must be -1"),
+        ("save_total_limit", 0, r"train\.save_total_limit must be at least 1"),
+        ("launcher", "torchrun", r"train\.launcher 'torchrun' is not one of python, accelerate"),
+    ]:
+        data = copy.deepcopy(raw)
+        data["train"][key] = value
+        with pytest.raises(params.ParamsError, match=message):
+            params.section("train", data)
+    for name in ("select", "evaluate", "export"):
+        assert params.section(name, raw).dtype == "auto"

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 
-from tuneline.modeling import DTYPES, load_model
+from tuneline.modeling import DTYPES, load_model, resolve_dtype
 
 
 def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
-    """The base model (de-quantised, at `dtype`) with the adapter merged in; full weights load as they are."""
+    """The base model at `dtype` (`auto`: see resolve_dtype; a QLoRA run's base in full precision,
+    not 4-bit) with the adapter merged in; full weights load at `dtype`."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -22,7 +23,7 @@ def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
     model = PeftModel.from_pretrained(base, adapter_dir)
     if model.peft_config["default"].is_prompt_learning:
         raise SystemExit("export: P-tuning adapters cannot be merged into weights; serve base + adapter instead")
-    return model.merge_and_unload().to(DTYPES[dtype])
+    return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)])
 
 
 def file_md5(path: str | Path) -> str:
