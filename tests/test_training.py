@@ -411,3 +411,72 @@ def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(mo
             params.section("train", data)
     for name in ("select", "evaluate", "export"):
         assert params.section(name, raw).dtype == "auto"
+
+
+def launched_project(tokenized_project: Path, dest: Path, config: str, **train_changes) -> Path:
+    """A copy of the tokenized project that trains under `accelerate launch` with configs/accelerate/`config`
+    changed to `processes` CPU processes (gloo), as `dvc exp run -S train.launcher=accelerate` would."""
+    import yaml
+
+    project = copy_project(tokenized_project, dest, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}",
+                           **train_changes)
+    shutil.copytree(ROOT / "configs", project / "configs")
+    path = project / "configs" / "accelerate" / config
+    accelerate_config = yaml.safe_load(path.read_text())
+    accelerate_config.update(num_processes=2, use_cpu=True)  # CPU processes over gloo: what a CPU machine can run
+    if "fsdp_config" in accelerate_config:
+        # accelerate broadcasts rank 0's weights from a GPU (it refuses on CPU); each rank loads them itself here
+        accelerate_config["fsdp_config"].update(fsdp_sync_module_states=False, fsdp_cpu_ram_efficient_loading=False)
+    path.write_text(yaml.safe_dump(accelerate_config))
+    return project
+
+
+def run_launched(project: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(stage_command("train"), cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_qlora_under_ddp_with_2_processes_trains_and_saves_an_adapter_that_loads_back(tmp_path, tokenized_project,
+                                                                                      tiny_model_dir):
+    project = launched_project(tokenized_project, tmp_path / "ddp", "ddp.yaml", method="qlora", max_steps=2, **NO_CHECKPOINTS)
+    result = run_launched(project)
+    assert "train: accelerate launch --config_file configs/accelerate/ddp.yaml" in result.stdout
+    assert result.stdout.count("train: qlora on tiny") == 1  # only the main process reports
+
+    adapter = project / "models" / "adapter"
+    info = json.loads((adapter / "training_args.json").read_text())
+    assert info["params"]["launcher"] == "accelerate"
+    saved = adapter_weights(project)
+    assert saved and all("lora_" in k for k in saved)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)  # trained
+    assert not (adapter / "training_args.bin").exists()
+    from peft import get_peft_model_state_dict
+
+    tuned = load_tuned(selected_of(tiny_model_dir), adapter)
+    loaded = get_peft_model_state_dict(tuned)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k].cpu()) for k in saved)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_that_load_back(tmp_path, tokenized_project,
+                                                                                           tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    project = launched_project(tokenized_project, tmp_path / "fsdp", "fsdp.yaml", method="full", learning_rate=0.001,
+                               max_steps=2, **NO_CHECKPOINTS)
+    result = run_launched(project)
+    assert result.stdout.count("train: full on tiny") == 1
+
+    adapter = project / "models" / "adapter"
+    saved = load_file(adapter / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = base.state_dict()
+    # every weight of the model, whole (not a rank's flat shard), and changed by training
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(expected[k].shape) for k in saved}
+    assert set(expected) - set(saved) <= {"lm_head.weight"}  # tied to the embeddings
+    assert sum(not torch.equal(saved[k], expected[k]) for k in saved) >= len(saved) // 2
+    tuned = load_tuned(selected_of(tiny_model_dir), adapter)
+    assert all(torch.equal(tuned.state_dict()[k], saved[k]) for k in saved)
