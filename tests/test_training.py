@@ -480,3 +480,33 @@ def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_tha
     assert sum(not torch.equal(saved[k], expected[k]) for k in saved) >= len(saved) // 2
     tuned = load_tuned(selected_of(tiny_model_dir), adapter)
     assert all(torch.equal(tuned.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
+    from tuneline.tokenization import encode, pack
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
+    packs = list(pack(iter(examples), max_length=400))
+    assert any(p["num_examples"] > 1 for p in packs)
+    ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
+    model, _, _ = train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, **NO_CHECKPOINTS), ds, None,
+                        tmp_path / "ck", SEED, [])
+
+    # The worst case: a model whose config asks for a KV cache (a cache hides the packed boundaries
+    # from the attention mask). The packed batch itself says use_cache=False, so that cannot leak.
+    model.config.use_cache = True
+    model.get_base_model().config.use_cache = True
+    model.train()  # as in training (lora_dropout is 0, so the outputs are deterministic)
+    row = next(p for p in packs if p["num_examples"] > 1)
+    batch = collate([row], tokenizer.pad_token_id)
+    assert batch["use_cache"] is False and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        starts = [i for i, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=torch.tensor([row["input_ids"][a:b]])).logits[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-5), f"the example at {a}:{b} saw another one"
+        # The control: with the cache the config asks for, the later examples do see the earlier ones.
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    assert not torch.allclose(leaky[starts[1]:starts[2]], packed[starts[1]:starts[2]], atol=1e-3)
