@@ -140,6 +140,10 @@ def quantize_in_memory(model, compute_dtype) -> None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
                 del child
+    # What from_pretrained sets on a 4-bit model: peft wraps its layers with its bitsandbytes LoRA
+    # layers on this flag, and accelerate checks the device map against the training device.
+    model.is_loaded_in_4bit = True
+    model.hf_device_map = {"": model.device.index if model.device.type == "cuda" else "cpu"}
 
 
 def matmul_parameters(shape: dict) -> int:
@@ -230,11 +234,13 @@ def tuneline_run(run: tuple, work: Path, shapes: dict, seq_len: int, steps: int,
     if model_name == "8b":
         tuneline.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
     try:
-        _, _, metrics = tuneline.training.train(selected, p, data, None, work / f"checkpoints-{name_of(run)}", 0,
-                                                [timer.callback])
+        trained, _, metrics = tuneline.training.train(selected, p, data, None, work / f"checkpoints-{name_of(run)}", 0,
+                                                      [timer.callback])
     finally:
         tuneline.training.load_model = load_model
-    return {"trainable_parameters": metrics["trainable_parameters"], "train_loss": metrics.get("train_loss")}
+    lora_layers = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in trained.modules() if hasattr(m, "lora_A")})
+    return {"trainable_parameters": metrics["trainable_parameters"], "train_loss": metrics.get("train_loss"),
+            "lora_layer_types": lora_layers}
 
 
 def name_of(run: tuple) -> str:

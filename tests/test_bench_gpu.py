@@ -44,5 +44,8 @@ def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path
         assert 0 < run["trainable_parameters"] and math.isfinite(run["train_loss"])
     assert runs["full_0p5b"]["trainable_parameters"] > 5 * runs["lora_0p5b"]["trainable_parameters"]
     assert runs["trl_lora_0p5b"]["trainable_parameters"] == runs["lora_0p5b"]["trainable_parameters"]  # same LoRA
+    for name in ("qlora_8b_gc", "qlora_0p5b"):  # LoRA over bitsandbytes 4-bit layers, as from_pretrained gives
+        assert runs[name]["lora_layer_types"] == ["peft.tuners.lora.bnb.Linear4bit"]
+    assert runs["lora_0p5b"]["lora_layer_types"] == ["peft.tuners.lora.layer.Linear"]
     assert results["comparisons"]["lora_vs_trl_tokens_per_s"] > 0
     assert "| lora_0p5b " in result.stdout and "lora_vs_trl_tokens_per_s" in result.stdout
