@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneline import params
-from tuneline.modeling import load_model, load_tokenizer, load_tuned
+from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.scoring import score
 
@@ -59,10 +59,11 @@ def main() -> None:
     tokenizer = load_tokenizer(base.adapter_dir)  # carries the chat template training used
     args = dict(template="auto", batch_size=p.batch_size, max_new_tokens=p.max_new_tokens, generation_samples=p.generation_samples)
 
-    base_model = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    # A QLoRA run is compared with the 4-bit base it trained over: the delta is the adapter's alone.
+    base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir) and not p.merge)
     base_m, base_rows = score(base_model, tokenizer, records, **args)
     del base_model
-    tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge)
+    tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_m, tuned_rows = score(tuned_model, tokenizer, records, **args)
 
     result = compare(base_m, tuned_m)

@@ -2,7 +2,8 @@
 
 Reads:  base.selected, base.adapter_dir, base.metrics_dir/eval.json, the Alpaca files (their hashes
         go into the model card), `export:`.
-Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card).
+Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card;
+        for P-tuning, which has no weights to merge, the adapter itself instead of merged weights).
 Run:    python -m stages.export; then `make serve` serves it on 127.0.0.1.
 """
 
@@ -26,12 +27,16 @@ def main() -> None:
         print("export: skipped, an API model was chosen")
         return
     training = read_json(Path(base.adapter_dir) / "training_args.json")
-    export(selected, base.adapter_dir, out_dir, p.dtype)
+    written = export(selected, base.adapter_dir, out_dir, p.dtype)
     hashes = {f.name: file_md5(f) for f in sorted(Path(base.alpaca_dir).glob("*.json")) if f.name != "dataset_info.json"}
     card = model_card(selected, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
                       read_json(Path(base.metrics_dir) / "eval.json"))
     (out_dir / "README.md").write_text(card, encoding="utf-8")
-    print(f"export: merged {training['method']} model written to {out_dir}")
+    if written == "adapter":
+        print(f"export: P-tuning adapter and tokenizer written to {out_dir} (virtual tokens cannot be merged into "
+              "weights): load it with peft onto the base model; `tuneline serve` serves merged models only")
+    else:
+        print(f"export: merged {training['method']} model written to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
 from tuneline import params
-from tuneline.params import Pretrain
-from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, split_blocks, text_blocks
+from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
 from tuneline.records import read_jsonl, write_json
 from tuneline.tinymodels import build_tiny_model, train_tokenizer
 
@@ -41,14 +40,6 @@ def tokenizer_texts(seeds_path: str, site_dir: str) -> list[str]:
     for page in sorted(Path(site_dir).rglob("*.html")):
         texts.append(lxml.html.fromstring(page.read_bytes()).text_content())
     return [t for t in texts if t.strip()]
-
-
-def run_params(p: params.Models) -> Pretrain:
-    """The training settings of pretraining from scratch, in the form the train stage's code takes."""
-    return Pretrain(enabled=True, min_doc_chars=0, block_size=p.block_size, batch_size=p.batch_size,
-                    learning_rate=p.learning_rate, epochs=1.0, warmup_ratio=p.warmup_ratio, weight_decay=0.0,
-                    logging_steps=p.logging_steps, save_steps=10**9, compute_dtype="float32", grad_accum=1,
-                    decontamination_ngram=13)
 
 
 def main() -> None:
@@ -69,8 +60,10 @@ def main() -> None:
         if spec.pretrain_steps:
             live = Live(dir=str(Path(base.metrics_dir) / "models" / name), save_dvc_exp=False, dvcyaml=None, report=None)
             with tempfile.TemporaryDirectory() as checkpoints:  # a rerun starts over: pretraining is short
-                model, result = pretrain(model, tokenizer, train_blocks, run_params(p), Path(checkpoints), base.seed,
-                                         [DVCLiveCallback(live=live)], max_steps=spec.pretrain_steps)
+                settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, max_steps=spec.pretrain_steps,
+                                      warmup_ratio=p.warmup_ratio, logging_steps=p.logging_steps, compute_dtype="float32")
+                model, result = pretrain(model, tokenizer, train_blocks, settings, Path(checkpoints), base.seed,
+                                         [DVCLiveCallback(live=live)])
             train_loss = result.get("train_loss", math.nan)
         after = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
         seconds = time.perf_counter() - start

@@ -38,7 +38,7 @@ def main(name: str) -> None:
         set_seed(base.seed)
         tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
         template = "auto" if tokenizer.chat_template else "chatml"
-        model = load_model(cand.model, cand.revision, cand.trust_remote_code)
+        model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)
         metrics, _ = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
         metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
     metrics["name"] = name

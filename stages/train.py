@@ -2,19 +2,22 @@
 
 Reads:  base.tokenized_dir/{train,val}, base.selected, `train:` (method: qlora | lora | ptuning | full).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
-        training_args.json), base.cache_dir/checkpoints/<run key>/ (persisted: a killed run
-        resumes from its newest complete checkpoint), base.metrics_dir/train/ (DVCLive: loss,
+        training_args.json), base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
+        output, so never hashed or pushed: a killed run resumes from its newest complete
+        checkpoint), base.metrics_dir/train/ (DVCLive: loss,
         learning rate, grad norm, tokens/s; `dvc plots show` draws the curves).
-Run:    python -m stages.train
-        Several processes (DDP): accelerate launch --multi_gpu --num_processes 2 -m stages.train
-        (on a machine without GPUs this runs 2 CPU processes over gloo; `--cpu` alone starts one
-        process). FSDP/DeepSpeed: pass accelerate's --use_fsdp / --use_deepspeed options or a config file.
+Run:    python -m stages.train (what dvc.yaml runs). With `train.launcher: accelerate` it starts
+        itself again under `accelerate launch --config_file <train.accelerate_config>`: one process per
+        GPU with DDP, FSDP or DeepSpeed (configs/accelerate/), so `dvc repro` and `dvc exp run` drive
+        a multi-GPU run too. By hand: accelerate launch --config_file configs/accelerate/ddp.yaml -m stages.train
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from datasets import load_from_disk
@@ -23,9 +26,10 @@ from transformers.integrations import DVCLiveCallback
 
 from tuneline import params
 from tuneline.records import read_json, write_json
-from tuneline.training import (
-    checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, trainable_parameters,
-)
+from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train
+
+# Set in the processes `accelerate launch` starts for us, so they train instead of launching again.
+LAUNCHED_ENV = "TUNELINE_LAUNCHED"
 
 
 def sort_target_modules(config_path: Path) -> None:
@@ -39,8 +43,27 @@ def sort_target_modules(config_path: Path) -> None:
     write_json(config_path, config)
 
 
+def accelerate_command(config: str) -> list[str]:
+    """This stage under `accelerate launch` with the config file `config`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "stages.train"]
+
+
+def relaunch(p: params.Train) -> int:
+    """Run the stage under `accelerate launch` (train.launcher: accelerate); its exit code."""
+    if not Path(p.accelerate_config).is_file():
+        raise SystemExit(f"train.accelerate_config {p.accelerate_config!r} is not a file; name one of "
+                         "configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml or your own `accelerate config` output")
+    print(f"train: accelerate launch --config_file {p.accelerate_config}", flush=True)
+    return subprocess.run(accelerate_command(p.accelerate_config), env={**os.environ, LAUNCHED_ENV: "1"}).returncode
+
+
 def main() -> None:
     base, p = params.load("base", "train")
+    if p.launcher == "accelerate" and not os.environ.get(LAUNCHED_ENV):
+        code = relaunch(p)
+        if code:
+            raise SystemExit(code)
+        return
     selected = read_json(base.selected)
     out_dir = Path(base.adapter_dir)
     live_dir = Path(base.metrics_dir) / "train"
@@ -66,16 +89,15 @@ def main() -> None:
         live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
         callbacks.append(DVCLiveCallback(live=live))
 
-    model, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks)
+    # Every process saves: under FSDP/ZeRO-3 the weights are gathered from all of them; the main one writes.
+    _, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)
     if not main_process:
         return
 
-    shutil.rmtree(out_dir, ignore_errors=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
     sort_target_modules(out_dir / "adapter_config.json")
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text(encoding="utf-8")
     tokenizer.save_pretrained(out_dir)
-    trainable, total = trainable_parameters(model)
+    trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
     write_json(out_dir / "training_args.json", {
         "base_model": selected, "method": p.method, "params": p.__dict__, "seed": base.seed,
         "run_key": key, "trainable_parameters": trainable, "total_parameters": total,

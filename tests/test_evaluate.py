@@ -104,3 +104,47 @@ def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
     stages.evaluate.main()
     assert read_json(tmp_path / "metrics" / "eval.json") == {"skipped": 1}
     assert read_jsonl(tmp_path / "metrics" / "eval" / "records.jsonl") == []
+
+
+def plain_answer_losses(model, tokenizer, records: list[dict]) -> list[tuple[float, int]]:
+    """The reference: full fp32 logits of the whole batch, then cross-entropy on the answer tokens."""
+    import torch
+
+    from tuneline.tokenization import IGNORE, collate, encode
+
+    batch = collate([dict(zip(("input_ids", "labels"), encode(tokenizer, r, "auto", False))) for r in records],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["input_ids"].shape[1]:].float()  # P-tuning prepends its virtual tokens
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    mask = labels != IGNORE
+    return [(float(loss[j][mask[j]].sum()), int(mask[j].sum())) for j in range(len(records))]
+
+
+@pytest.mark.parametrize("kind", ["base", "lora", "ptuning"])
+def test_chunked_answer_loss_equals_the_loss_of_the_full_logits(tiny_model_dir, kind):
+    import torch
+    from peft import LoraConfig, PromptEncoderConfig, get_peft_model
+
+    from tests.conftest import SEEDS
+    from tuneline.modeling import load_model, load_tokenizer
+    from tuneline.scoring import answer_losses
+
+    tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    if kind == "lora":  # random B: an adapter that changes the output, as a trained one does
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    if kind == "ptuning":
+        model = get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    records = read_jsonl(SEEDS)[:5]  # different lengths: the batch is padded
+    expected = plain_answer_losses(model.eval(), tokenizer, records)
+    for chunk in (7, 4096):  # several chunks per batch, and one
+        got = answer_losses(model, tokenizer, records, "auto", batch_size=5, max_length=512, chunk=chunk)
+        assert [n for _, n in got] == [n for _, n in expected] and all(n > 0 for _, n in got)
+        for (loss, n), (ref, _) in zip(got, expected):
+            assert loss / n == pytest.approx(ref / n, abs=1e-5)
+    if kind != "base":  # the adapter took part: the base model alone scores otherwise
+        base = plain_answer_losses(load_model(str(tiny_model_dir)).eval(), tokenizer, records)
+        assert max(abs(a / n - b / n) for (a, n), (b, _) in zip(expected, base)) > 1e-3

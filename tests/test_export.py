@@ -117,3 +117,25 @@ def test_model_card_names_the_data_hashes_dvc_records(tuned_project, tmp_path):
     result = read_json(tuned_project / "metrics" / "eval.json")
     assert f"| loss | {result['base']['loss']:.4f} | {result['tuned']['loss']:.4f} |" in card
     assert "fine-tuned with **lora**" in card and str(read_json(tuned_project / "models" / "selected.json")["model"]) in card
+
+
+def test_a_ptuning_run_exports_its_adapter_which_loads_back_and_serve_says_how_to_use_it(tiny_model_dir, tmp_path):
+    from tuneline.cli import exported_model
+    from tuneline.export import export
+    from tuneline.modeling import load_tuned
+    from tuneline.training import prepare_model
+
+    selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
+    adapter_dir = tmp_path / "adapter"
+    prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(adapter_dir)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter_dir)
+    assert export(selected, adapter_dir, tmp_path / "export", "auto") == "adapter"
+
+    tokenizer = load_tokenizer(str(tmp_path / "export"))
+    exported = logits(load_tuned(selected, tmp_path / "export").eval(), tokenizer)
+    assert max_difference(exported, logits(load_tuned(selected, adapter_dir).eval(), tokenizer)) == 0
+    base = logits(load_model(str(tiny_model_dir)).eval(), tokenizer)
+    # the text's positions come after the virtual tokens, and the virtual tokens changed them
+    assert max_difference([e[-len(b):] for e, b in zip(exported, base)], base) > 1e-3
+    with pytest.raises(SystemExit, match=r"P-tuning adapter.*PeftModel\.from_pretrained"):
+        exported_model(tmp_path / "export")

@@ -110,7 +110,7 @@ def test_pack_keeps_whole_examples_in_order_with_restarting_positions():
 def per_example_losses(model, batch: dict, example_of_token: torch.Tensor) -> dict[int, float]:
     """Mean answer-token loss of each example, from one forward pass over `batch`."""
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "use_cache")}, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
     owners = example_of_token[:, 1:]

@@ -308,3 +308,205 @@ def test_train_stage_runs_under_accelerate_launch_with_2_cpu_processes(tmp_path,
     state = json.loads((Path(last_checkpoint(project / "cache" / "checkpoints" / info["run_key"])) /
                         "trainer_state.json").read_text())
     assert state["global_step"] == 2 * TRAIN_RECORDS // (TRAIN["batch_size"] * 2)
+
+
+def test_compute_dtype_auto_is_bf16_where_supported_fp16_on_other_gpus_fp32_on_cpu(monkeypatch):
+    from tuneline.modeling import resolve_dtype
+    from tuneline.training import precision_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto") == "float16"
+    # the Trainer's mixed precision follows: autocast on a GPU, never on CPU
+    assert precision_flags("bfloat16", cuda=True) == {"bf16": True, "fp16": False}
+    assert precision_flags("float16", cuda=True) == {"bf16": False, "fp16": True}
+    assert precision_flags("bfloat16", cuda=False) == {"bf16": False, "fp16": False}
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at_the_compute_dtype(tiny_model_dir):
+    selected = selected_of(tiny_model_dir)
+    full = prepare_model(selected, train_params(method="full", compute_dtype="bfloat16"), SEED)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    lora = prepare_model(selected, train_params(method="lora", compute_dtype="bfloat16"), SEED)
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}  # the adapter
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
+    assert lora.config.use_cache is False
+
+
+def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
+    from tuneline.modeling import device, device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert device_map() == {"": 1} and device() == torch.device("cuda", 1)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP shards the CPU copy over the ranks itself
+    assert device_map() is None
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert device_map() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert device_map() is None and device() == torch.device("cpu")
+
+
+class SeenAtStart(TrainerCallback):
+    """What the Trainer really trains with: its arguments, model and optimizer when training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.args, self.model, self.optimizer = args, model, optimizer
+
+
+def test_memory_and_speed_switches_reach_the_trainer_and_the_model(tmp_path, monkeypatch, tiny_model_dir):
+    import bitsandbytes as bnb
+    import transformers.trainer
+
+    liger_applied = []
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: liger_applied.append(model))
+    selected = selected_of(tiny_model_dir)
+    ds = tokenized(tiny_model_dir, seed_records()[:8], 64)
+    p = train_params(gradient_checkpointing=True, attn_implementation="eager", optim="adamw_8bit", use_liger_kernel=True,
+                     max_steps=3, batch_size=2, eval_batch_size=3, save_steps=1, save_total_limit=1, **{"epochs": 5})
+    seen = SeenAtStart()
+    model, _, metrics = train(selected, p, ds, ds.select(range(2)), tmp_path / "ck", SEED, [seen])
+
+    assert seen.args.gradient_checkpointing and seen.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert model.base_model.model.model.gradient_checkpointing  # switched on in the model itself
+    assert model.config._attn_implementation == "eager"
+    optimizer = getattr(seen.optimizer, "optimizer", seen.optimizer)  # accelerate wraps it
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
+    assert liger_applied == [model]
+    assert seen.args.per_device_eval_batch_size == 3
+    assert metrics["train_runtime"] > 0 and json.loads(
+        (Path(last_checkpoint(tmp_path / "ck")) / "trainer_state.json").read_text())["global_step"] == 3  # not 5 epochs
+    assert [d.name for d in (tmp_path / "ck").iterdir()] == ["checkpoint-3"]  # save_total_limit: 1
+
+
+def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(monkeypatch):
+    import copy
+    import importlib.util
+
+    raw = params.read_params_file(ROOT / "params.yaml")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("flash_attn", "liger_kernel", "kernels") else real_find_spec(name, *a))
+    for key, value, message in [
+        ("use_liger_kernel", True, r"train\.use_liger_kernel True needs the liger_kernel package.*pip install liger-kernel"),
+        ("attn_implementation", "flash_attention_2", r"train\.attn_implementation 'flash_attention_2' needs the flash_attn"),
+        ("attn_implementation", "kernels-community/flash-attn", r"needs the kernels package"),
+        ("attn_implementation", "flash", r"train\.attn_implementation 'flash' is not one of sdpa, eager"),
+        ("optim", "adamw", r"train\.optim 'adamw' is not one of adamw_torch, adamw_8bit, paged_adamw_8bit"),
+        ("max_steps", 0, r"train\.max_steps must be -1"),
+        ("save_total_limit", 0, r"train\.save_total_limit must be at least 1"),
+        ("launcher", "torchrun", r"train\.launcher 'torchrun' is not one of python, accelerate"),
+    ]:
+        data = copy.deepcopy(raw)
+        data["train"][key] = value
+        with pytest.raises(params.ParamsError, match=message):
+            params.section("train", data)
+    for name in ("select", "evaluate", "export"):
+        assert params.section(name, raw).dtype == "auto"
+
+
+def launched_project(tokenized_project: Path, dest: Path, config: str, **train_changes) -> Path:
+    """A copy of the tokenized project that trains under `accelerate launch` with configs/accelerate/`config`
+    changed to `processes` CPU processes (gloo), as `dvc exp run -S train.launcher=accelerate` would."""
+    import yaml
+
+    project = copy_project(tokenized_project, dest, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}",
+                           **train_changes)
+    shutil.copytree(ROOT / "configs", project / "configs")
+    path = project / "configs" / "accelerate" / config
+    accelerate_config = yaml.safe_load(path.read_text())
+    accelerate_config.update(num_processes=2, use_cpu=True)  # CPU processes over gloo: what a CPU machine can run
+    if "fsdp_config" in accelerate_config:
+        # accelerate broadcasts rank 0's weights from a GPU (it refuses on CPU); each rank loads them itself here
+        accelerate_config["fsdp_config"].update(fsdp_sync_module_states=False, fsdp_cpu_ram_efficient_loading=False)
+    path.write_text(yaml.safe_dump(accelerate_config))
+    return project
+
+
+def run_launched(project: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(stage_command("train"), cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_qlora_under_ddp_with_2_processes_trains_and_saves_an_adapter_that_loads_back(tmp_path, tokenized_project,
+                                                                                      tiny_model_dir):
+    project = launched_project(tokenized_project, tmp_path / "ddp", "ddp.yaml", method="qlora", max_steps=2, **NO_CHECKPOINTS)
+    result = run_launched(project)
+    assert "train: accelerate launch --config_file configs/accelerate/ddp.yaml" in result.stdout
+    assert result.stdout.count("train: qlora on tiny") == 1  # only the main process reports
+
+    adapter = project / "models" / "adapter"
+    info = json.loads((adapter / "training_args.json").read_text())
+    assert info["params"]["launcher"] == "accelerate"
+    saved = adapter_weights(project)
+    assert saved and all("lora_" in k for k in saved)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)  # trained
+    assert not (adapter / "training_args.bin").exists()
+    from peft import get_peft_model_state_dict
+
+    tuned = load_tuned(selected_of(tiny_model_dir), adapter)
+    loaded = get_peft_model_state_dict(tuned)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k].cpu()) for k in saved)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_that_load_back(tmp_path, tokenized_project,
+                                                                                           tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    project = launched_project(tokenized_project, tmp_path / "fsdp", "fsdp.yaml", method="full", learning_rate=0.001,
+                               max_steps=2, **NO_CHECKPOINTS)
+    result = run_launched(project)
+    assert result.stdout.count("train: full on tiny") == 1
+
+    adapter = project / "models" / "adapter"
+    saved = load_file(adapter / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = base.state_dict()
+    # every weight of the model, whole (not a rank's flat shard), and changed by training
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(expected[k].shape) for k in saved}
+    assert set(expected) - set(saved) <= {"lm_head.weight"}  # tied to the embeddings
+    assert sum(not torch.equal(saved[k], expected[k]) for k in saved) >= len(saved) // 2
+    tuned = load_tuned(selected_of(tiny_model_dir), adapter)
+    assert all(torch.equal(tuned.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
+    from tuneline.tokenization import encode, pack
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
+    packs = list(pack(iter(examples), max_length=400))
+    assert any(p["num_examples"] > 1 for p in packs)
+    ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
+    model, _, _ = train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, **NO_CHECKPOINTS), ds, None,
+                        tmp_path / "ck", SEED, [])
+
+    # The worst case: a model whose config asks for a KV cache (a cache hides the packed boundaries
+    # from the attention mask). The packed batch itself says use_cache=False, so that cannot leak.
+    model.config.use_cache = True
+    model.get_base_model().config.use_cache = True
+    model.train()  # as in training (lora_dropout is 0, so the outputs are deterministic)
+    row = next(p for p in packs if p["num_examples"] > 1)
+    batch = collate([row], tokenizer.pad_token_id)
+    assert batch["use_cache"] is False and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        starts = [i for i, pos in enumerate(row["position_ids"]) if pos == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=torch.tensor([row["input_ids"][a:b]])).logits[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-5), f"the example at {a}:{b} saw another one"
+        # The control: with the cache the config asks for, the later examples do see the earlier ones.
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    assert not torch.allclose(leaky[starts[1]:starts[2]], packed[starts[1]:starts[2]], atol=1e-3)

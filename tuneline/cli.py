@@ -76,6 +76,13 @@ def exported_model(export_dir: str | Path) -> Path:
         raise SystemExit(
             f"tuneline serve: nothing was exported to {path}: {reason}. Send requests to that API directly"
         )
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise SystemExit(
+            f"tuneline serve: {path} holds a P-tuning adapter (train.method: ptuning), which has no weights to "
+            "merge and which `transformers serve` cannot load. Use it from Python with peft "
+            "(PeftModel.from_pretrained(base_model, path); see README, Serving), or train with "
+            "train.method lora, qlora or full to serve it"
+        )
     if not (path / "config.json").is_file():
         raise SystemExit(
             f"tuneline serve: no exported model in {path} (base.export_dir; no config.json there); "

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
-
-from tuneline.modeling import DTYPES, load_model
+from tuneline.modeling import DTYPES, load_model, resolve_dtype
 
 
 def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
-    """The base model (de-quantised, at `dtype`) with the adapter merged in; full weights load as they are."""
+    """The base model at `dtype` (`auto`: see resolve_dtype; a QLoRA run's base in full precision,
+    not 4-bit) with the adapter merged in; full weights load at `dtype`."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -22,7 +23,7 @@ def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
     model = PeftModel.from_pretrained(base, adapter_dir)
     if model.peft_config["default"].is_prompt_learning:
         raise SystemExit("export: P-tuning adapters cannot be merged into weights; serve base + adapter instead")
-    return model.merge_and_unload().to(DTYPES[dtype])
+    return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)])
 
 
 def file_md5(path: str | Path) -> str:
@@ -47,10 +48,11 @@ def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str
     """README.md of the exported model: base, method, params, data version (the directory hash
     dvc.lock records for `data_dir`, and each file's md5) and eval metrics."""
     lines = [
-        "---", "library_name: transformers", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
+        "---", f"library_name: {'peft' if training['method'] == 'ptuning' else 'transformers'}", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
         f"# Fine-tuned {selected['name']}", "",
         f"Made by the tuneline pipeline: base model `{selected['model']}` (chosen by {selected['why']}),",
-        f"fine-tuned with **{training['method']}**, merged and exported.", "",
+        f"fine-tuned with **{training['method']}**, " + ("exported as a P-tuning adapter: load it onto the base with "
+        "peft (`PeftModel.from_pretrained`)." if training["method"] == "ptuning" else "merged and exported."), "",
         "## Training data", "",
         f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:", "",
         *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
@@ -62,9 +64,26 @@ def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str
     return "\n".join(lines)
 
 
-def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> None:
+def is_prompt_learning(adapter_dir: str | Path) -> bool:
+    """Whether `adapter_dir` holds a P-tuning adapter: virtual tokens, no weights to merge."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("peft_type") == "P_TUNING"
+
+
+def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> str:
+    """Write the servable model to `out_dir`; return what was written: "merged", or "adapter" for
+    P-tuning, whose virtual tokens no plain checkpoint can hold: the adapter is copied as it is
+    and loads onto the base with peft (`tuneline.modeling.load_tuned`)."""
     from tuneline.modeling import load_tokenizer
 
+    out_dir = Path(out_dir)
+    if is_prompt_learning(adapter_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(Path(adapter_dir) / name, out_dir / name)
+        load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)
+        return "adapter"
     model = merged_model(selected, adapter_dir, dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)
+    return "merged"

@@ -7,6 +7,8 @@ runs only when params turn `trust_remote_code` on.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +18,40 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under `accelerate launch`/torchrun each rank has its own GPU (LOCAL_RANK)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_dtype(name: str) -> str:
+    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on CPU; other names as given."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def sharded_launch() -> bool:
+    """Whether `accelerate launch` runs FSDP or DeepSpeed: the model then loads on CPU and the
+    Trainer shards it, instead of every rank holding a whole copy on its GPU."""
+    return any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def device_map() -> dict | None:
+    """Where from_pretrained puts the weights: this rank's own GPU, or None (CPU, or sharded by the Trainer).
+
+    Without it every rank of a multi-GPU run loads onto GPU 0, and accelerate refuses to train a
+    4-bit model on a device other than the one it was loaded on.
+    """
+    if not torch.cuda.is_available() or sharded_launch():
+        return None
+    return {"": local_rank()}
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -33,7 +68,7 @@ def nf4_config(compute_dtype: str) -> BitsAndBytesConfig:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[resolve_dtype(compute_dtype)],
     )
 
 
@@ -42,29 +77,43 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     quantize_4bit: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
 ):
-    """A causal LM from `name`; with `quantize_4bit`, its linear layers are bitsandbytes NF4."""
-    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
+    """A causal LM from `name` at `dtype` (`auto`: see resolve_dtype), on this rank's device; with
+    `quantize_4bit`, its linear layers are bitsandbytes NF4 computing at `dtype` and the rest is at `dtype`."""
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
+                  dtype=DTYPES[resolve_dtype(dtype)], attn_implementation=attn_implementation)
+    placement = device_map()
     if quantize_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
-        kwargs["device_map"] = {"": str(device())}
-    else:
-        kwargs["dtype"] = DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    if not quantize_4bit:
-        model.to(device())
+        placement = placement or {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(name, device_map=placement, **kwargs)
     return model
 
 
-def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False):
-    """The fine-tuned model: the base with the adapter from `adapter_dir` (or full weights there)."""
+def trained_4bit(adapter_dir: str | Path) -> bool:
+    """Whether the run in `adapter_dir` trained over a 4-bit base (QLoRA), from its training_args.json."""
+    path = Path(adapter_dir) / "training_args.json"
+    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("method") == "qlora"
+
+
+def load_base(selected: dict, dtype: str = "auto", quantize_4bit: bool = False):
+    """The selected base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was trained over)."""
+    return load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
+                      quantize_4bit=quantize_4bit, dtype=dtype)
+
+
+def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dtype: str = "auto"):
+    """The fine-tuned model: the base with the adapter from `adapter_dir` (or full weights there), at
+    `dtype`. A QLoRA adapter goes onto the 4-bit base it was trained over (the model as trained);
+    merged, onto the full-precision base, since merging into 4-bit weights would round the adapter."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
-        return load_model(str(adapter_dir))
-    base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+        return load_model(str(adapter_dir), dtype=dtype)
+    base = load_base(selected, dtype, quantize_4bit=trained_4bit(adapter_dir) and not merge)
     model = PeftModel.from_pretrained(base, adapter_dir)
     if merge and model.peft_config["default"].is_prompt_learning:
         raise SystemExit("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")

@@ -128,7 +128,7 @@ class Pretrain(_Section):
     weight_decay: float
     logging_steps: int
     save_steps: int
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
     grad_accum: int
     decontamination_ngram: int
 
@@ -256,6 +256,7 @@ class Select(_Section):
     generation_samples: int
     max_new_tokens: int
     batch_size: int
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
     candidates: dict[str, Candidate]
 
 
@@ -279,15 +280,24 @@ class Train(_Section):
     use_dora: bool
     use_rslora: bool
     ptuning_virtual_tokens: int
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    gradient_checkpointing: bool
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "kernels-community/flash-attn"]
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+    use_liger_kernel: bool
     learning_rate: float
     epochs: float
+    max_steps: int
     batch_size: int
+    eval_batch_size: int
     grad_accum: int
     warmup_ratio: float
     weight_decay: float
     save_steps: int
+    save_total_limit: int
     logging_steps: int
+    launcher: Literal["python", "accelerate"]
+    accelerate_config: str
 
 
 @dataclass(frozen=True)
@@ -298,11 +308,12 @@ class Evaluate(_Section):
     seen_samples: int
     merge: bool
     samples_in_report: int
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
 class Export(_Section):
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
 
 
 SECTIONS: dict[str, type] = {
@@ -488,6 +499,30 @@ def _check_section(name: str, p: Any) -> Any:
     if name == "pretrain" and p.decontamination_ngram < 1:
         raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":
-        if p.lora_r <= 0 or p.learning_rate <= 0 or p.batch_size <= 0:
-            raise ParamsError("train.lora_r, train.learning_rate and train.batch_size must be positive")
+        if p.lora_r <= 0 or p.learning_rate <= 0 or p.batch_size <= 0 or p.eval_batch_size <= 0:
+            raise ParamsError("train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be positive")
+        if p.max_steps == 0 or p.max_steps < -1:
+            raise ParamsError(f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got {p.max_steps}")
+        if p.save_total_limit < 1:
+            raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
+        _check_installed(p)
     return p
+
+
+# Switches that need a package tuneline does not install: (key, value, import name, the fix).
+OPTIONAL_PACKAGES = (
+    ("attn_implementation", "flash_attention_2", "flash_attn",
+     "pip install flash-attn --no-build-isolation (CUDA only), or set train.attn_implementation to sdpa"),
+    ("attn_implementation", "kernels-community/flash-attn", "kernels",
+     "pip install kernels (the kernel itself comes from the hub), or set train.attn_implementation to sdpa"),
+    ("use_liger_kernel", True, "liger_kernel", "pip install liger-kernel (CUDA only), or set train.use_liger_kernel to false"),
+)
+
+
+def _check_installed(p: Any) -> None:
+    """Fail at start-up, naming the key and the fix, when a switch needs a package that is missing."""
+    import importlib.util
+
+    for key, value, module, fix in OPTIONAL_PACKAGES:
+        if getattr(p, key) == value and importlib.util.find_spec(module) is None:
+            raise ParamsError(f"train.{key} {value!r} needs the {module} package, which is not installed: {fix}")

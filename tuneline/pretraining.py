@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tuneline.params import Pretrain
+from tuneline.params import Train
 from tuneline.textmetrics import tokens
 from tuneline.tokenization import collate
 from tuneline.training import fit, training_arguments
@@ -77,12 +77,26 @@ def heldout_loss(model, blocks: list[list[int]], pad_token_id: int, batch_size: 
     return total / max(count, 1)
 
 
-def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Pretrain, checkpoints: Path, seed: int,
-             callbacks: list, max_steps: int = -1) -> tuple:
+def run_params(*, learning_rate: float, batch_size: int, epochs: float = 1.0, max_steps: int = -1,
+               warmup_ratio: float = 0.0, weight_decay: float = 0.0, logging_steps: int = 10,
+               save_steps: int = 10**9, compute_dtype: str = "auto", grad_accum: int = 1) -> Train:
+    """Pretraining's settings as the train stage's code takes them: full training of every weight,
+    with the Trainer's defaults for what pretraining does not set (no LoRA, adamw, no switches)."""
+    return Train(method="full", lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                 use_dora=False, use_rslora=False, ptuning_virtual_tokens=0, compute_dtype=compute_dtype,
+                 gradient_checkpointing=False, attn_implementation="sdpa", optim="adamw_torch",
+                 use_liger_kernel=False, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+                 batch_size=batch_size, eval_batch_size=batch_size, grad_accum=grad_accum,
+                 warmup_ratio=warmup_ratio, weight_decay=weight_decay, save_steps=save_steps, save_total_limit=2,
+                 logging_steps=logging_steps, launcher="python", accelerate_config="")
+
+
+def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Train, checkpoints: Path, seed: int,
+             callbacks: list, save_to: Path | None = None) -> tuple:
     """Train `model` on the blocks with the causal-LM objective; return (model, metrics)."""
-    args = training_arguments(p, checkpoints, seed, has_eval=False, max_steps=max_steps)
+    args = training_arguments(p, checkpoints, seed, has_eval=False)
     return fit(model, tokenizer, args, as_examples(train_blocks), None,
-               partial(collate, pad_token_id=tokenizer.pad_token_id), checkpoints, callbacks)
+               partial(collate, pad_token_id=tokenizer.pad_token_id), checkpoints, callbacks, save_to)
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:

@@ -17,11 +17,49 @@ from tuneline.textmetrics import corpus_scores, record_scores
 from tuneline.tokenization import IGNORE, collate, encode
 
 
+# Answer positions scored at once: their fp32 logits are LOSS_CHUNK x vocabulary (1 GB at 152k words).
+LOSS_CHUNK = 2048
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The last layer's (normed) hidden states of each input token, without the language-model head.
+
+    A peft model runs with its adapter: LoRA layers sit inside the decoder; P-tuning's virtual
+    tokens are prepended here as peft's own forward does, and their positions cut off again.
+    """
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = body.get_decoder()
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    embeds = model.word_embeddings(input_ids)
+    prompts = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+    mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], prompts.shape[1]), attention_mask], dim=1)
+    hidden = decoder(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, use_cache=False).last_hidden_state
+    return hidden[:, prompts.shape[1]:]
+
+
+def chunked_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Cross-entropy of each labelled position (labels already shifted to the predicting position):
+    the head runs on `chunk` positions at a time, so memory never holds batch x length x vocabulary."""
+    rows = hidden[labels != IGNORE]
+    targets = labels[labels != IGNORE]
+    losses = [torch.nn.functional.cross_entropy(head(rows[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+              for i in range(0, len(targets), chunk)]
+    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+
 @torch.no_grad()
-def answer_losses(model, tokenizer, records: list[dict], template: str, batch_size: int, max_length: int) -> list[tuple[float, int]]:
-    """(summed answer-token loss, answer-token count) of each record."""
+def answer_losses(model, tokenizer, records: list[dict], template: str, batch_size: int, max_length: int,
+                  chunk: int = LOSS_CHUNK) -> list[tuple[float, int]]:
+    """(summed answer-token loss, answer-token count) of each record.
+
+    Only answer positions go through the language-model head, `chunk` at a time: the full fp32
+    logits of a batch (8 x 2048 x 152k words = 10 GB) are never made.
+    """
     model.eval()
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     encoded = []
     for record in records:
         ids, labels = encode(tokenizer, record, template, train_on_prompt=False)
@@ -29,14 +67,14 @@ def answer_losses(model, tokenizer, records: list[dict], template: str, batch_si
     out = []
     for i in tqdm(range(0, len(encoded), batch_size), desc="loss", leave=False):
         batch = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, -batch["input_ids"].shape[1] :].float()  # P-tuning prepends virtual tokens
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-        ).view(labels.shape)
-        mask = labels != IGNORE
-        out += [(float(loss[j][mask[j]].sum()), int(mask[j].sum())) for j in range(labels.shape[0])]
+        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        # position t predicts token t + 1: the label of position t is the next token's
+        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+        losses = chunked_token_losses(hidden, labels, head, chunk)
+        row = torch.arange(labels.shape[0], device=device).unsqueeze(1).expand_as(labels)[labels != IGNORE]
+        sums = torch.zeros(labels.shape[0], device=device).index_add_(0, row, losses)
+        counts = (labels != IGNORE).sum(1)
+        out += [(float(sums[j]), int(counts[j])) for j in range(labels.shape[0])]
     return out
 
 

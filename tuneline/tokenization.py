@@ -87,7 +87,10 @@ def padding_fraction(lengths: list[int], batch_size: int) -> float:
 
 def collate(features: list[dict], pad_token_id: int) -> dict:
     """Right-pad a batch. Packed batches carry position ids and no attention mask, so each
-    example attends only to itself; padding gets positions of its own and no loss."""
+    example attends only to itself (padding-free: SDPA gets a block-diagonal mask, flash-attention
+    its variable-length kernel); padding gets positions of its own and no loss. They also say
+    `use_cache=False`: a model that builds a KV cache ignores the position ids' boundaries and lets
+    packed examples attend to each other, and whether it builds one depends on its config."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
@@ -103,4 +106,5 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
             batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    return {**tensors, "use_cache": False} if packed else tensors

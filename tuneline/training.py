@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from tuneline.modeling import DTYPES, load_model, load_tokenizer
-from tuneline.params import Pretrain, Train
+from tuneline.modeling import load_model, load_tokenizer, resolve_dtype, sharded_launch
+from tuneline.params import Train
 from tuneline.tokenization import collate
 
 
@@ -58,21 +58,31 @@ def keep_4bit_training_layout(model) -> None:
 
 
 def prepare_model(selected: dict, p: Train, seed: int):
-    """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning.
 
+    Frozen weights load at the compute dtype (bf16 on a recent GPU); full fine-tuning loads fp32
+    master weights and the Trainer's autocast computes in the compute dtype (mixed precision).
+    QLoRA keeps its non-quantised frozen weights (embeddings, norms) at the compute dtype too:
+    peft's prepare_model_for_kbit_training would upcast them to fp32, 4 GB more on an 8B model.
+    """
+    from peft import get_peft_model
+
+    if p.method == "qlora" and sharded_launch():
+        raise SystemExit("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
+                         "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
     set_seed(seed)
     model = load_model(
         selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
-        quantize_4bit=p.method == "qlora", dtype=p.compute_dtype,
+        quantize_4bit=p.method == "qlora", dtype="float32" if p.method == "full" else p.compute_dtype,
+        attn_implementation=p.attn_implementation,
     )
+    model.config.use_cache = False  # training never reads a KV cache, and one would hide packed sequences' boundaries
     if p.method == "qlora":
         keep_4bit_training_layout(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft_config(p)
     if config is not None:
         set_seed(seed)  # adapter initialisation draws from the RNG: same seed, same adapter
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, config)  # trainable adapter weights are fp32 whatever the base's dtype
     return model
 
 
@@ -142,29 +152,39 @@ class TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
-def training_arguments(p: Train | Pretrain, out_dir: Path, seed: int, has_eval: bool, max_steps: int = -1) -> TrainingArguments:
-    """The Trainer's arguments for a run of `p` (fine-tuning, or pretraining on raw text),
-    checkpointing into `out_dir`; `max_steps` > 0 overrides the epochs."""
+def precision_flags(dtype: str, cuda: bool) -> dict:
+    """The Trainer's mixed precision: autocast to the compute dtype over fp32 trainable weights
+    (peft keeps LoRA adapters fp32; full fine-tuning loads fp32). On CPU everything stays fp32."""
+    return {"bf16": cuda and dtype == "bfloat16", "fp16": cuda and dtype == "float16"}
+
+
+def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> TrainingArguments:
+    """The Trainer's arguments for a run of `p`, checkpointing into `out_dir`."""
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.eval_batch_size,
         gradient_accumulation_steps=p.grad_accum,
         learning_rate=p.learning_rate,
         num_train_epochs=p.epochs,
-        max_steps=max_steps,
+        max_steps=p.max_steps,  # -1: num_train_epochs decides
         warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=p.weight_decay,
+        optim=p.optim,
         logging_steps=p.logging_steps,
         save_steps=p.save_steps,
         save_strategy="steps",
-        save_total_limit=2,
+        save_total_limit=p.save_total_limit,
         eval_strategy="epoch" if has_eval else "no",
         seed=seed,
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
-        bf16=p.compute_dtype == "bfloat16" and torch.cuda.is_available(),
-        fp16=p.compute_dtype == "float16" and torch.cuda.is_available(),
+        **precision_flags(resolve_dtype(p.compute_dtype), torch.cuda.is_available()),
+        gradient_checkpointing=p.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no inputs that require grad (frozen embeddings under
+        # LoRA) and works with DDP and FSDP; the reentrant one does not.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
+        use_liger_kernel=p.use_liger_kernel,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         # Every trainable parameter takes part in each forward pass (LoRA, P-tuning and full alike),
@@ -177,9 +197,15 @@ def training_arguments(p: Train | Pretrain, out_dir: Path, seed: int, has_eval: 
     )
 
 
-def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, checkpoints: Path, callbacks: list) -> tuple:
+def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, checkpoints: Path, callbacks: list,
+        save_to: Path | None = None) -> tuple:
     """Train `model` with the Trainer, resuming from the newest complete checkpoint in `checkpoints`;
-    return (model, metrics). Fine-tuning and pretraining on raw text both run through here."""
+    return (model, metrics). Fine-tuning and pretraining on raw text both run through here.
+
+    With `save_to`, the trained weights (adapter, or full model) are saved there through
+    `Trainer.save_model`, which every process must call: under FSDP or ZeRO-3 it gathers the
+    sharded parameters, and only the main process writes.
+    """
     trainer = Trainer(
         model=model,
         args=args,
@@ -193,20 +219,33 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
     if resume:
         print(f"train: resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
+    if save_to is not None:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(save_to, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(save_to))
+        if trainer.is_world_process_zero():
+            # a pickle of the arguments, with this machine's paths: not part of the model
+            (Path(save_to) / "training_args.bin").unlink(missing_ok=True)
     return trainer.model, result.metrics
 
 
-def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list) -> tuple:
+def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list,
+          save_to: Path | None = None) -> tuple:
     """Fine-tune the selected model, resuming from the newest complete checkpoint of this run;
-    return (model, tokenizer, metrics)."""
+    return (model, tokenizer, metrics), the metrics with the parameter counts, taken before the
+    Trainer shards the model. `save_to`: see `fit`.
+    """
     if p.method == "ptuning" and "position_ids" in train_ds.column_names:
         raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
-    model = prepare_model(selected, p, seed)
+    # The arguments come first: under DeepSpeed ZeRO-3 they set up the sharded loading of the model.
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
+    model = prepare_model(selected, p, seed)
+    trainable, total = trainable_parameters(model)
     model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
-                         checkpoints, callbacks)
-    return model, tokenizer, metrics
+                         checkpoints, callbacks, save_to)
+    return model, tokenizer, {**metrics, "trainable_parameters": trainable, "total_parameters": total}
 
 
 def is_main_process() -> bool:
