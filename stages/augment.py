@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuneline import augment, llm, params
 from tuneline.llmserver import endpoint_url
-from tuneline.records import InputError, write_json, write_jsonl
+from tuneline.records import InputError, duplicate_ids, write_json, write_jsonl
 
 log = logging.getLogger("augment")
 
@@ -74,6 +74,9 @@ def main() -> None:
         )
 
     records = sorted(passthrough + result.records, key=lambda r: (r["id"], r["source"]))
+    twice = duplicate_ids(records)
+    if twice:  # every input has its own id (records.with_ids): a shared one would hide a record
+        raise RuntimeError(f"{len(twice)} record ids occur twice, first {twice[0]}: a bug, please report it")
     write_jsonl(Path(base.augmented_dir) / "records.jsonl", records)
     write_jsonl(Path(base.augmented_dir) / "rejects.jsonl", result.rejects)
     metrics = {

@@ -8,6 +8,7 @@ requests it receives, so limits, robots.txt and the HTTP cache are checked serve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.server
 import json
 import os
@@ -393,3 +394,87 @@ def test_missing_dataset_column_names_dataset_and_column(tmp_path):
     records, rejects = crawl.load_datasets([ok])
     assert [(r["instruction"], r["output"], r["source"]) for r in records] == [
         ("What is a burr?", "A grinding ring.", "dataset:faq")] and rejects == []
+
+
+# ---------------------------------------------------------------- user-provided dataset files
+
+
+def jsonl_dataset(tmp_path: Path, text: str | bytes, fmt: str = "jsonl", **columns) -> CrawlDataset:
+    path = tmp_path / f"rows.{fmt}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return CrawlDataset(name="rows", path=str(path), format=fmt, split="train",
+                        columns=columns or {"instruction": "instruction", "output": "output"})
+
+
+def test_a_bad_jsonl_line_is_a_reject_with_file_line_and_the_good_lines_flow_on(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "What is crema?", "output": "Foam."}\n'
+                                '{"instruction": "Trailing comma?", "output": "Yes.",}\n'
+                                '\n'
+                                '["not", "an", "object"]\n'
+                                '{"instruction": "What is a burr?", "output": "A grinding ring."}\n')
+    records, rejects = crawl.load_datasets([d])
+    assert [r["instruction"] for r in records] == ["What is a burr?", "What is crema?"]
+    assert [(r["url"], r["reason"]) for r in rejects] == [(f"{d.path}:2", "bad_json"), (f"{d.path}:4", "bad_json")]
+    assert "Expecting property name" in rejects[0]["detail"] and "got list" in rejects[1]["detail"]
+
+
+def test_a_broken_json_file_fails_naming_file_and_line(tmp_path):
+    d = jsonl_dataset(tmp_path, '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n', fmt="json")
+    with pytest.raises(InputError, match=rf"{d.path}:3: not valid JSON"):
+        crawl.load_datasets([d])
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_an_empty_file_says_it_is_empty(tmp_path, fmt):
+    d = jsonl_dataset(tmp_path, "\n  \n", fmt=fmt)
+    with pytest.raises(InputError, match=r"rows\.\w+ is empty"):
+        crawl.load_datasets([d])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    d = jsonl_dataset(tmp_path, "\ufeffquestion,answer\nWhat is crema?,Foam.\n".encode("utf-8"), fmt="csv",
+                      instruction="question", output="answer")
+    records, rejects = crawl.load_datasets([d])
+    assert [(r["instruction"], r["output"]) for r in records] == [("What is crema?", "Foam.")] and rejects == []
+    d = jsonl_dataset(tmp_path, '\ufeff{"instruction": "What is crema?", "output": "Foam."}\n'.encode("utf-8"))
+    assert len(crawl.load_datasets([d])[0]) == 1
+
+
+def test_wrong_field_types_are_rejected_never_turned_into_strings(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "Be nice?", "output": "Yes.", "system": ["be nice"]}\n'
+                                '{"instruction": "How many?", "output": 42}\n'
+                                '{"instruction": "Fine?", "output": "Fine.", "system": null}\n',
+                      instruction="instruction", output="output", system="system")
+    records, rejects = crawl.load_datasets([d])
+    assert [r["instruction"] for r in records] == ["Fine?"] and records[0]["system"] == ""
+    assert [(r["url"], r["reason"], r["detail"]) for r in rejects] == [
+        (f"{d.path}:1", "wrong_type", "system: expected a string, got list"),
+        (f"{d.path}:2", "wrong_type", "output: expected a string, got int"),
+    ]
+
+
+def test_a_missing_column_in_another_case_is_suggested(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"Instruction": "What is crema?", "output": "Foam."}\n')
+    with pytest.raises(InputError, match=r"column 'instruction' \(mapped to instruction\) is not in .*did you mean 'Instruction'"):
+        crawl.load_datasets([d])
+
+
+def test_hub_datasets_take_config_and_revision(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, *, split, revision=None):
+        calls.append((path, name, split, revision))
+        return datasets.Dataset.from_list([{"q": "What is crema?", "a": "Foam."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    d = CrawlDataset(name="hub", path="org/coffee", format="hub", split="train", config="en",
+                     revision="0123abc", columns={"instruction": "q", "output": "a"})
+    records, _ = crawl.load_datasets([d])
+    assert calls == [("org/coffee", "en", "train", "0123abc")] and len(records) == 1
+    section = crawl_section()
+    local = CrawlDataset(name="f", path="f.csv", format="csv", split="train", revision="main",
+                         columns={"instruction": "q", "output": "a"})
+    with pytest.raises(ParamsError, match=r"revision is for format: hub only"):
+        crawl.check_params(dataclasses.replace(section, datasets=[local]))

@@ -14,8 +14,12 @@ reactor runs once per process, so call `run_crawl` once per process (the stage d
 from __future__ import annotations
 
 import contextlib
+import csv
+import difflib
 import functools
 import http.server
+import io
+import json
 import re
 import threading
 from collections import Counter
@@ -29,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 from parsel import Selector
 
 from tuneline.params import Crawl, CrawlDataset, CrawlSource, ParamsError
-from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_id
+from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_ids
 
 # Fields a dataset's `columns:` may map; instruction and output are required.
 DATASET_FIELDS = (*ALPACA_FIELDS, "category")
@@ -109,6 +113,12 @@ def _check_css(css: str, key: str) -> None:
 
 
 def _check_dataset(d: CrawlDataset, where: str) -> None:
+    if d.format != "hub":
+        for key in ("config", "revision"):
+            if getattr(d, key) is not None:
+                raise ParamsError(f"{where}.{key} is for format: hub only; remove it for a {d.format} file")
+    if d.format in ("json", "jsonl", "csv") and d.split != "train":
+        raise ParamsError(f"{where}.split is {d.split!r}: a {d.format} file has one split, 'train'")
     unknown = sorted(set(d.columns) - set(DATASET_FIELDS))
     if unknown:
         raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
@@ -514,6 +524,9 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
         "rejects": len(result.rejects) + len(dataset_rejects),
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in result.rejects + dataset_rejects).items())),
         "dataset_records": len(dataset_records),
+        # Every dataset row is a record or a reject: rows_in = records + rejects.
+        "dataset_rows_in": len(dataset_records) + len(dataset_rejects),
+        "dataset_rejects_by_reason": dict(sorted(Counter(r["reason"] for r in dataset_rejects).items())),
         "sources": {
             name: {
                 "pages": int(s.get("tuneline/pages", 0)),
@@ -554,75 +567,196 @@ def serve_directory(root: str | Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------- datasets
+#
+# json, jsonl and csv files are read here, row by row, so that one bad row is a reject naming
+# `file:line` while the good rows flow on; parquet files and hub datasets go through
+# `datasets.load_dataset` (their rows are named `file#row<n>`). A json file is one JSON array
+# of objects: a syntax error there fails the stage naming the file, line and column, since
+# nothing after it can be read. An empty file fails saying it is empty.
+
+TEXT_FIELDS = ("instruction", "input", "output", "system")
 
 
-def load_dataset_rows(d: CrawlDataset) -> list[dict]:
-    """The rows of one `crawl.datasets` entry, through `datasets.load_dataset`."""
+def _dataset_error(d: CrawlDataset, message: str) -> InputError:
+    return InputError(f"crawl.datasets ({d.name}): {message}")
+
+
+def _read_text(d: CrawlDataset) -> str:
+    path = Path(d.path)
+    if not path.is_file():
+        raise _dataset_error(d, f"{d.path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the data
+    except UnicodeDecodeError as err:
+        raise _dataset_error(d, f"{d.path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    if not text.strip():
+        raise _dataset_error(d, f"{d.path} is empty; remove the entry from crawl.datasets or fill the file")
+    return text
+
+
+def _jsonl_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    rows, rejects = [], []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{d.path}:{line_no}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"{err.msg} at column {err.colno}"))
+            continue
+        if not isinstance(value, dict):
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(value)}"))
+            continue
+        rows.append((where, value))
+    return rows, rejects
+
+
+def _json_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _dataset_error(d, f"{d.path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                "fix the file (format: json is one JSON array of objects; use format: jsonl "
+                                "for one object per line, where a bad line is rejected and the rest kept)") from None
+    if not isinstance(value, list):
+        raise _dataset_error(d, f"{d.path}: expected a JSON array of objects, got {_type_name(value)}")
+    rows, rejects = [], []
+    for index, row in enumerate(value):
+        where = f"{d.path}#row{index}"
+        if isinstance(row, dict):
+            rows.append((where, row))
+        else:
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(row)}"))
+    return rows, rejects
+
+
+def _csv_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, rejects = [], []
+    line_no = 2  # the line the next row starts on (line 1 is the header)
+    for row in reader:
+        where = f"{d.path}:{line_no}"
+        line_no = reader.line_num + 1
+        if None in row or None in row.values():
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_csv",
+                                  f"{len(reader.fieldnames or [])} columns in the header, a different number in this row"))
+            continue
+        rows.append((where, row))
+    return rows, rejects
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dict], list[str]]:
+    """(where, row) for each row of one `crawl.datasets` entry, rows rejected unread, and the columns."""
+    if d.format in ("json", "jsonl", "csv"):
+        text = _read_text(d)
+        rows, rejects = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[d.format](d, text)
+        columns = list(dict.fromkeys(k for _, row in rows for k in row))
+        return rows, rejects, columns
+
     import datasets
 
     if d.format != "hub" and not Path(d.path).is_file():
-        raise InputError(f"crawl.datasets ({d.name}): {d.path} does not exist")
+        raise _dataset_error(d, f"{d.path} does not exist")
     try:
         if d.format == "hub":
-            ds = datasets.load_dataset(d.path, split=d.split)
+            ds = datasets.load_dataset(d.path, d.config, split=d.split, revision=d.revision)
         else:
-            builder = "json" if d.format in ("json", "jsonl") else d.format
-            ds = datasets.load_dataset(builder, data_files=d.path, split=d.split)
-    except Exception as err:  # parse errors, unknown split, hub unreachable: name the dataset
-        raise InputError(f"crawl.datasets ({d.name}): cannot load {d.path} as {d.format}: {err}") from None
-    missing = [(field_, col) for field_, col in d.columns.items() if col and col not in ds.column_names]
-    if missing:
-        field_, col = missing[0]
-        raise InputError(
-            f"crawl.datasets ({d.name}): column {col!r} (mapped to {field_}) is not in {d.path}; "
-            f"its columns are {', '.join(ds.column_names)}"
+            ds = datasets.load_dataset(d.format, data_files=d.path, split=d.split)
+    except Exception as err:  # parse errors, unknown split or config, hub unreachable: name the dataset
+        raise _dataset_error(d, f"cannot load {d.path} as {d.format}: {err}") from None
+    if len(ds) == 0:
+        raise _dataset_error(d, f"{d.path} (split {d.split}) is empty")
+    return [(f"{d.path}#row{i}", row) for i, row in enumerate(ds)], [], list(ds.column_names)
+
+
+def check_columns(d: CrawlDataset, columns: list[str]) -> None:
+    """Fail when a mapped column is not in the data, suggesting the column meant (`Instruction` for `instruction`)."""
+    for field_, col in d.columns.items():
+        if not col or col in columns:
+            continue
+        same = [c for c in columns if c.casefold() == col.casefold()]
+        close = same or difflib.get_close_matches(col, columns, n=1)
+        hint = f"; did you mean {close[0]!r}? (column names are case-sensitive)" if close else ""
+        raise _dataset_error(
+            d, f"column {col!r} (mapped to {field_}) is not in {d.path}{hint}; its columns are {', '.join(columns)}"
         )
-    return ds.to_list()
 
 
-def dataset_records(d: CrawlDataset, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Alpaca records from dataset rows via `d.columns`, and the rows rejected (with reasons)."""
+def _field_problem(field_: str, value: Any) -> str | None:
+    """Why a row's value cannot be the record field `field_` (None: it can). Nothing is coerced."""
+    if value is None:
+        return None
+    if field_ in TEXT_FIELDS:
+        return None if isinstance(value, str) else f"{field_}: expected a string, got {_type_name(value)}"
+    if field_ == "category":
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        return None if ok else f"category: expected a string or an integer label, got {_type_name(value)}"
+    if field_ == "history":
+        if value == "":
+            return None
+        pairs = isinstance(value, list) and all(
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in value)
+        return None if pairs else "history: expected a list of [user, assistant] string pairs"
+    return None
+
+
+def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
+    """Alpaca records from (where, row) pairs via `d.columns`, and the rows rejected (with reasons).
+
+    A value of the wrong type (`"system": ["be nice"]`, `"output": 42`) rejects the row as
+    `wrong_type`, naming the field and the type found: it is never turned into a string.
+    """
     records, rejects = [], []
-    for index, row in enumerate(rows):
+    for where, row in rows:
+        problems = [q for f, col in d.columns.items() if col and (q := _field_problem(f, row.get(col)))]
+        if problems:
+            reason = "bad_history" if problems[0].startswith("history") else "wrong_type"
+            rejects.append(reject(where, f"dataset:{d.name}", reason, "; ".join(problems)))
+            continue
         rec: dict[str, Any] = {}
         for key in ALPACA_FIELDS:
             col = d.columns.get(key)
             value = row.get(col) if col else None
-            rec[key] = _history(value) if key == "history" else ("" if value is None else str(value).strip())
-        where = f"{d.path}#row{index}"
-        if rec["history"] is None:
-            rejects.append(reject(where, f"dataset:{d.name}", "bad_history", "history is not a list of [user, assistant]"))
-            continue
+            if key == "history":
+                rec[key] = [list(t) for t in value] if value else []
+            else:
+                rec[key] = "" if value is None else value.strip()
         if not rec["instruction"] or not rec["output"]:
             rejects.append(reject(where, f"dataset:{d.name}", "empty_field", "instruction or output is empty"))
             continue
         rec["source"] = f"dataset:{d.name}"
-        if d.columns.get("category") and row.get(d.columns["category"]) not in (None, ""):
-            rec["category"] = str(row[d.columns["category"]]).strip()
-        records.append(with_id(rec))
-    return records, rejects
-
-
-def _history(value: Any) -> list[list[str]] | None:
-    if value in (None, ""):
-        return []
-    if isinstance(value, list) and all(isinstance(t, (list, tuple)) and len(t) == 2 for t in value):
-        return [[str(u), str(a)] for u, a in value]
-    return None
+        category = row.get(d.columns["category"]) if d.columns.get("category") else None
+        if category not in (None, ""):
+            rec["category"] = str(category).strip()
+        rec["row"] = where
+        records.append(rec)
+    return with_ids(records), rejects
 
 
 def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
-    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects."""
+    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects.
+
+    Of records with the same content the first (in params order, then row order) is kept; the
+    others are rejected as `duplicate` with `duplicate_of` naming the kept record's id.
+    """
     records: dict[str, dict] = {}
     rejects: list[dict] = []
     for d in entries:
-        recs, bad = dataset_records(d, load_dataset_rows(d))
-        rejects += bad
+        rows, unread, columns = load_dataset_rows(d)
+        check_columns(d, columns)
+        recs, bad = dataset_records(d, rows)
+        rejects += unread + bad
         for rec in recs:
-            if rec["id"] in records:
-                rejects.append(reject(d.path, rec["source"], "duplicate", f"same content as record {rec['id']}",
-                                      content_hash=rec["id"]))
+            kept = records.get(rec["content_hash"])
+            if kept is not None:
+                rejects.append(reject(rec["row"], rec["source"], "duplicate", f"same content as {kept['row']}",
+                                      content_hash=rec["content_hash"], id=rec["id"], duplicate_of=kept["id"]))
             else:
-                records[rec["id"]] = rec
+                records[rec["content_hash"]] = rec
     ordered = sorted(records.values(), key=lambda r: (r["source"], r["instruction"], r["id"]))
     return ordered, sorted_rejects(rejects)

@@ -129,6 +129,10 @@ class CrawlDataset(_Section):
     format: Literal["json", "jsonl", "csv", "parquet", "hub"]
     split: str
     columns: dict[str, str | None]
+    # Hub datasets only, optional: the dataset's configuration (subset) and a pinned revision
+    # (a commit sha, tag or branch), as models are pinned with `revision:`.
+    config: str | None = None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
