@@ -63,7 +63,7 @@ def check_params(p: Crawl) -> None:
         if ds_names.count(d.name) > 1:
             raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
     minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
-               "max_page_bytes": 1, "concurrent_requests": 1, "download_timeout": 1e-3}
+               "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
     for key, low in minimum.items():
         if getattr(p, key) < low:
             raise ParamsError(f"crawl.{key} is {getattr(p, key)}; it must be at least {low}")
@@ -98,7 +98,7 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
     needed = {"qa": ("question_css", "answer_css"), "doc": ("title_css",), "auto": ("question_css", "answer_css")}
     for key in needed[s.kind]:
         if not getattr(s, key).strip():
-            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector")
+            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector (or xpath:...)")
     for key in ("question_css", "answer_css", "title_css", "text_css"):
         css = getattr(s, key)
         if css.strip():
@@ -106,10 +106,11 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
 
 
 def _check_css(css: str, key: str) -> None:
+    kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
     try:
-        Selector(text="<html><body></body></html>").css(css)
-    except Exception as err:  # cssselect raises several types (SelectorSyntaxError, ExpressionError)
-        raise ParamsError(f"{key} {css!r} is not a valid CSS selector ({err}); fix the selector") from None
+        select(Selector(text="<html><body></body></html>"), css)
+    except Exception as err:  # cssselect and lxml raise several types (SelectorSyntaxError, XPathError)
+        raise ParamsError(f"{key} {css!r} is not {kind} ({err}); fix the selector") from None
 
 
 def _check_dataset(d: CrawlDataset, where: str) -> None:
@@ -142,26 +143,61 @@ def resolve_sources(sources: list[CrawlSource], site_url: str | None) -> list[Cr
 # ---------------------------------------------------------------- extraction (pure)
 
 
-def page_items(page: str | Selector, source: CrawlSource) -> tuple[list[dict], str | None]:
-    """The items one HTML page (text, or its parsed Selector) yields, and why some gave none.
+def select(sel: Selector, selector: str) -> Any:
+    """The elements `selector` matches: XPath when it starts with `xpath:`, CSS otherwise."""
+    if selector.startswith("xpath:"):
+        return sel.xpath(selector.removeprefix("xpath:"))
+    return sel.css(selector)
 
-    Reasons: `no_content` (the selectors match nothing), `qa_mismatch` (questions and answers
-    do not pair up: no items), `qa_empty` (some pairs had an empty side: the others are kept).
+
+def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The items one HTML page (text, or its parsed Selector) yields, and (reason, detail) for what it lost.
+
+    Q&A: each question is paired with the first answer that follows it in the page (before the
+    next question), so one missing answer loses only its own question: `qa_mismatch` names the
+    unanswered question or the answer without a question; `qa_empty` a pair with an empty side.
+    Documents: `no_content` when the selectors match nothing, `navigation_only` when fewer than
+    `min_doc_chars` characters of the text are outside links (an index of links, a menu page).
     """
     sel = Selector(text=page) if isinstance(page, str) else page
     if source.kind in ("auto", "qa"):
-        questions = sel.css(source.question_css)
-        answers = sel.css(source.answer_css)
+        questions = select(sel, source.question_css)
+        answers = select(sel, source.answer_css)
         if questions or answers:
-            if len(questions) != len(answers):
-                return [], "qa_mismatch"
-            pairs = [_qa_item(q, a) for q, a in zip(questions, answers)]
-            items = [i for i in pairs if i["question"] and i["answer"]]
-            return items, (None if len(items) == len(pairs) else "qa_empty")
+            return _qa_pairs(sel, questions, answers)
         if source.kind == "qa":
-            return [], "no_content"
-    doc = _doc_item(sel, source)
-    return ([doc], None) if doc else ([], "no_content")
+            return [], [("no_content", "no question or answer matched")]
+    doc, why = _doc_item(sel, source, min_doc_chars)
+    return ([doc], []) if doc else ([], [why])
+
+
+def _qa_pairs(sel: Selector, questions: Any, answers: Any) -> tuple[list[dict], list[tuple[str, str]]]:
+    order = {el: i for i, el in enumerate(sel.root.getroottree().iter())}
+    events = sorted([(order.get(q.root, -1), 0, q) for q in questions] + [(order.get(a.root, -1), 1, a) for a in answers],
+                    key=lambda e: (e[0], e[1]))
+    items, lost = [], []
+    pending: Selector | None = None
+    for _, is_answer, el in events:
+        if not is_answer:
+            if pending is not None:
+                lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
+            pending = el
+        elif pending is None:
+            lost.append(("qa_mismatch", f"answer {_short(el)!r} follows no question"))
+        else:
+            item = _qa_item(pending, el)
+            if item["question"] and item["answer"]:
+                items.append(item)
+            else:
+                lost.append(("qa_empty", f"question {item['question'][:60]!r} has an empty side"))
+            pending = None
+    if pending is not None:
+        lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
+    return items, lost
+
+
+def _short(el: Selector) -> str:
+    return " ".join(block_lines(el.root))[:60]
 
 
 def _qa_item(question: Selector, answer: Selector) -> dict:
@@ -173,29 +209,67 @@ def _qa_item(question: Selector, answer: Selector) -> dict:
     return item
 
 
-def _doc_item(sel: Selector, source: CrawlSource) -> dict | None:
-    title_el = sel.css(source.title_css) if source.title_css.strip() else []
+# Link text outside navigation blocks (block_lines leaves those out already).
+_LINK_TEXT = ".//a[not(ancestor::nav or ancestor::header or ancestor::footer or ancestor::aside)]//text()"
+
+
+def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[dict | None, tuple[str, str]]:
+    title_el = select(sel, source.title_css) if source.title_css.strip() else []
     if title_el:
         title = " ".join(block_lines(title_el[0].root))
     else:
         title = " ".join(sel.css("title::text").get("").split())
     category = None
+    link_chars = 0
     if source.text_css.strip():
-        matches = sel.css(source.text_css)
+        matches = select(sel, source.text_css)
         if not matches:
-            return None
+            return None, ("no_content", "the text selector matched nothing")
         lines = [line for m in matches for line in block_lines(m.root)]
+        link_chars = sum(len("".join(t.split())) for m in matches for t in m.xpath(_LINK_TEXT).getall())
         category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     else:
         lines = _trafilatura_lines(sel.get())
     if lines and lines[0] == title:  # the heading is the title field already
         lines = lines[1:]
     if not lines:
-        return None
-    item = {"kind": "doc", "title": title, "text": "\n".join(lines)}
+        return None, ("no_content", "no text besides the title")
+    text = "\n".join(lines)
+    own_chars = len("".join(text.split())) - link_chars
+    if own_chars < min_doc_chars:
+        return None, ("navigation_only",
+                      f"{max(own_chars, 0)} characters outside links, fewer than crawl.min_doc_chars {min_doc_chars}")
+    item = {"kind": "doc", "title": title, "text": text}
     if category:
         item["category"] = category.strip()
-    return item
+    return item, ("", "")
+
+
+def decode_page(body: bytes, content_type: str) -> tuple[str, str, int]:
+    """(text, encoding, bytes replaced) of an HTML body.
+
+    The encoding is the declared one (byte-order mark, Content-Type header, `<meta charset>`,
+    as scrapy reads them with w3lib); with none declared (or an unknown name), UTF-8 if the
+    body is valid UTF-8, else charset_normalizer's guess. Bytes invalid in that encoding are
+    replaced by U+FFFD and counted, so a few bad bytes do not lose the page.
+    """
+    from w3lib.encoding import html_body_declared_encoding, http_content_type_encoding, read_bom, resolve_encoding
+
+    bom, _ = read_bom(body)
+    declared = bom or http_content_type_encoding(content_type) or html_body_declared_encoding(body)
+    encoding = resolve_encoding(declared) if declared else None
+    if encoding is None:
+        try:
+            body.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            import charset_normalizer
+
+            best = charset_normalizer.from_bytes(body).best()
+            encoding = best.encoding if best is not None else "cp1252"
+    text = body.decode(encoding, errors="replace")
+    replaced = text.count("\ufffd") - body.decode(encoding, errors="ignore").count("\ufffd")
+    return text.lstrip("\ufeff"), encoding, replaced
 
 
 def _trafilatura_lines(html: str) -> list[str]:
@@ -255,7 +329,12 @@ def scrapy_settings(p: Crawl, source: CrawlSource, http_cache_dir: str | Path | 
         "DOWNLOAD_TIMEOUT": p.download_timeout,
         "DOWNLOAD_MAXSIZE": p.max_page_bytes,
         "DOWNLOAD_WARNSIZE": p.max_page_bytes,
-        "DEPTH_LIMIT": source.depth_limit,
+        # Depth is counted by the spider (see page_request); breadth-first order fetches shallow
+        # pages first, so a page is usually first reached by its shortest path.
+        "DEPTH_LIMIT": 0,
+        "DEPTH_PRIORITY": 1,
+        "SCHEDULER_DISK_QUEUE": "scrapy.squeues.PickleFifoDiskQueue",
+        "SCHEDULER_MEMORY_QUEUE": "scrapy.squeues.FifoMemoryQueue",
         # The spider keeps to max_pages exactly by not scheduling more pages (see SourceSpider);
         # this is scrapy's backstop on all responses, which also counts robots.txt, retries and
         # redirect hops, so it must not close the crawl before the last page.
@@ -343,58 +422,75 @@ def _spider_class() -> type:
 
         name = "tuneline"
 
-        def __init__(self, source: CrawlSource, sink: ItemSink, **kwargs: Any) -> None:
+        def __init__(self, source: CrawlSource, sink: ItemSink, min_doc_chars: int, **kwargs: Any) -> None:
             super().__init__(name=source.name, **kwargs)
             self.source = source
             self.sink = sink
+            self.min_doc_chars = min_doc_chars
             self.allowed_domains = list(source.allowed_domains)
             # Domains are checked in page_request: LinkExtractor's allow_domains compares the host
             # with its port ("127.0.0.1:8000"), so it never matches a loopback site on a port.
             self.links = LinkExtractor(allow=source.allow, deny=source.deny)
-            self.scheduled: set[str] = set()
+            # canonical URL -> the shallowest depth it was requested at. Only requested pages are
+            # here and count against max_pages: a link beyond depth_limit is not remembered, so
+            # the same page can still be fetched when a shallower page links to it.
+            self.depth: dict[str, int] = {}
 
-        def page_request(self, url: str) -> scrapy.Request | None:
-            """A request for `url` if it is new and the page budget allows it."""
+        def page_request(self, url: str, depth: int) -> scrapy.Request | None:
+            """A request for `url` found at `depth`, if it is new and within the depth and page budgets."""
             key = canonicalize_url(url)
-            if key in self.scheduled:
-                return None
+            limit = self.source.depth_limit
             if not in_domains(url, self.source.allowed_domains):
                 self.crawler.stats.inc_value("tuneline/links_offsite")
                 return None
-            if len(self.scheduled) >= self.source.max_pages:
+            if limit and depth > limit:
+                self.crawler.stats.inc_value("tuneline/links_too_deep")
+                return None
+            old = self.depth.get(key)
+            if old is not None:
+                if limit and old == limit and depth < old:
+                    # Fetched at the limit, so its links were cut; from here they are within it.
+                    self.depth[key] = depth
+                    self.crawler.stats.inc_value("tuneline/refetched_shallower")
+                    return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
+                                          meta={"tl_depth": depth, "links_only": True})
+                return None
+            if len(self.depth) >= self.source.max_pages:
                 self.crawler.stats.inc_value("tuneline/links_over_max_pages")
                 return None
-            self.scheduled.add(key)
-            # dont_filter: the set above already dedups pages; scrapy's dupefilter would drop the
+            self.depth[key] = depth
+            # dont_filter: the dict above already dedups pages; scrapy's dupefilter would drop the
             # second hop of a redirect loop silently instead of letting REDIRECT_MAX_TIMES report it.
-            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True)
+            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
+                                  meta={"tl_depth": depth})
 
         async def start(self):
             for url in self.source.start_urls:
-                if request := self.page_request(url):
+                if request := self.page_request(url, 0):
                     yield request
 
         def parse(self, response):
             url, name = response.url, self.source.name
+            depth = response.meta["tl_depth"]
             if not isinstance(response, HtmlResponse):
                 ctype = response.headers.get("Content-Type", b"").decode("latin-1")
                 self.sink.reject(url, name, "non_html", ctype or "no Content-Type")
                 return
-            try:
-                response.body.decode(response.encoding)
-            except (UnicodeDecodeError, LookupError) as err:
-                self.sink.reject(url, name, "encoding_error", f"{response.encoding}: {err.reason}"
-                                 if isinstance(err, UnicodeDecodeError) else str(err))
-                return
-            self.crawler.stats.inc_value("tuneline/pages")
-            items, why = page_items(response.selector, self.source)  # parsed once, shared with links
-            if why:
-                self.sink.reject(url, name, why)
-            fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            for item in items:
-                yield {"url": url, "source": name, "fetched_at": fetched_at, **item}
+            ctype = response.headers.get("Content-Type", b"").decode("latin-1")
+            text, _, replaced = decode_page(response.body, ctype)
+            response = response.replace(body=text.encode("utf-8"), encoding="utf-8")
+            if not response.meta.get("links_only"):
+                self.crawler.stats.inc_value("tuneline/pages")
+                if replaced:
+                    self.crawler.stats.inc_value("tuneline/pages_with_bad_bytes")
+                    self.crawler.stats.inc_value("tuneline/bad_bytes_replaced", replaced)
+                items, lost = page_items(response.selector, self.source, self.min_doc_chars)
+                for reason, detail in lost:
+                    self.sink.reject(url, name, reason, detail)
+                for item in items:
+                    yield {"url": url, "source": name, **item}
             for link in self.links.extract_links(response):
-                if request := self.page_request(link.url):
+                if request := self.page_request(link.url, depth + 1):
                     yield request
 
         def on_error(self, failure):
@@ -468,7 +564,7 @@ def run_crawl(p: Crawl, sources: list[CrawlSource], http_cache_dir: str | Path,
         cache = None if source.name in uncached else http_cache_dir
         crawler = Crawler(spider_cls, scrapy_settings(p, source, cache))
         crawlers.append(crawler)
-        process.crawl(crawler, source=source, sink=sink)
+        process.crawl(crawler, source=source, sink=sink, min_doc_chars=p.min_doc_chars)
     process.start()
     stats = {c.spider.name: _plain(c.stats.get_stats()) for c in crawlers}
     return CrawlResult(sorted_items(sink.items.values()), sorted_rejects(sink.rejects), stats)
@@ -518,6 +614,10 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
         "cache_misses": total("httpcache/miss"),
         "bytes": total("downloader/response_bytes"),
         "links_over_max_pages": total("tuneline/links_over_max_pages"),
+        "links_too_deep": total("tuneline/links_too_deep"),
+        "refetched_shallower": total("tuneline/refetched_shallower"),
+        "pages_with_bad_bytes": total("tuneline/pages_with_bad_bytes"),
+        "bad_bytes_replaced": total("tuneline/bad_bytes_replaced"),
         "links_offsite": total("tuneline/links_offsite"),
         "items": len(result.items),
         "items_by_kind": dict(sorted(Counter(i["kind"] for i in result.items).items())),
@@ -533,6 +633,9 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
                 "items": sum(1 for i in result.items if i["source"] == name),
                 "finish_reason": s.get("finish_reason", ""),
                 "elapsed_s": round(float(s.get("elapsed_time_seconds", 0.0)), 3),
+                # When the pages were fetched: here, not in crawl.jsonl, whose hash must not change
+                # between two runs that fetched the same pages.
+                "started_at": s.get("start_time", ""),
             }
             for name, s in sorted(result.stats.items())
         },

@@ -144,6 +144,7 @@ class Crawl(_Section):
     retry_times: int
     download_timeout: float
     max_page_bytes: int
+    min_doc_chars: int
     concurrent_requests: int
     autothrottle: bool
     autothrottle_start_delay_s: float
