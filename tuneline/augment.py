@@ -29,10 +29,10 @@ from typing import Any
 
 import jinja2
 
-from tuneline.llm import EMPTY_REPLY, Endpoint, Reply
+from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply
 from tuneline.params import Augment
 from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_ids
-from tuneline.rules import review_problems
+from tuneline.rules import describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
 Call = Callable[[list[list[dict]], int], list[Reply]]
@@ -145,12 +145,15 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 
 
 def doc_chunks(docs: list[tuple[str, str, str, str | None]], max_chars: int) -> list[Chunk]:
-    """All chunks of all documents, in a stable order (by url, then position)."""
-    return [
-        Chunk(url, title, piece, category)
+    """All chunks of all documents, round-robin over the documents (the first chunk of every
+    document, then every second chunk, ...; documents by url), so grounded calls spread over
+    all documents before any gets a second one."""
+    per_doc = [
+        [Chunk(url, title, piece, category) for piece in chunk_text(text, max_chars)]
         for url, title, text, category in sorted(docs, key=lambda d: (d[0], d[1]))
-        for piece in chunk_text(text, max_chars)
     ]
+    longest = max((len(c) for c in per_doc), default=0)
+    return [chunks[i] for i in range(longest) for chunks in per_doc if i < len(chunks)]
 
 
 # --- prompts ------------------------------------------------------------------------------
@@ -289,7 +292,7 @@ def mistakes_from(rejects: list[dict], limit: int) -> list[dict]:
             text = f"{record['instruction']} -> {record['output'] or '(empty answer)'}"
         else:
             text = reject["raw"] or "(no reply)"
-        examples.append({"text": _printable(text), "reasons": reject["reasons"]})
+        examples.append({"text": _printable(text), "reasons": [describe(r) for r in reject["reasons"]]})
     return examples
 
 
@@ -366,7 +369,7 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
             if reply.error is not None:
                 # Not cached, so the next run asks again; a deterministic model would
                 # answer the same now, so it is not re-asked here.
-                reason = "empty_reply" if reply.error == EMPTY_REPLY else "request_failed"
+                reason = {EMPTY_REPLY: "empty_reply", TRUNCATED: "truncated"}.get(reply.error, "request_failed")
                 failures[i] = (reason, reply.error, None, attempt)
                 continue
             try:
@@ -557,5 +560,10 @@ def summary(passthrough: list[dict], result: AugmentResult) -> dict:
         "rejected_records_by_reason": dict(sorted(record_reasons.items())),
         "failed_replies": sum(r["kind"] == "reply" for r in result.rejects),
         "failed_replies_by_reason": dict(sorted(reply_reasons.items())),
+        # Calls that still failed after the client's retries: the next run asks exactly these again.
+        "failed_calls": [
+            {k: r.get(k) for k in ("generator", "step", "round", "url", "detail")}
+            for r in result.rejects if r["kind"] == "reply" and r["reason"] == "request_failed"
+        ],
         "rounds": result.rounds,
     }

@@ -326,6 +326,14 @@ RULE_DESCRIPTIONS = {
     "wrong_language": "the text is not in an allowed language",
     "pii": "the text contains personal data (e-mail, phone, card or ID numbers)",
     "exact_duplicate": "the record duplicates another one",
+    # augment's own checks of generated records and replies
+    "not_grounded": "the answer is not supported by the passage",
+    "duplicate": "the question was already asked",
+    "invalid_json": "the reply was not valid JSON",
+    "invalid_schema": "the reply did not have the JSON fields asked for",
+    "empty_reply": "the reply was empty",
+    "truncated": "the reply was cut off before it was complete; keep it shorter",
+    "request_failed": "the request failed",
 }
 
 
