@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuneline import augment, llm, params
 from tuneline.llmserver import endpoint_url
-from tuneline.records import InputError, write_json, write_jsonl
+from tuneline.records import InputError, duplicate_ids, write_json, write_jsonl
 
 log = logging.getLogger("augment")
 
@@ -58,7 +58,8 @@ def main() -> None:
             if not started and llm.uncached(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt):
                 endpoint = augment.endpoint(p, server.enter_context(endpoint_url(p.base_url, p.model)))
                 started = True
-            replies = llm.complete_many_sync(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt)
+            replies = llm.complete_many_sync(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt,
+                                             truncated_is_error=True)
             log.info("%d calls (%d cached, %d failed)", len(replies), sum(r.cached for r in replies),
                      sum(r.error is not None for r in replies))  # fmt: skip
             return replies
@@ -66,7 +67,7 @@ def main() -> None:
         result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed)
 
     # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
-    failed = [r for r in result.replies if r.error is not None and r.error != llm.EMPTY_REPLY]
+    failed = [r for r in result.replies if r.error is not None and r.error not in (llm.EMPTY_REPLY, llm.TRUNCATED)]
     if result.replies and len(failed) == len(result.replies):
         raise RuntimeError(
             f"every call to {p.model} failed, first error: {failed[0].error}. Check augment.base_url, "
@@ -74,6 +75,9 @@ def main() -> None:
         )
 
     records = sorted(passthrough + result.records, key=lambda r: (r["id"], r["source"]))
+    twice = duplicate_ids(records)
+    if twice:  # every input has its own id (records.with_ids): a shared one would hide a record
+        raise RuntimeError(f"{len(twice)} record ids occur twice, first {twice[0]}: a bug, please report it")
     write_jsonl(Path(base.augmented_dir) / "records.jsonl", records)
     write_jsonl(Path(base.augmented_dir) / "rejects.jsonl", result.rejects)
     metrics = {
@@ -83,6 +87,13 @@ def main() -> None:
         "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok),
     }
     write_json(Path(base.metrics_dir) / "augment.json", metrics)
+    if result.replies and len(failed) > p.max_failed_fraction * len(result.replies):
+        # A non-zero exit makes DVC run the stage again; the cache makes that rerun send only these.
+        raise RuntimeError(
+            f"{len(failed)} of {len(result.replies)} calls failed after retries, more than "
+            f"augment.max_failed_fraction {p.max_failed_fraction}; first error: {failed[0].error}. They are listed "
+            f"under failed_calls in {base.metrics_dir}/augment.json; rerun the stage to ask only them again"
+        )
     log.info(
         "%d records (%s); generated %d, accepted %d, rejected %d records and %d replies; %d calls, %d made this run",
         metrics["records"], metrics["records_by_source"], metrics["generated"], metrics["accepted"],

@@ -1,11 +1,14 @@
 """Build the Alpaca training files from the cleaned records.
 
-Reads:  base.clean_dir/records.jsonl
+Reads:  base.clean_dir/records.jsonl (and rejects.jsonl, to say which stage emptied the data when
+        no record is left)
 Writes: base.alpaca_dir/{train,val,test}.json (Alpaca: instruction, input, output, system, history),
         dataset_info.json (so the files load in LLaMA-Factory unchanged),
         openai_{train,val,test}.jsonl (OpenAI chat fine-tuning format),
         rejects.jsonl (file, line, field and reason of every record left out),
         base.metrics_dir/build.json
+Each record's split comes from a hash of its id and base.seed (tuneline.alpaca.split_of): adding
+records never moves an earlier one to another split, so the test set of two commits agrees.
 Run:    python -m stages.build
 """
 
@@ -17,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from tuneline import params
-from tuneline.alpaca import dataset_info, record_problems, split, to_alpaca, to_openai_chat
-from tuneline.records import iter_jsonl, with_id, write_json, write_jsonl
+from tuneline.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
+from tuneline.records import InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def main() -> None:
@@ -28,18 +31,16 @@ def main() -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
 
-    kept, rejects = [], []
-    for line_no, record in enumerate(iter_jsonl(source), 1):
-        problems = record_problems(record, p.max_tokens)
-        if problems:
-            for field, reason in problems:
-                print(f"build: {source}:{line_no}: {field}: {reason}")
-            rejects.append({
-                "file": str(source), "line": line_no, "field": problems[0][0],
-                "reason": "; ".join(f"{f}: {r}" for f, r in problems), "record": record,
-            })
-            continue
-        kept.append(to_alpaca(with_id(record)))
+    kept, rejects = validate(list(iter_numbered_jsonl(source)), str(source), p.max_tokens)
+    for r in rejects:
+        print(f"build: {source}:{r['line']}: {r['reason']}")
+    if not kept:
+        clean_rejects = Path(base.clean_dir) / "rejects.jsonl"
+        raise InputError(nothing_to_build(read_jsonl(clean_rejects) if clean_rejects.exists() else [], rejects,
+                                          base.clean_dir, base.metrics_dir))
+    twice = duplicate_ids(kept)
+    if twice:
+        raise InputError(f"{source}: {len(twice)} ids occur more than once, first {twice[0]}; rerun the clean stage")
 
     train, val, test = split(kept, p.val_fraction, p.test_fraction, base.seed)
     files = {}
@@ -60,6 +61,7 @@ def main() -> None:
         "train": len(train),
         "val": len(val),
         "test": len(test),
+        "split_by_source": split_by_source({"train": train, "val": val, "test": test}),
         "with_system": sum(1 for r in kept if r["system"]),
         "with_history": sum(1 for r in kept if r["history"]),
     }

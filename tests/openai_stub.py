@@ -127,7 +127,8 @@ class ScriptedServer:
                     "created": 0,
                     "model": body.get("model", "stub"),
                     "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                        {"index": 0, "finish_reason": "length" if fault == "length" else "stop",
+                         "message": {"role": "assistant", "content": content}}
                     ],
                     "usage": {
                         "prompt_tokens": prompt_chars // 4 + 1,

@@ -203,9 +203,11 @@ def test_round_two_prompts_carry_round_one_mistakes(first_run):
     assert len(grounded) == 3 and len(expand) == 3
     assert "Avoid these mistakes" not in grounded[0] and "Avoid these mistakes" not in expand[0]
     for p in grounded[1:]:
-        assert "Avoid these mistakes" in p and "moonlit beach" in p and "not_grounded" in p
+        assert "Avoid these mistakes" in p and "moonlit beach" in p and "not supported by the passage" in p
+        assert "not_grounded" not in p  # reasons in words, not rule ids
     for p in expand[1:]:
-        assert "Avoid these mistakes" in p and "empty_output" in p and "invalid_json" in p
+        assert "Avoid these mistakes" in p and "the answer is empty" in p and "not valid JSON" in p
+        assert "empty_output" not in p and "invalid_json" not in p
 
 
 def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
@@ -302,12 +304,13 @@ def test_stage_with_transformers_serve_counts_every_reject(tmp_path, tiny_model_
     assert metrics["accepted"] == 0 and len(records) == 7
     assert metrics["failed_replies"] == len(rejects) == 2  # one expand call, one grounded call
     for reject in rejects:
-        assert reject["reason"] in ("invalid_json", "invalid_schema", "empty_reply")
-        assert (reject["raw"] is None) == (reject["reason"] == "empty_reply")
+        assert reject["reason"] in ("invalid_json", "invalid_schema", "empty_reply", "truncated")
+        assert (reject["raw"] is None) == (reject["reason"] in ("empty_reply", "truncated"))
     assert metrics["llm"]["calls"] >= 2 and metrics["llm"]["prompt_tokens"] > 0
-    # Empty replies are never cached (the next run asks again); every other reply is.
+    # Empty and truncated replies are never cached (the next run asks again); every other reply is.
     cached = len(list((project / "cache/llm").rglob("*.json")))
-    assert cached == metrics["llm"]["calls"] - metrics["failed_replies_by_reason"].get("empty_reply", 0)
+    by_reason = metrics["failed_replies_by_reason"]
+    assert cached == metrics["llm"]["calls"] - by_reason.get("empty_reply", 0) - by_reason.get("truncated", 0)
 
 
 # --- the pure parts -----------------------------------------------------------------------
@@ -361,3 +364,23 @@ def test_bad_input_lines_name_file_line_and_field(tmp_path):
     crawl.write_text("{not json\n")
     with pytest.raises(InputError, match=r"crawl.jsonl:1: not valid JSON"):
         augment.crawl_items(crawl)
+
+
+def test_grounded_chunks_go_round_robin_over_documents():
+    docs = [(f"http://site/{name}.html", name, "\n".join(f"{name} paragraph {i} " + "x" * 40 for i in range(3)), None)
+            for name in ("c", "a", "b")]
+    chunks = augment.doc_chunks(docs, 60)
+    assert [c.url.rsplit("/", 1)[1] for c in chunks[:3]] == ["a.html", "b.html", "c.html"]
+    assert len(chunks) == 9 and chunks[3].url.endswith("a.html") and "paragraph 1" in chunks[3].text
+
+
+def test_too_many_failed_calls_fail_the_stage_and_are_listed(tmp_path):
+    with ScriptedServer(respond=respond, faults=["500"]) as server:
+        project = make_project(tmp_path / "failing", server.base_url, rounds=1, max_retries=0, max_failed_fraction=0.1)
+        result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "more than augment.max_failed_fraction 0.1" in result.stderr
+    metrics = json.loads((project / "metrics/augment.json").read_text())
+    assert [c["detail"].split(":")[0] for c in metrics["failed_calls"]] == ["InternalServerError"]
+    assert len(list((project / "cache/llm").rglob("*.json"))) == metrics["llm"]["calls"] - 1  # the answered ones are kept

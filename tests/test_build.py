@@ -53,17 +53,32 @@ def test_token_count_counts_chinese_characters():
     assert count_tokens("grind 咖啡 fine") == 4
 
 
-def test_split_is_deterministic_stratified_and_order_free():
-    records = [with_id({"instruction": f"q{i}", "output": f"a{i}", "source": "seed" if i % 3 else "crawl"}) for i in range(60)]
+def test_split_is_deterministic_order_free_and_follows_the_fractions():
+    records = [with_id({"instruction": f"q{i}", "output": f"a{i}", "source": "seed" if i % 3 else "crawl"}) for i in range(600)]
     a = split(records, 0.2, 0.1, seed=7)
     b = split(list(reversed(records)), 0.2, 0.1, seed=7)
     assert a == b
     train, val, test = a
-    assert (len(train), len(val), len(test)) == (42, 12, 6)
     assert {r["id"] for r in train + val + test} == {r["id"] for r in records}
-    crawl_val = [r for r in val if r["source"] == "crawl"]
-    assert len(crawl_val) == 4  # 20 crawl records x 0.2: the split holds within each source
+    assert 0.15 < len(val) / 600 < 0.25 and 0.06 < len(test) / 600 < 0.14
+    crawl = [r for r in val if r["source"] == "crawl"]
+    assert 0.13 < len(crawl) / 200 < 0.27  # each source is split by the same fractions
     assert split(records, 0.2, 0.1, seed=8) != a
+
+
+def test_adding_20_records_moves_no_earlier_record():
+    def make(i: int) -> dict:
+        return with_id({"instruction": f"Question {i}?", "output": f"Answer {i}.", "source": ("seed", "crawl", "dataset")[i % 3]})
+
+    before = [make(i) for i in range(100)]
+    after = [make(i) for i in range(120)]
+    after = after[50:] + after[:50]  # added and reordered
+    old = dict(zip(("train", "val", "test"), split(before, 0.15, 0.15, seed=42)))
+    new = dict(zip(("train", "val", "test"), split(after, 0.15, 0.15, seed=42)))
+    assert old["test"] and old["train"] and old["val"]
+    for name in ("train", "val", "test"):
+        assert {r["id"] for r in old[name]} <= {r["id"] for r in new[name]}, name
+    assert sum(len(p) for p in new.values()) == 120
 
 
 def test_dataset_info_has_llama_factory_shape():
@@ -111,3 +126,27 @@ def test_build_stage_writes_splits_rejects_and_metrics(tmp_path):
     metrics = json.loads((tmp_path / "metrics/build.json").read_text())
     assert metrics["records_in"] == 22 and metrics["records_out"] == 20 and metrics["rejected"] == 2
     assert metrics["rejects_by_field"] == {"output": 1, "history[0]": 1}
+
+
+def run_build(tmp_path: Path, clean_records: list[dict], clean_rejects: list[dict]) -> subprocess.CompletedProcess:
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data/clean").mkdir(parents=True)
+    (tmp_path / "data/clean/records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean_records))
+    (tmp_path / "data/clean/rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean_rejects))
+    return subprocess.run([sys.executable, "-m", "stages.build"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize(
+    ("records", "rejects", "message"),
+    [
+        ([], [{"id": "a", "reason": "wrong_language"}, {"id": "b", "reason": "wrong_language"}],
+         "the clean stage rejected all 2 records it received (wrong_language 2)"),
+        ([], [], "the augment stage (or crawl before it) produced none"),
+        ([{"instruction": "no answer"}], [], "build rejected all 1 records"),
+    ],
+)
+def test_zero_records_reaching_build_names_the_stage_that_emptied_them(tmp_path, records, rejects, message):
+    proc = run_build(tmp_path, records, rejects)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ requests it receives, so limits, robots.txt and the HTTP cache are checked serve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.server
 import json
 import os
@@ -47,8 +48,9 @@ def article(title: str, *paras: str, links: tuple[str, ...] = ()) -> bytes:
 INDEX_LINKS = [
     "/faq.html", "/article.html", "/article-copy.html", "/private/secret.html", "/missing.html",
     "/slow.html", "/data", "/flaky.html", "/loop-a", "/big.html", "/big-stream.html", "/badenc.html",
-    "/deep1.html", "OFFSITE",
+    "/deep1.html", "/qa-gap.html", "/links.html", "/gbk.html", "OFFSITE",
 ]
+GBK_TEXT = "手冲咖啡的水温应该是多少？一般在九十到九十六度之间，刚离火的开水最合适。"
 
 STATIC = {
     "/robots.txt": (200, "text/plain", b"User-agent: *\nDisallow: /private/\n"),
@@ -67,6 +69,22 @@ STATIC = {
     "/big.html": (200, "text/html", article("Big", "x" * 50_000)),
     "/badenc.html": (200, "text/html; charset=utf-8",
                      b"<html><body><article><h1>Bad</h1><p>caf\xe9 \xff\xfe</p></article></body></html>"),
+    # Q&A pairs where the second question lost its answer: the other two must still pair up
+    "/qa-gap.html": (200, "text/html", page("Gaps", """
+        <div class="qa"><h2 class="question">What is crema?</h2><div class="answer">The foam on an espresso.</div></div>
+        <div class="qa"><h2 class="question">Is this answered?</h2></div>
+        <div class="qa"><h2 class="question">What is a burr?</h2><div class="answer">A grinding ring.</div></div>
+    """)),
+    # an index of links inside the article: navigation, not a document
+    "/links.html": (200, "text/html", page("Links", '<article><h1>All articles</h1><ul>'
+                    + "".join(f'<li><a href="/article.html">Article number {i} about coffee</a></li>' for i in range(8))
+                    + "</ul></article>")),
+    # no charset anywhere: the encoding must be detected, not assumed
+    "/gbk.html": (200, "text/html", f"<html><body><article><h1>水温</h1><p>{GBK_TEXT}</p></article></body></html>".encode("gbk")),
+    # depth_limit 1: c is first found too deep (s1 -> a -> c), then at depth 1 from the slow s2
+    "/depth/s1.html": (200, "text/html", article("Start one", "The first start page.", links=("/depth/a.html",))),
+    "/depth/a.html": (200, "text/html", article("Page a", "Linked from start one.", links=("/depth/c.html",))),
+    "/depth/c.html": (200, "text/html", article("Page c", "Reachable at depth one.")),
     "/deep1.html": (200, "text/html", article("Deep one", "Level one.", links=("/deep2.html",))),
     "/deep2.html": (200, "text/html", article("Deep two", "Level two.", links=("/deep3.html",))),
     "/deep3.html": (200, "text/html", article("Deep three", "Level three.")),
@@ -106,6 +124,9 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
             if hits == 1:
                 return self.send(503, "text/html", b"busy")
             return self.send(200, "text/html", article("Flaky", "Second time lucky."))
+        if path == "/depth/s2.html":
+            time.sleep(0.3)  # under the tests' download_timeout of 0.5 s
+            return self.send(200, "text/html", article("Start two", "The slow start page.", links=("/depth/c.html",)))
         if path == "/slow.html":
             time.sleep(1.5)
             return self.send(200, "text/html", article("Slow", "Too late."))
@@ -160,7 +181,7 @@ def crawl_params(sources: list[dict], datasets: list[dict] | None = None, **over
     data = repo_params()
     p = data["crawl"]
     p.update(serve_site=False, sources=sources, datasets=datasets or [], retry_times=1,
-             download_timeout=0.5, max_page_bytes=20_000, autothrottle_start_delay_s=0.0, **overrides)
+             download_timeout=0.5, max_page_bytes=20_000, autothrottle_start_delay_s=0.0, min_doc_chars=5, **overrides)
     return {"base": data["base"], "crawl": p}
 
 
@@ -191,6 +212,8 @@ def main_crawl(site, tmp_path_factory):
         source("main", [f"{base_url}/index.html"], depth_limit=2),
         source("many", [f"{base_url}/many/0.html"], max_pages=5, allow=["/many/"]),
         source("clean", [f"{base_url}/clean/a.html"], allow=["/clean/"]),
+        source("depth", [f"{base_url}/depth/s1.html", f"{base_url}/depth/s2.html"], allow=["/depth/"],
+               depth_limit=1, max_pages=4),
     ]
     counts_before = Counter(handler.counts)
     proc = run_stage(work, crawl_params(sources, datasets))
@@ -214,7 +237,7 @@ def reasons(rejects: list[dict], base_url: str) -> dict[str, str]:
 def test_qa_and_doc_extraction(main_crawl):
     work, base_url, _, _ = main_crawl
     items, _, _ = outputs(work)
-    qa = [i for i in items if i["source"] == "main" and i["kind"] == "qa"]
+    qa = [i for i in items if i["url"] == f"{base_url}/faq.html"]
     assert [(i["question"], i["answer"], i.get("category")) for i in qa] == [
         ("Do you ship abroad?", "Yes, within the EU.", None),
         ("Where to store beans?", "In an airtight tin, away from light.", "beans"),
@@ -224,7 +247,8 @@ def test_qa_and_doc_extraction(main_crawl):
     assert doc["kind"] == "doc" and doc["title"] == "Descaling" and doc["category"] == "brewing"
     assert doc["text"] == "Limescale slows heating.\nUse citric acid."  # no nav, footer or heading
     for item in items:
-        assert set(item) >= {"url", "source", "fetched_at", "kind", "content_hash"}
+        assert set(item) >= {"url", "source", "kind", "content_hash"}
+        assert "fetched_at" not in item  # run times go to metrics: two runs of the same pages write the same bytes
 
 
 def test_robots_offsite_and_depth(main_crawl):
@@ -255,10 +279,57 @@ def test_retry_then_success_and_rejects(main_crawl):
     assert got["/data"] == "non_html"
     assert got["/loop-a"] == "redirect_loop"
     assert got["/big.html"] == "too_large" and got["/big-stream.html"] == "too_large"
-    assert got["/badenc.html"] == "encoding_error"
+    assert "/badenc.html" not in got
     assert got["/index.html"] == "no_content"
     assert metrics["rejects_by_reason"]["timeout"] == 1 and metrics["retries"] >= 2
     assert metrics["rejects"] == len(rejects)
+
+
+def test_a_page_first_seen_too_deep_is_fetched_from_a_shallower_path(main_crawl):
+    work, base_url, counts, _ = main_crawl
+    items, _, metrics = outputs(work)
+    assert counts["/depth/c.html"] == 1
+    assert any(i["url"] == f"{base_url}/depth/c.html" for i in items)
+    # only fetched pages count against max_pages 4: s1, s2, a, c
+    assert metrics["sources"]["depth"]["pages"] == 4 and metrics["links_too_deep"] >= 1
+
+
+def test_questions_pair_with_their_own_answers(main_crawl):
+    work, base_url, _, _ = main_crawl
+    items, rejects, metrics = outputs(work)
+    gap = [(i["question"], i["answer"]) for i in items if i["url"] == f"{base_url}/qa-gap.html"]
+    assert gap == [("What is a burr?", "A grinding ring."), ("What is crema?", "The foam on an espresso.")]
+    lost = [r for r in rejects if r["url"] == f"{base_url}/qa-gap.html"]
+    assert [(r["reason"], "Is this answered?" in r["detail"]) for r in lost] == [("qa_mismatch", True)]
+
+
+def test_bad_bytes_are_replaced_and_counted_and_a_missing_charset_is_detected(main_crawl):
+    work, base_url, _, _ = main_crawl
+    items, _, metrics = outputs(work)
+    bad = next(i for i in items if i["url"] == f"{base_url}/badenc.html")
+    assert bad["text"] == "caf\ufffd \ufffd\ufffd"
+    assert metrics["pages_with_bad_bytes"] == 1 and metrics["bad_bytes_replaced"] == 3
+    gbk = next(i for i in items if i["url"] == f"{base_url}/gbk.html")
+    assert gbk["title"] == "水温" and gbk["text"] == GBK_TEXT
+
+
+def test_navigation_only_pages_are_not_documents(main_crawl):
+    work, base_url, _, _ = main_crawl
+    items, rejects, metrics = outputs(work)
+    assert not any(i["url"] == f"{base_url}/links.html" for i in items)
+    assert reasons(rejects, base_url)["/links.html"] == "navigation_only"
+    assert metrics["rejects_by_reason"]["navigation_only"] >= 1
+
+
+def test_xpath_selectors_work_like_css():
+    from dataclasses import replace
+    src = replace(crawl_section().sources[0], question_css="xpath://dt", answer_css="xpath://dd",
+                  title_css="xpath://h1")
+    html = "<html><body><h1>FAQ</h1><dl><dt>What is crema?</dt><dd>Foam.</dd><dt>Burr?</dt><dd>A ring.</dd></dl></body></html>"
+    items, lost = crawl.page_items(html, src, 0)
+    assert [(i["question"], i["answer"]) for i in items] == [("What is crema?", "Foam."), ("Burr?", "A ring.")] and lost == []
+    with pytest.raises(ParamsError, match=r"question_css 'xpath://dt\[' is not an XPath expression"):
+        crawl.check_params(crawl_section(question_css="xpath://dt["))
 
 
 def test_duplicates_kept_once(main_crawl):
@@ -359,14 +430,20 @@ def test_malformed_source_fails_naming_key():
 def test_page_items_qa_mismatch_and_kinds():
     src = crawl_section().sources[0]
     html = '<div class="qa"><p class="question">Q1</p><p class="answer">A1</p><p class="question">Q2</p></div>'
-    assert crawl.page_items(html, src) == ([], "qa_mismatch")
-    assert crawl.page_items("<html><body><p>menu</p></body></html>", src) == ([], "no_content")
+    assert crawl.page_items(html, src, 0) == ([{"kind": "qa", "question": "Q1", "answer": "A1"}],
+                                              [("qa_mismatch", "question 'Q2' has no answer after it")])
+    html = '<div class="qa"><p class="answer">A0</p><p class="question">Q1</p><p class="answer">A1</p></div>'
+    assert crawl.page_items(html, src, 0) == ([{"kind": "qa", "question": "Q1", "answer": "A1"}],
+                                              [("qa_mismatch", "answer 'A0' follows no question")])
+    items, lost = crawl.page_items("<html><body><p>menu</p></body></html>", src, 0)
+    assert items == [] and [r for r, _ in lost] == ["no_content"]
     from dataclasses import replace
-    items, why = crawl.page_items("<h1>T</h1><article><p>a</p><nav>skip</nav><p>b <i>c</i></p></article>",
-                                  replace(src, kind="doc"))
-    assert why is None and items == [{"kind": "doc", "title": "T", "text": "a\nb c"}]
+    items, lost = crawl.page_items("<h1>T</h1><article><p>a</p><nav>skip</nav><p>b <i>c</i></p></article>",
+                                   replace(src, kind="doc"), 0)
+    assert lost == [] and items == [{"kind": "doc", "title": "T", "text": "a\nb c"}]
     html = '<div class="qa"><p class="question">Q1</p><p class="answer">A1</p><p class="question"> </p><p class="answer">A2</p></div>'
-    assert crawl.page_items(html, src) == ([{"kind": "qa", "question": "Q1", "answer": "A1"}], "qa_empty")
+    items, lost = crawl.page_items(html, src, 0)
+    assert items == [{"kind": "qa", "question": "Q1", "answer": "A1"}] and [r for r, _ in lost] == ["qa_empty"]
 
 
 def test_trafilatura_strips_boilerplate_without_text_selector():
@@ -375,8 +452,8 @@ def test_trafilatura_strips_boilerplate_without_text_selector():
     body = " ".join(["Grind coffee just before brewing so the aroma stays in the cup."] * 4)
     html = (f"<html><head><title>Grinding</title></head><body><nav><a href='/'>Home</a> <a href='/faq'>FAQ</a></nav>"
             f"<div class='content'><h1>Grinding</h1><p>{body}</p></div><footer>Copyright Bean and Burr</footer></body></html>")
-    items, why = crawl.page_items(html, src)
-    assert why is None and items[0]["title"] == "Grinding"
+    items, lost = crawl.page_items(html, src, 20)
+    assert lost == [] and items[0]["title"] == "Grinding"
     assert "Grind coffee just before brewing" in items[0]["text"]
     assert "Copyright" not in items[0]["text"] and "FAQ" not in items[0]["text"]
 
@@ -393,3 +470,87 @@ def test_missing_dataset_column_names_dataset_and_column(tmp_path):
     records, rejects = crawl.load_datasets([ok])
     assert [(r["instruction"], r["output"], r["source"]) for r in records] == [
         ("What is a burr?", "A grinding ring.", "dataset:faq")] and rejects == []
+
+
+# ---------------------------------------------------------------- user-provided dataset files
+
+
+def jsonl_dataset(tmp_path: Path, text: str | bytes, fmt: str = "jsonl", **columns) -> CrawlDataset:
+    path = tmp_path / f"rows.{fmt}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return CrawlDataset(name="rows", path=str(path), format=fmt, split="train",
+                        columns=columns or {"instruction": "instruction", "output": "output"})
+
+
+def test_a_bad_jsonl_line_is_a_reject_with_file_line_and_the_good_lines_flow_on(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "What is crema?", "output": "Foam."}\n'
+                                '{"instruction": "Trailing comma?", "output": "Yes.",}\n'
+                                '\n'
+                                '["not", "an", "object"]\n'
+                                '{"instruction": "What is a burr?", "output": "A grinding ring."}\n')
+    records, rejects = crawl.load_datasets([d])
+    assert [r["instruction"] for r in records] == ["What is a burr?", "What is crema?"]
+    assert [(r["url"], r["reason"]) for r in rejects] == [(f"{d.path}:2", "bad_json"), (f"{d.path}:4", "bad_json")]
+    assert "Expecting property name" in rejects[0]["detail"] and "got list" in rejects[1]["detail"]
+
+
+def test_a_broken_json_file_fails_naming_file_and_line(tmp_path):
+    d = jsonl_dataset(tmp_path, '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n', fmt="json")
+    with pytest.raises(InputError, match=rf"{d.path}:3: not valid JSON"):
+        crawl.load_datasets([d])
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_an_empty_file_says_it_is_empty(tmp_path, fmt):
+    d = jsonl_dataset(tmp_path, "\n  \n", fmt=fmt)
+    with pytest.raises(InputError, match=r"rows\.\w+ is empty"):
+        crawl.load_datasets([d])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    d = jsonl_dataset(tmp_path, "\ufeffquestion,answer\nWhat is crema?,Foam.\n".encode("utf-8"), fmt="csv",
+                      instruction="question", output="answer")
+    records, rejects = crawl.load_datasets([d])
+    assert [(r["instruction"], r["output"]) for r in records] == [("What is crema?", "Foam.")] and rejects == []
+    d = jsonl_dataset(tmp_path, '\ufeff{"instruction": "What is crema?", "output": "Foam."}\n'.encode("utf-8"))
+    assert len(crawl.load_datasets([d])[0]) == 1
+
+
+def test_wrong_field_types_are_rejected_never_turned_into_strings(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "Be nice?", "output": "Yes.", "system": ["be nice"]}\n'
+                                '{"instruction": "How many?", "output": 42}\n'
+                                '{"instruction": "Fine?", "output": "Fine.", "system": null}\n',
+                      instruction="instruction", output="output", system="system")
+    records, rejects = crawl.load_datasets([d])
+    assert [r["instruction"] for r in records] == ["Fine?"] and records[0]["system"] == ""
+    assert [(r["url"], r["reason"], r["detail"]) for r in rejects] == [
+        (f"{d.path}:1", "wrong_type", "system: expected a string, got list"),
+        (f"{d.path}:2", "wrong_type", "output: expected a string, got int"),
+    ]
+
+
+def test_a_missing_column_in_another_case_is_suggested(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"Instruction": "What is crema?", "output": "Foam."}\n')
+    with pytest.raises(InputError, match=r"column 'instruction' \(mapped to instruction\) is not in .*did you mean 'Instruction'"):
+        crawl.load_datasets([d])
+
+
+def test_hub_datasets_take_config_and_revision(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, *, split, revision=None):
+        calls.append((path, name, split, revision))
+        return datasets.Dataset.from_list([{"q": "What is crema?", "a": "Foam."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    d = CrawlDataset(name="hub", path="org/coffee", format="hub", split="train", config="en",
+                     revision="0123abc", columns={"instruction": "q", "output": "a"})
+    records, _ = crawl.load_datasets([d])
+    assert calls == [("org/coffee", "en", "train", "0123abc")] and len(records) == 1
+    section = crawl_section()
+    local = CrawlDataset(name="f", path="f.csv", format="csv", split="train", revision="main",
+                         columns={"instruction": "q", "output": "a"})
+    with pytest.raises(ParamsError, match=r"revision is for format: hub only"):
+        crawl.check_params(dataclasses.replace(section, datasets=[local]))

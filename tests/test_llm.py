@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.openai_stub import ScriptedServer
-from tuneline.llm import EMPTY_REPLY, Endpoint, cache_key, complete_many_sync, ledger, model_fingerprint, request_seed
+from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, cache_key, complete_many_sync, ledger, model_fingerprint, request_seed
 from tuneline.llmserver import endpoint_url, local_server
 
 KEY_ENV = "TUNELINE_TEST_LLM_KEY"
@@ -178,8 +178,37 @@ def test_transformers_serve_answers_and_is_stopped(tmp_path, monkeypatch, tiny_m
         ep = endpoint(url, model=model, max_tokens=8, concurrency=2)
         replies = complete_many_sync(ep, conversations(3), tmp_path / "cache", seed=1, json_mode=True)
     # A random-weight model may stop at once: that is an empty reply, reported and not cached.
+    # Cut off at max_tokens, its text is the reply (truncated_is_error is off: generation metrics).
     assert all((r.error is None and r.text) or r.error == EMPTY_REPLY for r in replies), [r.error for r in replies]
     assert all(r.prompt_tokens > 0 and r.completion_tokens <= 8 for r in replies)  # usage is reported
     assert len(cache_files(tmp_path / "cache")) == sum(r.error is None for r in replies)
     with socket.socket() as s:  # the server is gone once the block ends
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_truncated_reply_is_an_error_and_never_cached(tmp_path):
+    with ScriptedServer(faults=["length"]) as server:
+        (reply,) = complete_many_sync(endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True)
+        assert reply.error == TRUNCATED and reply.text is None
+        assert list(tmp_path.rglob("*.json")) == []
+        (again,) = complete_many_sync(endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True)
+        assert again.error is None and server.requests == 2
+
+
+def test_null_temperature_and_max_tokens_are_not_sent(tmp_path):
+    with ScriptedServer() as server:
+        complete_many_sync(endpoint(server.base_url, temperature=None, max_tokens=None), conversations(1), tmp_path, seed=1)
+        body = server.bodies()[0]
+        assert "temperature" not in body and "max_tokens" not in body and body["seed"] is not None
+
+
+def test_cache_key_includes_the_normalised_endpoint():
+    messages = [{"role": "user", "content": "hi"}]
+
+    def key(url: str) -> str:
+        return cache_key(endpoint(url), messages, 1, False)
+
+    assert key("https://api.example.com/v1") == key("HTTPS://API.example.com:443/v1/")
+    assert key("https://api.example.com/v1") != key("https://other.example.com/v1")
+    assert key("https://api.example.com/v1") != key("http://127.0.0.1:8000/v1")
+    assert key("http://127.0.0.1:8000/v1") == key("http://localhost:9000/v1") == key("local")

@@ -77,8 +77,10 @@ def test_too_short_in_characters_and_tokens():
     short = length_problem(rec(output="a"), LIMITS)
     assert (short.rule, short.score) == ("too_short", 1)
     assert "output has 1 characters" in short.detail
-    # A two-character Chinese answer is long enough.
+    # A two-character Chinese answer is long enough, and so is a one-character one: 是 is a word.
     assert length_problem({**ZH, "output": "可以"}, LIMITS) is None
+    assert length_problem({**ZH, "output": "是"}, LIMITS) is None
+    assert length_problem({**ZH, "output": "对"}, LIMITS) is None
     by_tokens = length_problem(rec(output="ok"), RuleLimits(**{**LIMITS.__dict__, "min_tokens": 2}))
     assert (by_tokens.rule, by_tokens.score) == ("too_short", 1)
 
@@ -157,7 +159,17 @@ def test_html_remnants():
 
 def test_html_in_code_or_in_answers_about_markup_is_fine():
     assert html_remnants(rec(output="Wrap it in `<b>` and the `&amp;` entity.")) is None
-    assert html_remnants({"instruction": "How do I make bold text in HTML?", "output": "Use <b>bold</b>."}) is None
+    assert html_remnants({"instruction": "What does the b tag do in HTML?", "output": "Use <b>bold</b>."}) is None
+
+
+def test_the_words_tag_or_html_do_not_switch_the_html_check_off():
+    scraped = html_remnants({"instruction": "What tags does this coffee have?", "output": "<div class='tags'>Fruity</div>"})
+    assert scraped is not None and scraped.rule == "html_remnants"
+    entity = html_remnants({"instruction": "Is this HTML page about espresso?", "output": "Yes,&nbsp;it is."})
+    assert entity is not None and "&nbsp;" in entity.detail
+    # only the tags the question names are allowed in the answer
+    other = html_remnants({"instruction": "What does the br tag do?", "output": "It breaks a line: <br> <span>x</span>"})
+    assert other is not None and "<span>" in other.detail
 
 
 @pytest.mark.parametrize(

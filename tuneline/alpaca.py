@@ -6,10 +6,10 @@ An Alpaca record has `instruction` (required), `input` (may be ""), `output` (re
 
 from __future__ import annotations
 
-import random
 import re
-from collections import defaultdict
+from collections import Counter
 
+from tuneline.records import content_hash, with_id
 from tuneline.templates import to_messages
 
 # Characters of scripts written without spaces count one token each; other text counts words.
@@ -75,25 +75,70 @@ def to_alpaca(record: dict) -> dict:
     return out
 
 
-def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
-    """A deterministic train/val/test split, stratified by `source`.
+def split_of(record: dict, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """train, val or test for one record, from a hash of its identity (`id`, `source`) and `seed`.
 
-    Records are ordered by id within each source and shuffled with `seed`, so the split depends
-    only on the records and the seed, never on input order.
+    The hash maps the record to a number u in [0, 1): u < test_fraction is test, the next
+    val_fraction is val, the rest train. It depends on nothing but the record and the seed, so
+    adding, removing or reordering other records never moves a record to another split.
     """
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        by_source[str(record.get("source", ""))].append(record)
-    train, val, test = [], [], []
-    for source in sorted(by_source):
-        group = sorted(by_source[source], key=lambda r: r["id"])
-        random.Random(f"{seed}:{source}").shuffle(group)
-        n_test = round(len(group) * test_fraction)
-        n_val = round(len(group) * val_fraction)
-        test += group[:n_test]
-        val += group[n_test : n_test + n_val]
-        train += group[n_test + n_val :]
-    return (sorted(train, key=lambda r: r["id"]), sorted(val, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"]))
+    u = int(content_hash(seed, str(record.get("source", "")), record["id"]), 16) / 16**16
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
+    """A train/val/test split that never moves: each record's split is `split_of` its identity.
+
+    Records are stratified by `source` in expectation: every source's records are assigned by
+    the same fractions, independently, and build.json reports the counts per source and split.
+    Each part is sorted by id, so the files depend only on the records and the seed.
+    """
+    parts: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for record in sorted(records, key=lambda r: r["id"]):
+        parts[split_of(record, val_fraction, test_fraction, seed)].append(record)
+    return parts["train"], parts["val"], parts["test"]
+
+
+def split_by_source(parts: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """{source: {split: count}}, for metrics: how each source is spread over the splits."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, part in parts.items():
+        for record in part:
+            row = counts.setdefault(str(record.get("source", "")), {"train": 0, "val": 0, "test": 0})
+            row[name] += 1
+    return dict(sorted(counts.items()))
+
+
+def validate(records: list[tuple[int, dict]], source: str, max_tokens: int) -> tuple[list[dict], list[dict]]:
+    """(valid records in full Alpaca form, rejects naming file, line, field and reason)."""
+    kept, rejects = [], []
+    for line_no, record in records:
+        problems = record_problems(record, max_tokens)
+        if problems:
+            rejects.append({
+                "file": source, "line": line_no, "field": problems[0][0], "id": record.get("id"),
+                "reason": "; ".join(f"{f}: {r}" for f, r in problems), "record": record,
+            })
+            continue
+        kept.append(to_alpaca(with_id(record)))
+    return kept, rejects
+
+
+def nothing_to_build(clean_rejects: list[dict], build_rejects: list[dict], clean_dir: str, metrics_dir: str) -> str:
+    """The error when no record reaches the split files, naming the stage that emptied them."""
+    if build_rejects:
+        return (f"build rejected all {len(build_rejects)} records from {clean_dir}/records.jsonl "
+                f"(first: line {build_rejects[0]['line']}, {build_rejects[0]['reason']}); see the rejects file")
+    if clean_rejects:
+        reasons = Counter(r["reason"] for r in clean_rejects)
+        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        return (f"no records reach build: the clean stage rejected all {len(clean_rejects)} records it received "
+                f"({top}); see {clean_dir}/rejects.jsonl and {metrics_dir}/clean.json, and loosen the clean: params")
+    return (f"no records reach build: {clean_dir}/records.jsonl is empty and the clean stage rejected nothing, "
+            "so it received no records: the augment stage (or crawl before it) produced none; see "
+            f"{metrics_dir}/augment.json and {metrics_dir}/crawl.json")
 
 
 def dataset_info(name: str, splits: dict[str, str]) -> dict:

@@ -29,10 +29,10 @@ from typing import Any
 
 import jinja2
 
-from tuneline.llm import EMPTY_REPLY, Endpoint, Reply
+from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply
 from tuneline.params import Augment
-from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_id
-from tuneline.rules import review_problems
+from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_ids
+from tuneline.rules import describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
 Call = Callable[[list[list[dict]], int], list[Reply]]
@@ -64,10 +64,11 @@ def _text_field(item: dict, names: tuple[str, ...], where: str) -> str:
 
 
 def alpaca_record(item: dict, source: str, **extra: Any) -> dict:
-    """A record with all Alpaca fields (defaults filled in), provenance, and its id.
+    """A record with all Alpaca fields (defaults filled in) and its provenance, without an id.
 
     `source` is one of seed | crawl | dataset | generated; `origin` (in `extra`) keeps the
-    upstream stage's own source name, e.g. the crawl source or "dataset:faq_csv"."""
+    upstream stage's own source name, e.g. the crawl source or "dataset:faq_csv". Ids are
+    given per input by `records.with_ids`, so identical copies still get one id each."""
     record = {
         "instruction": item["instruction"],
         "input": item.get("input") or "",
@@ -80,7 +81,7 @@ def alpaca_record(item: dict, source: str, **extra: Any) -> dict:
         if item.get(key):
             record[key] = item[key]
     record.update({k: v for k, v in extra.items() if v is not None})
-    return with_id(record)
+    return record
 
 
 def seed_records(path: str | Path) -> list[dict]:
@@ -91,7 +92,7 @@ def seed_records(path: str | Path) -> list[dict]:
         _text_field(item, ("instruction",), where)
         _text_field(item, ("output",), where)
         records.append(alpaca_record(item, "seed"))
-    return records
+    return with_ids(records)
 
 
 def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str, str | None]]]:
@@ -111,7 +112,7 @@ def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str,
             docs.append((url, item.get("title") or "", text, item.get("category")))
         else:
             raise InputError(f"{where}: field 'kind' is {kind!r}; expected 'qa' or 'doc' (rerun the crawl stage)")
-    return records, docs
+    return with_ids(records), docs
 
 
 def dataset_records(path: str | Path) -> list[dict]:
@@ -122,7 +123,7 @@ def dataset_records(path: str | Path) -> list[dict]:
         _text_field(item, ("instruction",), where)
         _text_field(item, ("output",), where)
         records.append(alpaca_record(item, "dataset", origin=item.get("source")))
-    return records
+    return with_ids(records)
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
@@ -144,12 +145,15 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 
 
 def doc_chunks(docs: list[tuple[str, str, str, str | None]], max_chars: int) -> list[Chunk]:
-    """All chunks of all documents, in a stable order (by url, then position)."""
-    return [
-        Chunk(url, title, piece, category)
+    """All chunks of all documents, round-robin over the documents (the first chunk of every
+    document, then every second chunk, ...; documents by url), so grounded calls spread over
+    all documents before any gets a second one."""
+    per_doc = [
+        [Chunk(url, title, piece, category) for piece in chunk_text(text, max_chars)]
         for url, title, text, category in sorted(docs, key=lambda d: (d[0], d[1]))
-        for piece in chunk_text(text, max_chars)
     ]
+    longest = max((len(c) for c in per_doc), default=0)
+    return [chunks[i] for i in range(longest) for chunks in per_doc if i < len(chunks)]
 
 
 # --- prompts ------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ def mistakes_from(rejects: list[dict], limit: int) -> list[dict]:
             text = f"{record['instruction']} -> {record['output'] or '(empty answer)'}"
         else:
             text = reject["raw"] or "(no reply)"
-        examples.append({"text": _printable(text), "reasons": reject["reasons"]})
+        examples.append({"text": _printable(text), "reasons": [describe(r) for r in reject["reasons"]]})
     return examples
 
 
@@ -365,7 +369,7 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
             if reply.error is not None:
                 # Not cached, so the next run asks again; a deterministic model would
                 # answer the same now, so it is not re-asked here.
-                reason = "empty_reply" if reply.error == EMPTY_REPLY else "request_failed"
+                reason = {EMPTY_REPLY: "empty_reply", TRUNCATED: "truncated"}.get(reply.error, "request_failed")
                 failures[i] = (reason, reply.error, None, attempt)
                 continue
             try:
@@ -433,7 +437,7 @@ def grounded_tasks(chunks: list[Chunk], sizes: list[int], first: int, templates:
 def generated_record(instruction: str, output: str, generator: str, round_no: int, category: str | None,
                      url: str | None) -> dict:  # fmt: skip
     item = {"instruction": instruction, "output": output, "category": category or None}
-    return alpaca_record(item, "generated", generator=generator, round=round_no, url=url)
+    return alpaca_record(item, "generated", generator=generator, round=round_no, url=url, origin=generator)
 
 
 def run_rounds(
@@ -454,6 +458,7 @@ def run_rounds(
     mistakes: dict[str, list[dict]] = {g: [] for g in generators}
     calls_so_far: Counter = Counter()
     records, rejects, replies, rounds = [], [], [], []
+    every_candidate: list[dict] = []
 
     for round_no in range(1, p.rounds + 1):
         log = RoundLog(round_no)
@@ -502,6 +507,7 @@ def run_rounds(
 
         record_rejects = []
         for record, passage, known in candidates:
+            every_candidate.append(record)
             log.generated += 1
             problems = known or record_problems(record, passage, p.min_grounding, seen)
             if problems:
@@ -518,6 +524,10 @@ def run_rounds(
             mistakes[generator] = mistakes_from(own, p.feedback_examples)
         rejects += round_rejects
         rounds.append(log.as_dict())
+    # Ids are given last, over the whole run, so identical records of two rounds get one id each;
+    # the dicts are updated in place because `records` and `rejects` share them.
+    for record, identified in zip(every_candidate, with_ids(every_candidate)):
+        record.update(identified)
     return AugmentResult(records, rejects, rounds, replies)
 
 
@@ -550,5 +560,10 @@ def summary(passthrough: list[dict], result: AugmentResult) -> dict:
         "rejected_records_by_reason": dict(sorted(record_reasons.items())),
         "failed_replies": sum(r["kind"] == "reply" for r in result.rejects),
         "failed_replies_by_reason": dict(sorted(reply_reasons.items())),
+        # Calls that still failed after the client's retries: the next run asks exactly these again.
+        "failed_calls": [
+            {k: r.get(k) for k in ("generator", "step", "round", "url", "detail")}
+            for r in result.rejects if r["kind"] == "reply" and r["reason"] == "request_failed"
+        ],
         "rounds": result.rounds,
     }

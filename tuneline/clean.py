@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from tuneline.params import Clean, ParamsError
-from tuneline.records import content_hash, with_id
+from tuneline.records import InputError, content_hash, duplicate_ids, with_id
 from tuneline.rules import (
     Problem,
     RuleLimits,
@@ -489,6 +489,10 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
     """
     check_params(p)
     records = [with_id(r) for r in records]
+    twice = duplicate_ids(records)
+    if twice:
+        # Every input has its own id (records.with_ids); a shared id would hide a record.
+        raise InputError(f"{len(twice)} ids occur more than once in the input, first {twice[0]}; rerun augment")
     passed, rejects, pii_counts = apply_rules(records, p)
     passed, duplicate_rejects = drop_exact_duplicates(passed)
     rejects += duplicate_rejects

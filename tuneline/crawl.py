@@ -14,8 +14,12 @@ reactor runs once per process, so call `run_crawl` once per process (the stage d
 from __future__ import annotations
 
 import contextlib
+import csv
+import difflib
 import functools
 import http.server
+import io
+import json
 import re
 import threading
 from collections import Counter
@@ -29,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 from parsel import Selector
 
 from tuneline.params import Crawl, CrawlDataset, CrawlSource, ParamsError
-from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_id
+from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_ids
 
 # Fields a dataset's `columns:` may map; instruction and output are required.
 DATASET_FIELDS = (*ALPACA_FIELDS, "category")
@@ -59,7 +63,7 @@ def check_params(p: Crawl) -> None:
         if ds_names.count(d.name) > 1:
             raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
     minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
-               "max_page_bytes": 1, "concurrent_requests": 1, "download_timeout": 1e-3}
+               "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
     for key, low in minimum.items():
         if getattr(p, key) < low:
             raise ParamsError(f"crawl.{key} is {getattr(p, key)}; it must be at least {low}")
@@ -94,7 +98,7 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
     needed = {"qa": ("question_css", "answer_css"), "doc": ("title_css",), "auto": ("question_css", "answer_css")}
     for key in needed[s.kind]:
         if not getattr(s, key).strip():
-            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector")
+            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector (or xpath:...)")
     for key in ("question_css", "answer_css", "title_css", "text_css"):
         css = getattr(s, key)
         if css.strip():
@@ -102,13 +106,20 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
 
 
 def _check_css(css: str, key: str) -> None:
+    kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
     try:
-        Selector(text="<html><body></body></html>").css(css)
-    except Exception as err:  # cssselect raises several types (SelectorSyntaxError, ExpressionError)
-        raise ParamsError(f"{key} {css!r} is not a valid CSS selector ({err}); fix the selector") from None
+        select(Selector(text="<html><body></body></html>"), css)
+    except Exception as err:  # cssselect and lxml raise several types (SelectorSyntaxError, XPathError)
+        raise ParamsError(f"{key} {css!r} is not {kind} ({err}); fix the selector") from None
 
 
 def _check_dataset(d: CrawlDataset, where: str) -> None:
+    if d.format != "hub":
+        for key in ("config", "revision"):
+            if getattr(d, key) is not None:
+                raise ParamsError(f"{where}.{key} is for format: hub only; remove it for a {d.format} file")
+    if d.format in ("json", "jsonl", "csv") and d.split != "train":
+        raise ParamsError(f"{where}.split is {d.split!r}: a {d.format} file has one split, 'train'")
     unknown = sorted(set(d.columns) - set(DATASET_FIELDS))
     if unknown:
         raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
@@ -132,26 +143,61 @@ def resolve_sources(sources: list[CrawlSource], site_url: str | None) -> list[Cr
 # ---------------------------------------------------------------- extraction (pure)
 
 
-def page_items(page: str | Selector, source: CrawlSource) -> tuple[list[dict], str | None]:
-    """The items one HTML page (text, or its parsed Selector) yields, and why some gave none.
+def select(sel: Selector, selector: str) -> Any:
+    """The elements `selector` matches: XPath when it starts with `xpath:`, CSS otherwise."""
+    if selector.startswith("xpath:"):
+        return sel.xpath(selector.removeprefix("xpath:"))
+    return sel.css(selector)
 
-    Reasons: `no_content` (the selectors match nothing), `qa_mismatch` (questions and answers
-    do not pair up: no items), `qa_empty` (some pairs had an empty side: the others are kept).
+
+def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The items one HTML page (text, or its parsed Selector) yields, and (reason, detail) for what it lost.
+
+    Q&A: each question is paired with the first answer that follows it in the page (before the
+    next question), so one missing answer loses only its own question: `qa_mismatch` names the
+    unanswered question or the answer without a question; `qa_empty` a pair with an empty side.
+    Documents: `no_content` when the selectors match nothing, `navigation_only` when fewer than
+    `min_doc_chars` characters of the text are outside links (an index of links, a menu page).
     """
     sel = Selector(text=page) if isinstance(page, str) else page
     if source.kind in ("auto", "qa"):
-        questions = sel.css(source.question_css)
-        answers = sel.css(source.answer_css)
+        questions = select(sel, source.question_css)
+        answers = select(sel, source.answer_css)
         if questions or answers:
-            if len(questions) != len(answers):
-                return [], "qa_mismatch"
-            pairs = [_qa_item(q, a) for q, a in zip(questions, answers)]
-            items = [i for i in pairs if i["question"] and i["answer"]]
-            return items, (None if len(items) == len(pairs) else "qa_empty")
+            return _qa_pairs(sel, questions, answers)
         if source.kind == "qa":
-            return [], "no_content"
-    doc = _doc_item(sel, source)
-    return ([doc], None) if doc else ([], "no_content")
+            return [], [("no_content", "no question or answer matched")]
+    doc, why = _doc_item(sel, source, min_doc_chars)
+    return ([doc], []) if doc else ([], [why])
+
+
+def _qa_pairs(sel: Selector, questions: Any, answers: Any) -> tuple[list[dict], list[tuple[str, str]]]:
+    order = {el: i for i, el in enumerate(sel.root.getroottree().iter())}
+    events = sorted([(order.get(q.root, -1), 0, q) for q in questions] + [(order.get(a.root, -1), 1, a) for a in answers],
+                    key=lambda e: (e[0], e[1]))
+    items, lost = [], []
+    pending: Selector | None = None
+    for _, is_answer, el in events:
+        if not is_answer:
+            if pending is not None:
+                lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
+            pending = el
+        elif pending is None:
+            lost.append(("qa_mismatch", f"answer {_short(el)!r} follows no question"))
+        else:
+            item = _qa_item(pending, el)
+            if item["question"] and item["answer"]:
+                items.append(item)
+            else:
+                lost.append(("qa_empty", f"question {item['question'][:60]!r} has an empty side"))
+            pending = None
+    if pending is not None:
+        lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
+    return items, lost
+
+
+def _short(el: Selector) -> str:
+    return " ".join(block_lines(el.root))[:60]
 
 
 def _qa_item(question: Selector, answer: Selector) -> dict:
@@ -163,29 +209,67 @@ def _qa_item(question: Selector, answer: Selector) -> dict:
     return item
 
 
-def _doc_item(sel: Selector, source: CrawlSource) -> dict | None:
-    title_el = sel.css(source.title_css) if source.title_css.strip() else []
+# Link text outside navigation blocks (block_lines leaves those out already).
+_LINK_TEXT = ".//a[not(ancestor::nav or ancestor::header or ancestor::footer or ancestor::aside)]//text()"
+
+
+def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[dict | None, tuple[str, str]]:
+    title_el = select(sel, source.title_css) if source.title_css.strip() else []
     if title_el:
         title = " ".join(block_lines(title_el[0].root))
     else:
         title = " ".join(sel.css("title::text").get("").split())
     category = None
+    link_chars = 0
     if source.text_css.strip():
-        matches = sel.css(source.text_css)
+        matches = select(sel, source.text_css)
         if not matches:
-            return None
+            return None, ("no_content", "the text selector matched nothing")
         lines = [line for m in matches for line in block_lines(m.root)]
+        link_chars = sum(len("".join(t.split())) for m in matches for t in m.xpath(_LINK_TEXT).getall())
         category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     else:
         lines = _trafilatura_lines(sel.get())
     if lines and lines[0] == title:  # the heading is the title field already
         lines = lines[1:]
     if not lines:
-        return None
-    item = {"kind": "doc", "title": title, "text": "\n".join(lines)}
+        return None, ("no_content", "no text besides the title")
+    text = "\n".join(lines)
+    own_chars = len("".join(text.split())) - link_chars
+    if own_chars < min_doc_chars:
+        return None, ("navigation_only",
+                      f"{max(own_chars, 0)} characters outside links, fewer than crawl.min_doc_chars {min_doc_chars}")
+    item = {"kind": "doc", "title": title, "text": text}
     if category:
         item["category"] = category.strip()
-    return item
+    return item, ("", "")
+
+
+def decode_page(body: bytes, content_type: str) -> tuple[str, str, int]:
+    """(text, encoding, bytes replaced) of an HTML body.
+
+    The encoding is the declared one (byte-order mark, Content-Type header, `<meta charset>`,
+    as scrapy reads them with w3lib); with none declared (or an unknown name), UTF-8 if the
+    body is valid UTF-8, else charset_normalizer's guess. Bytes invalid in that encoding are
+    replaced by U+FFFD and counted, so a few bad bytes do not lose the page.
+    """
+    from w3lib.encoding import html_body_declared_encoding, http_content_type_encoding, read_bom, resolve_encoding
+
+    bom, _ = read_bom(body)
+    declared = bom or http_content_type_encoding(content_type) or html_body_declared_encoding(body)
+    encoding = resolve_encoding(declared) if declared else None
+    if encoding is None:
+        try:
+            body.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            import charset_normalizer
+
+            best = charset_normalizer.from_bytes(body).best()
+            encoding = best.encoding if best is not None else "cp1252"
+    text = body.decode(encoding, errors="replace")
+    replaced = text.count("\ufffd") - body.decode(encoding, errors="ignore").count("\ufffd")
+    return text.lstrip("\ufeff"), encoding, replaced
 
 
 def _trafilatura_lines(html: str) -> list[str]:
@@ -245,7 +329,12 @@ def scrapy_settings(p: Crawl, source: CrawlSource, http_cache_dir: str | Path | 
         "DOWNLOAD_TIMEOUT": p.download_timeout,
         "DOWNLOAD_MAXSIZE": p.max_page_bytes,
         "DOWNLOAD_WARNSIZE": p.max_page_bytes,
-        "DEPTH_LIMIT": source.depth_limit,
+        # Depth is counted by the spider (see page_request); breadth-first order fetches shallow
+        # pages first, so a page is usually first reached by its shortest path.
+        "DEPTH_LIMIT": 0,
+        "DEPTH_PRIORITY": 1,
+        "SCHEDULER_DISK_QUEUE": "scrapy.squeues.PickleFifoDiskQueue",
+        "SCHEDULER_MEMORY_QUEUE": "scrapy.squeues.FifoMemoryQueue",
         # The spider keeps to max_pages exactly by not scheduling more pages (see SourceSpider);
         # this is scrapy's backstop on all responses, which also counts robots.txt, retries and
         # redirect hops, so it must not close the crawl before the last page.
@@ -333,58 +422,75 @@ def _spider_class() -> type:
 
         name = "tuneline"
 
-        def __init__(self, source: CrawlSource, sink: ItemSink, **kwargs: Any) -> None:
+        def __init__(self, source: CrawlSource, sink: ItemSink, min_doc_chars: int, **kwargs: Any) -> None:
             super().__init__(name=source.name, **kwargs)
             self.source = source
             self.sink = sink
+            self.min_doc_chars = min_doc_chars
             self.allowed_domains = list(source.allowed_domains)
             # Domains are checked in page_request: LinkExtractor's allow_domains compares the host
             # with its port ("127.0.0.1:8000"), so it never matches a loopback site on a port.
             self.links = LinkExtractor(allow=source.allow, deny=source.deny)
-            self.scheduled: set[str] = set()
+            # canonical URL -> the shallowest depth it was requested at. Only requested pages are
+            # here and count against max_pages: a link beyond depth_limit is not remembered, so
+            # the same page can still be fetched when a shallower page links to it.
+            self.depth: dict[str, int] = {}
 
-        def page_request(self, url: str) -> scrapy.Request | None:
-            """A request for `url` if it is new and the page budget allows it."""
+        def page_request(self, url: str, depth: int) -> scrapy.Request | None:
+            """A request for `url` found at `depth`, if it is new and within the depth and page budgets."""
             key = canonicalize_url(url)
-            if key in self.scheduled:
-                return None
+            limit = self.source.depth_limit
             if not in_domains(url, self.source.allowed_domains):
                 self.crawler.stats.inc_value("tuneline/links_offsite")
                 return None
-            if len(self.scheduled) >= self.source.max_pages:
+            if limit and depth > limit:
+                self.crawler.stats.inc_value("tuneline/links_too_deep")
+                return None
+            old = self.depth.get(key)
+            if old is not None:
+                if limit and old == limit and depth < old:
+                    # Fetched at the limit, so its links were cut; from here they are within it.
+                    self.depth[key] = depth
+                    self.crawler.stats.inc_value("tuneline/refetched_shallower")
+                    return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
+                                          meta={"tl_depth": depth, "links_only": True})
+                return None
+            if len(self.depth) >= self.source.max_pages:
                 self.crawler.stats.inc_value("tuneline/links_over_max_pages")
                 return None
-            self.scheduled.add(key)
-            # dont_filter: the set above already dedups pages; scrapy's dupefilter would drop the
+            self.depth[key] = depth
+            # dont_filter: the dict above already dedups pages; scrapy's dupefilter would drop the
             # second hop of a redirect loop silently instead of letting REDIRECT_MAX_TIMES report it.
-            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True)
+            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
+                                  meta={"tl_depth": depth})
 
         async def start(self):
             for url in self.source.start_urls:
-                if request := self.page_request(url):
+                if request := self.page_request(url, 0):
                     yield request
 
         def parse(self, response):
             url, name = response.url, self.source.name
+            depth = response.meta["tl_depth"]
             if not isinstance(response, HtmlResponse):
                 ctype = response.headers.get("Content-Type", b"").decode("latin-1")
                 self.sink.reject(url, name, "non_html", ctype or "no Content-Type")
                 return
-            try:
-                response.body.decode(response.encoding)
-            except (UnicodeDecodeError, LookupError) as err:
-                self.sink.reject(url, name, "encoding_error", f"{response.encoding}: {err.reason}"
-                                 if isinstance(err, UnicodeDecodeError) else str(err))
-                return
-            self.crawler.stats.inc_value("tuneline/pages")
-            items, why = page_items(response.selector, self.source)  # parsed once, shared with links
-            if why:
-                self.sink.reject(url, name, why)
-            fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            for item in items:
-                yield {"url": url, "source": name, "fetched_at": fetched_at, **item}
+            ctype = response.headers.get("Content-Type", b"").decode("latin-1")
+            text, _, replaced = decode_page(response.body, ctype)
+            response = response.replace(body=text.encode("utf-8"), encoding="utf-8")
+            if not response.meta.get("links_only"):
+                self.crawler.stats.inc_value("tuneline/pages")
+                if replaced:
+                    self.crawler.stats.inc_value("tuneline/pages_with_bad_bytes")
+                    self.crawler.stats.inc_value("tuneline/bad_bytes_replaced", replaced)
+                items, lost = page_items(response.selector, self.source, self.min_doc_chars)
+                for reason, detail in lost:
+                    self.sink.reject(url, name, reason, detail)
+                for item in items:
+                    yield {"url": url, "source": name, **item}
             for link in self.links.extract_links(response):
-                if request := self.page_request(link.url):
+                if request := self.page_request(link.url, depth + 1):
                     yield request
 
         def on_error(self, failure):
@@ -458,7 +564,7 @@ def run_crawl(p: Crawl, sources: list[CrawlSource], http_cache_dir: str | Path,
         cache = None if source.name in uncached else http_cache_dir
         crawler = Crawler(spider_cls, scrapy_settings(p, source, cache))
         crawlers.append(crawler)
-        process.crawl(crawler, source=source, sink=sink)
+        process.crawl(crawler, source=source, sink=sink, min_doc_chars=p.min_doc_chars)
     process.start()
     stats = {c.spider.name: _plain(c.stats.get_stats()) for c in crawlers}
     return CrawlResult(sorted_items(sink.items.values()), sorted_rejects(sink.rejects), stats)
@@ -508,18 +614,28 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
         "cache_misses": total("httpcache/miss"),
         "bytes": total("downloader/response_bytes"),
         "links_over_max_pages": total("tuneline/links_over_max_pages"),
+        "links_too_deep": total("tuneline/links_too_deep"),
+        "refetched_shallower": total("tuneline/refetched_shallower"),
+        "pages_with_bad_bytes": total("tuneline/pages_with_bad_bytes"),
+        "bad_bytes_replaced": total("tuneline/bad_bytes_replaced"),
         "links_offsite": total("tuneline/links_offsite"),
         "items": len(result.items),
         "items_by_kind": dict(sorted(Counter(i["kind"] for i in result.items).items())),
         "rejects": len(result.rejects) + len(dataset_rejects),
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in result.rejects + dataset_rejects).items())),
         "dataset_records": len(dataset_records),
+        # Every dataset row is a record or a reject: rows_in = records + rejects.
+        "dataset_rows_in": len(dataset_records) + len(dataset_rejects),
+        "dataset_rejects_by_reason": dict(sorted(Counter(r["reason"] for r in dataset_rejects).items())),
         "sources": {
             name: {
                 "pages": int(s.get("tuneline/pages", 0)),
                 "items": sum(1 for i in result.items if i["source"] == name),
                 "finish_reason": s.get("finish_reason", ""),
                 "elapsed_s": round(float(s.get("elapsed_time_seconds", 0.0)), 3),
+                # When the pages were fetched: here, not in crawl.jsonl, whose hash must not change
+                # between two runs that fetched the same pages.
+                "started_at": s.get("start_time", ""),
             }
             for name, s in sorted(result.stats.items())
         },
@@ -554,75 +670,196 @@ def serve_directory(root: str | Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------- datasets
+#
+# json, jsonl and csv files are read here, row by row, so that one bad row is a reject naming
+# `file:line` while the good rows flow on; parquet files and hub datasets go through
+# `datasets.load_dataset` (their rows are named `file#row<n>`). A json file is one JSON array
+# of objects: a syntax error there fails the stage naming the file, line and column, since
+# nothing after it can be read. An empty file fails saying it is empty.
+
+TEXT_FIELDS = ("instruction", "input", "output", "system")
 
 
-def load_dataset_rows(d: CrawlDataset) -> list[dict]:
-    """The rows of one `crawl.datasets` entry, through `datasets.load_dataset`."""
+def _dataset_error(d: CrawlDataset, message: str) -> InputError:
+    return InputError(f"crawl.datasets ({d.name}): {message}")
+
+
+def _read_text(d: CrawlDataset) -> str:
+    path = Path(d.path)
+    if not path.is_file():
+        raise _dataset_error(d, f"{d.path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the data
+    except UnicodeDecodeError as err:
+        raise _dataset_error(d, f"{d.path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    if not text.strip():
+        raise _dataset_error(d, f"{d.path} is empty; remove the entry from crawl.datasets or fill the file")
+    return text
+
+
+def _jsonl_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    rows, rejects = [], []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{d.path}:{line_no}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"{err.msg} at column {err.colno}"))
+            continue
+        if not isinstance(value, dict):
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(value)}"))
+            continue
+        rows.append((where, value))
+    return rows, rejects
+
+
+def _json_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _dataset_error(d, f"{d.path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                "fix the file (format: json is one JSON array of objects; use format: jsonl "
+                                "for one object per line, where a bad line is rejected and the rest kept)") from None
+    if not isinstance(value, list):
+        raise _dataset_error(d, f"{d.path}: expected a JSON array of objects, got {_type_name(value)}")
+    rows, rejects = [], []
+    for index, row in enumerate(value):
+        where = f"{d.path}#row{index}"
+        if isinstance(row, dict):
+            rows.append((where, row))
+        else:
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(row)}"))
+    return rows, rejects
+
+
+def _csv_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, rejects = [], []
+    line_no = 2  # the line the next row starts on (line 1 is the header)
+    for row in reader:
+        where = f"{d.path}:{line_no}"
+        line_no = reader.line_num + 1
+        if None in row or None in row.values():
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_csv",
+                                  f"{len(reader.fieldnames or [])} columns in the header, a different number in this row"))
+            continue
+        rows.append((where, row))
+    return rows, rejects
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dict], list[str]]:
+    """(where, row) for each row of one `crawl.datasets` entry, rows rejected unread, and the columns."""
+    if d.format in ("json", "jsonl", "csv"):
+        text = _read_text(d)
+        rows, rejects = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[d.format](d, text)
+        columns = list(dict.fromkeys(k for _, row in rows for k in row))
+        return rows, rejects, columns
+
     import datasets
 
     if d.format != "hub" and not Path(d.path).is_file():
-        raise InputError(f"crawl.datasets ({d.name}): {d.path} does not exist")
+        raise _dataset_error(d, f"{d.path} does not exist")
     try:
         if d.format == "hub":
-            ds = datasets.load_dataset(d.path, split=d.split)
+            ds = datasets.load_dataset(d.path, d.config, split=d.split, revision=d.revision)
         else:
-            builder = "json" if d.format in ("json", "jsonl") else d.format
-            ds = datasets.load_dataset(builder, data_files=d.path, split=d.split)
-    except Exception as err:  # parse errors, unknown split, hub unreachable: name the dataset
-        raise InputError(f"crawl.datasets ({d.name}): cannot load {d.path} as {d.format}: {err}") from None
-    missing = [(field_, col) for field_, col in d.columns.items() if col and col not in ds.column_names]
-    if missing:
-        field_, col = missing[0]
-        raise InputError(
-            f"crawl.datasets ({d.name}): column {col!r} (mapped to {field_}) is not in {d.path}; "
-            f"its columns are {', '.join(ds.column_names)}"
+            ds = datasets.load_dataset(d.format, data_files=d.path, split=d.split)
+    except Exception as err:  # parse errors, unknown split or config, hub unreachable: name the dataset
+        raise _dataset_error(d, f"cannot load {d.path} as {d.format}: {err}") from None
+    if len(ds) == 0:
+        raise _dataset_error(d, f"{d.path} (split {d.split}) is empty")
+    return [(f"{d.path}#row{i}", row) for i, row in enumerate(ds)], [], list(ds.column_names)
+
+
+def check_columns(d: CrawlDataset, columns: list[str]) -> None:
+    """Fail when a mapped column is not in the data, suggesting the column meant (`Instruction` for `instruction`)."""
+    for field_, col in d.columns.items():
+        if not col or col in columns:
+            continue
+        same = [c for c in columns if c.casefold() == col.casefold()]
+        close = same or difflib.get_close_matches(col, columns, n=1)
+        hint = f"; did you mean {close[0]!r}? (column names are case-sensitive)" if close else ""
+        raise _dataset_error(
+            d, f"column {col!r} (mapped to {field_}) is not in {d.path}{hint}; its columns are {', '.join(columns)}"
         )
-    return ds.to_list()
 
 
-def dataset_records(d: CrawlDataset, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Alpaca records from dataset rows via `d.columns`, and the rows rejected (with reasons)."""
+def _field_problem(field_: str, value: Any) -> str | None:
+    """Why a row's value cannot be the record field `field_` (None: it can). Nothing is coerced."""
+    if value is None:
+        return None
+    if field_ in TEXT_FIELDS:
+        return None if isinstance(value, str) else f"{field_}: expected a string, got {_type_name(value)}"
+    if field_ == "category":
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        return None if ok else f"category: expected a string or an integer label, got {_type_name(value)}"
+    if field_ == "history":
+        if value == "":
+            return None
+        pairs = isinstance(value, list) and all(
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in value)
+        return None if pairs else "history: expected a list of [user, assistant] string pairs"
+    return None
+
+
+def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
+    """Alpaca records from (where, row) pairs via `d.columns`, and the rows rejected (with reasons).
+
+    A value of the wrong type (`"system": ["be nice"]`, `"output": 42`) rejects the row as
+    `wrong_type`, naming the field and the type found: it is never turned into a string.
+    """
     records, rejects = [], []
-    for index, row in enumerate(rows):
+    for where, row in rows:
+        problems = [q for f, col in d.columns.items() if col and (q := _field_problem(f, row.get(col)))]
+        if problems:
+            reason = "bad_history" if problems[0].startswith("history") else "wrong_type"
+            rejects.append(reject(where, f"dataset:{d.name}", reason, "; ".join(problems)))
+            continue
         rec: dict[str, Any] = {}
         for key in ALPACA_FIELDS:
             col = d.columns.get(key)
             value = row.get(col) if col else None
-            rec[key] = _history(value) if key == "history" else ("" if value is None else str(value).strip())
-        where = f"{d.path}#row{index}"
-        if rec["history"] is None:
-            rejects.append(reject(where, f"dataset:{d.name}", "bad_history", "history is not a list of [user, assistant]"))
-            continue
+            if key == "history":
+                rec[key] = [list(t) for t in value] if value else []
+            else:
+                rec[key] = "" if value is None else value.strip()
         if not rec["instruction"] or not rec["output"]:
             rejects.append(reject(where, f"dataset:{d.name}", "empty_field", "instruction or output is empty"))
             continue
         rec["source"] = f"dataset:{d.name}"
-        if d.columns.get("category") and row.get(d.columns["category"]) not in (None, ""):
-            rec["category"] = str(row[d.columns["category"]]).strip()
-        records.append(with_id(rec))
-    return records, rejects
-
-
-def _history(value: Any) -> list[list[str]] | None:
-    if value in (None, ""):
-        return []
-    if isinstance(value, list) and all(isinstance(t, (list, tuple)) and len(t) == 2 for t in value):
-        return [[str(u), str(a)] for u, a in value]
-    return None
+        category = row.get(d.columns["category"]) if d.columns.get("category") else None
+        if category not in (None, ""):
+            rec["category"] = str(category).strip()
+        rec["row"] = where
+        records.append(rec)
+    return with_ids(records), rejects
 
 
 def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
-    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects."""
+    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects.
+
+    Of records with the same content the first (in params order, then row order) is kept; the
+    others are rejected as `duplicate` with `duplicate_of` naming the kept record's id.
+    """
     records: dict[str, dict] = {}
     rejects: list[dict] = []
     for d in entries:
-        recs, bad = dataset_records(d, load_dataset_rows(d))
-        rejects += bad
+        rows, unread, columns = load_dataset_rows(d)
+        check_columns(d, columns)
+        recs, bad = dataset_records(d, rows)
+        rejects += unread + bad
         for rec in recs:
-            if rec["id"] in records:
-                rejects.append(reject(d.path, rec["source"], "duplicate", f"same content as record {rec['id']}",
-                                      content_hash=rec["id"]))
+            kept = records.get(rec["content_hash"])
+            if kept is not None:
+                rejects.append(reject(rec["row"], rec["source"], "duplicate", f"same content as {kept['row']}",
+                                      content_hash=rec["content_hash"], id=rec["id"], duplicate_of=kept["id"]))
             else:
-                records[rec["id"]] = rec
+                records[rec["content_hash"]] = rec
     ordered = sorted(records.values(), key=lambda r: (r["source"], r["instruction"], r["id"]))
     return ordered, sorted_rejects(rejects)

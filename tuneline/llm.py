@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 NO_KEY = "no-key-needed"
 # Reply.error of a call that was answered with no content: a model failure, not a transport one.
 EMPTY_REPLY = "empty reply"
+# Reply.error of a reply cut off at max_tokens (finish_reason "length"): never cached, since a
+# half-written answer is not the answer, and a rerun with a larger max_tokens must ask again.
+TRUNCATED = "truncated: the reply reached max_tokens (finish_reason length)"
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class Endpoint:
     base_url: str
     model: str
     api_key_env: str
-    temperature: float
-    max_tokens: int
+    temperature: float | None  # None: not sent (reasoning models reject it)
+    max_tokens: int | None  # None: not sent
     concurrency: int
     requests_per_minute: int
     max_retries: int
@@ -78,16 +81,32 @@ def request_seed(seed: int, messages: list[dict], occurrence: int = 0) -> int:
     return int(content_hash(seed, messages, occurrence), 16) % 2**31
 
 
+def normalise_base_url(base_url: str) -> str:
+    """The endpoint as it enters cache keys: scheme, lower-case host, port only when not the
+    default, path without a trailing slash. Every loopback server (and "local", the server the
+    stage starts, on a new port each run) is "loopback": what it serves is told apart by the
+    model name and, for a local model directory, the fingerprint of its files."""
+    if base_url == "local" or is_loopback(base_url):
+        return "loopback"
+    parts = urlparse(base_url.strip())
+    scheme = (parts.scheme or "https").lower()
+    port = parts.port
+    netloc = (parts.hostname or "").lower() + (f":{port}" if port and port != {"http": 80, "https": 443}.get(scheme) else "")
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
 def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bool, salt: str = "") -> str:
     """The cache key of one call: everything that changes the reply, and nothing else.
 
-    The model name, the full messages (so an edited prompt template is a new key), the
-    sampling params, the request seed, JSON mode, and `salt` (a fingerprint of local model
-    weights, so rebuilt weights under the same path do not reuse stale replies). The URL and
-    key are left out: the same model behind another server or key gives the same answer.
+    The endpoint (normalised base_url: two servers serving different weights under one model
+    name do not share replies), the model name, the full messages (so an edited prompt template
+    is a new key), the sampling params, the request seed, JSON mode, and `salt` (a fingerprint of
+    local model weights, so rebuilt weights under the same path do not reuse stale replies). The
+    key is left out: the same endpoint answers the same whoever pays.
     """
     blob = json.dumps(
         {
+            "endpoint": normalise_base_url(endpoint.base_url),
             "model": endpoint.model,
             "messages": messages,
             "temperature": endpoint.temperature,
@@ -223,19 +242,18 @@ def _describe_error(err: Exception, secret: str) -> str:
 
 
 async def _call(
-    client: openai.AsyncOpenAI, endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bool
+    client: openai.AsyncOpenAI, endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bool,
+    truncated_is_error: bool,
 ) -> Reply:
-    extra = {"response_format": {"type": "json_object"}} if json_mode else {}
+    extra: dict = {"response_format": {"type": "json_object"}} if json_mode else {}
+    # A null param is not sent at all: reasoning models reject temperature and max_tokens.
+    if endpoint.temperature is not None:
+        extra["temperature"] = endpoint.temperature
+    if endpoint.max_tokens is not None:
+        extra["max_tokens"] = endpoint.max_tokens
     started = time.perf_counter()
     try:
-        response = await client.chat.completions.create(
-            model=endpoint.model,
-            messages=messages,
-            temperature=endpoint.temperature,
-            max_tokens=endpoint.max_tokens,
-            seed=seed,
-            **extra,
-        )
+        response = await client.chat.completions.create(model=endpoint.model, messages=messages, seed=seed, **extra)
     except (openai.APIError, ValueError) as err:
         # ValueError: a 200 whose body is not the JSON the client expects (a misbehaving proxy).
         return Reply(None, 0, 0, time.perf_counter() - started, False, _describe_error(err, client.api_key))
@@ -244,6 +262,8 @@ async def _call(
     prompt_tokens = usage.prompt_tokens if usage else 0
     completion_tokens = usage.completion_tokens if usage else 0
     text = response.choices[0].message.content if response.choices else None
+    if truncated_is_error and response.choices and response.choices[0].finish_reason == "length":
+        return Reply(None, prompt_tokens, completion_tokens, latency, False, TRUNCATED)
     if not text:
         return Reply(None, prompt_tokens, completion_tokens, latency, False, EMPTY_REPLY)
     return Reply(text, prompt_tokens, completion_tokens, latency, False, None)
@@ -274,8 +294,8 @@ def uncached(
 ) -> list[int]:
     """Indexes of the requests that `complete_many` would send (no cached reply yet).
 
-    The cache key does not involve `endpoint.base_url`, so a caller can ask this before it
-    has a server, and start one only when something is missing.
+    The cache key names every loopback server (and "local") alike, so a caller can ask this
+    before it has started its local server, and start one only when something is missing.
     """
     _, keys = _seeds_and_keys(endpoint, requests, seed, json_mode, cache_salt)
     return [i for i, k in enumerate(keys) if read_cached(cache_dir, k) is None]
@@ -289,8 +309,13 @@ async def complete_many(
     json_mode: bool = False,
     *,
     cache_salt: str = "",
+    truncated_is_error: bool = False,
 ) -> list[Reply]:
     """One reply per message list, in order; cached replies are returned without a call.
+
+    With `truncated_is_error`, a reply cut off at max_tokens is the error TRUNCATED (not cached):
+    for JSON answers, where half a reply is no answer. Without it (generation metrics, which
+    cap the length on purpose) the cut-off text is the reply.
 
     Calls run at most `endpoint.concurrency` at a time; each answered call is cached the
     moment it arrives. `cache_salt` joins the cache key (see `cache_key`).
@@ -304,7 +329,7 @@ async def complete_many(
 
         async def run_one(i: int) -> None:
             async with semaphore:
-                reply = await _call(client, endpoint, requests[i], seeds[i], json_mode)
+                reply = await _call(client, endpoint, requests[i], seeds[i], json_mode, truncated_is_error)
             if reply.error is None:
                 write_cached(cache_dir, keys[i], reply, requests[i], endpoint.model, seeds[i])
             else:
@@ -324,9 +349,11 @@ def complete_many_sync(
     json_mode: bool = False,
     *,
     cache_salt: str = "",
+    truncated_is_error: bool = False,
 ) -> list[Reply]:
     """`complete_many` for synchronous callers (stage scripts)."""
-    return asyncio.run(complete_many(endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt))
+    return asyncio.run(complete_many(endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt,
+                                     truncated_is_error=truncated_is_error))
 
 
 def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_completion_per_mtok: float = 0.0) -> dict:

@@ -156,6 +156,10 @@ class CrawlDataset(_Section):
     format: Literal["json", "jsonl", "csv", "parquet", "hub"]
     split: str
     columns: dict[str, str | None]
+    # Hub datasets only, optional: the dataset's configuration (subset) and a pinned revision
+    # (a commit sha, tag or branch), as models are pinned with `revision:`.
+    config: str | None = None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class Crawl(_Section):
     retry_times: int
     download_timeout: float
     max_page_bytes: int
+    min_doc_chars: int
     concurrent_requests: int
     autothrottle: bool
     autothrottle_start_delay_s: float
@@ -178,8 +183,9 @@ class Augment(_Section):
     base_url: str
     model: str
     api_key_env: str
-    temperature: float
-    max_tokens: int
+    temperature: float | None
+    max_tokens: int | None
+    max_failed_fraction: float
     rounds: int
     pilot_size: int
     per_round: int
@@ -465,6 +471,10 @@ def _check_section(name: str, p: Any) -> Any:
                 raise ParamsError(f"augment.{key} must be at least 1, got {getattr(p, key)}")
         if p.reply_retries < 0 or p.max_retries < 0 or p.feedback_examples < 0:
             raise ParamsError("augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0")
+        if not 0 <= p.max_failed_fraction <= 1:
+            raise ParamsError(f"augment.max_failed_fraction must be between 0 and 1, got {p.max_failed_fraction}")
+        if p.max_tokens is not None and p.max_tokens < 1:
+            raise ParamsError(f"augment.max_tokens must be at least 1 (or null: not sent), got {p.max_tokens}")
         if not 0 <= p.min_grounding <= 1:
             raise ParamsError(f"augment.min_grounding must be between 0 and 1, got {p.min_grounding}")
     if name == "build":

@@ -1,8 +1,16 @@
 """Reading and writing the JSON Lines files that stages pass between each other.
 
 A record is a dict with the Alpaca fields (`instruction`, `input`, `output`, `system`,
-`history`) plus provenance: `id` (a content hash), `source` (seed | crawl | dataset | generated),
-and where known `url` and `category`.
+`history`) plus provenance: `source` (seed | crawl | dataset | generated), where known `origin`
+(the upstream stage's own name for the source), `url` and `category`, and two hashes:
+
+- `content_hash`: a hash of the Alpaca fields alone. Equal text has an equal content hash,
+  whichever source it came from; duplicate detection compares it (or a normalised form).
+- `id`: the record's identity, unique per input: a hash of its provenance, its content hash
+  and, for identical copies from one provenance, the copy's number. The same text arriving as a
+  seed and as a dataset row gets two ids, so one can be kept and the other rejected as a
+  duplicate *of the kept one's id*. Ids do not change when other records are added or
+  reordered, which is what keeps the train/val/test split still (tuneline.alpaca.split).
 """
 
 from __future__ import annotations
@@ -81,13 +89,51 @@ def content_hash(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def record_id(record: dict) -> str:
-    """The id of a record: a hash of its Alpaca fields, so the same content gets the same id."""
+def text_hash(record: dict) -> str:
+    """The content hash of a record: a hash of its Alpaca fields only (not of its provenance)."""
     return content_hash(*(record.get(k) for k in ALPACA_FIELDS))
 
 
+def provenance(record: dict) -> str:
+    """Where a record came from, as it enters its id: source, origin and url."""
+    return "|".join(str(record.get(k) or "") for k in ("source", "origin", "url"))
+
+
+def record_id(record: dict, copy: int = 0) -> str:
+    """The identity of a record: provenance + content hash (+ the copy number of identical twins)."""
+    return content_hash(provenance(record), text_hash(record), *([copy] if copy else []))
+
+
 def with_id(record: dict) -> dict:
-    """The record with its `id` set (kept if it already has one)."""
-    if record.get("id"):
-        return record
-    return {**record, "id": record_id(record)}
+    """The record with `content_hash` and `id` set (an `id` it already has is kept)."""
+    record = {**record, "content_hash": text_hash(record)}
+    if not record.get("id"):
+        record["id"] = record_id(record)
+    return record
+
+
+def with_ids(records: Iterable[dict]) -> list[dict]:
+    """Records of one input with unique ids: identical copies from one provenance are numbered.
+
+    Copy numbers follow input order, so adding or moving other records changes no id.
+    """
+    copies: dict[str, int] = {}
+    out = []
+    for record in records:
+        record = {**record, "content_hash": text_hash(record)}
+        key = content_hash(provenance(record), record["content_hash"])
+        record["id"] = record_id(record, copies.get(key, 0))
+        copies[key] = copies.get(key, 0) + 1
+        out.append(record)
+    return out
+
+
+def duplicate_ids(records: Iterable[dict]) -> list[str]:
+    """Ids that occur more than once (a broken invariant: every input must have its own id)."""
+    seen: set[str] = set()
+    twice = []
+    for record in records:
+        if record.get("id") in seen:
+            twice.append(record["id"])
+        seen.add(record.get("id"))
+    return sorted(set(twice))

@@ -69,6 +69,7 @@ REVIEW_LIMITS = RuleLimits(
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 # One token per CJK character (no spaces between words there), one per run of other non-space.
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_CJK_CHAR_RE = re.compile(rf"[{_CJK}]")
 _HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA_HANGUL_RE = re.compile(r"[\u3040-\u30ff\uac00-\ud7af]")
 _LETTER_RE = re.compile(r"[^\W\d_]")
@@ -150,7 +151,8 @@ def length_problem(record: dict, limits: RuleLimits) -> Problem | None:
     """Too short (instruction or output under the minimum) or too long (whole record over the maximum)."""
     for field in ("instruction", "output"):
         text = _text(record, field).strip()
-        if len(text) < limits.min_chars:
+        # A CJK character is a word (是, 对 are whole answers): such text is held to min_tokens only.
+        if len(text) < limits.min_chars and not _CJK_CHAR_RE.search(text):
             return Problem("too_short", f"{field} has {len(text)} characters, fewer than {limits.min_chars}", len(text))
         # Text that is not blank has at least one token, so counting is needed only above 1.
         tokens = count_tokens(text) if limits.min_tokens > 1 else 1
@@ -219,19 +221,25 @@ def broken_encoding(record: dict) -> Problem | None:
 def html_remnants(record: dict) -> Problem | None:
     """HTML tags or entities left over from scraping, outside code spans.
 
-    A record whose instruction or input is about markup may show tags in its answer, so it is
-    not checked.
+    A record whose instruction or input is about markup may show the tags it names (the `br`
+    in "What does the br tag do?") in its answer; every other tag and entity is still flagged,
+    so the words "tag" or "html" do not switch the check off.
     """
-    if _ABOUT_MARKUP_RE.search(_text(record, "instruction") + " " + _text(record, "input")):
-        return None
+    question = _text(record, "instruction") + " " + _text(record, "input")
+    named = {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9]*", question)} if _ABOUT_MARKUP_RE.search(question) else set()
     for field, text in text_fields(record):
         if "<" not in text and "&" not in text:
             continue
         prose = _CODE_RE.sub(" ", text)
-        found = _HTML_TAG_RE.findall(prose) + _HTML_ENTITY_RE.findall(prose)
+        tags = [m.group(0) for m in _HTML_TAG_RE.finditer(prose) if _tag_name(m.group(0)) not in named]
+        found = tags + _HTML_ENTITY_RE.findall(prose)
         if found:
             return Problem("html_remnants", f"{field} contains HTML remnants such as {found[0]!r}", len(found))
     return None
+
+
+def _tag_name(tag: str) -> str:
+    return re.match(r"</?([A-Za-z0-9]+)", tag).group(1).lower()
 
 
 def _script_language(text: str) -> str | None:
@@ -326,6 +334,14 @@ RULE_DESCRIPTIONS = {
     "wrong_language": "the text is not in an allowed language",
     "pii": "the text contains personal data (e-mail, phone, card or ID numbers)",
     "exact_duplicate": "the record duplicates another one",
+    # augment's own checks of generated records and replies
+    "not_grounded": "the answer is not supported by the passage",
+    "duplicate": "the question was already asked",
+    "invalid_json": "the reply was not valid JSON",
+    "invalid_schema": "the reply did not have the JSON fields asked for",
+    "empty_reply": "the reply was empty",
+    "truncated": "the reply was cut off before it was complete; keep it shorter",
+    "request_failed": "the request failed",
 }
 
 
