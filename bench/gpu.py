@@ -205,7 +205,8 @@ def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
     from tuneline import params
 
     p = params.section("train", path=ROOT / "params.yaml")
-    return dataclasses.replace(p, method=method, batch_size=batch, max_steps=steps, gradient_checkpointing=gc,
+    return dataclasses.replace(p, method=method, lora_r=8, lora_alpha=16,  # the first GPU run's rank
+                                batch_size=batch, max_steps=steps, gradient_checkpointing=gc,
                                use_liger_kernel=liger, compute_dtype="auto", attn_implementation="sdpa",
                                save_steps=10**9, logging_steps=10**9, epochs=1)
 

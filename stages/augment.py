@@ -44,6 +44,7 @@ def main() -> None:
     chunks = augment.doc_chunks(docs, p.chunk_chars)
     templates = augment.load_templates(p.prompts_dir)
     cache_dir = Path(base.cache_dir) / "llm"
+    cache_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when no reply was cached
     # The request names a local model only by its path: its files join the cache key.
     salt = llm.model_fingerprint(p.model) if Path(p.model).is_dir() else ""
 

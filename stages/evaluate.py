@@ -1,10 +1,15 @@
-"""Score the selected base model and the fine-tuned model on the test split.
+"""Score the base model and the fine-tuned model on two sets: unseen and seen.
 
-Reads:  base.alpaca_dir/test.json, base.selected, base.adapter_dir (adapter and tokenizer with the
+`unseen` is the test split: does the tuning generalise? `seen` is a fixed sample of the training
+records (the first evaluate.seen_samples of train.json): did the tuning take? The gap between them
+shows over-fitting.
+
+Reads:  base.alpaca_dir/{test,train}.json, base.tuning_base, base.adapter_dir (adapter and tokenizer with the
         chat template training used), `evaluate:`.
-Writes: base.metrics_dir/eval.json (base, tuned and delta for each metric: git-tracked, so
+Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, git-tracked, so
         `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
-        (side by side answers), base.metrics_dir/eval/records.jsonl (per-record scores, for `dvc plots`).
+        (side by side answers of both sets), base.metrics_dir/eval/records.jsonl (per-record scores
+        of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen).
 Run:    python -m stages.evaluate
 """
 
@@ -36,17 +41,29 @@ def cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")[:200]
 
 
-def samples_table(records: list[dict], base_rows: list[dict], tuned_rows: list[dict], n: int) -> str:
-    lines = ["# Evaluation samples (test split, greedy decoding)", "",
-             "| instruction | reference | base answer | tuned answer |", "|---|---|---|---|"]
-    for record, b, t in list(zip(records, base_rows, tuned_rows))[:n]:
-        lines.append(f"| {cell(record['instruction'])} | {cell(record['output'])} | {cell(b.get('answer', ''))} | {cell(t.get('answer', ''))} |")
+SETS = {"unseen": "test split: records the model never trained on", "seen": "training records the model was tuned on"}
+
+
+def samples_table(sets: dict[str, tuple[list[dict], list[dict], list[dict]]], n: int) -> str:
+    """Base and tuned answers side by side, `n` records of each set."""
+    lines = ["# Evaluation samples (greedy decoding)"]
+    for name, (records, base_rows, tuned_rows) in sets.items():
+        lines += ["", f"## {name} ({SETS[name]})", "",
+                  "| instruction | reference | base answer | tuned answer |", "|---|---|---|---|"]
+        for record, b, t in list(zip(records, base_rows, tuned_rows))[:n]:
+            lines.append(f"| {cell(record['instruction'])} | {cell(record['output'])} | {cell(b.get('answer', ''))} | {cell(t.get('answer', ''))} |")
     return "\n".join(lines) + "\n"
+
+
+def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
+    """Per-record scores for `dvc plots`: base and tuned loss, tuned ROUGE-L and BLEU where generated."""
+    return [{"index": b["index"], "id": b["id"], "base_loss": round(b["loss"], 6), "tuned_loss": round(t["loss"], 6),
+             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t}} for b, t in zip(base_rows, tuned_rows)]
 
 
 def main() -> None:
     base, p = params.load("base", "evaluate")
-    selected = read_json(base.selected)
+    selected = read_json(base.tuning_base)
     metrics_dir = Path(base.metrics_dir)
     if selected["kind"] == "api":
         print(f"evaluate: skipped, the chosen model {selected['name']} is an API model used as is (see select_table.md)")
@@ -55,24 +72,27 @@ def main() -> None:
         write_jsonl(metrics_dir / "eval" / "records.jsonl", [])
         return
 
-    records = read_json(Path(base.alpaca_dir) / "test.json")
+    sets = {"unseen": read_json(Path(base.alpaca_dir) / "test.json"),
+            "seen": read_json(Path(base.alpaca_dir) / "train.json")[: p.seen_samples]}
     tokenizer = load_tokenizer(base.adapter_dir)  # carries the chat template training used
     args = dict(template="auto", batch_size=p.batch_size, max_new_tokens=p.max_new_tokens, generation_samples=p.generation_samples)
 
     # A QLoRA run is compared with the 4-bit base it trained over: the delta is the adapter's alone.
     base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir) and not p.merge)
-    base_m, base_rows = score(base_model, tokenizer, records, **args)
+    base_scores = {name: score(base_model, tokenizer, records, **args) for name, records in sets.items()}
     del base_model
     tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
-    tuned_m, tuned_rows = score(tuned_model, tokenizer, records, **args)
+    tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
 
-    result = compare(base_m, tuned_m)
+    result = {name: compare(base_scores[name][0], tuned_scores[name][0]) for name in sets}
     write_json(metrics_dir / "eval.json", result)
-    (metrics_dir / "eval_samples.md").write_text(samples_table(records, base_rows, tuned_rows, p.samples_in_report), encoding="utf-8")
-    rows = [{"index": b["index"], "id": b["id"], "base_loss": round(b["loss"], 6), "tuned_loss": round(t["loss"], 6),
-             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t}} for b, t in zip(base_rows, tuned_rows)]
-    write_jsonl(metrics_dir / "eval" / "records.jsonl", rows)
-    print("evaluate: " + ", ".join(f"{k} {result['base'][k]:.4f} -> {result['tuned'][k]:.4f}" for k in result["base"]))
+    table = {name: (records, base_scores[name][1], tuned_scores[name][1]) for name, records in sets.items()}
+    (metrics_dir / "eval_samples.md").write_text(samples_table(table, p.samples_in_report), encoding="utf-8")
+    write_jsonl(metrics_dir / "eval" / "records.jsonl", record_rows(base_scores["unseen"][1], tuned_scores["unseen"][1]))
+    write_jsonl(metrics_dir / "eval" / "seen_records.jsonl", record_rows(base_scores["seen"][1], tuned_scores["seen"][1]))
+    for name in sets:
+        r = result[name]
+        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f}" for k in r["base"]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export the fine-tuned model for serving: adapter merged into the base, with a model card.
 
-Reads:  base.selected, base.adapter_dir, base.metrics_dir/eval.json, the Alpaca files (their hashes
+Reads:  base.tuning_base, base.adapter_dir, base.metrics_dir/eval.json, the Alpaca files (their hashes
         go into the model card), `export:`.
 Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card;
         for P-tuning, which has no weights to merge, the adapter itself instead of merged weights).
@@ -19,7 +19,7 @@ from tuneline.records import read_json, write_json
 
 def main() -> None:
     base, p = params.load("base", "export")
-    selected = read_json(base.selected)
+    selected = read_json(base.tuning_base)
     out_dir = Path(base.export_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     if selected["kind"] == "api":

@@ -1,6 +1,6 @@
 """Render, tokenize, label-mask and (optionally) pack the Alpaca train/val files.
 
-Reads:  base.alpaca_dir/{train,val}.json, base.selected (the chosen base model, whose tokenizer
+Reads:  base.alpaca_dir/{train,val}.json, base.tuning_base (the chosen base model, whose tokenizer
         and chat template are used; its tokenizer hash is part of that file), `tokenize:`.
 Writes: base.tokenized_dir/{train,val} (datasets saved with save_to_disk: input_ids, labels,
         and position_ids when packed), base.tokenized_dir/chat_template.jinja (the template used),
@@ -75,7 +75,7 @@ def pin_fingerprint(saved: Path) -> None:
 
 def main() -> None:
     base, p = params.load("base", "tokenize")
-    selected = read_json(base.selected)
+    selected = read_json(base.tuning_base)
     out_dir = Path(base.tokenized_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Fine-tune the selected base model on the tokenized training set.
 
-Reads:  base.tokenized_dir/{train,val}, base.selected, `train:` (method: qlora | lora | ptuning | full).
+Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
         training_args.json), base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
         output, so never hashed or pushed: a killed run resumes from its newest complete
@@ -64,7 +64,7 @@ def main() -> None:
         if code:
             raise SystemExit(code)
         return
-    selected = read_json(base.selected)
+    selected = read_json(base.tuning_base)
     out_dir = Path(base.adapter_dir)
     live_dir = Path(base.metrics_dir) / "train"
     if selected["kind"] == "api":

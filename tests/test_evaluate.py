@@ -62,7 +62,10 @@ def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny_model_dir):
 
 
 def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_project):
-    result = read_json(tuned_project / "metrics" / "eval.json")
+    evaluation = read_json(tuned_project / "metrics" / "eval.json")
+    assert set(evaluation) == {"unseen", "seen"}
+    assert evaluation["seen"]["records"] == 16  # evaluate.seen_samples of train.json
+    result = evaluation["unseen"]
     assert result["records"] == 16
     assert set(result["base"]) == {"loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match"}
     assert result["tuned"]["loss"] < result["base"]["loss"] - 0.1
@@ -76,7 +79,7 @@ def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_
 
     samples = (tuned_project / "metrics" / "eval_samples.md").read_text(encoding="utf-8")
     first = read_json(tuned_project / "data" / "alpaca" / "test.json")[0]
-    assert samples.count("\n| ") == 4  # header and samples_in_report: 3
+    assert samples.count("\n| ") == 8  # per set (unseen, seen): header and samples_in_report: 3
     assert first["instruction"] in samples
 
 
@@ -88,7 +91,7 @@ def test_loss_counts_exactly_the_answer_tokens_training_learns_from(tuned_projec
     metrics, rows = score(load_model(str(tiny_model_dir)), tokenizer, records, "auto", 8, 4, generation_samples=0)
     trained_on = json.loads((tuned_project / "metrics" / "tokenize.json").read_text())["train"]["answer_tokens"]
     assert metrics["answer_tokens"] == sum(r["answer_tokens"] for r in rows) == trained_on
-    assert metrics["loss"] == pytest.approx(read_json(tuned_project / "metrics" / "eval.json")["base"]["loss"], abs=1e-5)
+    assert metrics["loss"] == pytest.approx(read_json(tuned_project / "metrics" / "eval.json")["seen"]["base"]["loss"], abs=1e-5)
     assert "rouge_l" not in metrics  # no generation asked for
 
 

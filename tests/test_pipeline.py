@@ -19,7 +19,7 @@ UPSTREAM = {"models", "crawl", "augment", "clean"}
 
 def all_stages(repo) -> set[str]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    names = {"models", "crawl", "augment", "clean", "build", "choose", "tokenize", "train", "evaluate", "export"}
+    names = {"models", "crawl", "augment", "clean", "build", "choose", "pretrain", "tokenize", "train", "evaluate", "export"}
     return names | {f"select@{c}" for c in params["select"]["candidates"]}
 
 
@@ -69,7 +69,13 @@ def test_first_repro_runs_every_stage_and_writes_the_outputs(pipeline):
     build = json.loads((repo / "metrics/build.json").read_text())
     assert build["records_out"] == build["train"] + build["val"] + build["test"]
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
-    assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
+    assert evaluation["seen"]["tuned"]["loss"] < evaluation["seen"]["base"]["loss"]
+    assert evaluation["unseen"]["records"] == build["test"]
+    models = json.loads((repo / "metrics/models.json").read_text())
+    for name, m in models.items():  # every candidate was pretrained: it knows more than chance
+        assert m["pretrain_steps"] > 0 and m["heldout_loss"] < m["heldout_loss_before"] - 0.5, name
+    decontamination = json.loads((repo / "metrics/pretrain.json").read_text())["base_corpus"]
+    assert decontamination["files"] > 0 and decontamination["test"]["contaminated"] == 0
 
 
 def test_metrics_are_tracked_by_git_not_ignored(pipeline):

@@ -80,7 +80,7 @@ def test_experiments_run_and_show_with_their_metrics(clone):
         data = exps[name]
         assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == lora_r
         metrics = data["metrics"]["metrics/eval.json"]["data"]
-        assert metrics["tuned"]["loss"] > 0
+        assert metrics["unseen"]["tuned"]["loss"] > 0 and metrics["seen"]["tuned"]["loss"] > 0
     run(clone, "git", "checkout", "--", "params.yaml", "dvc.lock")
     run(clone, "dvc", "checkout")
 
@@ -90,7 +90,7 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     repro(clone)
     run(clone, "tuneline", "report", "--rev", "HEAD", "--out", "report.md")
     report = (clone / "report.md").read_text()
-    assert "train.learning_rate" in report and "0.003" in report and "0.01" in report
+    assert "train.learning_rate" in report and "0.004" in report and "0.01" in report
     assert "metrics/eval.json" in report and "tuned.loss" in report
     assert (clone / "report_plots").is_dir()
     run(clone, "git", "checkout", "--", "params.yaml")

@@ -7,19 +7,24 @@ import json
 import shutil
 from pathlib import Path
 
-from tuneline.modeling import DTYPES, load_model, resolve_dtype
+from tuneline.modeling import DTYPES, load_model, resolve_dtype, trained_4bit
 
 
 def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
-    """The base model at `dtype` (`auto`: see resolve_dtype; a QLoRA run's base in full precision,
-    not 4-bit) with the adapter merged in; full weights load at `dtype`."""
+    """The base model at `dtype` (`auto`: see resolve_dtype) with the adapter merged in; full weights
+    load at `dtype`. A QLoRA adapter merges into its base as it was trained: loaded in 4-bit, then
+    dequantised (`dequantize()`) to `dtype`, so the merged model computes what the 4-bit base plus
+    the adapter did, not the adapter on top of weights it never saw."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         return load_model(str(adapter_dir), dtype=dtype)
-    # QLoRA adapters merge into the full-precision base: merging into 4-bit weights would round them.
-    base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False), dtype=dtype)
+    four_bit = trained_4bit(adapter_dir)
+    base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
+                      quantize_4bit=four_bit, dtype=dtype)
+    if four_bit:
+        base = base.dequantize(dtype=DTYPES[resolve_dtype(dtype)])
     model = PeftModel.from_pretrained(base, adapter_dir)
     if model.peft_config["default"].is_prompt_learning:
         raise SystemExit("export: P-tuning adapters cannot be merged into weights; serve base + adapter instead")
@@ -57,9 +62,10 @@ def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str
         f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:", "",
         *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
         "## Training parameters", "", "```json", json.dumps(training["params"], indent=2, sort_keys=True), "```", "",
-        "## Evaluation (test split)", "", "| metric | base | tuned | delta |", "|---|---|---|---|",
-        *[f"| {k} | {eval_metrics['base'][k]:.4f} | {eval_metrics['tuned'][k]:.4f} | {eval_metrics['delta'][k]:+.4f} |" for k in eval_metrics.get("base", {})],
-        "",
+        *[line for name, title in (("unseen", "test split"), ("seen", "training records")) if name in eval_metrics
+          for line in (f"## Evaluation: {name} ({title})", "", "| metric | base | tuned | delta |", "|---|---|---|---|",
+                       *[f"| {k} | {m['base'][k]:.4f} | {m['tuned'][k]:.4f} | {m['delta'][k]:+.4f} |"
+                         for m in [eval_metrics[name]] for k in m["base"]], "")],
     ]
     return "\n".join(lines)
 

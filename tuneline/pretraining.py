@@ -5,9 +5,7 @@ The `models` stage pretrains the small offline candidates from scratch on the sh
 crawled documents. Both run through the train stage's own code (`training.fit`: the Trainer,
 checkpoints, DVCLive curves); only the data differs: blocks of text whose labels are the tokens.
 
-Decontamination follows the GPT-3 paper: an evaluation answer counts as contaminated when one of
-its 13-word sequences also occurs in the pretraining text (words as the generation metrics count
-them: lower-cased, punctuation dropped, each CJK character a word).
+The decontamination check of pretraining text lives in `tuneline.decontamination` (no torch needed).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from pathlib import Path
 import torch
 
 from tuneline.params import Train
-from tuneline.textmetrics import tokens
 from tuneline.tokenization import collate
 from tuneline.training import fit, training_arguments
 
@@ -97,17 +94,3 @@ def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Train, checkpoi
     args = training_arguments(p, checkpoints, seed, has_eval=False)
     return fit(model, tokenizer, args, as_examples(train_blocks), None,
                partial(collate, pad_token_id=tokenizer.pad_token_id), checkpoints, callbacks, save_to)
-
-
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """The n-word sequences of `text`."""
-    words = tokens(text)
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def contaminated(answers: list[str], texts: list[str], n: int) -> list[int]:
-    """Indices of the answers that share an n-word sequence with any of `texts`."""
-    seen: set[tuple[str, ...]] = set()
-    for text in texts:
-        seen |= ngrams(text, n)
-    return [i for i, answer in enumerate(answers) if ngrams(answer, n) & seen]
