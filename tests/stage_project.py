@@ -39,8 +39,9 @@ def make_project(dest: Path, model_dir: Path, train_records: list[dict], val_rec
         (alpaca / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     selected = dest / params["base"]["selected"]
     selected.parent.mkdir(parents=True, exist_ok=True)
-    selected.write_text(json.dumps({"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None,
-                                    "trust_remote_code": False}), encoding="utf-8")
+    chosen = json.dumps({"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False})
+    selected.write_text(chosen, encoding="utf-8")
+    (dest / params["base"]["tuning_base"]).write_text(chosen, encoding="utf-8")  # the pretrain stage, off, hands it on
     return dest
 
 

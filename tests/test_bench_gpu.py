@@ -12,11 +12,20 @@ import pytest
 
 from tests.stage_project import ROOT, stage_env
 
-sys.path.insert(0, str(ROOT / "bench"))
+
+
+def bench_gpu():
+    """bench/gpu.py as a module, loaded from its path: putting bench/ on sys.path would shadow the
+    `dvc` package with bench/dvc.py for every test that runs after this one."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_mfu_counts_every_matmul_weight_of_the_real_model_shapes():
-    from gpu import SHAPES, matmul_parameters
+    gpu = bench_gpu()
+    SHAPES, matmul_parameters = gpu.SHAPES, gpu.matmul_parameters
 
     # Qwen2.5-0.5B: 494.0M parameters, embeddings tied to the head (counted once, as the head);
     # Llama-3-8B: 8.03B, of which the 525M-parameter input embedding is a lookup, not a matmul.
@@ -31,7 +40,7 @@ def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     results = json.loads(out.read_text())
     runs = results["runs"]
-    from gpu import RUNS
+    RUNS = bench_gpu().RUNS
 
     assert set(runs) == set(RUNS)
     liger = importlib.util.find_spec("liger_kernel") is not None

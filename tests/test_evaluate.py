@@ -23,10 +23,12 @@ def test_compare_reports_base_tuned_and_delta_of_the_metrics_both_have():
 def test_samples_table_keeps_one_row_per_record_whatever_the_text():
     records = [{"instruction": "a | b\nc", "output": "x"}, {"instruction": "two", "output": "y"}, {"instruction": "3", "output": "z"}]
     rows = [{"answer": "ans | 1"}, {"answer": "ans 2"}, {}]
-    table = samples_table(records, rows, rows, n=2)
-    lines = table.splitlines()
+    table = samples_table({"unseen": (records, rows, rows), "seen": (records[1:], rows[1:], rows[1:])}, n=2)
+    unseen, seen = table.split("## seen")
+    lines = unseen.strip().splitlines()
     assert lines[-2] == "| a \\| b c | x | ans \\| 1 | ans \\| 1 |"
     assert len([line for line in lines if line.startswith("| ")]) == 3  # header + 2 rows
+    assert seen.splitlines()[-2:] == ["| two | y | ans 2 | ans 2 |", "| 3 | z |  |  |"]
 
 
 def test_until_stop_keeps_what_was_generated_up_to_the_first_stop_token():
@@ -102,7 +104,7 @@ def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
     from tests.tuned_project import ROOT
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    write_json(tmp_path / "models" / "selected.json", {"name": "hosted", "kind": "api", "model": "gpt-x"})
+    write_json(tmp_path / "models" / "tuning_base.json", {"name": "hosted", "kind": "api", "model": "gpt-x"})
     monkeypatch.chdir(tmp_path)
     stages.evaluate.main()
     assert read_json(tmp_path / "metrics" / "eval.json") == {"skipped": 1}

@@ -57,8 +57,8 @@ def crawl_project(tmp_path, tiny_model_dir):
     project = make_project(tmp_path / "project", tiny_model_dir, records[:20], records[20:25])
     test = records[25:30] + [{**records[30], "id": "answer-in-a-doc", "output": ANSWER}]
     (project / "data/alpaca/test.json").write_text(json.dumps(test), encoding="utf-8")
-    docs = [{"kind": "doc", "url": f"http://127.0.0.1/{i}", "title": "t", "text": " ".join(r["output"] for r in records[i:i + 8])}
-            for i in (0, 8, 16)]
+    docs = [{"kind": "doc", "url": f"http://127.0.0.1/{i}", "title": "t", "text": " ".join(r["output"] for r in records[i:i + 6])}
+            for i in (0, 6, 12)]  # training records only: val and test answers are records 20-30
     docs.append({"kind": "doc", "url": "http://127.0.0.1/leak", "title": "t", "text": "A guide. " + ANSWER * 2})
     docs.append({"kind": "doc", "url": "http://127.0.0.1/short", "title": "t", "text": "Too short."})
     docs.append({"kind": "qa", "url": "http://127.0.0.1/qa", "question": "q?", "answer": "a"})

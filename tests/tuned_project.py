@@ -33,10 +33,10 @@ def write_project(project: Path, base_model: Path) -> None:
     write_json(alpaca / "test.json", records)
     write_json(alpaca / "val.json", records[:4])
     (alpaca / "dataset_info.json").write_text(json.dumps({"tuneline_train": {"file_name": "train.json"}}), encoding="utf-8")
-    write_json(project / p["base"]["selected"], {
-        "name": "tiny_qwen", "kind": "local", "model": str(base_model), "revision": None, "trust_remote_code": False,
-        "base_url": None, "api_key_env": None, "metric": "loss", "score": 0.0, "why": "the test fixture",
-    })
+    selected = {"name": "tiny_qwen", "kind": "local", "model": str(base_model), "revision": None, "trust_remote_code": False,
+                "base_url": None, "api_key_env": None, "metric": "loss", "score": 0.0, "why": "the test fixture"}
+    write_json(project / p["base"]["selected"], selected)
+    write_json(project / p["base"]["tuning_base"], selected)  # what the pretrain stage hands on when it is off
 
 
 def make_tuned_project(project: Path, base_model: Path) -> Path:
