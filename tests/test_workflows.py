@@ -57,8 +57,10 @@ def test_a_clone_that_pulls_reruns_nothing_and_has_the_same_model(pipeline, clon
 
 
 def test_experiments_run_and_show_with_their_metrics(clone):
-    run(clone, "dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", "-S", "train.learning_rate=1e-4")
-    run(clone, "dvc", "exp", "run", "--queue", "-n", "rank4", "-S", "train.lora_r=4")
+    # Two epochs each: what is tested is the experiment machinery, not what the runs learn.
+    run(clone, "dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", "-S", "train.learning_rate=1e-4",
+        "-S", "train.epochs=2")
+    run(clone, "dvc", "exp", "run", "--queue", "-n", "rank4", "-S", "train.lora_r=4", "-S", "train.epochs=2")
     run(clone, "dvc", "queue", "start")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -87,6 +89,7 @@ def test_experiments_run_and_show_with_their_metrics(clone):
 
 def test_report_shows_the_changed_param_and_metrics(clone):
     set_param(clone, "train.learning_rate", 0.01)
+    set_param(clone, "train.epochs", 2)  # a short run: the report, not the training, is under test
     repro(clone)
     run(clone, "tuneline", "report", "--rev", "HEAD", "--out", "report.md")
     report = (clone / "report.md").read_text()
