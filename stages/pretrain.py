@@ -86,6 +86,7 @@ def main() -> None:
                      f"{p.decontamination_ngram}-word sequence with a val/test answer"} for i, d in enumerate(docs) if i in dirty]
         docs = [d for i, d in enumerate(docs) if i not in dirty]
         if not docs:
+            write_jsonl(out_dir / "rejects.jsonl", rejects)  # the message below points to it
             raise SystemExit(f"pretrain: no crawled document left to pretrain on ({len(rejects)} rejected, see "
                              f"{out_dir / 'rejects.jsonl'}); set pretrain.enabled to false or crawl more documents")
         # Imported here: the check alone needs no torch, and its start-up costs seconds per stage.
