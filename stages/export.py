@@ -34,7 +34,7 @@ def main() -> None:
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     if written == "adapter":
         print(f"export: P-tuning adapter and tokenizer written to {out_dir} (virtual tokens cannot be merged into "
-              "weights): load it with peft onto the base model; `tuneline serve` serves merged models only")
+              "weights): `tuneline serve` serves it as base + adapter; from Python, load it with peft onto the base model")
     else:
         print(f"export: merged {training['method']} model written to {out_dir}")
 

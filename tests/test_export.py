@@ -128,8 +128,7 @@ def test_model_card_names_the_data_hashes_dvc_records(tuned_project, tmp_path):
     assert "fine-tuned with **lora**" in card and str(read_json(tuned_project / "models" / "selected.json")["model"]) in card
 
 
-def test_a_ptuning_run_exports_its_adapter_which_loads_back_and_serve_says_how_to_use_it(tiny_model_dir, tmp_path):
-    from tuneline.cli import exported_model
+def test_a_ptuning_run_exports_its_adapter_which_loads_back(tiny_model_dir, tmp_path):
     from tuneline.export import export
     from tuneline.modeling import load_tuned
     from tuneline.training import prepare_model
@@ -146,5 +145,36 @@ def test_a_ptuning_run_exports_its_adapter_which_loads_back_and_serve_says_how_t
     base = logits(load_model(str(tiny_model_dir)).eval(), tokenizer)
     # the text's positions come after the virtual tokens, and the virtual tokens changed them
     assert max_difference([e[-len(b):] for e, b in zip(exported, base)], base) > 1e-3
-    with pytest.raises(SystemExit, match=r"P-tuning adapter.*PeftModel\.from_pretrained"):
-        exported_model(tmp_path / "export")
+
+
+def test_tuneline_serve_serves_a_ptuning_export_as_base_plus_adapter(tiny_model_dir, tmp_path):
+    """The served answer is peft's offline greedy answer with the virtual tokens, not the base's."""
+    from peft import PeftModel
+
+    from tests.test_oracles import plain_messages, served_answer
+    from tuneline.export import export
+    from tuneline.training import prepare_model
+
+    selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
+    prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(tmp_path / "adapter")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "adapter")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    export(selected, tmp_path / "adapter", project / "models" / "export", "auto")
+
+    record = {"instruction": "How long should a French press steep?"}
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompt = tokenizer.apply_chat_template(plain_messages(record), add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+
+    def greedy(model) -> str:
+        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    base = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        base_answer = greedy(base)
+        tuned_answer = greedy(PeftModel.from_pretrained(base, project / "models" / "export").eval())
+    assert tuned_answer != base_answer  # the check below can tell the adapter from the bare base
+    assert served_answer(project, record, max_tokens=24) == tuned_answer

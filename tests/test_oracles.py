@@ -76,8 +76,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def served_answer(repo: Path, record: dict, max_tokens: int = 128) -> str:
-    """The answer of `tuneline serve` (a real `transformers serve` on 127.0.0.1) through the openai client."""
+def served_answer(repo: Path, record: dict, max_tokens: int = 128, model: str = "models/export") -> str:
+    """The answer of `tuneline serve` (a real `transformers serve` on 127.0.0.1) through the openai client,
+    run in project `repo`, which serves base.export_dir (`model`, the request's model name)."""
     from openai import OpenAI
 
     from tuneline.cli import stop, wait_ready
@@ -91,7 +92,7 @@ def served_answer(repo: Path, record: dict, max_tokens: int = 128) -> str:
         try:
             wait_ready(url, timeout=240, process=cli)
             client = OpenAI(base_url=url, api_key="not-needed")
-            reply = client.chat.completions.create(model="models/export", messages=plain_messages(record),
+            reply = client.chat.completions.create(model=model, messages=plain_messages(record),
                                                    max_tokens=max_tokens, temperature=0)
             return (reply.choices[0].message.content or "").strip()
         finally:

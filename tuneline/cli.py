@@ -6,7 +6,9 @@
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
 maintained server; this is only the wrapper that finds the model, starts the server, says where
-it listens and stops it. The `model` field of a request is the model directory as given.
+it listens and stops it. The `model` field of a request is the model directory as given. A
+P-tuning export (an adapter: virtual tokens, no weights to merge) is served by the same server
+loading base + adapter with peft (`tuneline.peftserve`).
 """
 
 from __future__ import annotations
@@ -76,14 +78,7 @@ def exported_model(export_dir: str | Path) -> Path:
         raise SystemExit(
             f"tuneline serve: nothing was exported to {path}: {reason}. Send requests to that API directly"
         )
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        raise SystemExit(
-            f"tuneline serve: {path} holds a P-tuning adapter (train.method: ptuning), which has no weights to "
-            "merge and which `transformers serve` cannot load. Use it from Python with peft "
-            "(PeftModel.from_pretrained(base_model, path); see README, Serving), or train with "
-            "train.method lora, qlora or full to serve it"
-        )
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise SystemExit(
             f"tuneline serve: no exported model in {path} (base.export_dir; no config.json there); "
             "run `dvc repro export` first"

@@ -31,9 +31,14 @@ def free_port() -> int:
 
 
 def serve_command(model_path: str, port: int, device: str, host: str = "127.0.0.1") -> list[str]:
-    """The `transformers serve` command line, pinned to one model (its name in requests is the path)."""
+    """The `transformers serve` command line, pinned to one model (its name in requests is the path).
+
+    A P-tuning adapter directory is served by the same server through `tuneline.peftserve`, which
+    loads it onto its base model with peft.
+    """
+    adapter = Path(model_path, "adapter_config.json").is_file() and not Path(model_path, "config.json").is_file()
     return [
-        sys.executable, "-m", "transformers.cli.transformers", "serve",
+        sys.executable, "-m", "tuneline.peftserve" if adapter else "transformers.cli.transformers", "serve",
         "--host", host, "--port", str(port), "--device", device, "--log-level", "warning",
         model_path,
     ]  # fmt: skip
