@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneline import params
-from tuneline.modeling import tokenizer_hash
-from tuneline.records import read_json, write_json
+from tuneline.records import read_json, tokenizer_hash, write_json
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
 COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "prompt_tokens", "completion_tokens", "latency_per_answer_s")

@@ -6,7 +6,6 @@ runs only when params turn `trust_remote_code` on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -118,16 +117,3 @@ def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dty
     if merge and model.peft_config["default"].is_prompt_learning:
         raise SystemExit("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
     return model.merge_and_unload() if merge else model
-
-
-def tokenizer_hash(name: str) -> str:
-    """A content hash of a local tokenizer's files (the hub id and revision stand for it otherwise)."""
-    path = Path(name)
-    if not path.is_dir():
-        return ""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]

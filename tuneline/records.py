@@ -137,3 +137,16 @@ def duplicate_ids(records: Iterable[dict]) -> list[str]:
             twice.append(record["id"])
         seen.add(record.get("id"))
     return sorted(set(twice))
+
+
+def tokenizer_hash(name: str) -> str:
+    """A content hash of a local tokenizer's files (the hub id and revision stand for it otherwise)."""
+    path = Path(name)
+    if not path.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
