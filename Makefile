@@ -31,8 +31,11 @@ run: $(STAMP)
 
 repro: run
 
+# Tests run on every core (pytest-xdist); those sharing a session fixture stay on one worker
+# (tests/conftest.py). `make test TEST_WORKERS=0` runs them in this process. The slowest are listed.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).
 serve: $(STAMP)
