@@ -54,8 +54,9 @@ def main() -> None:
         f"clean: embeddings for {counts['texts']} texts: {counts['encoded']} newly encoded, "
         f"the rest from {store}; {time.perf_counter() - started:.1f} s"
     )
-    if "skipped" in m["cleanlab"]:
-        print(f"clean: cleanlab Datalab skipped: {m['cleanlab']['skipped']}")
+    for language, cl in m["cleanlab"]["languages"].items():
+        if "skipped" in cl:
+            print(f"clean: cleanlab Datalab skipped for language {language}: {cl['skipped']}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from tuneline.rules import (
     empty_fields,
     exact_duplicates,
     html_remnants,
+    language_guesses,
     language_problem,
     length_problem,
     normalised_key,
     pii_problem,
     redact_record,
     redact_text,
+    record_language,
     refusal,
     repeats_instruction,
     review_problems,
@@ -194,6 +196,31 @@ def test_chinese_mixed_and_short_texts_are_not_wrong_language():
     # Chinese is rejected when only English is allowed.
     en_only = RuleLimits(**{**LIMITS.__dict__, "languages": ("en",)})
     assert language_problem({**ZH, "output": "一般用九十到九十六度的水，刚离火的开水最合适，深烘豆可以再低一两度。"}, en_only).rule == "wrong_language"
+
+
+@pytest.mark.parametrize(
+    "text, language",
+    [
+        ("Why is my espresso sour?", "en"),
+        ("Wie entkalke ich die Maschine?", "de"),
+        ("Hoe ontkalk ik de machine?", "nl"),
+        ("De koffie is klaar en de melk is warm.", "nl"),
+        ("¿Por qué mi café es amargo?", "es"),
+        ("为什么咖啡是酸的？", "zh"),
+        ("コーヒーはなぜ酸っぱいの？", "ja"),
+    ],
+)
+def test_short_texts_get_their_language(text, language):
+    assert next(iter(language_guesses(text))) == language
+    assert record_language({"instruction": text, "output": ""}) == language
+
+
+def test_dutch_is_not_taken_for_english():
+    # Short ASCII words the two languages share ("is", "in", "de") once let Dutch pass as English.
+    dutch = {"instruction": "Hoe lang moet de koffie trekken?", "output": "De koffie is klaar en de melk is warm in de kan."}
+    problem = language_problem(dutch, RuleLimits(**{**LIMITS.__dict__, "languages": ("en",)}))
+    assert problem is not None and problem.rule == "wrong_language" and "text is nl" in problem.detail
+    assert record_language({"instruction": "123", "output": "4.5"}) == "und"
 
 
 def test_language_decision_is_deterministic():

@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ftfy.badness import badness, is_bad
-from langdetect import DetectorFactory, detect_langs
-from langdetect.lang_detect_exception import LangDetectException
-
-# langdetect samples n-grams at random: a fixed seed makes the same text get the same answer.
-DetectorFactory.seed = 0
+from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 
 @dataclass(frozen=True)
@@ -73,12 +69,8 @@ _CJK_CHAR_RE = re.compile(rf"[{_CJK}]")
 _HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA_HANGUL_RE = re.compile(r"[\u3040-\u30ff\uac00-\ud7af]")
 _LETTER_RE = re.compile(r"[^\W\d_]")
-_NON_ASCII_LETTER_RE = re.compile(r"[^\W\d_A-Za-z]")
-_ASCII_WORD_RE = re.compile(r"[A-Za-z']+")
-_ENGLISH_FUNCTION_WORDS = frozenset(
-    "the a an is are was were be of to and in on for with that this it you your what how why "
-    "do does can should i my use from or not at by as".split()
-)
+# py3langid names some Chinese varieties apart; params name languages by ISO 639-1 code.
+_SAME_LANGUAGE = {"wuu": "zh", "yue": "zh", "cmn": "zh"}
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 _REFUSAL_ANYWHERE = re.compile(
@@ -243,26 +235,57 @@ def _tag_name(tag: str) -> str:
 
 
 def _script_language(text: str) -> str | None:
-    """A language that the characters alone make certain, or None (then langdetect decides).
+    """Chinese when the characters alone make it certain, else None (then the detector decides).
 
-    Han text without kana or hangul is Chinese, whatever Latin words are mixed in; text in
-    (almost only) ASCII letters with several English function words is English. Both are fast, and langdetect is unreliable
-    on exactly these short and mixed texts.
+    Han text without kana or hangul is Chinese, whatever Latin words are mixed in: the detector
+    is unreliable on exactly these mixed texts. Latin-script text always goes to the detector
+    (a shortcut by English function words let Dutch pass as English).
     """
     if text.isascii():
-        non_ascii_share = 0.0
-    else:
-        letters = len(_LETTER_RE.findall(text)) or 1
-        han = len(_HAN_RE.findall(text))
-        if han and not _KANA_HANGUL_RE.search(text) and han >= 0.2 * letters:
-            return "zh"
-        non_ascii_share = len(_NON_ASCII_LETTER_RE.findall(text)) / letters
-    # A few accented letters (café, naïve) do not make English text foreign.
-    if non_ascii_share <= 0.02:
-        words = _ASCII_WORD_RE.findall(text.lower())
-        if len(words) >= 4 and len(_ENGLISH_FUNCTION_WORDS.intersection(words)) >= 2:
-            return "en"
+        return None
+    letters = len(_LETTER_RE.findall(text)) or 1
+    han = len(_HAN_RE.findall(text))
+    if han and not _KANA_HANGUL_RE.search(text) and han >= 0.2 * letters:
+        return "zh"
     return None
+
+
+_IDENTIFIER: list[LanguageIdentifier] = []
+
+
+def _identifier() -> LanguageIdentifier:
+    # The model ships inside py3langid (offline) and loads in about a second: only when asked.
+    if not _IDENTIFIER:
+        _IDENTIFIER.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
+    return _IDENTIFIER[0]
+
+
+def language_guesses(text: str) -> dict[str, float]:
+    """Probability of each language (ISO 639-1 code) for `text`, highest first; {} for text without letters.
+
+    py3langid (a naive Bayes over byte n-grams, deterministic) decides, after the Chinese
+    shortcut of `_script_language`.
+    """
+    if not _LETTER_RE.search(text):
+        return {}
+    script = _script_language(text)
+    if script is not None:
+        return {script: 1.0}
+    probs: dict[str, float] = {}
+    for code, prob in _identifier().rank(text):
+        code = _SAME_LANGUAGE.get(code, code)
+        probs[code] = probs.get(code, 0.0) + float(prob)
+    return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+
+
+def _language_text(record: dict) -> str:
+    return "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
+
+
+def record_language(record: dict) -> str:
+    """The likeliest language of a record's instruction, input and output ("und" for text without letters)."""
+    guesses = language_guesses(_language_text(record))
+    return next(iter(guesses), "und")
 
 
 def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
@@ -274,22 +297,14 @@ def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
     """
     if limits.languages is None:
         return None
-    text = "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
+    text = _language_text(record)
     if len("".join(text.split())) < limits.language_min_chars:
         return None
     allowed = set(limits.languages)
-    if _script_language(text) in allowed:
+    probs = language_guesses(text)
+    if not probs:
         return None
-    try:
-        guesses = detect_langs(text)
-    except LangDetectException:
-        return None
-    # langdetect names Chinese zh-cn / zh-tw; params name languages by their ISO 639-1 code.
-    probs: dict[str, float] = {}
-    for guess in guesses:
-        code = guess.lang.split("-")[0]
-        probs[code] = probs.get(code, 0.0) + guess.prob
-    top, prob = max(probs.items(), key=lambda kv: kv[1])
+    top, prob = next(iter(probs.items()))
     if top in allowed or prob < limits.language_confidence or any(probs.get(a, 0.0) > 0.1 for a in allowed):
         return None
     return Problem("wrong_language", f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}", round(prob, 4))
