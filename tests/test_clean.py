@@ -311,6 +311,8 @@ def test_label_pred_probs_fit_unit_length_embeddings():
 def test_params_checks_name_the_key():
     with pytest.raises(ParamsError, match=r"clean.datalab_min_records \(5\) must be larger than clean.knn_k"):
         check_params(dataclasses.replace(P, datalab_min_records=5))
+    with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
+        check_params(dataclasses.replace(P, phone_regions=["GB", "UK"]))
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["clean"]["reject_issues"] = ["near_duplicate", "non_iid"]
     with pytest.raises(ParamsError, match=r"clean.reject_issues\[1\] 'non_iid' is not one of"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import phonenumbers
 
 from tuneline.params import Clean, ParamsError
 from tuneline.records import InputError, content_hash, duplicate_ids, with_id
@@ -69,6 +70,9 @@ def check_params(p: Clean) -> Clean:
         raise ParamsError(f"clean.outlier_threshold {p.outlier_threshold} must be in [0, 1] (higher flags more)")
     if p.label_cv_folds < 2:
         raise ParamsError(f"clean.label_cv_folds {p.label_cv_folds} must be at least 2")
+    unknown = sorted(set(p.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
+    if unknown:
+        raise ParamsError(f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)")
     if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
         raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
     return p
@@ -322,7 +326,7 @@ def apply_rules(records: list[dict], p: Clean) -> tuple[list[dict], list[dict], 
     passed, rejects, pii_counts = [], [], Counter()
     for record in records:
         problems = check_record(record, limits)
-        redacted, pii, found = pii_problem(record, p.pii)
+        redacted, pii, found = pii_problem(record, p.pii, tuple(p.phone_regions))
         if problems:
             others = [q.rule for q in problems[1:]]
             rejects.append(make_reject(redacted, problems[0], **({"also": others} if others else {})))

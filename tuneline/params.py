@@ -215,6 +215,7 @@ class Clean(_Section):
     language_min_chars: int
     language_confidence: float
     pii: Literal["redact", "reject"]
+    phone_regions: list[str]
     embedding_model: str
     batch_size: int
     datalab_min_records: int

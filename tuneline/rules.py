@@ -12,6 +12,7 @@ Rule names, which are also the `reason` of a clean-stage reject:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import unicodedata
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ftfy.badness import badness, is_bad
+from phonenumbers import Leniency, PhoneNumberMatcher
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 
@@ -101,12 +103,19 @@ _ABOUT_MARKUP_RE = re.compile(r"html|xml|markup|\btags?\b|标签|网页", re.IGN
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _ID_RE = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])|(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
-_PHONE_RE = re.compile(
-    r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)|\d{1,4})(?:[\s.-]?\d{2,4}){2,4}(?!\d)"
-    r"|(?<!\d)(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?!\d)"
-    r"|(?<!\d)1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d)"
+# IBAN as printed (groups of four) or compact; kept only when its ISO 13616 checksum holds.
+_IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])")
+# IP address candidates; kept only when the `ipaddress` module parses them.
+_IP_RE = re.compile(
+    r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
 )
-PII_PLACEHOLDERS = {"email": "[EMAIL]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
+# A run of seven or more digits (separators allowed): texts without one hold no phone number,
+# and phonenumbers' matcher (milliseconds per text) is not run on them.
+_PHONE_CANDIDATE_RE = re.compile(r"\d(?:[\s().-]{0,3}\d){6,}")
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "ip": "[IP]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
+# Where national phone numbers (without +country) are looked for, unless the caller names regions.
+PHONE_REGIONS = ("US", "GB", "DE", "CN")
 
 
 def count_tokens(text: str) -> int:
@@ -261,7 +270,7 @@ def _identifier() -> LanguageIdentifier:
 
 
 def language_guesses(text: str) -> dict[str, float]:
-    """Probability of each language (ISO 639-1 code) for `text`, highest first; {} for text without letters.
+    """Probability of each likely language (ISO 639-1 code) for `text`, highest first; {} for text without letters.
 
     py3langid (a naive Bayes over byte n-grams, deterministic) decides, after the Chinese
     shortcut of `_script_language`.
@@ -272,7 +281,10 @@ def language_guesses(text: str) -> dict[str, float]:
     if script is not None:
         return {script: 1.0}
     probs: dict[str, float] = {}
-    for code, prob in _identifier().rank(text):
+    # The detector's time grows with the text; its guess settles well within the first 400 characters.
+    for code, prob in _identifier().rank(text[:400]):
+        if prob < 1e-4:  # ranked highest first: the other ~140 languages are noise
+            break
         code = _SAME_LANGUAGE.get(code, code)
         probs[code] = probs.get(code, 0.0) + float(prob)
     return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
@@ -347,7 +359,7 @@ RULE_DESCRIPTIONS = {
     "broken_encoding": "the text has broken encoding (mojibake)",
     "html_remnants": "the text contains HTML tags or entities",
     "wrong_language": "the text is not in an allowed language",
-    "pii": "the text contains personal data (e-mail, phone, card or ID numbers)",
+    "pii": "the text contains personal data (e-mail, phone, IBAN, IP address, card or ID numbers)",
     "exact_duplicate": "the record duplicates another one",
     # augment's own checks of generated records and replies
     "not_grounded": "the answer is not supported by the passage",
@@ -391,26 +403,64 @@ def _card_ok(match: str) -> bool:
     return 13 <= len(digits) <= 19 and _luhn_ok(digits)
 
 
+def _iban_ok(match: str) -> bool:
+    # ISO 13616: the country code and check digits go to the end, letters become 10..35, mod 97 is 1.
+    compact = match.replace(" ", "")
+    digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
+    return 15 <= len(compact) <= 34 and int(digits) % 97 == 1
+
+
+def _ip_ok(match: str) -> bool:
+    try:
+        ipaddress.ip_address(match)
+    except ValueError:
+        return False
+    # "a::b" parses too; an address someone could be traced by has digits.
+    return any(c.isdigit() for c in match)
+
+
 _PII_PATTERNS = (
     ("email", _EMAIL_RE, None),
+    ("iban", _IBAN_RE, _iban_ok),
+    ("ip", _IP_RE, _ip_ok),
     ("card", _CARD_RE, _card_ok),
     ("id", _ID_RE, _id_ok),
-    ("phone", _PHONE_RE, None),
 )
 # Every number pattern needs two adjacent digits: texts without them skip those patterns.
 _DIGIT_PAIR_RE = re.compile(r"\d\d")
 
 
-def redact_text(text: str) -> tuple[str, dict[str, int]]:
-    """The text with e-mail addresses, card, ID and phone numbers replaced by placeholders, and counts by kind.
+def phone_spans(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list[tuple[int, int]]:
+    """(start, end) of each phone number in `text` that Google's libphonenumber finds valid, in order.
 
-    Card numbers must pass the Luhn check and 18-digit Chinese ID numbers their check digit,
-    so that ordinary long numbers are left alone.
+    Numbers written with +country are found whatever the regions; national formats
+    ("020 7946 0958", "030 1234567") are looked for as dialled in each of `regions`
+    (ISO 3166 codes). Overlapping finds are merged.
+    """
+    if not _PHONE_CANDIDATE_RE.search(text):
+        return []
+    found = sorted({(m.start, m.end) for region in regions for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)})
+    merged: list[tuple[int, int]] = []
+    for start, end in found:
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def redact_text(text: str, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> tuple[str, dict[str, int]]:
+    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers replaced by placeholders, and counts by kind.
+
+    IBANs must pass their mod-97 checksum, IP addresses parse as such, card numbers pass the
+    Luhn check, 18-digit Chinese ID numbers their check digit and phone numbers libphonenumber's
+    validity check, so that ordinary long numbers are left alone.
     """
     found: dict[str, int] = {}
     has_at, has_digits = "@" in text, _DIGIT_PAIR_RE.search(text) is not None
     for kind, pattern, valid in _PII_PATTERNS:
-        if not (has_at if kind == "email" else has_digits):
+        # An IPv4 address such as 1.2.3.4 has no two adjacent digits.
+        if not (has_at if kind == "email" else has_digits or kind == "ip"):
             continue
 
         def replace(match: re.Match, kind: str = kind, valid=valid) -> str:
@@ -420,16 +470,21 @@ def redact_text(text: str) -> tuple[str, dict[str, int]]:
             return PII_PLACEHOLDERS[kind]
 
         text = pattern.sub(replace, text)
+    spans = phone_spans(text, phone_regions) if has_digits else []
+    for start, end in reversed(spans):
+        text = text[:start] + PII_PLACEHOLDERS["phone"] + text[end:]
+    if spans:
+        found["phone"] = len(spans)
     return text, found
 
 
-def redact_record(record: dict) -> tuple[dict, dict[str, int]]:
+def redact_record(record: dict, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> tuple[dict, dict[str, int]]:
     """The record with PII redacted in every text field (history included), and counts by kind."""
     out = dict(record)
     found: dict[str, int] = {}
 
     def redact(text: str) -> str:
-        clean, counts = redact_text(text)
+        clean, counts = redact_text(text, phone_regions)
         for kind, n in counts.items():
             found[kind] = found.get(kind, 0) + n
         return clean
@@ -445,13 +500,15 @@ def redact_record(record: dict) -> tuple[dict, dict[str, int]]:
     return out, found
 
 
-def pii_problem(record: dict, mode: Literal["redact", "reject"]) -> tuple[dict, Problem | None, dict[str, int]]:
+def pii_problem(
+    record: dict, mode: Literal["redact", "reject"], phone_regions: tuple[str, ...] = PHONE_REGIONS
+) -> tuple[dict, Problem | None, dict[str, int]]:
     """Apply the PII policy: (the record with PII redacted, a `pii` Problem in reject mode, counts by kind).
 
     The record comes back redacted in both modes, so that personal data is not written to the
     rejects file either.
     """
-    redacted, found = redact_record(record)
+    redacted, found = redact_record(record, phone_regions)
     if not found:
         return record, None, found
     if mode == "reject":
