@@ -196,6 +196,7 @@ class Augment(_Section):
     json_mode: bool
     reply_retries: int
     feedback_examples: int
+    review_clean_rules: bool
     min_grounding: float
     concurrency: int
     requests_per_minute: int

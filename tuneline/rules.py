@@ -52,8 +52,8 @@ class RuleLimits:
 
 
 # augment's review loop has no params of its own for these: generated records are held to
-# the same limits as the defaults of the clean stage, without the dataset policies (language
-# and PII) that the clean stage applies from params.
+# the same limits as the defaults of the clean stage; the dataset policies (language and PII)
+# come from the clean stage's params when augment.review_clean_rules is on (`ReviewRules`).
 REVIEW_LIMITS = RuleLimits(
     min_chars=2,
     max_chars=4000,
@@ -341,12 +341,30 @@ def check_record(record: dict, limits: RuleLimits) -> list[Problem]:
     return problems
 
 
-def review_problems(record: dict) -> list[str]:
-    """Reasons a generated record is unfit for training (empty list: fit), with REVIEW_LIMITS.
+@dataclass(frozen=True)
+class ReviewRules:
+    """What augment's review loop holds a generated record to.
+
+    `limits` are the per-record rule limits (languages None: no language rule); with
+    `reject_pii`, a record holding personal data (as the clean stage finds it, phone numbers
+    read in `phone_regions`) is unfit, as the clean stage would reject it with clean.pii: reject.
+    """
+
+    limits: RuleLimits = REVIEW_LIMITS
+    reject_pii: bool = False
+    phone_regions: tuple[str, ...] = PHONE_REGIONS
+
+
+def review_problems(record: dict, rules: ReviewRules = ReviewRules()) -> list[str]:
+    """Reasons a generated record is unfit for training (empty list: fit).
 
     Used by augment's review loop; `describe` turns a reason into a sentence for a prompt.
     """
-    return [problem.rule for problem in check_record(record, REVIEW_LIMITS)]
+    problems = [problem.rule for problem in check_record(record, rules.limits)]
+    if rules.reject_pii:
+        _, pii, _ = pii_problem(record, "reject", rules.phone_regions)
+        problems += [pii.rule] if pii is not None else []
+    return problems
 
 
 RULE_DESCRIPTIONS = {
