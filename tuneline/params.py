@@ -271,6 +271,7 @@ class Select(_Section):
 @dataclass(frozen=True)
 class Tokenize(_Section):
     template: Literal["auto", "chatml", "llama3", "alpaca"]
+    template_date: str
     max_length: int
     overlong: Literal["truncate", "drop"]
     packing: bool
