@@ -1,6 +1,10 @@
 """The rule filters: each rule on tiny in-memory records, Chinese included."""
 
+from pathlib import Path
+
 import pytest
+
+from tuneline import params
 
 from tuneline.rules import (
     REVIEW_LIMITS,
@@ -26,6 +30,8 @@ from tuneline.rules import (
     review_problems,
 )
 
+# The phone regions of the shipped params (020 7946 0958 is read as British, 030 1234567 as German).
+REGIONS = tuple(params.section("clean", path=Path(__file__).resolve().parents[1] / "params.yaml").phone_regions)
 LIMITS = RuleLimits(
     min_chars=2, max_chars=200, min_tokens=1, max_tokens=60, languages=("en", "zh"),
     language_min_chars=20, language_confidence=0.9,
@@ -232,7 +238,8 @@ def test_language_decision_is_deterministic():
 def test_pii_is_redacted_with_placeholders():
     text, found = redact_text(
         "Mail jane.doe@example.com, call +1 212 555 0187 or (212) 555-0188, card 4111 1111 1111 1111, "
-        "SSN 123-45-6789, 身份证 11010519491231002X, 手机13812345678"
+        "SSN 123-45-6789, 身份证 11010519491231002X, 手机13812345678",
+        REGIONS,
     )
     assert found == {"email": 1, "phone": 3, "card": 1, "id": 2}
     assert "jane" not in text and "4111" not in text and "6789" not in text and "138" not in text
@@ -244,40 +251,40 @@ def test_ordinary_numbers_are_not_pii():
         "Brew 18 g for 25-30 s at 93 °C; 1:16 ratio; years 2019-2020; 1234 5678 9012 3456; 123456789012345678. "
         "At 10:30:00 use v1.2.3, ratio 1:2:3, not 999.1.1.1 or 1.2.3.4.5."
     )
-    assert redact_text(text) == (text, {})
+    assert redact_text(text, REGIONS) == (text, {})
 
 
 def test_national_phone_formats_are_found_through_phonenumbers():
-    text, found = redact_text("Ring 020 7946 0958 (London), 030 1234567 (Berlin) or +49 30 1234567.")
+    text, found = redact_text("Ring 020 7946 0958 (London), 030 1234567 (Berlin) or +49 30 1234567.", REGIONS)
     assert (text, found) == ("Ring [PHONE] (London), [PHONE] (Berlin) or [PHONE].", {"phone": 3})
-    assert phone_spans("Ring 020 7946 0958.") == [(5, 18)]
+    assert phone_spans("Ring 020 7946 0958.", REGIONS) == [(5, 18)]
     # A national number is read as dialled in the regions named: Berlin's is not a US number.
     assert phone_spans("030 1234567", ("US",)) == [] and phone_spans("+49 30 1234567", ("US",)) == [(0, 14)]
 
 
 def test_iban_is_pii_only_with_a_valid_checksum():
-    text, found = redact_text("Pay DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432; DE89 3704 0044 0532 0130 01 is a typo.")
+    text, found = redact_text("Pay DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432; DE89 3704 0044 0532 0130 01 is a typo.", REGIONS)
     assert (text, found) == ("Pay [IBAN] or [IBAN]; DE89 3704 0044 0532 0130 01 is a typo.", {"iban": 2})
-    redacted, problem, _ = pii_problem(rec(output="Transfer to DE89370400440532013000 today."), "reject")
+    redacted, problem, _ = pii_problem(rec(output="Transfer to DE89370400440532013000 today."), "reject", REGIONS)
     assert problem.rule == "pii" and problem.detail == "contains personal data: 1 iban"
     assert redacted["output"] == "Transfer to [IBAN] today."
 
 
 def test_ipv4_and_ipv6_addresses_are_pii():
-    text, found = redact_text("Server 192.168.1.20, 2001:db8::1 and fe80::1ff:fe23:4567:890a; loopback 127.0.0.1.")
+    text, found = redact_text("Server 192.168.1.20, 2001:db8::1 and fe80::1ff:fe23:4567:890a; loopback 127.0.0.1.", REGIONS)
     assert (text, found) == ("Server [IP], [IP] and [IP]; loopback [IP].", {"ip": 4})
 
 
 def test_pii_policy_redact_or_reject():
     record = rec(output="Write to jane@example.com for beans.", history=[["call me?", "555-123-4567"]])
-    kept, problem, found = pii_problem(record, "redact")
+    kept, problem, found = pii_problem(record, "redact", REGIONS)
     assert problem is None and found == {"email": 1, "phone": 1}
     assert kept["output"] == "Write to [EMAIL] for beans." and kept["history"] == [["call me?", "[PHONE]"]]
     assert record["output"].startswith("Write to jane")  # the input record is not changed
-    redacted, problem, _ = pii_problem(record, "reject")
+    redacted, problem, _ = pii_problem(record, "reject", REGIONS)
     assert (problem.rule, problem.detail, problem.score) == ("pii", "contains personal data: 1 email, 1 phone", 2)
     assert redacted == kept  # nothing personal reaches the rejects file either
-    assert redact_record(EN) == (EN, {})
+    assert redact_record(EN, REGIONS) == (EN, {})
 
 
 def test_exact_duplicates_after_normalisation_keep_the_preferred_source():

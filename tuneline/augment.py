@@ -468,7 +468,7 @@ def run_rounds(
     seed: int,
     rules: ReviewRules = ReviewRules(),
 ) -> AugmentResult:
-    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted records and rejects."""
+    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted records, rejects."""
     seeds_by_category: dict[str, list[dict]] = {}
     for record in sorted(seeds, key=lambda r: r["id"]):
         seeds_by_category.setdefault(record.get("category") or "", []).append(record)

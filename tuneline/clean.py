@@ -72,7 +72,9 @@ def check_params(p: Clean) -> Clean:
         raise ParamsError(f"clean.label_cv_folds {p.label_cv_folds} must be at least 2")
     unknown = sorted(set(p.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
     if unknown:
-        raise ParamsError(f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)")
+        raise ParamsError(
+            f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
+        )
     if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
         raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
     return p
@@ -494,7 +496,9 @@ def language_groups(records: list[dict]) -> dict[str, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def datalab_by_language(records: list[dict], p: Clean, embed: Encoder) -> tuple[list[dict], list[dict], list[dict], dict]:
+def datalab_by_language(
+    records: list[dict], p: Clean, embed: Encoder
+) -> tuple[list[dict], list[dict], list[dict], dict]:
     """`datalab_rejects` run on each language group apart: (kept, rejects, flagged, cleanlab metrics).
 
     Distances in an encoder's space mean little across languages (the default MiniLM is
@@ -518,7 +522,8 @@ def datalab_by_language(records: list[dict], p: Clean, embed: Encoder) -> tuple[
         "languages": {},
     }
     for language, rows in groups.items():
-        group_features = features[[position[i] for i in rows]] if rows[0] in position else np.zeros((0, 0), np.float32)
+        # Groups too small to check were not embedded (datalab_rejects skips them unseen).
+        group_features = features[[position[i] for i in rows]] if rows[0] in position else features[:0]
         k, r, f, group_summary = datalab_rejects([records[i] for i in rows], group_features, p)
         kept += k
         rejects += r

@@ -104,7 +104,9 @@ _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _ID_RE = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])|(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
 # IBAN as printed (groups of four) or compact; kept only when its ISO 13616 checksum holds.
-_IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])")
+_IBAN_RE = re.compile(
+    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])"
+)
 # IP address candidates; kept only when the `ipaddress` module parses them.
 _IP_RE = re.compile(
     r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
@@ -114,8 +116,6 @@ _IP_RE = re.compile(
 # and phonenumbers' matcher (milliseconds per text) is not run on them.
 _PHONE_CANDIDATE_RE = re.compile(r"\d(?:[\s().-]{0,3}\d){6,}")
 PII_PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "ip": "[IP]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
-# Where national phone numbers (without +country) are looked for, unless the caller names regions.
-PHONE_REGIONS = ("US", "GB", "DE", "CN")
 
 
 def count_tokens(text: str) -> int:
@@ -270,7 +270,7 @@ def _identifier() -> LanguageIdentifier:
 
 
 def language_guesses(text: str) -> dict[str, float]:
-    """Probability of each likely language (ISO 639-1 code) for `text`, highest first; {} for text without letters.
+    """Probability of each likely language (ISO 639-1 code) of `text`, highest first; {} for text without letters.
 
     py3langid (a naive Bayes over byte n-grams, deterministic) decides, after the Chinese
     shortcut of `_script_language`.
@@ -352,7 +352,7 @@ class ReviewRules:
 
     limits: RuleLimits = REVIEW_LIMITS
     reject_pii: bool = False
-    phone_regions: tuple[str, ...] = PHONE_REGIONS
+    phone_regions: tuple[str, ...] = ()
 
 
 def review_problems(record: dict, rules: ReviewRules = ReviewRules()) -> list[str]:
@@ -448,7 +448,7 @@ _PII_PATTERNS = (
 _DIGIT_PAIR_RE = re.compile(r"\d\d")
 
 
-def phone_spans(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list[tuple[int, int]]:
+def phone_spans(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
     """(start, end) of each phone number in `text` that Google's libphonenumber finds valid, in order.
 
     Numbers written with +country are found whatever the regions; national formats
@@ -457,7 +457,9 @@ def phone_spans(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list[tup
     """
     if not _PHONE_CANDIDATE_RE.search(text):
         return []
-    found = sorted({(m.start, m.end) for region in regions for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)})
+    found = sorted(
+        {(m.start, m.end) for region in regions for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)}
+    )
     merged: list[tuple[int, int]] = []
     for start, end in found:
         if merged and start < merged[-1][1]:
@@ -467,8 +469,10 @@ def phone_spans(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> list[tup
     return merged
 
 
-def redact_text(text: str, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> tuple[str, dict[str, int]]:
-    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers replaced by placeholders, and counts by kind.
+def redact_text(text: str, phone_regions: tuple[str, ...]) -> tuple[str, dict[str, int]]:
+    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers as placeholders; counts by kind.
+
+    National phone numbers are looked for as dialled in `phone_regions` (clean.phone_regions).
 
     IBANs must pass their mod-97 checksum, IP addresses parse as such, card numbers pass the
     Luhn check, 18-digit Chinese ID numbers their check digit and phone numbers libphonenumber's
@@ -496,7 +500,7 @@ def redact_text(text: str, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> tu
     return text, found
 
 
-def redact_record(record: dict, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> tuple[dict, dict[str, int]]:
+def redact_record(record: dict, phone_regions: tuple[str, ...]) -> tuple[dict, dict[str, int]]:
     """The record with PII redacted in every text field (history included), and counts by kind."""
     out = dict(record)
     found: dict[str, int] = {}
@@ -519,7 +523,7 @@ def redact_record(record: dict, phone_regions: tuple[str, ...] = PHONE_REGIONS) 
 
 
 def pii_problem(
-    record: dict, mode: Literal["redact", "reject"], phone_regions: tuple[str, ...] = PHONE_REGIONS
+    record: dict, mode: Literal["redact", "reject"], phone_regions: tuple[str, ...]
 ) -> tuple[dict, Problem | None, dict[str, int]]:
     """Apply the PII policy: (the record with PII redacted, a `pii` Problem in reject mode, counts by kind).
 
