@@ -1,7 +1,8 @@
 """Augment the raw material into records: pass-through sources plus LLM-generated records.
 
 Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets.jsonl,
-        the prompt templates in augment.prompts_dir
+        the prompt templates in augment.prompts_dir; params base, augment, and (augment.review_clean_rules)
+        the clean stage's language and PII keys, so generated records meet the policy clean applies
 Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | dataset | generated),
         base.augmented_dir/rejects.jsonl (every generated record or reply left out, with the reason,
         and the raw reply for replies that were not the JSON asked for),
@@ -36,7 +37,7 @@ def require(path: Path, fix: str) -> Path:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="augment: %(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
-    base, p = params.load("base", "augment")
+    base, p, clean = params.load("base", "augment", "clean")
     raw = Path(base.raw_dir)
     seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
     crawled, docs = augment.crawl_items(require(raw / "crawl.jsonl", "run `dvc repro crawl` first"))
@@ -65,7 +66,8 @@ def main() -> None:
                      sum(r.error is not None for r in replies))  # fmt: skip
             return replies
 
-        result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed)
+        rules = augment.review_rules(p, clean)
+        result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed, rules)
 
     # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
     failed = [r for r in result.replies if r.error is not None and r.error not in (llm.EMPTY_REPLY, llm.TRUNCATED)]

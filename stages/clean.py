@@ -4,7 +4,7 @@ Reads:  base.augmented_dir/records.jsonl
 Writes: base.clean_dir/records.jsonl (kept records, PII redacted when clean.pii is redact),
         base.clean_dir/rejects.jsonl (each removed record with its reason, score and, for
         duplicates, the id of the kept twin),
-        base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary),
+        base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary per language),
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
 Run:    python -m stages.clean
@@ -54,8 +54,9 @@ def main() -> None:
         f"clean: embeddings for {counts['texts']} texts: {counts['encoded']} newly encoded, "
         f"the rest from {store}; {time.perf_counter() - started:.1f} s"
     )
-    if "skipped" in m["cleanlab"]:
-        print(f"clean: cleanlab Datalab skipped: {m['cleanlab']['skipped']}")
+    for language, cl in m["cleanlab"]["languages"].items():
+        if "skipped" in cl:
+            print(f"clean: cleanlab Datalab skipped for language {language}: {cl['skipped']}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from datasets import Dataset
 from tuneline import params
 from tuneline.modeling import load_tokenizer
 from tuneline.records import read_json, write_json, write_jsonl
-from tuneline.templates import chat_template_for
+from tuneline.templates import chat_template_for, with_fixed_date
 from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
 
 
@@ -33,7 +33,8 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         raise SystemExit(f"tokenize: {path} has no records; check metrics/build.json")
     tokenized = records.map(
         tokenize_example,
-        fn_kwargs=dict(tokenizer=tokenizer, template=p.template, max_length=p.max_length,
+        # main() has put the template to use, its date fixed, on the tokenizer.
+        fn_kwargs=dict(tokenizer=tokenizer, template="auto", max_length=p.max_length,
                        overlong=p.overlong, train_on_prompt=p.train_on_prompt),
         remove_columns=records.column_names,
         num_proc=p.num_proc if p.num_proc > 1 else None,
@@ -87,8 +88,14 @@ def main() -> None:
         return
 
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
-    # The template actually used travels with the data, so training saves it with the model.
-    (out_dir / "chat_template.jinja").write_text(chat_template_for(tokenizer, p.template), encoding="utf-8")
+    # The template actually used travels with the data, so training saves it with the model. A
+    # template that prints today's date (Llama 3's strftime_now) prints tokenize.template_date
+    # instead: the same records give the same tokens on every day.
+    try:
+        tokenizer.chat_template = with_fixed_date(chat_template_for(tokenizer, p.template), p.template_date)
+    except ValueError as err:
+        raise SystemExit(f"tokenize: tokenize.template_date {p.template_date!r}: {err}") from None
+    (out_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     metrics, rejects = {}, []
     with tempfile.TemporaryDirectory() as cache_dir:
         for split in ("train", "val"):

@@ -7,6 +7,7 @@ checks must flag, and malformed JSON; one test uses the real `transformers serve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from tests.openai_stub import ScriptedServer
-from tuneline import augment
+from tuneline import augment, params
 from tuneline.records import InputError, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,3 +385,23 @@ def test_too_many_failed_calls_fail_the_stage_and_are_listed(tmp_path):
     metrics = json.loads((project / "metrics/augment.json").read_text())
     assert [c["detail"].split(":")[0] for c in metrics["failed_calls"]] == ["InternalServerError"]
     assert len(list((project / "cache/llm").rglob("*.json"))) == metrics["llm"]["calls"] - 1  # the answered ones are kept
+
+
+def test_review_applies_the_clean_stages_language_and_pii_policy():
+    p, clean = params.section("augment", path=ROOT / "params.yaml"), params.section("clean", path=ROOT / "params.yaml")
+    german = {"instruction": "Wie lange sollte eine French Press ziehen?",
+              "output": "Etwa vier Minuten, dann langsam drücken und sofort ausgießen."}  # fmt: skip
+    iban = {"instruction": "Where do I pay for the beans?", "output": "Transfer the money to DE89 3704 0044 0532 0130 00 first."}
+
+    def problems(record: dict, rules) -> list[str]:
+        return augment.record_problems(record, None, p.min_grounding, set(), rules)
+
+    off = augment.review_rules(dataclasses.replace(p, review_clean_rules=False), dataclasses.replace(clean, pii="reject"))
+    assert problems(german, off) == [] and problems(iban, off) == []
+    on = augment.review_rules(p, dataclasses.replace(clean, pii="reject"))
+    assert problems(german, on) == ["wrong_language"] and problems(iban, on) == ["pii"]
+    # With clean.pii: redact the clean stage keeps such a record (redacted), so the review does too.
+    assert problems(iban, augment.review_rules(p, clean)) == []
+    # The next round's prompt says why in words, not by rule id.
+    feedback = augment.mistakes_from([{"kind": "record", "record": german, "reasons": ["wrong_language"]}], 3)
+    assert feedback[0]["reasons"] == ["the text is not in an allowed language"]

@@ -171,7 +171,7 @@ def test_datalab_finds_planted_duplicates_outlier_and_label_error(encoder, tmp_p
 
     m = result.metrics
     assert m["rejects_by_reason"] == {"label": 1, "near_duplicate": 2, "outlier": 1}
-    issues = m["cleanlab"]["issues"]
+    issues = m["cleanlab"]["languages"]["en"]["issues"]
     assert issues["near_duplicate"]["groups"] == 2 and issues["near_duplicate"]["rejected"] == 2
     assert issues["label"]["flagged"] == 2 and issues["label"]["kept_trusted"] == 1
     assert set(issues["non_iid"]) == {"p_value", "is_issue", "action"}
@@ -210,6 +210,27 @@ def test_rule_rejects_and_datalab_together_lose_nothing(encoder, tmp_path):
     assert chinese["id"] in {r["id"] for r in result.kept}
     assert_nothing_lost(records, result.kept, result.rejects)
     assert sum(result.metrics["rejects_by_reason"].values()) == result.metrics["rejected"] == len(result.rejects)
+
+
+CHINESE_CRAWLED = [
+    ("手冲咖啡的水温应该是多少？", "一般用九十到九十六度的水，刚离火的开水最合适。"),
+    ("意式浓缩为什么会发酸？", "发酸通常是萃取不足，可以把研磨调细一点，或者稍微提高水温。"),
+]
+
+
+def test_chinese_crawled_records_are_not_outliers_of_the_english_majority(encoder, tmp_path):
+    # In one Datalab run with 40 English records, the English-only encoder makes both outliers.
+    records = base_records()
+    chinese = [with_id({"instruction": q, "input": "", "output": a, "source": "crawl", "category": "brewing"})
+               for q, a in CHINESE_CRAWLED]  # fmt: skip
+    result = clean_records(records + chinese, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
+    kept = {r["id"] for r in result.kept}
+    assert {r["id"] for r in chinese} <= kept, [r["detail"] for r in result.rejects]
+    languages = result.metrics["cleanlab"]["languages"]
+    assert languages["en"]["records_checked"] == len(records) and "issues" in languages["en"]
+    assert languages["zh"]["records_checked"] == len(chinese) and "fewer than" in languages["zh"]["skipped"]
+    assert_nothing_lost(records + chinese, result.kept, result.rejects)
+    assert "### zh: 2 records" in render_report(result, 3)
 
 
 def test_pii_is_redacted_in_kept_records(encoder, tmp_path):
@@ -254,7 +275,7 @@ def test_small_inputs_skip_datalab_and_say_why(encoder, tmp_path):
     encoder.calls.clear()
     result = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
     assert encoder.calls == []  # nothing to embed for: Datalab does not run
-    assert "fewer than clean.datalab_min_records=20" in result.metrics["cleanlab"]["skipped"]
+    assert "fewer than clean.datalab_min_records=20" in result.metrics["cleanlab"]["languages"]["en"]["skipped"]
     assert len(result.kept) == 8 and result.rejects == []
     assert "Skipped: 8 records" in render_report(result, 3)
     assert clean_records([], P, cached_embed(encoder, tmp_path / "emb.sqlite")).metrics["records_in"] == 0
@@ -264,14 +285,14 @@ def test_label_check_leaves_out_single_record_classes(encoder, tmp_path):
     records = base_records()[:25]  # brewing 10, grinding 10, cleaning 5
     records[24] = {**records[24], "category": "only-one"}
     result = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
-    label = result.metrics["cleanlab"]["issues"]["label"]
+    label = result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]
     assert label["records_checked"] == 24  # the single "only-one" record cannot be cross-validated
     one_class = [{**r, "category": "brewing" if i else "solo"} for i, r in enumerate(records)]
     result = clean_records(one_class, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
-    assert "needs at least 2 categories" in result.metrics["cleanlab"]["issues"]["label"]["skipped"]
+    assert "needs at least 2 categories" in result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]["skipped"]
     no_labels = [{k: v for k, v in r.items() if k != "category"} for r in records]
     result = clean_records(no_labels, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
-    assert "found 0" in result.metrics["cleanlab"]["issues"]["label"]["skipped"]
+    assert "found 0" in result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]["skipped"]
     assert result.metrics["records_out"] + result.metrics["rejected"] == 25
 
 
@@ -290,6 +311,8 @@ def test_label_pred_probs_fit_unit_length_embeddings():
 def test_params_checks_name_the_key():
     with pytest.raises(ParamsError, match=r"clean.datalab_min_records \(5\) must be larger than clean.knn_k"):
         check_params(dataclasses.replace(P, datalab_min_records=5))
+    with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
+        check_params(dataclasses.replace(P, phone_regions=["GB", "UK"]))
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["clean"]["reject_issues"] = ["near_duplicate", "non_iid"]
     with pytest.raises(ParamsError, match=r"clean.reject_issues\[1\] 'non_iid' is not one of"):

@@ -1,6 +1,10 @@
 """The rule filters: each rule on tiny in-memory records, Chinese included."""
 
+from pathlib import Path
+
 import pytest
+
+from tuneline import params
 
 from tuneline.rules import (
     REVIEW_LIMITS,
@@ -12,17 +16,22 @@ from tuneline.rules import (
     empty_fields,
     exact_duplicates,
     html_remnants,
+    language_guesses,
     language_problem,
     length_problem,
     normalised_key,
+    phone_spans,
     pii_problem,
     redact_record,
     redact_text,
+    record_language,
     refusal,
     repeats_instruction,
     review_problems,
 )
 
+# The phone regions of the shipped params (020 7946 0958 is read as British, 030 1234567 as German).
+REGIONS = tuple(params.section("clean", path=Path(__file__).resolve().parents[1] / "params.yaml").phone_regions)
 LIMITS = RuleLimits(
     min_chars=2, max_chars=200, min_tokens=1, max_tokens=60, languages=("en", "zh"),
     language_min_chars=20, language_confidence=0.9,
@@ -196,6 +205,31 @@ def test_chinese_mixed_and_short_texts_are_not_wrong_language():
     assert language_problem({**ZH, "output": "一般用九十到九十六度的水，刚离火的开水最合适，深烘豆可以再低一两度。"}, en_only).rule == "wrong_language"
 
 
+@pytest.mark.parametrize(
+    "text, language",
+    [
+        ("Why is my espresso sour?", "en"),
+        ("Wie entkalke ich die Maschine?", "de"),
+        ("Hoe ontkalk ik de machine?", "nl"),
+        ("De koffie is klaar en de melk is warm.", "nl"),
+        ("¿Por qué mi café es amargo?", "es"),
+        ("为什么咖啡是酸的？", "zh"),
+        ("コーヒーはなぜ酸っぱいの？", "ja"),
+    ],
+)
+def test_short_texts_get_their_language(text, language):
+    assert next(iter(language_guesses(text))) == language
+    assert record_language({"instruction": text, "output": ""}) == language
+
+
+def test_dutch_is_not_taken_for_english():
+    # Short ASCII words the two languages share ("is", "in", "de") once let Dutch pass as English.
+    dutch = {"instruction": "Hoe lang moet de koffie trekken?", "output": "De koffie is klaar en de melk is warm in de kan."}
+    problem = language_problem(dutch, RuleLimits(**{**LIMITS.__dict__, "languages": ("en",)}))
+    assert problem is not None and problem.rule == "wrong_language" and "text is nl" in problem.detail
+    assert record_language({"instruction": "123", "output": "4.5"}) == "und"
+
+
 def test_language_decision_is_deterministic():
     record = {"instruction": "Hola, ¿cómo estás?", "output": "Bien, gracias. Vamos a preparar un café con leche."}
     assert len({str(language_problem(record, LIMITS)) for _ in range(5)}) == 1
@@ -203,8 +237,9 @@ def test_language_decision_is_deterministic():
 
 def test_pii_is_redacted_with_placeholders():
     text, found = redact_text(
-        "Mail jane.doe@example.com, call +1 555 123 4567 or (555) 123-4567, card 4111 1111 1111 1111, "
-        "SSN 123-45-6789, 身份证 11010519491231002X, 手机13812345678"
+        "Mail jane.doe@example.com, call +1 212 555 0187 or (212) 555-0188, card 4111 1111 1111 1111, "
+        "SSN 123-45-6789, 身份证 11010519491231002X, 手机13812345678",
+        REGIONS,
     )
     assert found == {"email": 1, "phone": 3, "card": 1, "id": 2}
     assert "jane" not in text and "4111" not in text and "6789" not in text and "138" not in text
@@ -212,20 +247,44 @@ def test_pii_is_redacted_with_placeholders():
 
 
 def test_ordinary_numbers_are_not_pii():
-    text = "Brew 18 g for 25-30 s at 93 °C; 1:16 ratio; years 2019-2020; 1234 5678 9012 3456; 123456789012345678."
-    assert redact_text(text) == (text, {})
+    text = (
+        "Brew 18 g for 25-30 s at 93 °C; 1:16 ratio; years 2019-2020; 1234 5678 9012 3456; 123456789012345678. "
+        "At 10:30:00 use v1.2.3, ratio 1:2:3, not 999.1.1.1 or 1.2.3.4.5."
+    )
+    assert redact_text(text, REGIONS) == (text, {})
+
+
+def test_national_phone_formats_are_found_through_phonenumbers():
+    text, found = redact_text("Ring 020 7946 0958 (London), 030 1234567 (Berlin) or +49 30 1234567.", REGIONS)
+    assert (text, found) == ("Ring [PHONE] (London), [PHONE] (Berlin) or [PHONE].", {"phone": 3})
+    assert phone_spans("Ring 020 7946 0958.", REGIONS) == [(5, 18)]
+    # A national number is read as dialled in the regions named: Berlin's is not a US number.
+    assert phone_spans("030 1234567", ("US",)) == [] and phone_spans("+49 30 1234567", ("US",)) == [(0, 14)]
+
+
+def test_iban_is_pii_only_with_a_valid_checksum():
+    text, found = redact_text("Pay DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432; DE89 3704 0044 0532 0130 01 is a typo.", REGIONS)
+    assert (text, found) == ("Pay [IBAN] or [IBAN]; DE89 3704 0044 0532 0130 01 is a typo.", {"iban": 2})
+    redacted, problem, _ = pii_problem(rec(output="Transfer to DE89370400440532013000 today."), "reject", REGIONS)
+    assert problem.rule == "pii" and problem.detail == "contains personal data: 1 iban"
+    assert redacted["output"] == "Transfer to [IBAN] today."
+
+
+def test_ipv4_and_ipv6_addresses_are_pii():
+    text, found = redact_text("Server 192.168.1.20, 2001:db8::1 and fe80::1ff:fe23:4567:890a; loopback 127.0.0.1.", REGIONS)
+    assert (text, found) == ("Server [IP], [IP] and [IP]; loopback [IP].", {"ip": 4})
 
 
 def test_pii_policy_redact_or_reject():
     record = rec(output="Write to jane@example.com for beans.", history=[["call me?", "555-123-4567"]])
-    kept, problem, found = pii_problem(record, "redact")
+    kept, problem, found = pii_problem(record, "redact", REGIONS)
     assert problem is None and found == {"email": 1, "phone": 1}
     assert kept["output"] == "Write to [EMAIL] for beans." and kept["history"] == [["call me?", "[PHONE]"]]
     assert record["output"].startswith("Write to jane")  # the input record is not changed
-    redacted, problem, _ = pii_problem(record, "reject")
+    redacted, problem, _ = pii_problem(record, "reject", REGIONS)
     assert (problem.rule, problem.detail, problem.score) == ("pii", "contains personal data: 1 email, 1 phone", 2)
     assert redacted == kept  # nothing personal reaches the rejects file either
-    assert redact_record(EN) == (EN, {})
+    assert redact_record(EN, REGIONS) == (EN, {})
 
 
 def test_exact_duplicates_after_normalisation_keep_the_preferred_source():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from datasets import load_from_disk
 from stage_project import make_project, seed_records
 
 from tuneline.modeling import load_tokenizer
-from tuneline.templates import render, to_messages
+from tuneline.templates import CHATML, render, to_messages, with_fixed_date
 from tuneline.tokenization import IGNORE, collate, encode, fit_length, pack, tokenize_example
 
 RECORD = {
@@ -73,6 +74,29 @@ def test_named_template_overrides_the_tokenizer_s_own(tiny_model_dir):
     assert "### Instruction:" in tokenizer.decode(input_ids)
     spans = [tokenizer.decode(span) for span in labelled_spans(input_ids, labels)]
     assert spans == [answer + tokenizer.eos_token + "\n\n" for answer in ANSWERS]
+
+
+# Llama 3.1's way of printing the date in the system header, over ChatML turns.
+DATED = (
+    '{%- if strftime_now is defined %}{%- set date_string = strftime_now("%d %b %Y") %}'
+    '{%- else %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+    "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + CHATML
+)
+
+
+def test_a_template_that_prints_today_s_date_prints_the_fixed_one(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    today = datetime.date.today().strftime("%d %b %Y")
+    tokenizer.chat_template = DATED
+    assert f"Today Date: {today}" in render(tokenizer, to_messages(RECORD), "auto")  # transformers' own behaviour
+    tokenizer.chat_template = with_fixed_date(DATED, "2025-03-01")
+    text = render(tokenizer, to_messages(RECORD), "auto")
+    assert "Today Date: 01 Mar 2025" in text and today not in text
+    assert with_fixed_date(CHATML, "2025-03-01") == CHATML
+    with pytest.raises(ValueError, match="not a string literal"):
+        with_fixed_date("{{ strftime_now(fmt) }}", "2025-03-01")
+    with pytest.raises(ValueError, match="Invalid isoformat"):
+        with_fixed_date(DATED, "01/03/2025")
 
 
 def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_template):

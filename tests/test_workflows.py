@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from tests.pipeline_repo import make_repo, repro, run, set_param
+from tests.pipeline_repo import ROOT, make_repo, repro, run, set_param
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,18 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def lock_outs(repo) -> dict[str, str]:
-    """{output path: md5} of every stage output recorded in dvc.lock."""
+# The data stages: their outputs must have the same hashes on any machine (weights may not).
+DATA_STAGES = ("crawl", "augment", "clean", "build", "tokenize")
+
+
+def lock_outs(repo, stages: tuple[str, ...] | None = None) -> dict[str, str]:
+    """{output path: md5} of every output of `stages` (default: all) recorded in repo's dvc.lock."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = {}
-    for stage in lock["stages"].values():
-        for out in stage.get("outs", []):
-            outs[out["path"]] = out["md5"]
+    for name, stage in lock["stages"].items():
+        if stages is None or name in stages:
+            for out in stage.get("outs", []):
+                outs[out["path"]] = out["md5"]
     return outs
 
 
@@ -109,3 +114,17 @@ def test_two_fresh_runs_give_identical_outputs(pipeline, tmp_path_factory):
     assert {"data/alpaca", "data/tokenized", "models/adapter", "data/augmented/records.jsonl", "data/raw/crawl.jsonl"} <= compared
     differing = sorted(p for p in compared if a[p] != c.get(p))
     assert not differing, f"outputs differ between two fresh runs: {differing}"
+
+
+def test_data_outputs_match_the_committed_dvc_lock(pipeline):
+    # `make run` on main commits dvc.lock and metrics/; a fresh copy that runs the data stages
+    # must write exactly the data whose hashes that dvc.lock records.
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 0, "dvc.lock is not committed: run `make run` and commit dvc.lock and metrics/"
+    repo, _ = pipeline
+    committed, fresh = lock_outs(ROOT, DATA_STAGES), lock_outs(repo, DATA_STAGES)
+    compared = {p for p in committed if not p.startswith(NOT_COMPARED)}
+    assert {"data/raw/crawl.jsonl", "data/augmented/records.jsonl", "data/clean/records.jsonl", "data/alpaca",
+            "data/tokenized"} <= compared  # fmt: skip
+    differing = sorted(p for p in compared if committed[p] != fresh.get(p))
+    assert not differing, f"data differs from what the committed dvc.lock records: {differing}"

@@ -17,6 +17,7 @@ no I/O of its own beyond reading input and template files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -30,9 +31,9 @@ from typing import Any
 import jinja2
 
 from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply
-from tuneline.params import Augment
+from tuneline.params import Augment, Clean
 from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_ids
-from tuneline.rules import describe, review_problems
+from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
 Call = Callable[[list[list[dict]], int], list[Reply]]
@@ -268,9 +269,26 @@ def normalize(text: str) -> str:
     return " ".join(str(text).casefold().split())
 
 
-def record_problems(record: dict, passage: str | None, min_grounding: float, seen: set[str]) -> list[str]:
+def review_rules(p: Augment, clean: Clean) -> ReviewRules:
+    """The rules the review loop applies: fixed limits, plus the clean stage's language and PII
+    policy (clean.languages, clean.pii: reject) when augment.review_clean_rules is on, so that a
+    generated record the clean stage would throw away is fed back as a mistake in the next round."""
+    if not p.review_clean_rules:
+        return ReviewRules()
+    limits = dataclasses.replace(
+        REVIEW_LIMITS,
+        languages=tuple(clean.languages),
+        language_min_chars=clean.language_min_chars,
+        language_confidence=clean.language_confidence,
+    )
+    return ReviewRules(limits, clean.pii == "reject", tuple(clean.phone_regions))
+
+
+def record_problems(
+    record: dict, passage: str | None, min_grounding: float, seen: set[str], rules: ReviewRules = ReviewRules()
+) -> list[str]:
     """Why a generated record is unfit: the shared rule checks, grounding, duplicates."""
-    problems = list(review_problems(record))
+    problems = list(review_problems(record, rules))
     if passage is not None and grounding(record["output"], passage) < min_grounding:
         problems.append("not_grounded")
     if normalize(record["instruction"]) in seen:
@@ -448,8 +466,9 @@ def run_rounds(
     templates: dict,
     call: Call,
     seed: int,
+    rules: ReviewRules = ReviewRules(),
 ) -> AugmentResult:
-    """Generate, review and feed back for `p.rounds` rounds; return accepted records and rejects."""
+    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted records, rejects."""
     seeds_by_category: dict[str, list[dict]] = {}
     for record in sorted(seeds, key=lambda r: r["id"]):
         seeds_by_category.setdefault(record.get("category") or "", []).append(record)
@@ -509,7 +528,7 @@ def run_rounds(
         for record, passage, known in candidates:
             every_candidate.append(record)
             log.generated += 1
-            problems = known or record_problems(record, passage, p.min_grounding, seen)
+            problems = known or record_problems(record, passage, p.min_grounding, seen, rules)
             if problems:
                 log.rejected.update(problems)
                 record_rejects.append({"kind": "record", "generator": record["generator"], "round": round_no,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import phonenumbers
 
 from tuneline.params import Clean, ParamsError
 from tuneline.records import InputError, content_hash, duplicate_ids, with_id
@@ -27,6 +28,7 @@ from tuneline.rules import (
     exact_duplicates,
     keep_order,
     pii_problem,
+    record_language,
     source_kind,
 )
 
@@ -68,6 +70,11 @@ def check_params(p: Clean) -> Clean:
         raise ParamsError(f"clean.outlier_threshold {p.outlier_threshold} must be in [0, 1] (higher flags more)")
     if p.label_cv_folds < 2:
         raise ParamsError(f"clean.label_cv_folds {p.label_cv_folds} must be at least 2")
+    unknown = sorted(set(p.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
+    if unknown:
+        raise ParamsError(
+            f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
+        )
     if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
         raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
     return p
@@ -321,7 +328,7 @@ def apply_rules(records: list[dict], p: Clean) -> tuple[list[dict], list[dict], 
     passed, rejects, pii_counts = [], [], Counter()
     for record in records:
         problems = check_record(record, limits)
-        redacted, pii, found = pii_problem(record, p.pii)
+        redacted, pii, found = pii_problem(record, p.pii, tuple(p.phone_regions))
         if problems:
             others = [q.rule for q in problems[1:]]
             rejects.append(make_reject(redacted, problems[0], **({"also": others} if others else {})))
@@ -396,7 +403,7 @@ def datalab_rejects(
     reported but kept: the encoder, not the person, is the likelier one to be wrong there
     (e.g. an English encoder on the Chinese seeds).
     """
-    summary: dict = {"records_checked": len(records), "reject_issues": sorted(p.reject_issues)}
+    summary: dict = {"records_checked": len(records)}
     if len(records) < p.datalab_min_records:
         summary["skipped"] = (
             f"{len(records)} records after the rules, fewer than clean.datalab_min_records={p.datalab_min_records}"
@@ -481,6 +488,50 @@ def _issue_summary(
     return summary
 
 
+def language_groups(records: list[dict]) -> dict[str, list[int]]:
+    """Row indices of the records by their language (`rules.record_language`), languages sorted."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(record_language(record), []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def datalab_by_language(
+    records: list[dict], p: Clean, embed: Encoder
+) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """`datalab_rejects` run on each language group apart: (kept, rejects, flagged, cleanlab metrics).
+
+    Distances in an encoder's space mean little across languages (the default MiniLM is
+    English-only), so a minority language would be the majority's outliers; within its own
+    group a record is compared with records in its language. Groups smaller than
+    clean.datalab_min_records are not checked (metrics say so) and are not embedded.
+    """
+    groups = language_groups(records)
+    checked = [i for rows in groups.values() if len(rows) >= p.datalab_min_records for i in rows]
+    features = np.zeros((0, 0), dtype=np.float32)
+    if checked:
+        prompts = embed([prompt_text(records[i]) for i in checked])
+        outputs = embed([output_text(records[i]) for i in checked])
+        features = record_features(prompts, outputs)
+    position = {row: k for k, row in enumerate(checked)}
+    kept, rejects, flagged = [], [], []
+    summary: dict = {
+        "records_checked": len(records),
+        "reject_issues": sorted(p.reject_issues),
+        "embedding_model": p.embedding_model,
+        "languages": {},
+    }
+    for language, rows in groups.items():
+        # Groups too small to check were not embedded (datalab_rejects skips them unseen).
+        group_features = features[[position[i] for i in rows]] if rows[0] in position else features[:0]
+        k, r, f, group_summary = datalab_rejects([records[i] for i in rows], group_features, p)
+        kept += k
+        rejects += r
+        flagged += f
+        summary["languages"][language] = group_summary
+    return kept, rejects, flagged, summary
+
+
 def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
     """Decide for every record: kept (PII redacted per params) or rejected with its reason.
 
@@ -497,14 +548,8 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
     passed, duplicate_rejects = drop_exact_duplicates(passed)
     rejects += duplicate_rejects
 
-    features = np.zeros((0, 0), dtype=np.float32)
-    if len(passed) >= p.datalab_min_records:
-        prompts = embed([prompt_text(r) for r in passed])
-        outputs = embed([output_text(r) for r in passed])
-        features = record_features(prompts, outputs)
-    kept, cleanlab_rejects, flagged, cleanlab_summary = datalab_rejects(passed, features, p)
+    kept, cleanlab_rejects, flagged, cleanlab_summary = datalab_by_language(passed, p, embed)
     rejects += cleanlab_rejects
-    cleanlab_summary["embedding_model"] = p.embedding_model
 
     kept.sort(key=lambda r: str(r["id"]))
     rejects.sort(key=lambda r: (str(r["id"]), r["reason"]))
@@ -574,12 +619,14 @@ def render_report(result: CleanResult, examples: int) -> str:
         "## cleanlab Datalab",
         "",
     ]
-    cl = m["cleanlab"]
-    if "skipped" in cl:
-        lines.append(f"Skipped: {cl['skipped']}.")
-    else:
-        for issue, info in cl["issues"].items():
-            lines.append(f"- **{issue}**: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    lines.append("Run on each language apart (records are compared with records in their own language).")
+    for language, cl in m["cleanlab"]["languages"].items():
+        lines += ["", f"### {language}: {cl['records_checked']} records", ""]
+        if "skipped" in cl:
+            lines.append(f"Skipped: {cl['skipped']}.")
+        else:
+            for issue, info in cl["issues"].items():
+                lines.append(f"- **{issue}**: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     by_id = {r["id"]: r for r in result.kept}
     by_id.update({r["id"]: r["record"] for r in result.rejects if r["id"] not in by_id})
     for reason in m["rejects_by_reason"]:

@@ -196,6 +196,7 @@ class Augment(_Section):
     json_mode: bool
     reply_retries: int
     feedback_examples: int
+    review_clean_rules: bool
     min_grounding: float
     concurrency: int
     requests_per_minute: int
@@ -215,6 +216,7 @@ class Clean(_Section):
     language_min_chars: int
     language_confidence: float
     pii: Literal["redact", "reject"]
+    phone_regions: list[str]
     embedding_model: str
     batch_size: int
     datalab_min_records: int
@@ -269,6 +271,7 @@ class Select(_Section):
 @dataclass(frozen=True)
 class Tokenize(_Section):
     template: Literal["auto", "chatml", "llama3", "alpaca"]
+    template_date: str
     max_length: int
     overlong: Literal["truncate", "drop"]
     packing: bool

@@ -12,6 +12,7 @@ Rule names, which are also the `reason` of a clean-stage reject:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import unicodedata
@@ -19,11 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ftfy.badness import badness, is_bad
-from langdetect import DetectorFactory, detect_langs
-from langdetect.lang_detect_exception import LangDetectException
-
-# langdetect samples n-grams at random: a fixed seed makes the same text get the same answer.
-DetectorFactory.seed = 0
+from phonenumbers import Leniency, PhoneNumberMatcher
+from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,8 @@ class RuleLimits:
 
 
 # augment's review loop has no params of its own for these: generated records are held to
-# the same limits as the defaults of the clean stage, without the dataset policies (language
-# and PII) that the clean stage applies from params.
+# the same limits as the defaults of the clean stage; the dataset policies (language and PII)
+# come from the clean stage's params when augment.review_clean_rules is on (`ReviewRules`).
 REVIEW_LIMITS = RuleLimits(
     min_chars=2,
     max_chars=4000,
@@ -73,12 +71,8 @@ _CJK_CHAR_RE = re.compile(rf"[{_CJK}]")
 _HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA_HANGUL_RE = re.compile(r"[\u3040-\u30ff\uac00-\ud7af]")
 _LETTER_RE = re.compile(r"[^\W\d_]")
-_NON_ASCII_LETTER_RE = re.compile(r"[^\W\d_A-Za-z]")
-_ASCII_WORD_RE = re.compile(r"[A-Za-z']+")
-_ENGLISH_FUNCTION_WORDS = frozenset(
-    "the a an is are was were be of to and in on for with that this it you your what how why "
-    "do does can should i my use from or not at by as".split()
-)
+# py3langid names some Chinese varieties apart; params name languages by ISO 639-1 code.
+_SAME_LANGUAGE = {"wuu": "zh", "yue": "zh", "cmn": "zh"}
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 _REFUSAL_ANYWHERE = re.compile(
@@ -109,12 +103,19 @@ _ABOUT_MARKUP_RE = re.compile(r"html|xml|markup|\btags?\b|标签|网页", re.IGN
 _EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _ID_RE = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])|(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
-_PHONE_RE = re.compile(
-    r"(?<![\w+])\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)|\d{1,4})(?:[\s.-]?\d{2,4}){2,4}(?!\d)"
-    r"|(?<!\d)(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}(?!\d)"
-    r"|(?<!\d)1[3-9]\d[\s-]?\d{4}[\s-]?\d{4}(?!\d)"
+# IBAN as printed (groups of four) or compact; kept only when its ISO 13616 checksum holds.
+_IBAN_RE = re.compile(
+    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])"
 )
-PII_PLACEHOLDERS = {"email": "[EMAIL]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
+# IP address candidates; kept only when the `ipaddress` module parses them.
+_IP_RE = re.compile(
+    r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
+)
+# A run of seven or more digits (separators allowed): texts without one hold no phone number,
+# and phonenumbers' matcher (milliseconds per text) is not run on them.
+_PHONE_CANDIDATE_RE = re.compile(r"\d(?:[\s().-]{0,3}\d){6,}")
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "ip": "[IP]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
 
 
 def count_tokens(text: str) -> int:
@@ -243,26 +244,60 @@ def _tag_name(tag: str) -> str:
 
 
 def _script_language(text: str) -> str | None:
-    """A language that the characters alone make certain, or None (then langdetect decides).
+    """Chinese when the characters alone make it certain, else None (then the detector decides).
 
-    Han text without kana or hangul is Chinese, whatever Latin words are mixed in; text in
-    (almost only) ASCII letters with several English function words is English. Both are fast, and langdetect is unreliable
-    on exactly these short and mixed texts.
+    Han text without kana or hangul is Chinese, whatever Latin words are mixed in: the detector
+    is unreliable on exactly these mixed texts. Latin-script text always goes to the detector
+    (a shortcut by English function words let Dutch pass as English).
     """
     if text.isascii():
-        non_ascii_share = 0.0
-    else:
-        letters = len(_LETTER_RE.findall(text)) or 1
-        han = len(_HAN_RE.findall(text))
-        if han and not _KANA_HANGUL_RE.search(text) and han >= 0.2 * letters:
-            return "zh"
-        non_ascii_share = len(_NON_ASCII_LETTER_RE.findall(text)) / letters
-    # A few accented letters (café, naïve) do not make English text foreign.
-    if non_ascii_share <= 0.02:
-        words = _ASCII_WORD_RE.findall(text.lower())
-        if len(words) >= 4 and len(_ENGLISH_FUNCTION_WORDS.intersection(words)) >= 2:
-            return "en"
+        return None
+    letters = len(_LETTER_RE.findall(text)) or 1
+    han = len(_HAN_RE.findall(text))
+    if han and not _KANA_HANGUL_RE.search(text) and han >= 0.2 * letters:
+        return "zh"
     return None
+
+
+_IDENTIFIER: list[LanguageIdentifier] = []
+
+
+def _identifier() -> LanguageIdentifier:
+    # The model ships inside py3langid (offline) and loads in about a second: only when asked.
+    if not _IDENTIFIER:
+        _IDENTIFIER.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
+    return _IDENTIFIER[0]
+
+
+def language_guesses(text: str) -> dict[str, float]:
+    """Probability of each likely language (ISO 639-1 code) of `text`, highest first; {} for text without letters.
+
+    py3langid (a naive Bayes over byte n-grams, deterministic) decides, after the Chinese
+    shortcut of `_script_language`.
+    """
+    if not _LETTER_RE.search(text):
+        return {}
+    script = _script_language(text)
+    if script is not None:
+        return {script: 1.0}
+    probs: dict[str, float] = {}
+    # The detector's time grows with the text; its guess settles well within the first 400 characters.
+    for code, prob in _identifier().rank(text[:400]):
+        if prob < 1e-4:  # ranked highest first: the other ~140 languages are noise
+            break
+        code = _SAME_LANGUAGE.get(code, code)
+        probs[code] = probs.get(code, 0.0) + float(prob)
+    return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+
+
+def _language_text(record: dict) -> str:
+    return "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
+
+
+def record_language(record: dict) -> str:
+    """The likeliest language of a record's instruction, input and output ("und" for text without letters)."""
+    guesses = language_guesses(_language_text(record))
+    return next(iter(guesses), "und")
 
 
 def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
@@ -274,22 +309,14 @@ def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
     """
     if limits.languages is None:
         return None
-    text = "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
+    text = _language_text(record)
     if len("".join(text.split())) < limits.language_min_chars:
         return None
     allowed = set(limits.languages)
-    if _script_language(text) in allowed:
+    probs = language_guesses(text)
+    if not probs:
         return None
-    try:
-        guesses = detect_langs(text)
-    except LangDetectException:
-        return None
-    # langdetect names Chinese zh-cn / zh-tw; params name languages by their ISO 639-1 code.
-    probs: dict[str, float] = {}
-    for guess in guesses:
-        code = guess.lang.split("-")[0]
-        probs[code] = probs.get(code, 0.0) + guess.prob
-    top, prob = max(probs.items(), key=lambda kv: kv[1])
+    top, prob = next(iter(probs.items()))
     if top in allowed or prob < limits.language_confidence or any(probs.get(a, 0.0) > 0.1 for a in allowed):
         return None
     return Problem("wrong_language", f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}", round(prob, 4))
@@ -314,12 +341,30 @@ def check_record(record: dict, limits: RuleLimits) -> list[Problem]:
     return problems
 
 
-def review_problems(record: dict) -> list[str]:
-    """Reasons a generated record is unfit for training (empty list: fit), with REVIEW_LIMITS.
+@dataclass(frozen=True)
+class ReviewRules:
+    """What augment's review loop holds a generated record to.
+
+    `limits` are the per-record rule limits (languages None: no language rule); with
+    `reject_pii`, a record holding personal data (as the clean stage finds it, phone numbers
+    read in `phone_regions`) is unfit, as the clean stage would reject it with clean.pii: reject.
+    """
+
+    limits: RuleLimits = REVIEW_LIMITS
+    reject_pii: bool = False
+    phone_regions: tuple[str, ...] = ()
+
+
+def review_problems(record: dict, rules: ReviewRules = ReviewRules()) -> list[str]:
+    """Reasons a generated record is unfit for training (empty list: fit).
 
     Used by augment's review loop; `describe` turns a reason into a sentence for a prompt.
     """
-    return [problem.rule for problem in check_record(record, REVIEW_LIMITS)]
+    problems = [problem.rule for problem in check_record(record, rules.limits)]
+    if rules.reject_pii:
+        _, pii, _ = pii_problem(record, "reject", rules.phone_regions)
+        problems += [pii.rule] if pii is not None else []
+    return problems
 
 
 RULE_DESCRIPTIONS = {
@@ -332,7 +377,7 @@ RULE_DESCRIPTIONS = {
     "broken_encoding": "the text has broken encoding (mojibake)",
     "html_remnants": "the text contains HTML tags or entities",
     "wrong_language": "the text is not in an allowed language",
-    "pii": "the text contains personal data (e-mail, phone, card or ID numbers)",
+    "pii": "the text contains personal data (e-mail, phone, IBAN, IP address, card or ID numbers)",
     "exact_duplicate": "the record duplicates another one",
     # augment's own checks of generated records and replies
     "not_grounded": "the answer is not supported by the passage",
@@ -376,26 +421,68 @@ def _card_ok(match: str) -> bool:
     return 13 <= len(digits) <= 19 and _luhn_ok(digits)
 
 
+def _iban_ok(match: str) -> bool:
+    # ISO 13616: the country code and check digits go to the end, letters become 10..35, mod 97 is 1.
+    compact = match.replace(" ", "")
+    digits = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
+    return 15 <= len(compact) <= 34 and int(digits) % 97 == 1
+
+
+def _ip_ok(match: str) -> bool:
+    try:
+        ipaddress.ip_address(match)
+    except ValueError:
+        return False
+    # "a::b" parses too; an address someone could be traced by has digits.
+    return any(c.isdigit() for c in match)
+
+
 _PII_PATTERNS = (
     ("email", _EMAIL_RE, None),
+    ("iban", _IBAN_RE, _iban_ok),
+    ("ip", _IP_RE, _ip_ok),
     ("card", _CARD_RE, _card_ok),
     ("id", _ID_RE, _id_ok),
-    ("phone", _PHONE_RE, None),
 )
 # Every number pattern needs two adjacent digits: texts without them skip those patterns.
 _DIGIT_PAIR_RE = re.compile(r"\d\d")
 
 
-def redact_text(text: str) -> tuple[str, dict[str, int]]:
-    """The text with e-mail addresses, card, ID and phone numbers replaced by placeholders, and counts by kind.
+def phone_spans(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(start, end) of each phone number in `text` that Google's libphonenumber finds valid, in order.
 
-    Card numbers must pass the Luhn check and 18-digit Chinese ID numbers their check digit,
-    so that ordinary long numbers are left alone.
+    Numbers written with +country are found whatever the regions; national formats
+    ("020 7946 0958", "030 1234567") are looked for as dialled in each of `regions`
+    (ISO 3166 codes). Overlapping finds are merged.
+    """
+    if not _PHONE_CANDIDATE_RE.search(text):
+        return []
+    found = sorted(
+        {(m.start, m.end) for region in regions for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)}
+    )
+    merged: list[tuple[int, int]] = []
+    for start, end in found:
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def redact_text(text: str, phone_regions: tuple[str, ...]) -> tuple[str, dict[str, int]]:
+    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers as placeholders; counts by kind.
+
+    National phone numbers are looked for as dialled in `phone_regions` (clean.phone_regions).
+
+    IBANs must pass their mod-97 checksum, IP addresses parse as such, card numbers pass the
+    Luhn check, 18-digit Chinese ID numbers their check digit and phone numbers libphonenumber's
+    validity check, so that ordinary long numbers are left alone.
     """
     found: dict[str, int] = {}
     has_at, has_digits = "@" in text, _DIGIT_PAIR_RE.search(text) is not None
     for kind, pattern, valid in _PII_PATTERNS:
-        if not (has_at if kind == "email" else has_digits):
+        # An IPv4 address such as 1.2.3.4 has no two adjacent digits.
+        if not (has_at if kind == "email" else has_digits or kind == "ip"):
             continue
 
         def replace(match: re.Match, kind: str = kind, valid=valid) -> str:
@@ -405,16 +492,21 @@ def redact_text(text: str) -> tuple[str, dict[str, int]]:
             return PII_PLACEHOLDERS[kind]
 
         text = pattern.sub(replace, text)
+    spans = phone_spans(text, phone_regions) if has_digits else []
+    for start, end in reversed(spans):
+        text = text[:start] + PII_PLACEHOLDERS["phone"] + text[end:]
+    if spans:
+        found["phone"] = len(spans)
     return text, found
 
 
-def redact_record(record: dict) -> tuple[dict, dict[str, int]]:
+def redact_record(record: dict, phone_regions: tuple[str, ...]) -> tuple[dict, dict[str, int]]:
     """The record with PII redacted in every text field (history included), and counts by kind."""
     out = dict(record)
     found: dict[str, int] = {}
 
     def redact(text: str) -> str:
-        clean, counts = redact_text(text)
+        clean, counts = redact_text(text, phone_regions)
         for kind, n in counts.items():
             found[kind] = found.get(kind, 0) + n
         return clean
@@ -430,13 +522,15 @@ def redact_record(record: dict) -> tuple[dict, dict[str, int]]:
     return out, found
 
 
-def pii_problem(record: dict, mode: Literal["redact", "reject"]) -> tuple[dict, Problem | None, dict[str, int]]:
+def pii_problem(
+    record: dict, mode: Literal["redact", "reject"], phone_regions: tuple[str, ...]
+) -> tuple[dict, Problem | None, dict[str, int]]:
     """Apply the PII policy: (the record with PII redacted, a `pii` Problem in reject mode, counts by kind).
 
     The record comes back redacted in both modes, so that personal data is not written to the
     rejects file either.
     """
-    redacted, found = redact_record(record)
+    redacted, found = redact_record(record, phone_regions)
     if not found:
         return record, None, found
     if mode == "reject":

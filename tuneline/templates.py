@@ -6,6 +6,10 @@ a named template here is used when it has none or when params ask for one by nam
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -53,6 +57,25 @@ def to_messages(record: dict, with_answer: bool = True) -> list[dict]:
     if with_answer:
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
+
+
+# A template's call of transformers' strftime_now with a literal format, e.g. Llama 3.1's
+# strftime_now("%d %b %Y") for "Today Date:" in the system header.
+_STRFTIME_NOW_RE = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")
+
+
+def with_fixed_date(template: str, date: str) -> str:
+    """`template` with every strftime_now("<format>") call replaced by `date` (YYYY-MM-DD) in that format.
+
+    transformers renders strftime_now as the time of rendering, so the same records would give
+    other tokens on another day; with the date written into the template they never do.
+    """
+    day = datetime.date.fromisoformat(date)
+    fixed = _STRFTIME_NOW_RE.sub(lambda m: json.dumps(day.strftime(m.group(2))), template)
+    if "strftime_now(" in fixed:
+        raise ValueError("the chat template calls strftime_now with a format that is not a string literal; "
+                         "set tokenize.template to a named template or edit the template")
+    return fixed
 
 
 def chat_template_for(tokenizer, template: str) -> str:
