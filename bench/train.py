@@ -48,7 +48,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# bench/ (this script's directory, first on sys.path) holds dvc.py, which would shadow the dvc package
+# that dvclive imports; the project root stands in its place
+sys.path[0] = str(ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,11 +67,16 @@ TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s"
 
 
 def settings(batch_size: int | None = None):
-    """params.yaml's base, tokenize and train sections (the train batch size replaced when given)."""
+    """params.yaml's base, tokenize and train sections (the train batch size replaced when given; the
+    LoRA rank and alpha too when BENCH_LORA_R / BENCH_LORA_ALPHA are set, as bench/memory.py does)."""
     from tuneline import params
 
     base, tok, p = params.load("base", "tokenize", "train", path=ROOT / "params.yaml")
-    return base, tok, (dataclasses.replace(p, batch_size=batch_size) if batch_size else p)
+    if batch_size:
+        p = dataclasses.replace(p, batch_size=batch_size)
+    if "BENCH_LORA_R" in os.environ:
+        p = dataclasses.replace(p, lora_r=int(os.environ["BENCH_LORA_R"]), lora_alpha=int(os.environ["BENCH_LORA_ALPHA"]))
+    return base, tok, p
 
 
 def build_model(out_dir: Path) -> int:
