@@ -6,8 +6,9 @@ shows over-fitting.
 
 Reads:  base.alpaca_dir/{test,train}.json, base.tuning_base, base.adapter_dir (adapter and tokenizer with the
         chat template training used), `evaluate:`.
-Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, git-tracked, so
-        `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
+Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, the delta's 95%
+        paired bootstrap interval over the set's records (delta_ci95) and its verdict: better, worse
+        or within noise; git-tracked, so `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
         (side by side answers of both sets), base.metrics_dir/eval/records.jsonl (per-record scores
         of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen).
 Run:    python -m stages.evaluate
@@ -20,19 +21,24 @@ from pathlib import Path
 from tuneline import params
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
+from tuneline.intervals import delta_intervals, verdict
 from tuneline.scoring import score
 
 REPORTED = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match")
 
 
-def compare(base_m: dict, tuned_m: dict) -> dict:
-    """The flat metrics file: base, tuned and delta (tuned - base) of each metric."""
-    out = {"base": {}, "tuned": {}, "delta": {}}
+def compare(base_m: dict, tuned_m: dict, intervals: dict[str, dict]) -> dict:
+    """The flat metrics file: base, tuned and delta (tuned - base) of each metric, the delta's 95%
+    bootstrap interval (`intervals`, from tuneline.intervals) and its verdict."""
+    out = {"base": {}, "tuned": {}, "delta": {}, "delta_ci95": {}, "verdict": {}}
     for key in REPORTED:
         if key in base_m and key in tuned_m:
             out["base"][key] = round(base_m[key], 6)
             out["tuned"][key] = round(tuned_m[key], 6)
             out["delta"][key] = round(tuned_m[key] - base_m[key], 6)
+            if key in intervals:
+                out["delta_ci95"][key] = intervals[key]
+                out["verdict"][key] = verdict(key, intervals[key])
     out["records"] = base_m["records"]
     return out
 
@@ -84,7 +90,10 @@ def main() -> None:
     tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
 
-    result = {name: compare(base_scores[name][0], tuned_scores[name][0]) for name in sets}
+    result = {}
+    for name, records in sets.items():
+        intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
+        result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
     write_json(metrics_dir / "eval.json", result)
     table = {name: (records, base_scores[name][1], tuned_scores[name][1]) for name, records in sets.items()}
     (metrics_dir / "eval_samples.md").write_text(samples_table(table, p.samples_in_report), encoding="utf-8")
@@ -92,7 +101,8 @@ def main() -> None:
     write_jsonl(metrics_dir / "eval" / "seen_records.jsonl", record_rows(base_scores["seen"][1], tuned_scores["seen"][1]))
     for name in sets:
         r = result[name]
-        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f}" for k in r["base"]))
+        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(
+            f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"]))
 
 
 if __name__ == "__main__":

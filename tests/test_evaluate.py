@@ -14,9 +14,12 @@ from tuneline.scoring import generate, generate_ids, score, stop_ids, until_stop
 def test_compare_reports_base_tuned_and_delta_of_the_metrics_both_have():
     base = {"loss": 2.0, "perplexity": 7.389, "rouge_l": 0.25, "records": 5, "generation_s": 3.0}
     tuned = {"loss": 1.5, "perplexity": 4.482, "rouge_l": 0.5, "records": 5, "generation_s": 1.0, "bleu": 0.2}
-    out = compare(base, tuned)
+    intervals = {"loss": {"low": -0.7, "high": -0.3}, "rouge_l": {"low": -0.1, "high": 0.6}, "bleu": {"low": 0.1, "high": 0.3}}
+    out = compare(base, tuned, intervals)
     assert out["delta"] == {"loss": -0.5, "perplexity": pytest.approx(-2.907), "rouge_l": 0.25}
     assert set(out["base"]) == set(out["tuned"]) == {"loss", "perplexity", "rouge_l"}  # no bleu: base has none
+    assert out["delta_ci95"] == {"loss": intervals["loss"], "rouge_l": intervals["rouge_l"]}
+    assert out["verdict"] == {"loss": "better", "rouge_l": "within noise"}
     assert out["records"] == 5
 
 
@@ -73,6 +76,11 @@ def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_
     assert result["tuned"]["loss"] < result["base"]["loss"] - 0.1
     assert result["delta"]["loss"] == pytest.approx(result["tuned"]["loss"] - result["base"]["loss"], abs=1e-5)
     assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
+    # every delta has its paired interval, which holds the delta; trained on these records, loss is better
+    assert set(result["delta_ci95"]) == set(result["delta"]) == set(result["verdict"])
+    for key, delta in result["delta"].items():
+        assert result["delta_ci95"][key]["low"] - 1e-6 <= delta <= result["delta_ci95"][key]["high"] + 1e-6, key
+    assert result["verdict"]["loss"] == "better" and result["delta_ci95"]["loss"]["high"] < 0
 
     rows = read_jsonl(tuned_project / "metrics" / "eval" / "records.jsonl")
     assert [r["index"] for r in rows] == list(range(16))

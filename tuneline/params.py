@@ -259,6 +259,7 @@ METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match")
 @dataclass(frozen=True)
 class Select(_Section):
     metric: Literal["loss", "perplexity", "rouge_l", "bleu", "exact_match"]
+    tie_break: Literal["smaller_model", "lower_cost", "listed_order"]
     generation_samples: int
     max_new_tokens: int
     batch_size: int
