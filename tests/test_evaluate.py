@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from stages.evaluate import compare, samples_table
 from tuneline.records import read_json, read_jsonl, write_json
 from tuneline.scoring import generate, generate_ids, score, stop_ids, until_stop
+
+ROOT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 
 
 def test_compare_reports_base_tuned_and_delta_of_the_metrics_both_have():
@@ -161,3 +164,29 @@ def test_chunked_answer_loss_equals_the_loss_of_the_full_logits(tiny_model_dir, 
     if kind != "base":  # the adapter took part: the base model alone scores otherwise
         base = plain_answer_losses(load_model(str(tiny_model_dir)).eval(), tokenizer, records)
         assert max(abs(a / n - b / n) for (a, n), (b, _) in zip(expected, base)) > 1e-3
+
+
+def test_evaluate_with_the_judge_on_adds_its_rates_to_eval_json(tuned_project, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    import stages.evaluate
+    from tests.openai_stub import ScriptedServer
+
+    project = tmp_path / "project"
+    shutil.copytree(tuned_project, project)
+    p = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    shutil.copytree(ROOT_PROMPTS, project / "prompts")
+    with ScriptedServer(respond=lambda body: '{"winner": "B"}') as server:
+        p["evaluate"]["judge"].update(enabled=True, base_url=server.base_url, model="judge")
+        (project / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+        monkeypatch.chdir(project)
+        stages.evaluate.main()
+        assert server.requests == 2 * 4  # generation_samples: 4 records, both orders
+    result = read_json(project / "metrics" / "eval.json")
+    judged = result["unseen"]["judge"]
+    assert judged["pairs"] == 4 and judged["tie"] == 1.0 and judged["position_consistency"] == 0.0
+    assert "judge" not in result["seen"]
+    assert [r["outcome"] for r in read_jsonl(project / "metrics" / "eval" / "judge.jsonl")] == ["tie"] * 4
+    assert read_jsonl(tuned_project / "metrics" / "eval" / "judge.jsonl") == []  # judge off: nothing judged
