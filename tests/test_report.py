@@ -10,7 +10,7 @@ import sys
 
 from tests.pipeline_repo import env
 from tests.tuned_project import ROOT
-from tuneline.report import render, verdict_section, without_timings, write_report
+from tuneline.report import other_metrics, render, verdict_section, write_report
 
 
 def evaluation(rouge_delta: float, verdict: str, loss_delta: float = -0.5) -> dict:
@@ -47,14 +47,19 @@ METRICS_MD = """| Path | Metric | HEAD | workspace | Change |
 """
 
 
-def test_timings_are_left_out_unless_asked_and_the_verdict_comes_first():
-    assert without_timings(METRICS_MD).splitlines() == METRICS_MD.splitlines()[:3]
-    report = render("HEAD", "VERDICT", "PARAMS", METRICS_MD, ["report_plots/loss.png"])
+def test_timings_and_the_rows_the_verdict_shows_are_left_out_of_the_other_metrics_unless_asked():
+    lines = METRICS_MD.splitlines()
+    assert other_metrics(METRICS_MD, "metrics/eval.json").splitlines() == lines[:2]
+    assert other_metrics(METRICS_MD, "metrics/other.json").splitlines() == lines[:3]
+    assert other_metrics(METRICS_MD, "metrics/eval.json", timings=True).splitlines() == lines[:2] + lines[3:]
+
+
+def test_the_verdict_comes_first_and_the_other_metrics_are_folded():
+    others = other_metrics(METRICS_MD, "metrics/other.json")
+    report = render("HEAD", "VERDICT", "PARAMS", others, ["report_plots/loss.png"])
     assert report.index("## Verdict") < report.index("VERDICT") < report.index("## Params changed") < report.index("<details>")
-    assert "train_runtime" not in report and "unseen.tuned.loss" in report
     assert report.index("<details>") < report.index("unseen.tuned.loss") < report.index("</details>")
     assert "![loss](report_plots/loss.png)" in report
-    assert "train_runtime" in render("HEAD", "VERDICT", "PARAMS", METRICS_MD, [], timings=True)
 
 
 def git(repo, *args: str) -> None:
@@ -68,6 +73,7 @@ def test_after_a_param_change_the_report_opens_with_the_metric_that_changed_and_
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     (repo / "dvc.yaml").write_text("plots:\n  - metrics/train/plots/metrics:\n      x: step\n", encoding="utf-8")
     (curves / "loss.tsv").write_text("step\tloss\n0\t3.0\n10\t2.0\n", encoding="utf-8")
+    (curves / "train_runtime.tsv").write_text("step\ttrain_runtime\n10\t40.0\n", encoding="utf-8")
     (repo / "metrics" / "eval.json").write_text(json.dumps(evaluation(0.01, "within noise")), encoding="utf-8")
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, env=env(), check=True)
@@ -86,3 +92,4 @@ def test_after_a_param_change_the_report_opens_with_the_metric_that_changed_and_
     assert "train.learning_rate" in params_section and "0.01" in params_section
     assert "![loss](report_plots/loss.png)" in report
     assert (repo / "report_plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (repo / "report_plots" / "train_runtime.png").exists() and "train_runtime" not in report

@@ -99,7 +99,7 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     assert re.search(r"\| unseen \| loss \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| "
                      r"\*\*(better|worse|within noise)\*\* \| [+-][\d.]+ \((better|worse|within noise)\) \|", first), first
     assert "train.learning_rate" in report and "0.004" in report and "0.01" in report
-    assert "metrics/eval.json" in report and "tuned.loss" in report.split("<details>", 1)[1]
+    assert "metrics/train/metrics.json" in report.split("<details>", 1)[1]
     assert "train_runtime" not in report  # timings only with --timings
     assert list((clone / "report_plots").glob("*.png")) and "![train_loss](report_plots/train_loss.png)" in report
     run(clone, "git", "checkout", "--", "params.yaml")

@@ -3,8 +3,9 @@
 It opens with the verdict: each evaluation delta (tuned - base) with its 95% paired bootstrap
 interval and one word (better / worse / within noise), beside the same delta at the revision
 compared against, and the LLM judge's rates when the judge ran. Then the params that changed
-(`dvc params diff --md`), then the other metrics that changed (`dvc metrics diff --md`) folded in
-`<details>`, timings and throughput left out unless asked for, and the training curves as PNG
+(`dvc params diff --md`), then the other metrics that changed (`dvc metrics diff --md` less
+eval.json, which the verdict shows) folded in `<details>`, timings and throughput (rows and
+curves) left out unless asked for, and the training curves as PNG
 images rendered from DVC's own plot specs (`dvc plots diff --json`, through vl-convert), which CML
 uploads with the comment (`cml comment create report.md`).
 """
@@ -79,20 +80,20 @@ def verdict_section(now: dict | None, before: dict | None, rev: str) -> str:
     return "\n".join(lines + ([""] + judge_lines if judge_lines else ["", "LLM judge: off (evaluate.judge.enabled)."]))
 
 
-def without_timings(metrics_md: str) -> str:
-    """`dvc metrics diff --md` without the rows of timings and throughput."""
+def other_metrics(metrics_md: str, eval_path: str, timings: bool = False) -> str:
+    """`dvc metrics diff --md` without the rows of `eval_path` (the verdict shows them) and, unless
+    `timings`, without the rows of timings and throughput."""
     kept = []
     for line in metrics_md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) > 1 and TIMING.search(cells[1]):
+        if line.startswith("|") and len(cells) > 1 and (cells[0] == eval_path or (not timings and TIMING.search(cells[1]))):
             continue
         kept.append(line)
     return "\n".join(kept)
 
 
 def render(rev: str, verdict_md: str, params_md: str, metrics_md: str, images: list[str], timings: bool = False) -> str:
-    """The report's Markdown: the verdict first, then params, the other metrics folded, the curves."""
-    metrics_md = metrics_md.strip() if timings else without_timings(metrics_md).strip()
+    """The report's Markdown: the verdict first, then params, the other metrics (`other_metrics`) folded, the curves."""
     return "\n".join([
         f"# tuneline report: workspace vs `{rev}`",
         "",
@@ -107,7 +108,7 @@ def render(rev: str, verdict_md: str, params_md: str, metrics_md: str, images: l
         "<details><summary>Other metrics changed" + ("" if timings else " (timings left out; `tuneline report --timings` shows them)")
         + "</summary>",
         "",
-        metrics_md or "No metrics changed.",
+        metrics_md.strip() or "No other metrics changed.",
         "",
         "</details>",
         "",
@@ -118,9 +119,9 @@ def render(rev: str, verdict_md: str, params_md: str, metrics_md: str, images: l
     ])
 
 
-def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path = ".") -> list[str]:
-    """PNG images of the plots under `prefix` (workspace and `rev` overlaid), as DVC specifies them;
-    their paths relative to `cwd`."""
+def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path = ".", timings: bool = False) -> list[str]:
+    """PNG images of the plots under `prefix` (workspace and `rev` overlaid), as DVC specifies them,
+    timing and throughput curves only with `timings`; their paths relative to `cwd`."""
     import vl_convert
 
     specs = json.loads(dvc("plots", "diff", rev, "--json", cwd=cwd)).get("data", {})
@@ -136,6 +137,8 @@ def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path 
             # DVCLive writes <dir>/plots/metrics/<name>.tsv (train/loss.tsv, eval/loss.tsv): name the image after <name>
             curve = plot_id.removeprefix(prefix).split("plots/metrics/")[-1]
             name = re.sub(r"[^\w.-]+", "_", curve.strip("/")).removesuffix(".tsv") + ".png"
+            if not timings and TIMING.search(name.removesuffix(".png")):
+                continue
             (out / name).write_bytes(vl_convert.vegalite_to_png(plot["content"], scale=1))
             images.append(f"{Path(plots_dir).as_posix()}/{name}")
     return images
@@ -152,8 +155,8 @@ def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "repo
     now = json.loads(now_file.read_text(encoding="utf-8")) if now_file.is_file() else None
     verdict_md = verdict_section(now, json_at(rev, eval_path, cwd), rev)
     params_md = dvc("params", "diff", rev, "--md", cwd=cwd)
-    metrics_md = dvc("metrics", "diff", rev, "--md", cwd=cwd)
-    images = render_curves(rev, plots_dir, f"{base.metrics_dir}/train/", cwd)
+    metrics_md = other_metrics(dvc("metrics", "diff", rev, "--md", cwd=cwd), eval_path, timings)
+    images = render_curves(rev, plots_dir, f"{base.metrics_dir}/train/", cwd, timings)
     path = Path(cwd) / out
     path.write_text(render(rev, verdict_md, params_md, metrics_md, images, timings), encoding="utf-8")
     return path
