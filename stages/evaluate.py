@@ -92,11 +92,14 @@ def main() -> None:
     base, p = params.load("base", "evaluate")
     selected = read_json(base.tuning_base)
     metrics_dir = Path(base.metrics_dir)
+    judge_dir = Path(base.cache_dir) / "judge"
+    judge_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when the judge is off
     if selected["kind"] == "api":
         print(f"evaluate: skipped, the chosen model {selected['name']} is an API model used as is (see select_table.md)")
         write_json(metrics_dir / "eval.json", {"skipped": 1})
         (metrics_dir / "eval_samples.md").write_text("Skipped: an API model was chosen; see select_table.md\n", encoding="utf-8")
-        write_jsonl(metrics_dir / "eval" / "records.jsonl", [])
+        for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl"):  # every declared output exists
+            write_jsonl(metrics_dir / "eval" / name, [])
         return
 
     sets = {"unseen": read_json(Path(base.alpaca_dir) / "test.json"),
@@ -115,8 +118,6 @@ def main() -> None:
     for name, records in sets.items():
         intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
         result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
-    judge_dir = Path(base.cache_dir) / "judge"
-    judge_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when the judge is off
     verdicts = []
     if p.judge.enabled:
         result["unseen"]["judge"], verdicts = run_judge(p.judge, sets["unseen"], base_scores["unseen"][1],

@@ -119,7 +119,9 @@ def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stages.evaluate.main()
     assert read_json(tmp_path / "metrics" / "eval.json") == {"skipped": 1}
-    assert read_jsonl(tmp_path / "metrics" / "eval" / "records.jsonl") == []
+    for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl"):  # dvc.yaml's outs all exist
+        assert read_jsonl(tmp_path / "metrics" / "eval" / name) == [], name
+    assert (tmp_path / "cache" / "judge").is_dir()
 
 
 def plain_answer_losses(model, tokenizer, records: list[dict]) -> list[tuple[float, int]]:
