@@ -6,10 +6,14 @@ shows over-fitting.
 
 Reads:  base.alpaca_dir/{test,train}.json, base.tuning_base, base.adapter_dir (adapter and tokenizer with the
         chat template training used), `evaluate:`.
-Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, git-tracked, so
-        `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
+Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, the delta's 95%
+        paired bootstrap interval over the set's records (delta_ci95) and its verdict: better, worse
+        or within noise; git-tracked, so `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
         (side by side answers of both sets), base.metrics_dir/eval/records.jsonl (per-record scores
-        of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen).
+        of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen),
+        with evaluate.judge.enabled: unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over
+        base, position consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record
+        verdicts; empty when the judge is off), the judge's replies cached in base.cache_dir/judge.
 Run:    python -m stages.evaluate
 """
 
@@ -17,22 +21,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline import params
+from tuneline import judge, llm, params
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
+from tuneline.intervals import delta_intervals, verdict
 from tuneline.scoring import score
 
 REPORTED = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match")
 
 
-def compare(base_m: dict, tuned_m: dict) -> dict:
-    """The flat metrics file: base, tuned and delta (tuned - base) of each metric."""
-    out = {"base": {}, "tuned": {}, "delta": {}}
+def compare(base_m: dict, tuned_m: dict, intervals: dict[str, dict]) -> dict:
+    """The flat metrics file: base, tuned and delta (tuned - base) of each metric, the delta's 95%
+    bootstrap interval (`intervals`, from tuneline.intervals) and its verdict."""
+    out = {"base": {}, "tuned": {}, "delta": {}, "delta_ci95": {}, "verdict": {}}
     for key in REPORTED:
         if key in base_m and key in tuned_m:
             out["base"][key] = round(base_m[key], 6)
             out["tuned"][key] = round(tuned_m[key], 6)
             out["delta"][key] = round(tuned_m[key] - base_m[key], 6)
+            if key in intervals:
+                out["delta_ci95"][key] = intervals[key]
+                out["verdict"][key] = verdict(key, intervals[key])
     out["records"] = base_m["records"]
     return out
 
@@ -61,15 +70,36 @@ def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
              **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t}} for b, t in zip(base_rows, tuned_rows)]
 
 
+def run_judge(j, records: list[dict], base_rows: list[dict], tuned_rows: list[dict], cache_dir: Path, seed: int) -> tuple[dict, list[dict]]:
+    """The judge's verdicts on the records that have both answers (the first generation_samples)."""
+    n = sum("answer" in r for r in tuned_rows)
+    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
+                            max_tokens=j.max_tokens, concurrency=j.concurrency, requests_per_minute=j.requests_per_minute,
+                            max_retries=j.max_retries, timeout_s=j.timeout_s)
+    # The request names a local model only by its path: its files join the cache key.
+    salt = llm.model_fingerprint(j.model) if Path(j.model).is_dir() else ""
+    template = judge.load_prompt(j.prompt, "evaluate.judge.prompt")
+    retry = judge.load_prompt(j.retry_prompt, "evaluate.judge.retry_prompt")
+    with llm.lazy_caller(endpoint, cache_dir, json_mode=True, cache_salt=salt) as call:
+        summary, rows, replies = judge.judge(call, template, retry, records[:n], [r["answer"] for r in tuned_rows[:n]],
+                                             [r["answer"] for r in base_rows[:n]], j.reply_retries, seed)
+    usage = llm.ledger(replies)
+    print(f"evaluate: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, {usage['failed_calls']} failed)")
+    return summary, rows
+
+
 def main() -> None:
     base, p = params.load("base", "evaluate")
     selected = read_json(base.tuning_base)
     metrics_dir = Path(base.metrics_dir)
+    judge_dir = Path(base.cache_dir) / "judge"
+    judge_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when the judge is off
     if selected["kind"] == "api":
         print(f"evaluate: skipped, the chosen model {selected['name']} is an API model used as is (see select_table.md)")
         write_json(metrics_dir / "eval.json", {"skipped": 1})
         (metrics_dir / "eval_samples.md").write_text("Skipped: an API model was chosen; see select_table.md\n", encoding="utf-8")
-        write_jsonl(metrics_dir / "eval" / "records.jsonl", [])
+        for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl"):  # every declared output exists
+            write_jsonl(metrics_dir / "eval" / name, [])
         return
 
     sets = {"unseen": read_json(Path(base.alpaca_dir) / "test.json"),
@@ -84,15 +114,28 @@ def main() -> None:
     tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
 
-    result = {name: compare(base_scores[name][0], tuned_scores[name][0]) for name in sets}
+    result = {}
+    for name, records in sets.items():
+        intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
+        result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
+    verdicts = []
+    if p.judge.enabled:
+        result["unseen"]["judge"], verdicts = run_judge(p.judge, sets["unseen"], base_scores["unseen"][1],
+                                                        tuned_scores["unseen"][1], judge_dir, base.seed)
+    write_jsonl(metrics_dir / "eval" / "judge.jsonl", verdicts)
     write_json(metrics_dir / "eval.json", result)
     table = {name: (records, base_scores[name][1], tuned_scores[name][1]) for name, records in sets.items()}
     (metrics_dir / "eval_samples.md").write_text(samples_table(table, p.samples_in_report), encoding="utf-8")
     write_jsonl(metrics_dir / "eval" / "records.jsonl", record_rows(base_scores["unseen"][1], tuned_scores["unseen"][1]))
     write_jsonl(metrics_dir / "eval" / "seen_records.jsonl", record_rows(base_scores["seen"][1], tuned_scores["seen"][1]))
+    if "judge" in result["unseen"]:
+        j = result["unseen"]["judge"]
+        print(f"evaluate: judge on unseen ({j['pairs']} pairs, both orders): tuned wins {j['win']:.2f}, ties {j['tie']:.2f}, "
+              f"loses {j['loss']:.2f}, unparsed {j['unparsed']:.2f}; position consistency {j['position_consistency']}")
     for name in sets:
         r = result[name]
-        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f}" for k in r["base"]))
+        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(
+            f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"]))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Reads:  base.alpaca_dir/val.json (and train.json for an API candidate's few-shot examples),
         select.candidates.<name> and the select keys listed for it in dvc.yaml.
-Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size;
-        for an API candidate: no loss, and tokens, cost and latency from its replies),
+Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size, and
+        each score's 95% bootstrap interval over the records (ci95); for an API candidate: no loss,
+        and tokens, cost and latency from its replies),
         base.cache_dir/select/<name>/ (persisted replies of an API candidate: a rerun pays nothing).
 Run:    python -m stages.select <name>
 """
@@ -17,6 +18,7 @@ from transformers import set_seed
 
 from tuneline import params
 from tuneline.modeling import load_model, load_tokenizer
+from tuneline.intervals import score_intervals
 from tuneline.records import read_json, write_json
 from tuneline.scoring import score
 
@@ -39,7 +41,8 @@ def main(name: str) -> None:
         tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
         template = "auto" if tokenizer.chat_template else "chatml"
         model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)
-        metrics, _ = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
+        metrics, rows = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
+        metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
         metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
     metrics["name"] = name
     write_json(Path(base.metrics_dir) / "select" / f"{name}.json", metrics)

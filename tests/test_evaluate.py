@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,13 +11,18 @@ from stages.evaluate import compare, samples_table
 from tuneline.records import read_json, read_jsonl, write_json
 from tuneline.scoring import generate, generate_ids, score, stop_ids, until_stop
 
+ROOT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+
 
 def test_compare_reports_base_tuned_and_delta_of_the_metrics_both_have():
     base = {"loss": 2.0, "perplexity": 7.389, "rouge_l": 0.25, "records": 5, "generation_s": 3.0}
     tuned = {"loss": 1.5, "perplexity": 4.482, "rouge_l": 0.5, "records": 5, "generation_s": 1.0, "bleu": 0.2}
-    out = compare(base, tuned)
+    intervals = {"loss": {"low": -0.7, "high": -0.3}, "rouge_l": {"low": -0.1, "high": 0.6}, "bleu": {"low": 0.1, "high": 0.3}}
+    out = compare(base, tuned, intervals)
     assert out["delta"] == {"loss": -0.5, "perplexity": pytest.approx(-2.907), "rouge_l": 0.25}
     assert set(out["base"]) == set(out["tuned"]) == {"loss", "perplexity", "rouge_l"}  # no bleu: base has none
+    assert out["delta_ci95"] == {"loss": intervals["loss"], "rouge_l": intervals["rouge_l"]}
+    assert out["verdict"] == {"loss": "better", "rouge_l": "within noise"}
     assert out["records"] == 5
 
 
@@ -73,6 +79,11 @@ def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_
     assert result["tuned"]["loss"] < result["base"]["loss"] - 0.1
     assert result["delta"]["loss"] == pytest.approx(result["tuned"]["loss"] - result["base"]["loss"], abs=1e-5)
     assert result["tuned"]["perplexity"] < result["base"]["perplexity"]
+    # every delta has its paired interval, which holds the delta; trained on these records, loss is better
+    assert set(result["delta_ci95"]) == set(result["delta"]) == set(result["verdict"])
+    for key, delta in result["delta"].items():
+        assert result["delta_ci95"][key]["low"] - 1e-6 <= delta <= result["delta_ci95"][key]["high"] + 1e-6, key
+    assert result["verdict"]["loss"] == "better" and result["delta_ci95"]["loss"]["high"] < 0
 
     rows = read_jsonl(tuned_project / "metrics" / "eval" / "records.jsonl")
     assert [r["index"] for r in rows] == list(range(16))
@@ -108,7 +119,9 @@ def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stages.evaluate.main()
     assert read_json(tmp_path / "metrics" / "eval.json") == {"skipped": 1}
-    assert read_jsonl(tmp_path / "metrics" / "eval" / "records.jsonl") == []
+    for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl"):  # dvc.yaml's outs all exist
+        assert read_jsonl(tmp_path / "metrics" / "eval" / name) == [], name
+    assert (tmp_path / "cache" / "judge").is_dir()
 
 
 def plain_answer_losses(model, tokenizer, records: list[dict]) -> list[tuple[float, int]]:
@@ -153,3 +166,29 @@ def test_chunked_answer_loss_equals_the_loss_of_the_full_logits(tiny_model_dir, 
     if kind != "base":  # the adapter took part: the base model alone scores otherwise
         base = plain_answer_losses(load_model(str(tiny_model_dir)).eval(), tokenizer, records)
         assert max(abs(a / n - b / n) for (a, n), (b, _) in zip(expected, base)) > 1e-3
+
+
+def test_evaluate_with_the_judge_on_adds_its_rates_to_eval_json(tuned_project, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    import stages.evaluate
+    from tests.openai_stub import ScriptedServer
+
+    project = tmp_path / "project"
+    shutil.copytree(tuned_project, project)
+    p = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    shutil.copytree(ROOT_PROMPTS, project / "prompts")
+    with ScriptedServer(respond=lambda body: '{"winner": "B"}') as server:
+        p["evaluate"]["judge"].update(enabled=True, base_url=server.base_url, model="judge")
+        (project / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+        monkeypatch.chdir(project)
+        stages.evaluate.main()
+        assert server.requests == 2 * 4  # generation_samples: 4 records, both orders
+    result = read_json(project / "metrics" / "eval.json")
+    judged = result["unseen"]["judge"]
+    assert judged["pairs"] == 4 and judged["tie"] == 1.0 and judged["position_consistency"] == 0.0
+    assert "judge" not in result["seen"]
+    assert [r["outcome"] for r in read_jsonl(project / "metrics" / "eval" / "judge.jsonl")] == ["tie"] * 4
+    assert read_jsonl(tuned_project / "metrics" / "eval" / "judge.jsonl") == []  # judge off: nothing judged

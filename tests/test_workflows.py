@@ -4,6 +4,7 @@ reproducibility across two fresh runs."""
 
 import hashlib
 import json
+import re
 import subprocess
 import time
 
@@ -98,9 +99,14 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     repro(clone)
     run(clone, "tuneline", "report", "--rev", "HEAD", "--out", "report.md")
     report = (clone / "report.md").read_text()
+    # First the verdict: the changed unseen loss delta, its interval, its word, and what it was at HEAD
+    first = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\| unseen \| loss \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| "
+                     r"\*\*(better|worse|within noise)\*\* \| [+-][\d.]+ \((better|worse|within noise)\) \|", first), first
     assert "train.learning_rate" in report and "0.004" in report and "0.01" in report
-    assert "metrics/eval.json" in report and "tuned.loss" in report
-    assert (clone / "report_plots").is_dir()
+    assert "metrics/train/metrics.json" in report.split("<details>", 1)[1]
+    assert "train_runtime" not in report  # timings only with --timings
+    assert list((clone / "report_plots").glob("*.png")) and "![train_loss](report_plots/train_loss.png)" in report
     run(clone, "git", "checkout", "--", "params.yaml")
 
 

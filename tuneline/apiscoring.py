@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tuneline.intervals import score_intervals
 from tuneline.llm import Endpoint, complete_many_sync, ledger
 from tuneline.llmserver import endpoint_url
 from tuneline.templates import to_messages
-from tuneline.textmetrics import corpus_scores
+from tuneline.textmetrics import corpus_scores, record_scores
 
 
 def prompts(records: list[dict], shots: list[dict]) -> list[list[dict]]:
@@ -48,5 +49,9 @@ def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dic
         "few_shot_k": len(shots), "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "cost": usage["cost"], "latency_per_answer_s": round(sum(r.latency_s for r in replies) / max(len(replies), 1), 4),
     }
-    metrics.update(corpus_scores(answers, [r["output"] for r in sample]))
+    references = [r["output"] for r in sample]
+    metrics.update(corpus_scores(answers, references))
+    # No loss to resample: the rows carry only the generation metrics.
+    rows = [{"answer": a, **record_scores(a, ref)} for a, ref in zip(answers, references)]
+    metrics["ci95"] = score_intervals(rows, references, seed)
     return metrics

@@ -30,7 +30,7 @@ from typing import Any
 
 import jinja2
 
-from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply
+from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
 from tuneline.params import Augment, Clean
 from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_ids
 from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
@@ -184,36 +184,6 @@ def _examples(records: list[dict]) -> list[dict]:
 
 
 # --- parsing replies ----------------------------------------------------------------------
-
-
-class ReplyError(ValueError):
-    """A reply that is not the JSON asked for: `reason` is the metric key, `detail` the why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def parse_json_object(text: str) -> dict:
-    """The JSON object in a reply; tolerates code fences and chatter around it (servers that
-    ignore response_format)."""
-    text = text.strip()
-    candidates = [text]
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
-    if fenced:
-        candidates.append(fenced.group(1))
-    start, end = text.find("{"), text.rfind("}")
-    if 0 <= start < end:
-        candidates.append(text[start : end + 1])
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    raise ReplyError("invalid_json", "the reply is not a JSON object")
 
 
 def parse_questions(text: str) -> list[str]:

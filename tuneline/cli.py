@@ -1,7 +1,7 @@
 """The `tuneline` command.
 
     tuneline serve [--host 127.0.0.1] [--port 8000] [--device auto]
-    tuneline report [--rev main] [--out report.md]
+    tuneline report [--rev main] [--out report.md] [--timings]
 
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
@@ -113,14 +113,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    """Write the pull-request report: params and metrics diffs against a revision, and the curves."""
+    """Write the pull-request report: the verdict, then params and metrics diffs against a revision, and the curves."""
     from tuneline.report import write_report
 
     try:
-        path = write_report(args.rev, args.out, args.plots_dir)
-    except RuntimeError as err:
+        path = write_report(args.rev, args.out, args.plots_dir, timings=args.timings)
+    except (RuntimeError, params.ParamsError) as err:
         raise SystemExit(f"tuneline report: {err}") from None
-    print(f"tuneline report: wrote {path} (workspace vs {args.rev}) and {args.plots_dir}/index.html")
+    print(f"tuneline report: wrote {path} (workspace vs {args.rev}), training curves in {args.plots_dir}/")
     return 0
 
 
@@ -133,10 +133,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda:0, …")
     s.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
     s.set_defaults(run=serve)
-    r = commands.add_parser("report", help="params and metrics diffs against a revision, as Markdown for a pull request")
+    r = commands.add_parser("report", help="the verdict (eval deltas with intervals), params and metrics diffs against a "
+                            "revision, as Markdown for a pull request")
     r.add_argument("--rev", default="main", help="the revision to compare the workspace with (default: main)")
     r.add_argument("--out", default="report.md")
-    r.add_argument("--plots-dir", default="report_plots", help="where `dvc plots diff` renders the curves")
+    r.add_argument("--plots-dir", default="report_plots", help="where the training curves are rendered as PNG")
+    r.add_argument("--timings", action="store_true", help="keep the timing and throughput rows of the metrics diff")
     r.set_defaults(run=report)
     return p
 

@@ -11,7 +11,7 @@ OpenAI-compatible endpoint, with a per-call reply cache.
 - The API key is read from the environment variable the endpoint names and goes only into
   the request header: it is never written to the cache, to errors or to logs.
 
-`select` (API candidates) and `evaluate` (LLM judge) use this module as augment does.
+`select` (API candidates) and `evaluate` (the LLM judge, tuneline/judge.py) use this module as augment does.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -356,6 +359,27 @@ def complete_many_sync(
                                      truncated_is_error=truncated_is_error))
 
 
+@contextmanager
+def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, json_mode: bool = False, *,
+                cache_salt: str = "", truncated_is_error: bool = False) -> Iterator[Callable[[list[list[dict]], int], list[Reply]]]:
+    """`call(requests, seed) -> replies` for a `with` block. With `endpoint.base_url` "local", the
+    `transformers serve` of the model directory `endpoint.model` starts at the first call with a request missing from the
+    cache, and stops at the end of the block: a fully cached rerun starts no server."""
+    from tuneline.llmserver import endpoint_url
+
+    with ExitStack() as server:
+        resolved = endpoint if endpoint.base_url != "local" else None
+
+        def call(requests: list[list[dict]], seed: int) -> list[Reply]:
+            nonlocal resolved
+            if resolved is None and uncached(endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt):
+                resolved = replace(endpoint, base_url=server.enter_context(endpoint_url(endpoint.base_url, endpoint.model)))
+            return complete_many_sync(resolved or endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt,
+                                      truncated_is_error=truncated_is_error)
+
+        yield call
+
+
 def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_completion_per_mtok: float = 0.0) -> dict:
     """Calls and tokens of a set of replies: all of them, and the part this run paid for."""
 
@@ -373,3 +397,36 @@ def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_compl
         "this_run": totals(fresh),
         "mean_latency_s": round(sum(r.latency_s for r in fresh) / len(fresh), 4) if fresh else 0.0,
     }
+
+
+# --- parsing replies ----------------------------------------------------------------------
+
+
+class ReplyError(ValueError):
+    """A reply that is not the JSON asked for: `reason` is the metric key, `detail` the why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_json_object(text: str) -> dict:
+    """The JSON object in a reply; tolerates code fences and chatter around it (servers that
+    ignore response_format)."""
+    text = text.strip()
+    candidates = [text]
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+    if fenced:
+        candidates.append(fenced.group(1))
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start : end + 1])
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise ReplyError("invalid_json", "the reply is not a JSON object")

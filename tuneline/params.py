@@ -48,7 +48,7 @@ class _Section:
 
 def _holds_sections(annotation: str) -> bool:
     """True for fields that hold nested sections (reading them is not reading a value)."""
-    return any(name in str(annotation) for name in ("TinyModel", "CrawlSource", "CrawlDataset", "Candidate"))
+    return any(name in str(annotation) for name in ("TinyModel", "CrawlSource", "CrawlDataset", "Candidate", "Judge"))
 
 
 def _start_audit(path: str) -> None:
@@ -261,6 +261,7 @@ METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match")
 @dataclass(frozen=True)
 class Select(_Section):
     metric: Literal["loss", "perplexity", "rouge_l", "bleu", "exact_match"]
+    tie_break: Literal["smaller_model", "lower_cost", "listed_order"]
     generation_samples: int
     max_new_tokens: int
     batch_size: int
@@ -310,6 +311,22 @@ class Train(_Section):
 
 
 @dataclass(frozen=True)
+class Judge(_Section):
+    enabled: bool
+    base_url: str  # "local": `transformers serve` of `model` on 127.0.0.1 for the stage
+    model: str
+    api_key_env: str
+    prompt: str
+    retry_prompt: str
+    max_tokens: int | None
+    reply_retries: int
+    concurrency: int
+    requests_per_minute: int
+    max_retries: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class Evaluate(_Section):
     max_new_tokens: int
     batch_size: int
@@ -318,6 +335,7 @@ class Evaluate(_Section):
     merge: bool
     samples_in_report: int
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    judge: Judge
 
 
 @dataclass(frozen=True)
@@ -509,6 +527,10 @@ def _check_section(name: str, p: Any) -> Any:
         for mname, spec in p.tiny.items():
             if spec.pretrain_steps < 0:
                 raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
+    if name == "evaluate":
+        j = p.judge
+        if j.reply_retries < 0 or j.max_retries < 0 or j.concurrency < 1 or j.requests_per_minute < 1:
+            raise ParamsError("evaluate.judge.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
     if name == "pretrain" and p.decontamination_ngram < 1:
         raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":

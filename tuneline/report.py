@@ -1,48 +1,162 @@
-"""The pull-request report: what changed in params and metrics against a revision, with the curves.
+"""The pull-request report: did this change make the model better?
 
-It is DVC's own output (`dvc params diff --md`, `dvc metrics diff --md`, `dvc plots diff`)
-gathered into one Markdown file that CI posts as a comment on the pull request.
+It opens with the verdict: each evaluation delta (tuned - base) with its 95% paired bootstrap
+interval and one word (better / worse / within noise), beside the same delta at the revision
+compared against, and the LLM judge's rates when the judge ran. Then the params that changed
+(`dvc params diff --md`), then the other metrics that changed (`dvc metrics diff --md` less
+eval.json, which the verdict shows) folded in `<details>`, timings and throughput (rows and
+curves) left out unless asked for, and the training curves as PNG
+images rendered from DVC's own plot specs (`dvc plots diff --json`, through vl-convert), which CML
+uploads with the comment (`cml comment create report.md`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+import sys
 from pathlib import Path
+
+# Rows of `dvc metrics diff` about how long or how fast, not how good: left out unless asked for.
+TIMING = re.compile(r"runtime|per_second|latency|flos|(^|[._])(seconds|elapsed|time|duration)\b|_s$")
 
 
 def dvc(*args: str, cwd: str | Path = ".") -> str:
-    """The standard output of a dvc command; a failure raises with its message."""
-    result = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    """The standard output of a dvc command (the dvc installed beside tuneline); a failure raises with its message."""
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
 
 
-def render(rev: str, params_md: str, metrics_md: str, plots_dir: str) -> str:
-    """The report's Markdown from the diffs' Markdown."""
+def json_at(rev: str, path: str, cwd: str | Path = ".") -> dict | None:
+    """The JSON file `path` as committed at `rev` (metrics are git-tracked), or None where it is not."""
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        return None
+
+
+def _delta(value: float, interval: dict | None) -> str:
+    shown = f"{value:+.4f}"
+    return shown + (f" [{interval['low']:+.4f}, {interval['high']:+.4f}]" if interval else "")
+
+
+def verdict_section(now: dict | None, before: dict | None, rev: str) -> str:
+    """The report's first section, from eval.json in the workspace (`now`) and at `rev` (`before`)."""
+    if now is None:
+        return "No evaluation in the workspace: run `dvc repro` first."
+    if "skipped" in now:
+        return "Evaluation skipped: an API model was chosen and is used as is (see metrics/select_table.md)."
+    lines = [f"Tuned vs base, with the 95% paired bootstrap interval of the difference; `{rev}` shows the same at that revision.",
+             "", f"| set | metric | base | tuned | tuned - base [95% interval] | verdict | at `{rev}` |", "|---|---|---|---|---|---|---|"]
+    judge_lines = []
+    for name, result in now.items():
+        if not isinstance(result, dict):
+            continue
+        was = (before or {}).get(name) or {}
+        for key, delta in result.get("delta", {}).items():
+            interval = result.get("delta_ci95", {}).get(key)
+            word = result.get("verdict", {}).get(key, "no interval")
+            if key in was.get("delta", {}):
+                old = f"{_delta(was['delta'][key], None)} ({was.get('verdict', {}).get(key, 'no interval')})"
+                old = old if was["delta"][key] != delta else "same"
+            else:
+                old = "new"
+            lines.append(f"| {name} | {key} | {result['base'][key]:.4f} | {result['tuned'][key]:.4f} | "
+                         f"{_delta(delta, interval)} | **{word}** | {old} |")
+        if "judge" in result:
+            j = result["judge"]
+            net = j.get("net_win_ci95")
+            judge_lines.append(
+                f"LLM judge on {name} ({j['pairs']} pairs, each judged in both orders): the tuned model wins {j['win']:.0%}, "
+                f"ties {j['tie']:.0%}, loses {j['loss']:.0%}, unparsed {j['unparsed']:.0%}; position consistency "
+                + (f"{j['position_consistency']:.0%}" if j["position_consistency"] is not None else "n/a")
+                + (f"; win - loss 95% interval [{net['low']:+.2f}, {net['high']:+.2f}]" if net else "") + ".")
+    return "\n".join(lines + ([""] + judge_lines if judge_lines else ["", "LLM judge: off (evaluate.judge.enabled)."]))
+
+
+def other_metrics(metrics_md: str, eval_path: str, timings: bool = False) -> str:
+    """`dvc metrics diff --md` without the rows of `eval_path` (the verdict shows them) and, unless
+    `timings`, without the rows of timings and throughput."""
+    kept = []
+    for line in metrics_md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 1 and (cells[0] == eval_path or (not timings and TIMING.search(cells[1]))):
+            continue
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def render(rev: str, verdict_md: str, params_md: str, metrics_md: str, images: list[str], timings: bool = False) -> str:
+    """The report's Markdown: the verdict first, then params, the other metrics (`other_metrics`) folded, the curves."""
     return "\n".join([
         f"# tuneline report: workspace vs `{rev}`",
+        "",
+        "## Verdict",
+        "",
+        verdict_md,
         "",
         "## Params changed",
         "",
         params_md.strip() or "No params changed.",
         "",
-        "## Metrics changed",
+        "<details><summary>Other metrics changed" + ("" if timings else " (timings left out; `tuneline report --timings` shows them)")
+        + "</summary>",
         "",
-        metrics_md.strip() or "No metrics changed.",
+        metrics_md.strip() or "No other metrics changed.",
+        "",
+        "</details>",
         "",
         "## Training curves",
         "",
-        f"`dvc plots diff {rev}` rendered to [{plots_dir}/index.html]({plots_dir}/index.html).",
+        *([f"![{Path(i).stem}]({i})" for i in images] or [f"No training curves (`dvc plots diff {rev}` shows none)."]),
         "",
     ])
 
 
-def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "report_plots", cwd: str | Path = ".") -> Path:
+def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path = ".", timings: bool = False) -> list[str]:
+    """PNG images of the plots under `prefix` (workspace and `rev` overlaid), as DVC specifies them,
+    timing and throughput curves only with `timings`; their paths relative to `cwd`."""
+    import vl_convert
+
+    specs = json.loads(dvc("plots", "diff", rev, "--json", cwd=cwd)).get("data", {})
+    out = Path(cwd) / plots_dir
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for plot_id, plots in sorted(specs.items()):
+        if not plot_id.startswith(prefix):
+            continue
+        for plot in plots:
+            if plot.get("type") != "vega":
+                continue
+            # DVCLive writes <dir>/plots/metrics/<name>.tsv (train/loss.tsv, eval/loss.tsv): name the image after <name>
+            curve = plot_id.removeprefix(prefix).split("plots/metrics/")[-1]
+            name = re.sub(r"[^\w.-]+", "_", curve.strip("/")).removesuffix(".tsv") + ".png"
+            if not timings and TIMING.search(name.removesuffix(".png")):
+                continue
+            (out / name).write_bytes(vl_convert.vegalite_to_png(plot["content"], scale=1))
+            images.append(f"{Path(plots_dir).as_posix()}/{name}")
+    return images
+
+
+def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "report_plots", cwd: str | Path = ".",
+                 timings: bool = False) -> Path:
     """Write the report comparing the workspace with `rev`; return its path."""
+    from tuneline import params
+
+    base = params.section("base", path=Path(cwd) / params.PARAMS_FILE)
+    eval_path = f"{base.metrics_dir}/eval.json"
+    now_file = Path(cwd) / eval_path
+    now = json.loads(now_file.read_text(encoding="utf-8")) if now_file.is_file() else None
+    verdict_md = verdict_section(now, json_at(rev, eval_path, cwd), rev)
     params_md = dvc("params", "diff", rev, "--md", cwd=cwd)
-    metrics_md = dvc("metrics", "diff", rev, "--md", cwd=cwd)
-    dvc("plots", "diff", rev, "--out", plots_dir, cwd=cwd)
+    metrics_md = other_metrics(dvc("metrics", "diff", rev, "--md", cwd=cwd), eval_path, timings)
+    images = render_curves(rev, plots_dir, f"{base.metrics_dir}/train/", cwd, timings)
     path = Path(cwd) / out
-    path.write_text(render(rev, params_md, metrics_md, plots_dir), encoding="utf-8")
+    path.write_text(render(rev, verdict_md, params_md, metrics_md, images, timings), encoding="utf-8")
     return path

@@ -1,0 +1,110 @@
+"""Selection: the select stage on an API candidate through a loopback server, and choose's decision
+(the better score wins, a tie within noise is said and broken by select.tie_break)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import yaml
+
+from stages.choose import choose, table
+from tests.openai_stub import ScriptedServer
+from tests.tuned_project import ROOT
+from tuneline import params
+from tuneline.params import ParamsError
+from tuneline.records import read_json, read_jsonl, write_json
+
+RECORDS = read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")[:6]
+
+
+def local(score: float, low: float, high: float, parameters: int = 1000, loss: float = 5.0) -> dict:
+    return {"kind": "local", "rouge_l": score, "loss": loss, "parameters": parameters,
+            "ci95": {"rouge_l": {"low": low, "high": high}}}
+
+
+def test_the_better_scoring_candidate_is_chosen_when_the_intervals_tell_them_apart():
+    scores = {"small": local(0.10, 0.05, 0.15, parameters=10), "big": local(0.40, 0.30, 0.50, parameters=99)}
+    best, why, tied = choose(scores, "rouge_l", "smaller_model")
+    assert (best, tied) == ("big", [])
+    assert why == "highest validation rouge_l: big 0.4000 [0.3000, 0.5000] (others: small 0.1000 [0.0500, 0.1500])"
+    assert choose(scores | {"big": local(0.40, 0.30, 0.50) | {"loss": 0.5}}, "loss", "smaller_model")[0] == "big"
+
+
+@pytest.mark.parametrize(("tie_break", "chosen"), [("smaller_model", "small"), ("listed_order", "first"), ("lower_cost", "first")])
+def test_a_winner_within_the_runner_ups_interval_is_reported_as_a_tie_and_broken_as_declared(tie_break, chosen):
+    scores = {
+        "first": local(0.30, 0.25, 0.35, parameters=500),
+        "small": local(0.28, 0.20, 0.36, parameters=100),  # 0.30 lies in its interval: a tie
+        "hosted": {"kind": "api", "rouge_l": 0.31, "loss": None, "cost": 0.5, "ci95": {"rouge_l": {"low": 0.2, "high": 0.4}}},
+        "far": local(0.10, 0.05, 0.15, parameters=1),  # clearly worse: not in the tie, though smallest
+    }
+    # lower_cost: the local ones cost no API fee; of those, the better score (first) wins
+    best, why, tied = choose(scores, "rouge_l", tie_break)
+    assert best == chosen
+    assert sorted(tied + [best]) == ["first", "hosted", "small"]
+    assert f"within noise: hosted's rouge_l lies in the 95% interval of first, small, so select.tie_break {tie_break} chose {chosen}" in why
+
+
+def test_without_intervals_only_equal_scores_tie():
+    scores = {"a": {"kind": "local", "rouge_l": 0.0, "parameters": 5}, "b": {"kind": "local", "rouge_l": 0.0, "parameters": 3},
+              "c": {"kind": "local", "rouge_l": 0.0001, "parameters": 1}}
+    best, why, tied = choose(scores, "rouge_l", "smaller_model")
+    assert (best, tied) == ("c", [])
+    scores["c"]["rouge_l"] = 0.0
+    best, _, tied = choose(scores, "rouge_l", "smaller_model")
+    assert (best, tied) == ("c", ["a", "b"])
+
+
+def test_choosing_by_loss_with_an_api_candidate_fails_at_start_up_naming_the_key():
+    data = copy.deepcopy(params.read_params_file(ROOT / "params.yaml"))
+    data["select"]["metric"] = "loss"
+    data["select"]["candidates"]["hosted"] = {"kind": "api", "model": "gpt-x", "base_url": "https://api.example.invalid/v1"}
+    with pytest.raises(ParamsError, match=r"select.metric 'loss' is not available for API candidate select\.candidates\.hosted"):
+        params.section("select", data)
+    data["select"]["metric"] = "rouge_l"
+    data["select"]["tie_break"] = "cheapest"
+    with pytest.raises(ParamsError, match=r"select\.tie_break 'cheapest' is not one of smaller_model, lower_cost, listed_order"):
+        params.section("select", data)
+
+
+@pytest.fixture
+def api_project(tmp_path, monkeypatch):
+    """A project whose select.candidates has one API candidate served by a scripted loopback server."""
+    server = ScriptedServer(respond=lambda body: "Grind the beans fresh.")
+    with server:
+        p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        p["select"]["candidates"] = {"hosted": {"kind": "api", "model": "stub", "base_url": server.base_url,
+                                                "price_prompt_per_mtok": 2.0, "price_completion_per_mtok": 10.0}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+        write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
+        write_json(tmp_path / "data" / "alpaca" / "train.json", RECORDS)
+        monkeypatch.chdir(tmp_path)
+        yield tmp_path, server
+
+
+def test_an_api_candidate_is_scored_through_the_server_with_no_loss_and_a_rerun_asks_nothing(api_project):
+    import stages.select
+
+    project, server = api_project
+    stages.select.main("hosted")
+    assert server.requests == len(RECORDS)
+    metrics = read_json(project / "metrics" / "select" / "hosted.json")
+    assert metrics["loss"] is None and metrics["perplexity"] is None
+    assert 0 < metrics["rouge_l"] < 1 and set(metrics["ci95"]) == {"rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match"}
+    # cost: price per million tokens x the tokens the server reported
+    assert metrics["cost"] == pytest.approx((2.0 * metrics["prompt_tokens"] + 10.0 * metrics["completion_tokens"]) / 1e6)
+    assert metrics["cost"] > 0
+
+    server.reset_counts()
+    stages.select.main("hosted")
+    assert server.requests == 0  # every reply came from the persisted cache
+    assert read_json(project / "metrics" / "select" / "hosted.json") == metrics
+
+    rows = table({"hosted": metrics}, "hosted", "the only one", "rouge_l").splitlines()
+    header = [c.strip() for c in rows[2].strip("|").split("|")]
+    cells = dict(zip(header, (c.strip() for c in rows[4].strip("|").split("|"))))
+    assert cells["loss"] == "n/a" and cells["perplexity"] == "n/a"
+    assert cells["cost"] == f"{metrics['cost']:.4f}"
+    assert cells["rouge_l 95% interval"] == f"{metrics['ci95']['rouge_l']['low']:.4f} - {metrics['ci95']['rouge_l']['high']:.4f}"

@@ -1,0 +1,113 @@
+"""The LLM judge: does the tuned model answer better than the base model?
+
+For each test record the judge sees the request, the reference answer and the two models'
+answers, and names the better one. Judges prefer the answer shown first (the MT-Bench paper), so
+every pair is asked twice, the tuned answer first and then second; a verdict counts only when both
+orders agree, and a pair whose orders disagree is a tie. A reply that is not the JSON asked for is
+answered with the retry prompt and asked again in the same conversation, up to `reply_retries`
+times; one still unusable counts as `unparsed`. Calls go through tuneline.llm (the openai client,
+its retries and the per-call reply cache), so a rerun sends no request.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from tuneline.intervals import percentile_interval, resample_indexes
+from tuneline.llm import Reply, ReplyError, parse_json_object
+
+Call = Callable[[list[list[dict]], int], list[Reply]]
+OUTCOMES = ("win", "tie", "loss", "unparsed")
+
+
+def load_prompt(path: str | Path, key: str) -> jinja2.Template:
+    """The Jinja2 template in `path`; a missing file fails naming it and the params key."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: the prompt file named by {key} is missing")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(Path(path).read_text(encoding="utf-8"))
+
+
+def pair_messages(template: jinja2.Template, record: dict, answer_a: str, answer_b: str) -> list[dict]:
+    """The chat messages that ask the judge to compare answer A and answer B to `record`."""
+    text = template.render(instruction=record["instruction"], input=record.get("input") or "",
+                           reference=record["output"], answer_a=answer_a, answer_b=answer_b)
+    return [{"role": "user", "content": text.strip()}]
+
+
+def parse_verdict(text: str) -> str:
+    """'A', 'B' or 'tie' from a judge reply; ReplyError when it is not {"winner": ...}."""
+    winner = parse_json_object(text).get("winner")
+    verdict = {"a": "A", "b": "B", "tie": "tie"}.get(str(winner).strip().lower())
+    if verdict is None:
+        raise ReplyError("invalid_schema", 'expected {"winner": "A"}, {"winner": "B"} or {"winner": "tie"}')
+    return verdict
+
+
+def for_tuned(tuned_first: str, tuned_second: str) -> tuple[str, str]:
+    """The verdicts of both orders (the tuned answer as A, then as B) as the tuned model's win/tie/loss."""
+    return {"A": "win", "B": "loss", "tie": "tie"}[tuned_first], {"B": "win", "A": "loss", "tie": "tie"}[tuned_second]
+
+
+def outcome(tuned_first: str | None, tuned_second: str | None) -> str:
+    """The tuned model's outcome on one record from the verdicts of both orders (None: unparsed).
+    Orders that disagree make a tie."""
+    if tuned_first is None or tuned_second is None:
+        return "unparsed"
+    first, second = for_tuned(tuned_first, tuned_second)
+    return first if first == second else "tie"
+
+
+def ask(call: Call, conversations: list[list[dict]], retry: jinja2.Template, retries: int, seed: int) -> tuple[list[str | None], list[Reply]]:
+    """The verdict of each conversation (None where no reply parsed), and every reply received."""
+    verdicts: list[str | None] = [None] * len(conversations)
+    replies: list[Reply] = []
+    pending = list(range(len(conversations)))
+    for attempt in range(retries + 1):
+        got = call([conversations[i] for i in pending], seed)
+        replies += got
+        again = []
+        for i, reply in zip(pending, got):
+            if reply.error is not None:  # not cached: the next run asks again
+                continue
+            try:
+                verdicts[i] = parse_verdict(reply.text or "")
+            except ReplyError as err:
+                fix = retry.render(reason=err.detail).strip()
+                conversations[i] = conversations[i] + [{"role": "assistant", "content": reply.text},
+                                                       {"role": "user", "content": fix}]
+                again.append(i)
+        pending = again
+        if not pending:
+            break
+    return verdicts, replies
+
+
+def judge(call: Call, template: jinja2.Template, retry: jinja2.Template, records: list[dict], tuned: list[str],
+          base: list[str], retries: int, seed: int) -> tuple[dict, list[dict], list[Reply]]:
+    """Win/tie/loss/unparsed rates of tuned over base, the position-consistency rate (share of the
+    parsed pairs whose two orders agreed), a 95% bootstrap interval of win minus loss rate; the
+    per-record verdicts; every reply."""
+    conversations = []
+    for record, t, b in zip(records, tuned, base, strict=True):
+        conversations += [pair_messages(template, record, t, b), pair_messages(template, record, b, t)]
+    verdicts, replies = ask(call, conversations, retry, retries, seed)
+    rows = []
+    for i, record in enumerate(records):
+        first, second = verdicts[2 * i], verdicts[2 * i + 1]
+        rows.append({"id": record.get("id"), "tuned_first": first, "tuned_second": second, "outcome": outcome(first, second)})
+    counts = Counter(r["outcome"] for r in rows)
+    parsed = [r for r in rows if r["outcome"] != "unparsed"]
+    agreed = sum(len(set(for_tuned(r["tuned_first"], r["tuned_second"]))) == 1 for r in parsed)
+    n = max(len(rows), 1)
+    summary = {**{k: round(counts[k] / n, 6) for k in OUTCOMES}, "pairs": len(rows),
+               "position_consistency": round(agreed / len(parsed), 6) if parsed else None}
+    if rows:
+        net = np.array([{"win": 1, "loss": -1}.get(r["outcome"], 0) for r in rows])
+        summary["net_win_ci95"] = percentile_interval(net[resample_indexes(len(rows), seed)].mean(1))
+    return summary, rows, replies
