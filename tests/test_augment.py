@@ -210,6 +210,28 @@ def test_round_two_prompts_carry_round_one_mistakes(first_run):
         assert "empty_output" not in p and "invalid_json" not in p
 
 
+def test_reviewer_rejects_join_the_next_rounds_mistakes(first_run, stub, tmp_path):
+    from tuneline.review import append_decision, make_decision
+
+    project = make_project(tmp_path / "reviewed", stub.base_url)
+    shutil.copytree(first_run[0] / "cache", project / "cache")
+    records, _, _ = outputs(first_run[0])
+    pilot = next(r for r in records if r["source"] == "generated" and r["round"] == 1 and r["generator"] == "grounded")
+    decision = make_decision(pilot, "reject", "a reviewer", "answers a question nobody asked")
+    append_decision(project / "data/review/decisions.jsonl", decision)
+    stub.reset_counts()
+    run_stage(project)
+    prompts = [b["messages"][0]["content"] for b in stub.bodies()]
+    # Only the grounded round-2 prompts changed (expand's came from the cache), and they carry
+    # the person's reason next to the rule flags.
+    assert len(prompts) == 2 and all('{"pairs"' in p for p in prompts)
+    for p in prompts:
+        assert f'"{pilot["instruction"]} -> ' in p and "a reviewer rejected it: answers a question nobody asked" in p
+        assert "not supported by the passage" in p
+    rounds = outputs(project)[2]["rounds"]
+    assert [r["human_rejected"] for r in rounds] == [1, 0]
+
+
 def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
     project, bodies, requests, log = first_run
     _, _, metrics = outputs(project)
