@@ -36,8 +36,7 @@ def require(path: Path, fix: str) -> Path:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="augment: %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request, even in the log file, is noise
     base, p = params.load("base", "augment")
     raw = Path(base.raw_dir)
     seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
