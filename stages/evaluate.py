@@ -9,7 +9,8 @@ Reads:  base.alpaca_dir/{test,train}.json, base.tuning_base, base.adapter_dir (a
 Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metric, git-tracked, so
         `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
         (side by side answers of both sets), base.metrics_dir/eval/records.jsonl (per-record scores
-        of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen).
+        and answers of the test split, for `dvc plots` and `tuneline review`),
+        base.metrics_dir/eval/seen_records.jsonl (the same for seen).
 Run:    python -m stages.evaluate
 """
 
@@ -56,9 +57,12 @@ def samples_table(sets: dict[str, tuple[list[dict], list[dict], list[dict]]], n:
 
 
 def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
-    """Per-record scores for `dvc plots`: base and tuned loss, tuned ROUGE-L and BLEU where generated."""
+    """Per-record scores for `dvc plots`: base and tuned loss, tuned ROUGE-L and BLEU where generated,
+    and both answers (which `tuneline review` shows side by side)."""
     return [{"index": b["index"], "id": b["id"], "base_loss": round(b["loss"], 6), "tuned_loss": round(t["loss"], 6),
-             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t}} for b, t in zip(base_rows, tuned_rows)]
+             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t},
+             **({"base_answer": b["answer"], "tuned_answer": t.get("answer", "")} if "answer" in b else {})}
+            for b, t in zip(base_rows, tuned_rows)]
 
 
 def main() -> None:
