@@ -57,7 +57,8 @@ def read_decisions(path: str | Path) -> list[dict]:
         if d.get("action") not in ACTIONS:
             raise InputError(f"{where}: field 'action' is {d.get('action')!r}; expected one of {', '.join(ACTIONS)}")
         edits = d.get("edits") or {}
-        if not isinstance(edits, dict) or set(edits) - set(EDITABLE) or not all(isinstance(v, str) for v in edits.values()):
+        strings = isinstance(edits, dict) and all(isinstance(v, str) for v in edits.values())
+        if not strings or set(edits) - set(EDITABLE):
             raise InputError(f"{where}: field 'edits' must map some of {', '.join(EDITABLE)} to strings")
         if d["action"] == "edit" and not edits:
             raise InputError(f"{where}: an 'edit' decision needs field 'edits'")
@@ -75,7 +76,8 @@ def reviewer_name(cwd: str | Path | None = None) -> str:
     if os.environ.get(REVIEWER_ENV):
         return os.environ[REVIEWER_ENV]
     try:
-        name = subprocess.run(["git", "config", "user.name"], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        git = subprocess.run(["git", "config", "user.name"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        name = git.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         name = ""
     return name or getpass.getuser()
@@ -156,14 +158,17 @@ def apply_decisions(records: list[dict], decisions: list[dict]) -> Applied:
     return Applied(kept, rejects, accepted, sorted(stale, key=lambda s: s["id"]), edited)
 
 
-def override_rejects(kept: list[dict], rejects: list[dict], accepted: dict[str, dict]) -> tuple[list[dict], list[dict], Counter]:
+def override_rejects(
+    kept: list[dict], rejects: list[dict], accepted: dict[str, dict]
+) -> tuple[list[dict], list[dict], Counter]:
     """(kept + the rejects a person accepted, the other rejects, overrides by the overridden reason).
 
     A record may have several rejects rows (a rule and its `also`); one accept lifts them all.
     """
     overridden = [r for r in rejects if r["id"] in accepted]
     back = {r["id"]: {**r["record"], "accepted_by_human": True, "overrode": r["reason"]} for r in overridden}
-    return kept + list(back.values()), [r for r in rejects if r["id"] not in accepted], Counter(r["reason"] for r in overridden)
+    others = [r for r in rejects if r["id"] not in accepted]
+    return kept + list(back.values()), others, Counter(r["reason"] for r in overridden)
 
 
 def human_metrics(decisions: list[dict], applied: Applied, overrides: Counter) -> dict:
