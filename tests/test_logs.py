@@ -26,7 +26,7 @@ def test_known_noise_goes_to_the_file_and_a_real_warning_to_stderr(tmp_path):
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout == "probe: 1 summary line\n"
-    assert "a new problem" in done.stderr and "UserWarning" in done.stderr and "disk almost full" in done.stderr
+    assert "a new problem" in done.stderr and "UserWarning" in done.stderr and "probe: disk almost full" in done.stderr
     assert "gemm_4bit_forward" not in done.stderr and "loaded 3 shards" not in done.stderr
     log = (tmp_path / "metrics/logs/probe.log").read_text()
     assert log.count("gemm_4bit_forward") == 2 and "loaded 3 shards" in log and "a new problem" in log

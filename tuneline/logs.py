@@ -75,7 +75,7 @@ def start_stage_log(stage: str, metrics_dir: str | Path | None) -> Path | None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.addFilter(_DropKnownNoise())
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(logging.Formatter(f"{stage}: %(message)s"))  # which stage said it, under `dvc repro`
     root.addHandler(console)
     path = None
     if metrics_dir is not None:

@@ -41,7 +41,7 @@ REJECT_REASONS = (
 
 
 def read_decisions(path: str | Path) -> list[dict]:
-    """The decisions in `path` in file order ([] when the file is absent or empty).
+    """The decisions in `path` in file order ([] when the file is absent, empty or blank).
 
     A bad line fails naming the file, the line and the field.
     """
