@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test repro serve report push pull dag clean-venv
+.PHONY: install run test repro serve review report push pull dag clean-venv
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test: $(STAMP)
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).
 serve: $(STAMP)
 	$(VENV)/bin/tuneline serve
+
+# Review generated records, rejects and eval samples in the browser (127.0.0.1:7860);
+# decisions go to data/review/decisions.jsonl, and the next `make run` applies them.
+review: $(STAMP)
+	$(VENV)/bin/tuneline review
 
 report: $(STAMP)
 	$(VENV)/bin/tuneline report --rev $(or $(REV),main)

@@ -1,8 +1,10 @@
 """Augment the raw material into records: pass-through sources plus LLM-generated records.
 
 Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets.jsonl,
-        the prompt templates in augment.prompts_dir; params base, augment, and (augment.review_clean_rules)
-        the clean stage's language and PII keys, so generated records meet the policy clean applies
+        the prompt templates in augment.prompts_dir, base.decisions (a person's rejects of
+        generated records go into the next round's "avoid these mistakes"); params base, augment,
+        and (augment.review_clean_rules) the clean stage's language and PII keys, so generated
+        records meet the policy clean applies
 Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | dataset | generated),
         base.augmented_dir/rejects.jsonl (every generated record or reply left out, with the reason,
         and the raw reply for replies that were not the JSON asked for),
@@ -24,6 +26,7 @@ from pathlib import Path
 from tuneline import augment, llm, params
 from tuneline.llmserver import endpoint_url
 from tuneline.records import InputError, duplicate_ids, write_json, write_jsonl
+from tuneline.review import human_mistakes, read_decisions
 
 log = logging.getLogger("augment")
 
@@ -35,8 +38,7 @@ def require(path: Path, fix: str) -> Path:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="augment: %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request, even in the log file, is noise
     base, p, clean = params.load("base", "augment", "clean")
     raw = Path(base.raw_dir)
     seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
@@ -67,7 +69,8 @@ def main() -> None:
             return replies
 
         rules = augment.review_rules(p, clean)
-        result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed, rules)
+        human = human_mistakes(read_decisions(base.decisions))
+        result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed, rules, human)
 
     # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
     failed = [r for r in result.replies if r.error is not None and r.error not in (llm.EMPTY_REPLY, llm.TRUNCATED)]
@@ -97,12 +100,13 @@ def main() -> None:
             f"augment.max_failed_fraction {p.max_failed_fraction}; first error: {failed[0].error}. They are listed "
             f"under failed_calls in {base.metrics_dir}/augment.json; rerun the stage to ask only them again"
         )
-    log.info(
-        "%d records (%s); generated %d, accepted %d, rejected %d records and %d replies; %d calls, %d made this run",
-        metrics["records"], metrics["records_by_source"], metrics["generated"], metrics["accepted"],
-        metrics["rejected_records"], metrics["failed_replies"], metrics["llm"]["calls"],
-        metrics["llm"]["this_run"]["calls"],
-    )  # fmt: skip
+    human = sum(r["human_rejected"] for r in metrics["rounds"])
+    print(
+        f"augment: {metrics['records']} records ({metrics['records_by_source']}); generated {metrics['generated']}, "
+        f"accepted {metrics['accepted']}, rejected {metrics['rejected_records']} records and {metrics['failed_replies']} "
+        f"replies; {metrics['llm']['calls']} calls, {metrics['llm']['this_run']['calls']} made this run"
+        + (f"; {human} generated records a reviewer rejected fed back as mistakes" if human else "")
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Clean the augmented records: rule filters, PII policy, duplicates, and cleanlab Datalab.
 
-Reads:  base.augmented_dir/records.jsonl
+Reads:  base.augmented_dir/records.jsonl,
+        base.decisions (human review decisions from `tuneline review`; absent or empty: none)
 Writes: base.clean_dir/records.jsonl (kept records, PII redacted when clean.pii is redact),
         base.clean_dir/rejects.jsonl (each removed record with its reason, score and, for
-        duplicates, the id of the kept twin),
+        duplicates, the id of the kept twin; a person's rejects have reason `human`),
         base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary per language),
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
@@ -12,12 +13,16 @@ Run:    python -m stages.clean
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from tuneline import params
 from tuneline.clean import check_params, clean_records, embed_texts, lazy_encoder, model_key, render_report
 from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
+from tuneline.review import read_decisions
+
+log = logging.getLogger("clean")
 
 
 def main() -> None:
@@ -39,7 +44,7 @@ def main() -> None:
         return vectors
 
     started = time.perf_counter()
-    result = clean_records(records, p, embed)
+    result = clean_records(records, p, embed, read_decisions(base.decisions))
     clean_dir = Path(base.clean_dir)
     write_jsonl(clean_dir / "records.jsonl", result.kept)
     write_jsonl(clean_dir / "rejects.jsonl", result.rejects)
@@ -49,14 +54,19 @@ def main() -> None:
 
     m = result.metrics
     reasons = ", ".join(f"{r} {n}" for r, n in m["rejects_by_reason"].items()) or "none"
-    print(f"clean: {m['records_in']} records -> {m['records_out']} kept, {m['rejected']} rejected ({reasons})")
+    h = m["human"]
+    reviewed = (f"; review: {h['rejected']} rejected, {h['accepted']} accepted ({h['overrides']} overrides), "
+                f"{h['edited']} edited, {h['stale']} stale" if h["decisions"] else "")  # fmt: skip
+    unchecked = [language for language, cl in m["cleanlab"]["languages"].items() if "skipped" in cl]
+    skipped = f"; cleanlab Datalab skipped for {', '.join(unchecked)} (see metrics)" if unchecked else ""
     print(
-        f"clean: embeddings for {counts['texts']} texts: {counts['encoded']} newly encoded, "
-        f"the rest from {store}; {time.perf_counter() - started:.1f} s"
+        f"clean: {m['records_in']} records -> {m['records_out']} kept, {m['rejected']} rejected ({reasons}){reviewed}"
+        f"{skipped}; embeddings for {counts['texts']} texts, {counts['encoded']} newly encoded; "
+        f"{time.perf_counter() - started:.1f} s"
     )
     for language, cl in m["cleanlab"]["languages"].items():
         if "skipped" in cl:
-            print(f"clean: cleanlab Datalab skipped for language {language}: {cl['skipped']}")
+            log.info("cleanlab Datalab skipped for language %s: %s", language, cl["skipped"])
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metr
         paired bootstrap interval over the set's records (delta_ci95) and its verdict: better, worse
         or within noise; git-tracked, so `dvc metrics diff` shows the effect of a change), base.metrics_dir/eval_samples.md
         (side by side answers of both sets), base.metrics_dir/eval/records.jsonl (per-record scores
-        of the test split, for `dvc plots`), base.metrics_dir/eval/seen_records.jsonl (the same for seen),
-        with evaluate.judge.enabled: unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over
-        base, position consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record
-        verdicts; empty when the judge is off), the judge's replies cached in base.cache_dir/judge.
+        and answers of the test split, for `dvc plots` and `tuneline review`),
+        base.metrics_dir/eval/seen_records.jsonl (the same for seen), with evaluate.judge.enabled:
+        unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over base, position
+        consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record verdicts;
+        empty when the judge is off), the judge's replies cached in base.cache_dir/judge.
 Run:    python -m stages.evaluate
 """
 
@@ -65,9 +66,12 @@ def samples_table(sets: dict[str, tuple[list[dict], list[dict], list[dict]]], n:
 
 
 def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
-    """Per-record scores for `dvc plots`: base and tuned loss, tuned ROUGE-L and BLEU where generated."""
+    """Per-record scores for `dvc plots`: base and tuned loss, tuned ROUGE-L and BLEU where generated,
+    and both answers (which `tuneline review` shows side by side)."""
     return [{"index": b["index"], "id": b["id"], "base_loss": round(b["loss"], 6), "tuned_loss": round(t["loss"], 6),
-             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t}} for b, t in zip(base_rows, tuned_rows)]
+             **{f"tuned_{k}": round(t[k], 6) for k in ("rouge_l", "bleu") if k in t},
+             **({"base_answer": b["answer"], "tuned_answer": t.get("answer", "")} if "answer" in b else {})}
+            for b, t in zip(base_rows, tuned_rows)]
 
 
 def run_judge(j, records: list[dict], base_rows: list[dict], tuned_rows: list[dict], cache_dir: Path, seed: int) -> tuple[dict, list[dict]]:

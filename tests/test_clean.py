@@ -333,7 +333,7 @@ def test_stage_writes_records_rejects_metrics_and_report_deterministically(tmp_p
     stage.main()  # as `python -m stages.clean` runs it, in this process to share the imports
     out = capsys.readouterr().out
     assert f"{len(records)} records -> {len(records) - 4} kept, 4 rejected" in out
-    assert f"{2 * len(records)} texts: {2 * len(records)} newly encoded" in out
+    assert f"{2 * len(records)} texts, {2 * len(records)} newly encoded" in out
     kept, rejects = read_jsonl(names[0]), read_jsonl(names[1])
     assert_nothing_lost(records, kept, rejects)
     assert [r["id"] for r in kept] == sorted(r["id"] for r in kept)

@@ -89,6 +89,9 @@ def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_
     assert [r["index"] for r in rows] == list(range(16))
     assert sum(r["tuned_loss"] < r["base_loss"] for r in rows) >= 12
     assert [("tuned_rouge_l" in r) for r in rows] == [True] * 4 + [False] * 12  # generation_samples: 4
+    # both answers, for the review page's eval view
+    assert [sorted(k for k in r if k.endswith("_answer")) for r in rows] == [["base_answer", "tuned_answer"]] * 4 + [[]] * 12
+    assert all(isinstance(r["tuned_answer"], str) for r in rows[:4])
 
     samples = (tuned_project / "metrics" / "eval_samples.md").read_text(encoding="utf-8")
     first = read_json(tuned_project / "data" / "alpaca" / "test.json")[0]

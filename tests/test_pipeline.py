@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import declared_params, repro, run, set_param
+from tuneline.records import read_jsonl
+from tuneline.review import append_decision, make_decision
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +134,29 @@ def test_editing_code_or_a_prompt_reruns_its_stage_not_upstream(pipeline, path, 
     finally:
         file.write_text(original)
         repro(repo)
+
+
+def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
+    repo, _ = pipeline
+    decisions = repo / "data/review/decisions.jsonl"
+    original = decisions.read_text()
+    record = read_jsonl(repo / "data/clean/records.jsonl")[0]
+    kept_before = json.loads((repo / "metrics/clean.json").read_text())["records_out"]
+    append_decision(decisions, make_decision(record, "reject", "tester", "wrong answer"))
+    try:
+        # Up to clean only: the stages after it are shown to be out of date, not rerun (minutes).
+        result = repro(repo, "clean")
+        assert "clean" in result["ran"] and not result["ran"] & {"models", "crawl"}
+        rejects = {r["id"]: r for r in read_jsonl(repo / "data/clean/rejects.jsonl")}
+        assert rejects[record["id"]]["reason"] == "human"
+        assert record["id"] not in {r["id"] for r in read_jsonl(repo / "data/clean/records.jsonl")}
+        would_run = repro(repo, "--dry")["ran"]
+        assert "build" in would_run and not would_run & UPSTREAM
+        diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json").stdout)["metrics/clean.json"]
+        assert diff["human.rejected"]["new"] == 1 and diff["rejects_by_reason.human"]["new"] == 1
+        # cleanlab's checks run again on the records that remain, so its flags may shift too
+        # (measured: 102 kept -> 100, the human reject and one more).
+        assert diff["records_out"]["new"] < kept_before
+    finally:
+        decisions.write_text(original)
+        repro(repo, "clean")  # back to the state the other tests expect (from DVC's run cache)

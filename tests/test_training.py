@@ -238,7 +238,13 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise-equal r
 @cpu_only
 def test_same_seed_gives_identical_adapter_bytes(tmp_path, tokenized_project, uninterrupted):
     other = copy_project(tokenized_project, tmp_path / "b")
-    run_stage(other, "train")  # a separate process, as DVC runs it
+    done = run_stage(other, "train")  # a separate process, as DVC runs it
+    # The terminal: progress bars and one summary line; the per-step log dicts are in the log file.
+    assert "{'loss'" not in done.stdout and "'train_runtime'" not in done.stdout
+    assert "FutureWarning" not in done.stderr and "gemm_4bit_forward" not in done.stderr
+    assert [line for line in done.stdout.splitlines() if line.strip()] == [
+        line for line in done.stdout.splitlines() if line.startswith("train: ")] != []  # fmt: skip
+    assert "'loss':" in (other / "metrics/logs/train.log").read_text()
     assert (uninterrupted / "models/adapter/adapter_model.safetensors").read_bytes() == \
         (other / "models/adapter/adapter_model.safetensors").read_bytes()
     assert json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"] == \

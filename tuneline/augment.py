@@ -8,7 +8,8 @@ Generated, from two prompt templates under `augment.prompts_dir`:
 Review loop: round 1 asks for a small pilot batch; the shared rule checks
 (`tuneline.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
 the flagged examples and their reasons go into the next round's prompts as "avoid these
-mistakes". A reply that is not the JSON asked for is retried in the same conversation with
+mistakes", together with the records of the round that a person rejected in `tuneline review`
+(matched by content hash, with the person's reason). A reply that is not the JSON asked for is retried in the same conversation with
 the reason, a bounded number of times, then rejected with the raw reply.
 
 The round loop takes a `call(requests, seed) -> list[Reply]` function, so this module does
@@ -32,7 +33,7 @@ import jinja2
 
 from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
 from tuneline.params import Augment, Clean
-from tuneline.records import InputError, content_hash, iter_numbered_jsonl, with_ids
+from tuneline.records import InputError, content_hash, iter_numbered_jsonl, text_hash, with_ids
 from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
@@ -284,6 +285,20 @@ def mistakes_from(rejects: list[dict], limit: int) -> list[dict]:
     return examples
 
 
+def reviewed_mistakes(records: list[dict], human: dict[str, str], limit: int) -> list[dict]:
+    """The first `limit` of `records` that a person rejected, as prompt-ready examples with their reason.
+
+    `human` maps content hashes to the reviewer's reason (tuneline.review.human_mistakes).
+    """
+    examples = []
+    for record in records:
+        reason = human.get(text_hash(record))
+        if reason is not None and len(examples) < limit:
+            text = f"{record['instruction']} -> {record['output'] or '(empty answer)'}"
+            examples.append({"text": _printable(text), "reasons": [f"a reviewer rejected it: {_printable(reason)}"]})
+    return examples
+
+
 # --- the round loop -----------------------------------------------------------------------
 
 
@@ -306,6 +321,7 @@ class RoundLog:
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)
     failed_replies: Counter = field(default_factory=Counter)
+    human_rejected: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -318,6 +334,7 @@ class RoundLog:
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "failed_replies": sum(self.failed_replies.values()),
             "failed_replies_by_reason": dict(sorted(self.failed_replies.items())),
+            "human_rejected": self.human_rejected,
         }
 
 
@@ -437,8 +454,15 @@ def run_rounds(
     call: Call,
     seed: int,
     rules: ReviewRules = ReviewRules(),
+    human: dict[str, str] | None = None,
 ) -> AugmentResult:
-    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted records, rejects."""
+    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted
+    records and rejects.
+
+    `human` ({content hash: reason}) holds a person's rejects; those among a round's accepted
+    records join the rule flags in the next round's "avoid these mistakes" (the clean stage
+    removes them).
+    """
     seeds_by_category: dict[str, list[dict]] = {}
     for record in sorted(seeds, key=lambda r: r["id"]):
         seeds_by_category.setdefault(record.get("category") or "", []).append(record)
@@ -508,9 +532,13 @@ def run_rounds(
                 seen.add(normalize(record["instruction"]))
                 records.append(record)
         round_rejects = record_rejects + round_rejects
+        accepted = records[len(records) - log.accepted :]
+        log.human_rejected = sum(text_hash(r) in (human or {}) for r in accepted)
         for generator in generators:
             own = [r for r in round_rejects if r["generator"] == generator]
-            mistakes[generator] = mistakes_from(own, p.feedback_examples)
+            reviewed = reviewed_mistakes([r for r in accepted if r["generator"] == generator], human or {},
+                                         p.feedback_examples)  # fmt: skip
+            mistakes[generator] = reviewed + mistakes_from(own, p.feedback_examples)
         rejects += round_rejects
         rounds.append(log.as_dict())
     # Ids are given last, over the whole run, so identical records of two rounds get one id each;

@@ -21,6 +21,7 @@ import phonenumbers
 
 from tuneline.params import Clean, ParamsError
 from tuneline.records import InputError, content_hash, duplicate_ids, with_id
+from tuneline.review import apply_decisions, human_metrics, override_rejects
 from tuneline.rules import (
     Problem,
     RuleLimits,
@@ -532,11 +533,14 @@ def datalab_by_language(
     return kept, rejects, flagged, summary
 
 
-def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
+def clean_records(records: list[dict], p: Clean, embed: Encoder, decisions: list[dict] | None = None) -> CleanResult:
     """Decide for every record: kept (PII redacted per params) or rejected with its reason.
 
     `embed` maps texts to embeddings (see `embed_texts`; tests pass a counting one). Output
     order is by id, so the result depends on the records' content, not on run order.
+    `decisions` (tuneline.review) come first: a human reject removes the record (reason
+    `human`), an edit replaces its fields before the rules see it, and a human accept keeps a
+    record the rules or cleanlab would have removed (counted as an override).
     """
     check_params(p)
     records = [with_id(r) for r in records]
@@ -544,12 +548,15 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
     if twice:
         # Every input has its own id (records.with_ids); a shared id would hide a record.
         raise InputError(f"{len(twice)} ids occur more than once in the input, first {twice[0]}; rerun augment")
-    passed, rejects, pii_counts = apply_rules(records, p)
+    human = apply_decisions(records, decisions or [])
+    passed, rejects, pii_counts = apply_rules(human.records, p)
     passed, duplicate_rejects = drop_exact_duplicates(passed)
     rejects += duplicate_rejects
 
     kept, cleanlab_rejects, flagged, cleanlab_summary = datalab_by_language(passed, p, embed)
     rejects += cleanlab_rejects
+    kept, rejects, overrides = override_rejects(kept, rejects, human.accepted)
+    rejects += human.rejects
 
     kept.sort(key=lambda r: str(r["id"]))
     rejects.sort(key=lambda r: (str(r["id"]), r["reason"]))
@@ -565,6 +572,7 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder) -> CleanResult:
             "found_by_kind": dict(sorted(pii_counts.items())),
         },
         "cleanlab": cleanlab_summary,
+        "human": human_metrics(decisions or [], human, overrides),
     }
     return CleanResult(kept, rejects, flagged, metrics)
 

@@ -2,6 +2,7 @@
 
     tuneline serve [--host 127.0.0.1] [--port 8000] [--device auto]
     tuneline report [--rev main] [--out report.md] [--timings]
+    tuneline review [--host 127.0.0.1] [--port 7860]
 
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
@@ -9,6 +10,8 @@ maintained server; this is only the wrapper that finds the model, starts the ser
 it listens and stops it. The `model` field of a request is the model directory as given. A
 P-tuning export (an adapter: virtual tokens, no weights to merge) is served by the same server
 loading base + adapter with peft (`tuneline.peftserve`).
+`review` opens the review page (tuneline.reviewapp) on this machine; the decisions it saves go to
+base.decisions, which `dvc repro` applies.
 """
 
 from __future__ import annotations
@@ -86,14 +89,19 @@ def exported_model(export_dir: str | Path) -> Path:
     return path
 
 
+def project_base(command: str):
+    """The `base` params of the project in the working directory, or SystemExit saying what is wrong."""
+    if not Path(params.PARAMS_FILE).is_file():
+        raise SystemExit(f"tuneline {command}: no {params.PARAMS_FILE} here; run it from the project root")
+    try:
+        return params.section("base")
+    except params.ParamsError as err:
+        raise SystemExit(f"tuneline {command}: {err}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; the server never outlives us."""
-    if not Path(params.PARAMS_FILE).is_file():
-        raise SystemExit(f"tuneline serve: no {params.PARAMS_FILE} here; run it from the project root")
-    try:
-        base = params.section("base")
-    except params.ParamsError as err:
-        raise SystemExit(f"tuneline serve: {err}") from None
+    base = project_base("serve")
     model_dir = exported_model(base.export_dir)
     url = f"http://{args.host}:{args.port}/v1"
     process = serve_process(model_dir, args.port, args.host, args.device)
@@ -124,8 +132,22 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def review(args: argparse.Namespace) -> int:
+    """Serve the review page until Ctrl-C; decisions are appended to base.decisions."""
+    base = project_base("review")
+    from tuneline.review import reviewer_name
+    from tuneline.reviewapp import build_app
+
+    reviewer = reviewer_name()
+    app = build_app(base, reviewer)
+    print(f"tuneline review: http://{args.host}:{args.port} (decisions by {reviewer} go to {base.decisions}); "
+          "Ctrl-C stops it", flush=True)  # fmt: skip
+    app.launch(server_name=args.host, server_port=args.port, quiet=True, inbrowser=False)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tuneline", description="Serve and report on what `dvc repro` made.")
+    p = argparse.ArgumentParser(prog="tuneline", description="Serve, review and report on what `dvc repro` made.")
     commands = p.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve", help="serve the exported model on an OpenAI-compatible endpoint")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -140,6 +162,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--plots-dir", default="report_plots", help="where the training curves are rendered as PNG")
     r.add_argument("--timings", action="store_true", help="keep the timing and throughput rows of the metrics diff")
     r.set_defaults(run=report)
+    v = commands.add_parser("review", help="review generated records, rejects and eval samples in the browser")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument("--port", type=int, default=7860)
+    v.set_defaults(run=review)
     return p
 
 

@@ -13,6 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from tuneline.logs import route_transformers_logging
+
+# A stage's transformers warnings go to its log file and (unless known-harmless) the terminal.
+route_transformers_logging()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

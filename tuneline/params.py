@@ -88,6 +88,7 @@ class Base(_Section):
     export_dir: str
     metrics_dir: str
     cache_dir: str
+    decisions: str
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.params import Train
@@ -152,10 +154,35 @@ class TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bars, with the per-step log dicts sent to the stage's log file.
+
+    transformers' ProgressCallback prints each log dict between the bars; the same numbers are
+    in the metrics and plots files (DVCLive), so the terminal keeps only the bar.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logging.getLogger("tuneline.training").info("step %d: %s", state.global_step,
+                                                        {k: v for k, v in logs.items() if k != "total_flos"})  # fmt: skip
+
+
 def precision_flags(dtype: str, cuda: bool) -> dict:
     """The Trainer's mixed precision: autocast to the compute dtype over fp32 trainable weights
     (peft keeps LoRA adapters fp32; full fine-tuning loads fp32). On CPU everything stays fp32."""
     return {"bf16": cuda and dtype == "bfloat16", "fp16": cuda and dtype == "float16"}
+
+
+def checkpointing_flags(enabled: bool) -> dict:
+    """Activation (gradient) checkpointing, under the name this transformers version takes.
+
+    Newer versions renamed `gradient_checkpointing*` to `activation_checkpointing*` and warn
+    about the old names. Non-reentrant checkpointing needs no inputs that require grad (frozen
+    embeddings under LoRA) and works with DDP and FSDP; the reentrant one does not.
+    """
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> TrainingArguments:
@@ -180,10 +207,7 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         **precision_flags(resolve_dtype(p.compute_dtype), torch.cuda.is_available()),
-        gradient_checkpointing=p.gradient_checkpointing,
-        # Non-reentrant checkpointing needs no inputs that require grad (frozen embeddings under
-        # LoRA) and works with DDP and FSDP; the reentrant one does not.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
+        **checkpointing_flags(p.gradient_checkpointing),
         use_liger_kernel=p.use_liger_kernel,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -215,6 +239,8 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
         processing_class=tokenizer,
         callbacks=[TokensPerSecond(), *callbacks],
     )
+    trainer.remove_callback(ProgressCallback)  # disable_tqdm=False added it; keep its bars, not its prints
+    trainer.add_callback(QuietProgress())
     resume = last_checkpoint(checkpoints)
     if resume:
         print(f"train: resuming from {resume}")
