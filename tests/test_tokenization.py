@@ -115,6 +115,7 @@ def test_best_fit_decreasing_fills_bins_that_in_order_packing_leaves_part_empty(
     assert bins == [[5, 4], [3, 1], [0, 2]]
     assert len(list(pack(iter([([0] * n, [0] * n) for n in lengths]), max_length=9))) == 4
     assert best_fit_decreasing([12, 3], max_length=9) == [[0], [1]]  # too long for any bin: a bin of its own
+    assert best_fit_decreasing([6, 5, 4, 3], max_length=10) == [[0, 2], [1, 3]]  # the 4 fills the bin with 4 left, not 5
 
 
 def test_pack_batch_keeps_every_example_whole_with_restarting_positions():
