@@ -17,13 +17,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.compute as pc
 from datasets import Dataset
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer
 from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.templates import chat_template_for, with_fixed_date
-from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
+from tuneline.tokenization import pack_batch, padding_fraction, tokenize_batch
 
 
 def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tuple[Dataset, dict, list[dict]]:
@@ -31,8 +32,11 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
     records = Dataset.from_json(str(path), cache_dir=cache_dir)
     if len(records) == 0:
         raise SystemExit(f"tokenize: {path} has no records; check metrics/build.json")
+    # Batched: a batch's conversations are rendered in two template calls and its pieces tokenized
+    # in one call, which gives the same rows as tokenizing record by record.
     tokenized = records.map(
-        tokenize_example,
+        tokenize_batch,
+        batched=True,
         # main() has put the template to use, its date fixed, on the tokenizer.
         fn_kwargs=dict(tokenizer=tokenizer, template="auto", max_length=p.max_length,
                        overlong=p.overlong, train_on_prompt=p.train_on_prompt),
@@ -45,7 +49,10 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         {"file": str(path), "index": i, "id": records[i].get("id"), "reason": s, "tokens": n, "max_length": p.max_length}
         for i, (s, n) in enumerate(zip(tokenized["status"], tokenized["original_length"])) if s.startswith("dropped")
     ]
-    kept = tokenized.filter(lambda s: not s.startswith("dropped"), input_columns="status")
+    kept = tokenized
+    if any(s.startswith("dropped") for s in status):
+        kept = tokenized.filter(lambda batch: [not s.startswith("dropped") for s in batch], input_columns="status",
+                                batched=True)
     lengths = kept["length"]
     counts = {
         "records_in": len(records),
@@ -62,7 +69,9 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         kept = kept.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=p.max_length),
                         remove_columns=kept.column_names, desc=f"pack {path.name}")
         counts["packed_sequences"] = len(kept)
-        counts["padding_fraction_packed"] = round(padding_fraction([len(x) for x in kept["input_ids"]], 8), 4)
+        # the lengths straight from the Arrow offsets: no packed ids become Python lists
+        packed_lengths = pc.list_value_length(kept.data.column("input_ids")).to_pylist()
+        counts["padding_fraction_packed"] = round(padding_fraction(packed_lengths, 8), 4)
     return kept, counts, rejects
 
 

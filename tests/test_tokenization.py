@@ -12,7 +12,8 @@ from stage_project import make_project, seed_records
 
 from tuneline.modeling import load_tokenizer
 from tuneline.templates import CHATML, render, to_messages, with_fixed_date
-from tuneline.tokenization import IGNORE, collate, encode, fit_length, pack, tokenize_example
+from tuneline.tokenization import (IGNORE, best_fit_decreasing, collate, encode, fit_length, pack, pack_batch,
+                                   tokenize_batch, tokenize_example)
 
 RECORD = {
     "system": "You are a patient barista.",
@@ -129,6 +130,55 @@ def test_pack_keeps_whole_examples_in_order_with_restarting_positions():
     assert all(len(p["input_ids"]) <= 9 for p in packs)
     assert [t for p in packs for t in p["input_ids"]] == [t for ids, _ in examples for t in ids]
     assert packs[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_best_fit_decreasing_fills_bins_that_in_order_packing_leaves_part_empty():
+    lengths = [5, 3, 4, 6, 2, 7]
+    bins = best_fit_decreasing(lengths, max_length=9)
+    # longest first, each into the bin it leaves least room in: three full bins where packing in order needs four
+    assert bins == [[5, 4], [3, 1], [0, 2]]
+    assert len(list(pack(iter([([0] * n, [0] * n) for n in lengths]), max_length=9))) == 4
+    assert best_fit_decreasing([12, 3], max_length=9) == [[0], [1]]  # too long for any bin: a bin of its own
+    assert best_fit_decreasing([6, 5, 4, 3], max_length=10) == [[0, 2], [1, 3]]  # the 4 fills the bin with 4 left, not 5
+
+
+def test_pack_batch_keeps_every_example_whole_with_restarting_positions():
+    examples = [([i] * n, [-i] * n) for i, n in enumerate([5, 3, 4, 6, 2, 7], start=1)]
+    packed = pack_batch({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}, max_length=9)
+    assert packed["num_examples"] == [2, 2, 2] and all(len(ids) == 9 for ids in packed["input_ids"])
+    assert sorted(t for ids in packed["input_ids"] for t in ids) == sorted(t for ids, _ in examples for t in ids)
+    for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"]):
+        assert labels == [-t for t in ids]  # labels travel with their tokens
+        # positions restart exactly where one example's tokens end and the next one's begin
+        assert [k for k, pos in enumerate(positions) if pos == 0] == [0] + [k for k in range(1, 9) if ids[k] != ids[k - 1]]
+
+
+def reference_encode(tokenizer, record: dict, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """The label mask spelled out the slow way: one render per turn prefix, one tokenizer call per piece."""
+    messages = to_messages(record)
+    ids, labels, done = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = render(tokenizer, messages[:i], "auto", add_generation_prompt=True)
+            full = render(tokenizer, messages[: i + 1], "auto")
+            for text, is_answer in ((prompt[len(done):], False), (full[len(prompt):], True)):
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                ids += piece
+                labels += piece if is_answer or train_on_prompt else [IGNORE] * len(piece)
+            done = full
+    labels[0] = IGNORE
+    return ids, labels
+
+
+def test_batched_tokenize_gives_what_one_render_per_prefix_and_one_call_per_piece_give(tokenizer_and_template):
+    tokenizer, _ = tokenizer_and_template
+    records = [RECORD, *seed_records()[:30]]
+    for train_on_prompt in (False, True):
+        batch = tokenize_batch({k: [r.get(k) for r in records] for k in RECORD}, tokenizer, "auto", 10**6,
+                               "truncate", train_on_prompt)
+        expected = [reference_encode(tokenizer, r, train_on_prompt) for r in records]
+        assert list(zip(batch["input_ids"], batch["labels"])) == expected
+        assert batch["input_ids"][0] == tokenize_example(RECORD, tokenizer, "auto", 10**6, "truncate", train_on_prompt)["input_ids"]
 
 
 def per_example_losses(model, batch: dict, example_of_token: torch.Tensor) -> dict[int, float]:

@@ -92,8 +92,17 @@ def chat_template_for(tokenizer, template: str) -> str:
 
 def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
     """The conversation as text, through the chosen chat template."""
+    return render_many(tokenizer, [messages], template, add_generation_prompt)[0]
+
+
+def render_many(tokenizer, conversations: list[list[dict]], template: str, add_generation_prompt: bool = False) -> list[str]:
+    """Many conversations as text in one `apply_chat_template` call: the same strings as rendering
+    each on its own, without paying the call's set-up (template lookup, compilation cache,
+    special-token map) once per conversation."""
+    if not conversations:
+        return []
     return tokenizer.apply_chat_template(
-        messages,
+        conversations,
         chat_template=chat_template_for(tokenizer, template),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
@@ -107,19 +116,43 @@ def segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str, 
     after the generation prompt; everything else is prompt. The pieces joined give exactly the
     rendered conversation, so label masks line up with what the model sees.
     """
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(tokenizer, messages[:i], template, add_generation_prompt=True)
-        full = render(tokenizer, messages[: i + 1], template)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ValueError(f"chat template {template!r} does not render turns as a prefix of the whole")
-        pieces.append((prompt[len(done):], False))
-        pieces.append((full[len(prompt):], True))
-        done = full
-    rest = render(tokenizer, messages, template)[len(done):]
-    if rest:
-        pieces.append((rest, False))
-    return [(text, is_answer) for text, is_answer in pieces if text]
+    return segments_many(tokenizer, [messages], template)[0]
+
+
+def segments_many(tokenizer, conversations: list[list[dict]], template: str) -> list[list[tuple[str, bool]]]:
+    """`segments` of many conversations, with every render they need done in two batched calls.
+
+    A conversation with k assistant turns needs 2k renders: each turn's prompt (with the
+    generation prompt) and the conversation up to and including the turn. The whole conversation
+    is the last of these when it ends on an answer, so it is rendered a third time only when it
+    does not.
+    """
+    prompts: list[list[dict]] = []  # conversation prefixes rendered with the generation prompt
+    fulls: list[list[dict]] = []  # prefixes ending on an answer, and whole conversations that do not
+    plans = []
+    for messages in conversations:
+        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        ends_on_answer = bool(turns) and turns[-1] == len(messages) - 1
+        plans.append((len(prompts), len(fulls), len(turns), ends_on_answer))
+        prompts += [messages[:i] for i in turns]
+        fulls += [messages[: i + 1] for i in turns]
+        if not ends_on_answer:
+            fulls.append(messages)
+    prompt_texts = render_many(tokenizer, prompts, template, add_generation_prompt=True)
+    full_texts = render_many(tokenizer, fulls, template)
+
+    out = []
+    for p0, f0, n_turns, ends_on_answer in plans:
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for prompt, full in zip(prompt_texts[p0 : p0 + n_turns], full_texts[f0 : f0 + n_turns]):
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise ValueError(f"chat template {template!r} does not render turns as a prefix of the whole")
+            pieces.append((prompt[len(done):], False))
+            pieces.append((full[len(prompt):], True))
+            done = full
+        rest = "" if ends_on_answer else full_texts[f0 + n_turns][len(done):]
+        if rest:
+            pieces.append((rest, False))
+        out.append([(text, is_answer) for text, is_answer in pieces if text])
+    return out

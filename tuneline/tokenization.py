@@ -2,30 +2,48 @@
 
 Each rendered piece of a conversation is tokenized on its own and the pieces are concatenated, so
 the label mask covers exactly the assistant answers (`train_on_prompt` puts the prompt in the
-loss too). Packing concatenates whole examples with position ids restarting at 0 for each, which
-transformers turns into a block-diagonal attention mask: packed examples never see each other.
+loss too). The stage does this a batch of records at a time: their conversations rendered in two
+template calls and all their pieces tokenized in one fast-tokenizer call, which gives the same ids
+as one call per piece. Packing puts whole examples into sequences of at most `max_length` tokens,
+best fit decreasing, with position ids restarting at 0 for each example, which transformers turns
+into a block-diagonal attention mask: packed examples never see each other.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterator
 
-from tuneline.templates import segments, to_messages
+from tuneline.templates import segments_many, to_messages
 
 IGNORE = -100
 
 
 def encode(tokenizer, record: dict, template: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     """Token ids and labels of one record; labels are IGNORE outside the answers."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, is_answer in segments(tokenizer, to_messages(record), template):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids += ids
-        labels += ids if (is_answer or train_on_prompt) else [IGNORE] * len(ids)
-    if labels:
-        labels[0] = IGNORE  # nothing predicts the first token; in a pack, its predecessor is another example
-    return input_ids, labels
+    return encode_many(tokenizer, [record], template, train_on_prompt)[0]
+
+
+def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    """`encode` of many records: every piece of every record tokenized in one call, each piece on its own."""
+    pieces = segments_many(tokenizer, [to_messages(r) for r in records], template)
+    texts = [text for record_pieces in pieces for text, _ in record_pieces]
+    # only the ids: building attention masks and type ids for every piece costs as much again in Python
+    encoded_pieces = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                               return_token_type_ids=False) if texts else {"input_ids": []}
+    ids_of_piece = iter(encoded_pieces["input_ids"])
+    encoded = []
+    for record_pieces in pieces:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, is_answer in record_pieces:
+            ids = next(ids_of_piece)
+            input_ids += ids
+            labels += ids if (is_answer or train_on_prompt) else [IGNORE] * len(ids)
+        if labels:
+            labels[0] = IGNORE  # nothing predicts the first token; in a pack, its predecessor is another example
+        encoded.append((input_ids, labels))
+    return encoded
 
 
 def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> tuple[list[int], list[int], str]:
@@ -40,10 +58,12 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlon
     return input_ids, labels, status
 
 
-def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
-    """The `datasets.map` function: one record to input_ids, labels, and the counts the stage reports
+EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "original_length", "answer_tokens", "status")
+
+
+def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> dict:
+    """One encoded record after the length limit, with the counts the stage reports
     (length, original_length, answer_tokens, status)."""
-    input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
     original = len(input_ids)
     input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong)
     answer_tokens = sum(1 for label in labels if label != IGNORE)
@@ -51,27 +71,72 @@ def tokenize_example(record: dict, tokenizer, template: str, max_length: int, ov
             "answer_tokens": answer_tokens, "status": status}
 
 
+def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
+    """One record to input_ids, labels, and the counts the stage reports."""
+    input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
+    return example_row(input_ids, labels, max_length, overlong)
+
+
+def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length: int, overlong: str,
+                   train_on_prompt: bool) -> dict[str, list]:
+    """The batched `datasets.map` function: a batch of records (columns of values) to the columns of
+    `tokenize_example`, row for row the same."""
+    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    rows = [example_row(ids, labels, max_length, overlong)
+            for ids, labels in encode_many(tokenizer, records, template, train_on_prompt)]
+    return {key: [row[key] for row in rows] for key in EXAMPLE_COLUMNS}
+
+
+def packed_row(examples: list[tuple[list[int], list[int]]]) -> dict:
+    """Whole examples concatenated into one sequence, position ids restarting at 0 for each."""
+    return {
+        "input_ids": [t for ids, _ in examples for t in ids],
+        "labels": [t for _, labels in examples for t in labels],
+        "position_ids": [i for ids, _ in examples for i in range(len(ids))],
+        "num_examples": len(examples),
+    }
+
+
 def pack(examples: Iterator[tuple[list[int], list[int]]], max_length: int) -> Iterator[dict]:
     """Greedy packing in order: whole examples into sequences of at most `max_length` tokens."""
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    count = 0
+    current: list[tuple[list[int], list[int]]] = []
+    size = 0
     for ex_ids, ex_labels in examples:
-        if ids and len(ids) + len(ex_ids) > max_length:
-            yield {"input_ids": ids, "labels": labels, "position_ids": positions, "num_examples": count}
-            ids, labels, positions, count = [], [], [], 0
-        ids = ids + ex_ids
-        labels = labels + ex_labels
-        positions = positions + list(range(len(ex_ids)))
-        count += 1
-    if ids:
-        yield {"input_ids": ids, "labels": labels, "position_ids": positions, "num_examples": count}
+        if current and size + len(ex_ids) > max_length:
+            yield packed_row(current)
+            current, size = [], 0
+        current.append((ex_ids, ex_labels))
+        size += len(ex_ids)
+    if current:
+        yield packed_row(current)
+
+
+def best_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of the examples grouped into bins of at most `max_length` tokens, best fit decreasing:
+    longest first, each into the bin it leaves least room in, else into a new bin. Fewer, fuller
+    bins than packing in order (in order, a long example closes a bin that a later short one could
+    have filled). Ties go to the earlier example and the earlier bin, so the result is deterministic;
+    an example longer than `max_length` gets a bin of its own."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, bin number), sorted: the best fit is the first that is big enough
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect_left(room, (lengths[i], -1))
+        if k < len(room):
+            left, b = room.pop(k)
+        else:
+            left, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if left - lengths[i] > 0:
+            insort(room, (left - lengths[i], b))
+    return bins
 
 
 def pack_batch(batch: dict, max_length: int) -> dict:
-    """The batched `datasets.map` function that packs one batch of tokenized examples."""
-    packs = list(pack(zip(batch["input_ids"], batch["labels"]), max_length))
+    """The batched `datasets.map` function that packs one batch of tokenized examples, best fit decreasing."""
+    examples = list(zip(batch["input_ids"], batch["labels"]))
+    packs = [packed_row([examples[i] for i in b])
+             for b in best_fit_decreasing([len(ids) for ids, _ in examples], max_length)]
     return {key: [p[key] for p in packs] for key in ("input_ids", "labels", "position_ids", "num_examples")}
 
 
