@@ -14,10 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transformers import set_seed
-
 from tuneline import params
-from tuneline.modeling import load_model, load_tokenizer
+from tuneline.modeling import load_model, load_tokenizer, set_seed
 from tuneline.intervals import score_intervals
 from tuneline.records import read_json, write_json
 from tuneline.scoring import score

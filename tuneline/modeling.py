@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -19,6 +20,19 @@ from tuneline.logs import route_transformers_logging
 route_transformers_logging()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices), as transformers' set_seed does.
+
+    transformers' own lives in `transformers.trainer_utils`, whose import pulls in peft and, through
+    it, bitsandbytes and torch's compiler: about 7 s per process, for stages that train nothing.
+    """
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def device() -> torch.device:
