@@ -34,11 +34,12 @@ run: $(STAMP)
 
 repro: run
 
-# Tests run on every core (pytest-xdist); those sharing a session fixture stay on one worker
-# (tests/conftest.py). `make test TEST_WORKERS=0` runs them in this process. The slowest are listed.
+# Tests run on every core (pytest-xdist); each worker builds the session fixtures its tests use
+# once (on 2 cores the default pipeline's full `dvc repro` runs once per worker, plus the
+# two-fresh-runs test's own). `make test TEST_WORKERS=0` runs them in this process. The slowest are listed.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).
 serve: $(STAMP)

@@ -77,19 +77,3 @@ def pipeline(tmp_path_factory):
     first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(audit)})
     first["audit"] = audit
     return repo, first
-
-
-# Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), the tests that share one
-# expensive session fixture run on one worker, so it is built once; the rest spread over the others.
-# The two-fresh-runs test has a group of its own: on a second worker it makes its own first run
-# beside the shared one, which costs CPU but not wall time on 2 cores.
-SHARED_FIXTURES = {"pipeline": "pipeline", "clone": "pipeline", "tuned_project": "tuned_project"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        group = next((g for f, g in SHARED_FIXTURES.items() if f in getattr(item, "fixturenames", ())), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))

@@ -110,7 +110,6 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     run(clone, "git", "checkout", "--", "params.yaml")
 
 
-@pytest.mark.xdist_group("fresh")
 def test_two_fresh_runs_give_identical_outputs(pipeline, tmp_path_factory):
     repo_a, _ = pipeline
     repo_c = make_repo(tmp_path_factory.mktemp("fresh") / "c")
