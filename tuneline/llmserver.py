@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tuneline.peftserve import is_prompt_adapter
+
 LOCAL = "local"
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,8 @@ def serve_command(model_path: str, port: int, device: str, host: str = "127.0.0.
     A P-tuning adapter directory is served by the same server through `tuneline.peftserve`, which
     loads it onto its base model with peft.
     """
-    adapter = Path(model_path, "adapter_config.json").is_file() and not Path(model_path, "config.json").is_file()
     return [
-        sys.executable, "-m", "tuneline.peftserve" if adapter else "transformers.cli.transformers", "serve",
+        sys.executable, "-m", "tuneline.peftserve" if is_prompt_adapter(model_path) else "transformers.cli.transformers", "serve",
         "--host", host, "--port", str(port), "--device", device, "--log-level", "warning",
         model_path,
     ]  # fmt: skip

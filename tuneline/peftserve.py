@@ -16,8 +16,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transformers.cli.serving import model_manager
-
 
 def is_prompt_adapter(path: str | Path) -> bool:
     """Whether `path` is a directory holding a peft adapter and no model weights of its own."""
@@ -25,22 +23,26 @@ def is_prompt_adapter(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
-_load_model = model_manager.ModelManager._load_model
-
-
-def load_model_with_adapter(self, model_id_and_revision: str, *args, **kwargs):
+def with_adapter_loading(load_model):
     """ModelManager._load_model, except that an adapter directory loads as base + adapter."""
-    from peft import PeftConfig, PeftModel
 
-    adapter_dir, _ = model_manager.split_revision(model_id_and_revision)
-    if not is_prompt_adapter(adapter_dir):
-        return _load_model(self, model_id_and_revision, *args, **kwargs)
-    base = _load_model(self, PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, *args, **kwargs)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    def load_model_with_adapter(self, model_id_and_revision: str, *args, **kwargs):
+        from peft import PeftConfig, PeftModel
+        from transformers.cli.serving.model_manager import split_revision
+
+        adapter_dir, _ = split_revision(model_id_and_revision)
+        if not is_prompt_adapter(adapter_dir):
+            return load_model(self, model_id_and_revision, *args, **kwargs)
+        base = load_model(self, PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, *args, **kwargs)
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+    return load_model_with_adapter
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_manager.ModelManager._load_model = load_model_with_adapter
+    from transformers.cli.serving.model_manager import ModelManager
+
+    ModelManager._load_model = with_adapter_loading(ModelManager._load_model)
     from transformers.cli.transformers import main as transformers_cli
 
     sys.argv = ["transformers", *(sys.argv[1:] if argv is None else argv)]
