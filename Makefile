@@ -34,9 +34,10 @@ run: $(STAMP)
 
 repro: run
 
-# Tests run on every core (pytest-xdist); each worker builds the session fixtures its tests use
-# once (on 2 cores the default pipeline's full `dvc repro` runs once per worker, plus the
-# two-fresh-runs test's own). `make test TEST_WORKERS=0` runs them in this process. The slowest are listed.
+# Tests run on every core (pytest-xdist). The default pipeline's full `dvc repro` runs once per test
+# run, in the background while other tests run, and each worker copies it (tests/conftest.py); the
+# two-fresh-runs test runs a second one. `make test TEST_WORKERS=0` runs them in this process. The
+# slowest are listed.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)

@@ -91,7 +91,11 @@ def run_stage(work: Path, base_url: str) -> tuple[float, dict]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"crawl stage failed:\n{proc.stderr[-3000:]}")
-    return wall, json.loads((work / "metrics" / "crawl.json").read_text(encoding="utf-8"))
+    metrics = json.loads((work / "metrics" / "crawl.json").read_text(encoding="utf-8"))
+    clock = json.loads((work / "metrics" / "timings" / "crawl.json").read_text(encoding="utf-8"))  # tuneline.timings
+    for name, source in clock["sources"].items():
+        metrics["sources"][name].update(source)
+    return wall, metrics
 
 
 def urllib_baseline(base_url: str, paths: list[str]) -> float:

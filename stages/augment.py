@@ -1,8 +1,9 @@
 """Augment the raw material into records: pass-through sources plus LLM-generated records.
 
 Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets.jsonl,
-        the prompt templates in augment.prompts_dir, base.decisions (a person's rejects of
-        generated records go into the next round's "avoid these mistakes"); params base, augment,
+        the prompt templates in augment.prompts_dir, base.feedback (a person's rejects of
+        generated records, from the feedback stage, go into the next round's "avoid these
+        mistakes"); params base, augment,
         and (augment.review_clean_rules) the clean stage's language and PII keys, so generated
         records meet the policy clean applies
 Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | dataset | generated),
@@ -23,10 +24,9 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from tuneline import augment, llm, params
+from tuneline import augment, llm, params, timings
 from tuneline.llmserver import endpoint_url
-from tuneline.records import InputError, duplicate_ids, write_json, write_jsonl
-from tuneline.review import human_mistakes, read_decisions
+from tuneline.records import InputError, duplicate_ids, read_json, write_json, write_jsonl
 
 log = logging.getLogger("augment")
 
@@ -69,7 +69,7 @@ def main() -> None:
             return replies
 
         rules = augment.review_rules(p, clean)
-        human = human_mistakes(read_decisions(base.decisions))
+        human = read_json(require(Path(base.feedback), "run `dvc repro feedback` first"))
         result = augment.run_rounds(p, seeds, chunks, passthrough, templates, call, base.seed, rules, human)
 
     # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
@@ -92,7 +92,7 @@ def main() -> None:
         "chunks": len(chunks),
         "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok),
     }
-    write_json(Path(base.metrics_dir) / "augment.json", metrics)
+    timings.write_metrics(Path(base.metrics_dir) / "augment.json", metrics, base.metrics_dir, "augment")
     if result.replies and len(failed) > p.max_failed_fraction * len(result.replies):
         # A non-zero exit makes DVC run the stage again; the cache makes that rerun send only these.
         raise RuntimeError(

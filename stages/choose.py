@@ -15,8 +15,8 @@ from tuneline import params
 from tuneline.records import read_json, tokenizer_hash, write_json
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
-COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "prompt_tokens", "completion_tokens", "cost",
-           "latency_per_answer_s")
+# An API candidate's latency is a timing: in base.metrics_dir/timings/select-<name>.json, not here.
+COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "prompt_tokens", "completion_tokens", "cost")
 
 
 def ranked(scores: dict[str, dict], metric: str) -> list[str]:

@@ -16,8 +16,8 @@ import contextlib
 import sys
 from pathlib import Path
 
-from tuneline import crawl, params
-from tuneline.records import InputError, write_json, write_jsonl
+from tuneline import crawl, params, timings
+from tuneline.records import InputError, write_jsonl
 
 
 def main() -> int:
@@ -44,7 +44,7 @@ def main() -> int:
     write_jsonl(raw / "datasets.jsonl", records)
     write_jsonl(raw / "crawl_rejects.jsonl", crawl.sorted_rejects(result.rejects + dataset_rejects))
     metrics = crawl.crawl_metrics(result, records, dataset_rejects)
-    write_json(Path(base.metrics_dir) / "crawl.json", metrics)
+    timings.write_metrics(Path(base.metrics_dir) / "crawl.json", metrics, base.metrics_dir, "crawl")
     print(
         f"crawl: {metrics['pages_fetched']} pages, {metrics['items']} items {metrics['items_by_kind']}, "
         f"{metrics['dataset_records']} dataset records, {metrics['rejects']} rejects "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline import judge, llm, params
+from tuneline import judge, llm, params, timings
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.intervals import delta_intervals, verdict
@@ -127,7 +127,7 @@ def main() -> None:
         result["unseen"]["judge"], verdicts = run_judge(p.judge, sets["unseen"], base_scores["unseen"][1],
                                                         tuned_scores["unseen"][1], judge_dir, base.seed)
     write_jsonl(metrics_dir / "eval" / "judge.jsonl", verdicts)
-    write_json(metrics_dir / "eval.json", result)
+    timings.write_metrics(metrics_dir / "eval.json", result, metrics_dir, "evaluate")
     table = {name: (records, base_scores[name][1], tuned_scores[name][1]) for name, records in sets.items()}
     (metrics_dir / "eval_samples.md").write_text(samples_table(table, p.samples_in_report), encoding="utf-8")
     write_jsonl(metrics_dir / "eval" / "records.jsonl", record_rows(base_scores["unseen"][1], tuned_scores["unseen"][1]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import lxml.html
 from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
-from tuneline import params
+from tuneline import params, timings
 from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
 from tuneline.records import read_jsonl, write_json
 from tuneline.tinymodels import build_tiny_model, train_tokenizer
@@ -49,21 +48,25 @@ def main() -> None:
     tokenizer_extra = tokenizer_texts(base.seeds, base.site_dir)
     out_root = Path(base.base_models_dir)
     shutil.rmtree(out_root, ignore_errors=True)
-    metrics = {}
+    metrics, stage_timings = {}, {}
     for name, spec in p.tiny.items():
         start = time.perf_counter()
         tokenizer = train_tokenizer(corpus + tokenizer_extra, p.vocab_size, spec.chat_template)
         model = build_tiny_model(spec, tokenizer, base.seed)
         train_blocks, heldout = split_blocks(text_blocks(tokenizer, corpus, p.block_size), p.heldout_fraction)
         before = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
-        train_loss = math.nan
+        train_loss, result = math.nan, {}
         if spec.pretrain_steps:
             live = Live(dir=str(Path(base.metrics_dir) / "models" / name), save_dvc_exp=False, dvcyaml=None, report=None)
-            with tempfile.TemporaryDirectory() as checkpoints:  # a rerun starts over: pretraining is short
-                settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, max_steps=spec.pretrain_steps,
-                                      warmup_ratio=p.warmup_ratio, logging_steps=p.logging_steps, compute_dtype="float32")
-                model, result = pretrain(model, tokenizer, train_blocks, settings, Path(checkpoints), base.seed,
-                                         [DVCLiveCallback(live=live)])
+            # A rerun starts over (pretraining is short). The folder's name is fixed: DVCLive writes it
+            # into metrics/models/<name>/params.yaml, which a random temporary name would change every run.
+            checkpoints = Path(base.cache_dir) / "checkpoints" / f"models-{name}"
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, max_steps=spec.pretrain_steps,
+                                  warmup_ratio=p.warmup_ratio, logging_steps=p.logging_steps, compute_dtype="float32")
+            model, result = pretrain(model, tokenizer, train_blocks, settings, checkpoints, base.seed,
+                                     [DVCLiveCallback(live=live)])
+            shutil.rmtree(checkpoints, ignore_errors=True)
             train_loss = result.get("train_loss", math.nan)
         after = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
         seconds = time.perf_counter() - start
@@ -77,11 +80,12 @@ def main() -> None:
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "pretraining.json", info)
         parameters = sum(x.numel() for x in model.parameters())
-        metrics[name] = {"parameters": parameters, **{k: v for k, v in info.items() if k not in ("corpus_dir", "corpus_files")},
-                         "seconds": round(seconds, 1)}
+        metrics[name] = {"parameters": parameters, **{k: v for k, v in info.items() if k not in ("corpus_dir", "corpus_files")}}
+        stage_timings[name] = {"seconds": round(seconds, 1), **timings.split(result)[1]}
         print(f"models: {name} ({spec.arch}, {parameters / 1e6:.2f}M parameters): pretrained {spec.pretrain_steps} steps "
               f"on {len(files)} files, held-out loss {before:.3f} -> {after:.3f} in {seconds:.0f} s")
     write_json(Path(base.metrics_dir) / "models.json", metrics)
+    timings.write(base.metrics_dir, "models", stage_timings)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,29 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tuneline import params
+from tuneline import params, timings
 from tuneline.modeling import load_model, load_tokenizer, set_seed
 from tuneline.intervals import score_intervals
-from tuneline.records import read_json, write_json
+from tuneline.templates import chat_template_for, with_fixed_date
+from tuneline.records import read_json
 from tuneline.scoring import score
 
 
+def local_tokenizer(cand, template_date: str) -> tuple:
+    """The candidate's tokenizer and the template to score it with (its own, ChatML where it has
+    none), today's date in that template fixed to tokenize.template_date as the tokenize stage
+    fixes it: a base whose template prints the date (Llama 3.1) scores the same on every day."""
+    tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
+    template = "auto" if tokenizer.chat_template else "chatml"
+    try:
+        tokenizer.chat_template = with_fixed_date(chat_template_for(tokenizer, template), template_date)
+    except ValueError as err:
+        raise params.ParamsError(f"select: candidate {cand.model}: {err}") from None
+    return tokenizer, template
+
+
 def main(name: str) -> None:
-    base, p = params.load("base", "select")
+    base, p, tok = params.load("base", "select", "tokenize")
     if name not in p.candidates:
         raise SystemExit(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]
@@ -36,14 +50,13 @@ def main(name: str) -> None:
         metrics = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
     else:
         set_seed(base.seed)
-        tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
-        template = "auto" if tokenizer.chat_template else "chatml"
+        tokenizer, template = local_tokenizer(cand, tok.template_date)
         model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)
         metrics, rows = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
         metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
         metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
     metrics["name"] = name
-    write_json(Path(base.metrics_dir) / "select" / f"{name}.json", metrics)
+    timings.write_metrics(Path(base.metrics_dir) / "select" / f"{name}.json", metrics, base.metrics_dir, f"select-{name}")
     print(f"select: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 

@@ -24,7 +24,7 @@ from datasets import load_from_disk
 from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
-from tuneline import params
+from tuneline import params, timings
 from tuneline.records import read_json, write_json
 from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train
 
@@ -103,6 +103,7 @@ def main() -> None:
         "run_key": key, "trainable_parameters": trainable, "total_parameters": total,
         "train_records": len(train_ds),
     })
+    timings.write(base.metrics_dir, "train", timings.split(metrics)[1])
     print(f"train: {p.method} on {selected['name']}: {trainable:,} of {total:,} parameters trained; "
           f"train_loss {metrics.get('train_loss', float('nan')):.4f}; saved to {out_dir}")
 

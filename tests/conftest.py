@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,17 +69,93 @@ def tuned_project(tmp_path_factory, tiny_model_dir) -> Path:
     return make_tuned_project(tmp_path_factory.mktemp("tuned_project"), tiny_model_dir)
 
 
+# The default pipeline's full `dvc repro` (about 5 minutes on 2 cores) runs once per test run, in
+# the background from the moment tests that need it are collected, while other tests run. Each
+# xdist worker (or the one process) then works on its own copy, so tests that change the
+# repository and put it back never meet another worker's changes.
+PIPELINE_BUILD_TIMEOUT_S = 3600
+
+
+def pipeline_build_dir(config) -> Path:
+    """Where this test run builds the pipeline: the run's base temporary directory, which the
+    xdist workers' own temporary directories are inside (pytest keeps the last three runs')."""
+    base = config._tmp_path_factory.getbasetemp()
+    return (base.parent if hasattr(config, "workerinput") else base) / "pipeline-build"
+
+
+def pytest_collection_finish(session):
+    """Start the pipeline build when a collected test needs it; the first worker to get here starts it."""
+    if not any("pipeline_build" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    build = pipeline_build_dir(session.config)
+    try:
+        build.mkdir()
+    except FileExistsError:
+        return  # another worker started it
+    log = open(build / "build.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.pipeline_repo", str(build)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    (build / "pid").write_text(str(proc.pid))
+    session.config.pipeline_builder = proc
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The worker that started the build waits for it (another worker may still need it), unless
+    the run was interrupted: then the build is stopped."""
+    proc = getattr(session.config, "pipeline_builder", None)
+    if proc is None or proc.poll() is not None:
+        return
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.wait(timeout=PIPELINE_BUILD_TIMEOUT_S)
+
+
+def builder_running(build: Path) -> bool:
+    """Whether the build's process is still at work (one whose pid is not written yet counts)."""
+    try:
+        pid = int((build / "pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent has not collected it yet
+
+
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory):
+def pipeline_build(request) -> Path:
+    """The pipeline build itself (waited for): the project right after its first full `dvc repro`,
+    never changed by a test. Tests only read it; to change a repository, use `pipeline`."""
+    build = pipeline_build_dir(request.config)
+    done = build / "first.json"
+    deadline = time.monotonic() + PIPELINE_BUILD_TIMEOUT_S
+    while not done.exists():
+        log = build / "build.log"
+        tail = log.read_text()[-6000:] if log.exists() else "(no log)"
+        if not build.exists():
+            raise RuntimeError("the pipeline build was never started (pytest_collection_finish in tests/conftest.py)")
+        if not builder_running(build) and not done.exists():
+            raise RuntimeError(f"the pipeline build in {build} failed:\n{tail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pipeline build in {build} took over {PIPELINE_BUILD_TIMEOUT_S} s:\n{tail}")
+        time.sleep(2)
+    return build
+
+
+@pytest.fixture(scope="session")
+def pipeline(pipeline_build, tmp_path_factory):
     """A temporary git + DVC copy of the project after one full `dvc repro` of the default pipeline.
 
     Returns (repo, first) where `first` says which stages ran, and `first["audit"]` is the file
-    where each stage recorded the params keys it read. Tests that change the repo put it back.
+    where each stage recorded the params keys it read. Tests that change the repo put it back
+    (its persistent caches keep what such a change added: compare outputs with `pipeline_build`).
     """
-    from tests.pipeline_repo import make_repo, repro
-
-    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "project")
-    audit = repo.parent / "params_reads.jsonl"
-    first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(audit)})
-    first["audit"] = audit
-    return repo, first
+    build, done = pipeline_build, pipeline_build / "first.json"
+    mine = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(build / "project", mine / "project", symlinks=True)
+    shutil.copy2(build / "params_reads.jsonl", mine / "params_reads.jsonl")
+    first = {key: set(stages) for key, stages in json.loads(done.read_text()).items()}
+    first["audit"] = mine / "params_reads.jsonl"
+    return mine / "project", first

@@ -92,3 +92,23 @@ def set_param(repo: Path, dotted: str, value) -> None:
     node[last] = value
     with open(path, "w") as f:
         yaml.dump(data, f)
+
+
+def build_pipeline(dest: Path) -> dict:
+    """The `pipeline` fixture's repository: a project copy in `dest`/project after one full `dvc repro`.
+
+    Each stage records the params keys it read in `dest`/params_reads.jsonl. Returns which stages
+    ran, were skipped or restored (lists), also written to `dest`/first.json last, as the sign that
+    the build is complete."""
+    import json
+
+    repo = make_repo(dest / "project")
+    first = repro(repo, extra_env={"TUNELINE_PARAMS_AUDIT": str(dest / "params_reads.jsonl")})
+    first = {key: sorted(stages) for key, stages in first.items()}
+    (dest / "first.json.tmp").write_text(json.dumps(first))
+    (dest / "first.json.tmp").rename(dest / "first.json")  # whole or absent: another process waits for it
+    return first
+
+
+if __name__ == "__main__":  # python -m tests.pipeline_repo DEST: build the pipeline repository in DEST
+    build_pipeline(Path(sys.argv[1]))

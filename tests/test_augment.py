@@ -116,9 +116,11 @@ def stage_env() -> dict:
 
 
 def run_stage(project: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    """The feedback stage (the review decisions as augment reads them), then augment, as `dvc repro` runs them."""
+    for stage in ("feedback", "augment"):
+        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=stage_env(),
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 

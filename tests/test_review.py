@@ -22,7 +22,7 @@ import pytest
 
 from tests.stage_project import ROOT, run_stage, stage_env
 from tuneline.records import InputError, read_json, read_jsonl, with_ids, write_jsonl
-from tuneline.review import make_decision, read_decisions
+from tuneline.review import append_decision, human_mistakes, make_decision, read_decisions
 
 REVIEWER = "Ada Reviewer"
 PILOT = "augment round 1 (pilot batch)"
@@ -189,3 +189,31 @@ def test_bad_decision_lines_name_the_file_line_and_field(tmp_path):
         read_decisions(path)
     with pytest.raises(ValueError, match="an edit must change"):
         make_decision({"id": "a1", "content_hash": "h1", "output": "old"}, "edit", "me", edits={"output": "old"})
+
+
+def test_only_rejects_of_generated_records_are_feedback_for_augment(tmp_path):
+    def record(i: int, source: str) -> dict:
+        return {"id": f"r{i}", "content_hash": f"h{i}", "instruction": f"q{i}", "output": f"a{i}", "source": source}
+
+    generated, crawled, seed = record(1, "generated"), record(2, "crawl"), record(3, "seed")
+    decisions = [make_decision(generated, "reject", "me", "made up"), make_decision(crawled, "reject", "me", "off topic"),
+                 make_decision(seed, "accept", "me"), make_decision(record(4, "generated"), "accept", "me")]
+    older = make_decision(record(5, ""), "reject", "me", "vague")
+    del older["source"]  # written before decisions named their record's source: counted
+    assert {d["source"] for d in decisions} == {"generated", "crawl", "seed"}
+    assert human_mistakes(decisions + [older]) == {generated["content_hash"]: "made up", older["content_hash"]: "vague"}
+    # a later accept of the generated record takes its reject back
+    assert generated["content_hash"] not in human_mistakes(decisions + [make_decision(generated, "accept", "me")])
+
+    # the stage writes the same bytes whatever accepts are added: DVC then skips augment
+    path = tmp_path / "data/review/decisions.jsonl"
+    for d in decisions[:2]:
+        append_decision(path, d)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    outputs = []
+    for extra in ([], [make_decision(record(6, "generated"), "accept", "me"), make_decision(crawled, "reject", "me", "x")]):
+        for d in extra:
+            append_decision(path, d)
+        run_stage(tmp_path, "feedback")
+        outputs.append((tmp_path / "data/review/feedback.json").read_bytes())
+    assert outputs[0] == outputs[1] and json.loads(outputs[0]) == {generated["content_hash"]: "made up"}

@@ -100,6 +100,19 @@ def test_a_template_that_prints_today_s_date_prints_the_fixed_one(tiny_model_dir
         with_fixed_date(DATED, "01/03/2025")
 
 
+def test_select_scores_a_dated_template_with_the_fixed_date_too(tiny_model_dir, tmp_path):
+    from stages.select import local_tokenizer
+    from tuneline.params import Candidate
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = DATED
+    tokenizer.save_pretrained(tmp_path)
+    today = datetime.date.today().strftime("%d %b %Y")
+    scored, template = local_tokenizer(Candidate(kind="local", model=str(tmp_path)), "2025-03-01")
+    text = render(scored, to_messages(RECORD), template)
+    assert template == "auto" and "Today Date: 01 Mar 2025" in text and today not in text
+
+
 def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_template):
     tokenizer, _ = tokenizer_and_template
     input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=True)

@@ -158,19 +158,22 @@ def read_cached(cache_dir: str | Path, key: str) -> Reply | None:
         text=entry["text"],
         prompt_tokens=int(entry.get("prompt_tokens", 0)),
         completion_tokens=int(entry.get("completion_tokens", 0)),
-        latency_s=float(entry.get("latency_s", 0.0)),
+        latency_s=0.0,  # a cached reply costs no time; entries keep no clock reading (see write_cached)
         cached=True,
         error=None,
     )
 
 
 def write_cached(cache_dir: str | Path, key: str, reply: Reply, messages: list[dict], model: str, seed: int) -> None:
-    """Store one answered call atomically (temp file + rename): a crash leaves no torn entry."""
+    """Store one answered call atomically (temp file + rename): a crash leaves no torn entry.
+
+    The entry keeps no latency: the cache is a DVC output, so the same calls must write the same bytes."""
     if reply.error is not None or not reply.text:
         raise ValueError("refusing to cache a failed or empty reply")
     path = cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {**asdict(reply), "cached": False, "model": model, "seed": seed, "messages": messages}
+    del entry["latency_s"]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)

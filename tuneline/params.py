@@ -89,6 +89,7 @@ class Base(_Section):
     metrics_dir: str
     cache_dir: str
     decisions: str
+    feedback: str
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Rows of `dvc metrics diff` about how long or how fast, not how good: left out unless asked for.
-TIMING = re.compile(r"runtime|per_second|latency|flos|(^|[._])(seconds|elapsed|time|duration)\b|_s$")
+from tuneline import timings
+
+# Rows of `dvc metrics diff` about how long or how fast, not how good (the timings files, and the
+# Trainer's floating-point operation count): left out unless asked for.
+TIMING = re.compile(rf"{timings.TIMING.pattern}|flos")
 
 
 def dvc(*args: str, cwd: str | Path = ".") -> str:

@@ -1,16 +1,18 @@
 """Human review decisions: data, versioned with the data they apply to.
 
 A person's decisions (from `tuneline review`) are appended to `base.decisions`, one JSON object
-a line, a git-tracked file that the augment and clean stages depend on:
+a line, a git-tracked file that the clean and feedback stages depend on:
 
     {"id": ..., "content_hash": ..., "action": "accept" | "reject" | "edit", "reason": ...,
-     "edits": {"output": ...}, "reviewer": ..., "time": "2026-12-01T03:00:00+00:00", "view": ...}
+     "edits": {"output": ...}, "reviewer": ..., "time": "2026-12-01T03:00:00+00:00", "view": ...,
+     "source": "generated"}
 
 A decision names a record by its `id` and the `content_hash` of the text the person saw. The
 last decision for an id wins. A decision whose record no longer exists with that content (the
 text changed upstream) is stale: reported, never applied to something else. This module holds
 the pure functions; the clean stage applies decisions (`apply_decisions`, `override_rejects`),
-the augment stage turns human rejects into "avoid these mistakes" (`human_mistakes`).
+the feedback stage turns human rejects of generated records into what augment shows as "avoid
+these mistakes" (`human_mistakes`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def make_decision(record: dict, action: str, reviewer: str, reason: str = "", ed
         "reviewer": reviewer,
         "time": (now or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
         "view": view,
+        "source": record.get("source") or "",
     }
 
 
@@ -187,10 +190,13 @@ def human_metrics(decisions: list[dict], applied: Applied, overrides: Counter) -
 
 
 def human_mistakes(decisions: list[dict]) -> dict[str, str]:
-    """{content hash: the person's reason} of every record whose last decision is a reject.
+    """{content hash: the person's reason} of every generated record whose last decision is a reject.
 
     The augment stage matches these against the records a round generates (by content hash:
-    ids are given only at the end of the run) and shows them as mistakes to avoid.
+    ids are given only at the end of the run) and shows them as mistakes to avoid. Rejects of
+    records from another source (seed, crawl, dataset) are no feedback for the generator; a
+    decision that does not say its record's source (written before decisions did) counts.
     """
     return {d["content_hash"]: d.get("reason") or "rejected by a reviewer"
-            for d in latest_by_id(decisions).values() if d["action"] == "reject"}  # fmt: skip
+            for d in latest_by_id(decisions).values()
+            if d["action"] == "reject" and d.get("source", "") in ("", "generated")}  # fmt: skip

@@ -5,7 +5,7 @@ round (round 1 is the pilot batch), the records the clean stage rejected (reason
 the evaluation samples (base and tuned answers to the test split). For each record the person
 accepts, rejects (a reason from the list, or their own words) or edits instruction, input and
 output; each decision is appended to base.decisions (tuneline.review), which `dvc repro` then
-applies. The page reads the stages' outputs when it starts; rerun it after `dvc repro`.
+applies (clean; augment through the feedback stage). The page reads the stages' outputs when it starts; rerun it after `dvc repro`.
 """
 
 from __future__ import annotations

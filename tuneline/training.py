@@ -21,6 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.params import Train
+from tuneline.timings import is_timing
 from tuneline.tokenization import collate
 
 
@@ -154,6 +155,20 @@ class TokensPerSecond(TrainerCallback):
         self.last = (now, seen)
 
 
+class SplitTimings(TrainerCallback):
+    """Takes the timing and throughput values (runtime, samples/s, tokens/s) out of each log
+    before the callbacks after it (DVCLive) write it, keeping the latest of each in `latest`:
+    they go to the stage's timings file (tuneline.timings), so the metrics and plots DVC hashes
+    are the same on every run."""
+
+    def __init__(self) -> None:
+        self.latest: dict = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in [k for k in logs or {} if is_timing(k)]:
+            self.latest[key] = logs.pop(key)
+
+
 class QuietProgress(ProgressCallback):
     """The Trainer's progress bars, with the per-step log dicts sent to the stage's log file.
 
@@ -224,12 +239,14 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
 def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, checkpoints: Path, callbacks: list,
         save_to: Path | None = None) -> tuple:
     """Train `model` with the Trainer, resuming from the newest complete checkpoint in `checkpoints`;
-    return (model, metrics). Fine-tuning and pretraining on raw text both run through here.
+    return (model, metrics). Fine-tuning and pretraining on raw text both run through here. The
+    callbacks (DVCLive) see no timings; the metrics returned hold them (`tuneline.timings.split`).
 
     With `save_to`, the trained weights (adapter, or full model) are saved there through
     `Trainer.save_model`, which every process must call: under FSDP or ZeRO-3 it gathers the
     sharded parameters, and only the main process writes.
     """
+    timings = SplitTimings()
     trainer = Trainer(
         model=model,
         args=args,
@@ -237,7 +254,7 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[TokensPerSecond(), *callbacks],
+        callbacks=[TokensPerSecond(), timings, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)  # disable_tqdm=False added it; keep its bars, not its prints
     trainer.add_callback(QuietProgress())
@@ -253,7 +270,7 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
         if trainer.is_world_process_zero():
             # a pickle of the arguments, with this machine's paths: not part of the model
             (Path(save_to) / "training_args.bin").unlink(missing_ok=True)
-    return trainer.model, result.metrics
+    return trainer.model, {**timings.latest, **result.metrics}
 
 
 def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list,
