@@ -112,3 +112,17 @@ def build_pipeline(dest: Path) -> dict:
 
 if __name__ == "__main__":  # python -m tests.pipeline_repo DEST: build the pipeline repository in DEST
     build_pipeline(Path(sys.argv[1]))
+
+
+def with_downstream(repo: Path, stages: set[str]) -> set[str]:
+    """`stages` and every stage that depends on one of them, directly or through others (DVC's DAG)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        graph = dvc_repo.index.graph  # an edge runs from a stage to a stage it depends on
+        affected = set()
+        for stage in reversed(list(nx.topological_sort(graph))):  # dependencies before their dependents
+            if stage.addressing in stages or any(dep in affected for dep in graph.successors(stage)):
+                affected.add(stage)
+        return {stage.addressing for stage in affected}

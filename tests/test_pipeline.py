@@ -11,18 +11,19 @@ import subprocess
 import pytest
 import yaml
 
-from tests.pipeline_repo import declared_params, repro, run, set_param
+from tests.pipeline_repo import declared_params, repro, run, set_param, with_downstream
 from tuneline.records import read_jsonl
 from tuneline.review import append_decision, make_decision
 
 pytestmark = pytest.mark.slow
 
-UPSTREAM = {"models", "crawl", "augment", "clean"}
+UPSTREAM = {"models", "crawl", "feedback", "augment", "clean"}
 
 
 def all_stages(repo) -> set[str]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    names = {"models", "crawl", "augment", "clean", "build", "choose", "pretrain", "tokenize", "train", "evaluate", "export"}
+    names = {"models", "crawl", "feedback", "augment", "clean", "build", "choose", "pretrain", "tokenize", "train", "evaluate",
+             "export"}
     return names | {f"select@{c}" for c in params["select"]["candidates"]}
 
 
@@ -114,11 +115,13 @@ def test_build_param_reruns_build_and_downstream_only(pipeline):
     repo, _ = pipeline
     set_param(repo, "build.val_fraction", 0.2)
     try:
-        # build runs for real and writes other splits; what DVC then finds out of date is what the
-        # next `dvc repro` reruns (the learning-rate test below runs such a rerun to the end)
+        # build runs for real and writes other splits; the stages whose deps that changed, and all
+        # that depend on them, are what the next `dvc repro` reruns (the learning-rate test below runs
+        # such a rerun to the end)
         assert repro(repo, "build")["ran"] == {"build"}
         stale = set(json.loads(run(repo, "dvc", "status", "--json").stdout))
-        assert stale == all_stages(repo) - UPSTREAM - {"build"}
+        assert stale and not stale & UPSTREAM
+        assert with_downstream(repo, stale) == all_stages(repo) - UPSTREAM - {"build"}
     finally:
         restore(repo)
 
