@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline import judge, llm, params
+from tuneline import judge, params
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.intervals import delta_intervals, verdict
@@ -77,18 +77,8 @@ def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
 def run_judge(j, records: list[dict], base_rows: list[dict], tuned_rows: list[dict], cache_dir: Path, seed: int) -> tuple[dict, list[dict]]:
     """The judge's verdicts on the records that have both answers (the first generation_samples)."""
     n = sum("answer" in r for r in tuned_rows)
-    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
-                            max_tokens=j.max_tokens, concurrency=j.concurrency, requests_per_minute=j.requests_per_minute,
-                            max_retries=j.max_retries, timeout_s=j.timeout_s)
-    # The request names a local model only by its path: its files join the cache key.
-    salt = llm.model_fingerprint(j.model) if Path(j.model).is_dir() else ""
-    template = judge.load_prompt(j.prompt, "evaluate.judge.prompt")
-    retry = judge.load_prompt(j.retry_prompt, "evaluate.judge.retry_prompt")
-    with llm.lazy_caller(endpoint, cache_dir, json_mode=True, cache_salt=salt) as call:
-        summary, rows, replies = judge.judge(call, template, retry, records[:n], [r["answer"] for r in tuned_rows[:n]],
-                                             [r["answer"] for r in base_rows[:n]], j.reply_retries, seed)
-    usage = llm.ledger(replies)
-    print(f"evaluate: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, {usage['failed_calls']} failed)")
+    summary, rows, _ = judge.run(j, "evaluate.judge", records[:n], [r["answer"] for r in tuned_rows[:n]],
+                                 [r["answer"] for r in base_rows[:n]], cache_dir, seed)
     return summary, rows
 
 

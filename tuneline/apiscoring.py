@@ -29,8 +29,10 @@ def prompts(records: list[dict], shots: list[dict]) -> list[list[dict]]:
     return out
 
 
-def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dict], cache_dir: str | Path, seed: int) -> dict:
-    """Generation metrics, tokens, cost and latency of an API candidate on `records`."""
+def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dict], cache_dir: str | Path,
+                        seed: int) -> tuple[dict, list[dict]]:
+    """Generation metrics, tokens, cost and latency of an API candidate on `records`, and the
+    per-record rows (answer and scores) of the first generation_samples records."""
     sample = records[: p.generation_samples]
     with endpoint_url(cand.base_url, cand.model) as url:
         endpoint = Endpoint(
@@ -54,4 +56,4 @@ def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dic
     # No loss to resample: the rows carry only the generation metrics.
     rows = [{"answer": a, **record_scores(a, ref)} for a, ref in zip(answers, references)]
     metrics["ci95"] = score_intervals(rows, references, seed)
-    return metrics
+    return metrics, rows
