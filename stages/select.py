@@ -59,7 +59,9 @@ def main(name: str) -> None:
         metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
         metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
     if p.judge.enabled:
-        metrics["judge"], metrics["ci95"]["judge"], metrics["judge_rates"] = judged(p.judge, records, rows, cache_dir / "judge", base.seed)
+        rate, interval, rates = judged(p.judge, records, rows, cache_dir / "judge", base.seed)
+        metrics.update(judge=rate, judge_rates=rates)
+        metrics["ci95"]["judge"] = interval
     metrics["name"] = name
     write_json(Path(base.metrics_dir) / "select" / f"{name}.json", metrics)
     print(f"select: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

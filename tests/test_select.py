@@ -133,7 +133,8 @@ def judge_params(server_url: str) -> dict:
             "max_tokens": 32, "reply_retries": 1, "concurrency": 4, "requests_per_minute": 6000, "max_retries": 0, "timeout_s": 10}
 
 
-def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_asks_nothing(tmp_path, monkeypatch, tiny_model_dir):
+def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_asks_nothing(tmp_path, monkeypatch,
+                                                                                            tiny_model_dir):
     import stages.choose
     import stages.select
 
@@ -157,7 +158,9 @@ def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_a
             before = read_json(tmp_path / "metrics" / "select" / f"{name}.json")
             stages.select.main(name)
             after = read_json(tmp_path / "metrics" / "select" / f"{name}.json")
-            assert [after["judge"], after["ci95"]["judge"], after["judge_rates"]] == [before["judge"], before["ci95"]["judge"], before["judge_rates"]]
+            for key in ("judge", "judge_rates"):
+                assert after[key] == before[key]
+            assert after["ci95"]["judge"] == before["ci95"]["judge"]
         assert server.requests == 0  # the candidate's and the judge's replies came from the cache
 
     local, hosted = (read_json(tmp_path / "metrics" / "select" / f"{n}.json") for n in ("local", "hosted"))
