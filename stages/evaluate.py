@@ -14,7 +14,9 @@ Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metr
         base.metrics_dir/eval/seen_records.jsonl (the same for seen), with evaluate.judge.enabled:
         unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over base, position
         consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record verdicts;
-        empty when the judge is off), the judge's replies cached in base.cache_dir/judge.
+        empty when the judge is off), the judge's replies cached in base.cache_dir/judge; with
+        evaluate.lm_eval_tasks: lm_eval in eval.json (each lm-evaluation-harness task's metrics for
+        base and tuned, their standard errors, the delta, its interval and verdict; tuneline/lmeval.py).
 Run:    python -m stages.evaluate
 """
 
@@ -82,6 +84,21 @@ def run_judge(j, records: list[dict], base_rows: list[dict], tuned_rows: list[di
     return summary, rows
 
 
+def changes(r: dict) -> str:
+    """A set's metrics, base -> tuned (verdict), on one line."""
+    return ", ".join(f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"])
+
+
+def benchmarks(p, model, tokenizer, seed: int) -> dict[str, dict]:
+    """The evaluate.lm_eval_tasks scores of `model` (none when no task is named)."""
+    if not p.lm_eval_tasks:
+        return {}
+    from tuneline import lmeval
+
+    return lmeval.run_tasks(model, tokenizer, p.lm_eval_tasks, p.lm_eval_include_path, p.lm_eval_num_fewshot,
+                            p.lm_eval_limit, p.lm_eval_chat_template, p.batch_size, seed)
+
+
 def main() -> None:
     base, p = params.load("base", "evaluate")
     selected = read_json(base.tuning_base)
@@ -104,14 +121,20 @@ def main() -> None:
     # A QLoRA run is compared with the 4-bit base it trained over: the delta is the adapter's alone.
     base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir) and not p.merge)
     base_scores = {name: score(base_model, tokenizer, records, **args) for name, records in sets.items()}
+    base_bench = benchmarks(p, base_model, tokenizer, base.seed)
     del base_model
     tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
+    tuned_bench = benchmarks(p, tuned_model, tokenizer, base.seed)
 
     result = {}
     for name, records in sets.items():
         intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
         result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
+    if p.lm_eval_tasks:
+        from tuneline import lmeval
+
+        result["lm_eval"] = lmeval.compare(base_bench, tuned_bench)
     verdicts = []
     if p.judge.enabled:
         result["unseen"]["judge"], verdicts = run_judge(p.judge, sets["unseen"], base_scores["unseen"][1],
@@ -127,9 +150,9 @@ def main() -> None:
         print(f"evaluate: judge on unseen ({j['pairs']} pairs, both orders): tuned wins {j['win']:.2f}, ties {j['tie']:.2f}, "
               f"loses {j['loss']:.2f}, unparsed {j['unparsed']:.2f}; position consistency {j['position_consistency']}")
     for name in sets:
-        r = result[name]
-        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(
-            f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"]))
+        print(f"evaluate: {name} ({result[name]['records']} records): {changes(result[name])}")
+    if "lm_eval" in result:
+        print(f"evaluate: lm_eval: {changes(result['lm_eval'])}")
 
 
 if __name__ == "__main__":

@@ -338,6 +338,11 @@ class Evaluate(_Section):
     samples_in_report: int
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     judge: Judge
+    lm_eval_tasks: list[str]
+    lm_eval_include_path: str
+    lm_eval_num_fewshot: int | None
+    lm_eval_limit: int | None
+    lm_eval_chat_template: bool
 
 
 @dataclass(frozen=True)
@@ -541,6 +546,17 @@ def _check_section(name: str, p: Any) -> Any:
                 raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
     if name == "evaluate":
         _check_judge(p.judge, "evaluate.judge")
+        if p.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ParamsError(
+                    f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not installed: "
+                    "pip install -e '.[lmeval]' (tuneline's lmeval extra), or set evaluate.lm_eval_tasks to []"
+                )
+            if not Path(p.lm_eval_include_path).is_dir():
+                raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
+                                  "lm_eval task YAMLs (the default is configs/lm_eval)")
     if name == "pretrain" and p.decontamination_ngram < 1:
         raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":
