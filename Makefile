@@ -9,6 +9,9 @@ PYTHON ?= python3
 # files compiles torch and transformers again in every stage (measured: 28 s an import against 17 s).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# `make test` also installs the lmeval extra (lm-evaluation-harness, which the tests run on a local
+# task); `make run` does not need it unless evaluate.lm_eval_tasks names tasks.
+TEST_STAMP := $(VENV)/.test-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -25,6 +28,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m uv pip install -q --compile-bytecode --python $(VENV)/bin/python -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+$(TEST_STAMP): $(STAMP)
+	$(VENV)/bin/python -m uv pip install -q --compile-bytecode --python $(VENV)/bin/python -e ".[dev,lmeval]"
+	rm -f $(VENV)/.test-installed-* && touch $@
+
 # Run the whole pipeline on the embedded default. Initialises git and DVC where needed.
 run: $(STAMP)
 	test -d .git || (git init -q && git add -A && git -c user.name=tuneline -c user.email=tuneline@localhost commit -qm "tuneline: initial")
@@ -39,7 +46,7 @@ repro: run
 # two-fresh-runs test runs a second one. `make test TEST_WORKERS=0` runs them in this process. The
 # slowest are listed.
 TEST_WORKERS ?= auto
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).

@@ -15,8 +15,9 @@ from tuneline import params
 from tuneline.records import read_json, tokenizer_hash, write_json
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
+# judge: the LLM judge's win rate over the reference answers (select.judge.enabled), higher is better.
 # An API candidate's latency is a timing: in base.metrics_dir/timings/select-<name>.json, not here.
-COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "prompt_tokens", "completion_tokens", "cost")
+COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "judge", "prompt_tokens", "completion_tokens", "cost")
 
 
 def ranked(scores: dict[str, dict], metric: str) -> list[str]:
@@ -57,7 +58,8 @@ def choose(scores: dict[str, dict], metric: str, tie_break: str = "listed_order"
     """
     missing = [name for name, s in scores.items() if s.get(metric) is None]
     if missing:
-        raise SystemExit(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has")
+        fix = " (rerun select with select.judge.enabled: true)" if metric == "judge" else ""
+        raise SystemExit(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has{fix}")
     order = ranked(scores, metric)
     top = scores[order[0]][metric]
     tied = [order[0]] + [n for n in order[1:] if within_noise(top, scores[n], metric)]

@@ -14,7 +14,9 @@ Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metr
         base.metrics_dir/eval/seen_records.jsonl (the same for seen), with evaluate.judge.enabled:
         unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over base, position
         consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record verdicts;
-        empty when the judge is off), the judge's replies cached in base.cache_dir/judge.
+        empty when the judge is off), the judge's replies cached in base.cache_dir/judge; with
+        evaluate.lm_eval_tasks: lm_eval in eval.json (each lm-evaluation-harness task's metrics for
+        base and tuned, their standard errors, the delta, its interval and verdict; tuneline/lmeval.py).
 Run:    python -m stages.evaluate
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline import judge, llm, params, timings
+from tuneline import judge, params, timings
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_json, write_json, write_jsonl
 from tuneline.intervals import delta_intervals, verdict
@@ -77,19 +79,24 @@ def record_rows(base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
 def run_judge(j, records: list[dict], base_rows: list[dict], tuned_rows: list[dict], cache_dir: Path, seed: int) -> tuple[dict, list[dict]]:
     """The judge's verdicts on the records that have both answers (the first generation_samples)."""
     n = sum("answer" in r for r in tuned_rows)
-    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
-                            max_tokens=j.max_tokens, concurrency=j.concurrency, requests_per_minute=j.requests_per_minute,
-                            max_retries=j.max_retries, timeout_s=j.timeout_s)
-    # The request names a local model only by its path: its files join the cache key.
-    salt = llm.model_fingerprint(j.model) if Path(j.model).is_dir() else ""
-    template = judge.load_prompt(j.prompt, "evaluate.judge.prompt")
-    retry = judge.load_prompt(j.retry_prompt, "evaluate.judge.retry_prompt")
-    with llm.lazy_caller(endpoint, cache_dir, json_mode=True, cache_salt=salt) as call:
-        summary, rows, replies = judge.judge(call, template, retry, records[:n], [r["answer"] for r in tuned_rows[:n]],
-                                             [r["answer"] for r in base_rows[:n]], j.reply_retries, seed)
-    usage = llm.ledger(replies)
-    print(f"evaluate: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, {usage['failed_calls']} failed)")
+    summary, rows, _ = judge.run(j, "evaluate.judge", records[:n], [r["answer"] for r in tuned_rows[:n]],
+                                 [r["answer"] for r in base_rows[:n]], cache_dir, seed)
     return summary, rows
+
+
+def changes(r: dict) -> str:
+    """A set's metrics, base -> tuned (verdict), on one line."""
+    return ", ".join(f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"])
+
+
+def benchmarks(p, model, tokenizer, seed: int) -> dict[str, dict]:
+    """The evaluate.lm_eval_tasks scores of `model` (none when no task is named)."""
+    if not p.lm_eval_tasks:
+        return {}
+    from tuneline import lmeval
+
+    return lmeval.run_tasks(model, tokenizer, p.lm_eval_tasks, p.lm_eval_include_path, p.lm_eval_num_fewshot,
+                            p.lm_eval_limit, p.lm_eval_chat_template, p.batch_size, seed)
 
 
 def main() -> None:
@@ -114,14 +121,20 @@ def main() -> None:
     # A QLoRA run is compared with the 4-bit base it trained over: the delta is the adapter's alone.
     base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir) and not p.merge)
     base_scores = {name: score(base_model, tokenizer, records, **args) for name, records in sets.items()}
+    base_bench = benchmarks(p, base_model, tokenizer, base.seed)
     del base_model
     tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
+    tuned_bench = benchmarks(p, tuned_model, tokenizer, base.seed)
 
     result = {}
     for name, records in sets.items():
         intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
         result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
+    if p.lm_eval_tasks:
+        from tuneline import lmeval
+
+        result["lm_eval"] = lmeval.compare(base_bench, tuned_bench)
     verdicts = []
     if p.judge.enabled:
         result["unseen"]["judge"], verdicts = run_judge(p.judge, sets["unseen"], base_scores["unseen"][1],
@@ -137,9 +150,9 @@ def main() -> None:
         print(f"evaluate: judge on unseen ({j['pairs']} pairs, both orders): tuned wins {j['win']:.2f}, ties {j['tie']:.2f}, "
               f"loses {j['loss']:.2f}, unparsed {j['unparsed']:.2f}; position consistency {j['position_consistency']}")
     for name in sets:
-        r = result[name]
-        print(f"evaluate: {name} ({r['records']} records): " + ", ".join(
-            f"{k} {r['base'][k]:.4f} -> {r['tuned'][k]:.4f} ({r['verdict'].get(k, 'no interval')})" for k in r["base"]))
+        print(f"evaluate: {name} ({result[name]['records']} records): {changes(result[name])}")
+    if "lm_eval" in result:
+        print(f"evaluate: lm_eval: {changes(result['lm_eval'])}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Score one candidate base model on the validation split (one DVC stage per candidate).
 
 Reads:  base.alpaca_dir/val.json (and train.json for an API candidate's few-shot examples),
+        select.judge.prompt and retry_prompt when select.judge.enabled,
         select.candidates.<name> and the select keys listed for it in dvc.yaml.
 Writes: base.metrics_dir/select/<name>.json (loss, perplexity, ROUGE, BLEU, exact match, size, and
         each score's 95% bootstrap interval over the records (ci95); for an API candidate: no loss,
-        and tokens, cost and latency from its replies),
-        base.cache_dir/select/<name>/ (persisted replies of an API candidate: a rerun pays nothing).
+        and tokens and cost of its replies; with select.judge.enabled: `judge`, the LLM
+        judge's win rate of the candidate's answers over the reference answers, and `judge_rates`),
+        base.cache_dir/select/<name>/ (persisted replies of an API candidate and, in judge/, of the
+        judge: a rerun pays nothing), base.metrics_dir/timings/select-<name>.json (generation seconds;
+        an API candidate's mean latency per call made this run).
 Run:    python -m stages.select <name>
 """
 
@@ -35,6 +39,19 @@ def local_tokenizer(cand, template_date: str) -> tuple:
     return tokenizer, template
 
 
+def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int) -> tuple[float, dict, dict]:
+    """The judge's win rate of the candidate over the reference answers on the records it answered
+    (the first generation_samples; each pair asked in both orders, a tie counts half), its 95%
+    bootstrap interval, and the win/tie/loss/unparsed rates behind it."""
+    from tuneline import judge
+
+    answered = [r["answer"] for r in rows if "answer" in r]
+    sample = records[: len(answered)]
+    summary, verdicts, _ = judge.run(j, "select.judge", sample, answered, [r["output"] for r in sample], cache_dir, seed)
+    rate, interval = judge.win_rate(verdicts, seed)
+    return rate, interval, summary
+
+
 def main(name: str) -> None:
     base, p, tok = params.load("base", "select", "tokenize")
     if name not in p.candidates:
@@ -47,7 +64,7 @@ def main(name: str) -> None:
         from tuneline.apiscoring import score_api_candidate
 
         shots = read_json(Path(base.alpaca_dir) / "train.json")[: cand.few_shot_k]
-        metrics = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
+        metrics, rows = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
     else:
         set_seed(base.seed)
         tokenizer, template = local_tokenizer(cand, tok.template_date)
@@ -55,6 +72,10 @@ def main(name: str) -> None:
         metrics, rows = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
         metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
         metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
+    if p.judge.enabled:
+        rate, interval, rates = judged(p.judge, records, rows, cache_dir / "judge", base.seed)
+        metrics.update(judge=rate, judge_rates=rates)
+        metrics["ci95"]["judge"] = interval
     metrics["name"] = name
     timings.write_metrics(Path(base.metrics_dir) / "select" / f"{name}.json", metrics, base.metrics_dir, f"select-{name}")
     print(f"select: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

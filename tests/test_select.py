@@ -1,9 +1,12 @@
-"""Selection: the select stage on an API candidate through a loopback server, and choose's decision
-(the better score wins, a tie within noise is said and broken by select.tie_break)."""
+"""Selection: the select stage on an API candidate through a loopback server, choose's decision
+(the better score wins, a tie within noise is said and broken by select.tie_break), and choosing by
+the LLM judge's win rate over the reference answers (select.metric: judge)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 import shutil
 
 import pytest
@@ -108,3 +111,93 @@ def test_an_api_candidate_is_scored_through_the_server_with_no_loss_and_a_rerun_
     assert cells["loss"] == "n/a" and cells["perplexity"] == "n/a"
     assert cells["cost"] == f"{metrics['cost']:.4f}"
     assert cells["rouge_l 95% interval"] == f"{metrics['ci95']['rouge_l']['low']:.4f} - {metrics['ci95']['rouge_l']['high']:.4f}"
+
+
+HOSTED_ANSWER = "Grind the beans fresh."
+
+
+def hosted_or_judge(body: dict) -> str:
+    """The API candidate answers HOSTED_ANSWER; the judge (model "judge") prefers that answer to the
+    reference, and the reference to any other answer (the local candidate's)."""
+    if body["model"] != "judge":
+        return HOSTED_ANSWER
+    a, b = re.search(r"Answer A: (.*?)\n\nAnswer B: (.*?)\n\nReply with", body["messages"][0]["content"], re.S).groups()
+    if HOSTED_ANSWER in (a, b):
+        return json.dumps({"winner": "A" if a == HOSTED_ANSWER else "B"})
+    return json.dumps({"winner": "A" if a in {r["output"] for r in RECORDS} else "B"})
+
+
+def judge_params(server_url: str) -> dict:
+    return {"enabled": True, "base_url": server_url, "model": "judge", "api_key_env": "TUNELINE_TEST_NO_KEY",
+            "prompt": str(ROOT / "prompts" / "select_judge.txt"), "retry_prompt": str(ROOT / "prompts" / "retry.txt"),
+            "max_tokens": 32, "reply_retries": 1, "concurrency": 4, "requests_per_minute": 6000, "max_retries": 0, "timeout_s": 10}
+
+
+def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_asks_nothing(tmp_path, monkeypatch,
+                                                                                            tiny_model_dir):
+    import stages.choose
+    import stages.select
+
+    with ScriptedServer(respond=hosted_or_judge) as server:
+        p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        p["select"].update(metric="judge", max_new_tokens=8, judge=judge_params(server.base_url), candidates={
+            "local": {"kind": "local", "model": str(tiny_model_dir)},
+            "hosted": {"kind": "api", "model": "stub", "base_url": server.base_url}})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+        write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
+        write_json(tmp_path / "data" / "alpaca" / "train.json", RECORDS)
+        monkeypatch.chdir(tmp_path)
+        stages.select.main("local")
+        judged = [b for b in server.bodies() if b["model"] == "judge"]
+        assert len(judged) == server.requests == 2 * len(RECORDS)  # the local model answers itself; each pair in both orders
+        stages.select.main("hosted")
+        stages.choose.main()
+
+        server.reset_counts()
+        for name in ("local", "hosted"):
+            before = read_json(tmp_path / "metrics" / "select" / f"{name}.json")
+            stages.select.main(name)
+            after = read_json(tmp_path / "metrics" / "select" / f"{name}.json")
+            for key in ("judge", "judge_rates"):
+                assert after[key] == before[key]
+            assert after["ci95"]["judge"] == before["ci95"]["judge"]
+        assert server.requests == 0  # the candidate's and the judge's replies came from the cache
+
+    local, hosted = (read_json(tmp_path / "metrics" / "select" / f"{n}.json") for n in ("local", "hosted"))
+    # the judge prefers the hosted answer to every reference, and every reference to the local answers
+    assert hosted["judge"] == 1.0 and hosted["ci95"]["judge"] == {"low": 1.0, "high": 1.0}
+    assert local["judge"] == 0.0 and local["ci95"]["judge"] == {"low": 0.0, "high": 0.0}
+    assert hosted["judge_rates"]["win"] == 1.0 and local["judge_rates"]["loss"] == 1.0
+    assert hosted["judge_rates"]["pairs"] == local["judge_rates"]["pairs"] == len(RECORDS)
+    selected = read_json(tmp_path / "models" / "selected.json")
+    assert (selected["name"], selected["metric"], selected["score"]) == ("hosted", "judge", 1.0)
+    assert selected["why"].startswith("highest validation judge: hosted 1.0000 [1.0000, 1.0000]")
+    rows = (tmp_path / "metrics" / "select_table.md").read_text(encoding="utf-8").splitlines()
+    header = [c.strip() for c in rows[2].strip("|").split("|")]
+    cells = {r.split("|")[1].strip(): dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in rows[4:6]}
+    assert cells["hosted **(chosen)**"]["judge"] == "1.0000" and cells["local"]["judge"] == "0.0000"
+    assert cells["local"]["judge 95% interval"] == "0.0000 - 0.0000"
+
+
+def test_a_win_rate_counts_ties_and_unparsed_pairs_half():
+    from tuneline.judge import win_rate
+
+    rows = [{"outcome": o} for o in ("win", "tie", "loss", "unparsed")]
+    rate, interval = win_rate(rows, seed=0)
+    assert rate == 0.5 and interval["low"] <= 0.5 <= interval["high"] and interval["low"] < interval["high"]
+
+
+def test_choosing_by_the_judge_without_a_judge_fails_at_start_up_naming_the_key(tmp_path):
+    data = copy.deepcopy(params.read_params_file(ROOT / "params.yaml"))
+    data["select"]["metric"] = "judge"
+    assert data["select"]["judge"]["enabled"] is False  # the default
+    with pytest.raises(ParamsError, match=r"select\.metric 'judge' needs the judge: set select\.judge\.enabled to true"):
+        params.section("select", data)
+    data["select"]["judge"] = judge_params("")
+    with pytest.raises(ParamsError, match=r"select\.judge\.base_url is empty; the judge is on"):
+        params.section("select", data)
+    data["select"]["judge"] = judge_params("http://127.0.0.1:9/v1") | {"prompt": str(tmp_path / "missing.txt")}
+    with pytest.raises(ParamsError, match=r"select\.judge\.prompt: .*missing\.txt is not a file"):
+        params.section("select", data)
+    data["select"]["judge"]["prompt"] = str(ROOT / "prompts" / "select_judge.txt")
+    assert params.section("select", data).judge.enabled

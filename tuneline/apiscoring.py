@@ -29,8 +29,10 @@ def prompts(records: list[dict], shots: list[dict]) -> list[list[dict]]:
     return out
 
 
-def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dict], cache_dir: str | Path, seed: int) -> dict:
-    """Generation metrics, tokens, cost and latency of an API candidate on `records`."""
+def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dict], cache_dir: str | Path,
+                        seed: int) -> tuple[dict, list[dict]]:
+    """Generation metrics, tokens, cost and latency of an API candidate on `records`, and the
+    per-record rows (answer and scores) of the first generation_samples records."""
     sample = records[: p.generation_samples]
     with endpoint_url(cand.base_url, cand.model) as url:
         endpoint = Endpoint(
@@ -47,11 +49,12 @@ def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dic
     metrics = {
         "kind": "api", "model": cand.model, "loss": None, "perplexity": None, "records": len(sample),
         "few_shot_k": len(shots), "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-        "cost": usage["cost"], "latency_per_answer_s": round(sum(r.latency_s for r in replies) / max(len(replies), 1), 4),
+        # the calls this run made (a cached reply takes no time); a timing, so the stage writes it to its timings file
+        "cost": usage["cost"], "latency_per_answer_s": usage["mean_latency_s"],
     }
     references = [r["output"] for r in sample]
     metrics.update(corpus_scores(answers, references))
     # No loss to resample: the rows carry only the generation metrics.
     rows = [{"answer": a, **record_scores(a, ref)} for a, ref in zip(answers, references)]
     metrics["ci95"] = score_intervals(rows, references, seed)
-    return metrics
+    return metrics, rows

@@ -1,12 +1,16 @@
-"""The LLM judge: does the tuned model answer better than the base model?
+"""The LLM judge: does the tuned model answer better than the base model? (evaluate.judge), and
+does a candidate base model answer as well as the reference answers? (select.judge).
 
-For each test record the judge sees the request, the reference answer and the two models'
-answers, and names the better one. Judges prefer the answer shown first (the MT-Bench paper), so
-every pair is asked twice, the tuned answer first and then second; a verdict counts only when both
+For each record the judge sees the request and two answers (evaluate's prompt also shows the
+reference answer), and names the better one. Judges prefer the answer shown first (the MT-Bench
+paper), so every pair is asked twice, the tuned answer first and then second; a verdict counts only when both
 orders agree, and a pair whose orders disagree is a tie. A reply that is not the JSON asked for is
 answered with the retry prompt and asked again in the same conversation, up to `reply_retries`
 times; one still unusable counts as `unparsed`. Calls go through tuneline.llm (the openai client,
 its retries and the per-call reply cache), so a rerun sends no request.
+
+The code names the first model "tuned" and the second "base"; select passes a candidate's answers
+as the first and the validation split's reference answers as the second.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from tuneline import llm
 from tuneline.intervals import percentile_interval, resample_indexes
 from tuneline.llm import Reply, ReplyError, parse_json_object
 
 Call = Callable[[list[list[dict]], int], list[Reply]]
 OUTCOMES = ("win", "tie", "loss", "unparsed")
+# A record's points in the win rate: a tie (a "tie" verdict, or orders that disagree) is half a win,
+# and so is an unparsed pair: the judge said nothing either way (the `unparsed` rate shows how often).
+POINTS = {"win": 1.0, "tie": 0.5, "unparsed": 0.5, "loss": 0.0}
 
 
 def load_prompt(path: str | Path, key: str) -> jinja2.Template:
@@ -110,4 +118,30 @@ def judge(call: Call, template: jinja2.Template, retry: jinja2.Template, records
     if rows:
         net = np.array([{"win": 1, "loss": -1}.get(r["outcome"], 0) for r in rows])
         summary["net_win_ci95"] = percentile_interval(net[resample_indexes(len(rows), seed)].mean(1))
+    return summary, rows, replies
+
+
+def win_rate(rows: list[dict], seed: int) -> tuple[float, dict[str, float]]:
+    """The first model's win rate over `rows` (judge()'s per-record verdicts; POINTS: win 1, tie and
+    unparsed 1/2, loss 0) and its 95% bootstrap interval over the records."""
+    points = np.array([POINTS[r["outcome"]] for r in rows])
+    return round(float(points.mean()), 6), percentile_interval(points[resample_indexes(len(rows), seed)].mean(1))
+
+
+def run(j, key: str, records: list[dict], first: list[str], second: list[str], cache_dir: str | Path,
+        seed: int) -> tuple[dict, list[dict], list[Reply]]:
+    """judge() of `first` against `second` with the judge settings `j` (the params section named
+    `key`: evaluate.judge or select.judge); replies are cached in `cache_dir`."""
+    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
+                            max_tokens=j.max_tokens, concurrency=j.concurrency, requests_per_minute=j.requests_per_minute,
+                            max_retries=j.max_retries, timeout_s=j.timeout_s)
+    # The request names a local model only by its path: its files join the cache key.
+    salt = llm.model_fingerprint(j.model) if Path(j.model).is_dir() else ""
+    template = load_prompt(j.prompt, f"{key}.prompt")
+    retry = load_prompt(j.retry_prompt, f"{key}.retry_prompt")
+    with llm.lazy_caller(endpoint, cache_dir, json_mode=True, cache_salt=salt) as call:
+        summary, rows, replies = judge(call, template, retry, records, first, second, j.reply_retries, seed)
+    usage = llm.ledger(replies)
+    print(f"{key.split('.')[0]}: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, "
+          f"{usage['failed_calls']} failed)")
     return summary, rows, replies

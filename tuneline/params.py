@@ -257,18 +257,35 @@ class Candidate(_Section):
     price_completion_per_mtok: float = 0.0
 
 
-METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match")
+METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "judge")
+
+
+@dataclass(frozen=True)
+class Judge(_Section):
+    enabled: bool
+    base_url: str  # "local": `transformers serve` of `model` on 127.0.0.1 for the stage
+    model: str
+    api_key_env: str
+    prompt: str
+    retry_prompt: str
+    max_tokens: int | None
+    reply_retries: int
+    concurrency: int
+    requests_per_minute: int
+    max_retries: int
+    timeout_s: float
 
 
 @dataclass(frozen=True)
 class Select(_Section):
-    metric: Literal["loss", "perplexity", "rouge_l", "bleu", "exact_match"]
+    metric: Literal["loss", "perplexity", "rouge_l", "bleu", "exact_match", "judge"]
     tie_break: Literal["smaller_model", "lower_cost", "listed_order"]
     generation_samples: int
     max_new_tokens: int
     batch_size: int
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     candidates: dict[str, Candidate]
+    judge: Judge
 
 
 @dataclass(frozen=True)
@@ -313,22 +330,6 @@ class Train(_Section):
 
 
 @dataclass(frozen=True)
-class Judge(_Section):
-    enabled: bool
-    base_url: str  # "local": `transformers serve` of `model` on 127.0.0.1 for the stage
-    model: str
-    api_key_env: str
-    prompt: str
-    retry_prompt: str
-    max_tokens: int | None
-    reply_retries: int
-    concurrency: int
-    requests_per_minute: int
-    max_retries: int
-    timeout_s: float
-
-
-@dataclass(frozen=True)
 class Evaluate(_Section):
     max_new_tokens: int
     batch_size: int
@@ -338,6 +339,11 @@ class Evaluate(_Section):
     samples_in_report: int
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     judge: Judge
+    lm_eval_tasks: list[str]
+    lm_eval_include_path: str
+    lm_eval_num_fewshot: int | None
+    lm_eval_limit: int | None
+    lm_eval_chat_template: bool
 
 
 @dataclass(frozen=True)
@@ -509,6 +515,16 @@ def _check_section(name: str, p: Any) -> Any:
     if name == "select":
         if not p.candidates:
             raise ParamsError("select.candidates is empty; name at least one base model")
+        _check_judge(p.judge, "select.judge")
+        if p.metric == "judge" and not p.judge.enabled:
+            raise ParamsError(
+                "select.metric 'judge' needs the judge: set select.judge.enabled to true and name it in "
+                "select.judge.base_url and select.judge.model (an OpenAI-compatible URL and model, or base_url "
+                "local and a model directory), or choose by rouge_l, bleu or exact_match"
+            )
+        if p.judge.enabled and p.generation_samples < 1:
+            raise ParamsError("select.judge judges generated answers: select.generation_samples must be at least 1 "
+                              "while select.judge.enabled is true")
         for cname, cand in p.candidates.items():
             if cand.kind == "api" and not cand.base_url:
                 raise ParamsError(f"select.candidates.{cname}.base_url is required for kind: api")
@@ -516,7 +532,7 @@ def _check_section(name: str, p: Any) -> Any:
                 raise ParamsError(
                     f"select.metric '{p.metric}' is not available for API candidate "
                     f"select.candidates.{cname}: API models report no loss. "
-                    "Choose by rouge_l, bleu or exact_match, or remove the API candidate"
+                    "Choose by rouge_l, bleu, exact_match or judge, or remove the API candidate"
                 )
             if cand.kind == "local" and (cand.base_url or cand.api_key_env):
                 raise ParamsError(
@@ -530,9 +546,18 @@ def _check_section(name: str, p: Any) -> Any:
             if spec.pretrain_steps < 0:
                 raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
     if name == "evaluate":
-        j = p.judge
-        if j.reply_retries < 0 or j.max_retries < 0 or j.concurrency < 1 or j.requests_per_minute < 1:
-            raise ParamsError("evaluate.judge.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
+        _check_judge(p.judge, "evaluate.judge")
+        if p.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ParamsError(
+                    f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not installed: "
+                    "pip install -e '.[lmeval]' (tuneline's lmeval extra), or set evaluate.lm_eval_tasks to []"
+                )
+            if not Path(p.lm_eval_include_path).is_dir():
+                raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
+                                  "lm_eval task YAMLs (the default is configs/lm_eval)")
     if name == "pretrain" and p.decontamination_ngram < 1:
         raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":
@@ -544,6 +569,19 @@ def _check_section(name: str, p: Any) -> Any:
             raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
         _check_installed(p)
     return p
+
+
+def _check_judge(j: Any, key: str) -> None:
+    """A judge section (evaluate.judge, select.judge) that is on must say where the judge is."""
+    if j.reply_retries < 0 or j.max_retries < 0 or j.concurrency < 1 or j.requests_per_minute < 1:
+        raise ParamsError(f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
+    if j.enabled:
+        for field in ("base_url", "model", "prompt", "retry_prompt"):
+            if not getattr(j, field).strip():
+                raise ParamsError(f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see params.yaml)")
+        for field in ("prompt", "retry_prompt"):
+            if not Path(getattr(j, field)).is_file():
+                raise ParamsError(f"{key}.{field}: {getattr(j, field)} is not a file; name a Jinja2 prompt (see prompts/)")
 
 
 # Switches that need a package tuneline does not install: (key, value, import name, the fix).
