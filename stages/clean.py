@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tuneline import params
-from tuneline.clean import check_params, clean_records, embed_texts, lazy_encoder, model_key, render_report
+from tuneline.clean import check_params, clean_records, embed_texts, encoder_key, lazy_encoder, render_report
 from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
 from tuneline.review import read_decisions
 
@@ -34,7 +34,8 @@ def main() -> None:
     records = read_jsonl(source)
 
     store = Path(base.cache_dir) / "embeddings" / "embeddings.sqlite"
-    encoder, key = lazy_encoder(p.embedding_model, p.batch_size), model_key(p.embedding_model)
+    encoder = lazy_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
+    key = encoder_key(p.embedding_model, p.embedding_max_seq_length)
     counts = {"texts": 0, "encoded": 0}
 
     def embed(texts: list[str]):

