@@ -3,8 +3,8 @@
 The model is the default pipeline's own fine-tuned model, the one the evaluate stage scores and
 the export stage writes: by default this bench builds it by running the real stages, `dvc repro
 export`, in a temporary git repository copy of this checkout (tests/pipeline_repo.make_repo; the
-pipeline part of `make run`, 4.5 minutes on an idle 2-core machine, 28 minutes measured at load
-average 5), and reads it from that copy's models/export (merged weights, and the
+pipeline part of `make run`, which the README times at 4.5 minutes on 2 cores; 28 minutes here at
+load average 5), and reads it from that copy's models/export (merged weights, and the
 tokenizer with the chat template training used). `--model DIR` takes an exported model directory
 instead (e.g. this checkout's models/export after `make run`) and builds nothing.
 
