@@ -166,7 +166,8 @@ def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
     try:
         # Up to clean only: the stages after it are shown to be out of date, not rerun (minutes).
         result = repro(repo, "clean")
-        # a crawled or seed record's reject is no feedback for the generator: augment is skipped
+        # a seed, crawled or dataset record's reject (here a dataset row) is no feedback for the
+        # generator: augment is skipped
         assert record["source"] != "generated"
         assert {"feedback", "clean"} <= result["ran"] and not result["ran"] & {"models", "crawl", "augment"}
         rejects = {r["id"]: r for r in read_jsonl(repo / "data/clean/rejects.jsonl")}
