@@ -108,6 +108,8 @@ def make_project(root: Path, base_url: str, model: str = "stub", **augment_param
                        (f"{base['raw_dir']}/datasets.jsonl", DATASETS)):  # fmt: skip
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / base["feedback"]).parent.mkdir(parents=True, exist_ok=True)
+    (root / base["feedback"]).write_text("{}\n")  # the feedback stage's output with no review decisions yet
     return root
 
 

@@ -62,7 +62,9 @@ def restore(repo) -> None:
 
 def test_first_repro_runs_every_stage_and_writes_the_outputs(pipeline):
     repo, first = pipeline
-    assert first["ran"] == all_stages(repo)
+    # Every stage ran, but for those whose outputs are committed with main's dvc.lock and whose deps came
+    # out the same (choose: select wrote the committed scores byte for byte): DVC rightly skips those.
+    assert first["ran"] | first["skipped"] == all_stages(repo) and first["skipped"] <= {"choose"}
     for name in ("crawl", "augment", "clean", "build", "tokenize", "eval"):
         assert (repo / "metrics" / f"{name}.json").exists(), name
     assert (repo / "metrics/train/metrics.json").exists()
