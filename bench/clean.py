@@ -57,11 +57,9 @@ from tuneline.clean import (  # noqa: E402
     embed_texts,
     embedded_records,
     encoder_key,
-    joined_text,
     lazy_encoder,
     load_encoder,
-    output_text,
-    prompt_text,
+    record_texts,
 )
 from tuneline.params import Clean  # noqa: E402
 from tuneline.records import content_hash, with_ids, write_jsonl  # noqa: E402
@@ -213,12 +211,6 @@ def embed_in_hash_order(texts: list[str], encode, key: str, batch_size: int) -> 
         encode([t for _, t in distinct[start : start + batch_size]])
 
 
-def variant_texts(records: list[dict], how: str) -> list[str]:
-    if how == "joined":
-        return [joined_text(r) for r in records]
-    return [prompt_text(r) for r in records] + [output_text(r) for r in records]
-
-
 def embedding_variants(p: Clean, sample: list[dict], repeats: int, work: Path) -> dict:
     """records/s of each encoder setting on `sample`, cold (an empty store each time), in alternating rounds."""
     variants = {  # name: (texts, batch size, max_seq_length, hash order)
@@ -233,7 +225,7 @@ def embedding_variants(p: Clean, sample: list[dict], repeats: int, work: Path) -
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats):
         for name, (how, batch, max_len, hash_order) in variants.items():
-            texts, key = variant_texts(sample, how), encoder_key(p.embedding_model, max_len)
+            texts, key = record_texts(sample, how), encoder_key(p.embedding_model, max_len)
             store = work / f"variant-{round_}-{len(seconds[name])}-{abs(hash(name))}.sqlite"
             with Timer() as t:
                 if hash_order:

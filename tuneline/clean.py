@@ -229,13 +229,21 @@ def record_features(prompt_vectors: np.ndarray, output_vectors: np.ndarray) -> n
     return np.hstack([prompt_vectors, output_vectors]) / np.sqrt(2.0)
 
 
+def record_texts(records: list[dict], how: str) -> list[str]:
+    """The texts embedded for `records` under clean.embedding_text: `joined`, one a record
+    (`joined_text`); `separate`, every record's prompt and then every record's output."""
+    if how == "joined":
+        return [joined_text(r) for r in records]
+    return [prompt_text(r) for r in records] + [output_text(r) for r in records]
+
+
 def embedded_records(records: list[dict], how: str, embed: Encoder) -> np.ndarray:
     """One unit vector per record, from clean.embedding_text: `separate` (prompt and output, see
     `record_features`) or `joined` (`joined_text`, one text a record)."""
-    if how == "joined":
-        return embed([joined_text(r) for r in records])
     # One call for both halves, so the encoder sorts all the texts by length together.
-    vectors = embed([prompt_text(r) for r in records] + [output_text(r) for r in records])
+    vectors = embed(record_texts(records, how))
+    if how == "joined":
+        return vectors
     return record_features(vectors[: len(records)], vectors[len(records) :])
 
 
