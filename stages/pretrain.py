@@ -8,7 +8,8 @@ Writes: base.tuning_base (the base that tokenize, train, evaluate and export use
         tokenizer, and rejects.jsonl: documents left out, with the reason), base.metrics_dir/pretrain.json
         (decontamination: how many val/test answers share a pretrain.decontamination_ngram-word
         sequence with the pretraining text; the default reports 0), DVCLive curves in
-        base.metrics_dir/pretrain/ when it trains.
+        base.metrics_dir/pretrain/ and the Trainer's runtime and throughput in
+        base.metrics_dir/timings/pretrain.json when it trains.
 Run:    python -m stages.pretrain
 """
 
@@ -19,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tuneline import params
+from tuneline import params, timings
 from tuneline.decontamination import contaminated
 from tuneline.records import read_json, read_jsonl, write_json, write_jsonl
 
@@ -113,6 +114,7 @@ def main() -> None:
                        "continued_from": selected["model"]}
         metrics["continued"] = {"documents": len(docs), "rejected": len(rejects), "blocks": len(blocks),
                                 "tokens": sum(len(b) for b in blocks), "train_loss": round(result.get("train_loss", 0.0), 4)}
+        timings.write(base.metrics_dir, "pretrain", timings.split(result)[1])
         write_jsonl(out_dir / "rejects.jsonl", rejects)
         print(f"pretrain: continued pretraining of {selected['name']} on {len(docs)} documents "
               f"({len(rejects)} left out), train_loss {metrics['continued']['train_loss']}")
