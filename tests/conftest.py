@@ -131,15 +131,18 @@ def pipeline_build(request) -> Path:
     build = pipeline_build_dir(request.config)
     done = build / "first.json"
     deadline = time.monotonic() + PIPELINE_BUILD_TIMEOUT_S
-    while not done.exists():
+
+    def log_tail() -> str:
         log = build / "build.log"
-        tail = log.read_text()[-6000:] if log.exists() else "(no log)"
+        return log.read_text()[-6000:] if log.exists() else "(no log)"
+
+    while not done.exists():
         if not build.exists():
             raise RuntimeError("the pipeline build was never started (pytest_collection_finish in tests/conftest.py)")
         if not builder_running(build) and not done.exists():
-            raise RuntimeError(f"the pipeline build in {build} failed:\n{tail}")
+            raise RuntimeError(f"the pipeline build in {build} failed:\n{log_tail()}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the pipeline build in {build} took over {PIPELINE_BUILD_TIMEOUT_S} s:\n{tail}")
+            raise TimeoutError(f"the pipeline build in {build} took over {PIPELINE_BUILD_TIMEOUT_S} s:\n{log_tail()}")
         time.sleep(2)
     return build
 
