@@ -44,16 +44,23 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         num_proc=p.num_proc if p.num_proc > 1 else None,
         desc=f"tokenize {path.name}",
     )
-    status = Counter(tokenized["status"])
+    # Columns read straight from Arrow (`dataset[column]` iterates row by row: a tenth of the stage's
+    # time at 50,000 records), from the mapped dataset, which has no filter's index mapping over it.
+    statuses, original_lengths = (tokenized.data.column(c).to_pylist() for c in ("status", "original_length"))
+    status = Counter(statuses)
+    dropped = [i for i, s in enumerate(statuses) if s.startswith("dropped")]
     rejects = [
-        {"file": str(path), "index": i, "id": records[i].get("id"), "reason": s, "tokens": n, "max_length": p.max_length}
-        for i, (s, n) in enumerate(zip(tokenized["status"], tokenized["original_length"])) if s.startswith("dropped")
+        {"file": str(path), "index": i, "id": records[i].get("id"), "reason": statuses[i], "tokens": original_lengths[i],
+         "max_length": p.max_length}
+        for i in dropped
     ]
     kept = tokenized
-    if any(s.startswith("dropped") for s in status):
+    if dropped:
         kept = tokenized.filter(lambda batch: [not s.startswith("dropped") for s in batch], input_columns="status",
                                 batched=True)
-    lengths = kept["length"]
+    keep = set(range(len(statuses))).difference(dropped)
+    lengths = [n for i, n in enumerate(tokenized.data.column("length").to_pylist()) if i in keep]
+    answer_tokens = [n for i, n in enumerate(tokenized.data.column("answer_tokens").to_pylist()) if i in keep]
     counts = {
         "records_in": len(records),
         "records_out": len(kept),
@@ -61,7 +68,7 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         "dropped_overlong": status.get("dropped_overlong", 0),
         "dropped_no_answer": status.get("dropped_no_answer", 0),
         "tokens": sum(lengths),
-        "answer_tokens": sum(kept["answer_tokens"]),
+        "answer_tokens": sum(answer_tokens),
         "padding_fraction_unpacked": round(padding_fraction(lengths, 8), 4),
     }
     kept = kept.remove_columns(["length", "original_length", "answer_tokens", "status"])

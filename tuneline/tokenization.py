@@ -24,14 +24,29 @@ def encode(tokenizer, record: dict, template: str, train_on_prompt: bool) -> tup
     return encode_many(tokenizer, [record], template, train_on_prompt)[0]
 
 
+def piece_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The ids of each text, tokenized on its own without added special tokens.
+
+    A fast tokenizer's Rust backend does it in one call that computes no character offsets
+    (`encode_batch_fast`), which the ids never need, when the backend is set as the tokenizer's
+    own call would set it (no truncation or padding, special tokens split as configured). Other
+    tokenizers go through their call, asked for the ids only (attention masks and type ids for
+    every piece cost as much again in Python); that call also resets the backend's settings.
+    """
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+
 def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
     """`encode` of many records: every piece of every record tokenized in one call, each piece on its own."""
     pieces = segments_many(tokenizer, [to_messages(r) for r in records], template)
     texts = [text for record_pieces in pieces for text, _ in record_pieces]
-    # only the ids: building attention masks and type ids for every piece costs as much again in Python
-    encoded_pieces = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                               return_token_type_ids=False) if texts else {"input_ids": []}
-    ids_of_piece = iter(encoded_pieces["input_ids"])
+    ids_of_piece = iter(piece_ids(tokenizer, texts))
     encoded = []
     for record_pieces in pieces:
         input_ids: list[int] = []
