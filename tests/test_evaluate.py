@@ -118,6 +118,7 @@ def test_evaluate_skips_an_api_model_and_says_so(tmp_path, monkeypatch):
     from tests.tuned_project import ROOT
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "prompts", tmp_path / "prompts")  # the judge's prompt files, checked at start-up
     write_json(tmp_path / "models" / "tuning_base.json", {"name": "hosted", "kind": "api", "model": "gpt-x"})
     monkeypatch.chdir(tmp_path)
     stages.evaluate.main()
@@ -184,7 +185,8 @@ def test_evaluate_with_the_judge_on_adds_its_rates_to_eval_json(tuned_project, t
     p = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     shutil.copytree(ROOT_PROMPTS, project / "prompts")
     with ScriptedServer(respond=lambda body: '{"winner": "B"}') as server:
-        p["evaluate"]["judge"].update(enabled=True, base_url=server.base_url, model="judge")
+        p["evaluate"]["judge"].update(enabled=True, base_url=server.base_url, model="judge", verdict="json",
+                                      prompt="prompts/judge.txt")
         (project / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
         monkeypatch.chdir(project)
         stages.evaluate.main()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from tests.openai_stub import ScriptedServer
 from tests.tuned_project import ROOT
+from tuneline import judge as judge_module
 from tuneline.judge import judge, load_prompt, outcome
 from tuneline.llm import Endpoint, lazy_caller
 
@@ -96,3 +98,42 @@ def test_outcome_counts_a_verdict_only_when_both_orders_agree():
 def test_a_missing_prompt_file_names_it_and_the_key(tmp_path):
     with pytest.raises(SystemExit, match=r"judge\.txt: the prompt file named by evaluate\.judge\.prompt is missing"):
         load_prompt(tmp_path / "judge.txt", "evaluate.judge.prompt")
+
+
+def label_judge(base_url: str, model: str) -> SimpleNamespace:
+    """evaluate.judge's keys, with label verdicts."""
+    return SimpleNamespace(base_url=base_url, model=model, api_key_env="TUNELINE_TEST_NO_KEY", verdict="label",
+                           prompt=str(ROOT / "prompts" / "judge_label.txt"), retry_prompt=str(ROOT / "prompts" / "retry.txt"),
+                           max_tokens=32, reply_retries=1, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10)
+
+
+def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tmp_path, tiny_model_dir):
+    from tuneline.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    label_ids = {str(tokenizer.encode(label, add_special_tokens=False)[0]): 100.0 for label in "ABC"}
+
+    def label(body: dict) -> str:  # tuned better on r0, a tie on r1, base better on r2
+        a, _ = answers_shown(body)
+        k = int(a[-1])
+        return "C" if k == 1 else ("A" if a.startswith("tuned") == (k == 0) else "B")
+
+    with ScriptedServer(respond=label) as server:
+        summary, rows, _ = judge_module.run(label_judge(server.base_url, str(tiny_model_dir)), "evaluate.judge", RECORDS,
+                                            TUNED, BASE, tmp_path, seed=42)
+        bodies = server.bodies()
+    assert len(bodies) == 6 and all(b["max_tokens"] == 1 and b["logit_bias"] == label_ids for b in bodies)
+    assert all("response_format" not in b for b in bodies)  # no JSON asked for
+    assert "Reply with one letter" in bodies[0]["messages"][0]["content"]
+    assert [r["outcome"] for r in rows] == ["win", "tie", "loss"]
+    assert rows[1]["tuned_first"] == rows[1]["tuned_second"] == "tie"
+    assert summary["position_consistency"] == 1.0 and summary["unparsed"] == 0.0
+
+
+def test_label_verdicts_need_a_local_judge_whose_labels_are_single_tokens(tmp_path):
+    with pytest.raises(SystemExit, match=r"evaluate\.judge\.model must be a local model directory.*verdict: json"):
+        judge_module.run(label_judge("http://127.0.0.1:9/v1", "gpt-4o-mini"), "evaluate.judge", RECORDS, TUNED, BASE,
+                         tmp_path, seed=42)
+    assert judge_module.parse_label(" B\n") == "B" and judge_module.parse_label("C") == "tie"
+    with pytest.raises(judge_module.ReplyError):
+        judge_module.parse_label("Answer A")

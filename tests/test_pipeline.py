@@ -77,6 +77,11 @@ def test_first_repro_runs_every_stage_and_writes_the_outputs(pipeline):
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert evaluation["seen"]["tuned"]["loss"] < evaluation["seen"]["base"]["loss"]
     assert evaluation["unseen"]["records"] == build["test"]
+    # the default's judge (the tiny base model through `transformers serve`, label verdicts forced by
+    # logit_bias): every reply of both orders parsed, so every pair has a verdict
+    judged = evaluation["unseen"]["judge"]
+    assert judged["pairs"] == build["test"] and judged["unparsed"] == 0.0
+    assert judged["win"] + judged["tie"] + judged["loss"] == pytest.approx(1.0) and "net_win_ci95" in judged
     models = json.loads((repo / "metrics/models.json").read_text())
     for name, m in models.items():  # every candidate was pretrained: it knows more than chance
         assert m["pretrain_steps"] > 0 and m["heldout_loss"] < m["heldout_loss_before"] - 0.5, name

@@ -128,7 +128,7 @@ def hosted_or_judge(body: dict) -> str:
 
 
 def judge_params(server_url: str) -> dict:
-    return {"enabled": True, "base_url": server_url, "model": "judge", "api_key_env": "TUNELINE_TEST_NO_KEY",
+    return {"enabled": True, "base_url": server_url, "model": "judge", "api_key_env": "TUNELINE_TEST_NO_KEY", "verdict": "json",
             "prompt": str(ROOT / "prompts" / "select_judge.txt"), "retry_prompt": str(ROOT / "prompts" / "retry.txt"),
             "max_tokens": 32, "reply_retries": 1, "concurrency": 4, "requests_per_minute": 6000, "max_retries": 0, "timeout_s": 10}
 

@@ -25,6 +25,7 @@ def write_project(project: Path, base_model: Path) -> None:
                       save_steps=1000, logging_steps=5, lora_dropout=0.0)
     p["tokenize"].update(template="auto", max_length=256, packing=False)
     p["evaluate"].update(max_new_tokens=8, batch_size=8, generation_samples=4, merge=False, samples_in_report=3)
+    p["evaluate"]["judge"]["enabled"] = False  # the default's tiny judge needs a server start; the judge tests turn it on
     p["export"].update(dtype="float32")
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     records = read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")[:RECORDS]

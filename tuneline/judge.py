@@ -9,6 +9,13 @@ answered with the retry prompt and asked again in the same conversation, up to `
 times; one still unusable counts as `unparsed`. Calls go through tuneline.llm (the openai client,
 its retries and the per-call reply cache), so a rerun sends no request.
 
+Two verdict forms (`verdict` in the judge's params): `json`, a reply {"winner": "A" | "B" | "tie"},
+which a model that follows instructions gives; and `label`, one token, A, B or C (a tie), asked
+for with max_tokens 1 and an OpenAI logit_bias of +100 on exactly those three tokens, so the reply
+is always one of them and the verdict is whichever of the three the judge rates likeliest. That is
+how a small local model can judge at all (free-form, the tiny default judge never wrote the JSON);
+the label tokens' ids come from the judge's tokenizer, so `label` needs a local model directory.
+
 The code names the first model "tuned" and the second "base"; select passes a candidate's answers
 as the first and the validation split's reference answers as the second.
 """
@@ -48,6 +55,10 @@ def pair_messages(template: jinja2.Template, record: dict, answer_a: str, answer
     return [{"role": "user", "content": text.strip()}]
 
 
+# The label verdict's tokens: C is a tie.
+LABELS = {"A": "A", "B": "B", "C": "tie"}
+
+
 def parse_verdict(text: str) -> str:
     """'A', 'B' or 'tie' from a judge reply; ReplyError when it is not {"winner": ...}."""
     winner = parse_json_object(text).get("winner")
@@ -55,6 +66,31 @@ def parse_verdict(text: str) -> str:
     if verdict is None:
         raise ReplyError("invalid_schema", 'expected {"winner": "A"}, {"winner": "B"} or {"winner": "tie"}')
     return verdict
+
+
+def parse_label(text: str) -> str:
+    """'A', 'B' or 'tie' from a one-letter label reply (C is a tie); ReplyError for anything else."""
+    verdict = LABELS.get(text.strip())
+    if verdict is None:
+        raise ReplyError("invalid_label", "expected one letter: A, B or C")
+    return verdict
+
+
+def label_bias(model_dir: str, key: str) -> dict[str, float]:
+    """The logit_bias that lets only the label tokens win: +100 (the most OpenAI allows) on the id
+    of each of A, B and C in the judge's tokenizer; each must be a single token there. Sent as a
+    float: `transformers serve` passes the values on as generate's sequence_bias, which rejects ints."""
+    from tuneline.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    bias = {}
+    for label in LABELS:
+        ids = tokenizer.encode(label, add_special_tokens=False)
+        if len(ids) != 1:
+            raise SystemExit(f"{key}.verdict: label needs {label!r} to be one token of {model_dir}'s tokenizer; "
+                             f"it is {len(ids)}. Use verdict: json with this judge")
+        bias[str(ids[0])] = 100.0
+    return bias
 
 
 def for_tuned(tuned_first: str, tuned_second: str) -> tuple[str, str]:
@@ -71,8 +107,9 @@ def outcome(tuned_first: str | None, tuned_second: str | None) -> str:
     return first if first == second else "tie"
 
 
-def ask(call: Call, conversations: list[list[dict]], retry: jinja2.Template, retries: int, seed: int) -> tuple[list[str | None], list[Reply]]:
-    """The verdict of each conversation (None where no reply parsed), and every reply received."""
+def ask(call: Call, conversations: list[list[dict]], retry: jinja2.Template, retries: int, seed: int,
+        parse: Callable[[str], str] = parse_verdict) -> tuple[list[str | None], list[Reply]]:
+    """The verdict of each conversation (None where no reply parsed by `parse`), and every reply received."""
     verdicts: list[str | None] = [None] * len(conversations)
     replies: list[Reply] = []
     pending = list(range(len(conversations)))
@@ -84,7 +121,7 @@ def ask(call: Call, conversations: list[list[dict]], retry: jinja2.Template, ret
             if reply.error is not None:  # not cached: the next run asks again
                 continue
             try:
-                verdicts[i] = parse_verdict(reply.text or "")
+                verdicts[i] = parse(reply.text or "")
             except ReplyError as err:
                 fix = retry.render(reason=err.detail).strip()
                 conversations[i] = conversations[i] + [{"role": "assistant", "content": reply.text},
@@ -97,14 +134,15 @@ def ask(call: Call, conversations: list[list[dict]], retry: jinja2.Template, ret
 
 
 def judge(call: Call, template: jinja2.Template, retry: jinja2.Template, records: list[dict], tuned: list[str],
-          base: list[str], retries: int, seed: int) -> tuple[dict, list[dict], list[Reply]]:
+          base: list[str], retries: int, seed: int,
+          parse: Callable[[str], str] = parse_verdict) -> tuple[dict, list[dict], list[Reply]]:
     """Win/tie/loss/unparsed rates of tuned over base, the position-consistency rate (share of the
     parsed pairs whose two orders agreed), a 95% bootstrap interval of win minus loss rate; the
     per-record verdicts; every reply."""
     conversations = []
     for record, t, b in zip(records, tuned, base, strict=True):
         conversations += [pair_messages(template, record, t, b), pair_messages(template, record, b, t)]
-    verdicts, replies = ask(call, conversations, retry, retries, seed)
+    verdicts, replies = ask(call, conversations, retry, retries, seed, parse)
     rows = []
     for i, record in enumerate(records):
         first, second = verdicts[2 * i], verdicts[2 * i + 1]
@@ -132,15 +170,22 @@ def run(j, key: str, records: list[dict], first: list[str], second: list[str], c
         seed: int) -> tuple[dict, list[dict], list[Reply]]:
     """judge() of `first` against `second` with the judge settings `j` (the params section named
     `key`: evaluate.judge or select.judge); replies are cached in `cache_dir`."""
+    local = Path(j.model).is_dir()
+    if j.verdict == "label" and not local:
+        raise SystemExit(f"{key}.verdict: label reads the ids of A, B and C from the judge's tokenizer, so {key}.model "
+                         f"must be a local model directory; {j.model!r} is not one. Use verdict: json with an API judge")
+    label = j.verdict == "label"
     endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
-                            max_tokens=j.max_tokens, concurrency=j.concurrency, requests_per_minute=j.requests_per_minute,
-                            max_retries=j.max_retries, timeout_s=j.timeout_s)
+                            max_tokens=1 if label else j.max_tokens, concurrency=j.concurrency,
+                            requests_per_minute=j.requests_per_minute, max_retries=j.max_retries, timeout_s=j.timeout_s,
+                            logit_bias=label_bias(j.model, key) if label else None)
     # The request names a local model only by its path: its files join the cache key.
-    salt = llm.model_fingerprint(j.model) if Path(j.model).is_dir() else ""
+    salt = llm.model_fingerprint(j.model) if local else ""
     template = load_prompt(j.prompt, f"{key}.prompt")
     retry = load_prompt(j.retry_prompt, f"{key}.retry_prompt")
-    with llm.lazy_caller(endpoint, cache_dir, json_mode=True, cache_salt=salt) as call:
-        summary, rows, replies = judge(call, template, retry, records, first, second, j.reply_retries, seed)
+    with llm.lazy_caller(endpoint, cache_dir, json_mode=not label, cache_salt=salt) as call:
+        summary, rows, replies = judge(call, template, retry, records, first, second, j.reply_retries, seed,
+                                       parse_label if label else parse_verdict)
     usage = llm.ledger(replies)
     print(f"{key.split('.')[0]}: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, "
           f"{usage['failed_calls']} failed)")

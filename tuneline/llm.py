@@ -61,6 +61,9 @@ class Endpoint:
     requests_per_minute: int
     max_retries: int
     timeout_s: float
+    # OpenAI's logit_bias ({token id: -100..100}), sent when set; transformers serve honours it too.
+    # The LLM judge's label verdicts use it to let only the label tokens win.
+    logit_bias: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bo
 
     The endpoint (normalised base_url: two servers serving different weights under one model
     name do not share replies), the model name, the full messages (so an edited prompt template
-    is a new key), the sampling params, the request seed, JSON mode, and `salt` (a fingerprint of
+    is a new key), the sampling params and logit bias, the request seed, JSON mode, and `salt` (a fingerprint of
     local model weights, so rebuilt weights under the same path do not reuse stale replies). The
     key is left out: the same endpoint answers the same whoever pays.
     """
@@ -117,6 +120,8 @@ def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bo
             "seed": seed,
             "json_mode": json_mode,
             "salt": salt,
+            # only when set: keys of requests without it stay what they were, so their cache holds
+            **({"logit_bias": endpoint.logit_bias} if endpoint.logit_bias else {}),
         },
         ensure_ascii=False,
         sort_keys=True,
@@ -257,6 +262,8 @@ async def _call(
         extra["temperature"] = endpoint.temperature
     if endpoint.max_tokens is not None:
         extra["max_tokens"] = endpoint.max_tokens
+    if endpoint.logit_bias:
+        extra["logit_bias"] = endpoint.logit_bias
     started = time.perf_counter()
     try:
         response = await client.chat.completions.create(model=endpoint.model, messages=messages, seed=seed, **extra)

@@ -268,6 +268,7 @@ class Judge(_Section):
     base_url: str  # "local": `transformers serve` of `model` on 127.0.0.1 for the stage
     model: str
     api_key_env: str
+    verdict: Literal["json", "label"]  # json: {"winner": ...}; label: one token, A, B or C, forced by logit_bias
     prompt: str
     retry_prompt: str
     max_tokens: int | None
