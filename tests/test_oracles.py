@@ -3,14 +3,16 @@
 They run on the default pipeline's own output (the `pipeline` fixture: one full `dvc repro` of the
 embedded default, whose base models are pretrained and whose fine-tuned model memorised answers).
 Each check is a function of the exported model's directory and the project's files, so it can also
-be pointed at a broken copy: a wrong chat template, a merge that lost the adapter, padding on the
-wrong side. Each test fails when the behaviour it guards breaks.
+be pointed at a broken copy, and each has a twin that does so and expects it to fail: an export
+that lost its adapter, a server answering with the base, generation that attends to the left
+padding, a saved chat template that drifted from training's, a tuned model that is the base.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,28 @@ def test_exported_model_with_plain_transformers_reproduces_a_memorised_answer(pi
     check_reproduces_memorised_answer(repo / "models/export", best_memorised(repo))
 
 
+def selected_base(repo: Path) -> Path:
+    """The base model the default fine-tuned: what an export that lost its adapter would hold."""
+    return repo / json.loads((repo / "models/selected.json").read_text())["model"]
+
+
+def test_memorised_answer_check_fails_on_an_export_that_lost_the_adapter(pipeline):
+    repo, _ = pipeline
+    with pytest.raises(AssertionError, match="ROUGE-L"):
+        check_reproduces_memorised_answer(selected_base(repo), best_memorised(repo))
+
+
+def broken_template(export_dir: Path, tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the exported model whose saved chat template renders `new` where it rendered `old`."""
+    copy = tmp_path / "broken_export"
+    shutil.copytree(export_dir, copy)
+    template = copy / "chat_template.jinja"
+    text = template.read_text()
+    assert old in text, f"{old!r} is not in {template}"
+    template.write_text(text.replace(old, new))
+    return copy
+
+
 def free_port() -> int:
     import socket
 
@@ -103,7 +127,11 @@ def test_serve_returns_the_greedy_answer_of_offline_generation(pipeline):
     repo, _ = pipeline
     record = best_memorised(repo)
     offline = plain_generate(repo / "models/export", record)
-    assert served_answer(repo, record) == offline
+    served = served_answer(repo, record)
+    assert served == offline
+    # The comparison can tell models apart: a server that served the base (an export without its
+    # adapter) would have answered otherwise.
+    assert served != plain_generate(selected_base(repo), record)
 
 
 def check_batched_equals_single(model_dir: Path, records: list[dict]) -> None:
@@ -129,6 +157,24 @@ def mixed_lengths(repo: Path, n: int = 6) -> list[dict]:
 def test_batched_generation_of_the_trained_model_equals_one_at_a_time(pipeline):
     repo, _ = pipeline
     check_batched_equals_single(repo / "models/export", mixed_lengths(repo))
+
+
+def test_batched_check_fails_when_padding_is_attended(pipeline, monkeypatch):
+    """Generation that attends to the left padding (an attention mask of ones) must fail the check."""
+    from transformers.generation.utils import GenerationMixin
+
+    real = GenerationMixin.generate
+
+    def attend_to_padding(self, *args, **kwargs):
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])
+        return real(self, *args, **kwargs)
+
+    repo, _ = pipeline
+    records = mixed_lengths(repo)
+    monkeypatch.setattr(GenerationMixin, "generate", attend_to_padding)
+    with pytest.raises(AssertionError):
+        check_batched_equals_single(repo / "models/export", records)
 
 
 def check_serving_text_is_training_text(export_dir: Path, tokenized_dir: Path, records: list[dict]) -> None:
@@ -159,6 +205,17 @@ def test_the_text_the_model_sees_when_served_is_what_it_trained_on(pipeline):
     check_serving_text_is_training_text(repo / "models/export", repo / "data/tokenized", records)
 
 
+def test_serving_text_check_fails_on_a_template_that_drifted(pipeline, tmp_path):
+    """One extra newline after the assistant header in the saved template is a drift the check catches."""
+    repo, _ = pipeline
+    header = "<|im_start|>assistant\n"
+    records = json.loads((repo / "data/alpaca/train.json").read_text())
+    drifted = broken_template(repo / "models/export", tmp_path, f"{{% if add_generation_prompt %}}{header}",
+                              f"{{% if add_generation_prompt %}}{header}\n")
+    with pytest.raises(AssertionError, match="served prompt is not the text training saw"):
+        check_serving_text_is_training_text(drifted, repo / "data/tokenized", records)
+
+
 def check_tuned_beats_base_on_seen(eval_metrics: dict, train_metrics: dict) -> None:
     seen = eval_metrics["seen"]
     assert train_metrics["step"] > 0
@@ -170,3 +227,12 @@ def test_tuned_beats_base_on_the_seen_set_by_a_margin(pipeline):
     repo, _ = pipeline
     check_tuned_beats_base_on_seen(json.loads((repo / "metrics/eval.json").read_text()),
                                    json.loads((repo / "metrics/train/metrics.json").read_text()))
+
+
+def test_seen_margin_check_fails_when_the_tuned_model_is_the_base(pipeline):
+    """Scoring the base twice (a train stage that changed nothing) must fail the margin check."""
+    repo, _ = pipeline
+    eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
+    untrained = {**eval_metrics, "seen": {**eval_metrics["seen"], "tuned": eval_metrics["seen"]["base"]}}
+    with pytest.raises(AssertionError):
+        check_tuned_beats_base_on_seen(untrained, json.loads((repo / "metrics/train/metrics.json").read_text()))
