@@ -88,3 +88,10 @@ def test_unknown_section_is_refused(tmp_path, raw):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ParamsError, match=r"section 'trian' is not known"):
         params.read_params_file(path)
+
+
+def test_a_negative_neftune_alpha_names_the_key_and_what_it_should_be(raw):
+    data = copy.deepcopy(raw)
+    data["train"]["neftune_noise_alpha"] = -5
+    with pytest.raises(ParamsError, match=r"train\.neftune_noise_alpha must be 0 \(off\) or a positive noise scale"):
+        params.section("train", data)

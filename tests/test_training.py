@@ -394,6 +394,44 @@ def test_memory_and_speed_switches_reach_the_trainer_and_the_model(tmp_path, mon
     assert [d.name for d in (tmp_path / "ck").iterdir()] == ["checkpoint-3"]  # save_total_limit: 1
 
 
+class EmbeddingsWhileTraining(TrainerCallback):
+    """The input embeddings of the same ids looked up twice, in training mode, at each step's start."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids, self.lookups = ids, []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        embed = model.get_input_embeddings()
+        was = embed.training
+        embed.train()
+        with torch.no_grad():
+            self.lookups.append((embed(self.ids), embed(self.ids)))
+        embed.train(was)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 5.0])
+def test_neftune_noises_the_input_embeddings_in_training_only(tmp_path, tiny_model_dir, alpha):
+    selected = selected_of(tiny_model_dir)
+    ds = tokenized(tiny_model_dir, seed_records()[:4], 64)
+    ids = torch.tensor([ds[0]["input_ids"]])
+    seen = EmbeddingsWhileTraining(ids)
+    p = train_params(method="lora", neftune_noise_alpha=alpha, max_steps=2, batch_size=2, **NO_CHECKPOINTS)
+    model, _, _ = train(selected, p, ds, None, tmp_path / "ck", SEED, [seen])
+
+    assert len(seen.lookups) == 2
+    noised = [not torch.equal(a, b) for a, b in seen.lookups]
+    assert noised == [alpha > 0] * 2
+    if alpha:
+        # the noise's scale: uniform in +-alpha / sqrt(seq_len * hidden), as the NEFTune paper sets it
+        a, b = seen.lookups[0]
+        bound = alpha / (ids.shape[1] * a.shape[-1]) ** 0.5
+        assert 0 < float((a - b).abs().max()) <= 2 * bound + 1e-6
+    # after training the hook is gone: evaluation and export see the embeddings as they are
+    embed = model.get_input_embeddings().train()
+    with torch.no_grad():
+        assert torch.equal(embed(ids), embed(ids))
+
+
 def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(monkeypatch):
     import copy
     import importlib.util

@@ -325,6 +325,7 @@ class Train(_Section):
     grad_accum: int
     warmup_ratio: float
     weight_decay: float
+    neftune_noise_alpha: float
     save_steps: int
     save_total_limit: int
     logging_steps: int
@@ -568,6 +569,9 @@ def _check_section(name: str, p: Any) -> Any:
             raise ParamsError("train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be positive")
         if p.max_steps == 0 or p.max_steps < -1:
             raise ParamsError(f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got {p.max_steps}")
+        if p.neftune_noise_alpha < 0:
+            raise ParamsError(f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
+                              f"got {p.neftune_noise_alpha}")
         if p.save_total_limit < 1:
             raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
         _check_installed(p)

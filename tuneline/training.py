@@ -212,6 +212,9 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         max_steps=p.max_steps,  # -1: num_train_epochs decides
         warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=p.weight_decay,
+        # NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) on the input embeddings while
+        # training (the Trainer removes its hook afterwards, so evaluation and export see none).
+        neftune_noise_alpha=p.neftune_noise_alpha or None,
         optim=p.optim,
         logging_steps=p.logging_steps,
         save_steps=p.save_steps,
