@@ -21,8 +21,11 @@ def write_project(project: Path, base_model: Path) -> None:
     from tuneline.records import read_jsonl, write_json
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    # The fixture's base is a random model, so what it answers after training is arbitrary; settings
+    # that change it (NEFTune's noise included) are pinned, or a test of the serving path meets an
+    # empty answer instead of the few tokens it expects.
     p["train"].update(method="lora", epochs=10, learning_rate=0.01, batch_size=8, grad_accum=1,
-                      save_steps=1000, logging_steps=5, lora_dropout=0.0)
+                      save_steps=1000, logging_steps=5, lora_dropout=0.0, neftune_noise_alpha=0.0)
     p["tokenize"].update(template="auto", max_length=256, packing=False)
     p["evaluate"].update(max_new_tokens=8, batch_size=8, generation_samples=4, merge=False, samples_in_report=3)
     p["evaluate"]["judge"]["enabled"] = False  # the default's tiny judge needs a server start; the judge tests turn it on
