@@ -266,7 +266,8 @@ def trl_run(run: tuple, work: Path, shapes: dict, seq_len: int, steps: int, time
     data = examples(batch * steps * seq_len * 2, seq_len, shapes[model_name]["vocab_size"], 0)
     config = SFTConfig(
         output_dir=str(work / f"trl-{os.getpid()}"), per_device_train_batch_size=batch, max_steps=steps,
-        learning_rate=p.learning_rate, weight_decay=p.weight_decay, logging_steps=10**9, save_strategy="no",
+        learning_rate=p.learning_rate, weight_decay=p.weight_decay, neftune_noise_alpha=p.neftune_noise_alpha or None,
+        logging_steps=10**9, save_strategy="no",
         report_to=[], seed=0, bf16=bf16, gradient_checkpointing=gc, use_liger_kernel=liger, use_cpu=not cuda,
         max_length=seq_len, packing=packing, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         disable_tqdm=True,

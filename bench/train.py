@@ -181,6 +181,7 @@ def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out:
     config = SFTConfig(
         output_dir=str(out / "trl"), per_device_train_batch_size=p.batch_size, max_steps=steps,
         learning_rate=p.learning_rate, lr_scheduler_type="linear", weight_decay=p.weight_decay,
+        neftune_noise_alpha=p.neftune_noise_alpha or None,  # as training_arguments passes it
         logging_steps=10**6, save_strategy="no", report_to=[], seed=base.seed, data_seed=base.seed,
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
         max_length=tok.max_length, packing=False, completion_only_loss=True,
