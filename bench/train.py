@@ -294,8 +294,9 @@ def reasons(results: dict) -> dict[str, str]:
                         "batch's extra tokens, can add, while on CPU a packed row pays SDPA attention over its whole "
                         "length (no variable-length kernel)")
         elif key == "tuneline_vs_trl_tokens_per_s":
+            side = "straddles" if spread["verdict"] == "parity" else "lies below"
             out[key] = ("both sides run transformers' Trainer on the same model, data, LoRA and loss masking; "
-                        "the spread straddles 1.0")
+                        f"the spread {spread['min']}-{spread['max']} {side} 1.0")
         elif key == "qlora_vs_full_peak_memory":
             state = statistics.median(r["runs"]["tuneline_qlora"]["state_mb"] / r["runs"]["tuneline_full"]["state_mb"]
                                       for r in results["pairs"][key])
