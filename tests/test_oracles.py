@@ -3,9 +3,10 @@
 They run on the default pipeline's own output (the `pipeline` fixture: one full `dvc repro` of the
 embedded default, whose base models are pretrained and whose fine-tuned model memorised answers).
 Each check is a function of the exported model's directory and the project's files, so it can also
-be pointed at a broken copy, and each has a twin that does so and expects it to fail: an export
-that lost its adapter, a server answering with the base, generation that attends to the left
-padding, a saved chat template that drifted from training's, a tuned model that is the base.
+be pointed at a broken copy. Four have a twin test that does so and expects the check to fail: an
+export that lost its adapter, generation that attends to the left padding, a saved chat template
+that drifted from training's, a tuned model that is the base. The serve test, whose server start is
+the costly part, checks in the same test that the base would have answered otherwise.
 """
 
 from __future__ import annotations
