@@ -20,12 +20,14 @@ from tuneline.clean import (
     joined_text,
     label_pred_probs,
     load_encoder,
+    make_reject,
     output_text,
     prompt_text,
     render_report,
 )
 from tuneline.params import ParamsError
 from tuneline.records import read_json, read_jsonl, with_id, write_jsonl
+from tuneline.rules import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
 P = params.section("clean", path=ROOT / "params.yaml")
@@ -409,3 +411,12 @@ def test_missing_input_names_the_file_and_the_fix(tmp_path):
     assert done.returncode != 0
     assert "data/augmented/records.jsonl does not exist; run the augment stage first" in done.stderr
     assert not (tmp_path / "data" / "clean").exists()
+
+
+def test_a_reject_row_is_the_same_when_its_score_differs_in_the_6th_decimal():
+    # Embedding-based scores differ in the 6th decimal between CPUs (0.195301 on one VM, 0.195302
+    # on another); the rejects file is hashed by DVC, so its rows must not carry that difference.
+    record = {"id": "r1", "instruction": "q", "output": "a"}
+    one, other = (make_reject(record, Problem("label", "category looks wrong", s)) for s in (0.1953014, 0.1953021))
+    assert one == other and one["score"] == 0.195
+    assert make_reject(record, Problem("label", "category looks wrong", 0.1956))["score"] == 0.196

@@ -353,6 +353,13 @@ class CleanResult:
     metrics: dict
 
 
+# Decimals of a reject's score. cleanlab's scores come from sentence embeddings, whose 6th decimal
+# differs between CPUs (seen: 0.195301 on one VM, 0.195302 on another); with 6 decimals the
+# rejects file, a DVC-hashed output, changed with the machine and every stage after clean reran
+# on a fresh clone. Three decimals still sort and explain the rejects.
+REJECT_SCORE_DECIMALS = 3
+
+
 def make_reject(record: dict, problem: Problem, **extra: object) -> dict:
     """A rejects.jsonl row: the record, the rule or issue type, a sentence, the score (and extras)."""
     score = problem.score
@@ -360,7 +367,7 @@ def make_reject(record: dict, problem: Problem, **extra: object) -> dict:
         "id": record.get("id"),
         "reason": problem.rule,
         "detail": problem.detail,
-        "score": round(float(score), 6) if score is not None else None,
+        "score": round(float(score), REJECT_SCORE_DECIMALS) if score is not None else None,
         "record": record,
     }
     row.update(extra)
