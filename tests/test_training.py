@@ -97,6 +97,39 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
     assert answer_loss(model, train_ds, pad) < loss_before
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "ptuning", "full"])
+def test_training_forward_runs_the_head_on_answer_positions_only_with_the_model_s_own_loss(monkeypatch, tiny_model_dir,
+                                                                                           method):
+    from tuneline import training
+
+    selected, p = selected_of(tiny_model_dir), train_params(method=method)
+    batch = collate(list(tokenized(tiny_model_dir, seed_records()[:4])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert labelled < 0.6 * batch["input_ids"].numel()  # prompts and padding: over 40% of the positions
+    patched = prepare_model(selected, p, SEED)
+    with monkeypatch.context() as m:
+        m.setattr(training, "answer_only_head", lambda model: False)
+        plain = prepare_model(selected, p, SEED)  # the model's own forward: logits of every position
+    head_rows = []
+    head = patched.get_output_embeddings() if method == "full" else patched.get_base_model().get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
+
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(labelled + 7)}):  # as the Trainer passes it
+        ours, theirs = patched(**batch, **kwargs), plain(**batch, **kwargs)
+        assert ours.logits is None and theirs.logits is not None
+        torch.testing.assert_close(ours.loss, theirs.loss)
+    assert head_rows == [labelled, labelled]
+
+    patched.zero_grad(), plain.zero_grad()
+    patched(**batch).loss.backward(), plain(**batch).loss.backward()
+    trainable = [(a, b) for a, b in zip(patched.parameters(), plain.parameters()) if a.requires_grad]
+    assert trainable and all(a.grad is not None for a, _ in trainable) and any(a.grad.abs().sum() > 0 for a, _ in trainable)
+    for a, b in trainable:
+        torch.testing.assert_close(a.grad, b.grad)
+    # without labels (generation, scoring) it is the model's own forward
+    torch.testing.assert_close(patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
+
+
 METHODS = {
     "lora": {"method": "lora"},
     "dora": {"method": "lora", "use_dora": True},

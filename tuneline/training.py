@@ -12,17 +12,19 @@ import logging
 import os
 import shutil
 import time
-from functools import partial
+import types
+from functools import partial, wraps
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.params import Train
 from tuneline.timings import is_timing
-from tuneline.tokenization import collate
+from tuneline.tokenization import IGNORE, collate
 
 
 def peft_config(p: Train):
@@ -60,6 +62,55 @@ def keep_4bit_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+# Config keys of models whose logits are more than the head's output (Gemma's soft-capping, Cohere's
+# and Granite's scaling, Falcon-H1's multiplier) or whose loss adds a router term (MoE): those keep
+# their own forward, which knows how.
+OWN_LOGITS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                   "lm_head_multiplier", "output_router_logits")
+
+
+def answer_only_head(model) -> bool:
+    """Make the model's training forward run the language-model head on labelled positions only.
+
+    A causal LM's own forward with labels computes the logits of every position (batch x length x
+    vocabulary, made fp32 for the loss: 10 GB for 8 x 2048 tokens at a 152k vocabulary) and the
+    loss then reads only the positions whose next token is labelled: the answers, never the prompt
+    or the padding (label -100). With labels, the patched forward runs the decoder, takes the
+    hidden states of those positions alone through the head and the cross-entropy (summed, over
+    `num_items_in_batch` as transformers' loss does, else their count): the same loss, with the
+    head's compute and memory cut to the answer tokens. Without labels (generation, scoring) it is
+    the model's own forward.
+
+    The instance's forward is replaced (TRL's fused LM head does the same), so peft, DDP, FSDP and
+    DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward;
+    returns whether the model was patched.
+    """
+    config = model.config.get_text_config()
+    if any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None:
+        return False
+    own_forward = model.forward
+
+    @wraps(type(model).forward)  # the signature the Trainer and generate() inspect
+    def forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or "shift_labels" in kwargs:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return own_forward(*args, labels=labels, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
+        answer = targets != IGNORE
+        logits = self.get_output_embeddings()(hidden[:, :-1][answer]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
+        # a batch with no labelled token gives a zero that stays connected to the graph
+        count = answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss / count)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 def prepare_model(selected: dict, p: Train, seed: int):
     """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning.
 
@@ -82,6 +133,8 @@ def prepare_model(selected: dict, p: Train, seed: int):
     model.config.use_cache = False  # training never reads a KV cache, and one would hide packed sequences' boundaries
     if p.method == "qlora":
         keep_4bit_training_layout(model)
+    if not p.use_liger_kernel:  # Liger replaces the forward with its own fused linear cross-entropy
+        answer_only_head(model)
     config = peft_config(p)
     if config is not None:
         set_seed(seed)  # adapter initialisation draws from the RNG: same seed, same adapter
