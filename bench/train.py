@@ -11,23 +11,36 @@ on 2 CPU cores), the same for every run.
 Each run is its own process, so its peak memory is its own:
 - tuneline: `tuneline.training.train` (what the train stage calls: HF Trainer + peft) with
   method qlora, lora and full, and lora on packed data (tokenize.packing: true);
-- baseline: a plain TRL `SFTTrainer` script on the same model, records, chat template, max
-  length, LoRA config and settings (prompt-completion conversations, completion-only loss).
+- baseline: a plain TRL `SFTTrainer` script on the same model with the same TrainingArguments
+  (tuneline's `training_arguments`, copied field by field into an SFTConfig) and LoRA config, on
+  the same rows as TRL takes pre-tokenized data (`input_ids`, `labels`): the same tokens and the
+  same loss masking, every assistant answer of a record, history turns too. TRL's per-step
+  entropy and token accuracy, which it computes from its fused LM head on every step with no
+  setting to turn them off, are switched off by a subclass (`loss_only_sft_trainer`), so TRL
+  computes the loss alone, as tuneline does;
+- the train stage as DVC runs it (`stage_lora`): `dvc repro --single-item --force train` in a copy
+  of this checkout whose pipeline ran up to `tokenize` (built once, about 2 minutes), with
+  train.method lora and every other train setting params.yaml's, on the default's tuning base
+  (tiny_qwen) and its tokenized splits, DVCLive, per-epoch evaluation and checkpoints included;
+  its baseline (`trl_stage_lora`) is the TRL trainer above training the same base on the same
+  splits with the stage's TrainingArguments, and saving the adapter. Both are measured over the
+  Trainer's whole train() (non-padding tokens seen / train_runtime) and end to end (wall seconds,
+  imports, DVC and saving included).
 Runs go in pairs, the two sides of a comparison at once: on CPU one process per core, one thread
 each, so both see the same machine (other work on a shared machine changes speed several fold
 from one minute to the next, which would decide a comparison made one run after the other). The
-pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full. On a GPU the runs go one
-after the other.
+pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full; the train stage vs TRL.
+On a GPU the runs go one after the other.
 Tokens/s counts non-padding tokens (the Trainer's `num_input_tokens_seen`, "non_padding") over the
-steps after the warm-up ones, so packed and padded runs compare fairly ("effective tokens/s");
+steps after the warm-up ones (the stage pair: over the whole run), so packed and padded runs compare fairly ("effective tokens/s");
 the fastest single step is reported beside it.
 Peak memory: on CPU, the process's peak RSS and its growth over the RSS before the model was
 loaded (the interpreter and libraries weigh the same in every run); on CUDA, peak allocated.
 The training state (weights as stored, plus gradient and two AdamW moments per trainable
 parameter) is computed exactly beside it: that is what QLoRA shrinks, while at 24M parameters
 activations and the framework dominate the peak.
-Targets (issue 7): tuneline >= 1.0x TRL's tokens/s; packing >= 1.5x effective tokens/s;
-qlora peak memory <= 0.6x full fine-tuning's.
+Targets (issues 7 and 18): tuneline >= 1.0x TRL's tokens/s, in-process and as the stage; packing
+>= 1.5x effective tokens/s; qlora peak memory <= 0.6x full fine-tuning's.
 
 Each ratio is the median of --repeats pairs, printed with its min-max spread and a verdict: "met"
 (the whole spread meets the target), "parity" (the spread straddles it) or "short".
@@ -44,6 +57,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,16 +72,22 @@ sys.path[0] = str(ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RUNS = ("tuneline_lora", "trl_lora", "tuneline_qlora", "tuneline_full", "tuneline_lora_packed")
+RUNS = ("tuneline_lora", "trl_lora", "tuneline_qlora", "tuneline_full", "tuneline_lora_packed", "stage_lora",
+        "trl_stage_lora")
+# the runs on the default project's tuning base: the train stage as `dvc repro` runs it, and TRL on its data
+STAGE_RUNS = ("stage_lora", "trl_stage_lora")
 # (ours, the one it is measured against, the ratio's name, what is compared)
 PAIRS = (
     ("tuneline_lora", "trl_lora", "tuneline_vs_trl_tokens_per_s", "tokens_per_s"),
     ("tuneline_lora_packed", "tuneline_lora", "packing_effective_tokens_per_s", "tokens_per_s"),
     ("tuneline_qlora", "tuneline_full", "qlora_vs_full_peak_memory", "memory"),
+    ("stage_lora", "trl_stage_lora", "stage_vs_trl_tokens_per_s", "tokens_per_s"),
 )
 BENCH_MODEL = dict(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                    num_kv_heads=4, max_positions=1024, chat_template="llama3", pretrain_steps=0)
-TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6}
+STAGE_PAIR = "stage_vs_trl_tokens_per_s"
+TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6,
+           "stage_vs_trl_tokens_per_s": 1.0}
 
 
 def settings(batch_size: int | None = None):
@@ -136,25 +156,34 @@ class StepTimer:
         return max((n1 - n0) / (t1 - t0) for (t0, _, n0), (t1, _, n1) in steps)
 
 
-def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer,
-                 out: Path):
-    """tuneline.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
+def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
+    """Exactly `steps` batches of the seed records, rendered and label-masked by tuneline.tokenization as
+    the tokenize stage does (packed into max_length rows when `packed`)."""
     from datasets import Dataset
 
     from tuneline.modeling import load_tokenizer
-    from tuneline.tokenization import pack_batch, padding_fraction, tokenize_example
-    from tuneline.training import train
+    from tuneline.tokenization import pack_batch, tokenize_example
 
-    base, tok, p = settings(batch_size)
-    p = dataclasses.replace(p, method=method, epochs=1, save_steps=10**6, logging_steps=10**6)
+    _, tok, _ = settings()
     tokenizer = load_tokenizer(str(model_dir))
     rows = [tokenize_example(r, tokenizer, tok.template, tok.max_length, tok.overlong, tok.train_on_prompt)
-            for r in cycled(seed_records(), 40 * steps * p.batch_size)]
+            for r in cycled(seed_records(), 40 * steps * batch_size)]
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r["input_ids"]])
     if packed:
         ds = ds.map(pack_batch, batched=True, batch_size=len(ds), fn_kwargs=dict(max_length=tok.max_length),
                     remove_columns=ds.column_names)
-    ds = ds.select(range(steps * p.batch_size))  # one epoch of exactly `steps` batches
+    return ds.select(range(steps * batch_size))  # one epoch of exactly `steps` batches
+
+
+def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer,
+                 out: Path):
+    """tuneline.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
+    from tuneline.tokenization import padding_fraction
+    from tuneline.training import train
+
+    base, _, p = settings(batch_size)
+    p = dataclasses.replace(p, method=method, epochs=1, save_steps=10**6, logging_steps=10**6)
+    ds = seed_rows(model_dir, steps, p.batch_size, packed)
     # the share of padding in batches of these rows: what packing can save at most
     timer.padding_fraction = padding_fraction([len(ids) for ids in ds["input_ids"]], p.batch_size)
     selected = {"name": "bench", "kind": "local", "model": str(model_dir)}
@@ -162,35 +191,128 @@ def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_s
     return model
 
 
-def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out: Path):
-    """The baseline: a plain TRL SFTTrainer script with the same model, records and settings; the trained model."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+def loss_only_sft_trainer():
+    """TRL's SFTTrainer class without its per-step metrics.
 
+    TRL's `compute_loss` (1.16) has its fused LM head compute the entropy and the top-1 accuracy of
+    every labelled token on every step, in training and evaluation, for the `entropy` and
+    `mean_token_accuracy` it logs, with no setting to turn them off; tuneline computes neither.
+    This subclass asks the fused head for the log-probabilities alone and returns the loss TRL's own
+    compute_loss returns (the summed negative log-likelihood over `num_items_in_batch`, or over
+    the labelled tokens), so the baseline does the work tuneline does and no more.
+    """
+    from trl import SFTTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    class LossOnlySFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            body = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            add_fused_lm_head(body, outputs=("log_probs",))  # replaces the head TRL added, which also made entropy
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return LossOnlySFTTrainer
+
+
+def sft_config(args, **changes):
+    """An SFTConfig with every setting of the TrainingArguments `args` (tuneline's own), plus `changes`."""
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return SFTConfig(**{**settings, **changes})
+
+
+def trl_trainer(model_dir: str, p, args, train_ds, eval_ds, callbacks: list):
+    """The baseline: TRL's SFTTrainer (per-step metrics off) on tuneline's tokenized rows, TrainingArguments
+    and peft config.
+
+    The rows are given as TRL takes pre-tokenized data, `input_ids` and `labels`, so both sides
+    train on the same tokens with the same loss masking: every assistant answer of a record,
+    history turns too, and nothing else. TRL prepares them as it would its own (truncation to
+    `max_length`, here the tokenize stage's, which the rows already meet).
+    """
     from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.templates import to_messages
     from tuneline.training import peft_config
 
-    base, tok, p = settings(batch_size)
-    p = dataclasses.replace(p, method="lora")
-    tokenizer = load_tokenizer(str(model_dir))
-    records = cycled(seed_records(), steps * p.batch_size)
-    ds = Dataset.from_list([{"prompt": to_messages(r, with_answer=False),
-                             "completion": [{"role": "assistant", "content": r["output"]}]} for r in records])
-    config = SFTConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=p.batch_size, max_steps=steps,
-        learning_rate=p.learning_rate, lr_scheduler_type="linear", weight_decay=p.weight_decay,
-        neftune_noise_alpha=p.neftune_noise_alpha or None,  # as training_arguments passes it
-        logging_steps=10**6, save_strategy="no", report_to=[], seed=base.seed, data_seed=base.seed,
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-        max_length=tok.max_length, packing=False, completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=True,
-    )
-    trainer = SFTTrainer(model=load_model(str(model_dir)), args=config, train_dataset=ds, processing_class=tokenizer,
-                         peft_config=peft_config(p), callbacks=[timer.callback])
+    columns = ["input_ids", "labels"]
+    train_ds = train_ds.select_columns(columns)
+    eval_ds = eval_ds.select_columns(columns) if eval_ds is not None else None
+    config = sft_config(args, packing=False, max_length=None, dataset_num_proc=None)
+    model = load_model(model_dir, dtype="float32" if p.method == "full" else p.compute_dtype,
+                       attn_implementation=p.attn_implementation)
+    return loss_only_sft_trainer()(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                                   processing_class=load_tokenizer(model_dir), peft_config=peft_config(p),
+                                   callbacks=callbacks)
+
+
+def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out: Path):
+    """The baseline on exactly `steps` batches of the seed records, rendered and label-masked as tuneline's
+    run gets them; the trained model."""
+    from tuneline.training import training_arguments
+
+    _, _, p = settings(batch_size)
+    p = dataclasses.replace(p, method="lora", epochs=1, save_steps=10**6, logging_steps=10**6)
+    ds = seed_rows(model_dir, steps, p.batch_size, packed=False)
+    args = training_arguments(p, out / "trl", settings()[0].seed, has_eval=False)  # the same as tuneline_run's train()
+    trainer = trl_trainer(str(model_dir), p, args, ds, None, [timer.callback])
     trainer.train()
     return trainer.model
+
+
+def build_project(dest: Path) -> Path:
+    """A copy of this checkout in a fresh git repository, with the default pipeline run up to `tokenize`
+    (what the train stage reads) and train.method set to lora, the method both sides run."""
+    from tests.pipeline_repo import make_repo, repro, set_param
+
+    repo = make_repo(dest)
+    repro(repo, "tokenize")
+    set_param(repo, "train.method", "lora")
+    return repo
+
+
+def stage_run(project: Path) -> dict:
+    """The train stage as DVC runs it: `dvc repro --single-item --force train` in `project`, with no
+    checkpoint to resume from. Throughput: the non-padding tokens the Trainer saw over its train()
+    time, which holds the per-epoch evaluation and checkpoint saves, from the stage's own metrics."""
+    from tests.pipeline_repo import run
+
+    shutil.rmtree(project / "cache" / "checkpoints", ignore_errors=True)
+    start = time.perf_counter()
+    run(project, "dvc", "repro", "--single-item", "--force", "train")
+    wall = time.perf_counter() - start
+    tokens = json.loads((project / "metrics" / "train" / "metrics.json").read_text())["num_input_tokens_seen"]
+    runtime = json.loads((project / "metrics" / "timings" / "train.json").read_text())["train_runtime"]
+    return {"tokens_per_s": round(tokens / runtime, 1), "train_runtime_s": runtime, "wall_s": round(wall, 2),
+            "measured_tokens": tokens, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
+def trl_stage_run(project: Path, start: float) -> dict:
+    """The baseline of stage_run: a TRL script that trains what the stage trains (the project's tuning
+    base, its tokenized train and val splits, its train params through tuneline's TrainingArguments:
+    evaluation every epoch, checkpoints every save_steps) and saves the adapter; measured as stage_run."""
+    from datasets import load_from_disk
+
+    from tuneline import params
+    from tuneline.records import read_json
+    from tuneline.training import training_arguments
+
+    base, p = params.load("base", "train", path=project / "params.yaml")
+    data = project / base.tokenized_dir
+    train_ds, eval_ds = load_from_disk(str(data / "train")), load_from_disk(str(data / "val"))
+    model_dir = str(project / read_json(project / base.tuning_base)["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_arguments(p, Path(tmp) / "checkpoints", base.seed, has_eval=True)
+        trainer = trl_trainer(model_dir, p, args, train_ds, eval_ds, [])
+        metrics = trainer.train().metrics
+        trainer.save_model(str(Path(tmp) / "adapter"))
+        tokens = trainer.state.num_input_tokens_seen
+    return {"tokens_per_s": round(tokens / metrics["train_runtime"], 1), "train_runtime_s": metrics["train_runtime"],
+            "wall_s": round(time.perf_counter() - start, 2), "measured_tokens": tokens,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def state_memory(model) -> dict:
@@ -293,9 +415,11 @@ def reasons(results: dict) -> dict[str, str]:
                         f"{1 / (1 - padding):.2f}x; beyond that only a step's fixed cost, spread over the packed "
                         "batch's extra tokens, can add, while on CPU a packed row pays SDPA attention over its whole "
                         "length (no variable-length kernel)")
-        elif key == "tuneline_vs_trl_tokens_per_s":
+        elif key in ("tuneline_vs_trl_tokens_per_s", STAGE_PAIR):
             side = "straddles" if spread["verdict"] == "parity" else "lies below"
-            out[key] = ("both sides run transformers' Trainer on the same model, data, LoRA and loss masking; "
+            out[key] = ("both sides run transformers' Trainer on the same model, tokenized rows, TrainingArguments, "
+                        "LoRA and loss masking, and compute the loss alone; tuneline's head runs on the answer "
+                        "positions, TRL's fused head on every position (on CPU it does not compact them); "
                         f"the spread {spread['min']}-{spread['max']} {side} 1.0")
         elif key == "qlora_vs_full_peak_memory":
             state = statistics.median(r["runs"]["tuneline_qlora"]["state_mb"] / r["runs"]["tuneline_full"]["state_mb"]
@@ -318,6 +442,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run in STAGE_RUNS:
+        start = time.perf_counter()
+        if args.core is not None:
+            os.sched_setaffinity(0, {args.core})  # the stage's processes inherit it, and one torch thread (launch)
+        result = stage_run(args.model) if args.run == "stage_lora" else trl_stage_run(args.model, start)
+        print("RESULT " + json.dumps(result))
+        return
     if args.run:
         print("RESULT " + json.dumps(one_run(args.run, args.model, args.steps, args.warmup, args.batch_size, args.core)))
         return
@@ -331,20 +462,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         parameters = build_model(model_dir)
+        project = build_project(Path(tmp) / "project") if STAGE_PAIR in pairs else None
         for _ in range(args.repeats):
             for ours, theirs, key, measure in chosen:
                 start = time.perf_counter()
-                runs = run_pair(ours, theirs, model_dir, args, cuda)
+                runs = run_pair(ours, theirs, project if key == STAGE_PAIR else model_dir, args, cuda)
                 value = (ratio(memory_of(runs[ours]), memory_of(runs[theirs])) if measure == "memory"
                          else ratio(runs[ours]["tokens_per_s"], runs[theirs]["tokens_per_s"]))
                 pairs[key].append({"ratio": value, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)})
                 print(f"  {key}: {value}  " + ", ".join(
-                    f"{n} {r['tokens_per_s']:,.0f} tokens/s, {memory_of(r):,.0f} MB" for n, r in runs.items()), flush=True)
+                    f"{n} {r['tokens_per_s']:,.0f} tokens/s, {r.get('peak_rss_growth_mb', r['peak_rss_mb']):,.0f} MB"
+                    for n, r in runs.items()), flush=True)
 
     ratios = {key: round(statistics.median(p["ratio"] for p in results), 3) for key, results in pairs.items()}
     spread = {key: spread_of([p["ratio"] for p in results], key) for key, results in pairs.items()}
     first = {key: results[0]["runs"] for key, results in pairs.items()}
-    state = {n: r["state_mb"] for runs in first.values() for n, r in runs.items()}
+    state = {n: r["state_mb"] for runs in first.values() for n, r in runs.items() if "state_mb" in r}
+    if STAGE_PAIR in pairs:  # end to end, imports and DVC included: the TRL script's wall time over the stage's
+        ratios["stage_vs_trl_wall_speed"] = round(statistics.median(
+            r["runs"]["trl_stage_lora"]["wall_s"] / r["runs"]["stage_lora"]["wall_s"] for r in pairs[STAGE_PAIR]), 3)
     if "tuneline_full" in state:
         ratios["qlora_vs_full_training_state"] = ratio(state["tuneline_qlora"], state["tuneline_full"])
     if {"tuneline_full", "tuneline_lora"} <= state.keys():
@@ -388,11 +524,20 @@ def main() -> None:
           f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |")
     print(f"|{'-' * 33}|{'-' * 23}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
     for key, runs in first.items():
+        if key == STAGE_PAIR:
+            continue
         for name, r in runs.items():
             padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.3f}"
             print(f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | {r['best_step_tokens_per_s']:>9,.0f} "
                   f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | {r['state_mb']:>8,.1f} "
                   f"| {padding:>7} |")
+    if STAGE_PAIR in first:
+        print(f"\nthe train stage under `dvc repro` vs a TRL script, lora on the default's tuning base (first repeat):")
+        print(f"| {'run':<15} | {'tokens/s':>8} | {'train() s':>9} | {'wall s':>6} | {'peak RSS MB':>11} |")
+        print(f"|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 13}|")
+        for name, r in first[STAGE_PAIR].items():
+            print(f"| {name:<15} | {r['tokens_per_s']:>8,.0f} | {r['train_runtime_s']:>9.1f} | {r['wall_s']:>6.1f} "
+                  f"| {r['peak_rss_mb']:>11,.0f} |")
     print(f"ratios (median of {args.repeats}): " + ", ".join(
         f"{key} {[p['ratio'] for p in results]}" for key, results in pairs.items()))
     for key, value in ratios.items():
