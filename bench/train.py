@@ -25,11 +25,16 @@ Each run is its own process, so its peak memory is its own:
   its baseline (`trl_stage_lora`) is the TRL trainer above training the same base on the same
   splits with the stage's TrainingArguments, and saving the adapter. Both are measured over the
   Trainer's whole train() (non-padding tokens seen / train_runtime) and end to end (wall seconds,
-  imports, DVC and saving included).
+  imports, DVC and saving included);
+- on the same project, `tuneline.training.train` in process with the answer-only LM head (the
+  default: the head and the loss on labelled positions only) against itself with the model's own
+  forward (`default_full_logits`: logits of every position, prompt and padding included), the
+  baseline that attributes what the head saves.
 Runs go in pairs, the two sides of a comparison at once: on CPU one process per core, one thread
 each, so both see the same machine (other work on a shared machine changes speed several fold
 from one minute to the next, which would decide a comparison made one run after the other). The
-pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full; the train stage vs TRL.
+pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full; the train stage vs TRL;
+the answer-only head vs the full logits.
 On a GPU the runs go one after the other.
 Tokens/s counts non-padding tokens (the Trainer's `num_input_tokens_seen`, "non_padding") over the
 steps after the warm-up ones (the stage pair: over the whole run), so packed and padded runs compare fairly ("effective tokens/s");
@@ -73,21 +78,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RUNS = ("tuneline_lora", "trl_lora", "tuneline_qlora", "tuneline_full", "tuneline_lora_packed", "stage_lora",
-        "trl_stage_lora")
-# the runs on the default project's tuning base: the train stage as `dvc repro` runs it, and TRL on its data
-STAGE_RUNS = ("stage_lora", "trl_stage_lora")
+        "trl_stage_lora", "default_answer_head", "default_full_logits")
+# the runs on the default project's tuning base and data: the train stage as `dvc repro` runs it, TRL on
+# its data, and tuneline's training in process with and without the answer-only head
+STAGE_RUNS = ("stage_lora", "trl_stage_lora", "default_answer_head", "default_full_logits")
 # (ours, the one it is measured against, the ratio's name, what is compared)
 PAIRS = (
     ("tuneline_lora", "trl_lora", "tuneline_vs_trl_tokens_per_s", "tokens_per_s"),
     ("tuneline_lora_packed", "tuneline_lora", "packing_effective_tokens_per_s", "tokens_per_s"),
     ("tuneline_qlora", "tuneline_full", "qlora_vs_full_peak_memory", "memory"),
     ("stage_lora", "trl_stage_lora", "stage_vs_trl_tokens_per_s", "tokens_per_s"),
+    ("default_answer_head", "default_full_logits", "answer_head_vs_full_logits_tokens_per_s", "tokens_per_s"),
 )
 BENCH_MODEL = dict(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                    num_kv_heads=4, max_positions=1024, chat_template="llama3", pretrain_steps=0)
 STAGE_PAIR = "stage_vs_trl_tokens_per_s"
+HEAD_PAIR = "answer_head_vs_full_logits_tokens_per_s"
+PROJECT_PAIRS = (STAGE_PAIR, HEAD_PAIR)  # the pairs that run on the default project
 TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6,
-           "stage_vs_trl_tokens_per_s": 1.0}
+           "stage_vs_trl_tokens_per_s": 1.0, HEAD_PAIR: 1.0}
 
 
 def settings(batch_size: int | None = None):
@@ -315,6 +324,31 @@ def trl_stage_run(project: Path, start: float) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def default_run(project: Path, answer_head: bool, start: float) -> dict:
+    """tuneline.training.train (the stage's call) on the default project's tuning base and tokenized splits
+    with its train params (method lora), with the answer-only LM head or, as the baseline, with the
+    model's own forward (logits of every position); measured as stage_run."""
+    from datasets import load_from_disk
+
+    from tuneline import params, training
+    from tuneline.records import read_json
+
+    if not answer_head:
+        training.answer_only_head = lambda model: False
+    base, p = params.load("base", "train", path=project / "params.yaml")
+    data = project / base.tokenized_dir
+    selected = read_json(project / base.tuning_base)
+    selected["model"] = str(project / selected["model"])
+    train_ds = load_from_disk(str(data / "train"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, metrics = training.train(selected, p, train_ds, load_from_disk(str(data / "val")), Path(tmp) / "checkpoints",
+                                       base.seed, [])
+    tokens = p.epochs * sum(len(ids) for ids in train_ds["input_ids"])  # every real token once an epoch
+    return {"tokens_per_s": round(tokens / metrics["train_runtime"], 1), "train_runtime_s": metrics["train_runtime"],
+            "wall_s": round(time.perf_counter() - start, 2), "measured_tokens": tokens, "train_loss": metrics["train_loss"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def state_memory(model) -> dict:
     """The bytes of the training state: weights as stored (4-bit ones packed), plus a gradient and
     AdamW's two moments for every trainable parameter. Exact, and what QLoRA shrinks; activations
@@ -421,6 +455,10 @@ def reasons(results: dict) -> dict[str, str]:
                         "LoRA and loss masking, and compute the loss alone; tuneline's head runs on the answer "
                         "positions, TRL's fused head on every position (on CPU it does not compact them); "
                         f"the spread {spread['min']}-{spread['max']} {side} 1.0")
+        elif key == HEAD_PAIR:
+            out[key] = ("both sides run tuneline's training on the same data and settings; the answer-only head saves "
+                        "the head's work at prompt and padding positions, which weighs little where the decoder "
+                        "dominates a token's cost")
         elif key == "qlora_vs_full_peak_memory":
             state = statistics.median(r["runs"]["tuneline_qlora"]["state_mb"] / r["runs"]["tuneline_full"]["state_mb"]
                                       for r in results["pairs"][key])
@@ -446,7 +484,12 @@ def main() -> None:
         start = time.perf_counter()
         if args.core is not None:
             os.sched_setaffinity(0, {args.core})  # the stage's processes inherit it, and one torch thread (launch)
-        result = stage_run(args.model) if args.run == "stage_lora" else trl_stage_run(args.model, start)
+        if args.run == "stage_lora":
+            result = stage_run(args.model)
+        elif args.run == "trl_stage_lora":
+            result = trl_stage_run(args.model, start)
+        else:
+            result = default_run(args.model, args.run == "default_answer_head", start)
         print("RESULT " + json.dumps(result))
         return
     if args.run:
@@ -462,11 +505,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         parameters = build_model(model_dir)
-        project = build_project(Path(tmp) / "project") if STAGE_PAIR in pairs else None
+        project = build_project(Path(tmp) / "project") if set(PROJECT_PAIRS) & set(pairs) else None
         for _ in range(args.repeats):
             for ours, theirs, key, measure in chosen:
                 start = time.perf_counter()
-                runs = run_pair(ours, theirs, project if key == STAGE_PAIR else model_dir, args, cuda)
+                runs = run_pair(ours, theirs, project if key in PROJECT_PAIRS else model_dir, args, cuda)
                 value = (ratio(memory_of(runs[ours]), memory_of(runs[theirs])) if measure == "memory"
                          else ratio(runs[ours]["tokens_per_s"], runs[theirs]["tokens_per_s"]))
                 pairs[key].append({"ratio": value, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)})
@@ -520,23 +563,25 @@ def main() -> None:
     print(f"\ntrain bench: {parameters / 1e6:.1f}M-parameter Llama-style model on {results['device']}, batch "
           f"{p.batch_size}, {args.steps} measured steps after {args.warmup}; load average {load_before:.1f} -> "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"| {'pair (first repeat)':<31} | {'run':<21} | {'tokens/s':>8} | {'best step':>9} | {'peak RSS MB':>11} "
-          f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |")
-    print(f"|{'-' * 33}|{'-' * 23}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
-    for key, runs in first.items():
-        if key == STAGE_PAIR:
-            continue
-        for name, r in runs.items():
-            padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.3f}"
-            print(f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | {r['best_step_tokens_per_s']:>9,.0f} "
-                  f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | {r['state_mb']:>8,.1f} "
-                  f"| {padding:>7} |")
-    if STAGE_PAIR in first:
-        print(f"\nthe train stage under `dvc repro` vs a TRL script, lora on the default's tuning base (first repeat):")
-        print(f"| {'run':<15} | {'tokens/s':>8} | {'train() s':>9} | {'wall s':>6} | {'peak RSS MB':>11} |")
-        print(f"|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 13}|")
-        for name, r in first[STAGE_PAIR].items():
-            print(f"| {name:<15} | {r['tokens_per_s']:>8,.0f} | {r['train_runtime_s']:>9.1f} | {r['wall_s']:>6.1f} "
+    if set(first) - set(PROJECT_PAIRS):
+        print(f"| {'pair (first repeat)':<31} | {'run':<21} | {'tokens/s':>8} | {'best step':>9} | {'peak RSS MB':>11} "
+              f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |")
+        print(f"|{'-' * 33}|{'-' * 23}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
+        for key, runs in first.items():
+            if key in PROJECT_PAIRS:
+                continue
+            for name, r in runs.items():
+                padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.3f}"
+                print(f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | {r['best_step_tokens_per_s']:>9,.0f} "
+                      f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | {r['state_mb']:>8,.1f} "
+                      f"| {padding:>7} |")
+    if set(PROJECT_PAIRS) & set(first):
+        print("\nlora on the default's tuning base and data (first repeat): the train stage under `dvc repro` vs a TRL "
+              "script; tuneline's training with the answer-only head vs the model's own forward")
+        print(f"| {'run':<19} | {'tokens/s':>8} | {'train() s':>9} | {'wall s':>6} | {'peak RSS MB':>11} |")
+        print(f"|{'-' * 21}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 13}|")
+        for name, r in [item for key in PROJECT_PAIRS if key in first for item in first[key].items()]:
+            print(f"| {name:<19} | {r['tokens_per_s']:>8,.0f} | {r['train_runtime_s']:>9.1f} | {r['wall_s']:>6.1f} "
                   f"| {r['peak_rss_mb']:>11,.0f} |")
     print(f"ratios (median of {args.repeats}): " + ", ".join(
         f"{key} {[p['ratio'] for p in results]}" for key, results in pairs.items()))
