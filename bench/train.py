@@ -263,10 +263,10 @@ def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out:
     run gets them; the trained model."""
     from tuneline.training import training_arguments
 
-    _, _, p = settings(batch_size)
+    base, _, p = settings(batch_size)
     p = dataclasses.replace(p, method="lora", epochs=1, save_steps=10**6, logging_steps=10**6)
     ds = seed_rows(model_dir, steps, p.batch_size, packed=False)
-    args = training_arguments(p, out / "trl", settings()[0].seed, has_eval=False)  # the same as tuneline_run's train()
+    args = training_arguments(p, out / "trl", base.seed, has_eval=False)  # the same as tuneline_run's train()
     trainer = trl_trainer(str(model_dir), p, args, ds, None, [timer.callback])
     trainer.train()
     return trainer.model

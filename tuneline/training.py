@@ -86,7 +86,8 @@ def answer_only_head(model) -> bool:
     returns whether the model was patched.
     """
     config = model.config.get_text_config()
-    if any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None:
+    if (any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None
+            or model.base_model is model):  # no decoder apart from the head to run first
         return False
     own_forward = model.forward
 
