@@ -2,7 +2,7 @@
 
 Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
-        training_args.json), base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
+        training_args.json; with train.wise_ft below 1, as base + wise_ft x the trained update), base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
         output, so never hashed or pushed: a killed run resumes from its newest complete
         checkpoint), base.metrics_dir/train/ (DVCLive: loss,
         learning rate, grad norm, tokens/s; `dvc plots show` draws the curves).
@@ -26,7 +26,7 @@ from transformers.integrations import DVCLiveCallback
 
 from tuneline import params, timings
 from tuneline.records import read_json, write_json
-from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train
+from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, wise_ft
 
 # Set in the processes `accelerate launch` starts for us, so they train instead of launching again.
 LAUNCHED_ENV = "TUNELINE_LAUNCHED"
@@ -95,6 +95,7 @@ def main() -> None:
         return
 
     sort_target_modules(out_dir / "adapter_config.json")
+    interpolated = wise_ft(out_dir, selected, p.wise_ft)
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text(encoding="utf-8")
     tokenizer.save_pretrained(out_dir)
     trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
@@ -105,7 +106,8 @@ def main() -> None:
     })
     timings.write(base.metrics_dir, "train", timings.split(metrics)[1])
     print(f"train: {p.method} on {selected['name']}: {trainable:,} of {total:,} parameters trained; "
-          f"train_loss {metrics.get('train_loss', float('nan')):.4f}; saved to {out_dir}")
+          f"train_loss {metrics.get('train_loss', float('nan')):.4f}; saved to {out_dir}"
+          + (f" as base + {p.wise_ft:g} x the trained update (train.wise_ft, {interpolated} tensors)" if interpolated else ""))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,18 @@ def test_a_negative_neftune_alpha_names_the_key_and_what_it_should_be(raw):
     data["train"]["neftune_noise_alpha"] = -5
     with pytest.raises(ParamsError, match=r"train\.neftune_noise_alpha must be 0 \(off\) or a positive noise scale"):
         params.section("train", data)
+
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"wise_ft": 0}, r"train\.wise_ft must be in \(0, 1\]"),
+    ({"wise_ft": 1.5}, r"train\.wise_ft must be in \(0, 1\]"),
+    ({"method": "ptuning", "wise_ft": 0.85}, r"P-tuning prompt has no base value .* set train\.wise_ft to 1\.0"),
+])
+def test_a_wise_ft_share_it_cannot_apply_names_the_key_and_the_fix(raw, changes, message):
+    data = copy.deepcopy(raw)
+    data["train"].update(changes)
+    with pytest.raises(ParamsError, match=message):
+        params.section("train", data)
+    data["train"]["wise_ft"] = 1.0
+    assert params.section("train", data).wise_ft == 1.0

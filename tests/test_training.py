@@ -135,7 +135,7 @@ METHODS = {
     "dora": {"method": "lora", "use_dora": True},
     "rslora": {"method": "lora", "use_rslora": True},
     "qlora": {"method": "qlora"},
-    "ptuning": {"method": "ptuning", "learning_rate": 0.03},
+    "ptuning": {"method": "ptuning", "learning_rate": 0.03, "wise_ft": 1.0},
     "full": {"method": "full", "learning_rate": 0.001},
 }
 
@@ -204,6 +204,49 @@ def test_each_method_trains_and_loads_back_for_generation(tmp_path, monkeypatch,
         out = tuned.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_wise_ft_saves_the_base_plus_that_share_of_the_trained_update_from_the_same_run(tmp_path, tokenized_project,
+                                                                                           tiny_model_dir, method):
+    from peft.helpers import rescale_adapter_scale
+    from transformers import AutoModelForCausalLM
+
+    settings = {"epochs": 1, **NO_CHECKPOINTS, **METHODS[method]}
+    as_trained = copy_project(tokenized_project, tmp_path / "a", wise_ft=1.0, **settings)
+    half = copy_project(tokenized_project, tmp_path / "b", wise_ft=0.5, **settings)
+    run_stage_here(as_trained)
+    printed = run_stage_here(half)
+    info = [json.loads((p / "models/adapter/training_args.json").read_text()) for p in (as_trained, half)]
+    assert info[0]["run_key"] == info[1]["run_key"]  # the same training run: only what is saved differs
+    assert "as base + 0.5 x the trained update (train.wise_ft" in printed
+
+    if method == "full":
+        a, b = (load_file(p / "models/adapter/model.safetensors") for p in (as_trained, half))
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+        assert a.keys() == b.keys()
+        moved = [k for k in a if not torch.equal(a[k], base[k])]
+        assert moved  # training changed weights, so the interpolation has something to halve
+        for key in a:
+            assert torch.allclose(b[key], base[key] + 0.5 * (a[key] - base[key]), atol=1e-6), key
+        return
+
+    a, b = adapter_weights(as_trained), adapter_weights(half)
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    for key in a:
+        expected = a[key] * 0.5 if ".lora_B." in key else a[key]
+        assert torch.allclose(b[key], expected, atol=1e-7), key
+        assert torch.equal(b[key], a[key]) == (".lora_B." not in key or not a[key].any()), key
+    # The saved interpolation is what peft's own run-time rescaling of the adapter computes.
+    selected = selected_of(tiny_model_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    trained = load_tuned(selected, as_trained / "models/adapter").eval()
+    saved = load_tuned(selected, half / "models/adapter").eval()
+    with torch.no_grad():
+        with rescale_adapter_scale(trained, 0.5):
+            rescaled = trained(input_ids=ids).logits
+        assert torch.allclose(saved(input_ids=ids).logits, rescaled, atol=1e-5)
+        assert not torch.allclose(trained(input_ids=ids).logits, rescaled, atol=1e-3)
 
 
 def run_key_parts(tiny_model_dir):

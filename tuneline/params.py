@@ -326,6 +326,7 @@ class Train(_Section):
     warmup_ratio: float
     weight_decay: float
     neftune_noise_alpha: float
+    wise_ft: float
     save_steps: int
     save_total_limit: int
     logging_steps: int
@@ -572,6 +573,12 @@ def _check_section(name: str, p: Any) -> Any:
         if p.neftune_noise_alpha < 0:
             raise ParamsError(f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
                               f"got {p.neftune_noise_alpha}")
+        if not 0 < p.wise_ft <= 1:
+            raise ParamsError(f"train.wise_ft must be in (0, 1]: the share of what training learned that the saved model "
+                              f"keeps (1.0: the model as trained), got {p.wise_ft}")
+        if p.method == "ptuning" and p.wise_ft != 1:
+            raise ParamsError(f"train.wise_ft is {p.wise_ft}, but a P-tuning prompt has no base value to interpolate "
+                              "toward: set train.wise_ft to 1.0 with train.method ptuning")
         if p.save_total_limit < 1:
             raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
         _check_installed(p)

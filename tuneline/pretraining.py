@@ -84,7 +84,7 @@ def run_params(*, learning_rate: float, batch_size: int, epochs: float = 1.0, ma
                  gradient_checkpointing=False, attn_implementation="sdpa", optim="adamw_torch",
                  use_liger_kernel=False, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
                  batch_size=batch_size, eval_batch_size=batch_size, grad_accum=grad_accum,
-                 warmup_ratio=warmup_ratio, weight_decay=weight_decay, neftune_noise_alpha=0.0,
+                 warmup_ratio=warmup_ratio, weight_decay=weight_decay, neftune_noise_alpha=0.0, wise_ft=1.0,
                  save_steps=save_steps, save_total_limit=2,
                  logging_steps=logging_steps, launcher="python", accelerate_config="")
 

@@ -149,7 +149,9 @@ def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int, world_si
     The number of processes is part of it: it changes the global batch and the data order, so a
     checkpoint of a 2-process run cannot be resumed by a single process.
     """
-    run = {"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
+    # train.wise_ft only rescales what is saved after training (`wise_ft`): another value resumes this run.
+    trained = {k: v for k, v in p.__dict__.items() if k != "wise_ft"}
+    run = {"params": trained, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
     blob = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -346,6 +348,52 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
                          checkpoints, callbacks, save_to)
     return model, tokenizer, {**metrics, "trainable_parameters": trainable, "total_parameters": total}
+
+
+def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
+    """WiSE-FT (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models"): rewrite the model
+    saved in `saved` as base + alpha x (trained - base); return the number of tensors changed.
+
+    A LoRA adapter's update is B @ A x scaling, so scaling each B by alpha is the interpolation
+    exactly (what peft.helpers.rescale_adapter_scale does at run time; with DoRA the direction update
+    is scaled and the magnitude kept). Full fine-tuning's weights are interpolated with the base's,
+    read again from `selected`. 1.0 leaves the files as the Trainer wrote them. Every reader of the
+    saved model (evaluate, export, serve) then sees the same interpolated model.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if alpha == 1:
+        return 0
+    if (saved / "adapter_config.json").exists():
+        files = [saved / "adapter_model.safetensors"]
+        base_of = None
+    else:
+        files = sorted(saved.glob("model*.safetensors"))
+        base_of = load_model(selected["model"], dtype="float32", revision=selected.get("revision"),
+                             trust_remote_code=selected.get("trust_remote_code", False)).state_dict()
+    changed = 0
+    for path in files:
+        tensors = load_file(path)
+        for key, t in tensors.items():
+            if base_of is None:
+                if ".lora_B." not in key and ".lora_embedding_B." not in key:
+                    continue
+                new = t.float() * alpha
+            else:
+                if key not in base_of:
+                    raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']} does not have; "
+                                     "set train.wise_ft to 1.0 for this model")
+                if not t.is_floating_point():
+                    continue
+                base_t = base_of[key].float().cpu()
+                new = base_t + alpha * (t.float() - base_t)
+            tensors[key] = new.to(t.dtype).contiguous()
+            changed += 1
+        save_file(tensors, path, metadata={"format": "pt"})
+    if not changed:
+        raise SystemExit(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
+                         "set train.wise_ft to 1.0")
+    return changed
 
 
 def is_main_process() -> bool:
