@@ -149,9 +149,7 @@ def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int, world_si
     The number of processes is part of it: it changes the global batch and the data order, so a
     checkpoint of a 2-process run cannot be resumed by a single process.
     """
-    # train.wise_ft only rescales what is saved after training (`wise_ft`): another value resumes this run.
-    trained = {k: v for k, v in p.__dict__.items() if k != "wise_ft"}
-    run = {"params": trained, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
+    run = {"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
     blob = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
