@@ -206,13 +206,18 @@ def test_each_method_trains_and_loads_back_for_generation(tmp_path, monkeypatch,
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("method", ["qlora", "full"])
+WISE_FT_RUNS = {"qlora": METHODS["qlora"], "full": METHODS["full"],
+                # an embedding's LoRA B is saved without a .weight suffix
+                "lora_on_embeddings": {"method": "lora", "target_modules": ["embed_tokens", "q_proj"]}}
+
+
+@pytest.mark.parametrize("method", list(WISE_FT_RUNS))
 def test_wise_ft_saves_the_base_plus_that_share_of_the_trained_update_from_the_same_run(tmp_path, tokenized_project,
                                                                                            tiny_model_dir, method):
     from peft.helpers import rescale_adapter_scale
     from transformers import AutoModelForCausalLM
 
-    settings = {"epochs": 1, **NO_CHECKPOINTS, **METHODS[method]}
+    settings = {"epochs": 1, **NO_CHECKPOINTS, **WISE_FT_RUNS[method]}
     as_trained = copy_project(tokenized_project, tmp_path / "a", wise_ft=1.0, **settings)
     half = copy_project(tokenized_project, tmp_path / "b", wise_ft=0.5, **settings)
     run_stage_here(as_trained)
@@ -230,11 +235,14 @@ def test_wise_ft_saves_the_base_plus_that_share_of_the_trained_update_from_the_s
         return
 
     a, b = adapter_weights(as_trained), adapter_weights(half)
-    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    scaled = {k for k in a if {"lora_B", "lora_embedding_B"} & set(k.split("."))}
+    assert scaled and a.keys() == b.keys()
+    if method == "lora_on_embeddings":
+        assert any(k.endswith("embed_tokens.lora_embedding_B") for k in scaled), sorted(a)
     for key in a:
-        expected = a[key] * 0.5 if ".lora_B." in key else a[key]
+        expected = a[key] * 0.5 if key in scaled else a[key]
         assert torch.allclose(b[key], expected, atol=1e-7), key
-        assert torch.equal(b[key], a[key]) == (".lora_B." not in key or not a[key].any()), key
+        assert torch.equal(b[key], a[key]) == (key not in scaled or not a[key].any()), key
     # The saved interpolation is what peft's own run-time rescaling of the adapter computes.
     selected = selected_of(tiny_model_dir)
     ids = torch.tensor([[5, 17, 42, 99, 7]])

@@ -374,7 +374,7 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
         tensors = load_file(path)
         for key, t in tensors.items():
             if base_of is None:
-                if ".lora_B." not in key and ".lora_embedding_B." not in key:
+                if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
                     continue
                 new = t.float() * alpha
             else:
