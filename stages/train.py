@@ -2,7 +2,8 @@
 
 Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
-        training_args.json; with train.wise_ft below 1, as base + wise_ft x the trained update), base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
+        training_args.json; with train.wise_ft below 1, as base + wise_ft x the trained update),
+        base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
         output, so never hashed or pushed: a killed run resumes from its newest complete
         checkpoint), base.metrics_dir/train/ (DVCLive: loss,
         learning rate, grad norm, tokens/s; `dvc plots show` draws the curves).
@@ -90,7 +91,8 @@ def main() -> None:
         callbacks.append(DVCLiveCallback(live=live))
 
     # Every process saves: under FSDP/ZeRO-3 the weights are gathered from all of them; the main one writes.
-    _, tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)
+    # The trained model is dropped here: it is saved, and wise_ft may load the base beside it.
+    tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)[1:]
     if not main_process:
         return
 

@@ -97,7 +97,6 @@ def test_a_negative_neftune_alpha_names_the_key_and_what_it_should_be(raw):
         params.section("train", data)
 
 
-
 @pytest.mark.parametrize("changes, message", [
     ({"wise_ft": 0}, r"train\.wise_ft must be in \(0, 1\]"),
     ({"wise_ft": 1.5}, r"train\.wise_ft must be in \(0, 1\]"),

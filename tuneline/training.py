@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
-from tuneline.modeling import load_model, load_tokenizer, resolve_dtype, sharded_launch
+from tuneline.modeling import load_base, load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.params import Train
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
@@ -367,8 +367,7 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
         base_of = None
     else:
         files = sorted(saved.glob("model*.safetensors"))
-        base_of = load_model(selected["model"], dtype="float32", revision=selected.get("revision"),
-                             trust_remote_code=selected.get("trust_remote_code", False)).state_dict()
+        base_of = load_base(selected, dtype="float32").state_dict()
     changed = 0
     for path in files:
         tensors = load_file(path)
