@@ -3,34 +3,38 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 # torch is installed first, by pip, and pinned so nothing swaps in another build; on a machine
-# with a GPU, `make TORCH=torch` takes the normal (CUDA) build from PyPI. The rest is installed by
-# uv, which keeps that torch and installs the rest in 95 s where pip took 251 s (2-core machine, fresh
-# clone). --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc
-# files compiles torch and transformers again in every stage (measured: 28 s an import against 17 s).
+# with a GPU, `make TORCH=torch` takes the normal (CUDA) build from PyPI. Everything else comes from
+# requirements.lock (exact versions and hashes; tools/lock.py says how it treats torch), synced by uv:
+# a stale .venv is corrected, packages the lock does not hold are removed. --compile-bytecode as pip
+# does: where PYTHONDONTWRITEBYTECODE is set, a venv without .pyc files compiles torch and transformers
+# again in every stage. `make lock` re-resolves to the newest allowed versions: an upgrade is a commit
+# of its own, with `make test` run on it.
 TORCH ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-# `make test` also installs the lmeval extra (lm-evaluation-harness, which the tests run on a local
-# task); `make run` does not need it unless evaluate.lm_eval_tasks names tasks.
-TEST_STAMP := $(VENV)/.test-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)-$(subst =,_,$(TORCH))
+BOOTSTRAP := "uv>=0.5,<1" "packaging>=23"
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test repro serve review report push pull dag clean-venv
+.PHONY: install lock run test repro serve review report push pull dag clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" "uv>=0.5"
-	$(VENV)/bin/python -m uv pip install -q --compile-bytecode --python $(VENV)/bin/python -e ".[dev]"
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.lock pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" $(BOOTSTRAP)
+	$(VENV)/bin/python tools/lock.py keep $(VENV)/keep.txt
+	$(VENV)/bin/python -m uv pip sync -q --compile-bytecode --python $(VENV)/bin/python requirements.lock $(VENV)/keep.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-$(TEST_STAMP): $(STAMP)
-	$(VENV)/bin/python -m uv pip install -q --compile-bytecode --python $(VENV)/bin/python -e ".[dev,lmeval]"
-	rm -f $(VENV)/.test-installed-* && touch $@
+# Re-resolve pyproject.toml to the newest versions it allows and rewrite requirements.lock.
+lock: | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(BOOTSTRAP)
+	$(VENV)/bin/python tools/lock.py compile --upgrade
 
 # Run the whole pipeline on the embedded default. Initialises git and DVC where needed.
 run: $(STAMP)
@@ -46,7 +50,8 @@ repro: run
 # two-fresh-runs test runs a second one. `make test TEST_WORKERS=0` runs them in this process. The
 # slowest are listed.
 TEST_WORKERS ?= auto
-test: $(TEST_STAMP)
+test: $(STAMP)
+	$(VENV)/bin/python tools/lock.py check
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).
