@@ -2,8 +2,9 @@
 
 Reads:  base.tuning_base, base.adapter_dir, base.metrics_dir/eval.json, the Alpaca files (their hashes
         go into the model card), `export:`.
-Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card;
-        for P-tuning, which has no weights to merge, the adapter itself instead of merged weights).
+Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card): a
+        plain checkpoint any OpenAI-compatible server loads. A P-tuning run's virtual tokens become
+        special tokens that the chat template puts first (tuneline.export.with_virtual_tokens).
 Run:    python -m stages.export; then `make serve` serves it on 127.0.0.1.
 """
 
@@ -32,11 +33,7 @@ def main() -> None:
     card = model_card(selected, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
                       read_json(Path(base.metrics_dir) / "eval.json"))
     (out_dir / "README.md").write_text(card, encoding="utf-8")
-    if written == "adapter":
-        print(f"export: P-tuning adapter and tokenizer written to {out_dir} (virtual tokens cannot be merged into "
-              "weights): `tuneline serve` serves it as base + adapter; from Python, load it with peft onto the base model")
-    else:
-        print(f"export: merged {training['method']} model written to {out_dir}")
+    print(f"export: {training['method']} model ({written}) written to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -97,12 +97,12 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
     assert max_difference(logits(merged, tokenizer), logits(base_plus_adapter(tiny_llama_dir, adapter_dir), tokenizer)) > 1e-4
 
 
-def test_ptuning_adapter_is_refused_with_the_way_out(tiny_model_dir, tmp_path):
+def test_ptuning_adapter_is_refused_by_the_merge_with_the_way_out(tiny_model_dir, tmp_path):
     from tuneline.training import prepare_model
 
     selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
     prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(SystemExit, match="P-tuning adapters cannot be merged"):
+    with pytest.raises(ValueError, match="P-tuning adapter has no weights to merge; export it with `export"):
         merged_model(selected, tmp_path / "adapter", "float32")
 
 
@@ -128,53 +128,110 @@ def test_model_card_names_the_data_hashes_dvc_records(tuned_project, tmp_path):
     assert "fine-tuned with **lora**" in card and str(read_json(tuned_project / "models" / "selected.json")["model"]) in card
 
 
-def test_a_ptuning_run_exports_its_adapter_which_loads_back(tiny_model_dir, tmp_path):
-    from tuneline.export import export
-    from tuneline.modeling import load_tuned
+PTUNING_QUESTION = "How long should a French press steep?"
+PTUNING_ANSWER = "Four minutes."
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def ptuning_adapter(tiny_model_dir: Path, adapter_dir: Path) -> dict:
+    """A P-tuning adapter whose prompt is trained (100 Adam steps) to make the base answer PTUNING_ANSWER.
+
+    The tiny random base's logits hardly depend on its input (it answers newlines whatever the
+    prompt), so its matrices are scaled by 10 first, into a base that virtual tokens can steer."""
     from tuneline.training import prepare_model
 
-    selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
-    adapter_dir = tmp_path / "adapter"
-    prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(adapter_dir)
-    load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter_dir)
-    assert export(selected, adapter_dir, tmp_path / "export", "auto") == "adapter"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    base = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for weight in base.parameters():
+            if weight.dim() == 2:
+                weight.mul_(10)
+    base_dir = adapter_dir.parent / "steerable_base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    selected = {"name": "tiny_qwen", "kind": "local", "model": str(base_dir)}
 
-    tokenizer = load_tokenizer(str(tmp_path / "export"))
-    exported = logits(load_tuned(selected, tmp_path / "export").eval(), tokenizer)
-    assert max_difference(exported, logits(load_tuned(selected, adapter_dir).eval(), tokenizer)) == 0
-    base = logits(load_model(str(tiny_model_dir)).eval(), tokenizer)
-    # the text's positions come after the virtual tokens, and the virtual tokens changed them
-    assert max_difference([e[-len(b):] for e, b in zip(exported, base)], base) > 1e-3
+    model = prepare_model(selected, train_params("ptuning"), seed=0)
+    prompt = chat_ids(tokenizer, PTUNING_QUESTION)
+    answer = tokenizer(PTUNING_ANSWER + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids, labels = torch.cat([prompt, answer], 1), torch.cat([torch.full_like(prompt, -100), answer], 1)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(100):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return selected
+
+
+def test_a_ptuning_export_is_a_plain_checkpoint_computing_base_plus_adapter(tiny_model_dir, tmp_path):
+    """The export loads with plain transformers; through its chat template (virtual tokens first) its
+    logits at the text's positions are peft's for base + adapter, and they differ from the base's."""
+    from peft import PeftModel
+
+    from tuneline.export import export
+
+    selected = ptuning_adapter(tiny_model_dir, tmp_path / "adapter")
+    assert export(selected, tmp_path / "adapter", tmp_path / "export", "float32") == "virtual tokens"
+    assert not (tmp_path / "export" / "adapter_config.json").exists()
+
+    exported = load_model(str(tmp_path / "export")).eval()
+    exported_tokenizer = load_tokenizer(str(tmp_path / "export"))
+    base = load_model(selected["model"]).eval()
+    base_tokenizer = load_tokenizer(str(tiny_model_dir))
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    n_virtual = peft_model.peft_config["default"].num_virtual_tokens
+    for text in TEXTS:
+        plain, prefixed = chat_ids(base_tokenizer, text), chat_ids(exported_tokenizer, text)
+        assert prefixed.shape[1] == plain.shape[1] + n_virtual and torch.equal(prefixed[:, n_virtual:], plain)
+        with torch.no_grad():
+            want = peft_model(input_ids=plain).logits[0, -plain.shape[1]:]
+            got = exported(input_ids=prefixed).logits[0, n_virtual:, : want.shape[-1]]
+            bare = base(input_ids=plain).logits[0]
+        assert float((got - want).abs().max()) < 1e-4
+        assert float((bare - want).abs().max()) > 1e-3  # the virtual tokens changed the answer's logits
+    suppressed = set(exported.generation_config.suppress_tokens)
+    assert suppressed == set(range(len(base_tokenizer), len(exported_tokenizer)))  # never generated
 
 
 def test_tuneline_serve_serves_a_ptuning_export_as_base_plus_adapter(tiny_model_dir, tmp_path):
-    """The served answer is peft's offline greedy answer with the virtual tokens, not the base's."""
+    """The served answer (stock `transformers serve` of the export) is peft's offline greedy answer with
+    the virtual tokens, not the base's."""
     from peft import PeftModel
 
     from tests.test_oracles import plain_messages, served_answer
     from tuneline.export import export
-    from tuneline.training import prepare_model
 
-    selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
-    prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(tmp_path / "adapter")
-    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "adapter")
+    selected = ptuning_adapter(tiny_model_dir, tmp_path / "adapter")
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "params.yaml", project / "params.yaml")
     export(selected, tmp_path / "adapter", project / "models" / "export", "auto")
 
-    record = {"instruction": "How long should a French press steep?"}
+    record = {"instruction": PTUNING_QUESTION}
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompt = tokenizer.apply_chat_template(plain_messages(record), add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+                                           return_dict=True)["input_ids"]
 
     def greedy(model) -> str:
-        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        """Greedy decoding by the model's own forward over the whole sequence: the model as trained. (peft's
+        cached `generate` places a P-tuning model's new tokens N positions early, so it is not the reference.)"""
+        ids = prompt
+        for _ in range(12):
+            next_id = model(input_ids=ids).logits[0, -1].argmax().view(1, 1)
+            if int(next_id) == tokenizer.convert_tokens_to_ids("<|im_end|>"):
+                break
+            ids = torch.cat([ids, next_id], 1)
+        return tokenizer.decode(ids[0, prompt.shape[1]:], skip_special_tokens=True).strip()
 
-    base = load_model(str(tiny_model_dir)).eval()
+    base = load_model(selected["model"]).eval()
     with torch.no_grad():
         base_answer = greedy(base)
-        tuned_answer = greedy(PeftModel.from_pretrained(base, project / "models" / "export").eval())
-    assert tuned_answer != base_answer  # the check below can tell the adapter from the bare base
+        tuned_answer = greedy(PeftModel.from_pretrained(base, tmp_path / "adapter").eval())
+    assert tuned_answer == PTUNING_ANSWER != base_answer  # the check below can tell the adapter from the bare base
     assert served_answer(project, record, max_tokens=24) == tuned_answer

@@ -7,9 +7,8 @@
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
 maintained server; this is only the wrapper that finds the model, starts the server, says where
-it listens and stops it. The `model` field of a request is the model directory as given. A
-P-tuning export (an adapter: virtual tokens, no weights to merge) is served by the same server
-loading base + adapter with peft (`tuneline.peftserve`).
+it listens and stops it. The `model` field of a request is the model directory as given. Every
+export is a plain checkpoint (a P-tuning run's virtual tokens are special tokens in it).
 `review` opens the review page (tuneline.reviewapp) on this machine; the decisions it saves go to
 base.decisions, which `dvc repro` applies.
 """

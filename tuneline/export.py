@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
+
+import torch
 
 from tuneline.modeling import DTYPES, load_model, resolve_dtype, trained_4bit
 
@@ -27,7 +28,8 @@ def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
         base = base.dequantize(dtype=DTYPES[resolve_dtype(dtype)])
     model = PeftModel.from_pretrained(base, adapter_dir)
     if model.peft_config["default"].is_prompt_learning:
-        raise SystemExit("export: P-tuning adapters cannot be merged into weights; serve base + adapter instead")
+        raise ValueError("export: a P-tuning adapter has no weights to merge; export it with `export()`, which "
+                         "writes its virtual tokens into the vocabulary")
     return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)])
 
 
@@ -53,11 +55,11 @@ def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str
     """README.md of the exported model: base, method, params, data version (the directory hash
     dvc.lock records for `data_dir`, and each file's md5) and eval metrics."""
     lines = [
-        "---", f"library_name: {'peft' if training['method'] == 'ptuning' else 'transformers'}", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
+        "---", "library_name: transformers", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
         f"# Fine-tuned {selected['name']}", "",
         f"Made by the tuneline pipeline: base model `{selected['model']}` (chosen by {selected['why']}),",
-        f"fine-tuned with **{training['method']}**, " + ("exported as a P-tuning adapter: load it onto the base with "
-        "peft (`PeftModel.from_pretrained`)." if training["method"] == "ptuning" else "merged and exported."), "",
+        f"fine-tuned with **{training['method']}**, " + ("exported with its virtual tokens as special tokens that the "
+        "chat template puts first." if training["method"] == "ptuning" else "merged and exported."), "",
         "## Training data", "",
         f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:", "",
         *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
@@ -76,20 +78,56 @@ def is_prompt_learning(adapter_dir: str | Path) -> bool:
     return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("peft_type") == "P_TUNING"
 
 
+def prompt_token(i: int) -> str:
+    return f"<|tuneline_prompt_{i}|>"
+
+
+def with_virtual_tokens(selected: dict, adapter_dir: str | Path, dtype: str):
+    """(model, tokenizer): the base with a P-tuning run's virtual tokens written into its vocabulary.
+
+    peft prepends the prompt encoder's output (N vectors, fixed once trained) to the embedded input.
+    Here each vector becomes the input embedding of a new special token, the chat template opens
+    with those N tokens, and the generation config suppresses them, so a stock checkpoint computes
+    what base + adapter computes: same vectors at positions 0..N-1, the text after them. Any
+    OpenAI-compatible server that renders the chat template serves it as it is.
+    """
+    from peft import PeftModel
+
+    from tuneline.modeling import load_base, load_tokenizer
+
+    peft_model = PeftModel.from_pretrained(load_base(selected, dtype), adapter_dir).eval()
+    with torch.no_grad():
+        prompt = peft_model.get_prompt(batch_size=1)[0]
+    model = peft_model.get_base_model()
+    tokenizer = load_tokenizer(str(adapter_dir))
+    tokens = [prompt_token(i) for i in range(prompt.shape[0])]
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeddings = model.get_input_embeddings()
+    scale = getattr(embeddings, "embed_scale", 1.0)  # Gemma scales embeddings inside the module; peft's prompt is not
+    with torch.no_grad():
+        embeddings.weight[ids] = (prompt / scale).to(embeddings.weight.dtype)
+        embedded = embeddings(torch.tensor(ids, device=embeddings.weight.device))
+    if not torch.allclose(embedded.float(), prompt.float(), rtol=1e-2, atol=1e-3):
+        raise ValueError(f"export: {type(embeddings).__name__} does not reproduce the virtual tokens' vectors")
+    tokenizer.chat_template = "".join(tokens) + tokenizer.chat_template
+    model.generation_config.suppress_tokens = sorted({*(model.generation_config.suppress_tokens or []), *ids})
+    return model, tokenizer
+
+
 def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> str:
-    """Write the servable model to `out_dir`; return what was written: "merged", or "adapter" for
-    P-tuning, whose virtual tokens no plain checkpoint can hold: the adapter is copied as it is
-    and loads onto the base with peft (`tuneline.modeling.load_tuned`)."""
+    """Write the servable model to `out_dir`; return how: "merged" (LoRA, QLoRA, full weights), or
+    "virtual tokens" for P-tuning, whose prompt goes into the vocabulary and chat template."""
     from tuneline.modeling import load_tokenizer
 
     out_dir = Path(out_dir)
     if is_prompt_learning(adapter_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copyfile(Path(adapter_dir) / name, out_dir / name)
-        load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)
-        return "adapter"
-    model = merged_model(selected, adapter_dir, dtype)
+        model, tokenizer = with_virtual_tokens(selected, adapter_dir, dtype)
+        written = "virtual tokens"
+    else:
+        model, tokenizer = merged_model(selected, adapter_dir, dtype), load_tokenizer(str(adapter_dir))
+        written = "merged"
     model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)
-    return "merged"
+    tokenizer.save_pretrained(out_dir)
+    return written

@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tuneline.peftserve import is_prompt_adapter
-
 LOCAL = "local"
 log = logging.getLogger(__name__)
 
@@ -33,13 +31,9 @@ def free_port() -> int:
 
 
 def serve_command(model_path: str, port: int, device: str, host: str = "127.0.0.1") -> list[str]:
-    """The `transformers serve` command line, pinned to one model (its name in requests is the path).
-
-    A P-tuning adapter directory is served by the same server through `tuneline.peftserve`, which
-    loads it onto its base model with peft.
-    """
+    """The `transformers serve` command line, pinned to one model (its name in requests is the path)."""
     return [
-        sys.executable, "-m", "tuneline.peftserve" if is_prompt_adapter(model_path) else "transformers.cli.transformers", "serve",
+        sys.executable, "-m", "transformers.cli.transformers", "serve",
         "--host", host, "--port", str(port), "--device", device, "--log-level", "warning",
         model_path,
     ]  # fmt: skip
