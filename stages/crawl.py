@@ -45,6 +45,13 @@ def main() -> int:
     write_jsonl(raw / "crawl_rejects.jsonl", crawl.sorted_rejects(result.rejects + dataset_rejects))
     metrics = crawl.crawl_metrics(result, records, dataset_rejects)
     timings.write_metrics(Path(base.metrics_dir) / "crawl.json", metrics, base.metrics_dir, "crawl")
+    if metrics["parse_errors"] > p.max_parse_error_fraction * metrics["pages_fetched"]:
+        first = next(r for r in result.rejects if r["reason"] == "parse_error")
+        print(f"crawl: {metrics['parse_errors']} of {metrics['pages_fetched']} pages raised while parsing, more than "
+              f"crawl.max_parse_error_fraction {p.max_parse_error_fraction}; first: {first['url']}: {first['detail']}. "
+              f"All are parse_error rejects in {raw / 'crawl_rejects.jsonl'}; fix the source's selectors",
+              file=sys.stderr)
+        return 1
     print(
         f"crawl: {metrics['pages_fetched']} pages, {metrics['items']} items {metrics['items_by_kind']}, "
         f"{metrics['dataset_records']} dataset records, {metrics['rejects']} rejects "

@@ -241,11 +241,11 @@ def test_qa_and_doc_extraction(main_crawl):
     assert [(i["question"], i["answer"], i.get("category")) for i in qa] == [
         ("Do you ship abroad?", "Yes, within the EU.", None),
         ("Where to store beans?", "In an airtight tin, away from light.", "beans"),
-        ("Why grind fresh?", "Ground coffee loses aroma within minutes.", "grinding"),
+        ("Why grind fresh?", "Ground coffee loses aroma **within minutes**.", "grinding"),
     ]
     doc = next(i for i in items if i["url"] == f"{base_url}/article.html")
     assert doc["kind"] == "doc" and doc["title"] == "Descaling" and doc["category"] == "brewing"
-    assert doc["text"] == "Limescale slows heating.\nUse citric acid."  # no nav, footer or heading
+    assert doc["text"] == "Limescale slows heating.\n\nUse citric acid."  # Markdown; no nav, footer or heading
     for item in items:
         assert set(item) >= {"url", "source", "kind", "content_hash"}
         assert "fetched_at" not in item  # run times go to metrics: two runs of the same pages write the same bytes
@@ -440,7 +440,7 @@ def test_page_items_qa_mismatch_and_kinds():
     from dataclasses import replace
     items, lost = crawl.page_items("<h1>T</h1><article><p>a</p><nav>skip</nav><p>b <i>c</i></p></article>",
                                    replace(src, kind="doc"), 0)
-    assert lost == [] and items == [{"kind": "doc", "title": "T", "text": "a\nb c"}]
+    assert lost == [] and items == [{"kind": "doc", "title": "T", "text": "a\n\nb *c*"}]
     html = '<div class="qa"><p class="question">Q1</p><p class="answer">A1</p><p class="question"> </p><p class="answer">A2</p></div>'
     items, lost = crawl.page_items(html, src, 0)
     assert items == [{"kind": "qa", "question": "Q1", "answer": "A1"}] and [r for r, _ in lost] == ["qa_empty"]
