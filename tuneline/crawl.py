@@ -207,7 +207,7 @@ BUILTIN_EXCLUDE_CSS = {
                         ".md-content__button", ".md-source-file", ".md-tabs", ".md-clipboard", ".md-search"],
     "docusaurus": ["a.hash-link", ".theme-doc-breadcrumbs", ".theme-doc-toc-mobile", ".theme-doc-toc-desktop",
                    ".theme-edit-this-page", ".theme-last-updated", ".pagination-nav", ".theme-doc-footer"],
-    "docbook": ["div.toc", "div.navheader", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
+    "docbook": ["div.toc", "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
                 "div.list-of-examples"],
     "github": ["a.anchor", "svg.octicon", "clipboard-copy", ".zeroclipboard-container"],
 }
@@ -1048,11 +1048,17 @@ def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dic
 
 
 def check_columns(d: CrawlDataset, columns: list[str]) -> None:
-    """Fail when a mapped column is not in the data, suggesting the column meant (`Instruction` for `instruction`)."""
+    """Fail when a mapped column is not in the data, suggesting the column meant (`Instruction` for `instruction`).
+
+    An optional column (anything but instruction and output) that the file lacks is empty for
+    this file, unless the file has it in another case: that is a misspelt mapping.
+    """
     for field_, col in d.columns.items():
         if not col or col in columns:
             continue
         same = [c for c in columns if c.casefold() == col.casefold()]
+        if field_ not in ("instruction", "output") and not same:
+            continue
         close = same or difflib.get_close_matches(col, columns, n=1)
         hint = f"; did you mean {close[0]!r}? (column names are case-sensitive)" if close else ""
         raise _dataset_error(
@@ -1078,6 +1084,31 @@ def _field_problem(field_: str, value: Any) -> str | None:
     return None
 
 
+# Lone surrogates (valid in JSON as "\ud800", not in UTF-8) and C0 controls other than tab and newlines.
+_BAD_CHARS = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _unicode_problem(field_: str, value: Any) -> str | None:
+    """Why a value's text is not valid text: the field, the character and where (None: it is)."""
+    strings = [value] if isinstance(value, str) else [x for t in value for x in t] if field_ == "history" and value else []
+    for text in strings:
+        if m := _BAD_CHARS.search(text):
+            kind = "lone surrogate" if "\ud800" <= m.group() <= "\udfff" else "control character"
+            return f"{field_}: {kind} U+{ord(m.group()):04X} at character {m.start()}"
+    return None
+
+
+def _case_hint(d: CrawlDataset, row: dict) -> str:
+    """'; the row has 'Instruction' ...' when a mapped required column is in the row in another case."""
+    for field_ in ("instruction", "output"):
+        col = d.columns.get(field_) or ""
+        if col not in row:
+            same = [k for k in row if k.casefold() == col.casefold()]
+            if same:
+                return f"; the row has {same[0]!r}, not the mapped {col!r} ({field_}): column names are case-sensitive"
+    return ""
+
+
 def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     """Alpaca records from (where, row) pairs via `d.columns`, and the rows rejected (with reasons).
 
@@ -1091,6 +1122,10 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
             reason = "bad_history" if problems[0].startswith("history") else "wrong_type"
             rejects.append(reject(where, f"dataset:{d.name}", reason, "; ".join(problems)))
             continue
+        bad = [q for f, col in d.columns.items() if col and (q := _unicode_problem(f, row.get(col)))]
+        if bad:  # a lone surrogate cannot be written as UTF-8; control characters are not text
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_unicode", "; ".join(bad)))
+            continue
         rec: dict[str, Any] = {}
         for key in ALPACA_FIELDS:
             col = d.columns.get(key)
@@ -1100,7 +1135,8 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
             else:
                 rec[key] = "" if value is None else value.strip()
         if not rec["instruction"] or not rec["output"]:
-            rejects.append(reject(where, f"dataset:{d.name}", "empty_field", "instruction or output is empty"))
+            rejects.append(reject(where, f"dataset:{d.name}", "empty_field",
+                                  "instruction or output is empty" + _case_hint(d, row)))
             continue
         rec["source"] = f"dataset:{d.name}"
         category = row.get(d.columns["category"]) if d.columns.get("category") else None
