@@ -791,3 +791,14 @@ def test_an_optional_column_a_file_lacks_is_empty_and_a_wrong_case_key_is_named(
     records, rejects = crawl.load_datasets([d])
     assert [(r["instruction"], r["system"], r["history"]) for r in records] == [("What is crema?", "", [])]
     assert [(r["reason"], "the row has 'Instruction'" in r["detail"]) for r in rejects] == [("empty_field", True)]
+
+
+def test_the_sphinx_example_in_docs_crawl_md_loads_and_passes_the_checks():
+    import re
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "crawl.md").read_text(encoding="utf-8"), re.S).group(1)
+    data = repo_params()
+    data["crawl"]["sources"] = yaml.safe_load(block)["crawl"]["sources"]
+    p = params.section("crawl", data)
+    crawl.check_params(p)
+    assert p.sources[0].qa_mode == "headings" and p.sources[0].text_css == DOC_SOURCES["sphinx"]["text_css"]

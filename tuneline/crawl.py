@@ -3,8 +3,11 @@
 One scrapy crawler runs per source (`crawl.sources`), all in one `AsyncCrawlerProcess`, so each
 source gets its own depth limit, page budget and HTTP cache file. Politeness and robustness are
 scrapy's own settings (`scrapy_settings`): robots.txt, AutoThrottle, retries, timeouts, size cap,
-HTTP cache. Every page that yields no record is listed as a reject with its reason; items with a
-content hash seen before are dropped by `DedupPipeline` and listed too.
+HTTP cache. Page content is Markdown (markdownify): fenced code keeps the page's indentation, and
+page furniture (navigation, headerlinks, tables of contents) is taken out first. Q&A comes from
+selectors or from headings (documentation sites; docs/crawl.md). Every page that yields no record,
+or raises while parsing, is listed as a reject with its reason; items with a content hash seen
+before are dropped by `DedupPipeline` and listed too.
 
 Pure parts (`page_items`, `check_params`, `dataset_records`) take values and return values;
 `run_crawl` wraps the stateful scrapy run once and returns a `CrawlResult`. Scrapy's twisted
