@@ -569,8 +569,14 @@ DOC_SOURCES = {
     "mkdocs": {"text_css": "article.md-content__inner", "title_css": "h1", "heading_levels": [2],
                "questions_end_with": ["?"]},
     "docbook": {"text_css": "div.chapter, div.book", "title_css": "h1.title", "heading_levels": [2],
-                "questions_end_with": ["?"]},
+                "questions_end_with": ["?"], "deny": ["ch03"]},
+    # a DocBook <qandaset> (ch03): one table row per question and per answer, read with selectors
+    "docbook_qanda": {"text_css": "div.chapter", "title_css": "h1.title", "qa_mode": "pairs",
+                      "question_css": "tr.question > td:last-child", "answer_css": "tr.answer > td:last-child"},
 }
+# The fixture site (folder) and first page of each source.
+SITE_OF = {"sphinx": "sphinx/index.html", "mkdocs": "mkdocs/index.html", "docbook": "docbook/index.html",
+           "docbook_qanda": "docbook/ch03.html"}
 DOC_ANSWERS = {
     "sphinx": {
         "How do I install kettle?": "Install it from PyPI with pip:\n\n```console\n$ python -m pip install kettle\n```"
@@ -613,6 +619,12 @@ DOC_ANSWERS = {
             "$ samovard --check /etc/samovar.conf\n/etc/samovar.conf:12: unknown key 'temprature'\n"
             "    did you mean 'temperature'?\n```\n\n### Note\n\nThe check never starts the heater."),
     },
+    "docbook_qanda": {
+        "How much memory does the daemon use?": "About 4 MB per hundred users. Measure it on your host with:\n\n"
+                                                "```\n$ ps -o rss= -C samovard\n  4096\n```",
+        "Can I reload the configuration without a restart?": "Yes: send it `SIGHUP`.\n\nUsers who are brewing keep "
+                                                             "their old settings until the brew ends.",
+    },
 }
 # Text of the generators' page furniture: none of it may reach an item.
 FURNITURE = ["¶", "Table of Contents", "Table of contents", "Edit this page", "Created using Sphinx",
@@ -624,31 +636,38 @@ def docs_crawl(tmp_path_factory):
     """One crawl of the three fixture sites, served from tests/sites on 127.0.0.1."""
     work = tmp_path_factory.mktemp("docs")
     with crawl.serve_directory(SITES) as url:
-        sources = [source(name, [f"{url}{name}/index.html"], allow=[f"/{name}/"], kind="auto", qa_mode="headings",
-                          question_css="", answer_css="", **cfg) for name, cfg in DOC_SOURCES.items()]
+        sources = [source(name, [url + SITE_OF[name]], allow=["/" + SITE_OF[name].split("/")[0] + "/"], kind="auto",
+                          **({"qa_mode": "headings", "question_css": "", "answer_css": ""} | cfg))
+                   for name, cfg in DOC_SOURCES.items()]
         proc = run_stage(work, crawl_params(sources))
     assert proc.returncode == 0, proc.stderr[-3000:]
     items, rejects, metrics = outputs(work)
     return items, rejects, metrics, url
 
 
-def page_code_blocks(style: str) -> list[str]:
+def page_code_blocks(site: str) -> list[str]:
     """The text of every <pre> on a fixture site's pages, read with lxml as a browser shows it."""
     from lxml import html as lxml_html
 
-    return [pre.text_content().strip("\n") for page_file in sorted((SITES / style).glob("*.html"))
+    return [pre.text_content().strip("\n") for page_file in sorted((SITES / site).glob("*.html"))
             for pre in lxml_html.fromstring(page_file.read_bytes()).iter("pre")]
 
 
 @pytest.mark.parametrize("style", list(DOC_SOURCES))
-def test_doc_site_answers_are_complete_and_code_is_byte_for_byte(docs_crawl, style):
+def test_doc_site_answers_are_complete(docs_crawl, style):
     items, _, metrics, _ = docs_crawl
     mine = [i for i in items if i["source"] == style]
     assert {i["question"]: i["answer"] for i in mine if i["kind"] == "qa"} == DOC_ANSWERS[style]
-    texts = [i.get("answer", i.get("text", "")) for i in mine]
-    codes = page_code_blocks(style)
-    assert codes and all(any(f"\n{code}\n```" in t for t in texts) for code in codes)  # indentation, tabs, blank lines
     assert metrics["sources"][style]["items"] == len(mine)
+
+
+@pytest.mark.parametrize("site", ["sphinx", "mkdocs", "docbook"])
+def test_doc_site_code_blocks_are_byte_for_byte(docs_crawl, site):
+    items, _, _, url = docs_crawl
+    texts = [i.get("answer", i.get("text", "")) for i in items if i["url"].startswith(f"{url}{site}/")]
+    codes = page_code_blocks(site)
+    missing = [code for code in codes if not any(f"\n{code}\n```" in t for t in texts)]
+    assert len(codes) >= 3 and missing == []  # indentation, tabs and blank lines as on the page
 
 
 def test_doc_sites_carry_no_page_furniture(docs_crawl):
@@ -658,6 +677,16 @@ def test_doc_sites_carry_no_page_furniture(docs_crawl):
             for junk in FURNITURE:
                 assert junk not in item.get(field_, ""), (item["url"], field_, junk)
             assert "---" not in item.get(field_, "").split("\n")  # a title page's rule (<hr>)
+
+
+def test_doc_sites_lose_no_question_answer_or_prose(docs_crawl):
+    _, rejects, metrics, url = docs_crawl
+    assert sorted((r["reason"], r["url"].removeprefix(url)) for r in rejects) == [
+        ("duplicate", "mkdocs/index.html"),  # the same page as mkdocs/ (its logo links to ".")
+        ("http_404", "sphinx/genindex.html"),
+        ("no_content", "docbook/index.html"),  # linked from ch03, which docbook_qanda starts at: no qandaset there
+    ]
+    assert metrics["parse_errors"] == 0
 
 
 def test_prose_outside_the_faq_is_kept_as_a_document(docs_crawl):

@@ -210,7 +210,8 @@ BUILTIN_EXCLUDE_CSS = {
                         ".md-content__button", ".md-source-file", ".md-tabs", ".md-clipboard", ".md-search"],
     "docusaurus": ["a.hash-link", ".theme-doc-breadcrumbs", ".theme-doc-toc-mobile", ".theme-doc-toc-desktop",
                    ".theme-edit-this-page", ".theme-last-updated", ".pagination-nav", ".theme-doc-footer"],
-    "docbook": ["div.toc", "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
+    "docbook": ["div.toc", "div.qandaset > dl", "div.qandaset tr > td:first-child:not(:last-child)",
+                "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
                 "div.list-of-examples"],
     "github": ["a.anchor", "svg.octicon", "clipboard-copy", ".zeroclipboard-container"],
 }
@@ -339,6 +340,7 @@ def heading_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], list[
     out of `sel`, so what is left is the page's other prose.
     """
     scopes = [m.root for m in (select(sel, source.text_css) if source.text_css.strip() else sel.css("body"))]
+    scopes = [s for s in scopes if not any(_contains(o, s) for o in scopes)]  # a match inside another: once
     items, lost, taken = [], [], []
     for scope in scopes:
         heads = [h for h in scope.iter(*HEADING_TAGS)]
@@ -493,16 +495,17 @@ def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[d
             return None, ("no_content", "the text selector matched nothing")
         lines = markdown([m.root for m in matches]).split("\n")
         # Counted on the page's text, not on the Markdown, whose list and table marks are not text.
-        own_chars = sum(_chars(m.xpath(".//text()").getall()) - _chars(m.xpath(_LINK_TEXT).getall()) for m in matches)
+        all_chars = sum(_chars(m.xpath(".//text()").getall()) for m in matches)
+        own_chars = all_chars - sum(_chars(m.xpath(_LINK_TEXT).getall()) for m in matches)
         category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     else:
         lines = _trafilatura_lines(sel.get())
-        own_chars = _chars(lines)
+        all_chars = own_chars = _chars(lines)
     if lines and lines[0].lstrip("#").strip() == title:  # the heading is the title field already
-        own_chars -= _chars([title])
+        all_chars, own_chars = all_chars - _chars([title]), own_chars - _chars([title])
         lines = lines[1:]
     text = "\n".join(lines).strip()
-    if not text or all(line.startswith("#") for line in text.split("\n") if line.strip()):
+    if not text or all_chars <= 0 or all(line.startswith("#") for line in text.split("\n") if line.strip()):
         return None, ("no_content", "no text besides the title and headings")
     if own_chars < min_doc_chars:
         return None, ("navigation_only",
