@@ -783,7 +783,7 @@ def test_a_page_that_raises_is_a_reject_and_too_many_fail_the_stage(tmp_path, fr
     assert [r["url"] for r in errors] == [f"{url}a.html"] and errors[0]["detail"].startswith("AttributeError: ")
     assert [i["question"] for i in items] == ["How?"] and metrics["parse_errors"] == 1
     if code:
-        assert f"1 of 3 pages raised while parsing" in proc.stderr and f"{url}a.html" in proc.stderr
+        assert "1 of 3 pages raised while parsing" in proc.stderr and f"{url}a.html" in proc.stderr
 
 
 def test_invalid_unicode_in_a_row_is_a_reject_naming_line_and_field(tmp_path):
@@ -825,7 +825,7 @@ def test_an_optional_column_a_file_lacks_is_empty_and_a_wrong_case_key_is_named(
 def test_the_sphinx_example_in_docs_crawl_md_loads_and_passes_the_checks():
     import re
 
-    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "crawl.md").read_text(encoding="utf-8"), re.S).group(1)
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "crawl.md").read_text(encoding="utf-8"), re.DOTALL).group(1)
     data = repo_params()
     data["crawl"]["sources"] = yaml.safe_load(block)["crawl"]["sources"]
     p = params.section("crawl", data)
