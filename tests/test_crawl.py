@@ -831,3 +831,16 @@ def test_the_sphinx_example_in_docs_crawl_md_loads_and_passes_the_checks():
     p = params.section("crawl", data)
     crawl.check_params(p)
     assert p.sources[0].qa_mode == "headings" and p.sources[0].text_css == DOC_SOURCES["sphinx"]["text_css"]
+
+
+def test_code_blocks_of_docusaurus_and_github_and_fences_inside_code():
+    src = dataclasses.replace(crawl_section().sources[0], kind="doc", exclude_css=["xpath://div[@id='ad']"])
+    html = ('<article><h1>T</h1><div id="ad">Buy now.</div><p>Docusaurus:</p>'
+            '<div class="language-js theme-code-block"><pre class="prism-code language-js"><code>'
+            '<span class="token-line">if (x) {<br></span><span class="token-line">  go();<br></span>'
+            '<span class="token-line">}</span></code></pre></div>'
+            '<p>GitHub:</p><div class="highlight highlight-source-shell"><pre>ls -l\n  | sort</pre></div>'
+            '<p>A fence in code:</p><pre><code class="language-markdown">```python\nx = 1\n```</code></pre></article>')
+    items, _ = crawl.page_items(html, src, 0)
+    assert items[0]["text"] == ("Docusaurus:\n\n```js\nif (x) {\n  go();\n}\n```\n\nGitHub:\n\n```shell\nls -l\n  | sort\n```"
+                                "\n\nA fence in code:\n\n````markdown\n```python\nx = 1\n```\n````")

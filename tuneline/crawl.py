@@ -214,12 +214,14 @@ BUILTIN_EXCLUDE_CSS = {
                 "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
                 "div.list-of-examples"],
     "github": ["a.anchor", "svg.octicon", "clipboard-copy", ".zeroclipboard-container"],
+    "consent": ["#onetrust-consent-sdk", ".cc-window", "[id^=cookie-banner]", "[class^=cookie-banner]",
+                "[id^=cookie-consent]", "[class^=cookie-consent]"],
 }
 
 
 def exclusions(source: CrawlSource) -> str:
     """The CSS selector of everything `page_furniture` takes out of a page for `source`."""
-    css = [*SKIP_TAGS, *source.exclude_css]
+    css = [*SKIP_TAGS, *(c for c in source.exclude_css if not c.startswith("xpath:"))]
     if source.builtin_excludes:
         css += [c for group in BUILTIN_EXCLUDE_CSS.values() for c in group]
     return ", ".join(dict.fromkeys(css))
@@ -231,7 +233,8 @@ def page_furniture(sel: Selector, source: CrawlSource) -> Selector:
     A copy: the spider still follows the links in the navigation of the page it was given.
     """
     page = Selector(root=copy.deepcopy(sel.root), type="html")
-    for el in page.css(exclusions(source)):
+    xpaths = [c for c in source.exclude_css if c.startswith("xpath:")]
+    for el in [*page.css(exclusions(source)), *(e for x in xpaths for e in select(page, x))]:
         if el.root.getparent() is not None:  # inside an element dropped already
             el.drop()
     return page
@@ -453,6 +456,17 @@ def _converter() -> Any:
 
         def convert_br(self, el: Any, text: str, parent_tags: set) -> str:
             return "\n" if "pre" in parent_tags else super().convert_br(el, text, parent_tags)
+
+        def convert_pre(self, el: Any, text: str, parent_tags: set) -> str:
+            """A fence longer than any run of backticks in the code (a Markdown tutorial shows fences)."""
+            out = super().convert_pre(el, text, parent_tags)
+            longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=0)
+            if not longest:
+                return out
+            fence = "`" * (longest + 1)
+            head, _, rest = out.partition("```")
+            body, _, tail = rest.rpartition("```")
+            return head + fence + body + fence + tail
 
     # bs4 on lxml: a third faster than on html.parser, and lxml reads the pages already.
     return DocsConverter(heading_style="atx", bullets="-", strip=["a", "img"], escape_underscores=False,
