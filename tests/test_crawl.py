@@ -383,6 +383,11 @@ def test_bundled_site_crawl_is_deterministic(tmp_path):
     assert {r["url"] for r in rejects if r["reason"] == "robots_txt"} == {
         "data/site/private/staff-notes.html", "data/site/private/supplier-prices.html"}
     assert metrics["dataset_records"] == 30
+    # the brewlog manual (bundled_docs): questions under headings, code as on the page
+    faq = {i["question"]: i["answer"] for i in items if i["url"] == "data/site/docs/faq.html" and i["kind"] == "qa"}
+    assert len(faq) == 4 and faq["Why does brewlog reject my recipe file?"].count("```") == 2
+    assert "```python\nfrom brewlog import Recipe\n\nrecipe = " in faq["How do I scale a recipe to a bigger batch?"]
+    assert metrics["sources"]["bundled_docs"]["items"] == 6  # the FAQ's 4 answers, its intro and the manual page
     assert items == sorted(items, key=lambda i: (i["url"], i["kind"], i.get("question", i.get("title")),
                                                  i.get("answer", i.get("text"))))
 
