@@ -849,3 +849,14 @@ def test_code_blocks_of_docusaurus_and_github_and_fences_inside_code():
     items, _ = crawl.page_items(html, src, 0)
     assert items[0]["text"] == ("Docusaurus:\n\n```js\nif (x) {\n  go();\n}\n```\n\nGitHub:\n\n```shell\nls -l\n  | sort\n```"
                                 "\n\nA fence in code:\n\n````markdown\n```python\nx = 1\n```\n````")
+
+
+def test_the_shipped_params_write_the_new_keys_with_their_defaults():
+    """params.yaml is where users read the defaults: the dataclass defaults must not drift from it."""
+    shipped = repo_params()["crawl"]
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(params.CrawlSource) if f.init and (
+                    f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    assert set(defaults) == {"qa_mode", "heading_levels", "questions_end_with", "exclude_css", "builtin_excludes"}
+    assert {k: shipped["sources"][0][k] for k in defaults} == defaults
+    assert shipped["max_parse_error_fraction"] == params.Crawl.__dataclass_fields__["max_parse_error_fraction"].default

@@ -1,8 +1,10 @@
 """params.yaml mapped onto frozen dataclasses, one per section.
 
-params.yaml is the one place where defaults live: every key a section declares must be
-there, an unknown key is refused (a typo in `dvc exp run -S train.lora_rr=16` would otherwise
-add a new key silently), and each value is checked against its type before a stage starts.
+params.yaml is where defaults live: every key a section declares must be there, except the few
+optional keys whose dataclass field has a default (the shipped params.yaml still writes them out,
+with the same value, so an older params.yaml keeps loading); an unknown key is refused (a typo in
+`dvc exp run -S train.lora_rr=16` would otherwise add a new key silently), and each value is
+checked against its type before a stage starts.
 """
 
 from __future__ import annotations
