@@ -860,3 +860,16 @@ def test_the_shipped_params_write_the_new_keys_with_their_defaults():
     assert set(defaults) == {"qa_mode", "heading_levels", "questions_end_with", "exclude_css", "builtin_excludes"}
     assert {k: shipped["sources"][0][k] for k in defaults} == defaults
     assert shipped["max_parse_error_fraction"] == params.Crawl.__dataclass_fields__["max_parse_error_fraction"].default
+
+
+def test_without_text_selector_a_page_of_links_and_a_cookie_banner_are_not_text():
+    src = dataclasses.replace(crawl_section().sources[0], kind="doc", text_css="")
+    links = "".join(f'<li><a href="/a{i}.html">Article number {i} about coffee brewing</a></li>' for i in range(8))
+    html = f"<html><body><div class='content'><h1>All articles</h1><ul>{links}</ul></div></body></html>"
+    assert crawl.page_items(html, src, 40) == ([], [("navigation_only", "0 characters outside links, fewer than "
+                                                                         "crawl.min_doc_chars 40")])
+    body = " ".join(["Grind coffee just before brewing so the aroma stays in the cup."] * 4)
+    html = (f"<html><body><div id='cookie-banner'>We use cookies to improve your experience. Accept all cookies."
+            f"</div><div class='content'><h1>Grinding</h1><p>{body}</p></div></body></html>")
+    items, _ = crawl.page_items(html, src, 40)
+    assert items[0]["text"] == body

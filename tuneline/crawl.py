@@ -494,6 +494,9 @@ def code_language(pre: Any) -> str | None:
 _LINK_TEXT = ".//a//text()"
 
 
+_LIST_MARK = re.compile(r"^(?:[-*+]|\d+\.)\s+")
+
+
 def _chars(texts: list[str]) -> int:
     return sum(len("".join(t.split())) for t in texts)
 
@@ -516,7 +519,10 @@ def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[d
         category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     else:
         lines = _trafilatura_lines(sel.get())
-        all_chars = own_chars = _chars(lines)
+        # trafilatura drops the links; a line that is only a link's text is navigation, not text.
+        links = {" ".join("".join(a.xpath(".//text()").getall()).split()) for a in sel.css("body a")}
+        all_chars = _chars(lines)
+        own_chars = _chars([line for line in lines if _LIST_MARK.sub("", line) not in links])
     if lines and lines[0].lstrip("#").strip() == title:  # the heading is the title field already
         all_chars, own_chars = all_chars - _chars([title]), own_chars - _chars([title])
         lines = lines[1:]
