@@ -2,12 +2,13 @@
 
 Reads  params.yaml `base` and `crawl`; the bundled site in base.site_dir (served on 127.0.0.1
        while the stage runs when crawl.serve_site is true); dataset files named in crawl.datasets.
-Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text)
+Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text), Markdown
        {base.raw_dir}/datasets.jsonl       Alpaca records mapped from crawl.datasets
        {base.raw_dir}/crawl_rejects.jsonl  every page, request or row that gave no record, with its reason
        {base.cache_dir}/http               scrapy's HTTP cache (DVC persist: a rerun does not refetch)
        {base.metrics_dir}/crawl.json       pages, items by kind, rejects by reason, cache hits, bytes
-Run    python -m stages.crawl  (or `dvc repro crawl`), from the repository root.
+Run    python -m stages.crawl  (or `dvc repro crawl`), from the repository root. Exits 2 on bad params or
+       input, 1 when more than crawl.max_parse_error_fraction of the pages raised while parsing.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def main() -> int:
     write_jsonl(raw / "crawl_rejects.jsonl", crawl.sorted_rejects(result.rejects + dataset_rejects))
     metrics = crawl.crawl_metrics(result, records, dataset_rejects)
     timings.write_metrics(Path(base.metrics_dir) / "crawl.json", metrics, base.metrics_dir, "crawl")
+    if metrics["parse_errors"] > p.max_parse_error_fraction * metrics["pages_fetched"]:
+        first = next(r for r in result.rejects if r["reason"] == "parse_error")
+        print(f"crawl: {metrics['parse_errors']} of {metrics['pages_fetched']} pages raised while parsing, "
+              f"more than crawl.max_parse_error_fraction {p.max_parse_error_fraction}; first: {first['url']}: "
+              f"{first['detail']}. All are parse_error rejects in {raw / 'crawl_rejects.jsonl'}; "
+              "fix the source's selectors", file=sys.stderr)
+        return 1
     print(
         f"crawl: {metrics['pages_fetched']} pages, {metrics['items']} items {metrics['items_by_kind']}, "
         f"{metrics['dataset_records']} dataset records, {metrics['rejects']} rejects "

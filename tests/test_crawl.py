@@ -241,11 +241,11 @@ def test_qa_and_doc_extraction(main_crawl):
     assert [(i["question"], i["answer"], i.get("category")) for i in qa] == [
         ("Do you ship abroad?", "Yes, within the EU.", None),
         ("Where to store beans?", "In an airtight tin, away from light.", "beans"),
-        ("Why grind fresh?", "Ground coffee loses aroma within minutes.", "grinding"),
+        ("Why grind fresh?", "Ground coffee loses aroma **within minutes**.", "grinding"),
     ]
     doc = next(i for i in items if i["url"] == f"{base_url}/article.html")
     assert doc["kind"] == "doc" and doc["title"] == "Descaling" and doc["category"] == "brewing"
-    assert doc["text"] == "Limescale slows heating.\nUse citric acid."  # no nav, footer or heading
+    assert doc["text"] == "Limescale slows heating.\n\nUse citric acid."  # Markdown; no nav, footer or heading
     for item in items:
         assert set(item) >= {"url", "source", "kind", "content_hash"}
         assert "fetched_at" not in item  # run times go to metrics: two runs of the same pages write the same bytes
@@ -383,6 +383,11 @@ def test_bundled_site_crawl_is_deterministic(tmp_path):
     assert {r["url"] for r in rejects if r["reason"] == "robots_txt"} == {
         "data/site/private/staff-notes.html", "data/site/private/supplier-prices.html"}
     assert metrics["dataset_records"] == 30
+    # the brewlog manual (bundled_docs): questions under headings, code as on the page
+    faq = {i["question"]: i["answer"] for i in items if i["url"] == "data/site/docs/faq.html" and i["kind"] == "qa"}
+    assert len(faq) == 4 and faq["Why does brewlog reject my recipe file?"].count("```") == 2
+    assert "```python\nfrom brewlog import Recipe\n\nrecipe = " in faq["How do I scale a recipe to a bigger batch?"]
+    assert metrics["sources"]["bundled_docs"]["items"] == 6  # the FAQ's 4 answers, its intro and the manual page
     assert items == sorted(items, key=lambda i: (i["url"], i["kind"], i.get("question", i.get("title")),
                                                  i.get("answer", i.get("text"))))
 
@@ -440,7 +445,7 @@ def test_page_items_qa_mismatch_and_kinds():
     from dataclasses import replace
     items, lost = crawl.page_items("<h1>T</h1><article><p>a</p><nav>skip</nav><p>b <i>c</i></p></article>",
                                    replace(src, kind="doc"), 0)
-    assert lost == [] and items == [{"kind": "doc", "title": "T", "text": "a\nb c"}]
+    assert lost == [] and items == [{"kind": "doc", "title": "T", "text": "a\n\nb *c*"}]
     html = '<div class="qa"><p class="question">Q1</p><p class="answer">A1</p><p class="question"> </p><p class="answer">A2</p></div>'
     items, lost = crawl.page_items(html, src, 0)
     assert items == [{"kind": "qa", "question": "Q1", "answer": "A1"}] and [r for r, _ in lost] == ["qa_empty"]
@@ -460,10 +465,14 @@ def test_trafilatura_strips_boilerplate_without_text_selector():
 
 def test_missing_dataset_column_names_dataset_and_column(tmp_path):
     path = tmp_path / "faq.csv"
-    path.write_text("question,answer\nWhat is a burr?,A grinding ring.\n", encoding="utf-8")
+    path.write_text("question,answer,Topic\nWhat is a burr?,A grinding ring.,grinding\n", encoding="utf-8")
     d = CrawlDataset(name="faq", path=str(path), format="csv", split="train",
-                     columns={"instruction": "question", "output": "answer", "category": "topic"})
-    with pytest.raises(InputError, match=r"crawl.datasets \(faq\): column 'topic' \(mapped to category\)"):
+                     columns={"instruction": "query", "output": "answer"})
+    with pytest.raises(InputError, match=r"crawl.datasets \(faq\): column 'query' \(mapped to instruction\)"):
+        crawl.load_datasets([d])
+    # an optional column in another case is a misspelt mapping, not a column the file lacks
+    d = dataclasses.replace(d, columns={"instruction": "question", "output": "answer", "category": "topic"})
+    with pytest.raises(InputError, match=r"column 'topic' \(mapped to category\).*did you mean 'Topic'"):
         crawl.load_datasets([d])
     ok = CrawlDataset(name="faq", path=str(path), format="csv", split="train",
                       columns={"instruction": "question", "output": "answer"})
@@ -554,3 +563,313 @@ def test_hub_datasets_take_config_and_revision(monkeypatch):
                          columns={"instruction": "q", "output": "a"})
     with pytest.raises(ParamsError, match=r"revision is for format: hub only"):
         crawl.check_params(dataclasses.replace(section, datasets=[local]))
+
+
+# ---------------------------------------------------------------- documentation sites (tests/sites)
+
+SITES = ROOT / "tests" / "sites"
+# The params a user writes for each generator's markup (docs/crawl.md shows the same).
+DOC_SOURCES = {
+    "sphinx": {"text_css": "div.body", "title_css": "h1", "heading_levels": [2, 3], "questions_end_with": ["?"]},
+    "mkdocs": {"text_css": "article.md-content__inner", "title_css": "h1", "heading_levels": [2],
+               "questions_end_with": ["?"]},
+    "docbook": {"text_css": "div.chapter, div.book", "title_css": "h1.title", "heading_levels": [2],
+                "questions_end_with": ["?"], "deny": ["ch03"]},
+    # a DocBook <qandaset> (ch03): one table row per question and per answer, read with selectors
+    "docbook_qanda": {"text_css": "div.chapter", "title_css": "h1.title", "qa_mode": "pairs",
+                      "question_css": "tr.question > td:last-child", "answer_css": "tr.answer > td:last-child"},
+}
+# The fixture site (folder) and first page of each source.
+SITE_OF = {"sphinx": "sphinx/index.html", "mkdocs": "mkdocs/index.html", "docbook": "docbook/index.html",
+           "docbook_qanda": "docbook/ch03.html"}
+DOC_ANSWERS = {
+    "sphinx": {
+        "How do I install kettle?": "Install it from PyPI with pip:\n\n```console\n$ python -m pip install kettle\n```"
+                                    "\n\nPython 3.10 or newer is needed.",
+        "Which platforms are supported?": "Kettle runs wherever Python runs. It is tested on:\n\n"
+                                          "- Linux (glibc and musl)\n- macOS 13 and newer\n- Windows 10 and 11",
+        "How do I stop waiting for a kettle that never boils?": (
+            "Pass a timeout in seconds and catch `TimeoutError`:\n\n```python\nimport kettle\n\n\n"
+            "def boil(litres):\n    k = kettle.Kettle(litres)\n    try:\n        return k.boil(timeout=30)\n"
+            "    except TimeoutError:\n        if k.temperature < 90:\n            raise\n        return k\n```\n\n"
+            "The kettle is switched off when the timeout passes."),
+        "Can I see the temperature while it heats?": (
+            "Yes. Iterate over `Kettle.readings()`:\n\n```pycon\n>>> for t in k.readings():\n...     print(t)\n"
+            "...\n21.5\n48.0\n```\n\n| Field | Unit |\n| --- | --- |\n| t | degrees Celsius |"),
+    },
+    "mkdocs": {
+        "How do I change the port?": "Set `port` in `teapot.yml`:\n\n```yaml\nserver:\n  port: 8418\n  hosts:\n"
+                                     "    - 127.0.0.1\n```\n\nRestart the server afterwards.",
+        "How do I run it as a service?": (
+            "The steps depend on the system.\n\n### Linux\n\nWrite a systemd unit:\n\n```ini\n[Service]\n"
+            "ExecStart=/usr/bin/teapot --config /etc/teapot.yml\nRestart=on-failure\n```\n\n### Docker\n\n"
+            "1. Build the image with `make image`.\n2. Run it with `docker run -p 8418:8418 teapot`.\n\nNote\n\n"
+            "The image runs as an unprivileged user."),
+        "Which status codes can it return?": (
+            "| Code | When |\n| --- | --- |\n| 418 | always |\n| 503 | while the pot refills |\n\n"
+            "A Makefile target that checks it, with its tab:\n\n```make\ncheck:\n"
+            "\tcurl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8418/\n```"),
+    },
+    "docbook": {
+        "How do I start the daemon at boot?": (
+            "Enable the service with your init system. With systemd:\n\n```\n# systemctl enable --now samovard\n```"
+            "\n\nOn systems without systemd, add this line to `/etc/rc.local`:\n\n```\n"
+            "if [ -x /usr/sbin/samovard ]; then\n    /usr/sbin/samovard --daemon \\\n"
+            "        --pidfile /run/samovard.pid\nfi\n```"),
+        "Where does the daemon write its log?": (
+            "To syslog, with the facility `daemon`. The most common messages are:\n\n`kettle cold`\n"
+            ":   The heating element has failed.\n\n`pot empty`\n:   Refill the water tank."),
+        "How do I check a configuration file?": (
+            "Run the daemon with `--check`; it reads the file, reports the first error and exits:\n\n```\n"
+            "$ samovard --check /etc/samovar.conf\n/etc/samovar.conf:12: unknown key 'temprature'\n"
+            "    did you mean 'temperature'?\n```\n\n### Note\n\nThe check never starts the heater."),
+    },
+    "docbook_qanda": {
+        "How much memory does the daemon use?": "About 4 MB per hundred users. Measure it on your host with:\n\n"
+                                                "```\n$ ps -o rss= -C samovard\n  4096\n```",
+        "Can I reload the configuration without a restart?": "Yes: send it `SIGHUP`.\n\nUsers who are brewing keep "
+                                                             "their old settings until the brew ends.",
+    },
+}
+# Text of the generators' page furniture: none of it may reach an item.
+FURNITURE = ["¶", "Table of Contents", "Table of contents", "Edit this page", "Created using Sphinx",
+             "Made with Material", "Navigation", "Next FAQ", "Previous Home", "Last update", "Prev", "—"]
+
+
+@pytest.fixture(scope="module")
+def docs_crawl(tmp_path_factory):
+    """One crawl of the three fixture sites, served from tests/sites on 127.0.0.1."""
+    work = tmp_path_factory.mktemp("docs")
+    with crawl.serve_directory(SITES) as url:
+        sources = [source(name, [url + SITE_OF[name]], allow=["/" + SITE_OF[name].split("/")[0] + "/"], kind="auto",
+                          **({"qa_mode": "headings", "question_css": "", "answer_css": ""} | cfg))
+                   for name, cfg in DOC_SOURCES.items()]
+        proc = run_stage(work, crawl_params(sources))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    items, rejects, metrics = outputs(work)
+    return items, rejects, metrics, url
+
+
+def page_code_blocks(site: str) -> list[str]:
+    """The text of every <pre> on a fixture site's pages, read with lxml as a browser shows it."""
+    from lxml import html as lxml_html
+
+    return [pre.text_content().strip("\n") for page_file in sorted((SITES / site).glob("*.html"))
+            for pre in lxml_html.fromstring(page_file.read_bytes()).iter("pre")]
+
+
+@pytest.mark.parametrize("style", list(DOC_SOURCES))
+def test_doc_site_answers_are_complete(docs_crawl, style):
+    items, _, metrics, _ = docs_crawl
+    mine = [i for i in items if i["source"] == style]
+    assert {i["question"]: i["answer"] for i in mine if i["kind"] == "qa"} == DOC_ANSWERS[style]
+    assert metrics["sources"][style]["items"] == len(mine)
+
+
+@pytest.mark.parametrize("site", ["sphinx", "mkdocs", "docbook"])
+def test_doc_site_code_blocks_are_byte_for_byte(docs_crawl, site):
+    items, _, _, url = docs_crawl
+    texts = [i.get("answer", i.get("text", "")) for i in items if i["url"].startswith(f"{url}{site}/")]
+    codes = page_code_blocks(site)
+    missing = [code for code in codes if not any(f"\n{code}\n```" in t for t in texts)]
+    assert len(codes) >= 3 and missing == []  # indentation, tabs and blank lines as on the page
+
+
+def test_doc_sites_carry_no_page_furniture(docs_crawl):
+    items, _, _, _ = docs_crawl
+    for item in items:
+        for field_ in ("question", "answer", "title", "text"):
+            for junk in FURNITURE:
+                assert junk not in item.get(field_, ""), (item["url"], field_, junk)
+            assert "---" not in item.get(field_, "").split("\n")  # a title page's rule (<hr>)
+
+
+def test_doc_sites_lose_no_question_answer_or_prose(docs_crawl):
+    _, rejects, metrics, url = docs_crawl
+    assert sorted((r["reason"], r["url"].removeprefix(url)) for r in rejects) == [
+        ("duplicate", "mkdocs/index.html"),  # the same page as mkdocs/ (its logo links to ".")
+        ("http_404", "sphinx/genindex.html"),
+        ("no_content", "docbook/index.html"),  # linked from ch03, which docbook_qanda starts at: no qandaset there
+    ]
+    assert metrics["parse_errors"] == 0
+
+
+def test_prose_outside_the_faq_is_kept_as_a_document(docs_crawl):
+    items, _, _, url = docs_crawl
+    doc = next(i for i in items if i["url"] == f"{url}sphinx/faq.html" and i["kind"] == "doc")
+    assert doc["title"] == "Frequently asked questions"
+    assert doc["text"] == ("These are the questions new users of kettle ask most often.\n\n## 1. Installation\n\n"
+                           "## 2. Usage\n\nEverything here assumes `import kettle` at the top of the module.")
+    tutorial = next(i for i in items if i["url"] == f"{url}sphinx/tutorial.html")
+    assert "```python\nclass Timer:\n    def __enter__(self):\n" in tutorial["text"]
+
+
+def test_an_answer_element_that_holds_its_question_pairs_with_it():
+    src = dataclasses.replace(crawl_section().sources[0], question_css="section.qa h3", answer_css="section.qa",
+                              text_css="article")
+    html = ('<article><h1>FAQ</h1><section class="qa"><h3>First?</h3><p>One.</p><p>More one.</p></section>'
+            '<section class="qa"><h3>Second?</h3><p>Two.</p></section></article>')
+    items, lost = crawl.page_items(html, src, 0)
+    assert sorted((i["question"], i["answer"]) for i in items) == [("First?", "One.\n\nMore one."), ("Second?", "Two.")]
+    assert lost == []
+    broad = dataclasses.replace(src, answer_css="article")  # holds both questions: which is its own?
+    items, lost = crawl.page_items(html, broad, 0)
+    assert items == [] and [r for r, _ in lost] == ["qa_nested"]
+
+
+def test_prose_beside_selector_qa_is_a_document_with_kind_auto_and_a_reject_with_kind_qa():
+    src = dataclasses.replace(crawl_section().sources[0], question_css=".question", answer_css=".answer")
+    html = ('<article><h1>FAQ</h1><p>We answer within a day.</p>'
+            '<div class="qa"><h2 class="question">Why?</h2><div class="answer">Because.</div></div></article>')
+    items, lost = crawl.page_items(html, src, 5)
+    assert [(i["kind"], i.get("text", i.get("answer"))) for i in items] == [("qa", "Because."),
+                                                                              ("doc", "We answer within a day.")]
+    items, lost = crawl.page_items(html, dataclasses.replace(src, kind="qa"), 5)
+    assert [i["kind"] for i in items] == ["qa"] and [r for r, _ in lost] == ["prose_outside_qa"]
+
+
+def test_exclude_css_and_builtin_exclusions():
+    src = dataclasses.replace(crawl_section().sources[0], kind="doc", exclude_css=[".cookie-banner"])
+    html = ('<article><h1>T</h1><div class="cookie-banner">We use cookies.</div>'
+            '<h2>Part<a class="headerlink" href="#p">¶</a></h2><p>Body text.</p></article>')
+    items, _ = crawl.page_items(html, src, 0)
+    assert items[0]["text"] == "## Part\n\nBody text."
+    items, _ = crawl.page_items(html, dataclasses.replace(src, exclude_css=[], builtin_excludes=False), 0)
+    assert items[0]["text"] == "We use cookies.\n\n## Part¶\n\nBody text."
+
+
+def test_headings_mode_answer_runs_to_the_next_heading_of_its_level():
+    src = dataclasses.replace(crawl_section().sources[0], qa_mode="headings", heading_levels=[2], text_css="main")
+    html = ("<main><h2>Install</h2><p>Run pip.</p><h3>On Windows</h3><p>Use py.</p>"
+            "<h2>Upgrade</h2><p>Run pip -U.</p><h2>Empty</h2></main>")
+    items, lost = crawl.page_items(html, src, 0)
+    assert [(i["question"], i["answer"]) for i in items] == [
+        ("Install", "Run pip.\n\n### On Windows\n\nUse py."), ("Upgrade", "Run pip -U.")]
+    assert [r for r, _ in lost] == ["qa_empty"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("heading_levels", [0, 2], r"heading_levels is \[0, 2\]"),
+    ("exclude_css", ["div[[x"], r"exclude_css\[0\] 'div\[\[x' is not a CSS selector"),
+    ("question_css", "xpath://dt/text()", "selects text or attributes, not elements"),
+])
+def test_new_source_keys_are_checked(key, value, message):
+    with pytest.raises(ParamsError, match=message):
+        crawl.check_params(crawl_section(qa_mode="headings", **{key: value}))
+
+
+def test_unknown_source_key_is_still_refused():
+    data = repo_params()
+    data["crawl"]["sources"][0]["qa_mdoe"] = "headings"
+    with pytest.raises(ParamsError, match=r"crawl.sources\[0\].qa_mdoe is not a known key"):
+        params.section("crawl", data)
+    del data["crawl"]["sources"][0]["qa_mdoe"], data["crawl"]["sources"][0]["qa_mode"]
+    assert params.section("crawl", data).sources[0].qa_mode == "pairs"  # the default
+
+
+def parse_error_site(root: Path) -> None:
+    root.mkdir(parents=True)
+    (root / "index.html").write_text('<a href="a.html">a</a> <a href="b.html">b</a>', encoding="utf-8")
+    # `//dt/@id | //dt` picks an attribute where a <dt> has an id: that page raises while parsing
+    (root / "a.html").write_text('<dl><dt id="q1">Why?</dt><dd>Because.</dd></dl>', encoding="utf-8")
+    (root / "b.html").write_text("<dl><dt>How?</dt><dd>Like this.</dd></dl>", encoding="utf-8")
+
+
+@pytest.mark.parametrize("fraction, code", [(0.5, 0), (0.1, 1)])
+def test_a_page_that_raises_is_a_reject_and_too_many_fail_the_stage(tmp_path, fraction, code):
+    parse_error_site(tmp_path / "site")
+    with crawl.serve_directory(tmp_path / "site") as url:
+        src = source("err", [f"{url}index.html"], kind="qa", question_css="xpath://dt/@id | //dt",
+                     answer_css="xpath://dd")
+        proc = run_stage(tmp_path / "work", crawl_params([src], max_parse_error_fraction=fraction))
+    assert proc.returncode == code, proc.stderr[-3000:]
+    items, rejects, metrics = outputs(tmp_path / "work")
+    errors = [r for r in rejects if r["reason"] == "parse_error"]
+    assert [r["url"] for r in errors] == [f"{url}a.html"] and errors[0]["detail"].startswith("AttributeError: ")
+    assert [i["question"] for i in items] == ["How?"] and metrics["parse_errors"] == 1
+    if code:
+        assert "1 of 3 pages raised while parsing" in proc.stderr and f"{url}a.html" in proc.stderr
+
+
+def test_invalid_unicode_in_a_row_is_a_reject_naming_line_and_field(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "What is \\ud800?", "output": "Foam."}\n'
+                                '{"instruction": "Bell?", "output": "Ring\\u0007."}\n'
+                                '{"instruction": "Tabs?", "output": "a\\tb\\nc"}\n')
+    records, rejects = crawl.load_datasets([d])
+    assert [r["instruction"] for r in records] == ["Tabs?"]
+    assert [(r["url"], r["reason"], r["detail"]) for r in rejects] == [
+        (f"{d.path}:1", "bad_unicode", "instruction: lone surrogate U+D800 at character 8"),
+        (f"{d.path}:2", "bad_unicode", "output: control character U+0007 at character 4"),
+    ]
+
+
+def test_a_surrogate_row_does_not_crash_the_stage(tmp_path):
+    ds = tmp_path / "data" / "rows.jsonl"
+    ds.parent.mkdir(parents=True)
+    ds.write_text('{"q": "Fine?", "a": "Yes."}\n{"q": "Bad \\udfff?", "a": "No."}\n', encoding="utf-8")
+    datasets = [{"name": "rows", "path": "data/rows.jsonl", "format": "jsonl", "split": "train",
+                 "columns": {"instruction": "q", "output": "a"}}]
+    with crawl.serve_directory(SITES / "mkdocs") as url:
+        proc = run_stage(tmp_path, crawl_params([source("m", [f"{url}index.html"])], datasets))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, rejects, metrics = outputs(tmp_path)
+    assert [(r["url"], r["reason"]) for r in rejects if r["source"] == "dataset:rows"] == [
+        ("data/rows.jsonl:2", "bad_unicode")]
+    assert metrics["dataset_records"] == 1
+
+
+def test_an_optional_column_a_file_lacks_is_empty_and_a_wrong_case_key_is_named(tmp_path):
+    d = jsonl_dataset(tmp_path, '{"instruction": "What is crema?", "output": "Foam."}\n'
+                                '{"Instruction": "What is a burr?", "output": "A ring."}\n',
+                      instruction="instruction", output="output", system="system", history="history")
+    records, rejects = crawl.load_datasets([d])
+    assert [(r["instruction"], r["system"], r["history"]) for r in records] == [("What is crema?", "", [])]
+    assert [(r["reason"], "the row has 'Instruction'" in r["detail"]) for r in rejects] == [("empty_field", True)]
+
+
+def test_the_sphinx_example_in_docs_crawl_md_loads_and_passes_the_checks():
+    import re
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "crawl.md").read_text(encoding="utf-8"), re.DOTALL).group(1)
+    data = repo_params()
+    data["crawl"]["sources"] = yaml.safe_load(block)["crawl"]["sources"]
+    p = params.section("crawl", data)
+    crawl.check_params(p)
+    assert p.sources[0].qa_mode == "headings" and p.sources[0].text_css == DOC_SOURCES["sphinx"]["text_css"]
+
+
+def test_code_blocks_of_docusaurus_and_github_and_fences_inside_code():
+    src = dataclasses.replace(crawl_section().sources[0], kind="doc", exclude_css=["xpath://div[@id='ad']"])
+    html = ('<article><h1>T</h1><div id="ad">Buy now.</div><p>Docusaurus:</p>'
+            '<div class="language-js theme-code-block"><pre class="prism-code language-js"><code>'
+            '<span class="token-line">if (x) {<br></span><span class="token-line">  go();<br></span>'
+            '<span class="token-line">}</span></code></pre></div>'
+            '<p>GitHub:</p><div class="highlight highlight-source-shell"><pre>ls -l\n  | sort</pre></div>'
+            '<p>A fence in code:</p><pre><code class="language-markdown">```python\nx = 1\n```</code></pre></article>')
+    items, _ = crawl.page_items(html, src, 0)
+    assert items[0]["text"] == ("Docusaurus:\n\n```js\nif (x) {\n  go();\n}\n```\n\nGitHub:\n\n```shell\nls -l\n  | sort\n```"
+                                "\n\nA fence in code:\n\n````markdown\n```python\nx = 1\n```\n````")
+
+
+def test_the_shipped_params_write_the_new_keys_with_their_defaults():
+    """params.yaml is where users read the defaults: the dataclass defaults must not drift from it."""
+    shipped = repo_params()["crawl"]
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(params.CrawlSource) if f.init and (
+                    f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    assert set(defaults) == {"qa_mode", "heading_levels", "questions_end_with", "exclude_css", "builtin_excludes"}
+    assert {k: shipped["sources"][0][k] for k in defaults} == defaults
+    assert shipped["max_parse_error_fraction"] == params.Crawl.__dataclass_fields__["max_parse_error_fraction"].default
+
+
+def test_without_text_selector_a_page_of_links_and_a_cookie_banner_are_not_text():
+    src = dataclasses.replace(crawl_section().sources[0], kind="doc", text_css="")
+    links = "".join(f'<li><a href="/a{i}.html">Article number {i} about coffee brewing</a></li>' for i in range(8))
+    html = f"<html><body><div class='content'><h1>All articles</h1><ul>{links}</ul></div></body></html>"
+    assert crawl.page_items(html, src, 40) == ([], [("navigation_only", "0 characters outside links, fewer than "
+                                                                         "crawl.min_doc_chars 40")])
+    body = " ".join(["Grind coffee just before brewing so the aroma stays in the cup."] * 4)
+    html = (f"<html><body><div id='cookie-banner'>We use cookies to improve your experience. Accept all cookies."
+            f"</div><div class='content'><h1>Grinding</h1><p>{body}</p></div></body></html>")
+    items, _ = crawl.page_items(html, src, 40)
+    assert items[0]["text"] == body

@@ -171,6 +171,14 @@ def test_html_in_code_or_in_answers_about_markup_is_fine():
     assert html_remnants({"instruction": "What does the b tag do in HTML?", "output": "Use <b>bold</b>."}) is None
 
 
+def test_html_in_a_crawled_fenced_code_block_is_fine_even_when_the_code_shows_a_fence():
+    code = "```html\n<div class=\"x\">\n  <p>Hi &amp; bye</p>\n</div>\n```"
+    assert html_remnants(rec(output=f"Like this:\n\n{code}\n\nDone.")) is None
+    nested = f"Write:\n\n````markdown\n{code}\n<b>after the inner fence</b>\n````"
+    assert html_remnants(rec(output=nested)) is None
+    assert html_remnants(rec(output=f"{nested}\n\nThen <b>this</b> is prose.")) is not None
+
+
 def test_the_words_tag_or_html_do_not_switch_the_html_check_off():
     scraped = html_remnants({"instruction": "What tags does this coffee have?", "output": "<div class='tags'>Fruity</div>"})
     assert scraped is not None and scraped.rule == "html_remnants"

@@ -3,8 +3,11 @@
 One scrapy crawler runs per source (`crawl.sources`), all in one `AsyncCrawlerProcess`, so each
 source gets its own depth limit, page budget and HTTP cache file. Politeness and robustness are
 scrapy's own settings (`scrapy_settings`): robots.txt, AutoThrottle, retries, timeouts, size cap,
-HTTP cache. Every page that yields no record is listed as a reject with its reason; items with a
-content hash seen before are dropped by `DedupPipeline` and listed too.
+HTTP cache. Page content is Markdown (markdownify): fenced code keeps the page's indentation, and
+page furniture (navigation, headerlinks, tables of contents) is taken out first. Q&A comes from
+selectors or from headings (documentation sites; docs/crawl.md). Every page that yields no record,
+or raises while parsing, is listed as a reject with its reason; items with a content hash seen
+before are dropped by `DedupPipeline` and listed too.
 
 Pure parts (`page_items`, `check_params`, `dataset_records`) take values and return values;
 `run_crawl` wraps the stateful scrapy run once and returns a `CrawlResult`. Scrapy's twisted
@@ -14,6 +17,7 @@ reactor runs once per process, so call `run_crawl` once per process (the stage d
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import difflib
 import functools
@@ -62,6 +66,8 @@ def check_params(p: Crawl) -> None:
         _check_dataset(d, f"crawl.datasets[{i}] ({d.name})")
         if ds_names.count(d.name) > 1:
             raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
+    if not 0 <= p.max_parse_error_fraction <= 1:
+        raise ParamsError(f"crawl.max_parse_error_fraction is {p.max_parse_error_fraction}; give a share from 0 to 1")
     minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
                "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
     for key, low in minimum.items():
@@ -95,7 +101,8 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
         raise ParamsError(f"{where}.depth_limit is {s.depth_limit}; use 0 for no limit or a positive depth")
     if s.max_pages < 1:
         raise ParamsError(f"{where}.max_pages is {s.max_pages}; it must be at least 1")
-    needed = {"qa": ("question_css", "answer_css"), "doc": ("title_css",), "auto": ("question_css", "answer_css")}
+    pairs = ("question_css", "answer_css") if s.qa_mode == "pairs" else ()
+    needed = {"qa": pairs, "doc": ("title_css",), "auto": pairs}
     for key in needed[s.kind]:
         if not getattr(s, key).strip():
             raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector (or xpath:...)")
@@ -103,10 +110,21 @@ def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
         css = getattr(s, key)
         if css.strip():
             _check_css(css, f"{where}.{key}")
+    for i, css in enumerate(s.exclude_css):
+        _check_css(css, f"{where}.exclude_css[{i}]")
+    if s.qa_mode == "headings" and (not s.heading_levels or not set(s.heading_levels) <= set(range(1, 7))):
+        raise ParamsError(f"{where}.heading_levels is {s.heading_levels}; list heading levels from 1 to 6 (h1..h6)")
+
+
+# An XPath whose last step is text(), an attribute or a function picks strings, not elements.
+_XPATH_NOT_ELEMENTS = re.compile(r"(?:text\(\)|@[\w:*-]+|\w\([^/]*\))\s*$")
 
 
 def _check_css(css: str, key: str) -> None:
     kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
+    if css.startswith("xpath:") and _XPATH_NOT_ELEMENTS.search(css):
+        raise ParamsError(f"{key} {css!r} selects text or attributes, not elements; end the XPath at the element "
+                          "(//dt, not //dt/text())")
     try:
         select(Selector(text="<html><body></body></html>"), css)
     except Exception as err:  # cssselect and lxml raise several types (SelectorSyntaxError, XPathError)
@@ -153,29 +171,98 @@ def select(sel: Selector, selector: str) -> Any:
 def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """The items one HTML page (text, or its parsed Selector) yields, and (reason, detail) for what it lost.
 
-    Q&A: each question is paired with the first answer that follows it in the page (before the
-    next question), so one missing answer loses only its own question: `qa_mismatch` names the
-    unanswered question or the answer without a question; `qa_empty` a pair with an empty side.
-    Documents: `no_content` when the selectors match nothing, `navigation_only` when fewer than
-    `min_doc_chars` characters of the text are outside links (an index of links, a menu page).
+    The page is read from a copy with page furniture taken out (`page_furniture`). Q&A comes from
+    the question/answer selectors (`qa_mode: pairs`) or from headings (`qa_mode: headings`, see
+    `heading_pairs`); with kind auto the prose left outside the Q&A is kept as a document, with kind
+    qa it is a `prose_outside_qa` reject. Pairs: each question is paired with the first answer that
+    follows it (before the next question), so one missing answer loses only its own question:
+    `qa_mismatch` names the unanswered question or the answer without a question; an answer element
+    that holds its question is paired with it (without the question's text); `qa_empty` a pair with
+    an empty side. Documents: `no_content` when the selectors match nothing, `navigation_only` when
+    fewer than `min_doc_chars` characters of the text are outside links (an index of links, a menu).
     """
-    sel = Selector(text=page) if isinstance(page, str) else page
+    sel = page_furniture(Selector(text=page) if isinstance(page, str) else page, source)
+    items: list[dict] = []
+    lost: list[tuple[str, str]] = []
     if source.kind in ("auto", "qa"):
-        questions = select(sel, source.question_css)
-        answers = select(sel, source.answer_css)
-        if questions or answers:
-            return _qa_pairs(sel, questions, answers)
-        if source.kind == "qa":
+        items, lost = (heading_pairs if source.qa_mode == "headings" else _selector_pairs)(sel, source)
+        if not items and not lost and source.kind == "qa":
             return [], [("no_content", "no question or answer matched")]
+    if items or lost:  # a Q&A page: what is left of it is prose outside the Q&A
+        doc, why = _doc_item(sel, source, min_doc_chars)
+        if doc and source.kind == "qa":
+            lost.append(("prose_outside_qa", f"{len(doc['text'])} characters (kind auto keeps them as a document)"))
+        elif doc:
+            items.append(doc)
+        elif why[0] == "navigation_only":
+            lost.append(why)
+        return items, lost
     doc, why = _doc_item(sel, source, min_doc_chars)
     return ([doc], []) if doc else ([], [why])
 
 
-def _qa_pairs(sel: Selector, questions: Any, answers: Any) -> tuple[list[dict], list[tuple[str, str]]]:
+# Page furniture that documentation generators put inside the content: heading permalinks ("¶"),
+# tables of contents, breadcrumbs, "edit this page", previous/next links, copy buttons.
+BUILTIN_EXCLUDE_CSS = {
+    "sphinx": ["a.headerlink", "div.sphinxsidebar", "div.related", "div[role=navigation]", "div.toctree-wrapper",
+               "nav.contents", "div.contents.topic", "div.rst-footer-buttons", "a.viewcode-link", "div.footer"],
+    "mkdocs_material": ["a.headerlink", ".md-header", ".md-sidebar", ".md-footer", ".md-nav", ".md-path",
+                        ".md-content__button", ".md-source-file", ".md-tabs", ".md-clipboard", ".md-search"],
+    "docusaurus": ["a.hash-link", ".theme-doc-breadcrumbs", ".theme-doc-toc-mobile", ".theme-doc-toc-desktop",
+                   ".theme-edit-this-page", ".theme-last-updated", ".pagination-nav", ".theme-doc-footer"],
+    "docbook": ["div.toc", "div.qandaset > dl", "div.qandaset tr > td:first-child:not(:last-child)",
+                "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
+                "div.list-of-examples"],
+    "github": ["a.anchor", "svg.octicon", "clipboard-copy", ".zeroclipboard-container"],
+    "consent": ["#onetrust-consent-sdk", ".cc-window", "[id^=cookie-banner]", "[class^=cookie-banner]",
+                "[id^=cookie-consent]", "[class^=cookie-consent]"],
+}
+
+
+def exclusions(source: CrawlSource) -> str:
+    """The CSS selector of everything `page_furniture` takes out of a page for `source`."""
+    css = [*SKIP_TAGS, *(c for c in source.exclude_css if not c.startswith("xpath:"))]
+    if source.builtin_excludes:
+        css += [c for group in BUILTIN_EXCLUDE_CSS.values() for c in group]
+    return ", ".join(dict.fromkeys(css))
+
+
+def page_furniture(sel: Selector, source: CrawlSource) -> Selector:
+    """A copy of the page without navigation, scripts, `exclude_css` and the built-in exclusions.
+
+    A copy: the spider still follows the links in the navigation of the page it was given.
+    """
+    page = Selector(root=copy.deepcopy(sel.root), type="html")
+    xpaths = [c for c in source.exclude_css if c.startswith("xpath:")]
+    for el in [*page.css(exclusions(source)), *(e for x in xpaths for e in select(page, x))]:
+        if el.root.getparent() is not None:  # inside an element dropped already
+            el.drop()
+    return page
+
+
+# ---------------------------------------------------------------- Q&A from selectors
+
+
+def _selector_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], list[tuple[str, str]]]:
+    questions = list(select(sel, source.question_css))
+    answers = list(select(sel, source.answer_css))
+    items, lost, nested = [], [], set()
+    for a in answers:  # an answer element that holds its question (a whole <section>)
+        inside = [q for q in questions if _contains(a.root, q.root)]
+        if len(inside) == 1:
+            items.append(_qa_item(inside[0], Selector(root=_without(a.root, inside[0].root), type="html")))
+            nested |= {id(a), id(inside[0])}
+        elif len(inside) > 1:
+            lost.append(("qa_nested", f"answer {_short(a)!r} holds {len(inside)} questions; narrow answer_css"))
+            nested |= {id(a), *map(id, inside)}
+    for q in questions:
+        if id(q) not in nested and any(_contains(q.root, a.root) for a in answers):
+            lost.append(("qa_nested", f"question {_short(q)!r} holds its answer; narrow question_css"))
+            nested.add(id(q))
     order = {el: i for i, el in enumerate(sel.root.getroottree().iter())}
-    events = sorted([(order.get(q.root, -1), 0, q) for q in questions] + [(order.get(a.root, -1), 1, a) for a in answers],
+    events = sorted([(order.get(q.root, -1), 0, q) for q in questions if id(q) not in nested]
+                    + [(order.get(a.root, -1), 1, a) for a in answers if id(a) not in nested],
                     key=lambda e: (e[0], e[1]))
-    items, lost = [], []
     pending: Selector | None = None
     for _, is_answer, el in events:
         if not is_answer:
@@ -185,15 +272,40 @@ def _qa_pairs(sel: Selector, questions: Any, answers: Any) -> tuple[list[dict], 
         elif pending is None:
             lost.append(("qa_mismatch", f"answer {_short(el)!r} follows no question"))
         else:
-            item = _qa_item(pending, el)
-            if item["question"] and item["answer"]:
-                items.append(item)
-            else:
-                lost.append(("qa_empty", f"question {item['question'][:60]!r} has an empty side"))
+            items.append(_qa_item(pending, el))
             pending = None
     if pending is not None:
         lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
-    return items, lost
+    kept = [i for i in items if i["question"] and i["answer"]]
+    lost += [("qa_empty", f"question {i['question'][:60]!r} has an empty side") for i in items if i not in kept]
+    for el in [*questions, *answers]:  # what is left of the page is prose outside the Q&A
+        if el.root.getparent() is not None and _in_tree(sel.root, el.root):
+            el.drop()
+    return kept, lost
+
+
+def _contains(outer: Any, inner: Any) -> bool:
+    return outer is not inner and any(a is outer for a in inner.iterancestors())
+
+
+def _in_tree(root: Any, el: Any) -> bool:
+    return el is root or any(a is root for a in el.iterancestors())
+
+
+def _without(el: Any, inner: Any) -> Any:
+    """A copy of `el` without its descendant `inner` (the text after `inner` is kept)."""
+    path = []
+    node = inner
+    while node is not el:
+        parent = node.getparent()
+        path.append(parent.index(node))
+        node = parent
+    out = copy.deepcopy(el)
+    target = out
+    for i in reversed(path):
+        target = target[i]
+    target.drop_tree()
+    return out
 
 
 def _short(el: Selector) -> str:
@@ -201,16 +313,192 @@ def _short(el: Selector) -> str:
 
 
 def _qa_item(question: Selector, answer: Selector) -> dict:
-    item = {"kind": "qa", "question": " ".join(block_lines(question.root)),
-            "answer": "\n".join(block_lines(answer.root))}
+    item = {"kind": "qa", "question": question_text(question.root), "answer": markdown([answer.root])}
     category = question.xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     if category:
         item["category"] = category.strip()
     return item
 
 
-# Link text outside navigation blocks (block_lines leaves those out already).
-_LINK_TEXT = ".//a[not(ancestor::nav or ancestor::header or ancestor::footer or ancestor::aside)]//text()"
+_NUMBERING = re.compile(r"^(?:\d+\.)+\s+")
+
+
+def question_text(element: Any) -> str:
+    """A question heading's text on one line, without a section number ("1.2. ")."""
+    return _NUMBERING.sub("", " ".join(block_lines(element)))
+
+
+# ---------------------------------------------------------------- Q&A from headings
+
+HEADING_TAGS = ("h1", "h2", "h3", "h4", "h5", "h6")
+
+
+def heading_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Q&A where a question is a heading and its answer every block after it (`qa_mode: headings`).
+
+    A question is a heading of a level in `heading_levels` (ending in one of `questions_end_with`
+    when that is set); its answer runs up to the next heading of the same or a higher level, or
+    the next question: several paragraphs, lists, tables and code blocks, as Markdown. The scope
+    is what `text_css` matches (the whole body when empty). The questions and answers are taken
+    out of `sel`, so what is left is the page's other prose.
+    """
+    scopes = [m.root for m in (select(sel, source.text_css) if source.text_css.strip() else sel.css("body"))]
+    scopes = [s for s in scopes if not any(_contains(o, s) for o in scopes)]  # a match inside another: once
+    items, lost, taken = [], [], []
+    for scope in scopes:
+        heads = [h for h in scope.iter(*HEADING_TAGS)]
+        is_q = [_is_question(h, source) for h in heads]
+        for i, head in enumerate(heads):
+            if not is_q[i]:
+                continue
+            level = int(head.tag[1])
+            later = zip(heads[i + 1:], is_q[i + 1:])
+            end = next((h for h, q in later if q or int(h.tag[1]) <= level), None)
+            pieces = range_pieces(scope, head, end)
+            item = {"kind": "qa", "question": question_text(head), "answer": markdown(pieces)}
+            category = Selector(root=head, type="html").xpath(
+                "ancestor-or-self::*[@data-category][1]/@data-category").get()
+            if category:
+                item["category"] = category.strip()
+            if item["answer"]:
+                items.append(item)
+            else:
+                lost.append(("qa_empty", f"question {item['question'][:60]!r} has no text before the next heading"))
+            taken.append((head, pieces))
+    for head, pieces in taken:
+        _remove_pieces([("el", head), *pieces])
+    return items, lost
+
+
+def _is_question(head: Any, source: CrawlSource) -> bool:
+    if int(head.tag[1]) not in source.heading_levels:
+        return False
+    text = question_text(head)
+    return bool(text) and (not source.questions_end_with or text.endswith(tuple(source.questions_end_with)))
+
+
+def range_pieces(root: Any, start: Any, end: Any | None) -> list[tuple[str, Any]]:
+    """The parts of `root` after `start` and before `end` (None: to the end of `root`), in page order.
+
+    Each part is ("el", element) for a whole element with the text after it, ("text", element)
+    for the text at the start of an element that holds `end`, or ("tail", element) for the text
+    after an element. Headings nest in sections (Sphinx) or in title wrappers (DocBook), so the
+    walk goes up from `start` and down into the element that holds `end`.
+    """
+    pieces: list[tuple[str, Any]] = [("tail", start)]
+    holders = [] if end is None else [end, *end.iterancestors()]
+    node = start
+    while node is not root:
+        for sib in node.itersiblings():
+            if any(sib is h for h in holders):
+                _pieces_until(sib, end, pieces)
+                return pieces
+            pieces.append(("el", sib))
+        node = node.getparent()
+        if node is None or node is root:
+            break
+        pieces.append(("tail", node))
+    return pieces
+
+
+def _pieces_until(el: Any, end: Any, pieces: list[tuple[str, Any]]) -> None:
+    while el is not end:
+        pieces.append(("text", el))
+        for child in el:
+            if child is end or _contains(child, end):
+                el = child
+                break
+            pieces.append(("el", child))
+        else:
+            return
+
+
+def _remove_pieces(pieces: list[tuple[str, Any]]) -> None:
+    for kind, el in pieces:
+        if kind == "el":
+            el.tail = None
+            if el.getparent() is not None:
+                el.getparent().remove(el)
+        else:
+            setattr(el, kind, None)
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def markdown(parts: list) -> str:
+    """Markdown of the content of lxml elements, or of `range_pieces` parts: headings, lists, tables,
+    link text, and fenced code blocks whose lines are the page's `<pre>` text as it is, with its language.
+
+    An element's content, not the element: an answer in a `<dd>` or `<li>` is not a list item.
+    """
+    import html as htmllib
+
+    from lxml import html as lxml_html
+
+    pieces = []
+    for part in parts:
+        pieces += [part] if isinstance(part, tuple) else [("text", part), *(("el", c) for c in part)]
+    chunks = []
+    for kind, el in pieces:
+        if kind == "el":
+            chunks.append(lxml_html.tostring(el, encoding="unicode", with_tail=False))
+        chunks.append(htmllib.escape((el.text if kind == "text" else el.tail) or ""))
+    return _converter().convert("".join(chunks)).strip()
+
+
+@functools.cache
+def _converter() -> Any:
+    from markdownify import MarkdownConverter
+
+    class DocsConverter(MarkdownConverter):
+        """markdownify, with a `<br>` inside `<pre>` a plain newline (Docusaurus writes code lines so)."""
+
+        def convert_br(self, el: Any, text: str, parent_tags: set) -> str:
+            return "\n" if "pre" in parent_tags else super().convert_br(el, text, parent_tags)
+
+        def convert_pre(self, el: Any, text: str, parent_tags: set) -> str:
+            """A fence longer than any run of backticks in the code (a Markdown tutorial shows fences)."""
+            out = super().convert_pre(el, text, parent_tags)
+            longest = max((len(run) for run in re.findall(r"`{3,}", text)), default=0)
+            if not longest:
+                return out
+            fence = "`" * (longest + 1)
+            head, _, rest = out.partition("```")
+            body, _, tail = rest.rpartition("```")
+            return head + fence + body + fence + tail
+
+    # bs4 on lxml: a third faster than on html.parser, and lxml reads the pages already.
+    return DocsConverter(heading_style="atx", bullets="-", strip=["a", "img"], escape_underscores=False,
+                         escape_asterisks=False, code_language_callback=code_language, bs4_options="lxml")
+
+
+_LANGUAGE_CLASS = re.compile(r"^(?:language|lang|highlight-source|highlight)-([A-Za-z0-9_+#.-]+)$")
+
+
+def code_language(pre: Any) -> str | None:
+    """The language a code block's classes name (Sphinx `highlight-python`, MkDocs `language-python`,
+    GitHub `highlight-source-python`), on the `<pre>`, its `<code>` or the two elements around it."""
+    code = pre.find("code")
+    for el in [pre, code, pre.parent, pre.parent.parent if pre.parent else None]:
+        for cls in (el.get("class") or []) if el is not None else []:
+            m = _LANGUAGE_CLASS.match(cls)
+            if m and m.group(1) not in ("default", "none", "notranslate"):
+                return m.group(1)
+    return None
+
+
+# ---------------------------------------------------------------- documents
+
+# Link text outside navigation blocks (page_furniture takes those out already).
+_LINK_TEXT = ".//a//text()"
+
+
+_LIST_MARK = re.compile(r"^(?:[-*+]|\d+\.)\s+")
+
+
+def _chars(texts: list[str]) -> int:
+    return sum(len("".join(t.split())) for t in texts)
 
 
 def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[dict | None, tuple[str, str]]:
@@ -220,22 +508,27 @@ def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[d
     else:
         title = " ".join(sel.css("title::text").get("").split())
     category = None
-    link_chars = 0
     if source.text_css.strip():
         matches = select(sel, source.text_css)
         if not matches:
             return None, ("no_content", "the text selector matched nothing")
-        lines = [line for m in matches for line in block_lines(m.root)]
-        link_chars = sum(len("".join(t.split())) for m in matches for t in m.xpath(_LINK_TEXT).getall())
+        lines = markdown([m.root for m in matches]).split("\n")
+        # Counted on the page's text, not on the Markdown, whose list and table marks are not text.
+        all_chars = sum(_chars(m.xpath(".//text()").getall()) for m in matches)
+        own_chars = all_chars - sum(_chars(m.xpath(_LINK_TEXT).getall()) for m in matches)
         category = matches[0].xpath("ancestor-or-self::*[@data-category][1]/@data-category").get()
     else:
         lines = _trafilatura_lines(sel.get())
-    if lines and lines[0] == title:  # the heading is the title field already
+        # trafilatura drops the links; a line that is only a link's text is navigation, not text.
+        links = {" ".join("".join(a.xpath(".//text()").getall()).split()) for a in sel.css("body a")}
+        all_chars = _chars(lines)
+        own_chars = _chars([line for line in lines if _LIST_MARK.sub("", line) not in links])
+    if lines and lines[0].lstrip("#").strip() == title:  # the heading is the title field already
+        all_chars, own_chars = all_chars - _chars([title]), own_chars - _chars([title])
         lines = lines[1:]
-    if not lines:
-        return None, ("no_content", "no text besides the title")
-    text = "\n".join(lines)
-    own_chars = len("".join(text.split())) - link_chars
+    text = "\n".join(lines).strip()
+    if not text or all_chars <= 0 or all(line.startswith("#") for line in text.split("\n") if line.strip()):
+        return None, ("no_content", "no text besides the title and headings")
     if own_chars < min_doc_chars:
         return None, ("navigation_only",
                       f"{max(own_chars, 0)} characters outside links, fewer than crawl.min_doc_chars {min_doc_chars}")
@@ -484,7 +777,11 @@ def _spider_class() -> type:
                 if replaced:
                     self.crawler.stats.inc_value("tuneline/pages_with_bad_bytes")
                     self.crawler.stats.inc_value("tuneline/bad_bytes_replaced", replaced)
-                items, lost = page_items(response.selector, self.source, self.min_doc_chars)
+                try:
+                    items, lost = page_items(response.selector, self.source, self.min_doc_chars)
+                except Exception as err:  # one page's markup or selector must not stop the crawl, nor vanish
+                    self.crawler.stats.inc_value("tuneline/parse_errors")
+                    items, lost = [], [("parse_error", f"{type(err).__name__}: {err}"[:300])]
                 for reason, detail in lost:
                     self.sink.reject(url, name, reason, detail)
                 for item in items:
@@ -619,6 +916,7 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
         "pages_with_bad_bytes": total("tuneline/pages_with_bad_bytes"),
         "bad_bytes_replaced": total("tuneline/bad_bytes_replaced"),
         "links_offsite": total("tuneline/links_offsite"),
+        "parse_errors": total("tuneline/parse_errors"),
         "items": len(result.items),
         "items_by_kind": dict(sorted(Counter(i["kind"] for i in result.items).items())),
         "rejects": len(result.rejects) + len(dataset_rejects),
@@ -778,11 +1076,17 @@ def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dic
 
 
 def check_columns(d: CrawlDataset, columns: list[str]) -> None:
-    """Fail when a mapped column is not in the data, suggesting the column meant (`Instruction` for `instruction`)."""
+    """Fail when a mapped column is not in the data, suggesting the one meant (`Instruction` for `instruction`).
+
+    An optional column (anything but instruction and output) that the file lacks is empty for
+    this file, unless the file has it in another case: that is a misspelt mapping.
+    """
     for field_, col in d.columns.items():
         if not col or col in columns:
             continue
         same = [c for c in columns if c.casefold() == col.casefold()]
+        if field_ not in ("instruction", "output") and not same:
+            continue
         close = same or difflib.get_close_matches(col, columns, n=1)
         hint = f"; did you mean {close[0]!r}? (column names are case-sensitive)" if close else ""
         raise _dataset_error(
@@ -808,6 +1112,33 @@ def _field_problem(field_: str, value: Any) -> str | None:
     return None
 
 
+# Lone surrogates (valid in JSON as "\ud800", not in UTF-8) and C0 controls other than tab and newlines.
+_BAD_CHARS = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _unicode_problem(field_: str, value: Any) -> str | None:
+    """Why a value's text is not valid text: the field, the character and where (None: it is)."""
+    strings = [value] if isinstance(value, str) else []
+    if field_ == "history" and value:
+        strings = [x for pair in value for x in pair]
+    for text in strings:
+        if m := _BAD_CHARS.search(text):
+            kind = "lone surrogate" if "\ud800" <= m.group() <= "\udfff" else "control character"
+            return f"{field_}: {kind} U+{ord(m.group()):04X} at character {m.start()}"
+    return None
+
+
+def _case_hint(d: CrawlDataset, row: dict) -> str:
+    """'; the row has 'Instruction' ...' when a mapped required column is in the row in another case."""
+    for field_ in ("instruction", "output"):
+        col = d.columns.get(field_) or ""
+        if col not in row:
+            same = [k for k in row if k.casefold() == col.casefold()]
+            if same:
+                return f"; the row has {same[0]!r}, not the mapped {col!r} ({field_}): column names are case-sensitive"
+    return ""
+
+
 def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     """Alpaca records from (where, row) pairs via `d.columns`, and the rows rejected (with reasons).
 
@@ -821,6 +1152,10 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
             reason = "bad_history" if problems[0].startswith("history") else "wrong_type"
             rejects.append(reject(where, f"dataset:{d.name}", reason, "; ".join(problems)))
             continue
+        bad = [q for f, col in d.columns.items() if col and (q := _unicode_problem(f, row.get(col)))]
+        if bad:  # a lone surrogate cannot be written as UTF-8; control characters are not text
+            rejects.append(reject(where, f"dataset:{d.name}", "bad_unicode", "; ".join(bad)))
+            continue
         rec: dict[str, Any] = {}
         for key in ALPACA_FIELDS:
             col = d.columns.get(key)
@@ -830,7 +1165,8 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
             else:
                 rec[key] = "" if value is None else value.strip()
         if not rec["instruction"] or not rec["output"]:
-            rejects.append(reject(where, f"dataset:{d.name}", "empty_field", "instruction or output is empty"))
+            rejects.append(reject(where, f"dataset:{d.name}", "empty_field",
+                                  "instruction or output is empty" + _case_hint(d, row)))
             continue
         rec["source"] = f"dataset:{d.name}"
         category = row.get(d.columns["category"]) if d.columns.get("category") else None

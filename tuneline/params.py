@@ -1,8 +1,10 @@
 """params.yaml mapped onto frozen dataclasses, one per section.
 
-params.yaml is the one place where defaults live: every key a section declares must be
-there, an unknown key is refused (a typo in `dvc exp run -S train.lora_rr=16` would otherwise
-add a new key silently), and each value is checked against its type before a stage starts.
+params.yaml is where defaults live: every key a section declares must be there, except the few
+optional keys whose dataclass field has a default (the shipped params.yaml still writes them out,
+with the same value, so an older params.yaml keeps loading); an unknown key is refused (a typo in
+`dvc exp run -S train.lora_rr=16` would otherwise add a new key silently), and each value is
+checked against its type before a stage starts.
 """
 
 from __future__ import annotations
@@ -149,6 +151,13 @@ class CrawlSource(_Section):
     answer_css: str
     title_css: str
     text_css: str
+    # Q&A from question/answer selectors (pairs) or from headings, each answer the blocks up to the
+    # next heading (headings: documentation sites; see tuneline.crawl.heading_pairs).
+    qa_mode: Literal["pairs", "headings"] = "pairs"
+    heading_levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
+    questions_end_with: list[str] = dataclasses.field(default_factory=list)  # e.g. ["?", "？"]; empty: every heading
+    exclude_css: list[str] = dataclasses.field(default_factory=list)  # sub-blocks taken out before extraction
+    builtin_excludes: bool = True  # also take out Sphinx, MkDocs, Docusaurus, DocBook, GitHub furniture
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class Crawl(_Section):
     autothrottle: bool
     autothrottle_start_delay_s: float
     http_cache_expiration_s: int
+    # Pages whose parsing raised are rejects (parse_error); more than this share fails the stage.
+    max_parse_error_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -452,9 +463,9 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
             f"{key}.{unknown[0]} is not a known key; known keys of {key} are: {', '.join(fields)}"
         )
     values = {}
-    for name, field in fields.items():
+    for name, spec in fields.items():
         if name not in data:
-            if field.default is dataclasses.MISSING:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
                 raise ParamsError(f"{key}.{name} is missing; add it to {PARAMS_FILE} ({_type_name(hints[name])})")
             continue
         values[name] = _convert(data[name], hints[name], f"{key}.{name}")

@@ -90,7 +90,9 @@ _REFUSAL_START = re.compile(
     re.IGNORECASE,
 )
 
-_CODE_RE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)
+# Fenced code (closed by a fence as long as the one that opened it: a crawled page's code block that
+# shows a ``` fence is fenced with ````) and inline code spans.
+_CODE_RE = re.compile(r"(`{3,}).*?\1(?!`)|`[^`\n]*`", re.DOTALL)
 _HTML_TAG_RE = re.compile(
     r"</?(?:a|b|i|u|p|br|hr|div|span|li|ul|ol|table|thead|tbody|tr|td|th|script|style|img|"
     r"h[1-6]|strong|em|font|iframe|meta|link|head|body|html|nav|footer|header|section|article)"
