@@ -41,7 +41,7 @@ run: $(STAMP)
 	test -d .git || (git init -q && git add -A && git -c user.name=tuneline -c user.email=tuneline@localhost commit -qm "tuneline: initial")
 	test -d .dvc || dvc init -q
 	dvc repro
-	@echo; echo "metrics/eval.json (base vs tuned: unseen = the test split, seen = training records; all metrics: dvc metrics show):"; cat metrics/eval.json
+	@echo; $(VENV)/bin/tuneline verdict
 
 repro: run
 
