@@ -554,3 +554,14 @@ def test_hub_datasets_take_config_and_revision(monkeypatch):
                          columns={"instruction": "q", "output": "a"})
     with pytest.raises(ParamsError, match=r"revision is for format: hub only"):
         crawl.check_params(dataclasses.replace(section, datasets=[local]))
+
+
+def test_a_source_that_gives_no_record_fails_unless_allowed_empty(tmp_path):
+    dead = source("dead", ["http://127.0.0.1:9/index.html"])  # port 9: nothing listens
+    proc = run_stage(tmp_path / "a", crawl_params([dead]))
+    assert proc.returncode == 2
+    assert "crawl.sources[0] (dead) gave no record: 0 pages fetched" in proc.stderr
+    assert "or set crawl.sources[0].allow_empty: true" in proc.stderr
+    assert (tmp_path / "a" / "data/raw/crawl_rejects.jsonl").exists()  # written first: it says why
+    proc = run_stage(tmp_path / "b", crawl_params([{**dead, "allow_empty": True}]))
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -172,7 +172,7 @@ def check(args: argparse.Namespace) -> int:
     if not Path(args.params).is_file():
         raise SystemExit(f"tuneline check: no {args.params} here; run it from the project root")
     try:
-        params.check(args.params)
+        params.check(args.params, complete=True)
     except params.ParamsError as err:
         raise SystemExit(f"tuneline check: {err}") from None
     print(f"tuneline check: {args.params} is fine ({len(params.SECTIONS)} sections); `dvc repro` runs the pipeline")

@@ -150,6 +150,7 @@ class CrawlSource(_Section):
     answer_css: str
     title_css: str
     text_css: str
+    allow_empty: bool = False  # true: a source that gives no record is not an error (a site that may be down)
 
 
 @dataclass(frozen=True)
@@ -505,9 +506,10 @@ def _holds_keys(tp: Any, value: Any) -> bool:
     return origin is list and isinstance(value, list)
 
 
-def problems(data: dict) -> list[str]:
+def problems(data: dict, complete: bool = False) -> list[str]:
     """Every problem of a whole params mapping: each unknown section and key (all of them, at any
-    depth), each missing section, and the first wrong value of each section that has no unknown key.
+    depth), the first wrong value of each section that has no unknown key and, with `complete`, each
+    missing section (a stage reports a missing section it reads when it loads it).
 
     Checks only the file: whether a named prompt file exists or an optional package is installed is
     checked by the stage that uses it."""
@@ -515,7 +517,8 @@ def problems(data: dict) -> list[str]:
              if name not in SECTIONS]  # fmt: skip
     for name, cls in SECTIONS.items():
         if name not in data:
-            found.append(f"the `{name}:` section is missing; add it (docs/params.md lists its keys)")
+            if complete:
+                found.append(f"the `{name}:` section is missing; add it (docs/params.md lists its keys)")
             continue
         unknown = unknown_keys(cls, data[name], name)
         found += unknown
@@ -532,12 +535,12 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f"; sections are {', '.join(known)}"
 
 
-def check(path: str | Path = PARAMS_FILE, data: dict | None = None) -> None:
+def check(path: str | Path = PARAMS_FILE, data: dict | None = None, complete: bool = False) -> None:
     """Raise one ParamsError listing every problem of the whole params file (see `problems`)."""
     global _reads
     reads, _reads = _reads, None  # checking the whole file is not reading the keys a stage uses
     try:
-        found = problems(_read_mapping(path) if data is None else data)
+        found = problems(_read_mapping(path) if data is None else data, complete)
     finally:
         _reads = reads
     if found:
