@@ -110,14 +110,68 @@ def verdict_rows(now: dict) -> list[list[str]]:
     return rows
 
 
+def text_table(rows: list[list[str]]) -> str:
+    """Rows as aligned plain-text columns, the first row the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def verdict_text(now: dict) -> str:
     """eval.json as an aligned plain-text table, for the terminal (`tuneline verdict`, the end of `make run`)."""
     if "skipped" in now:
         return "Evaluation skipped: an API model was chosen and is used as is (see metrics/select_table.md)."
-    rows = [["set", "metric", "base", "tuned", "tuned - base [95% interval]", "verdict"], *verdict_rows(now)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines + ["seen: training records (did fine-tuning take?); unseen: the test split (does it generalise?)"])
+    table = text_table([["set", "metric", "base", "tuned", "tuned - base [95% interval]", "verdict"], *verdict_rows(now)])
+    return table + "\nseen: training records (did fine-tuning take?); unseen: the test split (does it generalise?)"
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def experiment_runs(shown: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(name, params.yaml flattened, metrics by file) of each commit and experiment of `dvc exp show --json`."""
+    runs = []
+    for commit in shown:
+        entries = [(commit.get("name") or commit["rev"][:7] if commit["rev"] != "workspace" else "workspace",
+                    commit.get("data"))]
+        entries += [(rev.get("name") or rev["rev"][:7], rev.get("data")) for exp in commit.get("experiments") or []
+                    for rev in exp.get("revs", [])]  # fmt: skip
+        for name, data in entries:
+            if data:
+                runs.append((name, _flat((data.get("params") or {}).get("params.yaml", {}).get("data") or {}),
+                             {path: m.get("data") or {} for path, m in (data.get("metrics") or {}).items()}))
+    return runs
+
+
+def experiments_rows(shown: list[dict], eval_path: str) -> list[list[str]]:
+    """A table of the runs: the params that differ between them and the tuned model's headline
+    metrics, each with its verdict against the base; timings are left out."""
+    runs = experiment_runs(shown)
+    changed = sorted({k for _, p, _ in runs for k in p if len({repr(q.get(k)) for _, q, _ in runs}) > 1})
+    header = ["experiment", *changed, *(f"{s} {m}" for s, m, _, _ in HEADLINE)]
+    rows = [header]
+    for name, p, metrics in runs:
+        ev = metrics.get(eval_path, {})
+        cells = []
+        for set_name, metric, _, _ in HEADLINE:
+            value = ev.get(set_name, {}).get("tuned", {}).get(metric)
+            word = ev.get(set_name, {}).get("verdict", {}).get(metric)
+            cells.append("-" if value is None else f"{value:.4f}" + (f" ({word})" if word else ""))
+        rows.append([name, *(str(p.get(k, "-")) for k in changed), *cells])
+    return rows
+
+
+def experiments_table(metrics_dir: str, all_commits: bool = False, cwd: str | Path = ".") -> str:
+    """`tuneline exps`: the experiments of HEAD (or of every commit) as an aligned table."""
+    shown = json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []), cwd=cwd))
+    return text_table(experiments_rows(shown, f"{metrics_dir}/eval.json")) + (
+        "\ntuned model's metrics, each with its verdict against the base; `dvc exp show` has every column")
 
 
 def _delta(value: float, interval: dict | None) -> str:
@@ -156,6 +210,8 @@ def verdict_section(now: dict | None, before: dict | None, rev: str) -> str:
                 f"ties {j['tie']:.0%}, loses {j['loss']:.0%}, unparsed {j['unparsed']:.0%}; position consistency "
                 + (f"{j['position_consistency']:.0%}" if j["position_consistency"] is not None else "n/a")
                 + (f"; win - loss 95% interval [{net['low']:+.2f}, {net['high']:+.2f}]" if net else "") + ".")
+    if len(lines) == 4:  # no metric had a delta: a line, not an empty table
+        lines = ["No tuned-vs-base deltas in eval.json."]
     return "\n".join(lines + ([""] + judge_lines if judge_lines else ["", "LLM judge: off (evaluate.judge.enabled)."]))
 
 
@@ -245,6 +301,9 @@ def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "repo
     summary = summary_lines(base.metrics_dir, rev, base.seed, cwd)
     params_md = dvc("params", "diff", rev, "--md", cwd=cwd)
     metrics_md = other_metrics(dvc("metrics", "diff", rev, "--md", cwd=cwd), eval_path, timings)
+    if timings:  # not declared as metrics (dvc.yaml), so named here
+        timings_md = dvc("metrics", "diff", rev, "--md", "-R", "--targets", f"{base.metrics_dir}/timings", cwd=cwd)
+        metrics_md = "\n\n".join(t.strip() for t in (metrics_md, timings_md) if _has_rows(t))
     images = render_curves(rev, plots_dir, f"{base.metrics_dir}/train/", cwd, timings)
     path = Path(cwd) / out
     path.write_text(render(rev, verdict_md, params_md, metrics_md, images, timings, summary), encoding="utf-8")
