@@ -570,7 +570,7 @@ def section(name: str, data: dict | None = None, path: str | Path = PARAMS_FILE)
     if data is None:
         data = read_params_file(path)
     if name not in data:
-        raise ParamsError(f"{path} has no `{name}:` section; add it (see README, Parameters)")
+        raise ParamsError(f"{path} has no `{name}:` section; add it (docs/params.md lists its keys)")
     params = build_dataclass(SECTIONS[name], data[name], name)
     return _check_section(name, params)
 
