@@ -90,6 +90,10 @@ def test_experiments_run_and_show_with_their_metrics(clone):
         assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == lora_r
         metrics = data["metrics"]["metrics/eval.json"]["data"]
         assert metrics["unseen"]["tuned"]["loss"] > 0 and metrics["seen"]["tuned"]["loss"] > 0
+    table = run(clone, "tuneline", "exps").stdout.splitlines()  # the compact view of the same experiments
+    assert "train.lora_r" in table[0].split() and "unseen" in table[0]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert {"rank16", "rank4"} <= set(rows) and "runtime" not in "\n".join(table)
     run(clone, "git", "checkout", "--", "params.yaml", "dvc.lock")
     run(clone, "dvc", "checkout")
 
