@@ -3,6 +3,9 @@
 params.yaml is the one place where defaults live: every key a section declares must be
 there, an unknown key is refused (a typo in `dvc exp run -S train.lora_rr=16` would otherwise
 add a new key silently), and each value is checked against its type before a stage starts.
+Every stage checks the whole file first (`load` calls `check`; `tuneline check` does the same), so a
+mistake in a section the stage does not read still stops it before its work, with every unknown key
+listed at once and the key it probably meant.
 """
 
 from __future__ import annotations
