@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock run test repro serve review report push pull dag clean-venv
+.PHONY: install lock run test repro check exps serve review report push pull dag clean-venv
 
 install: $(STAMP)
 
@@ -65,6 +65,13 @@ review: $(STAMP)
 
 report: $(STAMP)
 	$(VENV)/bin/tuneline report --rev $(or $(REV),main)
+
+# All of params.yaml, as every stage checks it at start; the experiments in one compact table.
+check: $(STAMP)
+	$(VENV)/bin/tuneline check
+
+exps: $(STAMP)
+	$(VENV)/bin/tuneline exps
 
 push: $(STAMP)
 	dvc push
