@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lock run test repro serve review report push pull dag clean-venv
+.PHONY: install lock run test repro check exps serve review report push pull dag clean-venv
 
 install: $(STAMP)
 
@@ -41,7 +41,7 @@ run: $(STAMP)
 	test -d .git || (git init -q && git add -A && git -c user.name=tuneline -c user.email=tuneline@localhost commit -qm "tuneline: initial")
 	test -d .dvc || dvc init -q
 	dvc repro
-	@echo; echo "metrics/eval.json (base vs tuned: unseen = the test split, seen = training records; all metrics: dvc metrics show):"; cat metrics/eval.json
+	@echo; $(VENV)/bin/tuneline verdict
 
 repro: run
 
@@ -65,6 +65,13 @@ review: $(STAMP)
 
 report: $(STAMP)
 	$(VENV)/bin/tuneline report --rev $(or $(REV),main)
+
+# All of params.yaml, as every stage checks it at start; the experiments in one compact table.
+check: $(STAMP)
+	$(VENV)/bin/tuneline check
+
+exps: $(STAMP)
+	$(VENV)/bin/tuneline exps
 
 push: $(STAMP)
 	dvc push

@@ -58,7 +58,10 @@ def main() -> int:
         f"{metrics['dataset_records']} dataset records, {metrics['rejects']} rejects "
         f"{metrics['rejects_by_reason']}, {metrics['cache_hits']} cache hits"
     )
-    return 0
+    empty = crawl.empty_sources(p.sources, metrics, result.rejects)
+    for message in empty:  # after the outputs are written, so the rejects say why
+        print(f"crawl: {message}", file=sys.stderr)
+    return 2 if empty else 0
 
 
 def _site(site_dir: str, serve: bool) -> contextlib.AbstractContextManager[str | None]:

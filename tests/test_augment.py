@@ -437,3 +437,15 @@ def test_review_applies_the_clean_stages_language_and_pii_policy():
     # The next round's prompt says why in words, not by rule id.
     feedback = augment.mistakes_from([{"kind": "record", "record": german, "reasons": ["wrong_language"]}], 3)
     assert feedback[0]["reasons"] == ["the text is not in an allowed language"]
+
+
+def test_an_empty_seeds_file_fails_the_stage_naming_the_file(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    seeds = tmp_path / "data" / "seeds" / "seeds.jsonl"
+    seeds.parent.mkdir(parents=True)
+    seeds.write_text("\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "data/seeds/seeds.jsonl holds no seed record (base.seeds)" in done.stderr
+    assert not (tmp_path / "data" / "augmented").exists()

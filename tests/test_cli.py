@@ -86,3 +86,51 @@ def test_tuneline_serve_runs_until_terminated_and_takes_the_server_down(tuned_pr
         output = log.read().decode(errors="replace")
     assert f"tuneline serve: models/export at {url}" in output
     assert not listening(port)  # the `transformers serve` child went down with it
+
+
+def test_version_help_defaults_and_the_epilog_name_the_pipeline_commands(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("tuneline 0.")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8000)" in shown and "(default: auto)" in shown
+    assert "`make run`" in shown and "`dvc repro`" in shown
+
+
+def test_check_lists_every_problem_of_the_params_file(project_without_export, capsys):
+    main(["check"])
+    assert "params.yaml is fine" in capsys.readouterr().out
+    text = (project_without_export / "params.yaml").read_text(encoding="utf-8")
+    text = text.replace("  lora_r: 128", "  lora_rr: 128").replace("  max_new_tokens:", "  max_new_tokenz:")
+    (project_without_export / "params.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as failed:
+        main(["check"])
+    message = str(failed.value)
+    assert "train.lora_rr is not a known key (did you mean train.lora_r?)" in message
+    assert "max_new_tokenz is not a known key (did you mean" in message
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(project_without_export):
+    export = project_without_export / "models" / "export"
+    export.mkdir(parents=True)
+    write_json(export / "config.json", {"model_type": "llama"})  # found, but it would never load
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"port {port} on 127.0.0.1 is in use; pick another with --port"):
+            main(["serve", "--port", str(port), "--startup-timeout", "5"])
+
+
+def test_verdict_prints_the_eval_table(project_without_export, capsys):
+    metrics = project_without_export / "metrics"
+    metrics.mkdir()
+    write_json(metrics / "eval.json", {"unseen": {
+        "base": {"rouge_l": 0.1}, "tuned": {"rouge_l": 0.3}, "delta": {"rouge_l": 0.2},
+        "delta_ci95": {"rouge_l": {"low": 0.15, "high": 0.25}}, "verdict": {"rouge_l": "better"}, "records": 13}})
+    main(["verdict"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["set", "metric", "base", "tuned", "tuned", "-", "base", "[95%", "interval]", "verdict"]
+    assert lines[1].split() == ["unseen", "rouge_l", "0.1000", "0.3000", "+0.2000", "[+0.1500,", "+0.2500]", "better"]

@@ -857,7 +857,8 @@ def test_the_shipped_params_write_the_new_keys_with_their_defaults():
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(params.CrawlSource) if f.init and (
                     f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
-    assert set(defaults) == {"qa_mode", "heading_levels", "questions_end_with", "exclude_css", "builtin_excludes"}
+    assert set(defaults) == {"qa_mode", "heading_levels", "questions_end_with", "exclude_css", "builtin_excludes",
+                             "allow_empty"}
     assert {k: shipped["sources"][0][k] for k in defaults} == defaults
     assert shipped["max_parse_error_fraction"] == params.Crawl.__dataclass_fields__["max_parse_error_fraction"].default
 
@@ -873,3 +874,14 @@ def test_without_text_selector_a_page_of_links_and_a_cookie_banner_are_not_text(
             f"</div><div class='content'><h1>Grinding</h1><p>{body}</p></div></body></html>")
     items, _ = crawl.page_items(html, src, 40)
     assert items[0]["text"] == body
+
+
+def test_a_source_that_gives_no_record_fails_unless_allowed_empty(tmp_path):
+    dead = source("dead", ["http://127.0.0.1:9/index.html"])  # port 9: nothing listens
+    proc = run_stage(tmp_path / "a", crawl_params([dead]))
+    assert proc.returncode == 2
+    assert "crawl.sources[0] (dead) gave no record: 0 pages fetched" in proc.stderr
+    assert "or set crawl.sources[0].allow_empty: true" in proc.stderr
+    assert (tmp_path / "a" / "data/raw/crawl_rejects.jsonl").exists()  # written first: it says why
+    proc = run_stage(tmp_path / "b", crawl_params([{**dead, "allow_empty": True}]))
+    assert proc.returncode == 0, proc.stderr[-3000:]

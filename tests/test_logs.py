@@ -37,3 +37,21 @@ def test_stage_name_comes_from_the_stage_module_only():
     assert stage_name([sys.executable, "-m", "stages.train"]) == "train"
     assert stage_name([sys.executable, "-m", "pytest", "tests/test_logs.py"]) is None
     assert stage_name([str(ROOT / "stages" / "train.py")]) is None
+
+
+BARS = """
+from tuneline.logs import start_stage_log
+start_stage_log("probe", None)
+from tqdm.auto import tqdm
+for _ in tqdm(range(50), desc="steps", mininterval=0):
+    pass
+print("probe: done")
+"""
+
+
+def test_no_progress_bar_is_written_when_stderr_is_not_a_terminal(tmp_path):
+    done = subprocess.run([sys.executable, "-c", BARS], cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "probe: done\n"
+    assert "\r" not in done.stderr and "steps" not in done.stderr

@@ -1,6 +1,8 @@
 """params.yaml validation: unknown, missing and mistyped keys fail naming the key and the fix."""
 
 import copy
+import dataclasses
+import subprocess
 
 import pytest
 import yaml
@@ -109,3 +111,64 @@ def test_a_wise_ft_share_it_cannot_apply_names_the_key_and_the_fix(raw, changes,
         params.section("train", data)
     data["train"]["wise_ft"] = 1.0
     assert params.section("train", data).wise_ft == 1.0
+
+
+def test_the_whole_file_is_checked_and_every_unknown_key_is_named_with_the_key_meant(raw):
+    data = copy.deepcopy(raw)
+    data["evaluate"]["batch_sise"] = 4
+    data["train"]["lora_rr"] = 16
+    data["crawl"]["sources"][0]["max_pagez"] = 5
+    data["select"]["candidates"]["tiny_qwen"]["modle"] = "x"
+    data["trian"] = {}
+    with pytest.raises(ParamsError) as err:
+        params.check(data=data)
+    message = str(err.value)
+    assert message.startswith("params.yaml: 5 problems, nothing was run:")
+    for line in ("section 'trian' is not known (did you mean 'train'?)",
+                 "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)",
+                 "train.lora_rr is not a known key (did you mean train.lora_r?)",
+                 "crawl.sources[0].max_pagez is not a known key (did you mean crawl.sources[0].max_pages?)",
+                 "select.candidates.tiny_qwen.modle is not a known key (did you mean select.candidates.tiny_qwen.model?)"):
+        assert f"\n  {line}" in message
+
+
+def test_the_whole_file_check_names_wrong_values_and_missing_sections_too(raw):
+    data = copy.deepcopy(raw)
+    data["train"]["wise_ft"] = 2
+    data["build"]["max_tokens"] = "many"
+    del data["export"]
+    found = params.problems(data, complete=True)
+    assert any(f.startswith("train.wise_ft must be in (0, 1]") for f in found)
+    assert "build.max_tokens should be an integer, got 'many'" in found
+    assert "the `export:` section is missing; add it (docs/params.md lists its keys)" in found
+    assert params.problems(raw, complete=True) == []
+    assert "the `export:` section is missing" not in " ".join(params.problems(data))  # a stage that reads it says so
+
+
+def test_a_key_far_from_any_known_one_lists_the_known_keys(raw):
+    data = copy.deepcopy(raw)
+    data["export"]["zzz"] = 1
+    (found,) = params.problems(data)
+    assert found.startswith("export.zzz is not a known key; known keys of export are: ")
+
+
+def test_a_field_added_to_a_dataclass_is_known_without_another_edit(raw):
+    """The check walks the dataclasses' own fields, so a key another change adds needs no list kept in step."""
+    extended = dataclasses.make_dataclass("ExportPlus", [("new_key", int, dataclasses.field(default=0))],
+                                          bases=(params.SECTIONS["export"],), frozen=True)
+    assert params.unknown_keys(extended, {**raw["export"], "new_key": 3}, "export") == []
+    assert params.unknown_keys(params.SECTIONS["export"], {**raw["export"], "new_key": 3}, "export") != []
+
+
+def test_a_stage_stops_on_a_mistake_in_another_stage_s_section_before_its_work(tmp_path):
+    from tests.stage_project import stage_command, stage_env
+
+    data = params.read_params_file("params.yaml")
+    data["evaluate"]["batch_sise"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    result = subprocess.run(stage_command("feedback"), cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / data["base"]["feedback"]).exists()  # the feedback stage did none of its work

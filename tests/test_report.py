@@ -4,12 +4,14 @@ diff, the other metrics folded, timings left out unless asked, the training curv
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 from tests.pipeline_repo import env
 from tests.tuned_project import ROOT
+from tuneline import params
 from tuneline.report import other_metrics, render, verdict_section, write_report
 
 
@@ -74,6 +76,7 @@ def test_after_a_param_change_the_report_opens_with_the_metric_that_changed_and_
     (repo / "dvc.yaml").write_text("plots:\n  - metrics/train/plots/metrics:\n      x: step\n", encoding="utf-8")
     (curves / "loss.tsv").write_text("step\tloss\n0\t3.0\n10\t2.0\n", encoding="utf-8")
     (curves / "train_runtime.tsv").write_text("step\ttrain_runtime\n10\t40.0\n", encoding="utf-8")
+    (curves / "epoch.tsv").write_text("step\tepoch\n0\t0\n10\t1\n", encoding="utf-8")  # no help: not drawn
     (repo / "metrics" / "eval.json").write_text(json.dumps(evaluation(0.01, "within noise")), encoding="utf-8")
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, env=env(), check=True)
@@ -93,3 +96,94 @@ def test_after_a_param_change_the_report_opens_with_the_metric_that_changed_and_
     assert "![loss](report_plots/loss.png)" in report
     assert (repo / "report_plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (repo / "report_plots" / "train_runtime.png").exists() and "train_runtime" not in report
+    assert not (repo / "report_plots" / "epoch.png").exists() and "epoch.png" not in report
+
+
+STAGE = """
+import json, pathlib, yaml
+p = yaml.safe_load(open("params.yaml"))["train"]
+r = p["lora_r"] / 100
+pathlib.Path("metrics/timings").mkdir(parents=True, exist_ok=True)
+json.dump({"unseen": {"tuned": {"loss": 5 - r, "rouge_l": r}, "verdict": {"loss": "better", "rouge_l": "within noise"}},
+           "seen": {"tuned": {"rouge_l": 2 * r}, "verdict": {"rouge_l": "better"}}}, open("metrics/eval.json", "w"))
+json.dump({"train_seconds": 12.5}, open("metrics/timings/train.json", "w"))
+"""
+
+
+def test_exps_shows_the_params_that_differ_and_the_headline_metrics_of_real_experiments(tmp_path, monkeypatch, capsys):
+    from tuneline.cli import main
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "stage.py").write_text(STAGE, encoding="utf-8")
+    (repo / "dvc.yaml").write_text("stages:\n  train:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                   "    params: [train.lora_r, train.epochs]\n"
+                                   "    metrics:\n      - metrics/eval.json:\n          cache: false\n",
+                                   encoding="utf-8")  # fmt: skip
+    git(repo, "init", "-q")
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["init", "-q"], ["repro", "-q"]):
+        subprocess.run(dvc + args, cwd=repo, env=env(), check=True, capture_output=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    for name, change in (("rank16", "train.lora_r=16"), ("long", "train.epochs=5")):
+        subprocess.run(dvc + ["exp", "run", "--temp", "-q", "-n", name, "-S", change], cwd=repo, env=env(), check=True,
+                       capture_output=True)  # fmt: skip
+    monkeypatch.chdir(repo)
+    main(["exps"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["experiment", "train.epochs", "train.lora_r", "unseen", "loss", "unseen", "rouge_l",
+                                "seen", "rouge_l"]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    raw = params.read_params_file("params.yaml")["train"]
+    assert rows["rank16"][1:4] == [str(raw["epochs"]), "16", "4.8400"]
+    assert rows["long"][1:3] == ["5", str(raw["lora_r"])]
+    assert "0.1600 (within noise)" in lines[[line.split()[0] for line in lines].index("rank16")]
+    assert "seconds" not in "\n".join(lines)  # timings stay out
+    (repo / "metrics" / "timings" / "train.json").write_text('{"train_seconds": 20.0}', encoding="utf-8")
+    assert "train_seconds" not in write_report("HEAD", cwd=repo).read_text(encoding="utf-8")
+    report = write_report("HEAD", cwd=repo, timings=True).read_text(encoding="utf-8")
+    assert re.search(r"\| metrics/timings/train.json \| train_seconds \| 12.5 +\| 20.0 ", report)
+    assert report.count("| Path") == 1  # the timings table; the empty diff of the other metrics is left out
+    assert "No tuned-vs-base deltas in eval.json." in report
+
+
+def records(losses: list[float], rouges: list[float]) -> str:
+    return "".join(json.dumps({"id": f"r{i}", "index": i, "tuned_loss": loss, "tuned_rouge_l": rouge}) + "\n"
+                   for i, (loss, rouge) in enumerate(zip(losses, rouges)))
+
+
+def test_the_summary_pairs_the_tuned_model_at_the_revision_with_the_tuned_model_now(tmp_path):
+    from tuneline.report import summary_lines
+
+    repo = tmp_path / "repo"
+    (repo / "metrics" / "eval").mkdir(parents=True)
+    ev = repo / "metrics" / "eval"
+    (ev / "records.jsonl").write_text(records([5.0, 5.2, 4.8, 5.1] * 4, [0.30, 0.35, 0.25, 0.32] * 4), encoding="utf-8")
+    (ev / "seen_records.jsonl").write_text(records([2.0] * 8, [0.66] * 8), encoding="utf-8")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "before")
+    # now: rouge_l falls on every test record, the loss does not move beyond noise; seen is unchanged
+    (ev / "records.jsonl").write_text(records([5.1, 5.1, 4.8, 5.1] * 4, [0.10, 0.12, 0.08, 0.11] * 4), encoding="utf-8")
+    lines = summary_lines("metrics", "HEAD", 42, cwd=repo)
+    assert len(lines) == 3
+    loss, rouge, seen = lines
+    assert rouge.startswith("- **unseen rouge_l**: tuned at `HEAD` 0.3050 -> tuned now 0.1025, -0.2025 [")
+    assert rouge.endswith("over the same 16 records: **worse**")
+    assert loss.startswith("- **unseen loss** (mean over records): tuned at `HEAD` 5.0250 -> tuned now 5.0250")
+    assert loss.endswith("**within noise**")
+    assert seen.endswith("+0.0000 [+0.0000, +0.0000] over the same 8 records: **within noise**")
+    (ev / "seen_records.jsonl").unlink()
+    assert summary_lines("metrics", "HEAD", 42, cwd=repo)[2] == (
+        "- **seen rouge_l**: no per-record scores to pair (in the workspace: run `dvc repro`)")
+
+
+def test_a_report_section_with_nothing_in_it_is_one_line_not_an_empty_table():
+    empty_params = "| Path   | Param   | HEAD   | workspace   |\n|--------|---------|--------|-------------|\n"
+    empty_metrics = "| Path   | Metric   | HEAD   | workspace   | Change   |\n|---|---|---|---|---|\n"
+    report = render("HEAD", "VERDICT", empty_params, empty_metrics, [], summary=["- **unseen loss**: ..."])
+    assert "No params changed." in report and "No other metrics changed." in report
+    assert "| Path" not in report and "<details>" not in report
+    assert report.index("- **unseen loss**") < report.index("## Verdict")

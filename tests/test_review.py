@@ -217,3 +217,136 @@ def test_only_rejects_of_generated_records_are_feedback_for_augment(tmp_path):
         run_stage(tmp_path, "feedback")
         outputs.append((tmp_path / "data/review/feedback.json").read_bytes())
     assert outputs[0] == outputs[1] and json.loads(outputs[0]) == {generated["content_hash"]: "made up"}
+
+
+# ---------------------------------------------------------------- a person at the page, in a real browser
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="no browser: Debian's chromium and chromium-driver are not installed "
+           "(apt-get install chromium chromium-driver; .ci/run installs them)")  # fmt: skip
+
+
+@pytest.fixture
+def page(tmp_path):
+    """The review page of a project with four pilot records, served by `tuneline review`, in headless chromium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    pilot = with_ids([RECORDS[k] for k in ("rejected", "accepted", "edited", "changes")])
+    write_jsonl(project / "data/augmented/records.jsonl", pilot)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
+    app = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "review", "--port", str(port)], cwd=project, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1400"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        wait_for(url, app)
+        # Both paths given: Selenium Manager, which would look for a driver online, is not started.
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+        driver.get(url)
+        yield {"driver": driver, "url": url, "project": project, "pilot": sorted(pilot, key=lambda r: r["id"])}
+    finally:
+        if driver is not None:
+            driver.quit()
+        app.terminate()
+        app.wait(timeout=30)
+
+
+def element(driver, css: str):
+    """The element at `css` once the page has rendered it."""
+    return wait_until(driver, lambda d: d.find_elements("css selector", css) and d.find_element("css selector", css),
+                      f"an element at {css}")  # fmt: skip
+
+
+def text_of(driver, css: str) -> str:
+    return element(driver, css).text
+
+
+def wait_until(driver, check, what: str, timeout: float = 30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: check(d), message=what)
+
+
+def shows(driver, css: str, words: str) -> bool:
+    return words in text_of(driver, css)
+
+
+def choose(driver, action: str) -> None:
+    element(driver, f"#decision input[value='{action}']").click()
+
+
+def chosen(driver) -> str:
+    return driver.find_element("css selector", "#decision input:checked").get_attribute("value")
+
+
+def type_into(driver, css: str, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = element(driver, css)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(text)
+    box.send_keys(Keys.TAB)  # blur: the page takes the value
+
+
+@needs_browser
+def test_a_person_at_the_page_moves_between_records_decides_and_sees_what_landed(page):
+    driver, project, pilot = page["driver"], page["project"], page["pilot"]
+    decisions_file = project / "data/review/decisions.jsonl"
+    # The position comes with the page load's reload: once it shows, the page is live.
+    wait_until(driver, lambda d: shows(d, "#position", "record 1 of 4"), "the position, record 1 of 4")
+    assert pilot[0]["id"] in text_of(driver, "body")
+
+    # A reject half made, then Next: the decision, the reason and the message do not follow to the next record.
+    choose(driver, "reject")
+    type_into(driver, "#reason input", "off topic")
+    element(driver, "#next").click()
+    wait_until(driver, lambda d: shows(d, "#position", "record 2 of 4"), "Next moves to record 2 of 4")
+    wait_until(driver, lambda d: chosen(d) == "accept", "the decision is reset to accept")
+    assert driver.find_element("css selector", "#reason input").get_attribute("value") == ""
+    assert pilot[1]["id"] in text_of(driver, "body")
+
+    # Text changed while accept is selected: refused with a message, nothing written.
+    type_into(driver, "#output textarea", "A changed answer.")
+    element(driver, "#save").click()
+    wait_until(driver, lambda d: shows(d, "#status", "Not saved"), "a refusal message")
+    assert "you changed output but chose accept: choose edit to keep the change" in text_of(driver, "#status")
+    assert read_decisions(decisions_file) == []
+
+    # The same change as an edit lands, for this record, signed.
+    choose(driver, "edit")
+    element(driver, "#save").click()
+    wait_until(driver, lambda d: shows(d, "#status", "Saved: edit"), "the saved message")
+    (saved,) = read_decisions(decisions_file)
+    assert (saved["id"], saved["action"], saved["edits"], saved["reviewer"]) == (
+        pilot[1]["id"], "edit", {"output": "A changed answer."}, REVIEWER)
+
+    # Previous goes back, and the message of the last save is gone.
+    element(driver, "#previous").click()
+    wait_until(driver, lambda d: shows(d, "#position", "record 1 of 4"), "Previous moves back to record 1")
+    wait_until(driver, lambda d: "Saved" not in text_of(d, "#status"), "the message is cleared")
+
+    # After a new run upstream (one more pilot record), loading the page again shows it.
+    extra = with_ids([generated("What is a cortado?", "Espresso cut with a little warm milk.")])
+    write_jsonl(project / "data/augmented/records.jsonl", [*pilot, *extra])
+    driver.refresh()
+    wait_until(driver, lambda d: shows(d, "#position", "of 5"), "the reloaded view has 5 records")
+
+
+def test_changed_text_with_accept_or_reject_is_refused_not_dropped():
+    record = {"id": "a1", "content_hash": "h1", "instruction": "q", "output": "old"}
+    with pytest.raises(ValueError, match="you changed output but chose accept: choose edit to keep the change"):
+        make_decision(record, "accept", "me", edits={"instruction": "q", "output": "new"})
+    with pytest.raises(ValueError, match="you changed instruction but chose reject"):
+        make_decision(record, "reject", "me", "off topic", edits={"instruction": "q2", "output": "old"})
+    assert make_decision(record, "accept", "me", edits={"instruction": "q", "output": "old"})["action"] == "accept"

@@ -90,6 +90,10 @@ def test_experiments_run_and_show_with_their_metrics(clone):
         assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == lora_r
         metrics = data["metrics"]["metrics/eval.json"]["data"]
         assert metrics["unseen"]["tuned"]["loss"] > 0 and metrics["seen"]["tuned"]["loss"] > 0
+    table = run(clone, "tuneline", "exps").stdout.splitlines()  # the compact view of the same experiments
+    assert "train.lora_r" in table[0].split() and "unseen" in table[0]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert {"rank16", "rank4"} <= set(rows) and "runtime" not in "\n".join(table)
     run(clone, "git", "checkout", "--", "params.yaml", "dvc.lock")
     run(clone, "dvc", "checkout")
 
@@ -100,7 +104,13 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     repro(clone)
     run(clone, "tuneline", "report", "--rev", "HEAD", "--out", "report.md")
     report = (clone / "report.md").read_text()
-    # First the verdict: the changed unseen loss delta, its interval, its word, and what it was at HEAD
+    # First the summary: the tuned model at HEAD -> now, paired over the same test records, with a verdict
+    summary = report.split("## Verdict", 1)[0]
+    assert re.search(r"- \*\*unseen loss\*\* \(mean over records\): tuned at `HEAD` [\d.]+ -> tuned now [\d.]+, "
+                     r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] over the same \d+ records: \*\*(better|worse|within noise)\*\*",
+                     summary), summary
+    assert "epoch.png" not in report and "num_input_tokens_seen" not in report  # only the curves that help
+    # Then the verdict: the changed unseen loss delta, its interval, its word, and what it was at HEAD
     first = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"\| unseen \| loss \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| "
                      r"\*\*(better|worse|within noise)\*\* \| [+-][\d.]+ \((better|worse|within noise)\) \|", first), first

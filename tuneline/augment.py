@@ -94,6 +94,9 @@ def seed_records(path: str | Path) -> list[dict]:
         _text_field(item, ("instruction",), where)
         _text_field(item, ("output",), where)
         records.append(alpaca_record(item, "seed"))
+    if not records:  # an empty file would run the whole pipeline on crawled and dataset records alone
+        raise InputError(f"{path} holds no seed record (base.seeds); add at least one JSON line with instruction "
+                         "and output, as data/seeds/seeds.jsonl has")
     return with_ids(records)
 
 

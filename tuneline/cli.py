@@ -1,8 +1,14 @@
 """The `tuneline` command.
 
+    tuneline check                      # all of params.yaml, before any work
+    tuneline verdict                    # tuned vs base from metrics/eval.json, as a table
+    tuneline exps                       # the experiments: params that differ, headline metrics
     tuneline serve [--host 127.0.0.1] [--port 8000] [--device auto]
     tuneline report [--rev main] [--out report.md] [--timings]
     tuneline review [--host 127.0.0.1] [--port 7860]
+
+The pipeline itself runs with `make run` (the first time) or `dvc repro`; these commands check its
+params, read what it wrote, serve the model and take a person's review decisions.
 
 `serve` puts the exported model (base.export_dir, written by `dvc repro export`) behind an
 OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers serve`, a
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,10 +105,22 @@ def project_base(command: str):
         raise SystemExit(f"tuneline {command}: {err}") from None
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when `port` cannot be bound on `host` (another server has it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; the server never outlives us."""
     base = project_base("serve")
     model_dir = exported_model(base.export_dir)
+    if port_in_use(args.host, args.port):  # before the model loads, not after
+        raise SystemExit(f"tuneline serve: port {args.port} on {args.host} is in use; pick another with --port")
     url = f"http://{args.host}:{args.port}/v1"
     process = serve_process(model_dir, args.port, args.host, args.device)
     # SIGTERM becomes SystemExit, so the `finally` below stops the server on `kill` as on Ctrl-C.
@@ -134,6 +153,8 @@ def report(args: argparse.Namespace) -> int:
 def review(args: argparse.Namespace) -> int:
     """Serve the review page until Ctrl-C; decisions are appended to base.decisions."""
     base = project_base("review")
+    if port_in_use(args.host, args.port):
+        raise SystemExit(f"tuneline review: port {args.port} on {args.host} is in use; pick another with --port")
     from tuneline.review import reviewer_name
     from tuneline.reviewapp import build_app
 
@@ -145,26 +166,79 @@ def review(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> int:
+    """Check all of params.yaml as every stage does at start; print every problem, or that it is fine."""
+    if not Path(args.params).is_file():
+        raise SystemExit(f"tuneline check: no {args.params} here; run it from the project root")
+    try:
+        params.check(args.params, complete=True)
+    except params.ParamsError as err:
+        raise SystemExit(f"tuneline check: {err}") from None
+    print(f"tuneline check: {args.params} is fine ({len(params.SECTIONS)} sections); `dvc repro` runs the pipeline")
+    return 0
+
+
+def verdict(args: argparse.Namespace) -> int:
+    """Print tuned vs base from metrics/eval.json as a table (what `make run` ends with)."""
+    from tuneline.report import verdict_text
+
+    base = project_base("verdict")
+    path = Path(base.metrics_dir) / "eval.json"
+    if not path.is_file():
+        raise SystemExit(f"tuneline verdict: no {path}; run `dvc repro` first")
+    print(verdict_text(json.loads(path.read_text(encoding="utf-8"))))
+    return 0
+
+
+def exps(args: argparse.Namespace) -> int:
+    """Print the experiments of `dvc exp show`: the params that differ and the headline metrics."""
+    from tuneline.report import experiments_table
+
+    base = project_base("exps")
+    try:
+        print(experiments_table(base.metrics_dir, all_commits=args.all_commits))
+    except RuntimeError as err:
+        raise SystemExit(f"tuneline exps: {err}") from None
+    return 0
+
+
+EPILOG = """The pipeline runs with `make run` (the first time: it makes .venv too) or `dvc repro` (after a change:
+only what it touches reruns). Try a change as an experiment with `dvc exp run --temp -S train.lora_r=32`."""
+
+
+def _command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
+    c = commands.add_parser(name, help=help, description=help, epilog=EPILOG,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.set_defaults(run=run)
+    return c
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tuneline", description="Serve, review and report on what `dvc repro` made.")
+    from importlib.metadata import version
+
+    p = argparse.ArgumentParser(prog="tuneline", description="Check, serve, review and report on what `dvc repro` made.",
+                                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"tuneline {version('tuneline')}")
     commands = p.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="serve the exported model on an OpenAI-compatible endpoint")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    c = _command(commands, "check", "check all of params.yaml, as every stage does before its work", check)
+    c.add_argument("--params", default=params.PARAMS_FILE, help="the params file")
+    _command(commands, "verdict", "print tuned vs base (metrics/eval.json) with intervals and verdicts", verdict)
+    e = _command(commands, "exps", "the experiments (dvc exp show): params that differ, headline metrics", exps)
+    e.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    s = _command(commands, "serve", "serve the exported model on an OpenAI-compatible endpoint", serve)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda:0, …")
     s.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
-    s.set_defaults(run=serve)
-    r = commands.add_parser("report", help="the verdict (eval deltas with intervals), params and metrics diffs against a "
-                            "revision, as Markdown for a pull request")
-    r.add_argument("--rev", default="main", help="the revision to compare the workspace with (default: main)")
-    r.add_argument("--out", default="report.md")
+    r = _command(commands, "report", "did the change help? The verdict against a revision, params and metrics diffs, "
+                 "curves, as Markdown for a pull request", report)  # fmt: skip
+    r.add_argument("--rev", default="main", help="the revision to compare the workspace with")
+    r.add_argument("--out", default="report.md", help="the Markdown file to write")
     r.add_argument("--plots-dir", default="report_plots", help="where the training curves are rendered as PNG")
     r.add_argument("--timings", action="store_true", help="keep the timing and throughput rows of the metrics diff")
-    r.set_defaults(run=report)
-    v = commands.add_parser("review", help="review generated records, rejects and eval samples in the browser")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    v.add_argument("--port", type=int, default=7860)
-    v.set_defaults(run=review)
+    v = _command(commands, "review", "review generated records, rejects and eval samples in the browser", review)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
+    v.add_argument("--port", type=int, default=7860, help="port to listen on")
     return p
 
 

@@ -897,6 +897,21 @@ def rebase_urls(result: CrawlResult, served_url: str, site_dir: str) -> CrawlRes
                        result.stats)
 
 
+def empty_sources(sources: list[CrawlSource], metrics: dict, rejects: list[dict]) -> list[str]:
+    """A message for each source that gave no record and does not say `allow_empty: true`: a dead
+    start URL or selectors that match nothing must fail the stage, not pass with 0 pages."""
+    found = []
+    for i, s in enumerate(sources):
+        counts = metrics["sources"].get(s.name, {})
+        if counts.get("items", 0) or s.allow_empty:
+            continue
+        why = Counter(r["reason"] for r in rejects if r["source"] == s.name)
+        found.append(f"crawl.sources[{i}] ({s.name}) gave no record: {counts.get('pages', 0)} pages fetched, "
+                     f"rejects {dict(sorted(why.items()))}; check its start_urls and selectors "
+                     f"(data/raw/crawl_rejects.jsonl has each reason), or set crawl.sources[{i}].allow_empty: true")
+    return found
+
+
 def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_rejects: list[dict]) -> dict:
     """metrics/crawl.json: pages, items by kind, rejects by reason, cache hits, bytes, per source."""
     def total(key: str) -> int:

@@ -3,8 +3,9 @@
 Every stage script starts with `start_stage_log` (stages/__init__.py calls it, before any
 library is imported): the stage then writes
 
-- to the terminal: its own summary line (print), progress bars of its long steps, and every
-  warning or error except the known-harmless ones listed in KNOWN_NOISE;
+- to the terminal: its own summary line (print), progress bars of its long steps (only when the
+  terminal is one: in a log file or CI a bar is a wall of carriage returns), and every warning or
+  error except the known-harmless ones listed in KNOWN_NOISE;
 - to `<base.metrics_dir>/logs/<stage>.log`: everything, including library INFO logs, the
   known-harmless warnings and the Trainer's per-step log dicts (`QuietProgress`).
 
@@ -58,6 +59,14 @@ def stage_name(argv: list[str]) -> str | None:
     return "-".join([argv[i].removeprefix("stages."), *argv[i + 1 : i + 2]])
 
 
+def progress_env(is_terminal: bool) -> dict[str, str]:
+    """The environment that turns tqdm's bars (ours, the Trainer's, datasets' and the hub's) off when
+    stderr is not a terminal; tqdm reads TQDM_DISABLE when it is imported, so this runs first."""
+    if is_terminal:
+        return {}
+    return {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def start_stage_log(stage: str, metrics_dir: str | Path | None) -> Path | None:
     """Route logging and warnings for a stage process; return the log file (None: no file).
 
@@ -68,6 +77,8 @@ def start_stage_log(stage: str, metrics_dir: str | Path | None) -> Path | None:
     """
     global _started
     _started = True
+    for key, value in progress_env(sys.stderr.isatty()).items():
+        os.environ.setdefault(key, value)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -5,11 +5,15 @@ optional keys whose dataclass field has a default (the shipped params.yaml still
 with the same value, so an older params.yaml keeps loading); an unknown key is refused (a typo in
 `dvc exp run -S train.lora_rr=16` would otherwise add a new key silently), and each value is
 checked against its type before a stage starts.
+Every stage checks the whole file first (`load` calls `check`; `tuneline check` does the same), so a
+mistake in a section the stage does not read still stops it before its work, with every unknown key
+listed at once and the key it probably meant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass
@@ -158,6 +162,7 @@ class CrawlSource(_Section):
     questions_end_with: list[str] = dataclasses.field(default_factory=list)  # e.g. ["?", "？"]; empty: every heading
     exclude_css: list[str] = dataclasses.field(default_factory=list)  # sub-blocks taken out before extraction
     builtin_excludes: bool = True  # also take out Sphinx, MkDocs, Docusaurus, DocBook, GitHub furniture
+    allow_empty: bool = False  # true: a source that gives no record is not an error (a site that may be down)
 
 
 @dataclass(frozen=True)
@@ -459,9 +464,7 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"{key}.{unknown[0]} is not a known key; known keys of {key} are: {', '.join(fields)}"
-        )
+        raise ParamsError(unknown_key_message(key, unknown[0], list(fields)))
     values = {}
     for name, spec in fields.items():
         if name not in data:
@@ -474,12 +477,102 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
     return obj
 
 
-def read_params_file(path: str | Path = PARAMS_FILE) -> dict:
-    """The raw params.yaml mapping."""
+def unknown_key_message(parent: str, name: str, known: list[str]) -> str:
+    """`parent.name is not a known key`, with the known key it most likely meant, or the known keys."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{parent}.{name} is not a known key (did you mean {parent}.{close[0]}?)"
+    return f"{parent}.{name} is not a known key; known keys of {parent} are: {', '.join(known)}"
+
+
+def unknown_keys(tp: Any, value: Any, key: str) -> list[str]:
+    """A message for every key in `value` that the type `tp` does not declare, at any depth.
+
+    Generic over the dataclasses, so a field added to one is known here without another edit."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        found = [unknown_key_message(key, str(k), names) for k in value if k not in names]
+        for name in names:
+            if name in value:
+                found += unknown_keys(hints[name], value[name], f"{key}.{name}")
+        return found
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            if _holds_keys(option, value):
+                return unknown_keys(option, value, key)
+        return []
+    if origin is list and isinstance(value, list):
+        (item_tp,) = typing.get_args(tp)
+        return [m for i, v in enumerate(value) for m in unknown_keys(item_tp, v, f"{key}[{i}]")]
+    if origin is dict and isinstance(value, dict):
+        value_tp = typing.get_args(tp)[1]
+        return [m for k, v in value.items() for m in unknown_keys(value_tp, v, f"{key}.{k}")]
+    return []
+
+
+def _holds_keys(tp: Any, value: Any) -> bool:
+    """True when `value` has the shape of `tp` and `tp` can hold keys (a dataclass, a mapping, a list)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, dict)
+    return origin is list and isinstance(value, list)
+
+
+def problems(data: dict, complete: bool = False) -> list[str]:
+    """Every problem of a whole params mapping: each unknown section and key (all of them, at any
+    depth), the first wrong value of each section that has no unknown key and, with `complete`, each
+    missing section (a stage reports a missing section it reads when it loads it).
+
+    Checks only the file: whether a named prompt file exists or an optional package is installed is
+    checked by the stage that uses it."""
+    found = [f"section {name!r} is not known" + _did_you_mean(name, list(SECTIONS)) for name in data
+             if name not in SECTIONS]  # fmt: skip
+    for name, cls in SECTIONS.items():
+        if name not in data:
+            if complete:
+                found.append(f"the `{name}:` section is missing; add it (docs/params.md lists its keys)")
+            continue
+        unknown = unknown_keys(cls, data[name], name)
+        found += unknown
+        if not unknown:
+            try:
+                _check_section(name, build_dataclass(cls, data[name], name), environment=False)
+            except ParamsError as err:
+                found.append(str(err))
+    return found
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; sections are {', '.join(known)}"
+
+
+def check(path: str | Path = PARAMS_FILE, data: dict | None = None, complete: bool = False) -> None:
+    """Raise one ParamsError listing every problem of the whole params file (see `problems`)."""
+    global _reads
+    reads, _reads = _reads, None  # checking the whole file is not reading the keys a stage uses
+    try:
+        found = problems(_read_mapping(path) if data is None else data, complete)
+    finally:
+        _reads = reads
+    if found:
+        count = f"{len(found)} problem{'s' if len(found) > 1 else ''}"
+        raise ParamsError(f"{path}: {count}, nothing was run:\n  " + "\n  ".join(found))
+
+
+def _read_mapping(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path} should hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict:
+    """The raw params.yaml mapping."""
+    data = _read_mapping(path)
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{path}: section {unknown[0]!r} is not known; sections are {', '.join(SECTIONS)}")
@@ -491,15 +584,17 @@ def section(name: str, data: dict | None = None, path: str | Path = PARAMS_FILE)
     if data is None:
         data = read_params_file(path)
     if name not in data:
-        raise ParamsError(f"{path} has no `{name}:` section; add it (see README, Parameters)")
+        raise ParamsError(f"{path} has no `{name}:` section; add it (docs/params.md lists its keys)")
     params = build_dataclass(SECTIONS[name], data[name], name)
     return _check_section(name, params)
 
 
 def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
-    """Load several sections at once: `base, p = load("base", "train")`."""
+    """Load several sections at once: `base, p = load("base", "train")`, after checking the whole
+    file, so a mistake in any section stops the first stage that runs, before its work."""
     import os
 
+    check(path)
     data = read_params_file(path)
     sections = tuple(section(n, data, path) for n in names)
     if os.environ.get(AUDIT_ENV):
@@ -507,8 +602,9 @@ def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
     return sections
 
 
-def _check_section(name: str, p: Any) -> Any:
-    """Cross-field checks that a type alone cannot express."""
+def _check_section(name: str, p: Any, environment: bool = True) -> Any:
+    """Cross-field checks that a type alone cannot express; with `environment`, also that the files
+    and packages the section names are there."""
     if name == "augment":
         for key in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
                     "concurrency", "requests_per_minute"):  # fmt: skip
@@ -531,7 +627,7 @@ def _check_section(name: str, p: Any) -> Any:
     if name == "select":
         if not p.candidates:
             raise ParamsError("select.candidates is empty; name at least one base model")
-        _check_judge(p.judge, "select.judge")
+        _check_judge(p.judge, "select.judge", environment)
         if p.metric == "judge" and not p.judge.enabled:
             raise ParamsError(
                 "select.metric 'judge' needs the judge: set select.judge.enabled to true and name it in "
@@ -562,8 +658,8 @@ def _check_section(name: str, p: Any) -> Any:
             if spec.pretrain_steps < 0:
                 raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
     if name == "evaluate":
-        _check_judge(p.judge, "evaluate.judge")
-        if p.lm_eval_tasks:
+        _check_judge(p.judge, "evaluate.judge", environment)
+        if p.lm_eval_tasks and environment:
             import importlib.util
 
             if importlib.util.find_spec("lm_eval") is None:
@@ -592,11 +688,12 @@ def _check_section(name: str, p: Any) -> Any:
                               "toward: set train.wise_ft to 1.0 with train.method ptuning")
         if p.save_total_limit < 1:
             raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
-        _check_installed(p)
+        if environment:
+            _check_installed(p)
     return p
 
 
-def _check_judge(j: Any, key: str) -> None:
+def _check_judge(j: Any, key: str, environment: bool = True) -> None:
     """A judge section (evaluate.judge, select.judge) that is on must say where the judge is."""
     if j.reply_retries < 0 or j.max_retries < 0 or j.concurrency < 1 or j.requests_per_minute < 1:
         raise ParamsError(f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
@@ -604,7 +701,7 @@ def _check_judge(j: Any, key: str) -> None:
         for field in ("base_url", "model", "prompt", "retry_prompt"):
             if not getattr(j, field).strip():
                 raise ParamsError(f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see params.yaml)")
-        for field in ("prompt", "retry_prompt"):
+        for field in ("prompt", "retry_prompt") if environment else ():
             if not Path(getattr(j, field)).is_file():
                 raise ParamsError(f"{key}.{field}: {getattr(j, field)} is not a file; name a Jinja2 prompt (see prompts/)")
 

@@ -102,6 +102,9 @@ def make_decision(record: dict, action: str, reviewer: str, reason: str = "", ed
     changed = {k: v for k, v in (edits or {}).items() if k in EDITABLE and v != (record.get(k) or "")}
     if action == "edit" and not changed:
         raise ValueError("an edit must change instruction, input or output")
+    if action != "edit" and changed:  # an accept or reject would drop the changed text without a word
+        raise ValueError(f"you changed {', '.join(sorted(changed))} but chose {action}: choose edit to keep the change, "
+                         "or put the text back")
     return {
         "id": record["id"],
         "content_hash": reviewed_hash(record),

@@ -5,7 +5,10 @@ round (round 1 is the pilot batch), the records the clean stage rejected (reason
 the evaluation samples (base and tuned answers to the test split). For each record the person
 accepts, rejects (a reason from the list, or their own words) or edits instruction, input and
 output; each decision is appended to base.decisions (tuneline.review), which `dvc repro` then
-applies (clean; augment through the feedback stage). The page reads the stages' outputs when it starts; rerun it after `dvc repro`.
+applies (clean; augment through the feedback stage). The page reads the stages' outputs again each
+time it is loaded, so a reload after `dvc repro` shows what that run wrote. Changing the record resets
+the decision, the reason and the last "Saved" message, so a verdict is never carried to another record;
+Previous and Next step through a view, and the page says which record of how many is shown.
 """
 
 from __future__ import annotations
@@ -70,10 +73,26 @@ def _label(item: dict) -> str:
     return f"{item['record']['id']} · {text[:70]}"
 
 
+def position(items: list[dict], record_id: str | None) -> str:
+    """'record n of N' of `record_id` in a view's items."""
+    ids = [i["record"]["id"] for i in items]
+    if record_id not in ids:
+        return f"{len(ids)} records in this view" if ids else "no record in this view"
+    return f"record {ids.index(record_id) + 1} of {len(ids)}"
+
+
+def neighbour(items: list[dict], record_id: str | None, step: int) -> str | None:
+    """The id `step` places from `record_id` in a view's items, staying at the ends."""
+    ids = [i["record"]["id"] for i in items]
+    if not ids:
+        return None
+    i = ids.index(record_id) if record_id in ids else 0
+    return ids[min(max(i + step, 0), len(ids) - 1)]
+
+
 def build_app(base, reviewer: str) -> gr.Blocks:
     """The review page for the project whose `base` params are given; decisions are signed `reviewer`."""
     views = load_views(base)
-    names = list(views)
     decisions_path = Path(base.decisions)
 
     def find(view: str, record_id: str) -> dict | None:
@@ -87,14 +106,31 @@ def build_app(base, reviewer: str) -> gr.Blocks:
         return gr.update(choices=listed, value=listed[0][1] if listed else None)
 
     def show(view: str, record_id: str | None):
+        """The record's texts, its position, and the controls reset (decision accept, no reason, no message)."""
         item = find(view, record_id or "")
+        reset = ("accept", None, "")
         if item is None:
-            return "No record in this view.", "", "", ""
+            return ("No record in this view.", "", "", "", position(views.get(view, []), None), *reset)
         record = item["record"]
         last = latest_by_id(read_decisions(decisions_path)).get(record["id"])
         said = f"\n\nlast decision: **{last['action']}** by {last['reviewer']} ({last['time']})" if last else ""
         about = f"`{record['id']}` · source {record.get('source')}\n\n{item['about']}{said}"
-        return about, record.get("instruction", ""), record.get("input", ""), record.get("output", "")
+        return (about, record.get("instruction", ""), record.get("input", ""), record.get("output", ""),
+                position(views[view], record["id"]), *reset)  # fmt: skip
+
+    def step(view: str, record_id: str | None, by: int):
+        return gr.update(value=neighbour(views.get(view, []), record_id, by))
+
+    def reload(view: str | None):
+        """Read the stages' outputs again (a page load after `dvc repro` shows the new run)."""
+        views.clear()
+        views.update(load_views(base))
+        names = list(views)
+        chosen = view if view in views else (names[0] if names else None)
+        listed = options(chosen)
+        first_id = listed[0][1] if listed else None
+        return (gr.update(choices=names, value=chosen), gr.update(choices=listed, value=first_id),
+                *show(chosen, first_id))
 
     def decide(view: str, record_id: str, action: str, reason: str, instruction: str, input_: str, output: str) -> str:
         item = find(view, record_id or "")
@@ -111,9 +147,11 @@ def build_app(base, reviewer: str) -> gr.Blocks:
         return f"Saved: {action} {record_id} to {decisions_path}. Run `dvc repro` to apply it."
 
     # The first view's first record is on the page from the start (no round trip after loading).
+    names = list(views)
     first_view = names[0] if names else None
     first_id = views[first_view][0]["record"]["id"] if first_view and views[first_view] else None
-    first = show(first_view, first_id) if first_view else ("No record to review: run `dvc repro` first.", "", "", "")
+    first = show(first_view, first_id) if first_view else ("No record to review: run `dvc repro` first.", "", "", "",
+                                                            "", "accept", None, "")  # fmt: skip
 
     with gr.Blocks(title="tuneline review") as app:
         gr.Markdown(f"# tuneline review\nDecisions go to `{decisions_path}` as **{reviewer}**; "
@@ -123,18 +161,26 @@ def build_app(base, reviewer: str) -> gr.Blocks:
             # Choices change with the view; a typed id (or a client's) is checked in `decide`.
             record = gr.Dropdown(options(first_view), value=first_id, label="Record",
                                  allow_custom_value=True)  # fmt: skip
-        about = gr.Markdown(first[0])
-        instruction = gr.Textbox(first[1], label="instruction", lines=2)
-        input_ = gr.Textbox(first[2], label="input", lines=2)
-        output = gr.Textbox(first[3], label="output", lines=5)
         with gr.Row():
-            action = gr.Radio(["accept", "reject", "edit"], value="accept", label="Decision")
+            previous = gr.Button("Previous", elem_id="previous")
+            where = gr.Markdown("", elem_id="position")  # filled by the page load (reload), after which the page is live
+            following = gr.Button("Next", elem_id="next")
+        about = gr.Markdown(first[0])
+        instruction = gr.Textbox(first[1], label="instruction", lines=2, elem_id="instruction")
+        input_ = gr.Textbox(first[2], label="input", lines=2, elem_id="input")
+        output = gr.Textbox(first[3], label="output", lines=5, elem_id="output")
+        with gr.Row():
+            action = gr.Radio(["accept", "reject", "edit"], value="accept", label="Decision", elem_id="decision")
             reason = gr.Dropdown(list(REJECT_REASONS), value=None, allow_custom_value=True,
-                                 label="Reason (pick or type your own)")  # fmt: skip
-        save = gr.Button("Save decision", variant="primary")
-        status = gr.Markdown()
+                                 label="Reason (pick or type your own)", elem_id="reason")  # fmt: skip
+        save = gr.Button("Save decision", variant="primary", elem_id="save")
+        status = gr.Markdown(elem_id="status")
 
+        shown = [about, instruction, input_, output, where, action, reason, status]
         view.change(choices, view, record, api_visibility="private")
-        record.change(show, [view, record], [about, instruction, input_, output], api_visibility="private")
+        record.change(show, [view, record], shown, api_visibility="private")
+        previous.click(lambda v, r: step(v, r, -1), [view, record], record, api_visibility="private")
+        following.click(lambda v, r: step(v, r, 1), [view, record], record, api_visibility="private")
         save.click(decide, [view, record, action, reason, instruction, input_, output], status, api_name="decide")
+        app.load(reload, view, [view, record, *shown], api_visibility="private")
     return app
