@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 
+import flash_like
 import pytest
 import torch
 from datasets import load_from_disk
@@ -264,6 +265,58 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tiny_model_dir):
              "attention_mask": torch.ones_like(packed["input_ids"])}
     leaked = per_example_losses(model, leaky, example_of_token)
     assert max(abs(leaked[e] - expected[e]) for e in expected) > 1e-3
+
+
+def example_spans(position_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each example in a packed row: a new one starts wherever the positions restart."""
+    starts = [i for i, pos in enumerate(position_ids) if pos == 0] + [len(position_ids)]
+    return list(zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", flash_like.NAME])
+def test_packed_examples_in_a_batch_of_rows_see_only_themselves_on_every_attention(tiny_model_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    flash_like.register()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in [RECORD, *seed_records()[:7]]]
+    packs = list(pack(iter(examples), max_length=max(len(i) for i, _ in examples) * 2))
+    assert len(packs) >= 2 and sum(p["num_examples"] > 1 for p in packs) >= 2
+    assert len({len(p["input_ids"]) for p in packs}) > 1  # rows of different lengths: padding too
+    batch = collate(packs, tokenizer.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def isolated(logits: torch.Tensor) -> bool:
+        """Whether every example's logits in the batch are those it gets run alone."""
+        with torch.no_grad():
+            return all(torch.allclose(logits[r, a:b], model(input_ids=torch.tensor([p["input_ids"][a:b]])).logits[0],
+                                      atol=1e-5)
+                       for r, p in enumerate(packs) for a, b in example_spans(p["position_ids"]))
+
+    with torch.no_grad():
+        assert isolated(model(**inputs).logits)
+        if attn == flash_like.NAME:
+            # The control: flash-attention given the rows' position ids alone (the collate of before)
+            # attends each row as one causal sequence, so the examples see each other...
+            without = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+            assert not isolated(model(**without).logits)
+            # ...but it finds the boundaries from the position ids of a batch of one row, as transformers' does.
+            one_row = collate(packs[:1], tokenizer.pad_token_id)
+            logits = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], use_cache=False).logits
+            assert all(torch.allclose(logits[0, a:b], model(input_ids=torch.tensor([packs[0]["input_ids"][a:b]])).logits[0],
+                                      atol=1e-5) for a, b in example_spans(packs[0]["position_ids"]))
+
+
+def test_varlen_metadata_bounds_every_example_and_each_row_s_padding():
+    packs = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, 7, IGNORE, 9], "position_ids": [0, 1, 2, 0, 1]},
+             {"input_ids": [3, 4], "labels": [IGNORE, 4], "position_ids": [0, 1]}]
+    batch = collate(packs, pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 7, 10]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9], [IGNORE, 4, IGNORE, IGNORE, IGNORE]]
 
 
 def long_record(i: int, field: str) -> dict:

@@ -6,7 +6,8 @@ loss too). The stage does this a batch of records at a time: their conversations
 template calls and all their pieces tokenized in one fast-tokenizer call, which gives the same ids
 as one call per piece. Packing puts whole examples into sequences of at most `max_length` tokens,
 best fit decreasing, with position ids restarting at 0 for each example, which transformers turns
-into a block-diagonal attention mask: packed examples never see each other.
+into a block-diagonal attention mask (flash-attention: its variable-length kernel, given the
+examples' boundaries by `collate`): packed examples never see each other.
 """
 
 from __future__ import annotations
@@ -165,12 +166,32 @@ def padding_fraction(lengths: list[int], batch_size: int) -> float:
     return 0.0 if padded == 0 else 1 - total / padded
 
 
+def varlen_metadata(position_ids):
+    """Flash-attention's variable-length arguments for packed rows: where each example starts in the
+    batch's tokens taken row after row (`cu_seq_lens_*`, int32, ending with the total) and the
+    longest example (`max_length_*`). An example starts wherever its position ids restart at 0;
+    a row's padding, whose positions restart too, is an example of its own with no labels. These
+    are the keys transformers' DataCollatorWithFlattening and TRL's padding-free collator return."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a batch. Packed batches carry position ids and no attention mask, so each
-    example attends only to itself (padding-free: SDPA gets a block-diagonal mask, flash-attention
-    its variable-length kernel); padding gets positions of its own and no loss. They also say
-    `use_cache=False`: a model that builds a KV cache ignores the position ids' boundaries and lets
-    packed examples attend to each other, and whether it builds one depends on its config."""
+    """Right-pad a batch. Unpacked batches carry an attention mask. Packed batches carry position
+    ids restarting at 0 for each example and no attention mask, so each example attends only to
+    itself on every attention implementation: SDPA and eager build a block-diagonal mask of each
+    row from the position ids; flash-attention (and the kernels one) reads the variable-length
+    arguments (`varlen_metadata`) and runs its varlen kernel over the batch's tokens. Without
+    them it would find the examples' boundaries from the position ids only in a batch of one row,
+    and attend each row of a larger batch as one causal sequence. Padding gets positions of its
+    own and no loss. Packed batches also say `use_cache=False`: a model that builds a KV cache
+    ignores the position ids' boundaries and lets packed examples attend to each other, and
+    whether it builds one depends on its config."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
@@ -187,4 +208,6 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
     tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-    return {**tensors, "use_cache": False} if packed else tensors
+    if not packed:
+        return tensors
+    return {**tensors, **varlen_metadata(tensors["position_ids"]), "use_cache": False}
