@@ -98,14 +98,17 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "ptuning", "full"])
-def test_training_forward_runs_the_head_on_answer_positions_only_with_the_model_s_own_loss(monkeypatch, tiny_model_dir,
-                                                                                           method):
+def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_the_model_s_own_loss(monkeypatch,
+                                                                                                    tiny_model_dir, method):
     from tuneline import training
 
+    chunk = 16
+    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
     selected, p = selected_of(tiny_model_dir), train_params(method=method)
     batch = collate(list(tokenized(tiny_model_dir, seed_records()[:4])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert labelled < 0.6 * batch["input_ids"].numel()  # prompts and padding: over 40% of the positions
+    assert labelled > 3 * chunk  # several chunks, the last one short
     patched = prepare_model(selected, p, SEED)
     with monkeypatch.context() as m:
         m.setattr(training, "answer_only_head", lambda model: False)
@@ -118,16 +121,36 @@ def test_training_forward_runs_the_head_on_answer_positions_only_with_the_model_
         ours, theirs = patched(**batch, **kwargs), plain(**batch, **kwargs)
         assert ours.logits is None and theirs.logits is not None
         torch.testing.assert_close(ours.loss, theirs.loss)
-    assert head_rows == [labelled, labelled]
+    assert sum(head_rows) == 2 * labelled and max(head_rows) == chunk
+
+    # What autograd keeps for the backward pass: never more than a chunk of positions' logits.
+    vocab = head.weight.shape[0]
+    kept_rows = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[-1] == vocab:
+            kept_rows.append(t.numel() // vocab)
+        return t
 
     patched.zero_grad(), plain.zero_grad()
-    patched(**batch).loss.backward(), plain(**batch).loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = patched(**batch).loss
+    assert kept_rows == [] or max(kept_rows) <= chunk
+    loss.backward(), plain(**batch).loss.backward()
     trainable = [(a, b) for a, b in zip(patched.parameters(), plain.parameters()) if a.requires_grad]
     assert trainable and all(a.grad is not None for a, _ in trainable) and any(a.grad.abs().sum() > 0 for a, _ in trainable)
     for a, b in trainable:
         torch.testing.assert_close(a.grad, b.grad)
     # without labels (generation, scoring) it is the model's own forward
     torch.testing.assert_close(patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
+
+
+def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_model_dir):
+    model = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
+    batch = collate(list(tokenized(tiny_model_dir, seed_records()[:2])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    loss = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss
+    assert float(loss) == 0
+    loss.backward()
 
 
 METHODS = {

@@ -68,18 +68,44 @@ def keep_4bit_training_layout(model) -> None:
 OWN_LOGITS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                    "lm_head_multiplier", "output_router_logits")
 
+# Answer positions whose logits the training loss makes at once: LOSS_CHUNK x vocabulary in fp32
+# (0.6 GB at 152k words), and as much again for their gradient in the backward pass.
+LOSS_CHUNK = 1024
+
+
+def _summed_cross_entropy(head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head, rows: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed cross-entropy of `head(rows)` against `targets`, `chunk` rows at a time.
+
+    Each chunk runs under activation checkpointing: its logits are dropped once its loss is
+    summed and made again, one chunk at a time, in the backward pass, so no more than `chunk`
+    rows of logits (and of their gradient) are ever held, whatever the number of answer tokens.
+    The price is the head's forward run twice. The head is called as a module, so what wraps it
+    (a LoRA layer on it, DeepSpeed's parameter gathering) runs as in the model's own forward.
+    No rows still make one (empty) call: a zero connected to the graph.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    losses = [checkpoint(_summed_cross_entropy, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+              for i in range(0, max(len(targets), 1), chunk)]
+    return torch.stack(losses).sum()
+
 
 def answer_only_head(model) -> bool:
-    """Make the model's training forward run the language-model head on labelled positions only.
+    """Make the model's training forward run the language-model head on labelled positions only, in chunks.
 
     A causal LM's own forward with labels computes the logits of every position (batch x length x
     vocabulary, made fp32 for the loss: 10 GB for 8 x 2048 tokens at a 152k vocabulary) and the
     loss then reads only the positions whose next token is labelled: the answers, never the prompt
     or the padding (label -100). With labels, the patched forward runs the decoder, takes the
-    hidden states of those positions alone through the head and the cross-entropy (summed, over
-    `num_items_in_batch` as transformers' loss does, else their count): the same loss, with the
-    head's compute and memory cut to the answer tokens. Without labels (generation, scoring) it is
-    the model's own forward.
+    hidden states of those positions alone through the head and the cross-entropy, LOSS_CHUNK
+    positions at a time (`chunked_cross_entropy`), summed over `num_items_in_batch` as
+    transformers' loss does, else their count: the same loss and gradients, with the head's
+    compute cut to the answer tokens and its memory to one chunk's logits. Without labels
+    (generation, scoring) it is the model's own forward.
 
     The instance's forward is replaced (TRL's fused LM head does the same), so peft, DDP, FSDP and
     DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward;
@@ -102,8 +128,7 @@ def answer_only_head(model) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         answer = targets != IGNORE
-        logits = self.get_output_embeddings()(hidden[:, :-1][answer]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
+        loss = chunked_cross_entropy(self.get_output_embeddings(), hidden[:, :-1][answer], targets[answer], LOSS_CHUNK)
         # a batch with no labelled token gives a zero that stays connected to the graph
         count = answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return CausalLMOutputWithPast(loss=loss / count)
