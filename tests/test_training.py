@@ -450,6 +450,80 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at
     assert lora.config.use_cache is False
 
 
+@pytest.fixture(scope="module")
+def full_bf16_run(tmp_path_factory, tiny_model_dir) -> tuple[dict, Path]:
+    """A full fine-tuning run at compute dtype bfloat16, saved: (its trained weights, the save)."""
+    saved = tmp_path_factory.mktemp("full_bf16") / "adapter"
+    ds = tokenized(tiny_model_dir, seed_records()[:8])
+    p = train_params(method="full", compute_dtype="bfloat16", max_steps=2, learning_rate=0.001, **NO_CHECKPOINTS)
+    model, _, _ = train(selected_of(tiny_model_dir), p, ds, None, saved.parent / "ck", SEED, [], save_to=saved)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, saved
+
+
+def test_full_fine_tuning_saves_its_fp32_master_weights_at_the_compute_dtype(full_bf16_run, tiny_model_dir):
+    trained, saved = full_bf16_run
+    assert {t.dtype for t in trained.values()} == {torch.float32}  # trained in fp32 master weights...
+    weights = load_file(saved / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # ...saved at the compute dtype
+    assert all(torch.equal(weights[k], trained[k].to(torch.bfloat16)) for k in weights)
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
+    tuned = load_tuned(selected_of(tiny_model_dir), saved, dtype="bfloat16")
+    assert all(torch.equal(tuned.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_save_at_dtype_keeps_a_sharded_index_s_total_size_right(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.training import save_at_dtype
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    size = save_at_dtype(tmp_path, "bfloat16")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == size == sum(
+        t.numel() * 2 for f in shards for t in load_file(f).values())
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+
+
+def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no_model(tmp_path, monkeypatch,
+                                                                                      full_bf16_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from tuneline.training import wise_ft
+
+    base_dir = tmp_path / "base"  # the base in several files, as a hub model of some size is
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_model.save_pretrained(base_dir, max_shard_size="200KB")
+    assert len(list(base_dir.glob("*.safetensors"))) > 1
+    base = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    saved = tmp_path / "saved"
+    shutil.copytree(full_bf16_run[1], saved)
+    trained = load_file(saved / "model.safetensors")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("wise_ft built a model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", no_model)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
+    changed = wise_ft(saved, {**selected_of(tiny_model_dir), "model": str(base_dir)}, 0.25)
+
+    mixed = load_file(saved / "model.safetensors")
+    assert changed == len(mixed) and mixed.keys() == trained.keys()
+    assert any(not torch.equal(trained[k], base[k].to(torch.bfloat16)) for k in trained)
+    for k in mixed:
+        assert mixed[k].dtype == torch.bfloat16
+        expected = base[k] + 0.25 * (trained[k].float() - base[k])
+        torch.testing.assert_close(mixed[k], expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    ds = tokenized(tiny_model_dir, seed_records()[:2])
+    with pytest.raises(SystemExit, match=r"train\.wise_ft .* ZeRO-3.*set train\.wise_ft to 1\.0"):
+        train(selected_of(tiny_model_dir), train_params(method="full", wise_ft=0.5), ds, None, tmp_path, SEED, [])
+
+
 def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
     from tuneline.modeling import device, device_map
 

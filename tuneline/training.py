@@ -21,8 +21,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
-from tuneline.modeling import load_base, load_model, load_tokenizer, resolve_dtype, sharded_launch
-from tuneline.params import Train
+from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
+from tuneline.params import WISE_FT_ZERO3, Train
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
 
@@ -359,10 +359,13 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
           save_to: Path | None = None) -> tuple:
     """Fine-tune the selected model, resuming from the newest complete checkpoint of this run;
     return (model, tokenizer, metrics), the metrics with the parameter counts, taken before the
-    Trainer shards the model. `save_to`: see `fit`.
+    Trainer shards the model. `save_to`: see `fit`; full fine-tuning's weights are saved there at
+    the compute dtype (`save_at_dtype`).
     """
     if p.method == "ptuning" and "position_ids" in train_ds.column_names:
         raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+    if p.method == "full" and p.wise_ft != 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise SystemExit(WISE_FT_ZERO3)
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
     # The arguments come first: under DeepSpeed ZeRO-3 they set up the sharded loading of the model.
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
@@ -370,7 +373,52 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     trainable, total = trainable_parameters(model)
     model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
                          checkpoints, callbacks, save_to)
+    if save_to is not None and p.method == "full" and is_main_process():
+        save_at_dtype(Path(save_to), resolve_dtype(p.compute_dtype))
     return model, tokenizer, {**metrics, "trainable_parameters": trainable, "total_parameters": total}
+
+
+def save_at_dtype(saved: Path, dtype: str) -> int:
+    """Rewrite the full model saved in `saved` with its floating-point weights at `dtype`, the
+    compute dtype; return the bytes its weights now take.
+
+    Full fine-tuning trains fp32 master weights and the Trainer saves them as they are: twice the
+    size of the bf16 or fp16 model that evaluate, export and serve load it as. The files are
+    rewritten one at a time on CPU after the save (under FSDP or ZeRO-3 the save has gathered the
+    shards), with the sharded index's total size and the config's dtype to match.
+    """
+    from safetensors.torch import load_file, save_file
+
+    target = DTYPES[dtype]
+    size = 0
+    for path in sorted(saved.glob("model*.safetensors")):
+        tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in load_file(path).items()}
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, path, metadata={"format": "pt"})
+    for name, key, value in (("model.safetensors.index.json", "metadata", {"total_size": size}),
+                             ("config.json", "dtype", dtype)):
+        path = saved / name
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return size
+
+
+def base_weight_files(selected: dict) -> list[Path]:
+    """The selected base's safetensors files: a local directory's, or the hub cache's (select and
+    train have downloaded them already)."""
+    model = selected["model"]
+    root = Path(model)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["*.safetensors"]))
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
+                         "set train.wise_ft to 1.0 for this model")
+    return files
 
 
 def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
@@ -380,38 +428,42 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
     A LoRA adapter's update is B @ A x scaling, so scaling each B by alpha is the interpolation
     exactly (what peft.helpers.rescale_adapter_scale does at run time; with DoRA the direction update
     is scaled and the magnitude kept). Full fine-tuning's weights are interpolated with the base's,
-    read again from `selected`. 1.0 leaves the files as the Trainer wrote them. Every reader of the
+    read tensor by tensor on CPU from the base's own safetensors files: no second model is built,
+    and nothing goes to the GPU. 1.0 leaves the files as the Trainer wrote them. Every reader of the
     saved model (evaluate, export, serve) then sees the same interpolated model.
     """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     if alpha == 1:
         return 0
-    if (saved / "adapter_config.json").exists():
-        files = [saved / "adapter_model.safetensors"]
-        base_of = None
-    else:
-        files = sorted(saved.glob("model*.safetensors"))
-        base_of = load_base(selected, dtype="float32").state_dict()
+    adapter = (saved / "adapter_config.json").exists()
+    files = [saved / "adapter_model.safetensors"] if adapter else sorted(saved.glob("model*.safetensors"))
     changed = 0
-    for path in files:
-        tensors = load_file(path)
-        for key, t in tensors.items():
-            if base_of is None:
-                if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
-                    continue
-                new = t.float() * alpha
-            else:
-                if key not in base_of:
-                    raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']} does not have; "
-                                     "set train.wise_ft to 1.0 for this model")
-                if not t.is_floating_point():
-                    continue
-                base_t = base_of[key].float().cpu()
-                new = base_t + alpha * (t.float() - base_t)
-            tensors[key] = new.to(t.dtype).contiguous()
-            changed += 1
-        save_file(tensors, path, metadata={"format": "pt"})
+    with ExitStack() as stack:
+        base_files = [] if adapter else [stack.enter_context(safe_open(f, "pt", device="cpu"))
+                                         for f in base_weight_files(selected)]
+        base_of = {key: f for f in base_files for key in f.keys()}
+        for path in files:
+            tensors = load_file(path)
+            for key, t in tensors.items():
+                if adapter:
+                    if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
+                        continue
+                    new = t.float() * alpha
+                else:
+                    if key not in base_of:
+                        raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']}'s "
+                                         "files do not have; set train.wise_ft to 1.0 for this model")
+                    if not t.is_floating_point():
+                        continue
+                    base_t = base_of[key].get_tensor(key).float()
+                    new = base_t + alpha * (t.float() - base_t)
+                tensors[key] = new.to(t.dtype).contiguous()
+                changed += 1
+            save_file(tensors, path, metadata={"format": "pt"})
     if not changed:
         raise SystemExit(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
                          "set train.wise_ft to 1.0")
