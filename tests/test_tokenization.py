@@ -121,20 +121,29 @@ def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_tem
     assert labels[1:] == input_ids[1:]
 
 
-def test_fit_length_truncates_or_drops_and_says_so(tiny_model_dir):
+def test_truncation_leaves_out_the_oldest_history_turns_and_never_cuts_an_answer(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
-    n = len(input_ids)
-    assert fit_length(input_ids, labels, n, "truncate") == (input_ids, labels, "ok")
-    ids, labs, status = fit_length(input_ids, labels, n - 3, "truncate")
-    assert (ids, labs, status) == (input_ids[: n - 3], labels[: n - 3], "truncated")
-    assert fit_length(input_ids, labels, n - 3, "drop") == ([], [], "dropped_overlong")
-    # cut before the first answer: nothing left to learn from
-    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE)
-    assert fit_length(input_ids, labels, first_answer, "truncate") == ([], [], "dropped_no_answer")
-    row = tokenize_example(RECORD, tokenizer, "auto", n - 3, "truncate", False)
-    assert (row["length"], row["original_length"], row["status"]) == (n - 3, n, "truncated")
-    assert row["answer_tokens"] == sum(1 for label in row["labels"] if label != IGNORE)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    full = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
+    one_turn, no_history = (encode(tokenizer, {**RECORD, "history": RECORD["history"][k:]}, "auto", False) for k in (1, 2))
+    n, n1, n0 = (len(ids) for ids, _ in (full, one_turn, no_history))
+    assert n > n1 > n0
+    for max_length, expected in ((n, full), (n - 1, one_turn), (n1, one_turn), (n1 - 1, no_history), (n0, no_history)):
+        row = tokenize_example(RECORD, tokenizer, "auto", max_length, "truncate", False)
+        assert (row["input_ids"], row["labels"]) == expected
+        assert (row["status"], row["original_length"]) == ("ok" if max_length == n else "truncated", n)
+        assert row["answer_tokens"] == sum(1 for label in row["labels"] if label != IGNORE)
+        spans = labelled_spans(row["input_ids"], row["labels"])
+        assert tokenizer.decode(spans[-1]) == RECORD["output"] + TURN_END["chatml"]  # the answer whole, with its end
+        assert all(im_end in span for span in spans)
+    # even without its history the record does not fit: dropped, never cut
+    assert tokenize_example(RECORD, tokenizer, "auto", n0 - 1, "truncate", False)["status"] == "dropped_overlong"
+    assert tokenize_example(RECORD, tokenizer, "auto", n - 1, "drop", False)["status"] == "dropped_overlong"
+    # an answer longer than the limit is dropped too: its end of turn would be cut
+    long_answer = {**RECORD, "history": [], "output": " ".join(["velvety"] * 400)}
+    assert tokenize_example(long_answer, tokenizer, "auto", 256, "truncate", False)["status"] == "dropped_overlong"
+    assert fit_length(*full, n, "truncate") == (*full, "ok")
+    assert fit_length(*full, n - 1, "truncate") == ([], [], "dropped_overlong")  # no shorter version offered
 
 
 def test_pack_keeps_whole_examples_in_order_with_restarting_positions():
@@ -326,6 +335,12 @@ def long_record(i: int, field: str) -> dict:
     return record
 
 
+def long_history_record(i: int) -> dict:
+    text = " ".join(f"grind{i} setting{j} bloom{j % 7}" for j in range(120))
+    return {"instruction": f"Describe brew {i}.", "input": "", "output": f"Answer {i}.", "system": "",
+            "history": [[text, "Noted."], ["And the grind?", "Medium fine."]]}
+
+
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
 def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypatch, tiny_model_dir, overlong):
     from stages import tokenize as stage
@@ -333,11 +348,12 @@ def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypat
     max_length = 256
     tokenizer = load_tokenizer(str(tiny_model_dir))
     short = [r for r in seed_records() if len(encode(tokenizer, r, "auto", False)[0]) <= max_length][:8]
-    long_answer = [long_record(i, "output") for i in range(3)]  # truncation keeps part of the answer
-    long_prompt = [long_record(i, "instruction") for i in range(3, 5)]  # truncation leaves no answer
-    for r in long_answer + long_prompt:
+    long_answer = [long_record(i, "output") for i in range(3)]  # cut, it would lose its end of turn
+    long_prompt = [long_record(i, "instruction") for i in range(3, 5)]  # too long even without history
+    long_history = [long_history_record(i) for i in range(5, 7)]  # fits once its oldest turn is left out
+    for r in long_answer + long_prompt + long_history:
         assert len(encode(tokenizer, r, "auto", False)[0]) > max_length
-    train = short[:2] + long_answer + short[2:5] + long_prompt + short[5:]
+    train = short[:2] + long_answer + short[2:5] + long_prompt + short[5:] + long_history
     val = short[:3]
     project = make_project(tmp_path, tiny_model_dir, train, val,
                            tokenize={"max_length": max_length, "overlong": overlong, "num_proc": 1})
@@ -347,22 +363,25 @@ def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypat
     metrics = json.loads((project / "metrics" / "tokenize.json").read_text())["train"]
     ds = load_from_disk(str(project / "data" / "tokenized" / "train"))
     rejects = [json.loads(line) for line in (project / "data" / "tokenized" / "rejects.jsonl").read_text().splitlines()]
-    assert metrics["records_in"] == len(train) == 13
+    assert metrics["records_in"] == len(train) == 15
     if overlong == "truncate":
-        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (3, 0, 2)
-        assert metrics["records_out"] == 8 + 3
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (2, 5, 0)
+        assert metrics["records_out"] == 8 + 2
     else:
-        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (0, 5, 0)
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (0, 7, 0)
         assert metrics["records_out"] == 8
     assert len(ds) == metrics["records_out"]
-    assert sorted(r["index"] for r in rejects) == ([8, 9] if overlong == "truncate" else [2, 3, 4, 8, 9])
-    assert all(r["tokens"] > max_length for r in rejects)
+    assert sorted(r["index"] for r in rejects) == [2, 3, 4, 8, 9] + ([] if overlong == "truncate" else [13, 14])
+    assert all(r["tokens"] > max_length and r["reason"] == "dropped_overlong" for r in rejects)
     assert max(len(x) for x in ds["input_ids"]) <= max_length
     assert metrics["tokens"] == sum(len(x) for x in ds["input_ids"])
     assert metrics["answer_tokens"] == sum(sum(1 for t in x if t != IGNORE) for x in ds["labels"])
-    # the kept records, in order, are exactly what encode + fit_length give for them
-    kept = [r for r in train if fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[2] in ("ok", "truncated")]
-    assert ds["input_ids"] == [fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[0] for r in kept]
+    # every kept answer ends its turn
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(im_end in span for x, y in zip(ds["input_ids"], ds["labels"]) for span in labelled_spans(x, y))
+    # the kept records, in order, are exactly what tokenize_example gives for them
+    rows = [tokenize_example(r, tokenizer, "auto", max_length, overlong, False) for r in train]
+    assert ds["input_ids"] == [row["input_ids"] for row in rows if row["status"] in ("ok", "truncated")]
     assert (project / "data" / "tokenized" / "chat_template.jinja").read_text() == tokenizer.chat_template
 
 

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer, load_tuned
-from tuneline.tokenization import collate, tokenize_example
+from tuneline.tokenization import collate, encode
 from tuneline.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
 
 SEED = 42
@@ -44,9 +44,11 @@ def train_params(**changes) -> params.Train:
 
 
 def tokenized(model_dir: Path, records: list[dict], max_length: int = 128) -> Dataset:
+    """The records encoded and cut at `max_length` tokens: short rows keep these tests of training
+    fast. A cut answer loses its end of turn, which they do not mind; the tokenize stage never cuts."""
     tokenizer = load_tokenizer(str(model_dir))
-    rows = [tokenize_example(r, tokenizer, "auto", max_length, "truncate", False) for r in records]
-    return Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    rows = [encode(tokenizer, r, "auto", False) for r in records]
+    return Dataset.from_list([{"input_ids": ids[:max_length], "labels": labels[:max_length]} for ids, labels in rows])
 
 
 def answer_loss(model, ds: Dataset, pad_token_id: int) -> float:
@@ -708,7 +710,7 @@ def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_tha
 
 
 def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
-    from tuneline.tokenization import encode, pack
+    from tuneline.tokenization import pack
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterator
+from functools import partial
 
 from tuneline.templates import segments_many, to_messages
 
@@ -62,13 +63,34 @@ def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: 
     return encoded
 
 
-def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> tuple[list[int], list[int], str]:
-    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong | dropped_no_answer."""
+def shortened(tokenizer, record: dict, template: str, max_length: int, train_on_prompt: bool) -> tuple[list[int], list[int]] | None:
+    """The record encoded with its oldest history turns left out, as few as make it fit in
+    `max_length` tokens; None when even without history it does not fit. Every shorter history
+    is rendered and tokenized in one `encode_many` call."""
+    history = record.get("history") or []
+    shorter = [{**record, "history": history[k:]} for k in range(1, len(history) + 1)]
+    for input_ids, labels in encode_many(tokenizer, shorter, template, train_on_prompt) if shorter else []:
+        if len(input_ids) <= max_length:
+            return input_ids, labels
+    return None
+
+
+def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str,
+               shorter=None) -> tuple[list[int], list[int], str]:
+    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong | dropped_no_answer.
+
+    Tokens are never cut off the end: that would keep an answer without its end of turn and teach
+    the model not to stop. With `overlong: truncate`, an overlong record is replaced by `shorter()`
+    (`shortened`: the same record with its oldest history turns left out) when that fits
+    (truncated); a record that fits in no way, and every overlong one with `overlong: drop`, is
+    dropped (dropped_overlong), to be counted and listed in the rejects.
+    """
     status = "ok"
     if len(input_ids) > max_length:
-        if overlong == "drop":
+        fitting = shorter() if overlong == "truncate" and shorter is not None else None
+        if fitting is None:
             return [], [], "dropped_overlong"
-        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+        (input_ids, labels), status = fitting, "truncated"
     if all(label == IGNORE for label in labels):
         return [], [], "dropped_no_answer"
     return input_ids, labels, status
@@ -77,11 +99,11 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlon
 EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "original_length", "answer_tokens", "status")
 
 
-def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> dict:
-    """One encoded record after the length limit, with the counts the stage reports
+def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str, shorter=None) -> dict:
+    """One encoded record after the length limit (`fit_length`), with the counts the stage reports
     (length, original_length, answer_tokens, status)."""
     original = len(input_ids)
-    input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong)
+    input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong, shorter)
     answer_tokens = sum(1 for label in labels if label != IGNORE)
     return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "original_length": original,
             "answer_tokens": answer_tokens, "status": status}
@@ -90,7 +112,8 @@ def example_row(input_ids: list[int], labels: list[int], max_length: int, overlo
 def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
     """One record to input_ids, labels, and the counts the stage reports."""
     input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
-    return example_row(input_ids, labels, max_length, overlong)
+    return example_row(input_ids, labels, max_length, overlong,
+                       partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length: int, overlong: str,
@@ -98,8 +121,9 @@ def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length:
     """The batched `datasets.map` function: a batch of records (columns of values) to the columns of
     `tokenize_example`, row for row the same."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [example_row(ids, labels, max_length, overlong)
-            for ids, labels in encode_many(tokenizer, records, template, train_on_prompt)]
+    rows = [example_row(ids, labels, max_length, overlong,
+                        partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
+            for record, (ids, labels) in zip(records, encode_many(tokenizer, records, template, train_on_prompt))]
     return {key: [row[key] for row in rows] for key in EXAMPLE_COLUMNS}
 
 
