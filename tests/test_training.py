@@ -155,6 +155,46 @@ def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tin
     loss.backward()
 
 
+def tiny_of(config_class, **transform):
+    """A tiny random causal LM of `config_class`, with the logit transform `transform` sets."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False, **transform)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+TRANSFORMS = {  # soft-capping at 0.5 and scaling by 8: far from the raw head's logits even at random weights
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 0.5}),
+    "cohere": ("CohereConfig", {"logit_scale": 8.0}),
+    "granite": ("GraniteConfig", {"logits_scaling": 0.125}),
+}
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMS))
+def test_models_whose_logits_are_more_than_the_head_keep_their_own_forward(monkeypatch, family):
+    import transformers
+
+    from tuneline import training
+
+    name, transform = TRANSFORMS[family]
+    config_class = getattr(transformers, name)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    model = tiny_of(config_class, **transform)
+    own = model(input_ids=ids, labels=ids).loss
+    assert not training.answer_only_head(model)  # named by its config key
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own)
+    # A transform no key names is caught by the probe: the patched loss would differ from the model's own.
+    monkeypatch.setattr(training, "OWN_LOGITS_KEYS", ())
+    assert not training.answer_only_head(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own)
+    # The control: without the transform the probe agrees and the model is patched.
+    plain = tiny_of(config_class, **{key: None if family == "gemma2" else 1.0 for key in transform})
+    assert training.answer_only_head(plain)
+    assert plain(input_ids=ids, labels=ids).logits is None
+
+
 METHODS = {
     "lora": {"method": "lora"},
     "dora": {"method": "lora", "use_dora": True},

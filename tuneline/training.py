@@ -108,8 +108,10 @@ def answer_only_head(model) -> bool:
     (generation, scoring) it is the model's own forward.
 
     The instance's forward is replaced (TRL's fused LM head does the same), so peft, DDP, FSDP and
-    DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward;
-    returns whether the model was patched.
+    DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward, and
+    so does any other whose own loss the patched forward does not reproduce on a probe
+    (`reproduces_own_loss`: a transform of the logits no key names); returns whether the model
+    was patched.
     """
     config = model.config.get_text_config()
     if (any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None
@@ -133,8 +135,31 @@ def answer_only_head(model) -> bool:
         count = answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return CausalLMOutputWithPast(loss=loss / count)
 
-    model.forward = types.MethodType(forward, model)
+    patched = types.MethodType(forward, model)
+    if not sharded_launch() and not reproduces_own_loss(model, patched, own_forward):
+        logging.getLogger("tuneline.training").warning(
+            "train: %s's own loss differs from the answer-only head's on a probe; it trains with its own forward "
+            "(full logits)", type(model).__name__)
+        return False
+    model.forward = patched
     return True
+
+
+@torch.no_grad()
+def reproduces_own_loss(model, patched, own_forward, tokens: int = 16) -> bool:
+    """Whether the patched forward gives the model's own loss on a probe of `tokens` token ids.
+
+    A model whose forward changes the logits in a way OWN_LOGITS_KEYS does not name (one family's
+    logits_scaling divides, another's multiplies) would otherwise train on a wrong loss without a
+    word. Under FSDP or DeepSpeed the model is not whole before the Trainer wraps it, so no probe runs.
+    """
+    training = model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(1, tokens + 1) * 7919 % vocab).unsqueeze(0).to(model.get_input_embeddings().weight.device)
+    ours, theirs = patched(input_ids=ids, labels=ids).loss, own_forward(input_ids=ids, labels=ids).loss
+    model.train(training)
+    return bool(torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-4))
 
 
 def prepare_model(selected: dict, p: Train, seed: int):
