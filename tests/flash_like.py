@@ -13,6 +13,8 @@ through transformers' public attention and mask registries; its mask is flash-at
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -21,6 +23,8 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 # no "flash" in the name: transformers would then try to import the flash-attention package for it
 NAME = "fa_like"
+# How many attention calls took each path (padded, varlen, varlen_from_positions, causal), for tests to read.
+CALLS: Counter = Counter()
 
 
 def packed_in_one_row(position_ids: torch.Tensor | None, batch_size: int) -> bool:
@@ -45,14 +49,18 @@ def flash_like_attention(module, query, key, value, attention_mask, dropout=0.0,
                          cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """The attention function transformers calls in each layer, with flash-attention's choice of kernel."""
     if attention_mask is not None:  # flash-attention unpads: each row attends causally to its own real tokens
+        CALLS["padded"] += 1
         causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
         mask = causal & attention_mask[:, None, None, :].bool()
         return sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True).transpose(1, 2), None
     if cu_seq_lens_q is not None and max_length_q is not None:
+        CALLS["varlen"] += 1
         return varlen(query, key, value, cu_seq_lens_q, scaling), None
     if packed_in_one_row(position_ids, query.shape[0]):
+        CALLS["varlen_from_positions"] += 1
         (cu_seq_lens, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
         return varlen(query, key, value, cu_seq_lens, scaling), None
+    CALLS["causal"] += 1
     return sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2), None
 
 

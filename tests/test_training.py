@@ -777,3 +777,22 @@ def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its
         # The control: with the cache the config asks for, the later examples do see the earlier ones.
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
     assert not torch.allclose(leaky[starts[1]:starts[2]], packed[starts[1]:starts[2]], atol=1e-3)
+
+
+def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_batch_size_2(tmp_path, tiny_model_dir):
+    import flash_like
+
+    from tuneline.tokenization import pack
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
+    packs = list(pack(iter(examples), max_length=400))
+    assert len(packs) >= 4 and all(p["num_examples"] > 1 for p in packs[:2])
+    ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
+    flash_like.register()
+    flash_like.CALLS.clear()
+    train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, attn_implementation=flash_like.NAME,
+                                                    **NO_CHECKPOINTS), ds, None, tmp_path / "ck", SEED, [])
+    # every attention call of the 2 training steps (2 layers each) ran varlen; the plain causal ones
+    # are the head's probe (2 forwards of one unpacked row) before training
+    assert flash_like.CALLS == {"varlen": 2 * 2, "causal": 2 * 2}
