@@ -431,15 +431,17 @@ def save_at_dtype(saved: Path, dtype: str) -> int:
 
 
 def base_weight_files(selected: dict) -> list[Path]:
-    """The selected base's safetensors files: a local directory's, or the hub cache's (select and
-    train have downloaded them already)."""
+    """The selected base's weight files as transformers loads them (model.safetensors, or the
+    model-0000i-of-0000n shards), a local directory's or the hub cache's (select and train have
+    downloaded them already). Other .safetensors a hub repository ships (Mistral's
+    consolidated.safetensors, in another naming) are neither read nor downloaded."""
     model = selected["model"]
     root = Path(model)
     if not root.is_dir():
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["*.safetensors"]))
-    files = sorted(root.glob("*.safetensors"))
+        root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["model*.safetensors"]))
+    files = sorted(root.glob("model*.safetensors"))
     if not files:
         raise SystemExit(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
                          "set train.wise_ft to 1.0 for this model")
