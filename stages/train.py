@@ -15,6 +15,7 @@ Run:    python -m stages.train (what dvc.yaml runs). With `train.launcher: accel
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -91,8 +92,10 @@ def main() -> None:
         callbacks.append(DVCLiveCallback(live=live))
 
     # Every process saves: under FSDP/ZeRO-3 the weights are gathered from all of them; the main one writes.
-    # The trained model is dropped here: it is saved, and wise_ft may load the base beside it.
+    # The trained model is dropped here, and freed (the Trainer's reference cycles too): it is saved, and
+    # wise_ft reads the saved files and the base's on CPU.
     tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)[1:]
+    gc.collect()
     if not main_process:
         return
 

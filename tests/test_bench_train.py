@@ -36,7 +36,7 @@ def test_trl_baseline_trains_on_tuneline_s_rows_with_its_loss_and_no_per_step_me
     p = dataclasses.replace(params.section("train", path=ROOT / "params.yaml"), method="lora", batch_size=4)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     records = [r for r in seed_records() if r.get("history")][:2] + seed_records()[:2]  # history turns are answers too
-    rows = [tokenize_example(r, tokenizer, "auto", 128, "truncate", False) for r in records]
+    rows = [tokenize_example(r, tokenizer, "auto", 512, "truncate", False) for r in records]  # none cut
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     args = training_arguments(p, tmp_path / "checkpoints", 42, has_eval=False)
 

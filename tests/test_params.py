@@ -172,3 +172,30 @@ def test_a_stage_stops_on_a_mistake_in_another_stage_s_section_before_its_work(t
     assert "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / data["base"]["feedback"]).exists()  # the feedback stage did none of its work
+
+
+@pytest.mark.parametrize("config, refused", [
+    ("configs/accelerate/zero3.yaml", True), ("configs/accelerate/zero2.yaml", False), ("configs/accelerate/fsdp.yaml", False),
+])
+def test_wise_ft_of_full_fine_tuning_under_deepspeed_zero3_names_the_key_and_the_fix(raw, config, refused):
+    data = copy.deepcopy(raw)
+    data["train"].update(method="full", wise_ft=0.5, launcher="accelerate", accelerate_config=config)
+    if refused:
+        with pytest.raises(ParamsError, match=r"ZeRO-3: train\.wise_ft below 1 .* set train\.wise_ft to 1\.0"):
+            params.section("train", data)
+    else:
+        assert params.section("train", data).wise_ft == 0.5
+    for changes in ({"wise_ft": 1.0}, {"method": "lora"}):  # as trained, or an adapter's B scaled: both fine
+        assert params.section("train", {**data, "train": {**data["train"], **changes}}) is not None
+
+
+def test_zero_stage_reads_an_accelerate_config_or_the_deepspeed_json_it_names(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}')
+    by_file = tmp_path / "by_file.yaml"
+    by_file.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED",
+                                       "deepspeed_config": {"deepspeed_config_file": str(ds_json)}}))
+    assert params.zero_stage(str(by_file)) == 3
+    assert params.zero_stage("configs/accelerate/zero2.yaml") == 2
+    assert params.zero_stage("configs/accelerate/ddp.yaml") is None
+    assert params.zero_stage(str(tmp_path / "missing.yaml")) is None

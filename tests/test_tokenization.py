@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 
+import flash_like
 import pytest
 import torch
 from datasets import load_from_disk
@@ -120,20 +121,29 @@ def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_tem
     assert labels[1:] == input_ids[1:]
 
 
-def test_fit_length_truncates_or_drops_and_says_so(tiny_model_dir):
+def test_truncation_leaves_out_the_oldest_history_turns_and_never_cuts_an_answer(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    input_ids, labels = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
-    n = len(input_ids)
-    assert fit_length(input_ids, labels, n, "truncate") == (input_ids, labels, "ok")
-    ids, labs, status = fit_length(input_ids, labels, n - 3, "truncate")
-    assert (ids, labs, status) == (input_ids[: n - 3], labels[: n - 3], "truncated")
-    assert fit_length(input_ids, labels, n - 3, "drop") == ([], [], "dropped_overlong")
-    # cut before the first answer: nothing left to learn from
-    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE)
-    assert fit_length(input_ids, labels, first_answer, "truncate") == ([], [], "dropped_no_answer")
-    row = tokenize_example(RECORD, tokenizer, "auto", n - 3, "truncate", False)
-    assert (row["length"], row["original_length"], row["status"]) == (n - 3, n, "truncated")
-    assert row["answer_tokens"] == sum(1 for label in row["labels"] if label != IGNORE)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    full = encode(tokenizer, RECORD, "auto", train_on_prompt=False)
+    one_turn, no_history = (encode(tokenizer, {**RECORD, "history": RECORD["history"][k:]}, "auto", False) for k in (1, 2))
+    n, n1, n0 = (len(ids) for ids, _ in (full, one_turn, no_history))
+    assert n > n1 > n0
+    for max_length, expected in ((n, full), (n - 1, one_turn), (n1, one_turn), (n1 - 1, no_history), (n0, no_history)):
+        row = tokenize_example(RECORD, tokenizer, "auto", max_length, "truncate", False)
+        assert (row["input_ids"], row["labels"]) == expected
+        assert (row["status"], row["original_length"]) == ("ok" if max_length == n else "truncated", n)
+        assert row["answer_tokens"] == sum(1 for label in row["labels"] if label != IGNORE)
+        spans = labelled_spans(row["input_ids"], row["labels"])
+        assert tokenizer.decode(spans[-1]) == RECORD["output"] + TURN_END["chatml"]  # the answer whole, with its end
+        assert all(im_end in span for span in spans)
+    # even without its history the record does not fit: dropped, never cut
+    assert tokenize_example(RECORD, tokenizer, "auto", n0 - 1, "truncate", False)["status"] == "dropped_overlong"
+    assert tokenize_example(RECORD, tokenizer, "auto", n - 1, "drop", False)["status"] == "dropped_overlong"
+    # an answer longer than the limit is dropped too: its end of turn would be cut
+    long_answer = {**RECORD, "history": [], "output": " ".join(["velvety"] * 400)}
+    assert tokenize_example(long_answer, tokenizer, "auto", 256, "truncate", False)["status"] == "dropped_overlong"
+    assert fit_length(*full, n, "truncate") == (*full, "ok")
+    assert fit_length(*full, n - 1, "truncate") == ([], [], "dropped_overlong")  # no shorter version offered
 
 
 def test_pack_keeps_whole_examples_in_order_with_restarting_positions():
@@ -266,11 +276,69 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tiny_model_dir):
     assert max(abs(leaked[e] - expected[e]) for e in expected) > 1e-3
 
 
+def example_spans(position_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each example in a packed row: a new one starts wherever the positions restart."""
+    starts = [i for i, pos in enumerate(position_ids) if pos == 0] + [len(position_ids)]
+    return list(zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", flash_like.NAME])
+def test_packed_examples_in_a_batch_of_rows_see_only_themselves_on_every_attention(tiny_model_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    flash_like.register()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in [RECORD, *seed_records()[:7]]]
+    packs = list(pack(iter(examples), max_length=max(len(i) for i, _ in examples) * 2))
+    assert len(packs) >= 2 and sum(p["num_examples"] > 1 for p in packs) >= 2
+    assert len({len(p["input_ids"]) for p in packs}) > 1  # rows of different lengths: padding too
+    batch = collate(packs, tokenizer.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def isolated(logits: torch.Tensor) -> bool:
+        """Whether every example's logits in the batch are those it gets run alone."""
+        with torch.no_grad():
+            return all(torch.allclose(logits[r, a:b], model(input_ids=torch.tensor([p["input_ids"][a:b]])).logits[0],
+                                      atol=1e-5)
+                       for r, p in enumerate(packs) for a, b in example_spans(p["position_ids"]))
+
+    with torch.no_grad():
+        assert isolated(model(**inputs).logits)
+        if attn == flash_like.NAME:
+            # The control: flash-attention given the rows' position ids alone (the collate of before)
+            # attends each row as one causal sequence, so the examples see each other...
+            without = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+            assert not isolated(model(**without).logits)
+            # ...but it finds the boundaries from the position ids of a batch of one row, as transformers' does.
+            one_row = collate(packs[:1], tokenizer.pad_token_id)
+            logits = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], use_cache=False).logits
+            assert all(torch.allclose(logits[0, a:b], model(input_ids=torch.tensor([packs[0]["input_ids"][a:b]])).logits[0],
+                                      atol=1e-5) for a, b in example_spans(packs[0]["position_ids"]))
+
+
+def test_varlen_metadata_bounds_every_example_and_each_row_s_padding():
+    packs = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, 7, IGNORE, 9], "position_ids": [0, 1, 2, 0, 1]},
+             {"input_ids": [3, 4], "labels": [IGNORE, 4], "position_ids": [0, 1]}]
+    batch = collate(packs, pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 7, 10]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9], [IGNORE, 4, IGNORE, IGNORE, IGNORE]]
+
+
 def long_record(i: int, field: str) -> dict:
     text = " ".join(f"grind{i} setting{j} bloom{j % 7}" for j in range(120))
     record = {"instruction": f"Describe brew {i}.", "input": "", "output": f"Answer {i}.", "system": "", "history": []}
     record[field] = text
     return record
+
+
+def long_history_record(i: int) -> dict:
+    text = " ".join(f"grind{i} setting{j} bloom{j % 7}" for j in range(120))
+    return {"instruction": f"Describe brew {i}.", "input": "", "output": f"Answer {i}.", "system": "",
+            "history": [[text, "Noted."], ["And the grind?", "Medium fine."]]}
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
@@ -280,11 +348,12 @@ def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypat
     max_length = 256
     tokenizer = load_tokenizer(str(tiny_model_dir))
     short = [r for r in seed_records() if len(encode(tokenizer, r, "auto", False)[0]) <= max_length][:8]
-    long_answer = [long_record(i, "output") for i in range(3)]  # truncation keeps part of the answer
-    long_prompt = [long_record(i, "instruction") for i in range(3, 5)]  # truncation leaves no answer
-    for r in long_answer + long_prompt:
+    long_answer = [long_record(i, "output") for i in range(3)]  # cut, it would lose its end of turn
+    long_prompt = [long_record(i, "instruction") for i in range(3, 5)]  # too long even without history
+    long_history = [long_history_record(i) for i in range(5, 7)]  # fits once its oldest turn is left out
+    for r in long_answer + long_prompt + long_history:
         assert len(encode(tokenizer, r, "auto", False)[0]) > max_length
-    train = short[:2] + long_answer + short[2:5] + long_prompt + short[5:]
+    train = short[:2] + long_answer + short[2:5] + long_prompt + short[5:] + long_history
     val = short[:3]
     project = make_project(tmp_path, tiny_model_dir, train, val,
                            tokenize={"max_length": max_length, "overlong": overlong, "num_proc": 1})
@@ -294,22 +363,25 @@ def test_tokenize_stage_counts_truncated_and_dropped_records(tmp_path, monkeypat
     metrics = json.loads((project / "metrics" / "tokenize.json").read_text())["train"]
     ds = load_from_disk(str(project / "data" / "tokenized" / "train"))
     rejects = [json.loads(line) for line in (project / "data" / "tokenized" / "rejects.jsonl").read_text().splitlines()]
-    assert metrics["records_in"] == len(train) == 13
+    assert metrics["records_in"] == len(train) == 15
     if overlong == "truncate":
-        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (3, 0, 2)
-        assert metrics["records_out"] == 8 + 3
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (2, 5, 0)
+        assert metrics["records_out"] == 8 + 2
     else:
-        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (0, 5, 0)
+        assert (metrics["truncated"], metrics["dropped_overlong"], metrics["dropped_no_answer"]) == (0, 7, 0)
         assert metrics["records_out"] == 8
     assert len(ds) == metrics["records_out"]
-    assert sorted(r["index"] for r in rejects) == ([8, 9] if overlong == "truncate" else [2, 3, 4, 8, 9])
-    assert all(r["tokens"] > max_length for r in rejects)
+    assert sorted(r["index"] for r in rejects) == [2, 3, 4, 8, 9] + ([] if overlong == "truncate" else [13, 14])
+    assert all(r["tokens"] > max_length and r["reason"] == "dropped_overlong" for r in rejects)
     assert max(len(x) for x in ds["input_ids"]) <= max_length
     assert metrics["tokens"] == sum(len(x) for x in ds["input_ids"])
     assert metrics["answer_tokens"] == sum(sum(1 for t in x if t != IGNORE) for x in ds["labels"])
-    # the kept records, in order, are exactly what encode + fit_length give for them
-    kept = [r for r in train if fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[2] in ("ok", "truncated")]
-    assert ds["input_ids"] == [fit_length(*encode(tokenizer, r, "auto", False), max_length, overlong)[0] for r in kept]
+    # every kept answer ends its turn
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(im_end in span for x, y in zip(ds["input_ids"], ds["labels"]) for span in labelled_spans(x, y))
+    # the kept records, in order, are exactly what tokenize_example gives for them
+    rows = [tokenize_example(r, tokenizer, "auto", max_length, overlong, False) for r in train]
+    assert ds["input_ids"] == [row["input_ids"] for row in rows if row["status"] in ("ok", "truncated")]
     assert (project / "data" / "tokenized" / "chat_template.jinja").read_text() == tokenizer.chat_template
 
 

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer, load_tuned
-from tuneline.tokenization import collate, tokenize_example
+from tuneline.tokenization import collate, encode
 from tuneline.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
 
 SEED = 42
@@ -44,9 +44,11 @@ def train_params(**changes) -> params.Train:
 
 
 def tokenized(model_dir: Path, records: list[dict], max_length: int = 128) -> Dataset:
+    """The records encoded and cut at `max_length` tokens: short rows keep these tests of training
+    fast. A cut answer loses its end of turn, which they do not mind; the tokenize stage never cuts."""
     tokenizer = load_tokenizer(str(model_dir))
-    rows = [tokenize_example(r, tokenizer, "auto", max_length, "truncate", False) for r in records]
-    return Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    rows = [encode(tokenizer, r, "auto", False) for r in records]
+    return Dataset.from_list([{"input_ids": ids[:max_length], "labels": labels[:max_length]} for ids, labels in rows])
 
 
 def answer_loss(model, ds: Dataset, pad_token_id: int) -> float:
@@ -98,14 +100,17 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "ptuning", "full"])
-def test_training_forward_runs_the_head_on_answer_positions_only_with_the_model_s_own_loss(monkeypatch, tiny_model_dir,
-                                                                                           method):
+def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_the_model_s_own_loss(monkeypatch,
+                                                                                                    tiny_model_dir, method):
     from tuneline import training
 
+    chunk = 16
+    monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
     selected, p = selected_of(tiny_model_dir), train_params(method=method)
     batch = collate(list(tokenized(tiny_model_dir, seed_records()[:4])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert labelled < 0.6 * batch["input_ids"].numel()  # prompts and padding: over 40% of the positions
+    assert labelled > 3 * chunk  # several chunks, the last one short
     patched = prepare_model(selected, p, SEED)
     with monkeypatch.context() as m:
         m.setattr(training, "answer_only_head", lambda model: False)
@@ -118,16 +123,76 @@ def test_training_forward_runs_the_head_on_answer_positions_only_with_the_model_
         ours, theirs = patched(**batch, **kwargs), plain(**batch, **kwargs)
         assert ours.logits is None and theirs.logits is not None
         torch.testing.assert_close(ours.loss, theirs.loss)
-    assert head_rows == [labelled, labelled]
+    assert sum(head_rows) == 2 * labelled and max(head_rows) == chunk
+
+    # What autograd keeps for the backward pass: never more than a chunk of positions' logits.
+    vocab = head.weight.shape[0]
+    kept_rows = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() and t.shape[-1] == vocab:
+            kept_rows.append(t.numel() // vocab)
+        return t
 
     patched.zero_grad(), plain.zero_grad()
-    patched(**batch).loss.backward(), plain(**batch).loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = patched(**batch).loss
+    assert kept_rows == [] or max(kept_rows) <= chunk
+    loss.backward(), plain(**batch).loss.backward()
     trainable = [(a, b) for a, b in zip(patched.parameters(), plain.parameters()) if a.requires_grad]
     assert trainable and all(a.grad is not None for a, _ in trainable) and any(a.grad.abs().sum() > 0 for a, _ in trainable)
     for a, b in trainable:
         torch.testing.assert_close(a.grad, b.grad)
     # without labels (generation, scoring) it is the model's own forward
     torch.testing.assert_close(patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
+
+
+def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_model_dir):
+    model = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
+    batch = collate(list(tokenized(tiny_model_dir, seed_records()[:2])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    loss = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss
+    assert float(loss) == 0
+    loss.backward()
+
+
+def tiny_of(config_class, **transform):
+    """A tiny random causal LM of `config_class`, with the logit transform `transform` sets."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False, **transform)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+TRANSFORMS = {  # soft-capping at 0.5 and scaling by 8: far from the raw head's logits even at random weights
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 0.5}),
+    "cohere": ("CohereConfig", {"logit_scale": 8.0}),
+    "granite": ("GraniteConfig", {"logits_scaling": 0.125}),
+}
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMS))
+def test_models_whose_logits_are_more_than_the_head_keep_their_own_forward(monkeypatch, family):
+    import transformers
+
+    from tuneline import training
+
+    name, transform = TRANSFORMS[family]
+    config_class = getattr(transformers, name)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    model = tiny_of(config_class, **transform)
+    own = model(input_ids=ids, labels=ids).loss
+    assert not training.answer_only_head(model)  # named by its config key
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own)
+    # A transform no key names is caught by the probe: the patched loss would differ from the model's own.
+    monkeypatch.setattr(training, "OWN_LOGITS_KEYS", ())
+    assert not training.answer_only_head(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, own)
+    # The control: without the transform the probe agrees and the model is patched.
+    plain = tiny_of(config_class, **{key: None if family == "gemma2" else 1.0 for key in transform})
+    assert training.answer_only_head(plain)
+    assert plain(input_ids=ids, labels=ids).logits is None
 
 
 METHODS = {
@@ -427,6 +492,80 @@ def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at
     assert lora.config.use_cache is False
 
 
+@pytest.fixture(scope="module")
+def full_bf16_run(tmp_path_factory, tiny_model_dir) -> tuple[dict, Path]:
+    """A full fine-tuning run at compute dtype bfloat16, saved: (its trained weights, the save)."""
+    saved = tmp_path_factory.mktemp("full_bf16") / "adapter"
+    ds = tokenized(tiny_model_dir, seed_records()[:8])
+    p = train_params(method="full", compute_dtype="bfloat16", max_steps=2, learning_rate=0.001, **NO_CHECKPOINTS)
+    model, _, _ = train(selected_of(tiny_model_dir), p, ds, None, saved.parent / "ck", SEED, [], save_to=saved)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, saved
+
+
+def test_full_fine_tuning_saves_its_fp32_master_weights_at_the_compute_dtype(full_bf16_run, tiny_model_dir):
+    trained, saved = full_bf16_run
+    assert {t.dtype for t in trained.values()} == {torch.float32}  # trained in fp32 master weights...
+    weights = load_file(saved / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # ...saved at the compute dtype
+    assert all(torch.equal(weights[k], trained[k].to(torch.bfloat16)) for k in weights)
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
+    tuned = load_tuned(selected_of(tiny_model_dir), saved, dtype="bfloat16")
+    assert all(torch.equal(tuned.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_save_at_dtype_keeps_a_sharded_index_s_total_size_right(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.training import save_at_dtype
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    size = save_at_dtype(tmp_path, "bfloat16")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == size == sum(
+        t.numel() * 2 for f in shards for t in load_file(f).values())
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+
+
+def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no_model(tmp_path, monkeypatch,
+                                                                                      full_bf16_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from tuneline.training import wise_ft
+
+    base_dir = tmp_path / "base"  # the base in several files, as a hub model of some size is
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_model.save_pretrained(base_dir, max_shard_size="200KB")
+    assert len(list(base_dir.glob("*.safetensors"))) > 1
+    base = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    saved = tmp_path / "saved"
+    shutil.copytree(full_bf16_run[1], saved)
+    trained = load_file(saved / "model.safetensors")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("wise_ft built a model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", no_model)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
+    changed = wise_ft(saved, {**selected_of(tiny_model_dir), "model": str(base_dir)}, 0.25)
+
+    mixed = load_file(saved / "model.safetensors")
+    assert changed == len(mixed) and mixed.keys() == trained.keys()
+    assert any(not torch.equal(trained[k], base[k].to(torch.bfloat16)) for k in trained)
+    for k in mixed:
+        assert mixed[k].dtype == torch.bfloat16
+        expected = base[k] + 0.25 * (trained[k].float() - base[k])
+        torch.testing.assert_close(mixed[k], expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    ds = tokenized(tiny_model_dir, seed_records()[:2])
+    with pytest.raises(SystemExit, match=r"train\.wise_ft .* ZeRO-3.*set train\.wise_ft to 1\.0"):
+        train(selected_of(tiny_model_dir), train_params(method="full", wise_ft=0.5), ds, None, tmp_path, SEED, [])
+
+
 def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
     from tuneline.modeling import device, device_map
 
@@ -611,7 +750,7 @@ def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_tha
 
 
 def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
-    from tuneline.tokenization import encode, pack
+    from tuneline.tokenization import pack
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
@@ -638,3 +777,22 @@ def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its
         # The control: with the cache the config asks for, the later examples do see the earlier ones.
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
     assert not torch.allclose(leaky[starts[1]:starts[2]], packed[starts[1]:starts[2]], atol=1e-3)
+
+
+def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_batch_size_2(tmp_path, tiny_model_dir):
+    import flash_like
+
+    from tuneline.tokenization import pack
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
+    packs = list(pack(iter(examples), max_length=400))
+    assert len(packs) >= 4 and all(p["num_examples"] > 1 for p in packs[:2])
+    ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
+    flash_like.register()
+    flash_like.CALLS.clear()
+    train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, attn_implementation=flash_like.NAME,
+                                                    **NO_CHECKPOINTS), ds, None, tmp_path / "ck", SEED, [])
+    # every attention call of the 2 training steps (2 layers each) ran varlen; the plain causal ones
+    # are the head's probe (2 forwards of one unpacked row) before training
+    assert flash_like.CALLS == {"varlen": 2 * 2, "causal": 2 * 2}

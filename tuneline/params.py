@@ -688,9 +688,33 @@ def _check_section(name: str, p: Any, environment: bool = True) -> Any:
                               "toward: set train.wise_ft to 1.0 with train.method ptuning")
         if p.save_total_limit < 1:
             raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
+        if p.method == "full" and p.wise_ft != 1 and p.launcher == "accelerate" and zero_stage(p.accelerate_config) == 3:
+            raise ParamsError(f"train.accelerate_config {p.accelerate_config} runs DeepSpeed ZeRO-3: {WISE_FT_ZERO3}")
         if environment:
             _check_installed(p)
     return p
+
+
+WISE_FT_ZERO3 = ("train.wise_ft below 1 with train.method full is not run under DeepSpeed ZeRO-3 (it has not "
+                 "been checked there): set train.wise_ft to 1.0, or train with configs/accelerate/fsdp.yaml or ddp.yaml")
+
+
+def zero_stage(accelerate_config: str) -> int | None:
+    """The DeepSpeed ZeRO stage an `accelerate launch` config file runs (None: not DeepSpeed, or no such file),
+    from its `deepspeed_config.zero_stage` or the DeepSpeed JSON its `deepspeed_config_file` names."""
+    import json
+
+    path = Path(accelerate_config)
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    deepspeed = config.get("deepspeed_config") or {}
+    if config.get("distributed_type") != "DEEPSPEED":
+        return None
+    if deepspeed.get("deepspeed_config_file"):
+        file = Path(deepspeed["deepspeed_config_file"])
+        return json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") if file.is_file() else None
+    return deepspeed.get("zero_stage")
 
 
 def _check_judge(j: Any, key: str, environment: bool = True) -> None:

@@ -6,13 +6,15 @@ loss too). The stage does this a batch of records at a time: their conversations
 template calls and all their pieces tokenized in one fast-tokenizer call, which gives the same ids
 as one call per piece. Packing puts whole examples into sequences of at most `max_length` tokens,
 best fit decreasing, with position ids restarting at 0 for each example, which transformers turns
-into a block-diagonal attention mask: packed examples never see each other.
+into a block-diagonal attention mask (flash-attention: its variable-length kernel, given the
+examples' boundaries by `collate`): packed examples never see each other.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterator
+from functools import partial
 
 from tuneline.templates import segments_many, to_messages
 
@@ -61,13 +63,34 @@ def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: 
     return encoded
 
 
-def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> tuple[list[int], list[int], str]:
-    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong | dropped_no_answer."""
+def shortened(tokenizer, record: dict, template: str, max_length: int, train_on_prompt: bool) -> tuple[list[int], list[int]] | None:
+    """The record encoded with its oldest history turns left out, as few as make it fit in
+    `max_length` tokens; None when even without history it does not fit. Every shorter history
+    is rendered and tokenized in one `encode_many` call."""
+    history = record.get("history") or []
+    shorter = [{**record, "history": history[k:]} for k in range(1, len(history) + 1)]
+    for input_ids, labels in encode_many(tokenizer, shorter, template, train_on_prompt) if shorter else []:
+        if len(input_ids) <= max_length:
+            return input_ids, labels
+    return None
+
+
+def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str,
+               shorter=None) -> tuple[list[int], list[int], str]:
+    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong | dropped_no_answer.
+
+    Tokens are never cut off the end: that would keep an answer without its end of turn and teach
+    the model not to stop. With `overlong: truncate`, an overlong record is replaced by `shorter()`
+    (`shortened`: the same record with its oldest history turns left out) when that fits
+    (truncated); a record that fits in no way, and every overlong one with `overlong: drop`, is
+    dropped (dropped_overlong), to be counted and listed in the rejects.
+    """
     status = "ok"
     if len(input_ids) > max_length:
-        if overlong == "drop":
+        fitting = shorter() if overlong == "truncate" and shorter is not None else None
+        if fitting is None:
             return [], [], "dropped_overlong"
-        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+        (input_ids, labels), status = fitting, "truncated"
     if all(label == IGNORE for label in labels):
         return [], [], "dropped_no_answer"
     return input_ids, labels, status
@@ -76,11 +99,11 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlon
 EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "original_length", "answer_tokens", "status")
 
 
-def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str) -> dict:
-    """One encoded record after the length limit, with the counts the stage reports
+def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str, shorter=None) -> dict:
+    """One encoded record after the length limit (`fit_length`), with the counts the stage reports
     (length, original_length, answer_tokens, status)."""
     original = len(input_ids)
-    input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong)
+    input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong, shorter)
     answer_tokens = sum(1 for label in labels if label != IGNORE)
     return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "original_length": original,
             "answer_tokens": answer_tokens, "status": status}
@@ -89,7 +112,8 @@ def example_row(input_ids: list[int], labels: list[int], max_length: int, overlo
 def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
     """One record to input_ids, labels, and the counts the stage reports."""
     input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
-    return example_row(input_ids, labels, max_length, overlong)
+    return example_row(input_ids, labels, max_length, overlong,
+                       partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length: int, overlong: str,
@@ -97,8 +121,9 @@ def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length:
     """The batched `datasets.map` function: a batch of records (columns of values) to the columns of
     `tokenize_example`, row for row the same."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [example_row(ids, labels, max_length, overlong)
-            for ids, labels in encode_many(tokenizer, records, template, train_on_prompt)]
+    rows = [example_row(ids, labels, max_length, overlong,
+                        partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
+            for record, (ids, labels) in zip(records, encode_many(tokenizer, records, template, train_on_prompt))]
     return {key: [row[key] for row in rows] for key in EXAMPLE_COLUMNS}
 
 
@@ -165,12 +190,32 @@ def padding_fraction(lengths: list[int], batch_size: int) -> float:
     return 0.0 if padded == 0 else 1 - total / padded
 
 
+def varlen_metadata(position_ids):
+    """Flash-attention's variable-length arguments for packed rows: where each example starts in the
+    batch's tokens taken row after row (`cu_seq_lens_*`, int32, ending with the total) and the
+    longest example (`max_length_*`). An example starts wherever its position ids restart at 0;
+    a row's padding, whose positions restart too, is an example of its own with no labels. These
+    are the keys transformers' DataCollatorWithFlattening and TRL's padding-free collator return."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a batch. Packed batches carry position ids and no attention mask, so each
-    example attends only to itself (padding-free: SDPA gets a block-diagonal mask, flash-attention
-    its variable-length kernel); padding gets positions of its own and no loss. They also say
-    `use_cache=False`: a model that builds a KV cache ignores the position ids' boundaries and lets
-    packed examples attend to each other, and whether it builds one depends on its config."""
+    """Right-pad a batch. Unpacked batches carry an attention mask. Packed batches carry position
+    ids restarting at 0 for each example and no attention mask, so each example attends only to
+    itself on every attention implementation: SDPA and eager build a block-diagonal mask of each
+    row from the position ids; flash-attention (and the kernels one) reads the variable-length
+    arguments (`varlen_metadata`) and runs its varlen kernel over the batch's tokens. Without
+    them it would find the examples' boundaries from the position ids only in a batch of one row,
+    and attend each row of a larger batch as one causal sequence. Padding gets positions of its
+    own and no loss. Packed batches also say `use_cache=False`: a model that builds a KV cache
+    ignores the position ids' boundaries and lets packed examples attend to each other, and
+    whether it builds one depends on its config."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
@@ -187,4 +232,6 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
     tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-    return {**tensors, "use_cache": False} if packed else tensors
+    if not packed:
+        return tensors
+    return {**tensors, **varlen_metadata(tensors["position_ids"]), "use_cache": False}

@@ -21,8 +21,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
-from tuneline.modeling import load_base, load_model, load_tokenizer, resolve_dtype, sharded_launch
-from tuneline.params import Train
+from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
+from tuneline.params import WISE_FT_ZERO3, Train
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
 
@@ -68,22 +68,50 @@ def keep_4bit_training_layout(model) -> None:
 OWN_LOGITS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                    "lm_head_multiplier", "output_router_logits")
 
+# Answer positions whose logits the training loss makes at once: LOSS_CHUNK x vocabulary in fp32
+# (0.6 GB at 152k words), and as much again for their gradient in the backward pass.
+LOSS_CHUNK = 1024
+
+
+def _summed_cross_entropy(head, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head, rows: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed cross-entropy of `head(rows)` against `targets`, `chunk` rows at a time.
+
+    Each chunk runs under activation checkpointing: its logits are dropped once its loss is
+    summed and made again, one chunk at a time, in the backward pass, so no more than `chunk`
+    rows of logits (and of their gradient) are ever held, whatever the number of answer tokens.
+    The price is the head's forward run twice. The head is called as a module, so what wraps it
+    (a LoRA layer on it, DeepSpeed's parameter gathering) runs as in the model's own forward.
+    No rows still make one (empty) call: a zero connected to the graph.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    losses = [checkpoint(_summed_cross_entropy, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+              for i in range(0, max(len(targets), 1), chunk)]
+    return torch.stack(losses).sum()
+
 
 def answer_only_head(model) -> bool:
-    """Make the model's training forward run the language-model head on labelled positions only.
+    """Make the model's training forward run the language-model head on labelled positions only, in chunks.
 
     A causal LM's own forward with labels computes the logits of every position (batch x length x
     vocabulary, made fp32 for the loss: 10 GB for 8 x 2048 tokens at a 152k vocabulary) and the
     loss then reads only the positions whose next token is labelled: the answers, never the prompt
     or the padding (label -100). With labels, the patched forward runs the decoder, takes the
-    hidden states of those positions alone through the head and the cross-entropy (summed, over
-    `num_items_in_batch` as transformers' loss does, else their count): the same loss, with the
-    head's compute and memory cut to the answer tokens. Without labels (generation, scoring) it is
-    the model's own forward.
+    hidden states of those positions alone through the head and the cross-entropy, LOSS_CHUNK
+    positions at a time (`chunked_cross_entropy`), summed over `num_items_in_batch` as
+    transformers' loss does, else their count: the same loss and gradients, with the head's
+    compute cut to the answer tokens and its memory to one chunk's logits. Without labels
+    (generation, scoring) it is the model's own forward.
 
     The instance's forward is replaced (TRL's fused LM head does the same), so peft, DDP, FSDP and
-    DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward;
-    returns whether the model was patched.
+    DeepSpeed, which call it, train through it. Models in OWN_LOGITS_KEYS keep their forward, and
+    so does any other whose own loss the patched forward does not reproduce on a probe
+    (`reproduces_own_loss`: a transform of the logits no key names); returns whether the model
+    was patched.
     """
     config = model.config.get_text_config()
     if (any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None
@@ -102,14 +130,36 @@ def answer_only_head(model) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         answer = targets != IGNORE
-        logits = self.get_output_embeddings()(hidden[:, :-1][answer]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="sum")
+        loss = chunked_cross_entropy(self.get_output_embeddings(), hidden[:, :-1][answer], targets[answer], LOSS_CHUNK)
         # a batch with no labelled token gives a zero that stays connected to the graph
         count = answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return CausalLMOutputWithPast(loss=loss / count)
 
-    model.forward = types.MethodType(forward, model)
+    patched = types.MethodType(forward, model)
+    if not sharded_launch() and not reproduces_own_loss(model, patched, own_forward):
+        logging.getLogger("tuneline.training").warning(
+            "train: %s's own loss differs from the answer-only head's on a probe; it trains with its own forward "
+            "(full logits)", type(model).__name__)
+        return False
+    model.forward = patched
     return True
+
+
+@torch.no_grad()
+def reproduces_own_loss(model, patched, own_forward, tokens: int = 16) -> bool:
+    """Whether the patched forward gives the model's own loss on a probe of `tokens` token ids.
+
+    A model whose forward changes the logits in a way OWN_LOGITS_KEYS does not name (one family's
+    logits_scaling divides, another's multiplies) would otherwise train on a wrong loss without a
+    word. Under FSDP or DeepSpeed the model is not whole before the Trainer wraps it, so no probe runs.
+    """
+    training = model.training
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(1, tokens + 1) * 7919 % vocab).unsqueeze(0).to(model.get_input_embeddings().weight.device)
+    ours, theirs = patched(input_ids=ids, labels=ids).loss, own_forward(input_ids=ids, labels=ids).loss
+    model.train(training)
+    return bool(torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-4))
 
 
 def prepare_model(selected: dict, p: Train, seed: int):
@@ -334,10 +384,13 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
           save_to: Path | None = None) -> tuple:
     """Fine-tune the selected model, resuming from the newest complete checkpoint of this run;
     return (model, tokenizer, metrics), the metrics with the parameter counts, taken before the
-    Trainer shards the model. `save_to`: see `fit`.
+    Trainer shards the model. `save_to`: see `fit`; full fine-tuning's weights are saved there at
+    the compute dtype (`save_at_dtype`).
     """
     if p.method == "ptuning" and "position_ids" in train_ds.column_names:
         raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+    if p.method == "full" and p.wise_ft != 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise SystemExit(WISE_FT_ZERO3)
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
     # The arguments come first: under DeepSpeed ZeRO-3 they set up the sharded loading of the model.
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
@@ -345,7 +398,54 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     trainable, total = trainable_parameters(model)
     model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
                          checkpoints, callbacks, save_to)
+    if save_to is not None and p.method == "full" and is_main_process():
+        save_at_dtype(Path(save_to), resolve_dtype(p.compute_dtype))
     return model, tokenizer, {**metrics, "trainable_parameters": trainable, "total_parameters": total}
+
+
+def save_at_dtype(saved: Path, dtype: str) -> int:
+    """Rewrite the full model saved in `saved` with its floating-point weights at `dtype`, the
+    compute dtype; return the bytes its weights now take.
+
+    Full fine-tuning trains fp32 master weights and the Trainer saves them as they are: twice the
+    size of the bf16 or fp16 model that evaluate, export and serve load it as. The files are
+    rewritten one at a time on CPU after the save (under FSDP or ZeRO-3 the save has gathered the
+    shards), with the sharded index's total size and the config's dtype to match.
+    """
+    from safetensors.torch import load_file, save_file
+
+    target = DTYPES[dtype]
+    size = 0
+    for path in sorted(saved.glob("model*.safetensors")):
+        tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in load_file(path).items()}
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, path, metadata={"format": "pt"})
+    for name, key, value in (("model.safetensors.index.json", "metadata", {"total_size": size}),
+                             ("config.json", "dtype", dtype)):
+        path = saved / name
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return size
+
+
+def base_weight_files(selected: dict) -> list[Path]:
+    """The selected base's weight files as transformers loads them (model.safetensors, or the
+    model-0000i-of-0000n shards), a local directory's or the hub cache's (select and train have
+    downloaded them already). Other .safetensors a hub repository ships (Mistral's
+    consolidated.safetensors, in another naming) are neither read nor downloaded."""
+    model = selected["model"]
+    root = Path(model)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["model*.safetensors"]))
+    files = sorted(root.glob("model*.safetensors"))
+    if not files:
+        raise SystemExit(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
+                         "set train.wise_ft to 1.0 for this model")
+    return files
 
 
 def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
@@ -355,38 +455,42 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
     A LoRA adapter's update is B @ A x scaling, so scaling each B by alpha is the interpolation
     exactly (what peft.helpers.rescale_adapter_scale does at run time; with DoRA the direction update
     is scaled and the magnitude kept). Full fine-tuning's weights are interpolated with the base's,
-    read again from `selected`. 1.0 leaves the files as the Trainer wrote them. Every reader of the
+    read tensor by tensor on CPU from the base's own safetensors files: no second model is built,
+    and nothing goes to the GPU. 1.0 leaves the files as the Trainer wrote them. Every reader of the
     saved model (evaluate, export, serve) then sees the same interpolated model.
     """
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     if alpha == 1:
         return 0
-    if (saved / "adapter_config.json").exists():
-        files = [saved / "adapter_model.safetensors"]
-        base_of = None
-    else:
-        files = sorted(saved.glob("model*.safetensors"))
-        base_of = load_base(selected, dtype="float32").state_dict()
+    adapter = (saved / "adapter_config.json").exists()
+    files = [saved / "adapter_model.safetensors"] if adapter else sorted(saved.glob("model*.safetensors"))
     changed = 0
-    for path in files:
-        tensors = load_file(path)
-        for key, t in tensors.items():
-            if base_of is None:
-                if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
-                    continue
-                new = t.float() * alpha
-            else:
-                if key not in base_of:
-                    raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']} does not have; "
-                                     "set train.wise_ft to 1.0 for this model")
-                if not t.is_floating_point():
-                    continue
-                base_t = base_of[key].float().cpu()
-                new = base_t + alpha * (t.float() - base_t)
-            tensors[key] = new.to(t.dtype).contiguous()
-            changed += 1
-        save_file(tensors, path, metadata={"format": "pt"})
+    with ExitStack() as stack:
+        base_files = [] if adapter else [stack.enter_context(safe_open(f, "pt", device="cpu"))
+                                         for f in base_weight_files(selected)]
+        base_of = {key: f for f in base_files for key in f.keys()}
+        for path in files:
+            tensors = load_file(path)
+            for key, t in tensors.items():
+                if adapter:
+                    if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
+                        continue
+                    new = t.float() * alpha
+                else:
+                    if key not in base_of:
+                        raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']}'s "
+                                         "files do not have; set train.wise_ft to 1.0 for this model")
+                    if not t.is_floating_point():
+                        continue
+                    base_t = base_of[key].get_tensor(key).float()
+                    new = base_t + alpha * (t.float() - base_t)
+                tensors[key] = new.to(t.dtype).contiguous()
+                changed += 1
+            save_file(tensors, path, metadata={"format": "pt"})
     if not changed:
         raise SystemExit(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
                          "set train.wise_ft to 1.0")
