@@ -550,6 +550,7 @@ def parse_args():
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 2048; --tiny 128)")
     parser.add_argument("--run-timeout", type=float, default=90, help="seconds one configuration may take")
     parser.add_argument("--profile", type=Path, help="profile one lora_0p5b step into this markdown file, and stop")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in --out and add these")
     parser.add_argument("--in-process", action="store_true",
                         help="run every configuration in this process (quicker on CPU; peak memory is then not per run)")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # a child process: one run
@@ -598,6 +599,8 @@ def main() -> None:
         "shapes": {k: {**v, "matmul_parameters": matmul_parameters(v)} for k, v in (TINY_SHAPES if args.tiny else SHAPES).items()},
         "runs": {},
     }
+    if args.append and args.out.exists():
+        results["runs"] = json.loads(args.out.read_text(encoding="utf-8"))["runs"]
     print(f"gpu bench on {device_name}: measured bf16 peak {results['peak_bf16_tflops_measured']} TFLOP/s, "
           f"datasheet {results['peak_bf16_tflops_datasheet']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
