@@ -268,7 +268,7 @@ def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
     from tuneline import params
 
     p = params.section("train", path=ROOT / "params.yaml")
-    return dataclasses.replace(p, method=method, batch_size=batch, grad_accum=1, max_steps=steps, gradient_checkpointing=gc,
+    return dataclasses.replace(p, method=method, lora_r=16, lora_alpha=32, batch_size=batch, grad_accum=1, max_steps=steps, gradient_checkpointing=gc,
                                use_liger_kernel=liger, compute_dtype="auto", attn_implementation="sdpa",
                                save_steps=10**9, logging_steps=10**9, epochs=1, neftune_noise_alpha=0.0)
 

@@ -74,7 +74,7 @@ def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path
         assert run["steps"] == 1 + 3 and len(run["windows"]) == 3  # warm-up, then 3 measured windows of 1 step
         assert run["tokens_per_s_windows"]["min"] <= run["tokens_per_s"] <= run["tokens_per_s_windows"]["max"]
         assert 0 < run["trainable_parameters"] and math.isfinite(run["train_loss"]) and run["attention_tflops"] >= 0
-    assert runs["full_0p5b"]["trainable_parameters"] > 5 * runs["lora_0p5b"]["trainable_parameters"]
+    assert runs["full_0p5b"]["trainable_parameters"] > 2 * runs["lora_0p5b"]["trainable_parameters"]
     assert runs["trl_lora_0p5b"]["trainable_parameters"] == runs["lora_0p5b"]["trainable_parameters"]  # same LoRA
     assert runs["trl_full_0p5b"]["trainable_parameters"] == runs["full_0p5b"]["trainable_parameters"]
     for name in ("qlora_8b_gc", "trl_qlora_8b_gc"):  # LoRA over bitsandbytes 4-bit layers, as from_pretrained gives
