@@ -3,10 +3,10 @@
 # the repository root with the wheels of the packages that machine lacks in .whl/ (bitsandbytes, trl,
 # datasets, dill, multiprocess, dvclive and its small deps, the serving packages, rouge-score, nltk).
 # Parts, most valuable first, each with a hard time limit; each writes its results as it goes:
-#   1. bench, tuneline vs TRL (LoRA 0.5B x3, QLoRA 8B) -> $OUT/gpu.json      (limit 170 s)
-#   2. the pipeline's stages on CUDA                  -> $OUT/gpu_pipeline.json (limit 190 s)
+#   1. bench, tuneline vs TRL (LoRA 0.5B x3, QLoRA 8B) -> $OUT/gpu.json      (limit 180 s)
+#   2. the pipeline's stages on CUDA                  -> $OUT/gpu_pipeline.json (limit 180 s)
 #   3. profile of one LoRA 0.5B step                  -> $OUT/gpu_profile.md (limit 45 s)
-#   4. bench, the rest (full 0.5B x3, TRL QLoRA x2)   -> $OUT/gpu.json, added (what is left of 465 s)
+#   4. bench, the rest (full 0.5B x3, TRL QLoRA x2)   -> $OUT/gpu.json, added (what is left of 470 s)
 # Logs: $OUT/gpu.log (everything). Usage: bash bench/gpu_device.sh [--tiny]   (--tiny: CPU check)
 set -u
 OUT=${OUT:-bench/results}
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 LOG="$OUT/gpu.log"
 : >"$LOG"
-left() { echo $((465 - ($(date +%s) - START))); }
+left() { echo $((470 - ($(date +%s) - START))); }
 part() {  # part LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S seconds (less if the whole run is short of time)
     local limit=$1; shift
     local rest; rest=$(left)
@@ -46,8 +46,8 @@ import torch
 print("cuda", torch.version.cuda, "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 PY
 echo "== [$(($(date +%s) - START)) s] setup done" | tee -a "$LOG"
-part 170 python3 bench/gpu.py $TINY --out "$OUT/gpu.json" --only lora_0p5b,trl_lora_0p5b,trl_packed_lora_0p5b,qlora_8b_gc
-part 190 python3 bench/gpu_pipeline.py $TINY --out "$OUT/gpu_pipeline.json"
+part 180 python3 bench/gpu.py $TINY --out "$OUT/gpu.json" --only lora_0p5b,trl_lora_0p5b,qlora_8b_gc,trl_packed_lora_0p5b
+part 180 python3 bench/gpu_pipeline.py $TINY --out "$OUT/gpu_pipeline.json"
 part 45 python3 bench/gpu.py $TINY --profile "$OUT/gpu_profile.md"
 part 465 python3 bench/gpu.py $TINY --append --out "$OUT/gpu.json" \
     --only full_0p5b,trl_full_0p5b,trl_packed_full_0p5b,trl_qlora_8b_gc,trl_packed_qlora_8b_gc
