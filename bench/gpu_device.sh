@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything issue 36 asks of a GPU, in one run under 8 minutes, on a machine with no network: run from
 # the repository root with the wheels of the packages that machine lacks in .whl/ (bitsandbytes, trl,
-# datasets, dill, multiprocess, dvclive and its small deps, the serving packages, rouge-score, nltk).
+# datasets, dill, multiprocess, dvclive with dvc and its small deps, fastapi/uvicorn/pydantic/openai/opentelemetry-api
+# for `tuneline serve`, rouge-score, nltk: the report lists them, 20 MB; bitsandbytes keeps its CUDA 13 and CPU
+# libraries only). The machine's own torch, transformers, peft and accelerate are used.
 # Parts, most valuable first, each with a hard time limit; each writes its results as it goes:
 #   1. bench, tuneline vs TRL (LoRA 0.5B x3, QLoRA 8B) -> $OUT/gpu.json      (limit 180 s)
 #   2. the pipeline's stages on CUDA                  -> $OUT/gpu_pipeline.json (limit 180 s)
