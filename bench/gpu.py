@@ -2,51 +2,58 @@
 
 Models, built offline from a config with random weights (speed and memory do not depend on the values):
 - `0p5b`: shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
-  vocab 151,936, tied embeddings), initialised on the GPU in bf16, saved once and loaded by every run
-  through `tuneline.training.prepare_model` -> `tuneline.modeling.load_model` (from_pretrained, as the
-  train stage loads a hub model);
+  vocab 151,936, tied embeddings), saved once in bf16 and loaded by every run through
+  `tuneline.training.prepare_model` -> `tuneline.modeling.load_model` (from_pretrained, as the stage does);
 - `8b`: shaped like Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336,
-  vocab 128,256), initialised on the GPU in bf16 and quantised in memory layer by layer to
-  bitsandbytes NF4 (double quantisation, bf16 compute: what `tuneline.modeling.nf4_config` asks
-  from_pretrained for), so no 16 GB checkpoint is written; it is handed to `prepare_model` in place of
-  `load_model`, and everything after that (peft wrapping, TrainingArguments, Trainer, collate) is
-  tuneline's own code, as in `tuneline.training.train`.
+  vocab 128,256), made on the GPU in bf16 and quantised in memory layer by layer to bitsandbytes NF4
+  (double quantisation, bf16 compute: what `tuneline.modeling.nf4_config` asks from_pretrained for),
+  so no 16 GB checkpoint is written; it is handed to `prepare_model` in place of `load_model`.
 
-Data: random token ids in examples of random length (seq_len/8 to seq_len), all tokens but the first
-labelled. Packing on: whole examples packed into rows of at most seq_len tokens with restarting
-position ids (`tuneline.tokenization.pack`, padding-free: no attention mask, use_cache=False);
-packing off: one example per row, padded to the longest in the batch.
-Settings: params.yaml's train section, with compute_dtype auto (bf16), sdpa attention, and the
-method, batch size, gradient checkpointing and Liger switches of each run.
+Data, shaped like instruction data: examples of a chat-template prompt (24 tokens plus a log-normal
+instruction of median 20 tokens) and a log-normal answer (median 70 tokens, sigma 0.9: Alpaca's long
+tail), random token ids, labels on the answer tokens only (as `tuneline.tokenization.encode_many`
+labels them). tuneline packs them as the tokenize stage does (`tuneline.tokenization.pack_batch`:
+best fit decreasing, in batches of 1000 examples) into a `datasets.Dataset`, and trains through
+`tuneline.training.train`, whose collate is the library's: the bench copies neither.
+TRL gets the same examples as `input_ids` + `completion_mask` (answer-only loss), twice: its
+defaults (no packing, padded per batch) and its padding-free packing (`packing=True`, BFD).
+TRL runs keep TRL's defaults (learning rate 2e-5, bf16, ...) except the batch size, max_length
+(= seq_len), the steps and gradient checkpointing, which are the tuneline run's (TRL's default turns
+it on; left so, the comparison would measure checkpointing, not the trainers).
 
-Each run is its own process (its peak memory is its own, and Liger patches modules in place).
-Measured: non-padding tokens/s over the steps after the warm-up ones (the Trainer's
-`num_input_tokens_seen`), model FLOPs utilisation (6·N FLOPs per token for full fine-tuning, 4·N for
-LoRA/QLoRA, whose frozen weights get no weight gradients; N = the parameters of every matmul: the
-decoder's linear layers and the output head, not the embedding lookup; recomputation under gradient
-checkpointing is not counted) against the bf16 peak measured in the same run with a large matmul and
-against the datasheet's (H200/H100 SXM: 989 TFLOP/s dense), and peak GPU memory
-(torch.cuda.max_memory_allocated and max_memory_reserved; for the 8B model from after it was built).
-Baseline: `trl_lora_0p5b`, a plain TRL SFTTrainer script on the same 0.5B checkpoint and examples
-(from_pretrained in bf16, the same LoRA config, TRL's own padding-free packing, no tuneline code but
-`peft_config`).
-Targets (issue 15): LoRA MFU >= 40% on the 0.5B shape; QLoRA on the 8B shape <= 8 GiB peak at batch
-1 x 2048 with gradient checkpointing; tuneline LoRA tokens/s >= TRL's.
+Each configuration is its own process (its peak memory is its own). Repeats: after the warm-up
+steps, `--repeats` consecutive windows of `--steps` optimizer steps each; the JSON gives every
+window's tokens/s, their median and spread (max - min over median). They are windows of one run, not
+fresh processes: a process start costs 15-20 s of the device budget, a window a few seconds.
+Measured: non-padding tokens/s (the Trainer's `num_input_tokens_seen`); MFU = factor x N x tokens/s
+(factor 6 for full fine-tuning, 4 for LoRA/QLoRA, whose frozen weights get no weight gradients;
+N = every matmul's weights: the decoder's linear layers and the output head, not the embedding
+lookup; recomputation under gradient checkpointing not counted) against the bf16 peak measured in
+the same run (8192^3 matmuls) and the datasheet's (H200/H100 SXM: 989 TFLOP/s dense); attention
+FLOPs apart (6 x layers x hidden x sum of each example's length^2 per step, causal within each
+example: the useful work, not what a masked kernel computes); peak allocated and reserved memory
+(for the 8B model, from after it was built).
+Targets (issue 36): LoRA 0.5B tokens/s >= 1.5x TRL's defaults; full 0.5B MFU >= 35%; LoRA 0.5B
+MFU >= 25%; QLoRA 8B at batch 1 x 2048 with gradient checkpointing <= 7.4 GiB peak, no Liger.
 
-Results are written to the JSON file after every run, so a run cut short still leaves data.
+`--profile PATH`: torch.profiler over one LoRA 0.5B step (after the warm-up); the top 15 ops by
+self device time (CPU time on a CPU) go to PATH as markdown.
+Results are written to the JSON file after every configuration, so a run cut short keeps what finished.
 
-Run:  python bench/gpu.py [--out bench/results/gpu.json] [--only lora_0p5b,trl_lora_0p5b] [--steps 10]
-      python bench/gpu.py --tiny    # tiny shapes, 2 steps, on CPU too: checks the script end to end
+Run:  python bench/gpu.py [--out bench/results/gpu.json] [--only lora_0p5b,trl_lora_0p5b] [--steps 8]
+      python bench/gpu.py --profile bench/results/gpu_profile.md --only lora_0p5b
+      python bench/gpu.py --tiny    # tiny shapes, few steps, on CPU too: checks the script end to end
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,23 +78,25 @@ TINY_SHAPES = {
     "8b": dict(SHAPES["8b"], hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
                vocab_size=512),
 }
-# name: (model, method, implementation, packing, gradient checkpointing, Liger, batch size). Most
-# important first: a run cut short by the time limit loses the least useful ones.
+# name: (model, method, implementation, gradient checkpointing, Liger, batch size). implementation:
+# tuneline (packed as the stage packs), trl (TRL's defaults, unpacked) or trl_packed (TRL's
+# padding-free packing). Most important first: a run cut short loses the least useful ones.
 RUNS = {
-    "lora_0p5b": ("0p5b", "lora", "tuneline", True, False, False, 8),
-    "trl_lora_0p5b": ("0p5b", "lora", "trl", True, False, False, 8),
-    "qlora_8b_gc": ("8b", "qlora", "tuneline", True, True, False, 1),
-    "qlora_8b_gc_liger": ("8b", "qlora", "tuneline", True, True, True, 1),
-    "lora_0p5b_liger": ("0p5b", "lora", "tuneline", True, False, True, 8),
-    "full_0p5b": ("0p5b", "full", "tuneline", True, False, False, 8),
-    "qlora_0p5b": ("0p5b", "qlora", "tuneline", True, False, False, 8),
-    "lora_0p5b_gc": ("0p5b", "lora", "tuneline", True, True, False, 8),
-    "lora_0p5b_unpacked": ("0p5b", "lora", "tuneline", False, False, False, 8),
-    "qlora_8b": ("8b", "qlora", "tuneline", True, False, False, 1),
-    "full_0p5b_liger": ("0p5b", "full", "tuneline", True, False, True, 8),
+    "lora_0p5b": ("0p5b", "lora", "tuneline", False, False, 8),
+    "trl_lora_0p5b": ("0p5b", "lora", "trl", False, False, 8),
+    "trl_packed_lora_0p5b": ("0p5b", "lora", "trl_packed", False, False, 8),
+    "qlora_8b_gc": ("8b", "qlora", "tuneline", True, False, 1),
+    "full_0p5b": ("0p5b", "full", "tuneline", False, False, 8),
+    "trl_full_0p5b": ("0p5b", "full", "trl", False, False, 8),
+    "trl_packed_full_0p5b": ("0p5b", "full", "trl_packed", False, False, 8),
+    "trl_qlora_8b_gc": ("8b", "qlora", "trl", True, False, 1),
+    "trl_packed_qlora_8b_gc": ("8b", "qlora", "trl_packed", True, False, 1),
+    "lora_0p5b_liger": ("0p5b", "lora", "tuneline", False, True, 8),
 }
 DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-TARGETS = {"lora_0p5b_mfu": 0.40, "qlora_8b_gc_peak_gib": 8.0, "lora_vs_trl_tokens_per_s": 1.0}
+TARGETS = {"lora_vs_trl_defaults_tokens_per_s": 1.5, "full_0p5b_mfu": 0.35, "lora_0p5b_mfu": 0.25,
+           "qlora_8b_gc_peak_gib": 7.4}
+PROMPT_TEMPLATE_TOKENS = 24  # a chat template's system and role markers around the instruction
 
 
 def model_config(shape: dict, pad_token_id: int):
@@ -104,7 +113,7 @@ def build_tokenizer(out_dir: Path):
     """A small offline tokenizer (pad id 0): only its pad token and chat template are used, the data are token ids."""
     from tuneline.tinymodels import train_tokenizer
 
-    texts = [line for line in (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()
     tokenizer = train_tokenizer(texts, 512, "chatml")
     tokenizer.save_pretrained(out_dir)
     return tokenizer
@@ -146,6 +155,21 @@ def quantize_in_memory(model, compute_dtype) -> None:
     model.hf_device_map = {"": model.device.index if model.device.type == "cuda" else "cpu"}
 
 
+def quantized_8b(shapes: dict):
+    """The 8B-shaped model in NF4 on this process's device, peak memory counted from here."""
+    import torch
+
+    from tuneline.modeling import DTYPES, device, resolve_dtype
+
+    dtype = DTYPES[resolve_dtype("auto")]
+    model = build_random_model(shapes["8b"], 0, str(device()), dtype)
+    quantize_in_memory(model, dtype)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return model
+
+
 def matmul_parameters(shape: dict) -> int:
     """N of the MFU formula: weights of every matmul (decoder linear layers and the output head)."""
     h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
@@ -154,89 +178,116 @@ def matmul_parameters(shape: dict) -> int:
     return shape["num_layers"] * per_layer + v * h
 
 
-def examples(n_tokens: int, seq_len: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """Random examples (ids 1..vocab-1: 0 is padding) of seq_len/8 to seq_len tokens, `n_tokens` in all."""
+def instruction_examples(n_tokens: int, seq_len: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Instruction-like examples, `n_tokens` in all: a prompt (template + log-normal instruction, median
+    20 tokens at seq_len 2048) with no labels, then a log-normal answer (median 70) labelled, at most
+    seq_len tokens in all; ids 1..vocab-1 (0 is padding). Lengths scale with seq_len / 2048."""
     rng = random.Random(seed)
+    scale = seq_len / 2048
     out, total = [], 0
     while total < n_tokens:
-        ids = [rng.randrange(1, vocab) for _ in range(rng.randint(seq_len // 8, seq_len))]
-        out.append((ids, [-100] + ids[1:]))
+        prompt = max(2, round((PROMPT_TEMPLATE_TOKENS + rng.lognormvariate(math.log(20), 0.8)) * scale))
+        answer = max(1, min(round(rng.lognormvariate(math.log(70), 0.9) * scale), seq_len - prompt))
+        ids = [rng.randrange(1, vocab) for _ in range(prompt + answer)]
+        out.append((ids, [-100] * prompt + ids[prompt:]))
         total += len(ids)
     return out
 
 
-def rows(data: list, seq_len: int, packing: bool, n_rows: int) -> list[dict]:
-    """The training rows: packed (tuneline.tokenization.pack) or one example each."""
-    from tuneline.tokenization import pack
+def packed_dataset(data: list, seq_len: int, n_rows: int):
+    """The rows tuneline trains on: the tokenize stage's packing (pack_batch, batches of 1000 examples)."""
+    from datasets import Dataset
 
-    if packing:
-        packed = [{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in pack(iter(data), seq_len)]
-    else:
-        packed = [{"input_ids": ids, "labels": labels} for ids, labels in data]
+    from tuneline.tokenization import pack_batch
+
+    examples = Dataset.from_dict({"input_ids": [ids for ids, _ in data], "labels": [labels for _, labels in data]})
+    packed = examples.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=seq_len),
+                          remove_columns=examples.column_names)
     if len(packed) < n_rows:
-        raise SystemExit(f"bench: {len(packed)} rows of data, {n_rows} needed")
-    return packed[:n_rows]
+        raise SystemExit(f"bench: {len(packed)} packed rows of data, {n_rows} needed")
+    return packed.select(range(n_rows))
+
+
+def attention_flops_per_token(data: list, shape: dict) -> float:
+    """Training attention FLOPs per token: 6 x layers x hidden x sum(len^2) / sum(len) (QK^T and AV,
+    2 FLOPs a multiply-add, causal half, forward + twice backward)."""
+    lengths = [len(ids) for ids, _ in data]
+    return 6 * shape["num_layers"] * shape["hidden_size"] * sum(n * n for n in lengths) / sum(lengths)
 
 
 class StepTimer:
-    """Wall time and non-padding tokens seen at the end of every optimizer step."""
+    """Wall time and non-padding tokens seen at the end of every optimizer step; with `profile_at`,
+    a torch.profiler trace of that step."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_at: int | None = None) -> None:
         from transformers import TrainerCallback
 
         marks = self.marks = []
+        timer = self
+        self.profiler = None
 
         class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if profile_at is not None and state.global_step == profile_at:
+                    timer.start_profile()
+
             def on_step_end(self, args, state, control, **kwargs):
                 import torch
 
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 marks.append((time.perf_counter(), state.num_input_tokens_seen))
+                if timer.profiler is not None and timer.profiler_open:
+                    timer.profiler.stop()
+                    timer.profiler_open = False
 
         self.callback = Callback()
+        self.profiler_open = False
 
-    def measured(self, warmup: int) -> tuple[int, float]:
-        (t0, n0), (t1, n1) = self.marks[warmup - 1], self.marks[-1]
-        return n1 - n0, t1 - t0
+    def start_profile(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities, record_shapes=False)
+        self.profiler.start()
+        self.profiler_open = True
+
+    def windows(self, warmup: int, steps: int) -> list[tuple[int, float]]:
+        """(tokens, seconds) of each window of `steps` steps after the first `warmup`."""
+        out = []
+        for start in range(warmup - 1, len(self.marks) - steps, steps):
+            (t0, n0), (t1, n1) = self.marks[start], self.marks[start + steps]
+            out.append((n1 - n0, t1 - t0))
+        return out
 
 
 def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
+    import dataclasses
+
     from tuneline import params
 
     p = params.section("train", path=ROOT / "params.yaml")
-    return dataclasses.replace(p, method=method, lora_r=8, lora_alpha=16,  # the first GPU run's rank
-                                batch_size=batch, max_steps=steps, gradient_checkpointing=gc,
+    return dataclasses.replace(p, method=method, lora_r=16, lora_alpha=32, batch_size=batch, grad_accum=1, max_steps=steps, gradient_checkpointing=gc,
                                use_liger_kernel=liger, compute_dtype="auto", attn_implementation="sdpa",
-                               save_steps=10**9, logging_steps=10**9, epochs=1)
+                               save_steps=10**9, logging_steps=10**9, epochs=1, neftune_noise_alpha=0.0)
 
 
-def tuneline_run(run: tuple, work: Path, shapes: dict, seq_len: int, steps: int, timer: StepTimer) -> dict:
-    """tuneline.training.train on the run's rows; the 8B model is built and quantised here first."""
-    import torch
-
+def tuneline_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer) -> dict:
+    """tuneline.training.train on the stage's packing of `data`; the 8B model is built and quantised here first."""
     import tuneline.training
-    from tuneline.modeling import DTYPES, device, resolve_dtype
 
-    model_name, method, _, packing, gc, liger, batch = run
+    model_name, method, _, gc, liger, batch = run
     p = train_settings(method, batch, steps, gc, liger)
     selected = {"name": model_name, "kind": "local", "model": str(work / "0p5b")}
-    if model_name == "8b":
-        selected["model"] = str(work / "tokenizer")  # the model itself is made here, not loaded
-        dtype = DTYPES[resolve_dtype(p.compute_dtype)]
-        model = build_random_model(shapes["8b"], 0, str(device()), dtype)
-        quantize_in_memory(model, dtype)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    data = rows(examples(batch * steps * seq_len * 2, seq_len, shapes[model_name]["vocab_size"], 0), seq_len, packing,
-                batch * steps)
     load_model = tuneline.training.load_model
     if model_name == "8b":
+        selected["model"] = str(work / "tokenizer")  # the model itself is made here, not loaded
+        model = quantized_8b(shapes)
         tuneline.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
     try:
-        trained, _, metrics = tuneline.training.train(selected, p, data, None, work / f"checkpoints-{name_of(run)}", 0,
-                                                      [timer.callback])
+        trained, _, metrics = tuneline.training.train(selected, p, packed_dataset(data, seq_len, batch * steps), None,
+                                                      work / f"checkpoints-{model_name}-{method}", 0, [timer.callback])
     finally:
         tuneline.training.load_model = load_model
     lora_layers = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in trained.modules() if hasattr(m, "lora_A")})
@@ -244,71 +295,107 @@ def tuneline_run(run: tuple, work: Path, shapes: dict, seq_len: int, steps: int,
             "lora_layer_types": lora_layers}
 
 
-def name_of(run: tuple) -> str:
-    return next(name for name, r in RUNS.items() if r == run)
-
-
-def trl_run(run: tuple, work: Path, shapes: dict, seq_len: int, steps: int, timer: StepTimer) -> dict:
-    """The baseline: a plain TRL SFTTrainer script on the same checkpoint, examples and LoRA config."""
+def trl_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer) -> dict:
+    """The baseline: a plain TRL SFTTrainer script on the same model, examples and LoRA config."""
     import torch
     from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from tuneline.training import peft_config
 
-    model_name, method, _, packing, gc, liger, batch = run
+    model_name, method, impl, gc, liger, batch = run
     p = train_settings(method, batch, steps, gc, liger)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    model = AutoModelForCausalLM.from_pretrained(work / "0p5b", dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 attn_implementation="sdpa", device_map={"": 0} if cuda else None)
-    data = examples(batch * steps * seq_len * 2, seq_len, shapes[model_name]["vocab_size"], 0)
+    if model_name == "8b":
+        model = prepare_model_for_kbit_training(quantized_8b(shapes), use_gradient_checkpointing=gc)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(work / "0p5b", dtype=torch.bfloat16 if cuda else torch.float32,
+                                                     attn_implementation="sdpa", device_map={"": 0} if cuda else None)
+    rows = [{"input_ids": ids, "completion_mask": [int(label != -100) for label in labels]} for ids, labels in data]
     config = SFTConfig(
-        output_dir=str(work / f"trl-{os.getpid()}"), per_device_train_batch_size=batch, max_steps=steps,
-        learning_rate=p.learning_rate, weight_decay=p.weight_decay, neftune_noise_alpha=p.neftune_noise_alpha or None,
-        logging_steps=10**9, save_strategy="no",
-        report_to=[], seed=0, bf16=bf16, gradient_checkpointing=gc, use_liger_kernel=liger, use_cpu=not cuda,
-        max_length=seq_len, packing=packing, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-        disable_tqdm=True,
+        output_dir=str(work / f"trl-{impl}-{model_name}-{method}"), per_device_train_batch_size=batch, max_steps=steps,
+        max_length=seq_len, packing=impl == "trl_packed", gradient_checkpointing=gc, save_strategy="no", report_to=[],
+        logging_steps=10**9, bf16=cuda, use_cpu=not cuda, include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0, disable_tqdm=True, completion_only_loss=True,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"input_ids": ids} for ids, _ in data]),
-                         processing_class=AutoTokenizer.from_pretrained(work / "tokenizer"), peft_config=peft_config(p),
-                         callbacks=[timer.callback])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(work / "tokenizer"),
+                         peft_config=peft_config(p) if method != "full" else None, callbacks=[timer.callback])
     result = trainer.train()
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
-    return {"trainable_parameters": trainable, "train_loss": result.metrics.get("train_loss")}
+    return {"trainable_parameters": trainable, "train_loss": result.metrics.get("train_loss"),
+            "trl_settings": {k: getattr(config, k) for k in ("learning_rate", "packing", "packing_strategy", "padding_free",
+                                                              "gradient_checkpointing", "bf16", "max_length")}}
 
 
-def one_run(name: str, work: Path, tiny: bool, steps: int, warmup: int, seq_len: int) -> dict:
-    """Run `name` in this process; its throughput, MFU inputs and peak memory."""
+def spread(values: list[float]) -> dict:
+    """Median, min, max and (max - min) / median of `values`."""
+    median = statistics.median(values)
+    return {"median": round(median, 1), "min": round(min(values), 1), "max": round(max(values), 1),
+            "spread": round((max(values) - min(values)) / median, 4) if median else None}
+
+
+def one_run(name: str, work: Path, tiny: bool, steps: int, warmup: int, repeats: int, seq_len: int,
+            profile: Path | None = None) -> dict:
+    """Run `name` in this process; its throughput per window, MFU inputs and peak memory."""
     import torch
 
     run = RUNS[name]
     shapes = TINY_SHAPES if tiny else SHAPES
-    timer = StepTimer()
+    model_name, method, impl, gc, liger, batch = run
+    total_steps = warmup + repeats * steps
+    timer = StepTimer(profile_at=warmup if profile else None)
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    impl = trl_run if run[2] == "trl" else tuneline_run
-    extra = impl(run, work, shapes, seq_len, warmup + steps, timer)
-    tokens, seconds = timer.measured(warmup)
-    model_name, method = run[0], run[1]
+    # Enough examples for every step: packed rows hold ~seq_len tokens, unpacked batches far fewer.
+    data = instruction_examples(batch * total_steps * seq_len + seq_len, seq_len, shapes[model_name]["vocab_size"], 0)
+    extra = (tuneline_run if impl == "tuneline" else trl_run)(run, work, shapes, data, seq_len, total_steps, timer)
+    windows = timer.windows(warmup, steps)
+    if not windows:
+        raise SystemExit(f"bench: {name} ran {len(timer.marks)} steps, fewer than {warmup} + {steps}")
+    rates = [tokens / seconds for tokens, seconds in windows]
     n = matmul_parameters(shapes[model_name])
     flops_per_token = (6 if method == "full" else 4) * n
+    tokens_per_s = statistics.median(rates)
+    attention = attention_flops_per_token(data, shapes[model_name])
     result = {
-        "model": model_name, "method": method, "implementation": run[2], "packing": run[3],
-        "gradient_checkpointing": run[4], "liger": run[5], "batch_size": run[6], "seq_len": seq_len,
-        "steps": len(timer.marks), "warmup_steps": warmup, "measured_tokens": tokens,
-        "measured_seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+        "model": model_name, "method": method, "implementation": impl, "gradient_checkpointing": gc, "liger": liger,
+        "batch_size": batch, "seq_len": seq_len, "steps": len(timer.marks), "warmup_steps": warmup,
+        "window_steps": steps, "windows": [{"tokens": t, "seconds": round(s, 4)} for t, s in windows],
+        "tokens_per_s": round(tokens_per_s, 1), "tokens_per_s_windows": spread(rates),
+        "tokens_per_step": round(sum(t for t, _ in windows) / (len(windows) * steps), 1),
         "matmul_parameters": n, "flops_per_token": flops_per_token,
-        "achieved_tflops": round(tokens / seconds * flops_per_token / 1e12, 2),
+        "achieved_tflops": round(tokens_per_s * flops_per_token / 1e12, 3),
+        "attention_flops_per_token": round(attention), "attention_tflops": round(tokens_per_s * attention / 1e12, 3),
         "wall_s": round(time.perf_counter() - start, 1), **extra,
     }
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    if profile:
+        write_profile(timer.profiler, profile, name, result)
     return result
+
+
+def write_profile(profiler, path: Path, name: str, result: dict) -> None:
+    """The top 15 ops of the profiled step by self device time (CPU time without a GPU), as markdown."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"# Profile of one `{name}` training step\n\n"
+        f"Device: {device}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Step {result['warmup_steps'] + 1} of {result['steps']} (after the warm-up), batch {result['batch_size']} x "
+        f"{result['seq_len']} tokens packed as the tokenize stage packs; the run's median {result['tokens_per_s']:,.0f} "
+        f"tokens/s. Top 15 ops by {'self CUDA' if cuda else 'self CPU'} time (torch.profiler):\n\n"
+        f"```\n{table}\n```\n", encoding="utf-8")
 
 
 def measured_peak_tflops(tiny: bool) -> float | None:
@@ -336,9 +423,13 @@ def datasheet_tflops(device_name: str) -> float | None:
     return next((v for k, v in DATASHEET_TFLOPS.items() if k in device_name), None)
 
 
+def run_arguments(args) -> list[str]:
+    return (["--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+             "--seq-len", str(args.seq_len)] + (["--tiny"] if args.tiny else []))
+
+
 def child(name: str, work: Path, args, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--run", name, "--work", str(work), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)] + (["--tiny"] if args.tiny else [])
+    cmd = [sys.executable, __file__, "--run", name, "--work", str(work), *run_arguments(args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
@@ -349,9 +440,9 @@ def child(name: str, work: Path, args, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def in_process(name: str, work: Path, args) -> dict:
+def in_process(name: str, work: Path, args, profile: Path | None = None) -> dict:
     try:
-        return one_run(name, work, args.tiny, args.steps, args.warmup, args.seq_len)
+        return one_run(name, work, args.tiny, args.steps, args.warmup, args.repeats, args.seq_len, profile)
     except Exception as err:  # noqa: BLE001 - one failed configuration must not lose the others' results
         import traceback
 
@@ -367,15 +458,17 @@ def summary(results: dict) -> dict:
             r["mfu_vs_datasheet"] = round(r["achieved_tflops"] / sheet, 4) if sheet else None
     ok = {k: r for k, r in runs.items() if "tokens_per_s" in r}
     out = {}
-    if "lora_0p5b" in ok:
-        out["lora_0p5b_mfu"] = ok["lora_0p5b"]["mfu_vs_datasheet"]
-        out["lora_0p5b_mfu_vs_measured_peak"] = ok["lora_0p5b"]["mfu_vs_measured_peak"]
-        if "trl_lora_0p5b" in ok:
-            out["lora_vs_trl_tokens_per_s"] = round(ok["lora_0p5b"]["tokens_per_s"] / ok["trl_lora_0p5b"]["tokens_per_s"], 3)
-        for other, key in (("lora_0p5b_liger", "liger_speedup"), ("lora_0p5b_gc", "gradient_checkpointing_speed"),
-                           ("lora_0p5b_unpacked", "unpacked_vs_packed_tokens_per_s")):
-            if other in ok:
-                out[key] = round(ok[other]["tokens_per_s"] / ok["lora_0p5b"]["tokens_per_s"], 3)
+    for config in ("lora_0p5b", "full_0p5b", "qlora_8b_gc"):
+        if config not in ok:
+            continue
+        out[f"{config}_mfu"] = ok[config]["mfu_vs_datasheet"]
+        out[f"{config}_mfu_vs_measured_peak"] = ok[config]["mfu_vs_measured_peak"]
+        for trl, label in ((f"trl_{config}", "trl_defaults"), (f"trl_packed_{config}", "trl_packed")):
+            if trl in ok:
+                out[f"{config.split('_')[0]}_vs_{label}_tokens_per_s" if config == "lora_0p5b"
+                    else f"{config}_vs_{label}_tokens_per_s"] = round(ok[config]["tokens_per_s"] / ok[trl]["tokens_per_s"], 3)
+    if "lora_0p5b_liger" in ok and "lora_0p5b" in ok:
+        out["liger_speedup"] = round(ok["lora_0p5b_liger"]["tokens_per_s"] / ok["lora_0p5b"]["tokens_per_s"], 3)
     if "qlora_8b_gc" in ok and "peak_allocated_gib" in ok["qlora_8b_gc"]:
         out["qlora_8b_gc_peak_gib"] = ok["qlora_8b_gc"]["peak_allocated_gib"]
     met = {}
@@ -392,15 +485,16 @@ def write(results: dict, out: Path) -> None:
 
 
 def table(results: dict) -> str:
-    head = (f"| {'run':<20} | {'tokens/s':>9} | {'TFLOP/s':>7} | {'MFU sheet':>9} | {'MFU meas.':>9} | "
-            f"{'peak alloc GiB':>14} | {'reserved GiB':>12} |")
+    head = (f"| {'run':<22} | {'tokens/s':>9} | {'spread':>6} | {'TFLOP/s':>7} | {'attn TF/s':>9} | {'MFU sheet':>9} | "
+            f"{'MFU meas.':>9} | {'peak alloc GiB':>14} | {'reserved GiB':>12} |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for name, r in results["runs"].items():
         if "error" in r or "skipped" in r:
-            lines.append(f"| {name:<20} | {r.get('error') or r.get('skipped')} |")
+            lines.append(f"| {name:<22} | {r.get('error') or r.get('skipped')} |")
             continue
-        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {name:<20} | {r['tokens_per_s']:>9,.0f} | {r['achieved_tflops']:>7.1f} | "
+        lines.append(f"| {name:<22} | {r['tokens_per_s']:>9,.0f} | {fmt(r['tokens_per_s_windows']['spread'], '>6.1%')} | "
+                     f"{r['achieved_tflops']:>7.1f} | {r['attention_tflops']:>9.1f} | "
                      f"{fmt(r.get('mfu_vs_datasheet'), '>9.1%'):>9} | {fmt(r.get('mfu_vs_measured_peak'), '>9.1%'):>9} | "
                      f"{fmt(r.get('peak_allocated_gib'), '>14.2f'):>14} | {fmt(r.get('peak_reserved_gib'), '>12.2f'):>12} |")
     return "\n".join(lines)
@@ -418,64 +512,104 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
+def missing_packages(run: tuple, cuda: bool) -> str | None:
+    """Why `run` cannot run here, or None."""
+    import importlib.util
+
+    needs = ((["liger_kernel"] if run[4] else []) + (["trl"] if run[2] != "tuneline" else [])
+             + (["bitsandbytes"] if run[1] == "qlora" else []))
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs {', '.join(missing)}"
+    return None if cuda or not run[4] else "needs a GPU (Liger is Triton)"
+
+
+def save_0p5b(work: Path, tiny: bool, cuda: bool) -> None:
+    """The tokenizer and the 0.5B-shaped checkpoint every 0.5B run loads."""
+    import torch
+
+    tokenizer = build_tokenizer(work / "tokenizer")
+    shape = (TINY_SHAPES if tiny else SHAPES)["0p5b"]
+    model = build_random_model(shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu",
+                               torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(work / "0p5b")
+    tokenizer.save_pretrained(work / "0p5b")
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     parser.add_argument("--only", help="comma-separated run names (default: all, in order): " + ", ".join(RUNS))
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, 2 steps (CPU too): checks the script")
-    parser.add_argument("--steps", type=int, help="measured steps per run (default 10; --tiny 1)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few steps (CPU too): checks the script")
+    parser.add_argument("--steps", type=int, help="optimizer steps per measured window (default 6; --tiny 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured windows per run (default 3)")
     parser.add_argument("--warmup", type=int, help="steps run before measuring (default 3; --tiny 1)")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 2048; --tiny 128)")
-    parser.add_argument("--run-timeout", type=float, default=150, help="seconds one run may take")
+    parser.add_argument("--run-timeout", type=float, default=90, help="seconds one configuration may take")
+    parser.add_argument("--profile", type=Path, help="profile one lora_0p5b step into this markdown file, and stop")
+    parser.add_argument("--append", action="store_true", help="keep the runs already in --out and add these")
     parser.add_argument("--in-process", action="store_true",
                         help="run every configuration in this process (quicker on CPU; peak memory is then not per run)")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (1 if args.tiny else 10)
+    args.steps = args.steps or (1 if args.tiny else 6)
     args.warmup = args.warmup or (1 if args.tiny else 3)
     args.seq_len = args.seq_len or (128 if args.tiny else 2048)
-    if args.run:
-        print("RESULT " + json.dumps(one_run(args.run, args.work, args.tiny, args.steps, args.warmup, args.seq_len)))
-        return
+    return args
 
-    import importlib.util
+
+def main() -> None:
+    args = parse_args()
+    if args.run:
+        print("RESULT " + json.dumps(one_run(args.run, args.work, args.tiny, args.steps, args.warmup, args.repeats,
+                                             args.seq_len)))
+        return
 
     import torch
 
-    names = args.only.split(",") if args.only else list(RUNS)
+    names = ["lora_0p5b"] if args.profile else (args.only.split(",") if args.only else list(RUNS))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"bench: unknown run {unknown[0]!r}; runs are {', '.join(RUNS)}")
     cuda = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_0p5b(Path(tmp), args.tiny, cuda)
+            args.repeats = 1
+            r = in_process("lora_0p5b", Path(tmp), args, profile=args.profile)
+        print(f"profile of lora_0p5b: {r.get('error') or format(r['tokens_per_s'], ',.0f') + ' tokens/s'}; wrote {args.profile}")
+        if "error" in r:
+            raise SystemExit(r["log_tail"])
+        return
     results = {
         "device": device_name, "platform": platform.platform(), "versions": versions(), "tiny": args.tiny,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "peak_bf16_tflops_measured": measured_peak_tflops(args.tiny),
         "peak_bf16_tflops_datasheet": datasheet_tflops(device_name) if cuda else None,
-        "settings": {"seq_len": args.seq_len, "steps": args.steps, "warmup_steps": args.warmup,
-                     "compute_dtype": "auto (bfloat16 on a GPU that has it)", "attn_implementation": "sdpa"},
+        "settings": {"seq_len": args.seq_len, "window_steps": args.steps, "windows": args.repeats,
+                     "warmup_steps": args.warmup, "compute_dtype": "auto (bfloat16 on a GPU that has it)",
+                     "attn_implementation": "sdpa",
+                     "data": "instruction-like: prompt 24 + lognormal(median 20) tokens unlabelled, answer lognormal(median 70,"
+                             " sigma 0.9) labelled, lengths x seq_len/2048"},
         "shapes": {k: {**v, "matmul_parameters": matmul_parameters(v)} for k, v in (TINY_SHAPES if args.tiny else SHAPES).items()},
         "runs": {},
     }
+    if args.append and args.out.exists():
+        results["runs"] = json.loads(args.out.read_text(encoding="utf-8"))["runs"]
     print(f"gpu bench on {device_name}: measured bf16 peak {results['peak_bf16_tflops_measured']} TFLOP/s, "
           f"datasheet {results['peak_bf16_tflops_datasheet']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokenizer = build_tokenizer(work / "tokenizer")
-        shape = (TINY_SHAPES if args.tiny else SHAPES)["0p5b"]
-        model = build_random_model(shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu",
-                                   torch.bfloat16 if cuda else torch.float32)
-        model.save_pretrained(work / "0p5b")
-        tokenizer.save_pretrained(work / "0p5b")
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+        save_0p5b(work, args.tiny, cuda)
         for name in names:
-            needs = [m for m in (["liger_kernel"] if RUNS[name][5] else []) + (["trl", "datasets"] if RUNS[name][2] == "trl" else [])
-                     + (["bitsandbytes"] if RUNS[name][1] == "qlora" else []) if importlib.util.find_spec(m) is None]
-            if needs or (RUNS[name][5] and not cuda):
-                results["runs"][name] = {"skipped": f"needs {', '.join(needs) or 'a GPU (Liger is Triton)'}"}
+            why_not = missing_packages(RUNS[name], cuda)
+            if why_not:
+                results["runs"][name] = {"skipped": why_not}
             else:
                 start = time.perf_counter()
                 results["runs"][name] = (in_process(name, work, args) if args.in_process
@@ -484,8 +618,10 @@ def main() -> None:
             write(results, args.out)
             r = results["runs"][name]
             print(f"  {name}: " + (r.get("skipped") or r.get("error") or
-                                   f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']} TFLOP/s"
-                                   + (f", peak {r['peak_allocated_gib']} GiB" if "peak_allocated_gib" in r else "")),
+                                   f"{r['tokens_per_s']:,.0f} tokens/s (spread {r['tokens_per_s_windows']['spread']}), "
+                                   f"{r['achieved_tflops']} TFLOP/s"
+                                   + (f", peak {r['peak_allocated_gib']} GiB" if "peak_allocated_gib" in r else "")
+                                   + f", {r['wall_s']} s"),
                   flush=True)
             if "error" in r:
                 print("    " + r.get("log_tail", "")[-1200:].replace("\n", "\n    "), flush=True)
