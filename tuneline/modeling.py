@@ -99,9 +99,14 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """A causal LM from `name` at `dtype` (`auto`: see resolve_dtype), on this rank's device; with
-    `quantize_4bit`, its linear layers are bitsandbytes NF4 computing at `dtype` and the rest is at `dtype`."""
+    `quantize_4bit`, its linear layers are bitsandbytes NF4 computing at `dtype` and the rest is at `dtype`.
+
+    `sdpa` is transformers' own default: SDPA where the architecture has it, eager attention where it
+    has not (Gemma 2, whose attention soft-capping SDPA cannot do); asked for by name, it would refuse those.
+    """
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
-                  dtype=DTYPES[resolve_dtype(dtype)], attn_implementation=attn_implementation)
+                  dtype=DTYPES[resolve_dtype(dtype)],
+                  attn_implementation=None if attn_implementation == "sdpa" else attn_implementation)
     placement = device_map()
     if quantize_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
