@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from tuneline import params, timings
-from tuneline.modeling import load_model, load_tokenizer, set_seed
+from tuneline.modeling import check_model_source, load_model, load_tokenizer, set_seed
 from tuneline.intervals import score_intervals
 from tuneline.templates import chat_template_for, with_fixed_date
 from tuneline.records import read_json
@@ -66,6 +66,7 @@ def main(name: str) -> None:
         shots = read_json(Path(base.alpaca_dir) / "train.json")[: cand.few_shot_k]
         metrics, rows = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
     else:
+        check_model_source(cand.model, cand.revision, f"select.candidates.{name}.model")
         set_seed(base.seed)
         tokenizer, template = local_tokenizer(cand, tok.template_date)
         model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)

@@ -63,11 +63,11 @@ FAMILIES = {
                                 eos="<|eot_id|>", end_of_turn="<|eot_id|>",
                                 generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), generation=LLAMA_SAMPLING),
     # Gemma 2 soft-caps its final logits at 30; a random tiny model's logits are far below that, so the
-    # stand-in caps at 1 to make the cap change every score (scoring that ignores it fails the tests).
+    # stand-in caps at 5 to make the cap change every score (scoring that ignores it fails the tests).
     "gemma2": Family(Gemma2Config, zootemplates.GEMMA2, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
                      bos="<bos>", eos="<eos>", pad="<pad>", end_of_turn="<end_of_turn>",
                      generation={"cache_implementation": "hybrid"},
-                     architecture={"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 1.0,
+                     architecture={"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 5.0,
                                    "sliding_window": 64}),
     "phi3": Family(Phi3Config, zootemplates.PHI3, ("<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>"),
                    bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", end_of_turn="<|end|>",
@@ -94,6 +94,9 @@ def model_config(family: Family, tokenizer: PreTrainedTokenizerFast):
     return family.config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=family.tie_word_embeddings,
+        # Wider than the hub's 0.02: a random 64-wide model's logits can then reach the few units that
+        # let a LoRA adapter, which never touches the embeddings, make one answer token the likeliest.
+        initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **family.architecture,
     )
