@@ -222,3 +222,22 @@ def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path,
     assert result.returncode == 2
     assert re.search(expected, result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) < 5, result.stderr  # the message, not a traceback
+
+
+def test_a_candidate_without_a_chat_template_fails_as_tokenize_does_naming_tokenize_template(tmp_path):
+    from tests.conftest import seed_texts
+    from tests.stage_project import stage_command, stage_env
+    from tuneline.zoo import save_standin
+
+    model_dir = save_standin("qwen2.5-base", seed_texts(), tmp_path / "no_template")
+    (model_dir / "chat_template.jinja").unlink()  # a base that ships no template
+    p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    p["select"]["candidates"] = {"bare": {"kind": "local", "model": str(model_dir)}}
+    p["tokenize"]["template"] = "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+    write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
+    result = subprocess.run([*stage_command("select"), "bare"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=stage_env())
+    # select used to score it with ChatML, a template training would never use
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "has no chat template; set tokenize.template to one of chatml, llama3, alpaca" in result.stderr
