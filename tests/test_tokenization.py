@@ -108,9 +108,9 @@ def test_select_scores_a_dated_template_with_the_fixed_date_too(tiny_model_dir, 
     tokenizer.chat_template = DATED
     tokenizer.save_pretrained(tmp_path)
     today = datetime.date.today().strftime("%d %b %Y")
-    scored, template = local_tokenizer(Candidate(kind="local", model=str(tmp_path)), "2025-03-01")
-    text = render(scored, to_messages(RECORD), template)
-    assert template == "auto" and "Today Date: 01 Mar 2025" in text and today not in text
+    scored = local_tokenizer(Candidate(kind="local", model=str(tmp_path)), "auto", "2025-03-01")
+    text = render(scored, to_messages(RECORD), "auto")
+    assert "Today Date: 01 Mar 2025" in text and today not in text
 
 
 def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_template):
