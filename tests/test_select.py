@@ -204,13 +204,18 @@ def test_choosing_by_the_judge_without_a_judge_fails_at_start_up_naming_the_key(
     assert params.section("select", data).judge.enabled
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("models/base/not_built", r"select\.candidates\.missing\.model 'models/base/not_built': no such model directory; fix the path"),
-    ("Qwen/Qwen2.5-0.5B", r"select\.candidates\.missing\.model 'Qwen/Qwen2.5-0.5B' is a hub id that is not in the local "
-                          r"hub cache .* the hub is off \(HF_HUB_OFFLINE\): download it while online"),
+@pytest.mark.parametrize("model, online, expected", [
+    ("models/base/not_built", False,
+     r"select\.candidates\.missing\.model 'models/base/not_built': no such model directory; fix the path"),
+    ("Qwen/Qwen2.5-0.5B", False, r"select\.candidates\.missing\.model 'Qwen/Qwen2.5-0.5B' is a hub id that is not in the "
+                                 r"local hub cache .* the hub is off \(HF_HUB_OFFLINE\): download it while online"),
+    # not offline, but the hub (here a closed port on 127.0.0.1) cannot be reached: no minute of retries
+    ("Qwen/Qwen2.5-0.5B", True, r"select\.candidates\.missing\.model 'Qwen/Qwen2.5-0.5B' is a hub id, but "
+                                r"http://127\.0\.0\.1:\d+ cannot be reached"),
 ])
-def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path, model, expected):
+def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path, model, online, expected):
     from tests.stage_project import stage_command, stage_env
+    from tuneline.llmserver import free_port
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     p["select"]["candidates"] = {"missing": {"kind": "local", "model": model}}
@@ -218,7 +223,9 @@ def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path,
     write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
     # an empty hub cache: the hub id is not there, and offline it cannot be fetched
     result = subprocess.run([*stage_command("select"), "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env=stage_env(HF_HUB_CACHE=str(tmp_path / "hub-cache")))
+                            env=stage_env(HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+                                          **({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+                                             if online else {})))
     assert result.returncode == 2
     assert re.search(expected, result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) < 5, result.stderr  # the message, not a traceback
