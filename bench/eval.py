@@ -53,7 +53,8 @@ from tests.pipeline_repo import make_repo, repro  # noqa: E402
 from tuneline import params  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.records import read_json, read_jsonl  # noqa: E402
-from tuneline.scoring import generate_ids, stop_ids  # noqa: E402
+from tuneline.generation import stop_ids  # noqa: E402
+from tuneline.scoring import generate_ids  # noqa: E402
 
 PROMPTS = 64
 BATCH_SIZES = (1, 8, 16)  # 1 is the baseline
@@ -78,7 +79,7 @@ def spread(values: list[float]) -> dict:
 
 def measure(model, tokenizer, prompts: list[dict], max_new_tokens: int, repeats: int) -> tuple[list[dict], dict]:
     """(one row per batch size with its answers' counts and seconds per round, speedup spread per batched size)."""
-    stops = stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer, "auto")
     generate_ids(model, tokenizer, prompts[:2], "auto", 2, 4)  # warm-up: first-call allocations
     seconds: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
     answers: dict[int, list[list[int]]] = {}

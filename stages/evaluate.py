@@ -118,8 +118,9 @@ def main() -> None:
     tokenizer = load_tokenizer(base.adapter_dir)  # carries the chat template training used
     args = dict(template="auto", batch_size=p.batch_size, max_new_tokens=p.max_new_tokens, generation_samples=p.generation_samples)
 
-    # A QLoRA run is compared with the 4-bit base it trained over: the delta is the adapter's alone.
-    base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir) and not p.merge)
+    # A QLoRA run is compared with the 4-bit base it trained over (dequantised, as the merge goes into
+    # it, with evaluate.merge): the delta is the adapter's alone.
+    base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir), dequantized=p.merge)
     base_scores = {name: score(base_model, tokenizer, records, **args) for name, records in sets.items()}
     base_bench = benchmarks(p, base_model, tokenizer, base.seed)
     del base_model

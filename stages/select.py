@@ -19,24 +19,24 @@ import sys
 from pathlib import Path
 
 from tuneline import params, timings
-from tuneline.modeling import load_model, load_tokenizer, set_seed
+from tuneline.modeling import check_model_source, load_model, load_tokenizer, set_seed
 from tuneline.intervals import score_intervals
 from tuneline.templates import chat_template_for, with_fixed_date
 from tuneline.records import read_json
 from tuneline.scoring import score
 
 
-def local_tokenizer(cand, template_date: str) -> tuple:
-    """The candidate's tokenizer and the template to score it with (its own, ChatML where it has
-    none), today's date in that template fixed to tokenize.template_date as the tokenize stage
+def local_tokenizer(cand, template: str, template_date: str):
+    """The candidate's tokenizer with the chat template to score it with put on it: tokenize.template,
+    the one training will use (`auto`: its own; a tokenizer without one fails here as tokenize would
+    fail, naming the key), today's date in it fixed to tokenize.template_date as the tokenize stage
     fixes it: a base whose template prints the date (Llama 3.1) scores the same on every day."""
     tokenizer = load_tokenizer(cand.model, cand.revision, cand.trust_remote_code)
-    template = "auto" if tokenizer.chat_template else "chatml"
     try:
         tokenizer.chat_template = with_fixed_date(chat_template_for(tokenizer, template), template_date)
     except ValueError as err:
         raise params.ParamsError(f"select: candidate {cand.model}: {err}") from None
-    return tokenizer, template
+    return tokenizer
 
 
 def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int) -> tuple[float, dict, dict]:
@@ -66,12 +66,13 @@ def main(name: str) -> None:
         shots = read_json(Path(base.alpaca_dir) / "train.json")[: cand.few_shot_k]
         metrics, rows = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)
     else:
+        check_model_source(cand.model, cand.revision, f"select.candidates.{name}.model")
         set_seed(base.seed)
-        tokenizer, template = local_tokenizer(cand, tok.template_date)
+        tokenizer = local_tokenizer(cand, tok.template, tok.template_date)
         model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)
-        metrics, rows = score(model, tokenizer, records, template, p.batch_size, p.max_new_tokens, p.generation_samples)
+        metrics, rows = score(model, tokenizer, records, "auto", p.batch_size, p.max_new_tokens, p.generation_samples)
         metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
-        metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=template)
+        metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=tok.template)
     if p.judge.enabled:
         rate, interval, rates = judged(p.judge, records, rows, cache_dir / "judge", base.seed)
         metrics.update(judge=rate, judge_rates=rates)

@@ -1,6 +1,7 @@
 """Fine-tune the selected base model on the tokenized training set.
 
-Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full).
+Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full;
+        train.profile: the top-level keys for a tiny stand-in, train.hub's for a real base, tuneline/profiles.py).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
         training_args.json; with train.wise_ft below 1, as base + wise_ft x the trained update),
         base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
@@ -15,6 +16,7 @@ Run:    python -m stages.train (what dvc.yaml runs). With `train.launcher: accel
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -27,6 +29,7 @@ from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
 from tuneline import params, timings
+from tuneline.profiles import with_profile
 from tuneline.records import read_json, write_json
 from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, wise_ft
 
@@ -77,6 +80,9 @@ def main() -> None:
         write_json(live_dir / "metrics.json", {"skipped": 1})
         return
 
+    p, profile, settings = with_profile(p, selected["model"])
+    print(f"train: profile {profile} (train.profile {p.profile}): " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items()),
+          flush=True)
     data_dir = Path(base.tokenized_dir)
     train_ds = load_from_disk(str(data_dir / "train"))
     eval_ds = load_from_disk(str(data_dir / "val")) if (data_dir / "val").exists() else None
@@ -89,6 +95,7 @@ def main() -> None:
     callbacks = []
     if main_process:
         live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+        live.log_params({"profile": profile, **settings})
         callbacks.append(DVCLiveCallback(live=live))
 
     # Every process saves: under FSDP/ZeRO-3 the weights are gathered from all of them; the main one writes.
@@ -105,7 +112,7 @@ def main() -> None:
     tokenizer.save_pretrained(out_dir)
     trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
     write_json(out_dir / "training_args.json", {
-        "base_model": selected, "method": p.method, "params": p.__dict__, "seed": base.seed,
+        "base_model": selected, "method": p.method, "params": dataclasses.asdict(p), "profile": profile, "seed": base.seed,
         "run_key": key, "trainable_parameters": trainable, "total_parameters": total,
         "train_records": len(train_ds),
     })

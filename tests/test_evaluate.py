@@ -9,7 +9,8 @@ import pytest
 
 from stages.evaluate import compare, samples_table
 from tuneline.records import read_json, read_jsonl, write_json
-from tuneline.scoring import generate, generate_ids, score, stop_ids, until_stop
+from tuneline.generation import stop_ids
+from tuneline.scoring import generate, generate_ids, score, until_stop
 
 ROOT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 
@@ -47,9 +48,9 @@ def test_stop_ids_join_the_tokenizer_eos_and_the_generation_config_ones(tiny_mod
     from tuneline.modeling import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
-    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    assert stop_ids(model, tokenizer, "auto") == [tokenizer.eos_token_id]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 1]
-    assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 1})
+    assert stop_ids(model, tokenizer, "auto") == sorted({tokenizer.eos_token_id, 1})
 
 
 def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny_model_dir):

@@ -23,6 +23,8 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tuneline.templates import end_of_turn
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,8 +198,12 @@ def check_serving_text_is_training_text(export_dir: Path, tokenized_dir: Path, r
         # The last answer (earlier ones are history turns, also learned) starts where the served prompt ends.
         start = len(prompt)
         assert ids[:start] == prompt, f"record {record['id']}: the served prompt is not the text training saw before the answer"
-        assert labels[start - 1] == -100 and all(label != -100 for label in labels[start:]), \
+        learned = [i for i in range(start, len(labels)) if labels[i] != -100]
+        assert labels[start - 1] == -100 and learned and learned == list(range(start, learned[-1] + 1)), \
             f"record {record['id']}: the answer training learned does not start where serving's prompt ends"
+        # it ends with the end-of-turn token, where serving stops; what the template writes after it is not learned
+        assert tokenizer.convert_ids_to_tokens(ids[learned[-1]]) == end_of_turn(tokenizer, "auto"), \
+            f"record {record['id']}: the answer training learned does not end with the end-of-turn token"
 
 
 def test_the_text_the_model_sees_when_served_is_what_it_trained_on(pipeline):

@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -201,3 +202,49 @@ def test_choosing_by_the_judge_without_a_judge_fails_at_start_up_naming_the_key(
         params.section("select", data)
     data["select"]["judge"]["prompt"] = str(ROOT / "prompts" / "select_judge.txt")
     assert params.section("select", data).judge.enabled
+
+
+@pytest.mark.parametrize("model, online, expected", [
+    ("models/base/not_built", False,
+     r"select\.candidates\.missing\.model 'models/base/not_built': no such model directory; fix the path"),
+    ("Qwen/Qwen2.5-0.5B", False, r"select\.candidates\.missing\.model 'Qwen/Qwen2.5-0.5B' is a hub id that is not in the "
+                                 r"local hub cache .* the hub is off \(HF_HUB_OFFLINE\): download it while online"),
+    # not offline, but the hub (here a closed port on 127.0.0.1) cannot be reached: no minute of retries
+    ("Qwen/Qwen2.5-0.5B", True, r"select\.candidates\.missing\.model 'Qwen/Qwen2.5-0.5B' is a hub id, but "
+                                r"http://127\.0\.0\.1:\d+ cannot be reached"),
+])
+def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path, model, online, expected):
+    from tests.stage_project import stage_command, stage_env
+    from tuneline.llmserver import free_port
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    p["select"]["candidates"] = {"missing": {"kind": "local", "model": model}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+    write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
+    # an empty hub cache: the hub id is not there, and offline it cannot be fetched
+    result = subprocess.run([*stage_command("select"), "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=stage_env(HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+                                          **({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+                                             if online else {})))
+    assert result.returncode == 2
+    assert re.search(expected, result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) < 5, result.stderr  # the message, not a traceback
+
+
+def test_a_candidate_without_a_chat_template_fails_as_tokenize_does_naming_tokenize_template(tmp_path):
+    from tests.conftest import seed_texts
+    from tests.stage_project import stage_command, stage_env
+    from tuneline.zoo import save_standin
+
+    model_dir = save_standin("qwen2.5-base", seed_texts(), tmp_path / "no_template")
+    (model_dir / "chat_template.jinja").unlink()  # a base that ships no template
+    p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    p["select"]["candidates"] = {"bare": {"kind": "local", "model": str(model_dir)}}
+    p["tokenize"]["template"] = "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
+    write_json(tmp_path / "data" / "alpaca" / "val.json", RECORDS)
+    result = subprocess.run([*stage_command("select"), "bare"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=stage_env())
+    # select used to score it with ChatML, a template training would never use
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "has no chat template; set tokenize.template to one of chatml, llama3, alpaca" in result.stderr

@@ -28,7 +28,7 @@ RECORD = {
 }
 ANSWERS = [RECORD["history"][0][1], RECORD["history"][1][1], RECORD["output"]]
 # What ends an assistant turn in each template: the answer's label span is the answer plus this.
-TURN_END = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>"}
+TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # what follows the end of turn (a newline) is no answer
 MODELS = [("tiny_model_dir", "chatml"), ("tiny_llama_dir", "llama3")]
 
 
@@ -75,7 +75,7 @@ def test_named_template_overrides_the_tokenizer_s_own(tiny_model_dir):
     assert tokenizer.decode(input_ids) == render(tokenizer, to_messages(RECORD), "alpaca")
     assert "### Instruction:" in tokenizer.decode(input_ids)
     spans = [tokenizer.decode(span) for span in labelled_spans(input_ids, labels)]
-    assert spans == [answer + tokenizer.eos_token + "\n\n" for answer in ANSWERS]
+    assert spans == [answer + tokenizer.eos_token for answer in ANSWERS]  # the blank line after it is no answer
 
 
 # Llama 3.1's way of printing the date in the system header, over ChatML turns.
@@ -109,9 +109,9 @@ def test_select_scores_a_dated_template_with_the_fixed_date_too(tiny_model_dir, 
     tokenizer.chat_template = DATED
     tokenizer.save_pretrained(tmp_path)
     today = datetime.date.today().strftime("%d %b %Y")
-    scored, template = local_tokenizer(Candidate(kind="local", model=str(tmp_path)), "2025-03-01")
-    text = render(scored, to_messages(RECORD), template)
-    assert template == "auto" and "Today Date: 01 Mar 2025" in text and today not in text
+    scored = local_tokenizer(Candidate(kind="local", model=str(tmp_path)), "auto", "2025-03-01")
+    text = render(scored, to_messages(RECORD), "auto")
+    assert "Today Date: 01 Mar 2025" in text and today not in text
 
 
 def test_train_on_prompt_labels_everything_but_the_first_token(tokenizer_and_template):
@@ -184,7 +184,10 @@ def reference_encode(tokenizer, record: dict, train_on_prompt: bool) -> tuple[li
         if message["role"] == "assistant":
             prompt = render(tokenizer, messages[:i], "auto", add_generation_prompt=True)
             full = render(tokenizer, messages[: i + 1], "auto")
-            for text, is_answer in ((prompt[len(done):], False), (full[len(prompt):], True)):
+            answer = full[len(prompt):]
+            # the tiny models end turns with their EOS; what follows the end of turn is no answer
+            cut = answer.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
+            for text, is_answer in ((prompt[len(done):], False), (answer[:cut], True), (answer[cut:], False)):
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
                 ids += piece
                 labels += piece if is_answer or train_on_prompt else [IGNORE] * len(piece)

@@ -8,29 +8,20 @@ from pathlib import Path
 
 import torch
 
-from tuneline.modeling import DTYPES, load_model, resolve_dtype, trained_4bit
+from tuneline.generation import greedy_config, stop_ids
+from tuneline.modeling import load_tuned
 
 
 def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
     """The base model at `dtype` (`auto`: see resolve_dtype) with the adapter merged in; full weights
     load at `dtype`. A QLoRA adapter merges into its base as it was trained: loaded in 4-bit, then
     dequantised (`dequantize()`) to `dtype`, so the merged model computes what the 4-bit base plus
-    the adapter did, not the adapter on top of weights it never saw."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        return load_model(str(adapter_dir), dtype=dtype)
-    four_bit = trained_4bit(adapter_dir)
-    base = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
-                      quantize_4bit=four_bit, dtype=dtype)
-    if four_bit:
-        base = base.dequantize(dtype=DTYPES[resolve_dtype(dtype)])
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    if model.peft_config["default"].is_prompt_learning:
+    the adapter did, not the adapter on top of weights it never saw. It is `load_tuned`'s merge, the
+    one evaluate scores with `evaluate.merge`."""
+    if is_prompt_learning(adapter_dir):
         raise ValueError("export: a P-tuning adapter has no weights to merge; export it with `export()`, which "
                          "writes its virtual tokens into the vocabulary")
-    return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)])
+    return load_tuned(selected, adapter_dir, merge=True, dtype=dtype)
 
 
 def file_md5(path: str | Path) -> str:
@@ -130,4 +121,10 @@ def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: 
         written = "merged"
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    # Greedy, stopping at the template's end of turn too: `tuneline serve` and a plain `generate` read
+    # this file, and a base's own one neither stops there nor decodes greedily. P-tuning's virtual
+    # tokens stay suppressed.
+    config = greedy_config(stop_ids(model, tokenizer, "auto"), tokenizer.pad_token_id)
+    config.suppress_tokens = model.generation_config.suppress_tokens
+    config.save_pretrained(out_dir)
     return written

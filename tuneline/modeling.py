@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from tuneline.logs import route_transformers_logging
+from tuneline.params import ParamsError
 
 # A stage's transformers warnings go to its log file and (unless known-harmless) the terminal.
 route_transformers_logging()
@@ -72,6 +75,48 @@ def device_map() -> dict | None:
     return {"": local_rank()}
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a directory: a hub id is `name` or `owner/name`, never more."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within `timeout_s` (the hub client retries for a minute)."""
+    url = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_source(name: str, revision: str | None, key: str) -> None:
+    """Fail within seconds, naming the params `key` and the fix, when `name` is neither a saved model
+    directory nor a hub id this process can load: from_pretrained would give an 80-line traceback
+    ("Repo id must be in the form...") for a missing path, and retry for a minute while offline."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ParamsError(f"{key} {name!r} is a directory without config.json, not a saved model; point {key} at "
+                              "the directory save_pretrained wrote (or a hub id)")
+        return
+    if looks_like_path(name) or path.exists():
+        raise ParamsError(f"{key} {name!r}: no such model directory; fix the path, or build it first "
+                          "(`dvc repro models` writes models/base/<name>)")
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return  # in the local hub cache: loads offline too
+    if constants.HF_HUB_OFFLINE:
+        raise ParamsError(f"{key} {name!r} is a hub id that is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                          f"the hub is off (HF_HUB_OFFLINE): download it while online (`hf download {name}`), or set "
+                          f"{key} to a local model directory")
+    if not hub_reachable(constants.ENDPOINT):
+        raise ParamsError(f"{key} {name!r} is a hub id, but {constants.ENDPOINT} cannot be reached and it is not in the "
+                          f"local hub cache: download it where there is a network (`hf download {name}`), or set {key} "
+                          "to a local model directory")
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer of `name`, with a pad token (the end-of-sequence token when it has none)."""
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
@@ -99,9 +144,14 @@ def load_model(
     attn_implementation: str = "sdpa",
 ):
     """A causal LM from `name` at `dtype` (`auto`: see resolve_dtype), on this rank's device; with
-    `quantize_4bit`, its linear layers are bitsandbytes NF4 computing at `dtype` and the rest is at `dtype`."""
+    `quantize_4bit`, its linear layers are bitsandbytes NF4 computing at `dtype` and the rest is at `dtype`.
+
+    `sdpa` is transformers' own default: SDPA where the architecture has it, eager attention where it
+    has not (Gemma 2, whose attention soft-capping SDPA cannot do); asked for by name, it would refuse those.
+    """
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
-                  dtype=DTYPES[resolve_dtype(dtype)], attn_implementation=attn_implementation)
+                  dtype=DTYPES[resolve_dtype(dtype)],
+                  attn_implementation=None if attn_implementation == "sdpa" else attn_implementation)
     placement = device_map()
     if quantize_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
@@ -116,23 +166,26 @@ def trained_4bit(adapter_dir: str | Path) -> bool:
     return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("method") == "qlora"
 
 
-def load_base(selected: dict, dtype: str = "auto", quantize_4bit: bool = False):
-    """The selected base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was trained over)."""
-    return load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
-                      quantize_4bit=quantize_4bit, dtype=dtype)
+def load_base(selected: dict, dtype: str = "auto", quantize_4bit: bool = False, dequantized: bool = False):
+    """The selected base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was
+    trained over), and then `dequantized` to `dtype` when asked (the weights a QLoRA merge goes into)."""
+    model = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
+                       quantize_4bit=quantize_4bit, dtype=dtype)
+    return model.dequantize(dtype=DTYPES[resolve_dtype(dtype)]) if quantize_4bit and dequantized else model
 
 
 def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dtype: str = "auto"):
     """The fine-tuned model: the base with the adapter from `adapter_dir` (or full weights there), at
     `dtype`. A QLoRA adapter goes onto the 4-bit base it was trained over (the model as trained);
-    merged, onto the full-precision base, since merging into 4-bit weights would round the adapter."""
+    merged, onto that base dequantised to `dtype` (`dequantize()`), as export merges it: what is
+    scored is then exactly what export writes and serving computes."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         return load_model(str(adapter_dir), dtype=dtype)
-    base = load_base(selected, dtype, quantize_4bit=trained_4bit(adapter_dir) and not merge)
+    base = load_base(selected, dtype, quantize_4bit=trained_4bit(adapter_dir), dequantized=merge)
     model = PeftModel.from_pretrained(base, adapter_dir)
     if merge and model.peft_config["default"].is_prompt_learning:
         raise SystemExit("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
-    return model.merge_and_unload() if merge else model
+    return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)]) if merge else model

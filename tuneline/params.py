@@ -319,6 +319,22 @@ class Tokenize(_Section):
 
 
 @dataclass(frozen=True)
+class HubProfile(_Section):
+    """What `train.profile: hub` trains with in place of the train keys of the same name, which suit
+    the tiny stand-ins (a 0.66M model memorising 71 answers) and would wreck a 0.5B-8B base."""
+
+    lora_r: int
+    lora_alpha: int
+    learning_rate: float  # lora, qlora, ptuning
+    full_learning_rate: float  # full fine-tuning
+    epochs: float
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"]
+    warmup_ratio: float
+    neftune_noise_alpha: float
+    wise_ft: float
+
+
+@dataclass(frozen=True)
 class Train(_Section):
     method: Literal["lora", "qlora", "ptuning", "full"]
     lora_r: int
@@ -348,6 +364,9 @@ class Train(_Section):
     logging_steps: int
     launcher: Literal["python", "accelerate"]
     accelerate_config: str
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"]
+    profile: Literal["auto", "tiny", "hub"]  # auto: tiny for a stand-in (tuneline.profiles), hub for any other base
+    hub: HubProfile | None  # the settings `hub` uses; None only where code builds a Train itself
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def run_params(*, learning_rate: float, batch_size: int, epochs: float = 1.0, ma
                  batch_size=batch_size, eval_batch_size=batch_size, grad_accum=grad_accum,
                  warmup_ratio=warmup_ratio, weight_decay=weight_decay, neftune_noise_alpha=0.0, wise_ft=1.0,
                  save_steps=save_steps, save_total_limit=2,
-                 logging_steps=logging_steps, launcher="python", accelerate_config="")
+                 logging_steps=logging_steps, launcher="python", accelerate_config="", lr_scheduler="linear",
+                 profile="tiny", hub=None)
 
 
 def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Train, checkpoints: Path, seed: int,

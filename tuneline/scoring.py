@@ -1,7 +1,9 @@
 """Scoring a model on held-out Alpaca records: the one module select and evaluate share.
 
 Loss is the mean cross-entropy over answer tokens only (prompt tokens carry no loss), and
-perplexity its exponential. Generation is greedy and batched (left padding).
+perplexity its exponential, from the model's own logits (its final soft-capping or logit
+scale included). Generation is greedy, with nothing taken from a hub generation config, stops at
+the template's end of turn as well as the EOS, and is batched (left padding).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from tuneline.generation import generating_with, greedy_config, stop_ids
 from tuneline.templates import render, to_messages
 from tuneline.textmetrics import corpus_scores, record_scores
 from tuneline.tokenization import IGNORE, collate, encode
@@ -39,6 +42,47 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return hidden[:, prompts.shape[1]:]
 
 
+def output_head(model):
+    """The language-model head as the model's own forward applies it to the last hidden states: the
+    linear head, then the model's logit transform, which changes every loss: Cohere's `logit_scale`
+    (multiplied), Granite's `logits_scaling` (divided), Gemma 2's `final_logit_softcapping`
+    (cap * tanh(logits / cap)). `answer_losses` checks the result against the model's own logits."""
+    body = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = body.config.get_text_config()
+    linear = model.get_output_embeddings()
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = linear(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return head
+
+
+def check_head(model, head, input_ids: torch.Tensor, length: int, hidden: torch.Tensor, positions: int = 32) -> None:
+    """Fail when `head` on the first row's hidden states (of its first `length` tokens, the rest being
+    padding) does not give the model's own logits: an
+    architecture that transforms its logits in a way `output_head` does not know would otherwise be
+    scored with a wrong loss, silently."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return  # its own logits include the virtual tokens' positions; its head is the base's, checked there
+    n = min(positions, length)
+    own = model(input_ids=input_ids[:1, :n], use_cache=False).logits[0].float()
+    ours = head(hidden[:1, :n])[0].float()
+    if (own - ours).abs().max() > 1e-2 * own.abs().max() + 1e-3:
+        raise ValueError(f"scoring: the {model.config.model_type} model's own logits differ from its head's: it "
+                         "transforms its logits in a way tuneline.scoring.output_head does not apply")
+
+
 def chunked_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Cross-entropy of each labelled position (labels already shifted to the predicting position):
     the head runs on `chunk` positions at a time, so memory never holds batch x length x vocabulary."""
@@ -54,12 +98,13 @@ def answer_losses(model, tokenizer, records: list[dict], template: str, batch_si
                   chunk: int = LOSS_CHUNK) -> list[tuple[float, int]]:
     """(summed answer-token loss, answer-token count) of each record.
 
-    Only answer positions go through the language-model head, `chunk` at a time: the full fp32
-    logits of a batch (8 x 2048 x 152k words = 10 GB) are never made.
+    Only answer positions go through the language-model head (with the model's logit transform:
+    `output_head`), `chunk` at a time: the full fp32 logits of a batch (8 x 2048 x 152k words = 10 GB)
+    are never made.
     """
     model.eval()
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
+    head = output_head(model)
     encoded = []
     for record in records:
         ids, labels = encode(tokenizer, record, template, train_on_prompt=False)
@@ -68,6 +113,8 @@ def answer_losses(model, tokenizer, records: list[dict], template: str, batch_si
     for i in tqdm(range(0, len(encoded), batch_size), desc="loss", leave=False):
         batch = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], tokenizer.pad_token_id).items()}
         hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        if i == 0:
+            check_head(model, head, batch["input_ids"], int(batch["attention_mask"][0].sum()), hidden)
         # position t predicts token t + 1: the label of position t is the next token's
         labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
         losses = chunked_token_losses(hidden, labels, head, chunk)
@@ -76,14 +123,6 @@ def answer_losses(model, tokenizer, records: list[dict], template: str, batch_si
         counts = (labels != IGNORE).sum(1)
         out += list(zip(sums.tolist(), counts.tolist()))  # one device-to-host copy each, not one per record
     return out
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's end of sequence and the model's generation
-    config ones (instruct models often list several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>)."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({t for t in [tokenizer.eos_token_id, *configured] if t is not None})
 
 
 def until_stop(ids: list[int], stops: list[int]) -> list[int]:
@@ -102,16 +141,16 @@ def generate_ids(model, tokenizer, records: list[dict], template: str, batch_siz
     model.eval()
     device = next(model.parameters()).device
     prompts = [render(tokenizer, to_messages(r, with_answer=False), template, add_generation_prompt=True) for r in records]
-    stops = stop_ids(model, tokenizer)
+    config = greedy_config(stop_ids(model, tokenizer, template), tokenizer.pad_token_id, max_new_tokens)
+    stops = config.eos_token_id
     answers = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-            )
+            with generating_with(model, config):
+                output = model.generate(**batch, generation_config=config)
             answers += [until_stop(row, stops) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
     finally:
         tokenizer.padding_side = side

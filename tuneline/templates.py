@@ -90,6 +90,25 @@ def chat_template_for(tokenizer, template: str) -> str:
     return TEMPLATES[template]
 
 
+# A conversation to find what a template writes after an answer (its end of turn).
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Probe answer"}]
+
+
+def end_of_turn(tokenizer, template: str) -> str | None:
+    """The special token that closes an assistant turn in `template`: the first special token it writes
+    after an answer's text (<|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>, or the EOS of templates
+    that end answers with it). None when it writes none there: such a template's answers end in text.
+
+    A base model's EOS is often not this token (Qwen2.5 base: <|endoftext|>; Llama 3 base:
+    <|end_of_text|>), so generation must stop on it as well, or the answer runs on to max_new_tokens.
+    """
+    full = render(tokenizer, _PROBE, template)
+    after = full[full.rindex(_PROBE[-1]["content"]) + len(_PROBE[-1]["content"]):]
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    found = [(after.index(t), t) for t in specials if t in after]
+    return min(found)[1] if found else None
+
+
 def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool = False) -> str:
     """The conversation as text, through the chosen chat template."""
     return render_many(tokenizer, [messages], template, add_generation_prompt)[0]
@@ -122,7 +141,7 @@ def segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str, 
     """The rendered conversation cut into (text, is_answer) pieces.
 
     Each assistant turn is the text that rendering the conversation up to and including it adds
-    after the generation prompt; everything else is prompt. The pieces joined give exactly the
+    after the generation prompt, up to and including its end-of-turn token; everything else is prompt. The pieces joined give exactly the
     rendered conversation, so label masks line up with what the model sees.
     """
     return segments_many(tokenizer, [messages], template)[0]
@@ -150,18 +169,45 @@ def segments_many(tokenizer, conversations: list[list[dict]], template: str) -> 
     prompt_texts = render_many(tokenizer, prompts, template, add_generation_prompt=True)
     full_texts = render_many(tokenizer, fulls, template)
 
+    turn_end = end_of_turn(tokenizer, template)
     out = []
     for p0, f0, n_turns, ends_on_answer in plans:
+        turns = list(zip(prompt_texts[p0 : p0 + n_turns], full_texts[f0 : f0 + n_turns]))
+        if not prefix_stable(turns):
+            # The template rewrites earlier turns once a later one exists (Qwen3 drops their reasoning,
+            # Phi-3 ends a conversation with EOS): the whole conversation is the last turn's prompt
+            # plus its answer, so only that answer is learnt, as the model will see it when serving.
+            turns = turns[-1:]
+            if not turns[0][1].startswith(turns[0][0]):
+                raise ValueError(f"chat template {template!r} does not render the last answer after its prompt")
         pieces: list[tuple[str, bool]] = []
         done = ""
-        for prompt, full in zip(prompt_texts[p0 : p0 + n_turns], full_texts[f0 : f0 + n_turns]):
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise ValueError(f"chat template {template!r} does not render turns as a prefix of the whole")
+        for prompt, full in turns:
             pieces.append((prompt[len(done):], False))
-            pieces.append((full[len(prompt):], True))
+            pieces += answer_pieces(full[len(prompt):], turn_end)
             done = full
         rest = "" if ends_on_answer else full_texts[f0 + n_turns][len(done):]
         if rest:
             pieces.append((rest, False))
         out.append([(text, is_answer) for text, is_answer in pieces if text])
     return out
+
+
+def prefix_stable(turns: list[tuple[str, str]]) -> bool:
+    """Whether each turn's (prompt, prompt + answer) renders extend the previous turn's as a prefix."""
+    done = ""
+    for prompt, full in turns:
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            return False
+        done = full
+    return True
+
+
+def answer_pieces(text: str, turn_end: str | None) -> list[tuple[str, bool]]:
+    """An answer turn's text as (answer up to and including its end-of-turn token, True) and what the
+    template writes after that token (a newline, Phi-3's EOS) as prompt: the model is taught to stop
+    at the end of turn, never to write past it."""
+    if not turn_end or turn_end not in text:
+        return [(text, True)]
+    cut = text.rindex(turn_end) + len(turn_end)
+    return [(text[:cut], True), (text[cut:], False)]

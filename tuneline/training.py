@@ -315,6 +315,7 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
         num_train_epochs=p.epochs,
         max_steps=p.max_steps,  # -1: num_train_epochs decides
         warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=p.lr_scheduler,
         weight_decay=p.weight_decay,
         # NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) on the input embeddings while
         # training (the Trainer removes its hook afterwards, so evaluation and export see none).
