@@ -45,6 +45,20 @@ def test_the_your_own_data_example_is_a_valid_params_change():
     assert params.section("crawl", merged).datasets[0].format == "jsonl"
 
 
+def test_the_real_models_example_is_a_valid_params_change_that_trains_with_the_hub_settings():
+    from tuneline.profiles import with_profile
+
+    section = README.split("## Pointing it at real models", 1)[1]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    assert sum(1 for line in block.splitlines() if line.strip()) <= 11
+    merged = deep_merge(params.read_params_file(ROOT / "params.yaml"), yaml.safe_load(block))
+    assert params.problems(merged, complete=True) == []
+    train = params.section("train", merged)
+    trained, profile, settings = with_profile(train, "Qwen/Qwen2.5-0.5B")  # a hub id: not a tiny stand-in
+    assert profile == "hub" and settings["epochs"] == 3 and trained.lora_r == 16 and trained.learning_rate == 2e-4
+    assert params.section("select", merged).candidates["qwen05"].model == "Qwen/Qwen2.5-0.5B"
+
+
 def test_the_params_reference_is_what_tools_params_doc_writes():
     sys.path.insert(0, str(ROOT / "tools"))
     import params_doc
