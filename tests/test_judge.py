@@ -34,8 +34,8 @@ def run(server: ScriptedServer, cache_dir, retries: int = 1) -> tuple[dict, list
     endpoint = Endpoint(base_url=server.base_url, model="judge", api_key_env="TUNELINE_TEST_NO_KEY", temperature=0.0,
                         max_tokens=32, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10)
     template, retry = load_prompt(ROOT / "prompts" / "judge.txt", "p"), load_prompt(ROOT / "prompts" / "retry.txt", "r")
-    with lazy_caller(endpoint, cache_dir, json_mode=True) as call:
-        summary, rows, _ = judge(call, template, retry, RECORDS, TUNED, BASE, retries, seed=42)
+    with lazy_caller(endpoint, cache_dir) as call:
+        summary, rows, _ = judge(lambda requests, seed: call(requests, seed, {"type": "json_object"}), template, retry, RECORDS, TUNED, BASE, retries, seed=42)
     return summary, rows
 
 

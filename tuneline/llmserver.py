@@ -1,4 +1,5 @@
-"""A real OpenAI-compatible server on 127.0.0.1 for the embedded default: `transformers serve`.
+"""A real OpenAI-compatible server on 127.0.0.1 for the embedded default: `transformers serve`
+(with structured outputs, tuneline.structserve).
 
 `endpoint_url("local", path)` starts it for the duration of a `with` block and stops it
 afterwards; any other base_url (a hosted API, a vLLM server) is passed through unchanged.
@@ -33,16 +34,17 @@ def free_port() -> int:
 
 
 def serve_command(model_path: str, port: int, device: str, host: str = "127.0.0.1") -> list[str]:
-    """The `transformers serve` command line, pinned to one model (its name in requests is the path).
+    """The server's command line, pinned to one model (its name in requests is the path):
+    `transformers serve` with structured outputs (`tuneline.structserve`: response_format json_schema
+    and json_object are decoded under that constraint, so even a tiny model writes valid JSON).
 
-    A P-tuning adapter directory is served by the same server through `tuneline.peftserve`, which
-    loads it onto its base model with peft.
+    A P-tuning adapter directory is served by `transformers serve` through `tuneline.peftserve`,
+    which loads it onto its base model with peft.
     """
-    return [
-        sys.executable, "-m", "tuneline.peftserve" if is_prompt_adapter(model_path) else "transformers.cli.transformers", "serve",
-        "--host", host, "--port", str(port), "--device", device, "--log-level", "warning",
-        model_path,
-    ]  # fmt: skip
+    options = ["--host", host, "--port", str(port), "--device", device, "--log-level", "warning"]
+    if is_prompt_adapter(model_path):
+        return [sys.executable, "-m", "tuneline.peftserve", "serve", *options, model_path]
+    return [sys.executable, "-m", "tuneline.structserve", *options, model_path]
 
 
 def _models_ready(base_url: str) -> bool:
