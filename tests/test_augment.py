@@ -318,6 +318,40 @@ def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
     assert outputs(killed)[1] == outputs(whole)[1]
 
 
+def test_batch_stage_killed_while_polling_resumes_the_recorded_batch(first_run, tmp_path):
+    with ScriptedServer(respond=respond, batch_delay_s=1.0) as server:
+        project = make_project(tmp_path / "batch", server.base_url, batch=True, batch_poll_s=0.1)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not list((project / "cache/llm/batches").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # killed while its first batch runs
+        proc.wait()
+        assert len(server.batches) == 1
+
+        run_stage(project)
+        submitted = server.batch_requests()
+        # The rerun polled the recorded batch instead of submitting it again: no request is in two batches.
+        assert len(submitted) > 1 and sum(map(len, submitted)) == len({k for ids in submitted for k in ids})
+        assert server.requests == 0  # no live call: every reply came through the Batch API
+        records, rejects, metrics = outputs(project)
+        assert metrics["llm"]["batch_calls"] == metrics["llm"]["calls"] == sum(map(len, submitted))
+        # Same requests, seeds and replies as the live run: the same records and rejects.
+        assert records == outputs(first_run[0])[0]
+        assert [r["reasons"] for r in rejects] == [r["reasons"] for r in outputs(first_run[0])[1]]
+
+        run_stage(project)  # fully cached: nothing submitted
+        assert len(server.batch_requests()) == len(submitted)
+
+
+def test_batch_with_the_local_server_is_refused_naming_the_key(tmp_path):
+    project = make_project(tmp_path / "local", "local", batch=True)
+    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
+
+
 # --- the real server ----------------------------------------------------------------------
 
 
