@@ -217,3 +217,19 @@ def test_only_rejects_of_generated_records_are_feedback_for_augment(tmp_path):
         run_stage(tmp_path, "feedback")
         outputs.append((tmp_path / "data/review/feedback.json").read_bytes())
     assert outputs[0] == outputs[1] and json.loads(outputs[0]) == {generated["content_hash"]: "made up"}
+
+
+def test_a_rounds_view_shows_its_kept_records_then_its_rejects_with_reasons():
+    from tuneline.reviewapp import pilot_views
+
+    kept = {**generated("Why rinse a paper filter?", "To remove the papery taste."), "id": "aa-kept"}
+    dropped = generated("Why rinse a filter?", "Beans beans beans.")
+    rejects = [{"kind": "record", "round": 1, "reason": "not_grounded", "reasons": ["not_grounded", "duplicate"],
+                "record": {**dropped, "id": "zz-rejected"}},
+               {"kind": "reply", "round": 1, "reason": "truncated", "reasons": ["truncated"], "raw": None}]  # fmt: skip
+    views = pilot_views([kept], rejects)
+    assert list(views) == [PILOT]
+    first, second = views[PILOT]
+    assert first["record"] == kept and "rejected" not in first["about"]
+    assert second["record"]["id"] == "zz-rejected"
+    assert "rejected by the review loop: not_grounded, duplicate" in second["about"]
