@@ -31,6 +31,13 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
+def usage(body: dict, content: str) -> dict:
+    """Token counts as the stub reports them: about 4 characters a token."""
+    prompt = sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4 + 1
+    completion = len(content) // 4 + 1
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def echo(body: dict) -> str:
     return json.dumps({"echo": body["messages"][-1]["content"][:40]})
 
@@ -50,6 +57,7 @@ class ScriptedServer:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}  # id: the batch object, plus "_created" (monotonic) while it runs
         self.batch_polls = 0
+        self.batch_http_requests = 0  # files and batches requests received
         self.latency_s = latency_s
         self.faults = list(faults or [])
         self.lock = threading.Lock()
@@ -101,6 +109,7 @@ class ScriptedServer:
 
             def do_GET(self) -> None:
                 if self.path.startswith("/v1/batches/") or self.path.startswith("/v1/files/"):
+                    time.sleep(server.latency_s)
                     return server.batch_get(self)
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode())
@@ -110,6 +119,7 @@ class ScriptedServer:
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path.startswith("/v1/files") or self.path.startswith("/v1/batches"):
+                    time.sleep(server.latency_s)
                     return server.batch_post(self, raw)
                 body = json.loads(raw or b"{}")
                 with server.lock:
@@ -139,7 +149,6 @@ class ScriptedServer:
                     self._send(200, b"<html>not json</html>")
                     return 200
                 content = server.respond(body)
-                prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []))
                 reply = {
                     "id": "chatcmpl-stub",
                     "object": "chat.completion",
@@ -149,11 +158,7 @@ class ScriptedServer:
                         {"index": 0, "finish_reason": "length" if fault == "length" else "stop",
                          "message": {"role": "assistant", "content": content}}
                     ],
-                    "usage": {
-                        "prompt_tokens": prompt_chars // 4 + 1,
-                        "completion_tokens": len(content) // 4 + 1,
-                        "total_tokens": prompt_chars // 4 + len(content) // 4 + 2,
-                    },
+                    "usage": usage(body, content),
                 }
                 self._send(200, json.dumps(reply).encode())
                 with server.lock:
@@ -165,6 +170,8 @@ class ScriptedServer:
     # --- the Batch API ---------------------------------------------------------------------
 
     def batch_post(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        with self.lock:
+            self.batch_http_requests += 1
         if handler.path.startswith("/v1/files"):
             message = email.parser.BytesParser().parsebytes(
                 b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
@@ -187,6 +194,8 @@ class ScriptedServer:
 
     def batch_get(self, handler: BaseHTTPRequestHandler) -> None:
         parts = handler.path.strip("/").split("/")
+        with self.lock:
+            self.batch_http_requests += 1
         if parts[1] == "files":
             return handler._send(200, self.files[parts[2]])
         with self.lock:
@@ -214,8 +223,7 @@ class ScriptedServer:
             completion = {"id": f"chatcmpl-b{n}", "object": "chat.completion", "created": 0, "model": line["body"]["model"],
                           "choices": [{"index": 0, "finish_reason": "stop",
                                        "message": {"role": "assistant", "content": content}}],
-                          "usage": {"prompt_tokens": 10, "completion_tokens": len(content) // 4 + 1,
-                                    "total_tokens": 11 + len(content) // 4}}
+                          "usage": usage(line["body"], content)}
             out.append({"id": f"req_{n}", "custom_id": line["custom_id"], "error": None,
                         "response": {"status_code": 200, "request_id": "r", "body": completion}})
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
