@@ -478,7 +478,8 @@ async def complete_many(
         async with client:
             await asyncio.gather(*(run_one(i) for i in missing))
         if limiter.cool_downs:
-            log.warning("%d responses were 429 (rate limited): every call paused for their Retry-After", limiter.cool_downs)
+            log.warning("%d responses were 429 (rate limited): every call paused for their Retry-After",
+                        limiter.cool_downs)
     return replies  # type: ignore[return-value]  # every slot is filled above
 
 
@@ -585,8 +586,8 @@ def _line_reply(line: dict | None, truncated_is_error: bool) -> Reply:
     if line is None:
         return Reply(None, 0, 0, 0.0, False, "the batch returned no result for this request", True)
     if response.get("status_code") != 200 or line.get("error"):
-        error = line.get("error") or (response.get("body") or {}).get("error") or {}
-        detail = error.get("message") if isinstance(error, dict) else str(error)
+        problem = line.get("error") or (response.get("body") or {}).get("error") or {}
+        detail = problem.get("message") if isinstance(problem, dict) else str(problem)
         return Reply(None, 0, 0, 0.0, False, f"batch request failed: HTTP {response.get('status_code')}: {detail}", True)
     return _reply_from(ChatCompletion.model_validate(response["body"]), 0.0, truncated_is_error, batch=True)
 
@@ -662,13 +663,15 @@ def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_compl
         return {"calls": len(rs), "prompt_tokens": prompt, "completion_tokens": completion, "cost": round(cost, 6)}
 
     fresh = [r for r in replies if not r.cached]
+    live = [r for r in fresh if not r.batch]
     return {
         **totals(replies),
         "batch_calls": sum(r.batch for r in replies),
         "cached_calls": len(replies) - len(fresh),
         "failed_calls": sum(r.error is not None for r in replies),
         "this_run": totals(fresh),
-        "mean_latency_s": round(sum(r.latency_s for r in fresh if not r.batch) / max(1, sum(not r.batch for r in fresh)), 4),
+        # batch replies have no per-call latency
+        "mean_latency_s": round(sum(r.latency_s for r in live) / len(live), 4) if live else 0.0,
     }
 
 

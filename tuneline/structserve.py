@@ -68,7 +68,8 @@ class SchemaLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.matcher is None:
-            self.matcher = llguidance.LLMatcher(grammar_tokenizer(self.model, self.eos_ids), self.grammar, log_level=0)
+            tokenizer = grammar_tokenizer(self.model, self.eos_ids)
+            self.matcher = llguidance.LLMatcher(tokenizer, self.grammar, log_level=0)
         else:
             self.matcher.consume_tokens(input_ids[0, self.consumed :].tolist())
         self.consumed = input_ids.shape[1]
@@ -103,7 +104,8 @@ class StructuredChatHandler(ChatCompletionHandler):
         if schema is not None:
             eos = model_generation_config.eos_token_id
             eos_ids = tuple(eos if isinstance(eos, list) else [eos])
-            generation_kwargs["logits_processor"] = [SchemaLogitsProcessor(body["model"], schema_grammar(schema), eos_ids)]
+            processor = SchemaLogitsProcessor(body["model"], schema_grammar(schema), eos_ids)
+            generation_kwargs["logits_processor"] = [processor]
         return generation_kwargs
 
 
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    StructuredServe(force_model=args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
+    StructuredServe(force_model=args.model, host=args.host, port=args.port, device=args.device,
+                    log_level=args.log_level)
 
 
 if __name__ == "__main__":
