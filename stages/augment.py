@@ -12,10 +12,12 @@ Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | d
         base.cache_dir/llm/ (one file per answered call; a rerun repeats no answered call),
         base.metrics_dir/augment.json (counts per source and round, rejects by reason, tokens, cost)
 Run:    python -m stages.augment
-        augment.base_url "local" starts `transformers serve` on 127.0.0.1 for augment.model and
-        stops it afterwards. Against a hosted API or a vLLM server:
+        augment.base_url "local" starts `transformers serve` with structured outputs
+        (tuneline.structserve) on 127.0.0.1 for augment.model and stops it afterwards.
+        Against a hosted API or a vLLM server:
         dvc exp run -S augment.base_url=https://api.openai.com/v1 -S augment.model=gpt-4o-mini
-        with the key in the environment variable named by augment.api_key_env.
+        with the key in the environment variable named by augment.api_key_env; add
+        -S augment.batch=true to send each step's calls as one OpenAI batch (docs/generation.md).
 """
 
 from __future__ import annotations
