@@ -189,6 +189,20 @@ def win_rate(rows: list[dict], seed: int) -> tuple[float, dict[str, float]]:
     return round(float(points.mean()), 6), percentile_interval(points[resample_indexes(len(rows), seed)].mean(1))
 
 
+def preflight(j, key: str) -> None:
+    """GET /models of the judge `j` (the params section `key`) at stage start, before minutes of answer
+    generation: a dead or wrong endpoint fails the stage within seconds, naming `key`.base_url. The
+    "local" judge is checked as its server starts."""
+    if j.base_url == "local":
+        return
+    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=None,
+                            max_tokens=None, concurrency=1, requests_per_minute=60, max_retries=0, timeout_s=j.timeout_s)
+    try:
+        llm.preflight(endpoint, f"{key}.base_url")
+    except RuntimeError as err:
+        raise SystemExit(f"{key}: {err}") from None
+
+
 def run(j, key: str, records: list[dict], first: list[str], second: list[str], cache_dir: str | Path,
         seed: int) -> tuple[dict, list[dict], list[Reply]]:
     """judge() of `first` against `second` with the judge settings `j` (the params section named
