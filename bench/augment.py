@@ -60,8 +60,8 @@ def run(p, base_url: str, cache_dir: Path, records: int, concurrency: int) -> di
     endpoint = augment.endpoint(p, base_url)
     templates = augment.load_templates(ROOT / p.prompts_dir)
 
-    def call(requests: list[list[dict]], seed: int) -> list[llm.Reply]:
-        return llm.complete_many_sync(endpoint, requests, cache_dir, seed, p.json_mode)
+    def call(requests: list[list[dict]], seed: int, formats: list[dict | None]) -> list[llm.Reply]:
+        return llm.complete_many_sync(endpoint, requests, cache_dir, seed, formats)
 
     started = time.perf_counter()
     result = augment.run_rounds(p, [], chunks(), [], templates, call, seed=42)

@@ -12,14 +12,17 @@ Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | d
         base.cache_dir/llm/ (one file per answered call; a rerun repeats no answered call),
         base.metrics_dir/augment.json (counts per source and round, rejects by reason, tokens, cost)
 Run:    python -m stages.augment
-        augment.base_url "local" starts `transformers serve` on 127.0.0.1 for augment.model and
-        stops it afterwards. Against a hosted API or a vLLM server:
+        augment.base_url "local" starts `transformers serve` with structured outputs
+        (tuneline.structserve) on 127.0.0.1 for augment.model and stops it afterwards.
+        Against a hosted API or a vLLM server:
         dvc exp run -S augment.base_url=https://api.openai.com/v1 -S augment.model=gpt-4o-mini
-        with the key in the environment variable named by augment.api_key_env.
+        with the key in the environment variable named by augment.api_key_env; add
+        -S augment.batch=true to send each step's calls as one OpenAI batch (docs/generation.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,19 +54,31 @@ def main() -> None:
     # The request names a local model only by its path: its files join the cache key.
     salt = llm.model_fingerprint(p.model) if Path(p.model).is_dir() else ""
 
+    if p.batch and p.base_url == "local":
+        raise params.ParamsError("augment.batch: true needs an endpoint with the OpenAI Batch API (files and batches); "
+                                 "augment.base_url local is `transformers serve`, which has none: set augment.batch: false")
+
     with ExitStack() as server:
         # The server (or the remote URL) is needed only once a call is missing from the
-        # cache: a fully cached rerun starts no `transformers serve`.
+        # cache: a fully cached rerun starts no server and sends nothing.
         endpoint = augment.endpoint(p, p.base_url)
         started = False
 
-        def call(requests: list[list[dict]], seed: int) -> list[llm.Reply]:
+        def call(requests: list[list[dict]], seed: int, formats: list[dict | None]) -> list[llm.Reply]:
             nonlocal endpoint, started
-            if not started and llm.uncached(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt):
-                endpoint = augment.endpoint(p, server.enter_context(endpoint_url(p.base_url, p.model)))
+            if not started and llm.uncached(endpoint, requests, cache_dir, seed, formats, cache_salt=salt):
+                if p.base_url == "local":
+                    url = server.enter_context(endpoint_url(p.base_url, p.model))
+                    endpoint = dataclasses.replace(augment.endpoint(p, url), key_url="local")
+                else:
+                    llm.preflight(endpoint, "augment.base_url")
                 started = True
-            replies = llm.complete_many_sync(endpoint, requests, cache_dir, seed, p.json_mode, cache_salt=salt,
-                                             truncated_is_error=True)
+            if p.batch:
+                replies = llm.complete_batch(endpoint, requests, cache_dir, seed, formats, cache_salt=salt,
+                                             truncated_is_error=True, poll_s=p.batch_poll_s, rerun="rerun `dvc repro augment`")
+            else:
+                replies = llm.complete_many_sync(endpoint, requests, cache_dir, seed, formats, cache_salt=salt,
+                                                 truncated_is_error=True)
             log.info("%d calls (%d cached, %d failed)", len(replies), sum(r.cached for r in replies),
                      sum(r.error is not None for r in replies))  # fmt: skip
             return replies
@@ -90,7 +105,7 @@ def main() -> None:
         **augment.summary(passthrough, result),
         "model": p.model,
         "chunks": len(chunks),
-        "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok),
+        "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok, p.batch_price_factor),
     }
     timings.write_metrics(Path(base.metrics_dir) / "augment.json", metrics, base.metrics_dir, "augment")
     if result.replies and len(failed) > p.max_failed_fraction * len(result.replies):
@@ -100,6 +115,8 @@ def main() -> None:
             f"augment.max_failed_fraction {p.max_failed_fraction}; first error: {failed[0].error}. They are listed "
             f"under failed_calls in {base.metrics_dir}/augment.json; rerun the stage to ask only them again"
         )
+    if metrics["rounds"]:
+        print(augment.pilot_line(metrics["rounds"][0], result.rejects))
     human = sum(r["human_rejected"] for r in metrics["rounds"])
     print(
         f"augment: {metrics['records']} records ({metrics['records_by_source']}); generated {metrics['generated']}, "

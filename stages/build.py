@@ -42,7 +42,7 @@ def main() -> None:
     if twice:
         raise InputError(f"{source}: {len(twice)} ids occur more than once, first {twice[0]}; rerun the clean stage")
 
-    train, val, test = split(kept, p.val_fraction, p.test_fraction, base.seed)
+    train, val, test = split(kept, p.val_fraction, p.test_fraction, base.seed, p.generated_in_test)
     files = {}
     for name, part in (("train", train), ("val", val), ("test", test)):
         files[name] = f"{name}.json"
@@ -61,6 +61,7 @@ def main() -> None:
         "train": len(train),
         "val": len(val),
         "test": len(test),
+        "generated_in_test": p.generated_in_test,
         "split_by_source": split_by_source({"train": train, "val": val, "test": test}),
         "with_system": sum(1 for r in kept if r["system"]),
         "with_history": sum(1 for r in kept if r["history"]),

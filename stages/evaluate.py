@@ -105,6 +105,8 @@ def main() -> None:
     metrics_dir = Path(base.metrics_dir)
     judge_dir = Path(base.cache_dir) / "judge"
     judge_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when the judge is off
+    if p.judge.enabled and selected["kind"] != "api":
+        judge.preflight(p.judge, "evaluate.judge")
     if selected["kind"] == "api":
         print(f"evaluate: skipped, the chosen model {selected['name']} is an API model used as is (see select_table.md)")
         write_json(metrics_dir / "eval.json", {"skipped": 1})

@@ -57,6 +57,10 @@ def main(name: str) -> None:
     if name not in p.candidates:
         raise SystemExit(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]
+    if p.judge.enabled:
+        from tuneline import judge
+
+        judge.preflight(p.judge, "select.judge")
     records = read_json(Path(base.alpaca_dir) / "val.json")
     cache_dir = Path(base.cache_dir) / "select" / name
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -247,7 +247,10 @@ def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
     _, _, metrics = outputs(project)
     assert metrics["llm"]["calls"] == requests == metrics["llm"]["this_run"]["calls"]
     assert metrics["llm"]["prompt_tokens"] > 0 and metrics["llm"]["completion_tokens"] > 0
-    assert all(b["seed"] is not None and b["response_format"] == {"type": "json_object"} for b in bodies)
+    assert all(b["seed"] is not None and b["response_format"]["type"] == "json_schema" for b in bodies)
+    # Each call carries the schema of the JSON its step parses (augment.structured: json_schema).
+    schemas = {next(iter(b["response_format"]["json_schema"]["schema"]["properties"])) for b in bodies}
+    assert schemas == {"questions", "answer", "pairs"}
     files = [p for p in project.rglob("*") if p.is_file()]
     assert any("cache/llm" in str(p) for p in files)
     for path in files:
@@ -266,17 +269,13 @@ def test_second_run_makes_no_request_and_writes_the_same(first_run, stub):
     assert outputs(project)[2]["llm"]["this_run"]["calls"] == 0
 
 
-def test_fully_cached_rerun_starts_no_local_server(first_run, tmp_path):
-    # base_url "local" with a model that is no model directory: starting `transformers serve`
-    # would fail, so the stage can only succeed if every answer comes from the cache.
+def test_replies_of_a_loopback_url_are_not_reused_for_another_endpoint(first_run, tmp_path):
+    # The first run's replies came from a server on one loopback port. "local" (the server the stage
+    # starts for a model directory) is another endpoint: with those replies in the cache, the stage still
+    # has to start its server, which fails here because 'stub' is no model directory.
     project = make_project(tmp_path / "local", "local")
     shutil.copytree(first_run[0] / "cache", project / "cache")
-    run_stage(project)
-    assert "calls (" in stage_log(project)  # the log file is written: the next line could fail
-    assert "started `transformers serve" not in stage_log(project)
-    assert outputs(project)[:2] == outputs(first_run[0])[:2]
-
-    (project / "prompts/retry.txt").write_text("Try again ({{ reason }}).")
+    result = subprocess.run([sys.executable, "-m", "stages.feedback"], cwd=project, env=stage_env(), capture_output=True)
     result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 1 and "augment: augment.model 'stub' is not a local model directory" in result.stderr
@@ -319,31 +318,66 @@ def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
     assert outputs(killed)[1] == outputs(whole)[1]
 
 
+def test_batch_stage_killed_while_polling_resumes_the_recorded_batch(first_run, tmp_path):
+    with ScriptedServer(respond=respond, batch_delay_s=1.0) as server:
+        project = make_project(tmp_path / "batch", server.base_url, batch=True, batch_poll_s=0.1)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not list((project / "cache/llm/batches").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # killed while its first batch runs
+        proc.wait()
+        assert len(server.batches) == 1
+
+        run_stage(project)
+        submitted = server.batch_requests()
+        # The rerun polled the recorded batch instead of submitting it again: no request is in two batches.
+        assert len(submitted) > 1 and sum(map(len, submitted)) == len({k for ids in submitted for k in ids})
+        assert server.requests == 0  # no live call: every reply came through the Batch API
+        records, rejects, metrics = outputs(project)
+        assert metrics["llm"]["batch_calls"] == metrics["llm"]["calls"] == sum(map(len, submitted))
+        # Same requests, seeds and replies as the live run: the same records and rejects.
+        assert records == outputs(first_run[0])[0]
+        assert [r["reasons"] for r in rejects] == [r["reasons"] for r in outputs(first_run[0])[1]]
+
+        run_stage(project)  # fully cached: nothing submitted
+        assert len(server.batch_requests()) == len(submitted)
+
+
+def test_batch_with_the_local_server_is_refused_naming_the_key(tmp_path):
+    project = make_project(tmp_path / "local", "local", batch=True)
+    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
+
+
 # --- the real server ----------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_stage_with_transformers_serve_counts_every_reject(tmp_path, tiny_model_dir):
-    model = tiny_model_dir  # built like the `models` stage builds the default model
-    project = make_project(tmp_path / "project", "local", model=str(model), max_tokens=16, rounds=1,
-                           pilot_size=2, per_call=2)  # fmt: skip
+def test_stage_with_the_local_server_writes_records_under_the_schema(tmp_path, tiny_model_dir):
+    model = tiny_model_dir  # built like the `models` stage builds the default model, with random weights
+    project = make_project(tmp_path / "project", "local", model=str(model), max_tokens=512, rounds=1,
+                           pilot_size=2, per_call=2, max_question_chars=40, max_answer_chars=60)  # fmt: skip
     run_stage(project)
     records, rejects, metrics = outputs(project)
-    # A random-weight model writes no usable JSON: every reply is rejected, none hidden,
-    # and the pass-through records still flow.
     assert "started `transformers serve" in stage_log(project)
     assert subprocess.run(["pgrep", "-f", f"serve.*{model}"], capture_output=True).returncode == 1
-    assert metrics["records_by_source"] == {"crawl": 1, "dataset": 1, "seed": 5}
-    assert metrics["accepted"] == 0 and len(records) == 7
-    assert metrics["failed_replies"] == len(rejects) == 2  # one expand call, one grounded call
+    assert metrics["records_by_source"]["seed"] == 5
+    # Decoded under the JSON schema, even a random-weight model's replies parse: every generated record
+    # is accepted or rejected with its reasons, and no reply fails as invalid JSON.
+    assert metrics["generated"] >= 2 and metrics["accepted"] + metrics["rejected_records"] == metrics["generated"]
+    assert not {"invalid_json", "invalid_schema"} & set(metrics["failed_replies_by_reason"])
     for reject in rejects:
-        assert reject["reason"] in ("invalid_json", "invalid_schema", "empty_reply", "truncated")
-        assert (reject["raw"] is None) == (reject["reason"] in ("empty_reply", "truncated"))
-    assert metrics["llm"]["calls"] >= 2 and metrics["llm"]["prompt_tokens"] > 0
-    # Empty and truncated replies are never cached (the next run asks again); every other reply is.
-    cached = len(list((project / "cache/llm").rglob("*.json")))
-    by_reason = metrics["failed_replies_by_reason"]
-    assert cached == metrics["llm"]["calls"] - by_reason.get("empty_reply", 0) - by_reason.get("truncated", 0)
+        assert reject["reasons"], reject
+    generated = [r for r in records if r["source"] == "generated"]
+    assert all(len(r["instruction"]) <= 40 and len(r["output"]) <= 60 for r in generated)  # the schema bounds them
+    # A fully cached rerun starts no server and sends nothing.
+    (project / "metrics/logs/augment.log").unlink()
+    run_stage(project)
+    assert "started `transformers serve" not in stage_log(project)
+    assert outputs(project)[2]["llm"]["this_run"]["calls"] == 0
 
 
 # --- the pure parts -----------------------------------------------------------------------

@@ -150,3 +150,14 @@ def test_zero_records_reaching_build_names_the_stage_that_emptied_them(tmp_path,
     proc = run_build(tmp_path, records, rejects)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generated_records_stay_out_of_test_unless_asked():
+    records = [{"id": f"g{i:03d}", "source": "generated"} for i in range(200)] + \
+              [{"id": f"s{i:03d}", "source": "seed"} for i in range(200)]  # fmt: skip
+    train, val, test = split(records, 0.15, 0.15, seed=1, generated_in_test=False)
+    assert test and all(r["source"] == "seed" for r in test)
+    together, val_together, test_together = split(records, 0.15, 0.15, seed=1, generated_in_test=True)
+    moved = [r for r in test_together if r["source"] == "generated"]
+    assert moved and all(r in train for r in moved)  # a generated test draw goes to train instead
+    assert val == val_together and len(train) == len(together) + len(moved)

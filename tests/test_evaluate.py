@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.evaluate import compare, samples_table
 from tuneline.records import read_json, read_jsonl, write_json
@@ -198,3 +204,23 @@ def test_evaluate_with_the_judge_on_adds_its_rates_to_eval_json(tuned_project, t
     assert "judge" not in result["seen"]
     assert [r["outcome"] for r in read_jsonl(project / "metrics" / "eval" / "judge.jsonl")] == ["tie"] * 4
     assert read_jsonl(tuned_project / "metrics" / "eval" / "judge.jsonl") == []  # judge off: nothing judged
+
+
+@pytest.mark.parametrize("stage, section", [("evaluate", "evaluate"), ("select", "select")])
+def test_a_dead_judge_endpoint_fails_the_stage_at_its_start_naming_the_key(tmp_path, stage, section):
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        params[section]["judge"].update(enabled=True, base_url=dead, model="judge", verdict="json")
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for folder in ("prompts", "configs"):  # what the params name and check at load
+            shutil.copytree(root / folder, tmp_path / folder)
+        # No model and no data in this project: a stage that got past its preflight would fail on those instead.
+        write_json(tmp_path / params["base"]["tuning_base"], {"kind": "local", "name": "tiny_qwen", "model": "missing"})
+        args = [sys.executable, "-m", f"stages.{stage}"] + (["tiny_qwen"] if stage == "select" else [])
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert result.returncode != 0
+    assert f"{section}.judge: {section}.judge.base_url '{dead}' did not answer GET /models" in result.stderr, result.stderr

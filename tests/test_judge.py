@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -34,8 +36,8 @@ def run(server: ScriptedServer, cache_dir, retries: int = 1) -> tuple[dict, list
     endpoint = Endpoint(base_url=server.base_url, model="judge", api_key_env="TUNELINE_TEST_NO_KEY", temperature=0.0,
                         max_tokens=32, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10)
     template, retry = load_prompt(ROOT / "prompts" / "judge.txt", "p"), load_prompt(ROOT / "prompts" / "retry.txt", "r")
-    with lazy_caller(endpoint, cache_dir, json_mode=True) as call:
-        summary, rows, _ = judge(call, template, retry, RECORDS, TUNED, BASE, retries, seed=42)
+    with lazy_caller(endpoint, cache_dir) as call:
+        summary, rows, _ = judge(lambda requests, seed: call(requests, seed, {"type": "json_object"}), template, retry, RECORDS, TUNED, BASE, retries, seed=42)
     return summary, rows
 
 
@@ -104,7 +106,14 @@ def label_judge(base_url: str, model: str) -> SimpleNamespace:
     """evaluate.judge's keys, with label verdicts."""
     return SimpleNamespace(base_url=base_url, model=model, api_key_env="TUNELINE_TEST_NO_KEY", verdict="label",
                            prompt=str(ROOT / "prompts" / "judge_label.txt"), retry_prompt=str(ROOT / "prompts" / "retry.txt"),
-                           max_tokens=32, reply_retries=1, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10)
+                           max_tokens=32, reply_retries=1, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10,
+                           structured="json_schema", max_failed_fraction=0.1)
+
+
+def json_judge(base_url: str, **overrides) -> SimpleNamespace:
+    """evaluate.judge's keys, with json verdicts from an API judge."""
+    return SimpleNamespace(**{**vars(label_judge(base_url, "judge")), "verdict": "json",
+                              "prompt": str(ROOT / "prompts" / "judge.txt"), **overrides})
 
 
 def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tmp_path, tiny_model_dir):
@@ -137,3 +146,32 @@ def test_label_verdicts_need_a_local_judge_whose_labels_are_single_tokens(tmp_pa
     assert judge_module.parse_label(" B\n") == "B" and judge_module.parse_label("C") == "tie"
     with pytest.raises(judge_module.ReplyError):
         judge_module.parse_label("Answer A")
+
+
+def test_json_verdicts_send_the_verdict_schema(tmp_path):
+    with ScriptedServer(respond=prefers_tuned) as server:
+        summary, _, _ = judge_module.run(json_judge(server.base_url), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42)
+        formats = [b["response_format"] for b in server.bodies()]
+    assert summary["win"] == 1.0
+    assert all(f["type"] == "json_schema" and f["json_schema"]["schema"] == judge_module.VERDICT_SCHEMA for f in formats)
+
+
+def test_a_dead_judge_endpoint_fails_the_stage_within_seconds_naming_the_key(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        started = time.monotonic()
+        with pytest.raises(SystemExit, match=r"evaluate\.judge: evaluate\.judge\.base_url .*did not answer GET /models"):
+            judge_module.run(json_judge(dead, max_retries=3), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42)
+    assert time.monotonic() - started < 10
+
+
+def test_more_failed_judge_calls_than_allowed_fail_naming_base_url(tmp_path):
+    # The server is up (GET /models answers) but every verdict call fails: no "unparsed 1.00" exit 0.
+    with ScriptedServer(faults=["500"] * 6) as server:
+        with pytest.raises(SystemExit, match=r"select\.judge: 6 of 6 judge calls failed.*select\.judge\.max_failed_fraction "
+                                             r"0\.1.*Check select\.judge\.base_url \('http://127\.0\.0\.1"):
+            judge_module.run(json_judge(server.base_url), "select.judge", RECORDS, TUNED, BASE, tmp_path, 42)
+    with ScriptedServer(respond=prefers_tuned, faults=["500"]) as server:  # one of six: within 0.2
+        judge_module.run(json_judge(server.base_url, max_failed_fraction=0.2), "select.judge", RECORDS, TUNED, BASE,
+                         tmp_path / "again", 42)

@@ -350,3 +350,19 @@ def test_changed_text_with_accept_or_reject_is_refused_not_dropped():
     with pytest.raises(ValueError, match="you changed instruction but chose reject"):
         make_decision(record, "reject", "me", "off topic", edits={"instruction": "q2", "output": "old"})
     assert make_decision(record, "accept", "me", edits={"instruction": "q", "output": "old"})["action"] == "accept"
+
+
+def test_a_rounds_view_shows_its_kept_records_then_its_rejects_with_reasons():
+    from tuneline.reviewapp import pilot_views
+
+    kept = {**generated("Why rinse a paper filter?", "To remove the papery taste."), "id": "aa-kept"}
+    dropped = generated("Why rinse a filter?", "Beans beans beans.")
+    rejects = [{"kind": "record", "round": 1, "reason": "not_grounded", "reasons": ["not_grounded", "duplicate"],
+                "record": {**dropped, "id": "zz-rejected"}},
+               {"kind": "reply", "round": 1, "reason": "truncated", "reasons": ["truncated"], "raw": None}]  # fmt: skip
+    views = pilot_views([kept], rejects)
+    assert list(views) == [PILOT]
+    first, second = views[PILOT]
+    assert first["record"] == kept and "rejected" not in first["about"]
+    assert second["record"]["id"] == "zz-rejected"
+    assert "rejected by the review loop: not_grounded, duplicate" in second["about"]

@@ -131,7 +131,8 @@ def hosted_or_judge(body: dict) -> str:
 def judge_params(server_url: str) -> dict:
     return {"enabled": True, "base_url": server_url, "model": "judge", "api_key_env": "TUNELINE_TEST_NO_KEY", "verdict": "json",
             "prompt": str(ROOT / "prompts" / "select_judge.txt"), "retry_prompt": str(ROOT / "prompts" / "retry.txt"),
-            "max_tokens": 32, "reply_retries": 1, "concurrency": 4, "requests_per_minute": 6000, "max_retries": 0, "timeout_s": 10}
+            "max_tokens": 32, "reply_retries": 1, "concurrency": 4, "requests_per_minute": 6000, "max_retries": 0, "timeout_s": 10,
+            "structured": "json_schema", "max_failed_fraction": 0.1}
 
 
 def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_asks_nothing(tmp_path, monkeypatch,

@@ -88,8 +88,11 @@ def split_of(record: dict, val_fraction: float, test_fraction: float, seed: int)
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
+def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int,
+          generated_in_test: bool = True) -> tuple[list, list, list]:  # fmt: skip
     """A train/val/test split that never moves: each record's split is `split_of` its identity.
+    Without `generated_in_test`, a generated record (source: generated) drawn for test goes to train:
+    the test split then scores the model on human-written and crawled records only.
 
     Records are stratified by `source` in expectation: every source's records are assigned by
     the same fractions, independently, and build.json reports the counts per source and split.
@@ -97,7 +100,10 @@ def split(records: list[dict], val_fraction: float, test_fraction: float, seed: 
     """
     parts: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for record in sorted(records, key=lambda r: r["id"]):
-        parts[split_of(record, val_fraction, test_fraction, seed)].append(record)
+        name = split_of(record, val_fraction, test_fraction, seed)
+        if name == "test" and not generated_in_test and record.get("source") == "generated":
+            name = "train"
+        parts[name].append(record)
     return parts["train"], parts["val"], parts["test"]
 
 

@@ -39,6 +39,7 @@ def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dic
             base_url=url, model=cand.model, api_key_env=cand.api_key_env or "OPENAI_API_KEY",
             temperature=0.0, max_tokens=p.max_new_tokens, concurrency=cand.concurrency,
             requests_per_minute=cand.requests_per_minute, max_retries=cand.max_retries, timeout_s=cand.timeout_s,
+            key_url="local" if cand.base_url == "local" else "",  # the started server's port changes every run
         )
         replies = complete_many_sync(endpoint, prompts(sample, shots), cache_dir, seed)
     failed = [r.error for r in replies if r.error is not None]

@@ -37,7 +37,8 @@ from tuneline.records import InputError, content_hash, iter_numbered_jsonl, text
 from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
-Call = Callable[[list[list[dict]], int], list[Reply]]
+# call(requests, seed, response formats) -> one reply per request
+Call = Callable[[list[list[dict]], int, list[dict | None]], list[Reply]]
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -222,6 +223,34 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 PARSERS: dict[str, Callable[[str], Any]] = {"questions": parse_questions, "answer": parse_answer, "pairs": parse_pairs}
 
 
+def _text(min_chars: int, max_chars: int) -> dict:
+    return {"type": "string", "minLength": min_chars, "maxLength": max_chars}
+
+
+def _closed(properties: dict) -> dict:
+    # OpenAI's strict mode needs every property required and no others allowed.
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def reply_schema(kind: str, n: int, p: Augment) -> dict:
+    """The JSON schema of a reply of `kind` (questions | answer | pairs) asking for `n` items: what the
+    parser reads, with bounded lengths and counts, so a reply decoded under it ends before max_tokens."""
+    question, answer = _text(10, p.max_question_chars), _text(10, p.max_answer_chars)
+    if kind == "questions":
+        return _closed({"questions": {"type": "array", "items": question, "minItems": 1, "maxItems": n}})
+    if kind == "answer":
+        return _closed({"answer": answer})
+    pair = _closed({"question": question, "answer": answer})
+    return _closed({"pairs": {"type": "array", "items": pair, "minItems": 1, "maxItems": n}})
+
+
+def response_format(structured: str, name: str, schema: dict) -> dict | None:
+    """The response_format of a call: json_schema (strict, with `schema`), json_object, or None (none)."""
+    if structured == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    return {"type": "json_object"} if structured == "json_object" else None
+
+
 # --- review -------------------------------------------------------------------------------
 
 
@@ -313,6 +342,7 @@ class Task:
     generator: str  # expand | grounded
     messages: list[dict]
     context: dict
+    response_format: dict | None = None
 
 
 @dataclass
@@ -370,7 +400,7 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
     for attempt in range(1, retries + 2):
         if not pending:
             break
-        got = call([conversations[i] for i in pending], seed)
+        got = call([conversations[i] for i in pending], seed, [tasks[i].response_format for i in pending])
         replies += got
         retry = []
         for i, reply in zip(pending, got):
@@ -428,17 +458,20 @@ def expand_tasks(seeds_by_category: dict[str, list[dict]], sizes: list[int], fir
         rng = random.Random(step_seed(seed, "expand", g))
         examples = _examples(rng.sample(pool, min(p.few_shot_k, len(pool))))
         text = templates["expand"].render(examples=examples, category=category, n=n, mistakes=mistakes)
-        tasks.append(Task("questions", "expand", [user(text)], {"examples": examples, "category": category}))
+        fmt = response_format(p.structured, "questions", reply_schema("questions", n, p))
+        tasks.append(Task("questions", "expand", [user(text)], {"examples": examples, "category": category}, fmt))
     return tasks
 
 
-def grounded_tasks(chunks: list[Chunk], sizes: list[int], first: int, templates: dict, mistakes: list[dict]) -> list[Task]:
+def grounded_tasks(chunks: list[Chunk], sizes: list[int], first: int, p: Augment, templates: dict,
+                   mistakes: list[dict]) -> list[Task]:  # fmt: skip
     """Grounded tasks; call g (counted over the whole run) uses chunk g mod #chunks."""
     tasks = []
     for j, n in enumerate(sizes):
         chunk = chunks[(first + j) % len(chunks)]
         text = templates["grounded"].render(chunk=chunk.text, url=chunk.url, title=chunk.title, n=n, mistakes=mistakes)
-        tasks.append(Task("pairs", "grounded", [user(text)], {"chunk": chunk}))
+        fmt = response_format(p.structured, "pairs", reply_schema("pairs", n, p))
+        tasks.append(Task("pairs", "grounded", [user(text)], {"chunk": chunk}, fmt))
     return tasks
 
 
@@ -483,7 +516,7 @@ def run_rounds(
         if "expand" in generators:
             tasks += expand_tasks(seeds_by_category, sizes, calls_so_far["expand"], p, templates, mistakes["expand"], seed)
         if "grounded" in generators:
-            tasks += grounded_tasks(chunks, sizes, calls_so_far["grounded"], templates, mistakes["grounded"])
+            tasks += grounded_tasks(chunks, sizes, calls_so_far["grounded"], p, templates, mistakes["grounded"])
         calls_so_far.update({g: len(sizes) for g in generators})
         log.asked = sum(sizes) * len(generators)
 
@@ -511,7 +544,8 @@ def run_rounds(
                 asked.add(normalize(question))
                 text = templates["answer"].render(examples=task.context["examples"], question=question,
                                                   mistakes=mistakes["expand"])  # fmt: skip
-                answer_tasks.append(Task("answer", "expand", [user(text)], {**task.context, "question": question}))
+                fmt = response_format(p.structured, "answer", reply_schema("answer", 1, p))
+                answer_tasks.append(Task("answer", "expand", [user(text)], {**task.context, "question": question}, fmt))
         answers, answer_rejects, got = ask(answer_tasks, call, templates, p.reply_retries,
                                            step_seed(seed, round_no, "answer"), log)  # fmt: skip
         replies += got
@@ -563,6 +597,7 @@ def endpoint(p: Augment, base_url: str) -> Endpoint:
         requests_per_minute=p.requests_per_minute,
         max_retries=p.max_retries,
         timeout_s=p.timeout_s,
+        tokens_per_minute=p.tokens_per_minute,
     )
 
 
@@ -587,3 +622,12 @@ def summary(passthrough: list[dict], result: AugmentResult) -> dict:
         ],
         "rounds": result.rounds,
     }
+
+
+def pilot_line(pilot: dict, rejects: list[dict], top: int = 3) -> str:
+    """One line on the pilot round (round 1): asked, generated, accepted, rejected, and the top reasons."""
+    reasons = Counter(r["reason"] for r in rejects if r["round"] == pilot["round"])
+    listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(top)) or "none"
+    return (f"augment: pilot round: asked {pilot['asked']}, generated {pilot['generated']}, accepted {pilot['accepted']}, "
+            f"rejected {pilot['rejected']} records and {pilot['failed_replies']} replies; top reasons: {listed} "
+            "(all in rejects.jsonl; `tuneline review` shows the round)")

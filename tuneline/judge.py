@@ -55,6 +55,29 @@ def pair_messages(template: jinja2.Template, record: dict, answer_a: str, answer
     return [{"role": "user", "content": text.strip()}]
 
 
+# The json verdict's schema, sent as response_format json_schema (the judge's `structured`).
+VERDICT_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}},
+                  "required": ["winner"], "additionalProperties": False}
+
+
+def verdict_format(structured: str) -> dict | None:
+    """The response_format of a json verdict call: json_schema with VERDICT_SCHEMA, json_object, or None."""
+    if structured == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": True}}
+    return {"type": "json_object"} if structured == "json_object" else None
+
+
+def failed_calls_check(replies: list[Reply], max_failed_fraction: float, key: str, base_url: str) -> None:
+    """SystemExit when more than `max_failed_fraction` of the judge's calls failed after retries: a dead
+    or wrong endpoint must not pass as a run of "unparsed" verdicts. Names `key`.base_url, the fix."""
+    failed = [r for r in replies if r.error is not None]
+    if replies and len(failed) > max_failed_fraction * len(replies):
+        raise SystemExit(f"{key}: {len(failed)} of {len(replies)} judge calls failed after retries, more than "
+                         f"{key}.max_failed_fraction {max_failed_fraction}; first error: {failed[0].error}. Check "
+                         f"{key}.base_url ({base_url!r}), {key}.model and the key in {key}.api_key_env; "
+                         "a rerun asks only the failed calls again")
+
+
 # The label verdict's tokens: C is a tie.
 LABELS = {"A": "A", "B": "B", "C": "tie"}
 
@@ -166,6 +189,20 @@ def win_rate(rows: list[dict], seed: int) -> tuple[float, dict[str, float]]:
     return round(float(points.mean()), 6), percentile_interval(points[resample_indexes(len(rows), seed)].mean(1))
 
 
+def preflight(j, key: str) -> None:
+    """GET /models of the judge `j` (the params section `key`) at stage start, before minutes of answer
+    generation: a dead or wrong endpoint fails the stage within seconds, naming `key`.base_url. The
+    "local" judge is checked as its server starts."""
+    if j.base_url == "local":
+        return
+    endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=None,
+                            max_tokens=None, concurrency=1, requests_per_minute=60, max_retries=0, timeout_s=j.timeout_s)
+    try:
+        llm.preflight(endpoint, f"{key}.base_url")
+    except RuntimeError as err:
+        raise SystemExit(f"{key}: {err}") from None
+
+
 def run(j, key: str, records: list[dict], first: list[str], second: list[str], cache_dir: str | Path,
         seed: int) -> tuple[dict, list[dict], list[Reply]]:
     """judge() of `first` against `second` with the judge settings `j` (the params section named
@@ -183,9 +220,14 @@ def run(j, key: str, records: list[dict], first: list[str], second: list[str], c
     salt = llm.model_fingerprint(j.model) if local else ""
     template = load_prompt(j.prompt, f"{key}.prompt")
     retry = load_prompt(j.retry_prompt, f"{key}.retry_prompt")
-    with llm.lazy_caller(endpoint, cache_dir, json_mode=not label, cache_salt=salt) as call:
-        summary, rows, replies = judge(call, template, retry, records, first, second, j.reply_retries, seed,
-                                       parse_label if label else parse_verdict)
+    fmt = None if label else verdict_format(j.structured)
+    try:
+        with llm.lazy_caller(endpoint, cache_dir, cache_salt=salt, preflight_key=f"{key}.base_url") as call:
+            summary, rows, replies = judge(lambda requests, s: call(requests, s, fmt), template, retry, records, first,
+                                           second, j.reply_retries, seed, parse_label if label else parse_verdict)
+    except RuntimeError as err:  # the preflight's GET /models, or a local server that would not start
+        raise SystemExit(f"{key}: {err}") from None
+    failed_calls_check(replies, j.max_failed_fraction, key, j.base_url)
     usage = llm.ledger(replies)
     print(f"{key.split('.')[0]}: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, "
           f"{usage['failed_calls']} failed)")

@@ -4,7 +4,13 @@ OpenAI-compatible endpoint, with a per-call reply cache.
 - Retries with exponential backoff and jitter on 408/409/429/5xx, connection errors and
   timeouts, honouring `Retry-After`, are the openai client's own (`max_retries`).
 - Concurrency is bounded by a semaphore; a requests-per-minute limit spaces every HTTP
-  attempt (retries included) through an httpx event hook.
+  attempt (retries included) through an httpx event hook, and a tokens-per-minute budget
+  (prompt estimate + max_tokens, corrected by the reply's usage) holds calls back until the
+  last minute's tokens leave room. A 429 pauses every call of the run for its Retry-After
+  (one shared cool-down), not only the one that got it.
+- `response_format` is sent per request: json_schema (with the reply's schema; OpenAI strict
+  mode, vLLM and SGLang guided decoding, `tuneline.structserve` locally), json_object, or none.
+- `complete_batch` sends the uncached requests through the OpenAI Batch API instead (see there).
 - Every answered call is written to `cache_dir` as soon as its reply arrives, one small file
   per key, by atomic rename: a rerun, or a run after a crash or Ctrl-C, repeats no answered
   call. A failed or empty reply is never cached, so the next run asks again.
@@ -17,6 +23,7 @@ OpenAI-compatible endpoint, with a per-call reply cache.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import ipaddress
 import json
@@ -64,6 +71,10 @@ class Endpoint:
     # OpenAI's logit_bias ({token id: -100..100}), sent when set; transformers serve honours it too.
     # The LLM judge's label verdicts use it to let only the label tokens win.
     logit_bias: dict[str, float] | None = None
+    tokens_per_minute: int | None = None  # None: no token budget
+    # The base_url the cache key names when requests go elsewhere: "local" for the server a stage
+    # starts on a new port each run (its replies are told apart by the model's fingerprint).
+    key_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class Reply:
     latency_s: float
     cached: bool
     error: str | None
+    batch: bool = False  # answered through the Batch API (priced at the batch rate)
 
 
 def request_seed(seed: int, messages: list[dict], occurrence: int = 0) -> int:
@@ -89,11 +101,11 @@ def request_seed(seed: int, messages: list[dict], occurrence: int = 0) -> int:
 
 def normalise_base_url(base_url: str) -> str:
     """The endpoint as it enters cache keys: scheme, lower-case host, port only when not the
-    default, path without a trailing slash. Every loopback server (and "local", the server the
-    stage starts, on a new port each run) is "loopback": what it serves is told apart by the
-    model name and, for a local model directory, the fingerprint of its files."""
-    if base_url == "local" or is_loopback(base_url):
-        return "loopback"
+    default, path without a trailing slash. Loopback servers are named by their port like any
+    other (two servers on two ports may serve different weights under one name); "local", the
+    server a stage starts on a new port each run, is "local", told apart by the model's fingerprint."""
+    if base_url == "local":
+        return "local"
     parts = urlparse(base_url.strip())
     scheme = (parts.scheme or "https").lower()
     port = parts.port
@@ -101,24 +113,25 @@ def normalise_base_url(base_url: str) -> str:
     return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
-def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bool, salt: str = "") -> str:
+def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None, salt: str = "") -> str:
     """The cache key of one call: everything that changes the reply, and nothing else.
 
     The endpoint (normalised base_url: two servers serving different weights under one model
     name do not share replies), the model name, the full messages (so an edited prompt template
-    is a new key), the sampling params and logit bias, the request seed, JSON mode, and `salt` (a fingerprint of
+    is a new key), the sampling params and logit bias, the request seed, the response format (its schema
+    too), and `salt` (a fingerprint of
     local model weights, so rebuilt weights under the same path do not reuse stale replies). The
     key is left out: the same endpoint answers the same whoever pays.
     """
     blob = json.dumps(
         {
-            "endpoint": normalise_base_url(endpoint.base_url),
+            "endpoint": normalise_base_url(endpoint.key_url or endpoint.base_url),
             "model": endpoint.model,
             "messages": messages,
             "temperature": endpoint.temperature,
             "max_tokens": endpoint.max_tokens,
             "seed": seed,
-            "json_mode": json_mode,
+            "response_format": response_format,
             "salt": salt,
             # only when set: keys of requests without it stay what they were, so their cache holds
             **({"logit_bias": endpoint.logit_bias} if endpoint.logit_bias else {}),
@@ -166,6 +179,7 @@ def read_cached(cache_dir: str | Path, key: str) -> Reply | None:
         latency_s=0.0,  # a cached reply costs no time; entries keep no clock reading (see write_cached)
         cached=True,
         error=None,
+        batch=bool(entry.get("batch", False)),
     )
 
 
@@ -212,35 +226,114 @@ def api_key(endpoint: Endpoint) -> str:
     )
 
 
+def retry_after_s(headers) -> float:
+    """The wait a 429 asks for: retry-after-ms, retry-after (seconds or an HTTP date), else 1 s; at most 300 s."""
+    try:
+        if headers.get("retry-after-ms"):
+            return min(float(headers["retry-after-ms"]) / 1000, 300.0)
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return min(max(float(value), 0.0), 300.0)
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+                return min(max(when.timestamp() - time.time(), 0.0), 300.0)
+    except (TypeError, ValueError):
+        pass
+    return 1.0
+
+
 class RateLimiter:
-    """Spaces request starts at least 60/rpm seconds apart (every HTTP attempt counts)."""
+    """Spaces request starts at least 60/rpm seconds apart (every HTTP attempt counts), and holds
+    every request back while a 429's cool-down lasts: one 429 pauses the whole run for its
+    Retry-After, not only the request that got it (which the openai client retries)."""
 
     def __init__(self, requests_per_minute: int):
         if requests_per_minute <= 0:
             raise ValueError(f"requests_per_minute must be positive, got {requests_per_minute}")
         self.interval = 60.0 / requests_per_minute
         self.next_start = 0.0
+        self.paused_until = 0.0
+        self.cool_downs = 0
         self.lock = asyncio.Lock()
 
     async def wait(self, _request: object = None) -> None:
         async with self.lock:
             now = time.monotonic()
-            start = max(now, self.next_start)
+            start = max(now, self.next_start, self.paused_until)
             self.next_start = start + self.interval
         if start > now:
             await asyncio.sleep(start - now)
 
+    async def on_response(self, response) -> None:
+        if response.status_code == 429:
+            self.cool_downs += 1
+            self.paused_until = max(self.paused_until, time.monotonic() + retry_after_s(response.headers))
+
+
+class TokenBudget:
+    """At most `tokens_per_minute` tokens a minute: a bucket that holds a minute's tokens and refills
+    at tpm/60 a second. A call takes its estimate (prompt characters / 4 + max_tokens) before it
+    starts, waiting while the bucket is short, and settles the difference with its reply's usage."""
+
+    def __init__(self, tokens_per_minute: int):
+        if tokens_per_minute <= 0:
+            raise ValueError(f"tokens_per_minute must be positive, got {tokens_per_minute}")
+        self.capacity = float(tokens_per_minute)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.capacity / 60.0)
+        self.updated = now
+
+    async def take(self, estimate: int) -> None:
+        # Reserve first, then sleep: later callers see the debt and queue behind this one.
+        self._refill()
+        self.tokens -= min(estimate, self.capacity)
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens * 60.0 / self.capacity)
+
+    def settle(self, estimate: int, used: int) -> None:
+        self._refill()
+        self.tokens -= used - min(estimate, self.capacity)
+
+
+def estimate_tokens(messages: list[dict], max_tokens: int | None) -> int:
+    """A call's token estimate before it is sent: about 4 characters a prompt token, plus max_tokens."""
+    return sum(len(str(m.get("content") or "")) for m in messages) // 4 + (max_tokens or 0)
+
 
 def make_client(endpoint: Endpoint, limiter: RateLimiter) -> openai.AsyncOpenAI:
     """An AsyncOpenAI client whose retries, timeouts and connection pool follow `endpoint`."""
-    http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [limiter.wait]})
+    hooks = {"request": [limiter.wait], "response": [limiter.on_response]}
     return openai.AsyncOpenAI(
         base_url=endpoint.base_url,
         api_key=api_key(endpoint),
         max_retries=endpoint.max_retries,
         timeout=endpoint.timeout_s,
-        http_client=http_client,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks=hooks),
     )
+
+
+def preflight(endpoint: Endpoint, key: str, timeout_s: float = 5.0) -> list[str]:
+    """GET {base_url}/models once, before a stage's calls: a dead host, a wrong URL or a refused key
+    fails within seconds, naming the params key `key` (e.g. evaluate.judge.base_url), rather than
+    after every call's retries. Returns the model ids listed (a model not among them is logged)."""
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), max_retries=0, timeout=timeout_s)
+    try:
+        with client:
+            models = [m.id for m in client.models.list()]
+    except (openai.APIError, ValueError) as err:
+        raise RuntimeError(
+            f"{key} {endpoint.base_url!r} did not answer GET /models ({_describe_error(err, client.api_key)}): "
+            f"check {key}, that the server is up, and the key in ${endpoint.api_key_env}"
+        ) from None
+    if models and endpoint.model not in models:
+        log.warning("%s lists no model %r (it lists %s); the calls may fail", endpoint.base_url, endpoint.model,
+                    ", ".join(models[:5]))  # fmt: skip
+    return models
 
 
 def _describe_error(err: Exception, secret: str) -> str:
@@ -252,47 +345,75 @@ def _describe_error(err: Exception, secret: str) -> str:
     return text.replace(secret, "***") if secret and secret != NO_KEY else text
 
 
-async def _call(
-    client: openai.AsyncOpenAI, endpoint: Endpoint, messages: list[dict], seed: int, json_mode: bool,
-    truncated_is_error: bool,
-) -> Reply:
-    extra: dict = {"response_format": {"type": "json_object"}} if json_mode else {}
-    # A null param is not sent at all: reasoning models reject temperature and max_tokens.
+def request_body(endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None) -> dict:
+    """The chat completion request of one call (the same for a live call and a Batch API line).
+    A null param is not sent at all: reasoning models reject temperature and max_tokens."""
+    body: dict = {"model": endpoint.model, "messages": messages, "seed": seed}
+    if response_format is not None:
+        body["response_format"] = response_format
     if endpoint.temperature is not None:
-        extra["temperature"] = endpoint.temperature
+        body["temperature"] = endpoint.temperature
     if endpoint.max_tokens is not None:
-        extra["max_tokens"] = endpoint.max_tokens
+        body["max_tokens"] = endpoint.max_tokens
     if endpoint.logit_bias:
-        extra["logit_bias"] = endpoint.logit_bias
-    started = time.perf_counter()
-    try:
-        response = await client.chat.completions.create(model=endpoint.model, messages=messages, seed=seed, **extra)
-    except (openai.APIError, ValueError) as err:
-        # ValueError: a 200 whose body is not the JSON the client expects (a misbehaving proxy).
-        return Reply(None, 0, 0, time.perf_counter() - started, False, _describe_error(err, client.api_key))
-    latency = time.perf_counter() - started
+        body["logit_bias"] = endpoint.logit_bias
+    return body
+
+
+def _reply_from(response, latency: float, truncated_is_error: bool, batch: bool = False) -> Reply:
     usage = response.usage
     prompt_tokens = usage.prompt_tokens if usage else 0
     completion_tokens = usage.completion_tokens if usage else 0
     text = response.choices[0].message.content if response.choices else None
     if truncated_is_error and response.choices and response.choices[0].finish_reason == "length":
-        return Reply(None, prompt_tokens, completion_tokens, latency, False, TRUNCATED)
+        return Reply(None, prompt_tokens, completion_tokens, latency, False, TRUNCATED, batch)
     if not text:
-        return Reply(None, prompt_tokens, completion_tokens, latency, False, EMPTY_REPLY)
-    return Reply(text, prompt_tokens, completion_tokens, latency, False, None)
+        return Reply(None, prompt_tokens, completion_tokens, latency, False, EMPTY_REPLY, batch)
+    return Reply(text, prompt_tokens, completion_tokens, latency, False, None, batch)
+
+
+async def _call(
+    client: openai.AsyncOpenAI, endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None,
+    truncated_is_error: bool, budget: TokenBudget | None = None,
+) -> Reply:
+    estimate = estimate_tokens(messages, endpoint.max_tokens)
+    if budget is not None:
+        await budget.take(estimate)
+    started = time.perf_counter()
+    try:
+        response = await client.chat.completions.create(**request_body(endpoint, messages, seed, response_format))
+    except (openai.APIError, ValueError) as err:
+        # ValueError: a 200 whose body is not the JSON the client expects (a misbehaving proxy).
+        return Reply(None, 0, 0, time.perf_counter() - started, False, _describe_error(err, client.api_key))
+    reply = _reply_from(response, time.perf_counter() - started, truncated_is_error)
+    if budget is not None:
+        budget.settle(estimate, reply.prompt_tokens + reply.completion_tokens)
+    return reply
+
+
+Formats = dict | list[dict | None] | None
+
+
+def _formats(response_format: Formats, n: int) -> list[dict | None]:
+    """One response_format per request: a list is taken as it is, one value (or None) applies to all."""
+    if isinstance(response_format, list):
+        if len(response_format) != n:
+            raise ValueError(f"{len(response_format)} response formats for {n} requests")
+        return response_format
+    return [response_format] * n
 
 
 def _seeds_and_keys(
-    endpoint: Endpoint, requests: list[list[dict]], seed: int, json_mode: bool, cache_salt: str
+    endpoint: Endpoint, requests: list[list[dict]], seed: int, formats: list[dict | None], cache_salt: str
 ) -> tuple[list[int], list[str]]:
     seen: Counter = Counter()
     seeds, keys = [], []
-    for messages in requests:
+    for messages, response_format in zip(requests, formats, strict=True):
         fingerprint = content_hash(messages)
         s = request_seed(seed, messages, seen[fingerprint])
         seen[fingerprint] += 1
         seeds.append(s)
-        keys.append(cache_key(endpoint, messages, s, json_mode, cache_salt))
+        keys.append(cache_key(endpoint, messages, s, response_format, cache_salt))
     return seeds, keys
 
 
@@ -301,16 +422,16 @@ def uncached(
     requests: list[list[dict]],
     cache_dir: str | Path,
     seed: int,
-    json_mode: bool = False,
+    response_format: Formats = None,
     *,
     cache_salt: str = "",
 ) -> list[int]:
     """Indexes of the requests that `complete_many` would send (no cached reply yet).
 
-    The cache key names every loopback server (and "local") alike, so a caller can ask this
-    before it has started its local server, and start one only when something is missing.
+    The cache key names "local" by that name, not by the port its server gets, so a caller can ask
+    this before it has started its local server, and start one only when something is missing.
     """
-    _, keys = _seeds_and_keys(endpoint, requests, seed, json_mode, cache_salt)
+    _, keys = _seeds_and_keys(endpoint, requests, seed, _formats(response_format, len(requests)), cache_salt)
     return [i for i, k in enumerate(keys) if read_cached(cache_dir, k) is None]
 
 
@@ -319,30 +440,35 @@ async def complete_many(
     requests: list[list[dict]],
     cache_dir: str | Path,
     seed: int,
-    json_mode: bool = False,
+    response_format: Formats = None,
     *,
     cache_salt: str = "",
     truncated_is_error: bool = False,
 ) -> list[Reply]:
     """One reply per message list, in order; cached replies are returned without a call.
 
-    With `truncated_is_error`, a reply cut off at max_tokens is the error TRUNCATED (not cached):
+    `response_format` is sent with every request (one dict), or per request (a list). With
+    `truncated_is_error`, a reply cut off at max_tokens is the error TRUNCATED (not cached):
     for JSON answers, where half a reply is no answer. Without it (generation metrics, which
     cap the length on purpose) the cut-off text is the reply.
 
-    Calls run at most `endpoint.concurrency` at a time; each answered call is cached the
-    moment it arrives. `cache_salt` joins the cache key (see `cache_key`).
+    Calls run at most `endpoint.concurrency` at a time, within the requests- and tokens-per-minute
+    budgets; each answered call is cached the moment it arrives. `cache_salt` joins the cache key
+    (see `cache_key`).
     """
-    seeds, keys = _seeds_and_keys(endpoint, requests, seed, json_mode, cache_salt)
+    formats = _formats(response_format, len(requests))
+    seeds, keys = _seeds_and_keys(endpoint, requests, seed, formats, cache_salt)
     replies: list[Reply | None] = [read_cached(cache_dir, k) for k in keys]
     missing = [i for i, r in enumerate(replies) if r is None]
     if missing:
         semaphore = asyncio.Semaphore(endpoint.concurrency)
-        client = make_client(endpoint, RateLimiter(endpoint.requests_per_minute))
+        limiter = RateLimiter(endpoint.requests_per_minute)
+        budget = TokenBudget(endpoint.tokens_per_minute) if endpoint.tokens_per_minute else None
+        client = make_client(endpoint, limiter)
 
         async def run_one(i: int) -> None:
             async with semaphore:
-                reply = await _call(client, endpoint, requests[i], seeds[i], json_mode, truncated_is_error)
+                reply = await _call(client, endpoint, requests[i], seeds[i], formats[i], truncated_is_error, budget)
             if reply.error is None:
                 write_cached(cache_dir, keys[i], reply, requests[i], endpoint.model, seeds[i])
             else:
@@ -351,6 +477,9 @@ async def complete_many(
 
         async with client:
             await asyncio.gather(*(run_one(i) for i in missing))
+        if limiter.cool_downs:
+            log.warning("%d responses were 429 (rate limited): every call paused for their Retry-After",
+                        limiter.cool_downs)
     return replies  # type: ignore[return-value]  # every slot is filled above
 
 
@@ -359,53 +488,190 @@ def complete_many_sync(
     requests: list[list[dict]],
     cache_dir: str | Path,
     seed: int,
-    json_mode: bool = False,
+    response_format: Formats = None,
     *,
     cache_salt: str = "",
     truncated_is_error: bool = False,
 ) -> list[Reply]:
     """`complete_many` for synchronous callers (stage scripts)."""
-    return asyncio.run(complete_many(endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt,
+    return asyncio.run(complete_many(endpoint, requests, cache_dir, seed, response_format, cache_salt=cache_salt,
                                      truncated_is_error=truncated_is_error))
 
 
 @contextmanager
-def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, json_mode: bool = False, *,
-                cache_salt: str = "", truncated_is_error: bool = False) -> Iterator[Callable[[list[list[dict]], int], list[Reply]]]:
-    """`call(requests, seed) -> replies` for a `with` block. With `endpoint.base_url` "local", the
-    `transformers serve` of the model directory `endpoint.model` starts at the first call with a request missing from the
-    cache, and stops at the end of the block: a fully cached rerun starts no server."""
+def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, *, cache_salt: str = "", truncated_is_error: bool = False,
+                preflight_key: str = "") -> Iterator[Callable[..., list[Reply]]]:
+    """`call(requests, seed, response_format=None) -> replies` for a `with` block. With
+    `endpoint.base_url` "local", the server of the model directory `endpoint.model` (tuneline.llmserver)
+    starts at the first call with a request missing from the cache, and stops at the end of the
+    block: a fully cached rerun starts no server. Any other endpoint gets `preflight` (GET /models,
+    naming `preflight_key`) before its first call that sends something."""
     from tuneline.llmserver import endpoint_url
 
     with ExitStack() as server:
-        resolved = endpoint if endpoint.base_url != "local" else None
+        resolved: Endpoint | None = None
 
-        def call(requests: list[list[dict]], seed: int) -> list[Reply]:
+        def call(requests: list[list[dict]], seed: int, response_format: Formats = None) -> list[Reply]:
             nonlocal resolved
-            if resolved is None and uncached(endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt):
-                resolved = replace(endpoint, base_url=server.enter_context(endpoint_url(endpoint.base_url, endpoint.model)))
-            return complete_many_sync(resolved or endpoint, requests, cache_dir, seed, json_mode, cache_salt=cache_salt,
-                                      truncated_is_error=truncated_is_error)
+            if resolved is None and uncached(endpoint, requests, cache_dir, seed, response_format, cache_salt=cache_salt):
+                if endpoint.base_url == "local":
+                    url = server.enter_context(endpoint_url(endpoint.base_url, endpoint.model))
+                    resolved = replace(endpoint, base_url=url, key_url="local")
+                else:
+                    preflight(endpoint, preflight_key or "base_url")
+                    resolved = endpoint
+            return complete_many_sync(resolved or endpoint, requests, cache_dir, seed, response_format,
+                                      cache_salt=cache_salt, truncated_is_error=truncated_is_error)
 
         yield call
 
 
-def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_completion_per_mtok: float = 0.0) -> dict:
-    """Calls and tokens of a set of replies: all of them, and the part this run paid for."""
+# --- the Batch API ------------------------------------------------------------------------
+
+BATCH_ENDPOINT = "/v1/chat/completions"
+BATCH_RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def batch_state_path(cache_dir: str | Path, keys: list[str]) -> Path:
+    """Where the batch of these missing keys is recorded: a killed run finds it and polls that batch."""
+    return Path(cache_dir) / "batches" / f"{content_hash(sorted(keys))[:16]}.json"
+
+
+def _batch_lines(endpoint: Endpoint, requests: list[list[dict]], seeds: list[int], formats: list[dict | None],
+                 keys: list[str], missing: list[int]) -> bytes:  # fmt: skip
+    lines = [
+        json.dumps({"custom_id": keys[i], "method": "POST", "url": BATCH_ENDPOINT,
+                    "body": request_body(endpoint, requests[i], seeds[i], formats[i])}, ensure_ascii=False)
+        for i in missing
+    ]  # fmt: skip
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _submit_batch(client: openai.OpenAI, payload: bytes, state: Path, count: int) -> str:
+    """Upload the request file, create the batch, record its id (atomically) before anything else."""
+    uploaded = client.files.create(file=("tuneline-batch.jsonl", payload), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=BATCH_ENDPOINT, completion_window="24h",
+                                  metadata={"tuneline": state.stem})  # fmt: skip
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(f".{state.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"batch_id": batch.id, "input_file_id": uploaded.id, "requests": count}), encoding="utf-8")
+    os.replace(tmp, state)
+    log.info("submitted batch %s (%d requests), recorded in %s", batch.id, count, state)
+    return batch.id
+
+
+def _poll_batch(client: openai.OpenAI, batch_id: str, poll_s: float):
+    batch = client.batches.retrieve(batch_id)
+    while batch.status in BATCH_RUNNING:
+        counts = batch.request_counts
+        log.info("batch %s %s (%s of %s done)", batch_id, batch.status, counts.completed if counts else "?",
+                 counts.total if counts else "?")  # fmt: skip
+        time.sleep(poll_s)
+        batch = client.batches.retrieve(batch_id)
+    return batch
+
+
+def _result_lines(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
+    if not file_id:
+        return {}
+    text = client.files.content(file_id).text
+    return {line["custom_id"]: line for line in map(json.loads, filter(str.strip, text.splitlines()))}
+
+
+def _line_reply(line: dict | None, truncated_is_error: bool) -> Reply:
+    """The Reply of one Batch API result line (an error line, or a missing one, is an error reply)."""
+    from openai.types.chat import ChatCompletion
+
+    response = (line or {}).get("response") or {}
+    if line is None:
+        return Reply(None, 0, 0, 0.0, False, "the batch returned no result for this request", True)
+    if response.get("status_code") != 200 or line.get("error"):
+        problem = line.get("error") or (response.get("body") or {}).get("error") or {}
+        detail = problem.get("message") if isinstance(problem, dict) else str(problem)
+        return Reply(None, 0, 0, 0.0, False, f"batch request failed: HTTP {response.get('status_code')}: {detail}", True)
+    return _reply_from(ChatCompletion.model_validate(response["body"]), 0.0, truncated_is_error, batch=True)
+
+
+def complete_batch(
+    endpoint: Endpoint,
+    requests: list[list[dict]],
+    cache_dir: str | Path,
+    seed: int,
+    response_format: Formats = None,
+    *,
+    cache_salt: str = "",
+    truncated_is_error: bool = False,
+    poll_s: float = 10.0,
+    rerun: str = "rerun the stage",
+) -> list[Reply]:
+    """`complete_many`'s replies, with the uncached requests sent through the OpenAI Batch API: one
+    JSONL file uploaded (purpose batch), one batch created, polled every `poll_s` seconds, its output
+    (and error) file downloaded. Same request bodies, seeds and cache keys as live calls, so each
+    answered request lands in the per-call cache and a rerun sends nothing.
+
+    The batch id is recorded under cache_dir/batches/ the moment the batch exists: a killed run, run
+    again, polls that batch instead of submitting another. A batch that expired, failed or was
+    cancelled, or that answered some requests with errors, raises RuntimeError after caching what it
+    did answer, saying how many requests a rerun (`rerun`) submits again."""
+    formats = _formats(response_format, len(requests))
+    seeds, keys = _seeds_and_keys(endpoint, requests, seed, formats, cache_salt)
+    replies: list[Reply | None] = [read_cached(cache_dir, k) for k in keys]
+    missing = [i for i, r in enumerate(replies) if r is None]
+    if not missing:
+        return replies  # type: ignore[return-value]
+    state = batch_state_path(cache_dir, [keys[i] for i in missing])
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), max_retries=endpoint.max_retries,
+                           timeout=endpoint.timeout_s)  # fmt: skip
+    with client:
+        if state.is_file():
+            batch_id = json.loads(state.read_text(encoding="utf-8"))["batch_id"]
+            log.info("resuming batch %s recorded in %s", batch_id, state)
+        else:
+            batch_id = _submit_batch(client, _batch_lines(endpoint, requests, seeds, formats, keys, missing), state,
+                                     len(missing))  # fmt: skip
+        batch = _poll_batch(client, batch_id, poll_s)
+        results = {**_result_lines(client, batch.error_file_id), **_result_lines(client, batch.output_file_id)}
+    failed = []
+    for i in missing:
+        reply = _line_reply(results.get(keys[i]), truncated_is_error)
+        if reply.error is None:
+            write_cached(cache_dir, keys[i], reply, requests[i], endpoint.model, seeds[i])
+        elif reply.error not in (EMPTY_REPLY, TRUNCATED):
+            failed.append(reply.error)
+        replies[i] = reply
+    state.unlink()  # settled: what it answered is cached, a rerun submits only the rest
+    if batch.status != "completed" or failed:
+        why = "; ".join(f"{e.code}: {e.message}" for e in (batch.errors.data or [])) if batch.errors else ""
+        raise RuntimeError(
+            f"batch {batch_id} {batch.status}{f' ({why})' if why else ''}: {len(missing) - len(failed)} of "
+            f"{len(missing)} requests answered and cached, {len(failed)} not"
+            f"{f' (first: {failed[0]})' if failed else ''}; {rerun} to submit only those {len(failed)} again"
+        )
+    return replies  # type: ignore[return-value]
+
+
+def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_completion_per_mtok: float = 0.0,
+           batch_price_factor: float = 0.5) -> dict:
+    """Calls and tokens of a set of replies: all of them, and the part this run paid for. Replies
+    answered through the Batch API cost `batch_price_factor` of the prices (OpenAI's batch rate: half)."""
 
     def totals(rs: list[Reply]) -> dict:
         prompt = sum(r.prompt_tokens for r in rs)
         completion = sum(r.completion_tokens for r in rs)
-        cost = (prompt * price_prompt_per_mtok + completion * price_completion_per_mtok) / 1e6
+        cost = sum((r.prompt_tokens * price_prompt_per_mtok + r.completion_tokens * price_completion_per_mtok)
+                   * (batch_price_factor if r.batch else 1.0) for r in rs) / 1e6  # fmt: skip
         return {"calls": len(rs), "prompt_tokens": prompt, "completion_tokens": completion, "cost": round(cost, 6)}
 
     fresh = [r for r in replies if not r.cached]
+    live = [r for r in fresh if not r.batch]
     return {
         **totals(replies),
+        "batch_calls": sum(r.batch for r in replies),
         "cached_calls": len(replies) - len(fresh),
         "failed_calls": sum(r.error is not None for r in replies),
         "this_run": totals(fresh),
-        "mean_latency_s": round(sum(r.latency_s for r in fresh) / len(fresh), 4) if fresh else 0.0,
+        # batch replies have no per-call latency
+        "mean_latency_s": round(sum(r.latency_s for r in live) / len(live), 4) if live else 0.0,
     }
 
 

@@ -211,17 +211,23 @@ class Augment(_Section):
     few_shot_k: int
     chunk_chars: int
     prompts_dir: str
-    json_mode: bool
+    structured: Literal["json_schema", "json_object", "none"]
+    max_question_chars: int
+    max_answer_chars: int
     reply_retries: int
     feedback_examples: int
     review_clean_rules: bool
     min_grounding: float
     concurrency: int
     requests_per_minute: int
+    tokens_per_minute: int | None
     max_retries: int
     timeout_s: float
+    batch: bool
+    batch_poll_s: float
     price_prompt_per_mtok: float
     price_completion_per_mtok: float
+    batch_price_factor: float
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,7 @@ class Clean(_Section):
 class Build(_Section):
     val_fraction: float
     test_fraction: float
+    generated_in_test: bool
     max_tokens: int
     dataset_name: str
 
@@ -285,10 +292,12 @@ class Judge(_Section):
     model: str
     api_key_env: str
     verdict: Literal["json", "label"]  # json: {"winner": ...}; label: one token, A, B or C, forced by logit_bias
+    structured: Literal["json_schema", "json_object", "none"]  # json verdicts' response_format
     prompt: str
     retry_prompt: str
     max_tokens: int | None
     reply_retries: int
+    max_failed_fraction: float
     concurrency: int
     requests_per_minute: int
     max_retries: int
