@@ -5,7 +5,9 @@ outputs); one it lists but does not import means needless reruns. The closure is
 `ast` from the stage's `cmd` (`python -m stages.<name>`), following every import inside
 `stages/` and `tuneline/` (including imports inside functions), and includes the `stages`
 package's `__init__.py`, which `python -m stages.<name>` runs first. Empty `__init__.py` files
-hold no code and are left out. The test reads dvc.yaml, so it covers every stage there.
+hold no code and are left out. A module a stage starts as a process (`"-m", "tuneline.structserve"`:
+the local LLM server that writes augment's replies) counts as imported: its code makes the outputs too.
+The test reads dvc.yaml, so it covers every stage there.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def imported_files(path: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from tuneline import crawl` imports the module tuneline.crawl, if there is one
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif (isinstance(node, ast.List) and any(isinstance(e, ast.Constant) and e.value == "-m" for e in node.elts)):
+            # a command line that runs a project module: ["python", "-m", "tuneline.x", ...]
+            names = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                     and re.fullmatch(r"(tuneline|stages)(\.\w+)+", e.value)]
         for name in names:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):
