@@ -1,4 +1,4 @@
-"""Bench the data stages at scale: synthetic instruction records through crawl.datasets -> clean -> build -> tokenize.
+"""Bench the data stages at scale: synthetic records through crawl.datasets -> clean -> build -> tokenize.
 
 Records: Alpaca-like instruction rows (instruction, input in about a third of them, output, category)
 whose sentences come from the coffee corpus in data/pretrain, with an Alpaca-like length mix (outputs:
@@ -59,7 +59,13 @@ import yaml  # noqa: E402
 
 STAGES = ("crawl", "clean", "build", "tokenize")
 DATASET = "data/datasets/synth.jsonl"
-SHARES = {"exact_duplicate": 0.03, "near_duplicate": 0.03, "outlier": 0.005, "bad_row": 0.01, "line_separator": 0.005}
+SHARES = {
+    "exact_duplicate": 0.03,
+    "near_duplicate": 0.03,
+    "outlier": 0.005,
+    "bad_row": 0.01,
+    "line_separator": 0.005,
+}
 INCREMENT = 0.01
 ENCODER_SAMPLE = 500
 TARGETS = {"total_s_at_100k": 1200.0, "peak_rss_gib": 4.0, "growth_exponent": 1.1, "near_duplicate_recall": 0.98,
@@ -78,7 +84,9 @@ def corpus() -> dict[str, list[str]]:
 
 def output_words(rng: random.Random) -> int:
     roll = rng.random()
-    return rng.randint(3, 40) if roll < 0.55 else rng.randint(40, 120) if roll < 0.9 else rng.randint(120, 350)
+    return (
+        rng.randint(3, 40) if roll < 0.55 else rng.randint(40, 120) if roll < 0.9 else rng.randint(120, 350)
+    )
 
 
 def fresh_row(rng: random.Random, sentences: dict[str, list[str]], i: int) -> dict:
@@ -175,7 +183,9 @@ def build_standin_encoder(out_dir: Path) -> Path:
     tokenizer.save_pretrained(out_dir / "bert")
     word = models.Transformer(str(out_dir / "bert"), max_seq_length=256)
     pooling = models.Pooling(word.get_word_embedding_dimension(), "mean")
-    widen = models.Dense(word.get_word_embedding_dimension(), 384, bias=False, activation_function=torch.nn.Identity())
+    widen = models.Dense(
+        word.get_word_embedding_dimension(), 384, bias=False, activation_function=torch.nn.Identity()
+    )
     SentenceTransformer(modules=[word, pooling, widen]).save(str(out_dir))
     return out_dir
 
@@ -188,14 +198,29 @@ def make_project(dest: Path, model_dir: Path, lines: list[str], encoder: str | N
         params["clean"]["embedding_model"] = encoder
     params["crawl"]["sources"] = []
     params["crawl"]["serve_site"] = False
-    columns = {"instruction": "instruction", "input": "input", "output": "output", "system": None, "category": "category"}
-    params["crawl"]["datasets"] = [{"name": "synth", "path": DATASET, "format": "jsonl", "split": "train", "columns": columns}]
+    columns = {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "system": None,
+        "category": "category",
+    }
+    params["crawl"]["datasets"] = [
+        {"name": "synth", "path": DATASET, "format": "jsonl", "split": "train", "columns": columns}
+    ]
     dest.mkdir(parents=True)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     (dest / DATASET).parent.mkdir(parents=True)
     (dest / DATASET).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    chosen = json.dumps({"name": "tiny_qwen", "kind": "local", "model": str(model_dir), "revision": None,
-                         "trust_remote_code": False})
+    chosen = json.dumps(
+        {
+            "name": "tiny_qwen",
+            "kind": "local",
+            "model": str(model_dir),
+            "revision": None,
+            "trust_remote_code": False,
+        }
+    )
     for key in ("selected", "tuning_base"):
         (dest / params["base"][key]).parent.mkdir(parents=True, exist_ok=True)
         (dest / params["base"][key]).write_text(chosen, encoding="utf-8")
@@ -264,7 +289,7 @@ def dvc(project: Path, *args: str) -> None:
 
 
 def cache_growth(project: Path, lines: list[str], seed: int) -> dict:
-    """Bytes a second `dvc add` stores after 1% new records went through the stages, against the outputs' size."""
+    """Bytes a second `dvc add` stores after 1% new records went through the stages, and the outputs' size."""
     dvc(project, "init", "--no-scm", "-q")
     dvc(project, "add", "-q", *output_dirs(project))
     before = tree_bytes(project / ".dvc" / "cache")
@@ -288,8 +313,12 @@ def caught(project: Path, planted: dict[str, list[int]]) -> dict[str, dict]:
     from tuneline.records import read_jsonl
 
     where = lambda line: f"{DATASET}:{line}"  # noqa: E731
-    crawl_rejects = {r.get("url"): r["reason"] for r in read_jsonl(project / "data" / "raw" / "crawl_rejects.jsonl")}
-    clean_rejects = {r["record"].get("row"): r["reason"] for r in read_jsonl(project / "data" / "clean" / "rejects.jsonl")}
+    crawl_rejects = {
+        r.get("url"): r["reason"] for r in read_jsonl(project / "data" / "raw" / "crawl_rejects.jsonl")
+    }
+    clean_rejects = {
+        r["record"].get("row"): r["reason"] for r in read_jsonl(project / "data" / "clean" / "rejects.jsonl")
+    }
     kept = {r.get("row") for r in read_jsonl(project / "data" / "clean" / "records.jsonl")}
     pairs = list(zip(planted["near_duplicate"], planted["near_duplicate_of"]))
     reasons = {
@@ -301,12 +330,13 @@ def caught(project: Path, planted: dict[str, list[int]]) -> dict[str, dict]:
         "line_separator": ["one record" if where(line) in kept or where(line) in clean_rejects else None
                            for line in planted["line_separator"]],
     }  # fmt: skip
-    return {k: {"planted": len(v), "removed": sum(1 for r in v if r), "by_reason": dict(sorted(Counter(r for r in v if r).items()))}
+    return {k: {"planted": len(v), "removed": sum(1 for r in v if r),
+                "by_reason": dict(sorted(Counter(r for r in v if r).items()))}
             for k, v in reasons.items()}  # fmt: skip
 
 
 def knn_comparison(project: Path) -> dict:
-    """Approximate (FAISS HNSW) against exact kNN in Datalab on the largest language group, embeddings cached."""
+    """Approximate (FAISS HNSW) against exact kNN in Datalab on the largest language group (embeddings cached)."""
     from sklearn.neighbors import NearestNeighbors
 
     from tuneline import params
@@ -333,8 +363,11 @@ def knn_comparison(project: Path) -> dict:
     store = project / base.cache_dir / "embeddings" / "embeddings.sqlite"
     encode = lazy_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
     key = encoder_key(p.embedding_model, p.embedding_max_seq_length)
-    features = embedded_records([passed[i] for i in rows], p.embedding_text,
-                                lambda texts: embed_texts(texts, encode, store, key, p.batch_size)[0])
+    features = embedded_records(
+        [passed[i] for i in rows],
+        p.embedding_text,
+        lambda texts: embed_texts(texts, encode, store, key, p.batch_size)[0],
+    )
     thresholds = IssueThresholds(p.knn_k, p.near_duplicate_threshold, p.outlier_threshold)
     start = time.perf_counter()
     exact = find_data_issues(features, UNSUPERVISED_ISSUES, thresholds)
@@ -343,10 +376,15 @@ def knn_comparison(project: Path) -> dict:
     graph = approximate_knn_graph(features, p.knn_k)
     approx = find_data_issues(features, UNSUPERVISED_ISSUES, thresholds, knn_graph=graph)
     approx_s = time.perf_counter() - start
-    true_nn = NearestNeighbors(n_neighbors=p.knn_k, metric="cosine").fit(features).kneighbors(return_distance=False)
+    true_nn = (
+        NearestNeighbors(n_neighbors=p.knn_k, metric="cosine").fit(features).kneighbors(return_distance=False)
+    )
     found_nn = graph.indices.reshape(len(features), -1)
     overlap = np.mean([len(set(a) & set(b)) / p.knn_k for a, b in zip(true_nn, found_nn)])
-    flagged = {t: (set(np.flatnonzero(exact.flags[t])), set(np.flatnonzero(approx.flags[t]))) for t in ("near_duplicate", "outlier")}
+    flagged = {
+        t: (set(np.flatnonzero(exact.flags[t])), set(np.flatnonzero(approx.flags[t])))
+        for t in ("near_duplicate", "outlier")
+    }
     ex, ap = flagged["near_duplicate"]
     return {
         "records": len(features), "dimensions": int(features.shape[1]), "knn_k": p.knn_k,
@@ -375,8 +413,13 @@ def encoder_rate(project: Path) -> float:
     encode(["warm up"])  # the model's load is not throughput
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        embed_texts(texts, encode, Path(tmp) / "e.sqlite", encoder_key(p.embedding_model, p.embedding_max_seq_length),
-                    p.batch_size)
+        embed_texts(
+            texts,
+            encode,
+            Path(tmp) / "e.sqlite",
+            encoder_key(p.embedding_model, p.embedding_max_seq_length),
+            p.batch_size,
+        )
         return len(texts) / (time.perf_counter() - start)
 
 
@@ -404,13 +447,17 @@ def verdicts(sizes: list[dict], knn: dict | None, rate: float, encoder: str) -> 
     if last["records"] >= 100_000:
         minilm_s = texts / rate
         projected = total + minilm_s if encoder == "standin" else total
-        out["total_s_at_100k"] = {"value": round(projected, 1), "measured_s": round(total, 1),
-                                  "met": projected <= TARGETS["total_s_at_100k"]}
+        out["total_s_at_100k"] = {
+            "value": round(projected, 1),
+            "measured_s": round(total, 1),
+            "met": projected <= TARGETS["total_s_at_100k"],
+        }
         if not out["total_s_at_100k"]["met"]:
             out["total_s_at_100k"]["reason"] = (
                 f"MiniLM embeds {rate:.0f} texts/s here (cold, measured at the first size under this machine's "
                 f"load): {texts:,} texts take {minilm_s:.0f} s alone; the rest of the pipeline took "
-                f"{total if encoder == 'standin' else total - minilm_s:.0f} s")
+                f"{total if encoder == 'standin' else total - minilm_s:.0f} s"
+            )
     out["peak_rss_gib"] = {"value": round(peak, 2), "met": peak <= TARGETS["peak_rss_gib"]}
     if len(sizes) > 1:
         value = sizes[-1]["exponent"]["total"]
@@ -423,39 +470,65 @@ def verdicts(sizes: list[dict], knn: dict | None, rate: float, encoder: str) -> 
     if not out["cache_growth_fraction"]["met"]:
         out["cache_growth_fraction"]["reason"] = (
             "each output is one file (jsonl, Alpaca json, Arrow) rewritten whole by any change: DVC stores files "
-            "by content, so a 1% change stores every output file again")
+            "by content, so a 1% change stores every output file again"
+        )
     return out
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'records':>9} | " + " | ".join(f"{s:>14}" for s in STAGES) + " |    total |  peak RSS | cache +1%")
+    print(
+        f"\n{'records':>9} | "
+        + " | ".join(f"{s:>14}" for s in STAGES)
+        + " |    total |  peak RSS | cache +1%"
+    )
     for s in results["sizes"]:
         total = sum(f["wall_s"] for f in s["stages"].values())
         peak = max(f["peak_rss_mib"] for f in s["stages"].values())
-        cells = " | ".join(f"{f['wall_s']:>7.1f} s {f['peak_rss_mib'] / 1024:>3.1f}G" for f in s["stages"].values())
-        print(f"{s['records']:>9,} | {cells} | {total:>6.1f} s | {peak / 1024:>6.2f} GiB | {s['dvc_cache']['fraction']:>8.1%}")
+        cells = " | ".join(
+            f"{f['wall_s']:>7.1f} s {f['peak_rss_mib'] / 1024:>3.1f}G" for f in s["stages"].values()
+        )
+        print(
+            f"{s['records']:>9,} | {cells} | {total:>6.1f} s | {peak / 1024:>6.2f} GiB | {s['dvc_cache']['fraction']:>8.1%}"
+        )
         if "exponent" in s:
-            print(f"{'exponent':>9} | " + " | ".join(f"{s['exponent'][n]:>14}" for n in STAGES) + f" | {s['exponent']['total']:>8} |")
+            print(
+                f"{'exponent':>9} | "
+                + " | ".join(f"{s['exponent'][n]:>14}" for n in STAGES)
+                + f" | {s['exponent']['total']:>8} |"
+            )
     for s in results["sizes"]:
-        print(f"{s['records']:>9,} planted, removed: " + ", ".join(
-            f"{k} {v['removed']}/{v['planted']}" for k, v in s["planted_caught"].items()))
+        print(
+            f"{s['records']:>9,} planted, removed: "
+            + ", ".join(f"{k} {v['removed']}/{v['planted']}" for k, v in s["planted_caught"].items())
+        )
     if results.get("knn"):
         k = results["knn"]
-        print(f"\nkNN at {k['records']:,} records: exact {k['exact_s']} s, approximate {k['approximate_s']} s, "
-              f"neighbour recall {k['neighbour_recall']}, near-duplicate recall {k['near_duplicate']['recall']} "
-              f"({k['near_duplicate']['both']}/{k['near_duplicate']['exact']})")
+        print(
+            f"\nkNN at {k['records']:,} records: exact {k['exact_s']} s, approximate {k['approximate_s']} s, "
+            f"neighbour recall {k['neighbour_recall']}, near-duplicate recall {k['near_duplicate']['recall']} "
+            f"({k['near_duplicate']['both']}/{k['near_duplicate']['exact']})"
+        )
     for name, t in results["targets"].items():
         mark = "met" if t["met"] else "NOT met"
-        print(f"  {name}: {t['value']} (target {TARGETS[name]}) {mark}" + (f": {t['reason']}" if "reason" in t else ""))
+        print(
+            f"  {name}: {t['value']} (target {TARGETS[name]}) {mark}"
+            + (f": {t['reason']}" if "reason" in t else "")
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000", help="comma-separated record counts, smallest first")
+    parser.add_argument(
+        "--sizes", default="10000,100000", help="comma-separated record counts, smallest first"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", choices=["params", "standin"], default="params",
-                        help="params: clean.embedding_model as params.yaml sets it; standin: a one-layer encoder (see "
-                             "build_standin_encoder), for a machine where MiniLM at 100k would take hours")
+    parser.add_argument(
+        "--encoder",
+        choices=["params", "standin"],
+        default="params",
+        help="params: clean.embedding_model as params.yaml sets it; standin: a one-layer encoder (see "
+        "build_standin_encoder), for a machine where MiniLM at 100k would take hours",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = parser.parse_args()
     counts = [int(x) for x in args.sizes.split(",")]
@@ -472,21 +545,36 @@ def main() -> None:
             print(f"{n:,} records: running {', '.join(STAGES)} ...", flush=True)
             stages = run_pipeline(project)
             clean = json.loads((project / "metrics" / "clean.json").read_text(encoding="utf-8"))
-            entry = {"records": n, "stages": stages, "planted_caught": caught(project, planted),
-                     "records_after_clean": clean["records_out"], "rejects_by_reason": clean["rejects_by_reason"],
-                     "knn_graph": sorted({cl.get("knn_graph", "exact") for cl in clean["cleanlab"]["languages"].values()
-                                          if "skipped" not in cl}),
-                     "texts_embedded": embedded_texts(project)}
+            entry = {
+                "records": n,
+                "stages": stages,
+                "planted_caught": caught(project, planted),
+                "records_after_clean": clean["records_out"],
+                "rejects_by_reason": clean["rejects_by_reason"],
+                "knn_graph": sorted(
+                    {
+                        cl.get("knn_graph", "exact")
+                        for cl in clean["cleanlab"]["languages"].values()
+                        if "skipped" not in cl
+                    }
+                ),
+                "texts_embedded": embedded_texts(project),
+            }
             if not sizes:
                 knn = knn_comparison(project)
                 rate = encoder_rate(project)
             entry["dvc_cache"] = cache_growth(project, lines, args.seed)
             if sizes:
                 prev = sizes[-1]
-                entry["exponent"] = {name: exponent(prev["stages"][name]["wall_s"], stages[name]["wall_s"], prev["records"], n)
+                entry["exponent"] = {name: exponent(prev["stages"][name]["wall_s"], stages[name]["wall_s"],
+                                                    prev["records"], n)
                                      for name in STAGES}  # fmt: skip
-                entry["exponent"]["total"] = exponent(sum(f["wall_s"] for f in prev["stages"].values()),
-                                                      sum(f["wall_s"] for f in stages.values()), prev["records"], n)
+                entry["exponent"]["total"] = exponent(
+                    sum(f["wall_s"] for f in prev["stages"].values()),
+                    sum(f["wall_s"] for f in stages.values()),
+                    prev["records"],
+                    n,
+                )
             sizes.append(entry)
             loads.append(os.getloadavg()[0])
             shutil.rmtree(project)
