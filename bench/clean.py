@@ -289,7 +289,7 @@ def main() -> None:
 
     apply_rules(records[:100], p)  # py3langid loads its model on first use
     with Timer() as rules_t:
-        passed, _, _ = apply_rules(records, p)
+        passed, _, _, _ = apply_rules(records, p)
         passed, _ = drop_exact_duplicates(passed)
     baseline_n = 2_000
     script_language = rules._script_language

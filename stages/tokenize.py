@@ -84,9 +84,15 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
 
 def pin_fingerprint(saved: Path) -> None:
     """Replace the random fingerprint `datasets` writes into state.json by a hash of the data,
-    so the same tokens give the same DVC hash on every run."""
+    so the same tokens give the same DVC hash on every run. The Arrow files are hashed in chunks
+    (the digest of their concatenation, as before), never held in memory whole."""
     state = read_json(saved / "state.json")
-    state["_fingerprint"] = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(saved.glob("*.arrow")))).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for arrow in sorted(saved.glob("*.arrow")):
+        with open(arrow, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    state["_fingerprint"] = digest.hexdigest()[:16]
     write_json(saved / "state.json", state)
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tuneline import params
+from tuneline import params, rules
 from tuneline.clean import (
     PACKAGED_MODEL,
+    approximate_knn_graph,
     check_params,
     clean_records,
     embed_texts,
@@ -181,6 +182,49 @@ def test_datalab_finds_planted_duplicates_outlier_and_label_error(encoder, tmp_p
     report = render_report(result, examples=3)
     assert "## Rejected: outlier (1)" in report and "Who won the 1998 FIFA World Cup?" in report
     assert "## Flagged but kept (trusted source): label (1)" in report
+
+
+def test_the_approximate_knn_graph_finds_what_exact_datalab_finds(encoder, tmp_path):
+    records, _ = planted()
+    exact = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
+    approximate = clean_records(records, dataclasses.replace(P, approximate_knn_min_records=P.knn_k + 1),
+                                cached_embed(encoder, tmp_path / "emb.sqlite"))
+    assert [(r["id"], r["reason"], r.get("duplicate_of")) for r in approximate.rejects] == [
+        (r["id"], r["reason"], r.get("duplicate_of")) for r in exact.rejects]
+    assert [r["id"] for r in approximate.kept] == [r["id"] for r in exact.kept]
+    assert "approximate: FAISS HNSW" in approximate.metrics["cleanlab"]["languages"]["en"]["knn_graph"]
+    # Below the threshold Datalab builds its own exact graph, and the metrics stay as they were.
+    assert "knn_graph" not in exact.metrics["cleanlab"]["languages"]["en"]
+
+
+def test_approximate_knn_graph_is_cleanlabs_shape_without_self_and_repeatable():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 32)).astype(np.float32)
+    x[7] = x[3]  # an identical pair: each is the other's neighbour at distance 0, never its own
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    graph = approximate_knn_graph(x, 5)
+    assert graph.shape == (300, 300) and graph.nnz == 300 * 5
+    neighbours, distances = graph.indices.reshape(300, 5), graph.data.reshape(300, 5)
+    assert not (neighbours == np.arange(300)[:, None]).any()
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert neighbours[3, 0] == 7 and neighbours[7, 0] == 3 and distances[3, 0] == pytest.approx(0, abs=1e-6)
+    exact_d, exact_i = NearestNeighbors(n_neighbors=5, metric="cosine").fit(x).kneighbors()
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(neighbours, exact_i)]) / 5 >= 0.99
+    assert np.allclose(np.sort(distances, axis=1)[:, 1:], np.sort(exact_d, axis=1)[:, 1:], atol=1e-4)
+    again = approximate_knn_graph(x, 5)
+    assert np.array_equal(again.indices, graph.indices) and np.array_equal(again.data, graph.data)
+
+
+def test_language_is_identified_once_per_record(encoder, tmp_path, monkeypatch):
+    calls: list[str] = []
+    guess = rules.language_guesses
+    monkeypatch.setattr(rules, "language_guesses", lambda text: calls.append(text) or guess(text))
+    records, _ = planted()
+    result = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
+    assert result.metrics["pii"]["records_redacted"] == 0
+    assert len(calls) == len(records)  # the rules' pass; Datalab's language groups reuse it
 
 
 def test_joined_text_embeds_one_text_a_record(encoder, tmp_path):
@@ -361,6 +405,8 @@ def test_label_pred_probs_fit_unit_length_embeddings():
 def test_params_checks_name_the_key():
     with pytest.raises(ParamsError, match=r"clean.datalab_min_records \(5\) must be larger than clean.knn_k"):
         check_params(dataclasses.replace(P, datalab_min_records=5))
+    with pytest.raises(ParamsError, match=r"clean.approximate_knn_min_records \(10\) must be larger than clean.knn_k"):
+        check_params(dataclasses.replace(P, approximate_knn_min_records=10))
     with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
         check_params(dataclasses.replace(P, phone_regions=["GB", "UK"]))
     with pytest.raises(ParamsError, match=r"clean.embedding_max_seq_length 0 must be at least 1"):

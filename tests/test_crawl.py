@@ -503,6 +503,30 @@ def test_a_bad_jsonl_line_is_a_reject_with_file_line_and_the_good_lines_flow_on(
     assert "Expecting property name" in rejects[0]["detail"] and "got list" in rejects[1]["detail"]
 
 
+def test_a_jsonl_row_with_unicode_line_separators_in_a_string_stays_one_row(tmp_path):
+    # U+2028/U+2029 are legal inside a JSON string; str.splitlines cut such a row in two
+    # (two bad_json rejects) and shifted the line number of every later reject.
+    d = jsonl_dataset(tmp_path, '{"instruction": "Line one\u2028line two?", "output": "Para\u2029graph."}\r\n'
+                                '{"instruction": "Broken", "output": }\n'
+                                '{"instruction": "What is a burr?", "output": "A grinding ring."}\n')
+    records, rejects = crawl.load_datasets([d])
+    assert sorted(r["instruction"] for r in records) == ["Line one\u2028line two?", "What is a burr?"]
+    assert [r["output"] for r in records if "\u2028" in r["instruction"]] == ["Para\u2029graph."]
+    assert [(r["url"], r["reason"]) for r in rejects] == [(f"{d.path}:2", "bad_json")]
+
+
+def test_a_jsonl_file_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
+    d = jsonl_dataset(tmp_path, b'\xef\xbb\xbf{"instruction": "a b c", "output": "d e f"}\n{"instruction": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=rf"{d.path}:2: not UTF-8 text"):
+        crawl.load_datasets([d])
+
+
+def test_an_empty_jsonl_file_fails_saying_it_is_empty(tmp_path):
+    d = jsonl_dataset(tmp_path, "\n  \n")
+    with pytest.raises(InputError, match=rf"{d.path} is empty"):
+        crawl.load_datasets([d])
+
+
 def test_a_broken_json_file_fails_naming_file_and_line(tmp_path):
     d = jsonl_dataset(tmp_path, '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n', fmt="json")
     with pytest.raises(InputError, match=rf"{d.path}:3: not valid JSON"):

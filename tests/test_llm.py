@@ -63,6 +63,24 @@ def test_replies_in_order_cached_and_not_asked_again(tmp_path, monkeypatch):
         assert server.requests == 12  # another seed is another call
 
 
+def test_cache_fans_out_two_levels_and_still_reads_the_one_level_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with ScriptedServer() as server:
+        ep = endpoint(server.base_url)
+        first = complete_many_sync(ep, conversations(4), tmp_path, seed=1)
+        files = cache_files(tmp_path)
+        # ab/cd/abcd....json: two directory levels of two hex digits each, named by the key
+        assert len(files) == 4
+        assert all(f.parent.parent.parent == tmp_path and f.stem.startswith(f.parent.parent.name + f.parent.name)
+                   for f in files)
+        # An entry written by an earlier version (ab/abcd....json) is still a hit, not a new call.
+        for f in files:
+            f.rename(tmp_path / f.parent.parent.name / f.name)
+        again = complete_many_sync(ep, conversations(4), tmp_path, seed=1)
+        assert server.requests == 4 and all(r.cached for r in again)
+        assert [r.text for r in again] == [r.text for r in first]
+
+
 def test_seed_is_sent_and_identical_requests_get_their_own(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     same = [[{"role": "user", "content": "same"}]] * 3

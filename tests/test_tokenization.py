@@ -409,3 +409,17 @@ def test_tokenize_stage_packs_and_num_proc_gives_the_same_data(tmp_path, monkeyp
     assert all(len(ids) <= 512 for ids in packed["input_ids"])
     assert sum(p.count(0) for p in packed["position_ids"]) == 40
     assert "position_ids" not in load_from_disk(str(project / "data" / "tokenized" / "val")).column_names
+
+
+def test_pin_fingerprint_is_the_hash_of_the_arrow_files_in_order(tmp_path):
+    import hashlib
+
+    from stages.tokenize import pin_fingerprint
+
+    parts = [b"a" * (3 << 20), b"b" * 7, b"c" * ((1 << 20) + 1)]  # files around the 1 MiB read size
+    for i, blob in enumerate(parts):
+        (tmp_path / f"data-{i:05d}-of-00003.arrow").write_bytes(blob)
+    (tmp_path / "state.json").write_text(json.dumps({"_fingerprint": "random", "_split": "train"}), encoding="utf-8")
+    pin_fingerprint(tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
+    assert state == {"_fingerprint": hashlib.sha256(b"".join(parts)).hexdigest()[:16], "_split": "train"}

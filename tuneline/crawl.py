@@ -16,6 +16,7 @@ reactor runs once per process, so call `run_crawl` once per process (the stage d
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import csv
@@ -27,7 +28,7 @@ import json
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1010,9 +1011,36 @@ def _read_text(d: CrawlDataset) -> str:
     return text
 
 
-def _jsonl_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[dict]]:
+def _jsonl_lines(d: CrawlDataset) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a jsonl file, read in a stream; lines end at LF only.
+
+    A binary read splits at the LF byte alone, so U+2028/U+2029 (line separators to `str.splitlines`,
+    but legal inside a JSON string) never cut a row in two, and memory does not grow with the
+    file. Fails naming the file when it is missing, empty or not UTF-8 (naming the line too).
+    """
+    path = Path(d.path)
+    if not path.is_file():
+        raise _dataset_error(d, f"{d.path} does not exist")
+    seen_text = False
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not part of the data
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _dataset_error(
+                    d, f"{d.path}:{line_no}: not UTF-8 text (byte {err.start} of the line: {err.reason}); save it as UTF-8"
+                ) from None
+            seen_text = seen_text or bool(line.strip())
+            yield line_no, line
+    if not seen_text:
+        raise _dataset_error(d, f"{d.path} is empty; remove the entry from crawl.datasets or fill the file")
+
+
+def _jsonl_rows(d: CrawlDataset, lines: Iterable[tuple[int, str]]) -> tuple[list[tuple[str, dict]], list[dict]]:
     rows, rejects = [], []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    for line_no, line in lines:
         if not line.strip():
             continue
         where = f"{d.path}:{line_no}"
@@ -1069,8 +1097,10 @@ def _type_name(value: Any) -> str:
 def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dict], list[str]]:
     """(where, row) for each row of one `crawl.datasets` entry, rows rejected unread, and the columns."""
     if d.format in ("json", "jsonl", "csv"):
-        text = _read_text(d)
-        rows, rejects = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[d.format](d, text)
+        if d.format == "jsonl":
+            rows, rejects = _jsonl_rows(d, _jsonl_lines(d))
+        else:
+            rows, rejects = {"json": _json_rows, "csv": _csv_rows}[d.format](d, _read_text(d))
         columns = list(dict.fromkeys(k for _, row in rows for k in row))
         return rows, rejects, columns
 

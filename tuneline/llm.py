@@ -159,16 +159,39 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:
-    # Two-level fan-out keeps directories small for tens of thousands of calls.
+    """Where the entry of `key` is written: `ab/cd/abcd....json`.
+
+    Two levels of 256 directories: at 1M calls a leaf holds about 15 entries and no directory
+    more than 256 names (one level held ~4,000 files a directory at 1M, and file systems and
+    DVC slow down on large directories).
+    """
+    return Path(cache_dir) / key[:2] / key[2:4] / f"{key}.json"
+
+
+def legacy_cache_path(cache_dir: str | Path, key: str) -> Path:
+    """Where entries were written before the two-level layout (`ab/abcd....json`): still read, never written."""
     return Path(cache_dir) / key[:2] / f"{key}.json"
 
 
+def _read_entry(cache_dir: str | Path, key: str) -> dict | None:
+    for path in (cache_path(cache_dir, key), legacy_cache_path(cache_dir, key)):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def read_cached(cache_dir: str | Path, key: str) -> Reply | None:
-    """The cached reply for `key`, or None (a missing or unreadable entry is a miss)."""
-    path = cache_path(cache_dir, key)
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The cached reply for `key`, or None (a missing or unreadable entry is a miss).
+
+    An entry in the one-level layout of earlier versions is found too, so an existing cache
+    keeps its hits; new entries go to `cache_path`.
+    """
+    entry = _read_entry(cache_dir, key)
+    if entry is None:
         return None
     if not entry.get("text"):
         return None

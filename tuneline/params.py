@@ -247,6 +247,7 @@ class Clean(_Section):
     batch_size: int
     datalab_min_records: int
     knn_k: int
+    approximate_knn_min_records: int
     near_duplicate_threshold: float
     outlier_threshold: float
     label_cv_folds: int

@@ -296,18 +296,28 @@ def _language_text(record: dict) -> str:
     return "\n".join(_text(record, k) for k in ("instruction", "input", "output"))
 
 
-def record_language(record: dict) -> str:
-    """The likeliest language of a record's instruction, input and output ("und" for text without letters)."""
-    guesses = language_guesses(_language_text(record))
+def record_guesses(record: dict) -> dict[str, float]:
+    """`language_guesses` of a record's instruction, input and output together."""
+    return language_guesses(_language_text(record))
+
+
+def top_language(guesses: dict[str, float]) -> str:
+    """The likeliest language of `guesses` ("und" when there is none: text without letters)."""
     return next(iter(guesses), "und")
 
 
-def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
+def record_language(record: dict) -> str:
+    """The likeliest language of a record's instruction, input and output ("und" for text without letters)."""
+    return top_language(record_guesses(record))
+
+
+def language_problem(record: dict, limits: RuleLimits, guesses: dict[str, float] | None = None) -> Problem | None:
     """The record's language is not one of `limits.languages`, when that is certain.
 
     Short texts (fewer than language_min_chars non-space characters), mixed Chinese/English and
     uncertain guesses are kept: only a confident guess (probability >= language_confidence, and
-    no allowed language above 0.1) rejects.
+    no allowed language above 0.1) rejects. `guesses`, when given, are the record's
+    `record_guesses` already made (the clean stage makes one pass per record and reuses it).
     """
     if limits.languages is None:
         return None
@@ -315,7 +325,7 @@ def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
     if len("".join(text.split())) < limits.language_min_chars:
         return None
     allowed = set(limits.languages)
-    probs = language_guesses(text)
+    probs = guesses if guesses is not None else language_guesses(text)
     if not probs:
         return None
     top, prob = next(iter(probs.items()))
@@ -324,8 +334,11 @@ def language_problem(record: dict, limits: RuleLimits) -> Problem | None:
     return Problem("wrong_language", f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}", round(prob, 4))
 
 
-def check_record(record: dict, limits: RuleLimits) -> list[Problem]:
-    """Every per-record rule that the record fails, in a fixed order (PII and duplicates aside)."""
+def check_record(record: dict, limits: RuleLimits, guesses: dict[str, float] | None = None) -> list[Problem]:
+    """Every per-record rule that the record fails, in a fixed order (PII and duplicates aside).
+
+    `guesses`: the record's `record_guesses`, when the caller has made them already.
+    """
     problems = empty_fields(record)
     if problems:
         # Length, language and repetition say nothing useful about a record with no text.
@@ -336,7 +349,7 @@ def check_record(record: dict, limits: RuleLimits) -> list[Problem]:
         refusal(record),
         broken_encoding(record),
         html_remnants(record),
-        language_problem(record, limits),
+        language_problem(record, limits, guesses),
     ):
         if problem is not None:
             problems.append(problem)
