@@ -187,9 +187,12 @@ def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
         assert "build" in would_run and not would_run & UPSTREAM
         diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json").stdout)["metrics/clean.json"]
         assert diff["human.rejected"]["new"] == 1 and diff["rejects_by_reason.human"]["new"] == 1
-        # cleanlab's checks run again on the records that remain, so its flags may shift too
-        # (measured: 102 kept -> 100, the human reject and one more).
-        assert diff["records_out"]["new"] < kept_before
+        # cleanlab's checks run again on the records that remain, so its flags may shift either way
+        # (measured: 102 kept -> 100 once; 112 -> 113 on 2026-12-04, two label flags fewer); the
+        # accounting holds: every record in is kept or rejected with a reason.
+        metrics = json.loads((repo / "metrics/clean.json").read_text())
+        assert metrics["records_out"] == diff["records_out"]["new"]
+        assert metrics["records_in"] == metrics["records_out"] + sum(metrics["rejects_by_reason"].values())
     finally:
         decisions.write_text(original)
         repro(repo, "clean")  # back to the state the other tests expect (from DVC's run cache)
