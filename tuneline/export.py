@@ -1,4 +1,5 @@
-"""Export: the adapter merged into its base, saved as a standalone model with a model card."""
+"""Export: the adapter merged into its base (a P-tuning prompt written into the vocabulary), saved as a
+standalone model with a greedy generation config and a model card."""
 
 from __future__ import annotations
 
@@ -119,12 +120,12 @@ def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: 
     else:
         model, tokenizer = merged_model(selected, adapter_dir, dtype), load_tokenizer(str(adapter_dir))
         written = "merged"
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
     # Greedy, stopping at the template's end of turn too: `tuneline serve` and a plain `generate` read
-    # this file, and a base's own one neither stops there nor decodes greedily. P-tuning's virtual
-    # tokens stay suppressed.
+    # the saved generation_config.json, and a base's own one neither stops there nor decodes greedily.
+    # P-tuning's virtual tokens stay suppressed.
     config = greedy_config(stop_ids(model, tokenizer, "auto"), tokenizer.pad_token_id)
     config.suppress_tokens = model.generation_config.suppress_tokens
-    config.save_pretrained(out_dir)
+    model.generation_config = config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     return written
