@@ -1,7 +1,10 @@
 """One script per DVC stage, run as `python -m stages.<name>`.
 
-A user's mistake (a bad params key, a bad input line) ends the stage with its one-line message
-naming the key or the file, line and field, and exit status 2: never a bare traceback.
+The library raises three typed errors, and this hook is where a stage turns them into its
+one-line message and exit status, never a bare traceback: a user's mistake (params.ParamsError,
+a bad params key; records.InputError, a bad input line) names the key or the file, line and
+field and exits 2; an LLM or judge endpoint that did not answer or failed too many calls
+(records.EndpointError) names the key to check and exits 3. Anything else is a bug: a traceback.
 
 Before any stage imports a library, its logging is set up (tuneline.logs): the terminal shows the
 stage's summary, progress bars and real warnings; library chatter goes to
@@ -12,13 +15,13 @@ import sys
 
 from tuneline import params
 from tuneline.logs import stage_name, start_stage_log
-from tuneline.records import InputError
+from tuneline.records import EndpointError, InputError, exit_code
 
 
 def _report_user_errors(kind, value, tb):
-    if issubclass(kind, (params.ParamsError, InputError)):
+    if issubclass(kind, (params.ParamsError, InputError, EndpointError)):
         print(f"error: {value}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(exit_code(value))
     sys.__excepthook__(kind, value, tb)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tuneline import augment, llm, params, timings
 from tuneline.llmserver import endpoint_url
-from tuneline.records import InputError, duplicate_ids, read_json, write_json, write_jsonl
+from tuneline.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl
 
 log = logging.getLogger("augment")
 
@@ -90,7 +90,7 @@ def main() -> None:
     # Every call failing in transport (not a model writing nothing) means a wrong URL, model or key.
     failed = [r for r in result.replies if r.error is not None and r.error not in (llm.EMPTY_REPLY, llm.TRUNCATED)]
     if result.replies and len(failed) == len(result.replies):
-        raise RuntimeError(
+        raise EndpointError(
             f"every call to {p.model} failed, first error: {failed[0].error}. Check augment.base_url, "
             f"augment.model and the key in ${p.api_key_env}"
         )
@@ -110,7 +110,7 @@ def main() -> None:
     timings.write_metrics(Path(base.metrics_dir) / "augment.json", metrics, base.metrics_dir, "augment")
     if result.replies and len(failed) > p.max_failed_fraction * len(result.replies):
         # A non-zero exit makes DVC run the stage again; the cache makes that rerun send only these.
-        raise RuntimeError(
+        raise EndpointError(
             f"{len(failed)} of {len(result.replies)} calls failed after retries, more than "
             f"augment.max_failed_fraction {p.max_failed_fraction}; first error: {failed[0].error}. They are listed "
             f"under failed_calls in {base.metrics_dir}/augment.json; rerun the stage to ask only them again"
@@ -127,7 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, params.ParamsError, FileNotFoundError, RuntimeError) as err:
-        raise SystemExit(f"augment: {err}") from None
+    main()

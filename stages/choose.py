@@ -59,7 +59,7 @@ def choose(scores: dict[str, dict], metric: str, tie_break: str = "listed_order"
     missing = [name for name, s in scores.items() if s.get(metric) is None]
     if missing:
         fix = " (rerun select with select.judge.enabled: true)" if metric == "judge" else ""
-        raise SystemExit(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has{fix}")
+        raise params.ParamsError(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has{fix}")
     order = ranked(scores, metric)
     top = scores[order[0]][metric]
     tied = [order[0]] + [n for n in order[1:] if within_noise(top, scores[n], metric)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuneline import params, timings
 from tuneline.decontamination import contaminated
-from tuneline.records import read_json, read_jsonl, write_json, write_jsonl
+from tuneline.records import InputError, read_json, read_jsonl, write_json, write_jsonl
 
 
 def base_corpus(selected: dict) -> list[Path]:
@@ -88,8 +88,8 @@ def main() -> None:
         docs = [d for i, d in enumerate(docs) if i not in dirty]
         if not docs:
             write_jsonl(out_dir / "rejects.jsonl", rejects)  # the message below points to it
-            raise SystemExit(f"pretrain: no crawled document left to pretrain on ({len(rejects)} rejected, see "
-                             f"{out_dir / 'rejects.jsonl'}); set pretrain.enabled to false or crawl more documents")
+            raise InputError(f"pretrain: no crawled document left to pretrain on ({len(rejects)} rejected, see "
+                           f"{out_dir / 'rejects.jsonl'}); set pretrain.enabled to false or crawl more documents")
         # Imported here: the check alone needs no torch, and its start-up costs seconds per stage.
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback

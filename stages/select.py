@@ -55,7 +55,7 @@ def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int)
 def main(name: str) -> None:
     base, p, tok = params.load("base", "select", "tokenize")
     if name not in p.candidates:
-        raise SystemExit(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
+        raise params.ParamsError(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]
     if p.judge.enabled:
         from tuneline import judge

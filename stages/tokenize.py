@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer
-from tuneline.records import read_json, write_json, write_jsonl
+from tuneline.records import InputError, read_json, write_json, write_jsonl
 from tuneline.templates import chat_template_for, with_fixed_date
 from tuneline.tokenization import pack_batch, padding_fraction, tokenize_batch
 
@@ -31,7 +31,7 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
     """One split tokenized (and packed when asked), with its counts and the records it dropped."""
     records = Dataset.from_json(str(path), cache_dir=cache_dir)
     if len(records) == 0:
-        raise SystemExit(f"tokenize: {path} has no records; check metrics/build.json")
+        raise InputError(f"tokenize: {path} has no records; check metrics/build.json")
     # Batched: a batch's conversations are rendered in two template calls and its pieces tokenized
     # in one call, which gives the same rows as tokenizing record by record.
     tokenized = records.map(
@@ -116,7 +116,7 @@ def main() -> None:
     try:
         tokenizer.chat_template = with_fixed_date(chat_template_for(tokenizer, p.template), p.template_date)
     except ValueError as err:
-        raise SystemExit(f"tokenize: tokenize.template_date {p.template_date!r}: {err}") from None
+        raise params.ParamsError(f"tokenize: tokenize.template_date {p.template_date!r}: {err}") from None
     (out_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     metrics, rejects = {}, []
     with tempfile.TemporaryDirectory() as cache_dir:

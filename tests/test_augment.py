@@ -278,7 +278,7 @@ def test_replies_of_a_loopback_url_are_not_reused_for_another_endpoint(first_run
     result = subprocess.run([sys.executable, "-m", "stages.feedback"], cwd=project, env=stage_env(), capture_output=True)
     result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 1 and "augment: augment.model 'stub' is not a local model directory" in result.stderr
+    assert result.returncode == 2 and "error: augment.model 'stub' is not a local model directory" in result.stderr
 
 
 def test_editing_a_prompt_template_asks_again(first_run, stub, tmp_path):
@@ -349,7 +349,7 @@ def test_batch_with_the_local_server_is_refused_naming_the_key(tmp_path):
     project = make_project(tmp_path / "local", "local", batch=True)
     result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 1 and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
+    assert result.returncode == 2 and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
 
 
 # --- the real server ----------------------------------------------------------------------
@@ -446,7 +446,7 @@ def test_too_many_failed_calls_fail_the_stage_and_are_listed(tmp_path):
         project = make_project(tmp_path / "failing", server.base_url, rounds=1, max_retries=0, max_failed_fraction=0.1)
         result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 3  # an endpoint error, not a user's mistake (2)
     assert "more than augment.max_failed_fraction 0.1" in result.stderr
     metrics = json.loads((project / "metrics/augment.json").read_text())
     assert [c["detail"].split(":")[0] for c in metrics["failed_calls"]] == ["InternalServerError"]

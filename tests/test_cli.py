@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,9 +14,9 @@ import pytest
 from openai import OpenAI
 
 from tests.tuned_project import ROOT
-from tuneline.cli import main, stop, wait_ready
+from tuneline.cli import exported_model, main, parser, serve, stop, wait_ready
 from tuneline.llmserver import free_port
-from tuneline.records import write_json
+from tuneline.records import EndpointError, InputError, write_json
 
 QUESTION = [{"role": "user", "content": "How long should a French press steep?"}]
 
@@ -39,15 +40,16 @@ def project_without_export(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_serve_says_how_to_make_the_missing_export(project_without_export):
-    with pytest.raises(SystemExit, match=r"no exported model in models/export .* run `dvc repro export` first"):
-        main(["serve", "--port", str(free_port())])
+def test_serve_says_how_to_make_the_missing_export(project_without_export, capsys):
+    assert main(["serve", "--port", str(free_port())]) == 2
+    assert re.match(r"tuneline serve: no exported model in models/export .* run `dvc repro export` first\n$",
+                    capsys.readouterr().err)
 
 
 def test_serve_says_when_an_api_model_was_chosen(project_without_export):
     write_json(project_without_export / "models" / "export" / "SKIPPED.json", {"reason": "gpt-x is an API model"})
-    with pytest.raises(SystemExit, match="nothing was exported .* gpt-x is an API model"):
-        main(["serve"])
+    with pytest.raises(InputError, match="nothing was exported .* gpt-x is an API model"):
+        exported_model(project_without_export / "models" / "export")
 
 
 def test_wait_ready_fails_fast_when_the_server_dies_or_never_answers():
@@ -105,9 +107,9 @@ def test_check_lists_every_problem_of_the_params_file(project_without_export, ca
     text = (project_without_export / "params.yaml").read_text(encoding="utf-8")
     text = text.replace("  lora_r: 128", "  lora_rr: 128").replace("  max_new_tokens:", "  max_new_tokenz:")
     (project_without_export / "params.yaml").write_text(text, encoding="utf-8")
-    with pytest.raises(SystemExit) as failed:
-        main(["check"])
-    message = str(failed.value)
+    assert main(["check"]) == 2
+    message = capsys.readouterr().err
+    assert re.match(r"tuneline check: params.yaml: \d problems, nothing was run:", message), message
     assert "train.lora_rr is not a known key (did you mean train.lora_r?)" in message
     assert "max_new_tokenz is not a known key (did you mean" in message
 
@@ -120,8 +122,9 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(project_without_e
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(SystemExit, match=rf"port {port} on 127.0.0.1 is in use; pick another with --port"):
-            main(["serve", "--port", str(port), "--startup-timeout", "5"])
+        with pytest.raises(EndpointError, match=rf"^port {port} on 127.0.0.1 is in use; pick another with --port$"):
+            serve(parser().parse_args(["serve", "--port", str(port), "--startup-timeout", "5"]))
+        assert main(["serve", "--port", str(port), "--startup-timeout", "5"]) == 3
 
 
 def test_verdict_prints_the_eval_table(project_without_export, capsys):

@@ -16,6 +16,8 @@ from tests.tuned_project import ROOT
 from tuneline import judge as judge_module
 from tuneline.judge import judge, load_prompt, outcome
 from tuneline.llm import Endpoint, lazy_caller
+from tuneline.params import ParamsError
+from tuneline.records import EndpointError
 
 RECORDS = [{"id": f"r{i}", "instruction": f"How do I brew coffee number {i}?", "input": "", "output": f"Brew it well {i}."} for i in range(3)]
 TUNED = [f"tuned answer {i}" for i in range(3)]
@@ -98,7 +100,7 @@ def test_outcome_counts_a_verdict_only_when_both_orders_agree():
 
 
 def test_a_missing_prompt_file_names_it_and_the_key(tmp_path):
-    with pytest.raises(SystemExit, match=r"judge\.txt: the prompt file named by evaluate\.judge\.prompt is missing"):
+    with pytest.raises(ParamsError, match=r"judge\.txt: the prompt file named by evaluate\.judge\.prompt is missing"):
         load_prompt(tmp_path / "judge.txt", "evaluate.judge.prompt")
 
 
@@ -140,7 +142,7 @@ def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tm
 
 
 def test_label_verdicts_need_a_local_judge_whose_labels_are_single_tokens(tmp_path):
-    with pytest.raises(SystemExit, match=r"evaluate\.judge\.model must be a local model directory.*verdict: json"):
+    with pytest.raises(ParamsError, match=r"evaluate\.judge\.model must be a local model directory.*verdict: json"):
         judge_module.run(label_judge("http://127.0.0.1:9/v1", "gpt-4o-mini"), "evaluate.judge", RECORDS, TUNED, BASE,
                          tmp_path, seed=42)
     assert judge_module.parse_label(" B\n") == "B" and judge_module.parse_label("C") == "tie"
@@ -161,7 +163,7 @@ def test_a_dead_judge_endpoint_fails_the_stage_within_seconds_naming_the_key(tmp
         s.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
         started = time.monotonic()
-        with pytest.raises(SystemExit, match=r"evaluate\.judge: evaluate\.judge\.base_url .*did not answer GET /models"):
+        with pytest.raises(EndpointError, match=r"evaluate\.judge: evaluate\.judge\.base_url .*did not answer GET /models"):
             judge_module.run(json_judge(dead, max_retries=3), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42)
     assert time.monotonic() - started < 10
 
@@ -169,7 +171,7 @@ def test_a_dead_judge_endpoint_fails_the_stage_within_seconds_naming_the_key(tmp
 def test_more_failed_judge_calls_than_allowed_fail_naming_base_url(tmp_path):
     # The server is up (GET /models answers) but every verdict call fails: no "unparsed 1.00" exit 0.
     with ScriptedServer(faults=["500"] * 6) as server:
-        with pytest.raises(SystemExit, match=r"select\.judge: 6 of 6 judge calls failed.*select\.judge\.max_failed_fraction "
+        with pytest.raises(EndpointError, match=r"select\.judge: 6 of 6 judge calls failed.*select\.judge\.max_failed_fraction "
                                              r"0\.1.*Check select\.judge\.base_url \('http://127\.0\.0\.1"):
             judge_module.run(json_judge(server.base_url), "select.judge", RECORDS, TUNED, BASE, tmp_path, 42)
     with ScriptedServer(respond=prefers_tuned, faults=["500"]) as server:  # one of six: within 0.2

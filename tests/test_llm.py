@@ -20,6 +20,7 @@ from tests.openai_stub import ScriptedServer
 from tuneline.llm import (EMPTY_REPLY, TRUNCATED, Endpoint, TokenBudget, cache_key, complete_batch, complete_many_sync, ledger,
                           model_fingerprint, preflight, request_seed)
 from tuneline.llmserver import endpoint_url, local_server
+from tuneline.params import ParamsError
 
 JSON_OBJECT = {"type": "json_object"}
 
@@ -191,7 +192,7 @@ def test_endpoint_url_passes_a_remote_url_through():
 
 
 def test_local_server_needs_a_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dvc repro models"):
+    with pytest.raises(ParamsError, match="dvc repro models"):
         with local_server(str(tmp_path / "missing")):
             pass
 

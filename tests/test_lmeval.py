@@ -37,7 +37,7 @@ def test_task_scores_keep_the_requested_tasks_metrics_with_their_standard_errors
         "mmlu/acc": {"value": 0.4, "stderr": 0.01, "higher_is_better": True, "documents": None},
         "gsm8k/exact_match,strict-match": {"value": 0.1, "stderr": 0.01, "higher_is_better": True, "documents": 100},
     }
-    with pytest.raises(SystemExit, match=r"no results for 'hellaswag'"):
+    with pytest.raises(ParamsError, match=r"no results for 'hellaswag'"):
         task_scores(results, ["hellaswag"])
 
 

@@ -562,7 +562,7 @@ def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no
 def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     ds = tokenized(tiny_model_dir, seed_records()[:2])
-    with pytest.raises(SystemExit, match=r"train\.wise_ft .* ZeRO-3.*set train\.wise_ft to 1\.0"):
+    with pytest.raises(params.ParamsError, match=r"train\.wise_ft .* ZeRO-3.*set train\.wise_ft to 1\.0"):
         train(selected_of(tiny_model_dir), train_params(method="full", wise_ft=0.5), ds, None, tmp_path, SEED, [])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tuneline.intervals import score_intervals
 from tuneline.llm import Endpoint, complete_many_sync, ledger
 from tuneline.llmserver import endpoint_url
+from tuneline.records import EndpointError
 from tuneline.templates import to_messages
 from tuneline.textmetrics import corpus_scores, record_scores
 
@@ -44,7 +45,7 @@ def score_api_candidate(name: str, cand, p, records: list[dict], shots: list[dic
         replies = complete_many_sync(endpoint, prompts(sample, shots), cache_dir, seed)
     failed = [r.error for r in replies if r.error is not None]
     if failed:
-        raise SystemExit(f"select: API candidate {name}: {len(failed)} of {len(replies)} calls failed; first: {failed[0]}")
+        raise EndpointError(f"select: API candidate {name}: {len(failed)} of {len(replies)} calls failed; first: {failed[0]}")
     answers = [r.text.strip() for r in replies]
     usage = ledger(replies, cand.price_prompt_per_mtok, cand.price_completion_per_mtok)
     metrics = {

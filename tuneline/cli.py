@@ -17,6 +17,10 @@ it listens and stops it. The `model` field of a request is the model directory a
 export is a plain checkpoint (a P-tuning run's virtual tokens are special tokens in it).
 `review` opens the review page (tuneline.reviewapp) on this machine; the decisions it saves go to
 base.decisions, which `dvc repro` applies.
+
+The commands raise typed errors; `main` prints each as `tuneline <command>: <message>` and returns
+the exit status a stage would: 2 for a params or input mistake, 3 for a server that would not start
+or a port that is taken (records.exit_code).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import IO
 
 from tuneline import params
 from tuneline.llmserver import serve_command
+from tuneline.records import EndpointError, InputError, exit_code
 
 # The exported model is a local directory: the server never needs the hub.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
@@ -50,7 +55,7 @@ def serve_process(
 
 
 def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Return once the server at `url` (…/v1) lists its models; raise RuntimeError when `timeout`
+    """Return once the server at `url` (…/v1) lists its models; raise EndpointError when `timeout`
     seconds pass first or `process` exits."""
     deadline = time.monotonic() + timeout
     while True:
@@ -61,9 +66,9 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
         except (OSError, ValueError):
             pass  # not listening yet, or still starting
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
+            raise EndpointError(f"the server exited with code {process.returncode} before it was ready")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the server at {url} was not ready after {timeout:.0f} s")
+            raise EndpointError(f"the server at {url} was not ready after {timeout:.0f} s")
         time.sleep(0.25)
 
 
@@ -80,29 +85,24 @@ def stop(process: subprocess.Popen, timeout: float = 15.0) -> int:
 
 
 def exported_model(export_dir: str | Path) -> Path:
-    """The exported model directory, or SystemExit saying how to make it."""
+    """The exported model directory, or InputError saying how to make it."""
     path = Path(export_dir)
     if (path / "SKIPPED.json").is_file():
         reason = json.loads((path / "SKIPPED.json").read_text(encoding="utf-8")).get("reason", "")
-        raise SystemExit(
-            f"tuneline serve: nothing was exported to {path}: {reason}. Send requests to that API directly"
-        )
+        raise InputError(f"nothing was exported to {path}: {reason}. Send requests to that API directly")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise SystemExit(
-            f"tuneline serve: no exported model in {path} (base.export_dir; no config.json there); "
+        raise InputError(
+            f"no exported model in {path} (base.export_dir; no config.json there); "
             "run `dvc repro export` first"
         )
     return path
 
 
-def project_base(command: str):
-    """The `base` params of the project in the working directory, or SystemExit saying what is wrong."""
+def project_base():
+    """The `base` params of the project in the working directory; InputError or ParamsError saying what is wrong."""
     if not Path(params.PARAMS_FILE).is_file():
-        raise SystemExit(f"tuneline {command}: no {params.PARAMS_FILE} here; run it from the project root")
-    try:
-        return params.section("base")
-    except params.ParamsError as err:
-        raise SystemExit(f"tuneline {command}: {err}") from None
+        raise InputError(f"no {params.PARAMS_FILE} here; run it from the project root")
+    return params.section("base")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -117,25 +117,33 @@ def port_in_use(host: str, port: int) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; the server never outlives us."""
-    base = project_base("serve")
+    base = project_base()
     model_dir = exported_model(base.export_dir)
     if port_in_use(args.host, args.port):  # before the model loads, not after
-        raise SystemExit(f"tuneline serve: port {args.port} on {args.host} is in use; pick another with --port")
+        raise EndpointError(f"port {args.port} on {args.host} is in use; pick another with --port")
     url = f"http://{args.host}:{args.port}/v1"
     process = serve_process(model_dir, args.port, args.host, args.device)
-    # SIGTERM becomes SystemExit, so the `finally` below stops the server on `kill` as on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM becomes an exception, so the `finally` below stops the server on `kill` as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        wait_ready(url, args.startup_timeout, process)
+        wait_ready(url, args.startup_timeout, process)  # EndpointError: it died or never came up; its output says why
         name = str(model_dir)
         print(f"tuneline serve: {name} at {url} (request model name: {name!r}); Ctrl-C stops it", flush=True)
         return process.wait()
-    except RuntimeError as err:  # it died or never came up; its own output above says why
-        raise SystemExit(f"tuneline serve: {err}") from None
     except KeyboardInterrupt:
         return 0
+    except Terminated:
+        return 128 + signal.SIGTERM
     finally:
         stop(process)
+
+
+class Terminated(Exception):
+    """SIGTERM reached `tuneline serve`."""
+
+
+def _terminated(*_) -> None:
+    raise Terminated
 
 
 def report(args: argparse.Namespace) -> int:
@@ -144,17 +152,17 @@ def report(args: argparse.Namespace) -> int:
 
     try:
         path = write_report(args.rev, args.out, args.plots_dir, timings=args.timings)
-    except (RuntimeError, params.ParamsError) as err:
-        raise SystemExit(f"tuneline report: {err}") from None
+    except RuntimeError as err:  # a dvc command failed on this project; its message says why
+        raise InputError(str(err)) from None
     print(f"tuneline report: wrote {path} (workspace vs {args.rev}), training curves in {args.plots_dir}/")
     return 0
 
 
 def review(args: argparse.Namespace) -> int:
     """Serve the review page until Ctrl-C; decisions are appended to base.decisions."""
-    base = project_base("review")
+    base = project_base()
     if port_in_use(args.host, args.port):
-        raise SystemExit(f"tuneline review: port {args.port} on {args.host} is in use; pick another with --port")
+        raise EndpointError(f"port {args.port} on {args.host} is in use; pick another with --port")
     from tuneline.review import reviewer_name
     from tuneline.reviewapp import build_app
 
@@ -169,11 +177,8 @@ def review(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     """Check all of params.yaml as every stage does at start; print every problem, or that it is fine."""
     if not Path(args.params).is_file():
-        raise SystemExit(f"tuneline check: no {args.params} here; run it from the project root")
-    try:
-        params.check(args.params, complete=True)
-    except params.ParamsError as err:
-        raise SystemExit(f"tuneline check: {err}") from None
+        raise InputError(f"no {args.params} here; run it from the project root")
+    params.check(args.params, complete=True)
     print(f"tuneline check: {args.params} is fine ({len(params.SECTIONS)} sections); `dvc repro` runs the pipeline")
     return 0
 
@@ -182,10 +187,10 @@ def verdict(args: argparse.Namespace) -> int:
     """Print tuned vs base from metrics/eval.json as a table (what `make run` ends with)."""
     from tuneline.report import verdict_text
 
-    base = project_base("verdict")
+    base = project_base()
     path = Path(base.metrics_dir) / "eval.json"
     if not path.is_file():
-        raise SystemExit(f"tuneline verdict: no {path}; run `dvc repro` first")
+        raise InputError(f"no {path}; run `dvc repro` first")
     print(verdict_text(json.loads(path.read_text(encoding="utf-8"))))
     return 0
 
@@ -194,11 +199,11 @@ def exps(args: argparse.Namespace) -> int:
     """Print the experiments of `dvc exp show`: the params that differ and the headline metrics."""
     from tuneline.report import experiments_table
 
-    base = project_base("exps")
+    base = project_base()
     try:
         print(experiments_table(base.metrics_dir, all_commits=args.all_commits))
-    except RuntimeError as err:
-        raise SystemExit(f"tuneline exps: {err}") from None
+    except RuntimeError as err:  # a dvc command failed on this project; its message says why
+        raise InputError(str(err)) from None
     return 0
 
 
@@ -243,9 +248,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tuneline` console script."""
+    """Entry point of the `tuneline` console script: the command's exit status; a typed error is
+    printed as `tuneline <command>: <message>` and returns its exit_code."""
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (params.ParamsError, InputError, EndpointError) as err:
+        print(f"tuneline {args.command}: {err}", file=sys.stderr)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

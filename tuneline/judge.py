@@ -32,6 +32,8 @@ import numpy as np
 from tuneline import llm
 from tuneline.intervals import percentile_interval, resample_indexes
 from tuneline.llm import Reply, ReplyError, parse_json_object
+from tuneline.params import ParamsError
+from tuneline.records import EndpointError
 
 Call = Callable[[list[list[dict]], int], list[Reply]]
 OUTCOMES = ("win", "tie", "loss", "unparsed")
@@ -43,7 +45,7 @@ POINTS = {"win": 1.0, "tie": 0.5, "unparsed": 0.5, "loss": 0.0}
 def load_prompt(path: str | Path, key: str) -> jinja2.Template:
     """The Jinja2 template in `path`; a missing file fails naming it and the params key."""
     if not Path(path).is_file():
-        raise SystemExit(f"{path}: the prompt file named by {key} is missing")
+        raise ParamsError(f"{path}: the prompt file named by {key} is missing")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(Path(path).read_text(encoding="utf-8"))
 
@@ -68,14 +70,14 @@ def verdict_format(structured: str) -> dict | None:
 
 
 def failed_calls_check(replies: list[Reply], max_failed_fraction: float, key: str, base_url: str) -> None:
-    """SystemExit when more than `max_failed_fraction` of the judge's calls failed after retries: a dead
+    """EndpointError when more than `max_failed_fraction` of the judge's calls failed after retries: a dead
     or wrong endpoint must not pass as a run of "unparsed" verdicts. Names `key`.base_url, the fix."""
     failed = [r for r in replies if r.error is not None]
     if replies and len(failed) > max_failed_fraction * len(replies):
-        raise SystemExit(f"{key}: {len(failed)} of {len(replies)} judge calls failed after retries, more than "
-                         f"{key}.max_failed_fraction {max_failed_fraction}; first error: {failed[0].error}. Check "
-                         f"{key}.base_url ({base_url!r}), {key}.model and the key in {key}.api_key_env; "
-                         "a rerun asks only the failed calls again")
+        raise EndpointError(f"{key}: {len(failed)} of {len(replies)} judge calls failed after retries, more than "
+                            f"{key}.max_failed_fraction {max_failed_fraction}; first error: {failed[0].error}. Check "
+                            f"{key}.base_url ({base_url!r}), {key}.model and the key in {key}.api_key_env; "
+                            "a rerun asks only the failed calls again")
 
 
 # The label verdict's tokens: C is a tie.
@@ -110,8 +112,8 @@ def label_bias(model_dir: str, key: str) -> dict[str, float]:
     for label in LABELS:
         ids = tokenizer.encode(label, add_special_tokens=False)
         if len(ids) != 1:
-            raise SystemExit(f"{key}.verdict: label needs {label!r} to be one token of {model_dir}'s tokenizer; "
-                             f"it is {len(ids)}. Use verdict: json with this judge")
+            raise ParamsError(f"{key}.verdict: label needs {label!r} to be one token of {model_dir}'s tokenizer; "
+                              f"it is {len(ids)}. Use verdict: json with this judge")
         bias[str(ids[0])] = 100.0
     return bias
 
@@ -199,8 +201,8 @@ def preflight(j, key: str) -> None:
                             max_tokens=None, concurrency=1, requests_per_minute=60, max_retries=0, timeout_s=j.timeout_s)
     try:
         llm.preflight(endpoint, f"{key}.base_url")
-    except RuntimeError as err:
-        raise SystemExit(f"{key}: {err}") from None
+    except EndpointError as err:
+        raise EndpointError(f"{key}: {err}") from None
 
 
 def run(j, key: str, records: list[dict], first: list[str], second: list[str], cache_dir: str | Path,
@@ -209,8 +211,8 @@ def run(j, key: str, records: list[dict], first: list[str], second: list[str], c
     `key`: evaluate.judge or select.judge); replies are cached in `cache_dir`."""
     local = Path(j.model).is_dir()
     if j.verdict == "label" and not local:
-        raise SystemExit(f"{key}.verdict: label reads the ids of A, B and C from the judge's tokenizer, so {key}.model "
-                         f"must be a local model directory; {j.model!r} is not one. Use verdict: json with an API judge")
+        raise ParamsError(f"{key}.verdict: label reads the ids of A, B and C from the judge's tokenizer, so {key}.model "
+                          f"must be a local model directory; {j.model!r} is not one. Use verdict: json with an API judge")
     label = j.verdict == "label"
     endpoint = llm.Endpoint(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, temperature=0.0,
                             max_tokens=1 if label else j.max_tokens, concurrency=j.concurrency,
@@ -225,8 +227,8 @@ def run(j, key: str, records: list[dict], first: list[str], second: list[str], c
         with llm.lazy_caller(endpoint, cache_dir, cache_salt=salt, preflight_key=f"{key}.base_url") as call:
             summary, rows, replies = judge(lambda requests, s: call(requests, s, fmt), template, retry, records, first,
                                            second, j.reply_retries, seed, parse_label if label else parse_verdict)
-    except RuntimeError as err:  # the preflight's GET /models, or a local server that would not start
-        raise SystemExit(f"{key}: {err}") from None
+    except EndpointError as err:  # the preflight's GET /models, or a local server that would not start
+        raise EndpointError(f"{key}: {err}") from None
     failed_calls_check(replies, j.max_failed_fraction, key, j.base_url)
     usage = llm.ledger(replies)
     print(f"{key.split('.')[0]}: judge {j.model}: {usage['calls']} calls ({usage['cached_calls']} cached, "

@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 import openai
 
-from tuneline.records import content_hash
+from tuneline.records import EndpointError, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def api_key(endpoint: Endpoint) -> str:
         return value
     if is_loopback(endpoint.base_url):
         return NO_KEY
-    raise RuntimeError(
+    raise EndpointError(
         f"the environment variable {endpoint.api_key_env} is not set, and {endpoint.base_url} needs an API "
         f"key: `export {endpoint.api_key_env}=...` (the name comes from the api_key_env param; the key itself "
         "is never stored in params)"
@@ -349,7 +349,7 @@ def preflight(endpoint: Endpoint, key: str, timeout_s: float = 5.0) -> list[str]
         with client:
             models = [m.id for m in client.models.list()]
     except (openai.APIError, ValueError) as err:
-        raise RuntimeError(
+        raise EndpointError(
             f"{key} {endpoint.base_url!r} did not answer GET /models ({_describe_error(err, client.api_key)}): "
             f"check {key}, that the server is up, and the key in ${endpoint.api_key_env}"
         ) from None
@@ -634,7 +634,7 @@ def complete_batch(
 
     The batch id is recorded under cache_dir/batches/ the moment the batch exists: a killed run, run
     again, polls that batch instead of submitting another. A batch that expired, failed or was
-    cancelled, or that answered some requests with errors, raises RuntimeError after caching what it
+    cancelled, or that answered some requests with errors, raises EndpointError after caching what it
     did answer, saying how many requests a rerun (`rerun`) submits again."""
     formats = _formats(response_format, len(requests))
     seeds, keys = _seeds_and_keys(endpoint, requests, seed, formats, cache_salt)
@@ -665,7 +665,7 @@ def complete_batch(
     state.unlink()  # settled: what it answered is cached, a rerun submits only the rest
     if batch.status != "completed" or failed:
         why = "; ".join(f"{e.code}: {e.message}" for e in (batch.errors.data or [])) if batch.errors else ""
-        raise RuntimeError(
+        raise EndpointError(
             f"batch {batch_id} {batch.status}{f' ({why})' if why else ''}: {len(missing) - len(failed)} of "
             f"{len(missing)} requests answered and cached, {len(failed)} not"
             f"{f' (first: {failed[0]})' if failed else ''}; {rerun} to submit only those {len(failed)} again"

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tuneline.params import ParamsError
+from tuneline.records import EndpointError
+
 LOCAL = "local"
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def local_server(model_path: str, *, device: str = "cpu", startup_timeout_s: flo
     server runs offline: nothing is downloaded, the model must be a local directory.
     """
     if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(
+        raise ParamsError(
             f"augment.model {model_path!r} is not a local model directory (no config.json); build it with "
             "`dvc repro models`, or point augment.base_url at a server that hosts the model"
         )
@@ -85,12 +88,12 @@ def local_server(model_path: str, *, device: str = "cpu", startup_timeout_s: flo
         deadline = time.monotonic() + startup_timeout_s
         while not _models_ready(base_url):
             if proc.poll() is not None:
-                raise RuntimeError(
+                raise EndpointError(
                     f"`transformers serve {model_path}` exited with code {proc.returncode} before it was ready:\n"
                     + _tail(log_path)
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise EndpointError(
                     f"`transformers serve {model_path}` was not ready after {startup_timeout_s:.0f} s:\n"
                     + _tail(log_path)
                 )

@@ -14,6 +14,8 @@ import functools
 import math
 import os
 
+from tuneline.params import ParamsError
+
 # lm_eval's bootstrap of a metric's standard error forks a process pool per metric; in a stage
 # that holds a model in memory it runs in-process instead.
 os.environ.setdefault("DISABLE_MULTIPROC", "1")
@@ -60,7 +62,7 @@ def task_scores(results: dict, tasks: list[str]) -> dict[str, dict]:
     for task in tasks:
         values = results.get("groups", {}).get(task) or results["results"].get(task)
         if values is None:
-            raise SystemExit(f"evaluate.lm_eval_tasks: lm_eval returned no results for {task!r}")
+            raise ParamsError(f"evaluate.lm_eval_tasks: lm_eval returned no results for {task!r}")
         better = results.get("higher_is_better", {}).get(task, {})
         documents = results.get("n-samples", {}).get(task, {}).get("effective")  # a group has none of its own
         for key, value in values.items():

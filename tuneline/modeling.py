@@ -187,5 +187,5 @@ def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dty
     base = load_base(selected, dtype, quantize_4bit=trained_4bit(adapter_dir), dequantized=merge)
     model = PeftModel.from_pretrained(base, adapter_dir)
     if merge and model.peft_config["default"].is_prompt_learning:
-        raise SystemExit("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
+        raise ParamsError("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
     return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)]) if merge else model

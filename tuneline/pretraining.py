@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tuneline.params import Train
+from tuneline.records import InputError
 from tuneline.tokenization import collate
 from tuneline.training import fit, training_arguments
 
@@ -26,7 +27,7 @@ def corpus_files(corpus_dir: str | Path) -> list[Path]:
     """The corpus's text files (`*.txt`), in a stable order."""
     files = sorted(Path(corpus_dir).rglob("*.txt"))
     if not files:
-        raise SystemExit(f"models: no *.txt files in {corpus_dir} (models.corpus_dir); put the pretraining text there")
+        raise InputError(f"models: no *.txt files in {corpus_dir} (models.corpus_dir); put the pretraining text there")
     return files
 
 

@@ -28,6 +28,19 @@ class InputError(ValueError):
     """A bad input file: the message names the file, the line and the field."""
 
 
+class EndpointError(RuntimeError):
+    """An LLM or judge endpoint that did not answer, refused the key, or failed more calls than its
+    params allow; the message names the params key to check. A stage ends with exit status 3 (a
+    user's mistake, ParamsError or InputError, with 2), so a script can tell a service to retry
+    from a setting to fix."""
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status of a stage or `tuneline` command that ends with `err`: 3 for an EndpointError,
+    2 for any other error of the one channel (params.ParamsError, InputError, both ValueErrors)."""
+    return 3 if isinstance(err, EndpointError) else 2
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """All records of a JSON Lines file; a bad line fails naming the file and line."""
     return list(iter_jsonl(path))

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
-from tuneline.params import WISE_FT_ZERO3, Train
+from tuneline.params import WISE_FT_ZERO3, ParamsError, Train
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
 
@@ -173,8 +173,8 @@ def prepare_model(selected: dict, p: Train, seed: int):
     from peft import get_peft_model
 
     if p.method == "qlora" and sharded_launch():
-        raise SystemExit("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
-                         "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
+        raise ParamsError("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
+                          "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
     set_seed(seed)
     model = load_model(
         selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
@@ -389,9 +389,9 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     the compute dtype (`save_at_dtype`).
     """
     if p.method == "ptuning" and "position_ids" in train_ds.column_names:
-        raise SystemExit("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+        raise ParamsError("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
     if p.method == "full" and p.wise_ft != 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise SystemExit(WISE_FT_ZERO3)
+        raise ParamsError(WISE_FT_ZERO3)
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
     # The arguments come first: under DeepSpeed ZeRO-3 they set up the sharded loading of the model.
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
@@ -444,8 +444,8 @@ def base_weight_files(selected: dict) -> list[Path]:
         root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["model*.safetensors"]))
     files = sorted(root.glob("model*.safetensors"))
     if not files:
-        raise SystemExit(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
-                         "set train.wise_ft to 1.0 for this model")
+        raise ParamsError(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
+                          "set train.wise_ft to 1.0 for this model")
     return files
 
 
@@ -483,8 +483,8 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
                     new = t.float() * alpha
                 else:
                     if key not in base_of:
-                        raise SystemExit(f"train.wise_ft: {path} holds {key}, which the base {selected['model']}'s "
-                                         "files do not have; set train.wise_ft to 1.0 for this model")
+                        raise ParamsError(f"train.wise_ft: {path} holds {key}, which the base {selected['model']}'s "
+                                          "files do not have; set train.wise_ft to 1.0 for this model")
                     if not t.is_floating_point():
                         continue
                     base_t = base_of[key].get_tensor(key).float()
@@ -493,8 +493,8 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
                 changed += 1
             save_file(tensors, path, metadata={"format": "pt"})
     if not changed:
-        raise SystemExit(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
-                         "set train.wise_ft to 1.0")
+        raise ParamsError(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
+                          "set train.wise_ft to 1.0")
     return changed
 
 
