@@ -54,10 +54,6 @@ def main() -> None:
     # The request names a local model only by its path: its files join the cache key.
     salt = llm.model_fingerprint(p.model) if Path(p.model).is_dir() else ""
 
-    if p.batch and p.base_url == "local":
-        raise params.ParamsError("augment.batch: true needs an endpoint with the OpenAI Batch API (files and batches); "
-                                 "augment.base_url local is `transformers serve`, which has none: set augment.batch: false")
-
     with ExitStack() as server:
         # The server (or the remote URL) is needed only once a call is missing from the
         # cache: a fully cached rerun starts no server and sends nothing.

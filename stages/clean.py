@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tuneline import params
-from tuneline.clean import check_params, clean_records, embed_texts, encoder_key, lazy_encoder, render_report
+from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, render_report
 from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
 from tuneline.review import read_decisions
 
@@ -27,7 +27,6 @@ log = logging.getLogger("clean")
 
 def main() -> None:
     base, p = params.load("base", "clean")
-    check_params(p)
     source = Path(base.augmented_dir) / "records.jsonl"
     if not source.exists():
         raise InputError(f"{source} does not exist; run the augment stage first (dvc repro augment)")

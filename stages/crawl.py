@@ -24,7 +24,6 @@ from tuneline.records import InputError, write_jsonl
 def main() -> int:
     try:
         base, p = params.load("base", "crawl")
-        crawl.check_params(p)
         # Datasets first: a missing column fails in seconds, not after the crawl.
         records, dataset_rejects = crawl.load_datasets(p.datasets)
         http_cache = Path(base.cache_dir) / "http"

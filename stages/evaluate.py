@@ -101,6 +101,7 @@ def benchmarks(p, model, tokenizer, seed: int) -> dict[str, dict]:
 
 def main() -> None:
     base, p = params.load("base", "evaluate")
+    params.check_environment("evaluate", p)
     selected = read_json(base.tuning_base)
     metrics_dir = Path(base.metrics_dir)
     judge_dir = Path(base.cache_dir) / "judge"

@@ -54,6 +54,7 @@ def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int)
 
 def main(name: str) -> None:
     base, p, tok = params.load("base", "select", "tokenize")
+    params.check_environment("select", p)
     if name not in p.candidates:
         raise params.ParamsError(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]

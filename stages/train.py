@@ -55,15 +55,13 @@ def accelerate_command(config: str) -> list[str]:
 
 def relaunch(p: params.Train) -> int:
     """Run the stage under `accelerate launch` (train.launcher: accelerate); its exit code."""
-    if not Path(p.accelerate_config).is_file():
-        raise params.ParamsError(f"train.accelerate_config {p.accelerate_config!r} is not a file; name one of "
-                                 "configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml or your own `accelerate config` output")
     print(f"train: accelerate launch --config_file {p.accelerate_config}", flush=True)
     return subprocess.run(accelerate_command(p.accelerate_config), env={**os.environ, LAUNCHED_ENV: "1"}).returncode
 
 
 def main() -> None:
     base, p = params.load("base", "train")
+    params.check_environment("train", p)
     if p.launcher == "accelerate" and not os.environ.get(LAUNCHED_ENV):
         code = relaunch(p)
         if code:

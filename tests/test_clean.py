@@ -14,7 +14,6 @@ from tuneline import params, rules
 from tuneline.clean import (
     PACKAGED_MODEL,
     approximate_knn_graph,
-    check_params,
     clean_records,
     embed_texts,
     encoder_key,
@@ -404,13 +403,13 @@ def test_label_pred_probs_fit_unit_length_embeddings():
 
 def test_params_checks_name_the_key():
     with pytest.raises(ParamsError, match=r"clean.datalab_min_records \(5\) must be larger than clean.knn_k"):
-        check_params(dataclasses.replace(P, datalab_min_records=5))
+        dataclasses.replace(P, datalab_min_records=5).check("clean")
     with pytest.raises(ParamsError, match=r"clean.approximate_knn_min_records \(10\) must be larger than clean.knn_k"):
-        check_params(dataclasses.replace(P, approximate_knn_min_records=10))
+        dataclasses.replace(P, approximate_knn_min_records=10).check("clean")
     with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
-        check_params(dataclasses.replace(P, phone_regions=["GB", "UK"]))
+        dataclasses.replace(P, phone_regions=["GB", "UK"]).check("clean")
     with pytest.raises(ParamsError, match=r"clean.embedding_max_seq_length 0 must be at least 1"):
-        check_params(dataclasses.replace(P, embedding_max_seq_length=0))
+        dataclasses.replace(P, embedding_max_seq_length=0).check("clean")
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["clean"]["reject_issues"] = ["near_duplicate", "non_iid"]
     with pytest.raises(ParamsError, match=r"clean.reject_issues\[1\] 'non_iid' is not one of"):

@@ -329,7 +329,7 @@ def test_xpath_selectors_work_like_css():
     items, lost = crawl.page_items(html, src, 0)
     assert [(i["question"], i["answer"]) for i in items] == [("What is crema?", "Foam."), ("Burr?", "A ring.")] and lost == []
     with pytest.raises(ParamsError, match=r"question_css 'xpath://dt\[' is not an XPath expression"):
-        crawl.check_params(crawl_section(question_css="xpath://dt["))
+        crawl_section(question_css="xpath://dt[").check("crawl")
 
 
 def test_duplicates_kept_once(main_crawl):
@@ -418,7 +418,7 @@ def crawl_section(**source_overrides):
 ])
 def test_check_params_names_source_and_key(overrides, key):
     with pytest.raises(ParamsError, match=key.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        crawl.check_params(crawl_section(**overrides))
+        crawl_section(**overrides).check("crawl")
 
 
 def test_malformed_source_fails_naming_key():
@@ -586,7 +586,7 @@ def test_hub_datasets_take_config_and_revision(monkeypatch):
     local = CrawlDataset(name="f", path="f.csv", format="csv", split="train", revision="main",
                          columns={"instruction": "q", "output": "a"})
     with pytest.raises(ParamsError, match=r"revision is for format: hub only"):
-        crawl.check_params(dataclasses.replace(section, datasets=[local]))
+        dataclasses.replace(section, datasets=[local]).check("crawl")
 
 
 # ---------------------------------------------------------------- documentation sites (tests/sites)
@@ -779,7 +779,7 @@ def test_headings_mode_answer_runs_to_the_next_heading_of_its_level():
 ])
 def test_new_source_keys_are_checked(key, value, message):
     with pytest.raises(ParamsError, match=message):
-        crawl.check_params(crawl_section(qa_mode="headings", **{key: value}))
+        crawl_section(qa_mode="headings", **{key: value}).check("crawl")
 
 
 def test_unknown_source_key_is_still_refused():
@@ -858,7 +858,7 @@ def test_the_sphinx_example_in_docs_crawl_md_loads_and_passes_the_checks():
     data = repo_params()
     data["crawl"]["sources"] = yaml.safe_load(block)["crawl"]["sources"]
     p = params.section("crawl", data)
-    crawl.check_params(p)
+    p.check("crawl")
     assert p.sources[0].qa_mode == "headings" and p.sources[0].text_css == DOC_SOURCES["sphinx"]["text_css"]
 
 

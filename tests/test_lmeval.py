@@ -70,7 +70,7 @@ def test_naming_tasks_without_lm_eval_installed_fails_naming_the_extra(monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
     with pytest.raises(ParamsError, match=r"evaluate\.lm_eval_tasks \['mmlu'\] needs lm-evaluation-harness, which is not "
                                           r"installed: pip install -e '\.\[lmeval\]'"):
-        params.section("evaluate", data)
+        params.check_environment("evaluate", params.section("evaluate", data))
 
 
 def test_the_local_task_runs_on_base_and_tuned_and_its_scores_land_in_eval_json(tuned_project, tmp_path, monkeypatch):

@@ -199,3 +199,88 @@ def test_zero_stage_reads_an_accelerate_config_or_the_deepspeed_json_it_names(tm
     assert params.zero_stage("configs/accelerate/zero2.yaml") == 2
     assert params.zero_stage("configs/accelerate/ddp.yaml") is None
     assert params.zero_stage(str(tmp_path / "missing.yaml")) is None
+
+
+# --- rules that couple keys: each fails when params load, naming both keys and the fix ---------------
+
+
+def load_problems(data: dict) -> str:
+    """The message `params.load` stops with on `data` (what every stage checks first)."""
+    with pytest.raises(ParamsError) as err:
+        params.check(data=data)
+    return str(err.value)
+
+
+def test_ptuning_cannot_train_on_packed_data(raw):
+    data = copy.deepcopy(raw)
+    data["train"].update(method="ptuning", wise_ft=1.0)
+    data["tokenize"]["packing"] = True
+    assert ("\n  train.method 'ptuning' cannot train on packed data: set tokenize.packing to false"
+            in load_problems(data))
+    data["tokenize"]["packing"] = False
+    params.check(data=data)
+
+
+def test_ptuning_cannot_take_the_hub_profile_s_wise_ft_either(raw):
+    data = copy.deepcopy(raw)
+    data["train"].update(method="ptuning", wise_ft=1.0, profile="hub")
+    data["train"]["hub"]["wise_ft"] = 0.8
+    assert "train.hub.wise_ft is 0.8, but a P-tuning prompt has no base value" in load_problems(data)
+    data["train"]["profile"] = "tiny"  # the hub settings are not used
+    params.check(data=data)
+
+
+def test_a_ptuning_adapter_cannot_be_merged_for_evaluation(raw):
+    data = copy.deepcopy(raw)
+    data["train"].update(method="ptuning", wise_ft=1.0)
+    data["evaluate"]["merge"] = True
+    assert ("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false "
+            "with train.method ptuning") in load_problems(data)
+    data["train"]["method"] = "lora"
+    params.check(data=data)
+
+
+@pytest.mark.parametrize("config, runs", [("fsdp.yaml", "FSDP"), ("zero2.yaml", "DEEPSPEED"), ("zero3.yaml", "DEEPSPEED"),
+                                          ("ddp.yaml", None)])
+def test_qlora_cannot_run_sharded_under_fsdp_or_deepspeed(raw, config, runs):
+    data = copy.deepcopy(raw)
+    data["train"].update(method="qlora", wise_ft=1.0, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}")
+    if runs is None:
+        assert params.section("train", data).method == "qlora"
+        return
+    with pytest.raises(ParamsError, match=rf"^train\.accelerate_config configs/accelerate/{config} runs {runs}: train\.method "
+                                          r"'qlora' runs one whole 4-bit copy per GPU \(DDP\): set train\.accelerate_config "
+                                          r"to configs/accelerate/ddp\.yaml, or train\.method to lora for FSDP/DeepSpeed$"):
+        params.section("train", data)
+    data["train"]["launcher"] = "python"  # the config is not used
+    assert params.section("train", data).method == "qlora"
+
+
+def test_batch_calls_need_an_endpoint_with_the_batch_api(raw):
+    data = copy.deepcopy(raw)
+    data["augment"].update(batch=True, base_url="local")
+    assert "augment.batch: true needs an endpoint with the OpenAI Batch API" in load_problems(data)
+    data["augment"]["base_url"] = "https://api.openai.com/v1"
+    params.check(data=data)
+
+
+def test_every_unknown_key_of_a_section_is_named_at_once(raw):
+    data = copy.deepcopy(raw)
+    data["train"].update(lora_rr=16, epoch=3)
+    with pytest.raises(ParamsError) as err:
+        params.section("train", data)
+    assert str(err.value) == ("train.epoch is not a known key (did you mean train.epochs?); "
+                              "train.lora_rr is not a known key (did you mean train.lora_r?)")
+
+
+def test_probes_of_the_machine_are_the_stage_s_not_the_loader_s(raw, tmp_path):
+    data = copy.deepcopy(raw)
+    data["evaluate"]["judge"].update(enabled=True, prompt=str(tmp_path / "missing.txt"))
+    evaluate = params.section("evaluate", data)  # the file check passes: the prompt may not exist yet
+    params.check(data=data)
+    with pytest.raises(ParamsError, match=r"^evaluate\.judge\.prompt: .*missing\.txt is not a file; name a Jinja2 prompt"):
+        params.check_environment("evaluate", evaluate)
+    data["train"].update(launcher="accelerate", accelerate_config=str(tmp_path / "none.yaml"))
+    with pytest.raises(ParamsError, match=r"train\.accelerate_config '.*none\.yaml' is not a file; name one of configs/"):
+        params.check_environment("train", params.section("train", data))
+    params.check_environment("train", params.section("train", raw))

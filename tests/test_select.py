@@ -200,8 +200,9 @@ def test_choosing_by_the_judge_without_a_judge_fails_at_start_up_naming_the_key(
         params.section("select", data)
     data["select"]["judge"] = judge_params("http://127.0.0.1:9/v1") | {"prompt": str(tmp_path / "missing.txt")}
     with pytest.raises(ParamsError, match=r"select\.judge\.prompt: .*missing\.txt is not a file"):
-        params.section("select", data)
+        params.check_environment("select", params.section("select", data))  # what the stage runs after loading
     data["select"]["judge"]["prompt"] = str(ROOT / "prompts" / "select_judge.txt")
+    params.check_environment("select", params.section("select", data))
     assert params.section("select", data).judge.enabled
 
 

@@ -147,6 +147,18 @@ def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_
     torch.testing.assert_close(patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
 
 
+def test_liger_takes_the_loss_instead_of_the_answer_only_head_and_says_so(tiny_model_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tuneline.training"):
+        liger = prepare_model(selected_of(tiny_model_dir), train_params(method="lora", use_liger_kernel=True), SEED)
+    assert ("train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off"
+            in caplog.text)
+    assert "forward" not in vars(liger.get_base_model())  # the model's own forward, which Liger replaces
+    head = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
+    assert "forward" in vars(head.get_base_model())
+
+
 def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_model_dir):
     model = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
     batch = collate(list(tokenized(tiny_model_dir, seed_records()[:2])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
@@ -675,7 +687,7 @@ def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(mo
         data = copy.deepcopy(raw)
         data["train"][key] = value
         with pytest.raises(params.ParamsError, match=message):
-            params.section("train", data)
+            params.check_environment("train", params.section("train", data))
     for name in ("select", "evaluate", "export"):
         assert params.section(name, raw).dtype == "auto"
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import phonenumbers
 from scipy.sparse import csr_matrix
 
 from tuneline.params import Clean, ParamsError
@@ -59,37 +58,6 @@ def rule_limits(p: Clean) -> RuleLimits:
         language_min_chars=p.language_min_chars,
         language_confidence=p.language_confidence,
     )
-
-
-def check_params(p: Clean) -> Clean:
-    """Cross-field checks of the `clean:` params; raise ParamsError naming the key and the fix."""
-    unknown = sorted(set(p.reject_issues) - set(KNOWN_ISSUES))
-    if unknown:
-        raise ParamsError(f"clean.reject_issues: {unknown[0]!r} is not one of {', '.join(KNOWN_ISSUES)}")
-    if p.knn_k < 1 or p.datalab_min_records <= p.knn_k:
-        raise ParamsError(
-            f"clean.datalab_min_records ({p.datalab_min_records}) must be larger than clean.knn_k ({p.knn_k}), "
-            "which must be at least 1: the kNN graph needs k neighbours for every record"
-        )
-    if p.approximate_knn_min_records <= p.knn_k:
-        raise ParamsError(
-            f"clean.approximate_knn_min_records ({p.approximate_knn_min_records}) must be larger than clean.knn_k "
-            f"({p.knn_k}); it is the group size from which the kNN graph is approximate (20000 is the default)"
-        )
-    if not 0 <= p.outlier_threshold <= 1:
-        raise ParamsError(f"clean.outlier_threshold {p.outlier_threshold} must be in [0, 1] (higher flags more)")
-    if p.label_cv_folds < 2:
-        raise ParamsError(f"clean.label_cv_folds {p.label_cv_folds} must be at least 2")
-    unknown = sorted(set(p.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
-    if unknown:
-        raise ParamsError(
-            f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
-        )
-    if p.embedding_max_seq_length < 1:
-        raise ParamsError(f"clean.embedding_max_seq_length {p.embedding_max_seq_length} must be at least 1 (word pieces)")
-    if p.batch_size < 1 or p.min_chars < 0 or p.max_chars < p.min_chars or p.max_tokens < p.min_tokens:
-        raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +635,6 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder, decisions: list
     `human`), an edit replaces its fields before the rules see it, and a human accept keeps a
     record the rules or cleanlab would have removed (counted as an override).
     """
-    check_params(p)
     records = [with_id(r) for r in records]
     twice = duplicate_ids(records)
     if twice:

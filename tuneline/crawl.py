@@ -9,7 +9,7 @@ selectors or from headings (documentation sites; docs/crawl.md). Every page that
 or raises while parsing, is listed as a reject with its reason; items with a content hash seen
 before are dropped by `DedupPipeline` and listed too.
 
-Pure parts (`page_items`, `check_params`, `dataset_records`) take values and return values;
+Pure parts (`page_items`, `dataset_records`) take values and return values;
 `run_crawl` wraps the stateful scrapy run once and returns a `CrawlResult`. Scrapy's twisted
 reactor runs once per process, so call `run_crawl` once per process (the stage does).
 """
@@ -40,111 +40,16 @@ from parsel import Selector
 from tuneline.params import Crawl, CrawlDataset, CrawlSource, ParamsError
 from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_ids
 
-# Fields a dataset's `columns:` may map; instruction and output are required.
-DATASET_FIELDS = (*ALPACA_FIELDS, "category")
 # Elements whose text is navigation or code, never page content.
 SKIP_TAGS = frozenset({"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template"})
 BLOCK_TAGS = frozenset({
     "p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol",
     "dl", "dt", "dd", "blockquote", "pre", "table", "tr", "td", "th", "figcaption", "br", "hr",
 })
-SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 REDIRECT_MAX_TIMES = 20  # scrapy's default, stated here because the page-count backstop depends on it
 
 
-# ---------------------------------------------------------------- params checks
-
-
-def check_params(p: Crawl) -> None:
-    """Refuse a `crawl:` section the crawl cannot run with; the message names source and key."""
-    names = [s.name for s in p.sources]
-    for i, s in enumerate(p.sources):
-        _check_source(s, f"crawl.sources[{i}] ({s.name})", p.serve_site)
-        if names.count(s.name) > 1:
-            raise ParamsError(f"crawl.sources[{i}].name {s.name!r} is used twice; give each source its own name")
-    ds_names = [d.name for d in p.datasets]
-    for i, d in enumerate(p.datasets):
-        _check_dataset(d, f"crawl.datasets[{i}] ({d.name})")
-        if ds_names.count(d.name) > 1:
-            raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
-    if not 0 <= p.max_parse_error_fraction <= 1:
-        raise ParamsError(f"crawl.max_parse_error_fraction is {p.max_parse_error_fraction}; give a share from 0 to 1")
-    minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
-               "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
-    for key, low in minimum.items():
-        if getattr(p, key) < low:
-            raise ParamsError(f"crawl.{key} is {getattr(p, key)}; it must be at least {low}")
-
-
-def _check_source(s: CrawlSource, where: str, serve_site: bool) -> None:
-    if not SOURCE_NAME.match(s.name):
-        raise ParamsError(f"{where}.name {s.name!r}: use letters, digits, '-' and '_' only (it names the source's cache file)")
-    if not s.start_urls:
-        raise ParamsError(f"{where}.start_urls is empty; give at least one URL")
-    for url in s.start_urls:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("", "http", "https"):
-            raise ParamsError(f"{where}.start_urls: {url!r} is not an http(s) URL")
-        if not scheme and not serve_site:
-            raise ParamsError(
-                f"{where}.start_urls: {url!r} is relative, which needs crawl.serve_site: true "
-                "(it is resolved against the bundled site server); give an absolute URL otherwise"
-            )
-    if not s.allowed_domains:
-        raise ParamsError(f"{where}.allowed_domains is empty; list the domains the crawl may visit")
-    for key in ("allow", "deny"):
-        for pattern in getattr(s, key):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ParamsError(f"{where}.{key}: {pattern!r} is not a valid regular expression ({err})") from None
-    if s.depth_limit < 0:
-        raise ParamsError(f"{where}.depth_limit is {s.depth_limit}; use 0 for no limit or a positive depth")
-    if s.max_pages < 1:
-        raise ParamsError(f"{where}.max_pages is {s.max_pages}; it must be at least 1")
-    pairs = ("question_css", "answer_css") if s.qa_mode == "pairs" else ()
-    needed = {"qa": pairs, "doc": ("title_css",), "auto": pairs}
-    for key in needed[s.kind]:
-        if not getattr(s, key).strip():
-            raise ParamsError(f"{where}.{key} is empty but kind is {s.kind!r}; give a CSS selector (or xpath:...)")
-    for key in ("question_css", "answer_css", "title_css", "text_css"):
-        css = getattr(s, key)
-        if css.strip():
-            _check_css(css, f"{where}.{key}")
-    for i, css in enumerate(s.exclude_css):
-        _check_css(css, f"{where}.exclude_css[{i}]")
-    if s.qa_mode == "headings" and (not s.heading_levels or not set(s.heading_levels) <= set(range(1, 7))):
-        raise ParamsError(f"{where}.heading_levels is {s.heading_levels}; list heading levels from 1 to 6 (h1..h6)")
-
-
-# An XPath whose last step is text(), an attribute or a function picks strings, not elements.
-_XPATH_NOT_ELEMENTS = re.compile(r"(?:text\(\)|@[\w:*-]+|\w\([^/]*\))\s*$")
-
-
-def _check_css(css: str, key: str) -> None:
-    kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
-    if css.startswith("xpath:") and _XPATH_NOT_ELEMENTS.search(css):
-        raise ParamsError(f"{key} {css!r} selects text or attributes, not elements; end the XPath at the element "
-                          "(//dt, not //dt/text())")
-    try:
-        select(Selector(text="<html><body></body></html>"), css)
-    except Exception as err:  # cssselect and lxml raise several types (SelectorSyntaxError, XPathError)
-        raise ParamsError(f"{key} {css!r} is not {kind} ({err}); fix the selector") from None
-
-
-def _check_dataset(d: CrawlDataset, where: str) -> None:
-    if d.format != "hub":
-        for key in ("config", "revision"):
-            if getattr(d, key) is not None:
-                raise ParamsError(f"{where}.{key} is for format: hub only; remove it for a {d.format} file")
-    if d.format in ("json", "jsonl", "csv") and d.split != "train":
-        raise ParamsError(f"{where}.split is {d.split!r}: a {d.format} file has one split, 'train'")
-    unknown = sorted(set(d.columns) - set(DATASET_FIELDS))
-    if unknown:
-        raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
-    for key in ("instruction", "output"):
-        if not d.columns.get(key):
-            raise ParamsError(f"{where}.columns.{key} is not mapped; name the column that holds it")
+# ---------------------------------------------------------------- sources
 
 
 def resolve_sources(sources: list[CrawlSource], site_url: str | None) -> list[CrawlSource]:

@@ -5,24 +5,34 @@ optional keys whose dataclass field has a default (the shipped params.yaml still
 with the same value, so an older params.yaml keeps loading); an unknown key is refused (a typo in
 `dvc exp run -S train.lora_rr=16` would otherwise add a new key silently), and each value is
 checked against its type before a stage starts.
-Every stage checks the whole file first (`load` calls `check`; `tuneline check` does the same), so a
-mistake in a section the stage does not read still stops it before its work, with every unknown key
-listed at once and the key it probably meant.
+Each dataclass with rules a type cannot express checks itself (`check(key)`, which the loader calls
+as it builds it); rules that couple two sections (ptuning and tokenize.packing) are
+`coupling_problems`. Every stage checks the whole file first (`load` calls `check`; `tuneline
+check` does the same), so a mistake in a section the stage does not read still stops it before its
+work, with every unknown key listed at once and the key it probably meant. What the machine must
+have (a package, a prompt file) is `check_environment`'s, which the stages that need it call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
+from tuneline.records import ALPACA_FIELDS
+
 PARAMS_FILE = "params.yaml"
+# Fields a crawl dataset's `columns:` may map; instruction and output are required.
+DATASET_FIELDS = (*ALPACA_FIELDS, "category")
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class ParamsError(ValueError):
@@ -110,6 +120,10 @@ class TinyModel(_Section):
     chat_template: Literal["chatml", "llama3", "alpaca"]
     pretrain_steps: int
 
+    def check(self, key: str) -> None:
+        if self.pretrain_steps < 0:
+            raise ParamsError(f"{key}.pretrain_steps must be >= 0 (0: random weights), got {self.pretrain_steps}")
+
 
 @dataclass(frozen=True)
 class Models(_Section):
@@ -122,6 +136,10 @@ class Models(_Section):
     heldout_fraction: float
     logging_steps: int
     tiny: dict[str, TinyModel]
+
+    def check(self, key: str) -> None:
+        if not 0 <= self.heldout_fraction < 1:
+            raise ParamsError(f"models.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,10 @@ class Pretrain(_Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
     grad_accum: int
     decontamination_ngram: int
+
+    def check(self, key: str) -> None:
+        if self.decontamination_ngram < 1:
+            raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {self.decontamination_ngram}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,48 @@ class CrawlSource(_Section):
     builtin_excludes: bool = True  # also take out Sphinx, MkDocs, Docusaurus, DocBook, GitHub furniture
     allow_empty: bool = False  # true: a source that gives no record is not an error (a site that may be down)
 
+    def check_in(self, where: str, serve_site: bool) -> None:
+        """The source's own rules; `where` names it (crawl.sources[i] (name)), and a relative start URL
+        needs crawl.serve_site."""
+        if not SOURCE_NAME.match(self.name):
+            raise ParamsError(f"{where}.name {self.name!r}: use letters, digits, '-' and '_' only (it names the source's cache file)")
+        if not self.start_urls:
+            raise ParamsError(f"{where}.start_urls is empty; give at least one URL")
+        for url in self.start_urls:
+            scheme = urlsplit(url).scheme
+            if scheme not in ("", "http", "https"):
+                raise ParamsError(f"{where}.start_urls: {url!r} is not an http(s) URL")
+            if not scheme and not serve_site:
+                raise ParamsError(
+                    f"{where}.start_urls: {url!r} is relative, which needs crawl.serve_site: true "
+                    "(it is resolved against the bundled site server); give an absolute URL otherwise"
+                )
+        if not self.allowed_domains:
+            raise ParamsError(f"{where}.allowed_domains is empty; list the domains the crawl may visit")
+        for key in ("allow", "deny"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ParamsError(f"{where}.{key}: {pattern!r} is not a valid regular expression ({err})") from None
+        if self.depth_limit < 0:
+            raise ParamsError(f"{where}.depth_limit is {self.depth_limit}; use 0 for no limit or a positive depth")
+        if self.max_pages < 1:
+            raise ParamsError(f"{where}.max_pages is {self.max_pages}; it must be at least 1")
+        pairs = ("question_css", "answer_css") if self.qa_mode == "pairs" else ()
+        needed = {"qa": pairs, "doc": ("title_css",), "auto": pairs}
+        for key in needed[self.kind]:
+            if not getattr(self, key).strip():
+                raise ParamsError(f"{where}.{key} is empty but kind is {self.kind!r}; give a CSS selector (or xpath:...)")
+        for key in ("question_css", "answer_css", "title_css", "text_css"):
+            css = getattr(self, key)
+            if css.strip():
+                _check_css(css, f"{where}.{key}")
+        for i, css in enumerate(self.exclude_css):
+            _check_css(css, f"{where}.exclude_css[{i}]")
+        if self.qa_mode == "headings" and (not self.heading_levels or not set(self.heading_levels) <= set(range(1, 7))):
+            raise ParamsError(f"{where}.heading_levels is {self.heading_levels}; list heading levels from 1 to 6 (h1..h6)")
+
 
 @dataclass(frozen=True)
 class CrawlDataset(_Section):
@@ -176,6 +240,21 @@ class CrawlDataset(_Section):
     # (a commit sha, tag or branch), as models are pinned with `revision:`.
     config: str | None = None
     revision: str | None = None
+
+    def check_in(self, where: str) -> None:
+        """The dataset's own rules; `where` names it (crawl.datasets[i] (name))."""
+        if self.format != "hub":
+            for key in ("config", "revision"):
+                if getattr(self, key) is not None:
+                    raise ParamsError(f"{where}.{key} is for format: hub only; remove it for a {self.format} file")
+        if self.format in ("json", "jsonl", "csv") and self.split != "train":
+            raise ParamsError(f"{where}.split is {self.split!r}: a {self.format} file has one split, 'train'")
+        unknown = sorted(set(self.columns) - set(DATASET_FIELDS))
+        if unknown:
+            raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
+        for key in ("instruction", "output"):
+            if not self.columns.get(key):
+                raise ParamsError(f"{where}.columns.{key} is not mapped; name the column that holds it")
 
 
 @dataclass(frozen=True)
@@ -194,6 +273,25 @@ class Crawl(_Section):
     http_cache_expiration_s: int
     # Pages whose parsing raised are rejects (parse_error); more than this share fails the stage.
     max_parse_error_fraction: float = 0.1
+
+    def check(self, key: str) -> None:
+        names = [s.name for s in self.sources]
+        for i, s in enumerate(self.sources):
+            s.check_in(f"crawl.sources[{i}] ({s.name})", self.serve_site)
+            if names.count(s.name) > 1:
+                raise ParamsError(f"crawl.sources[{i}].name {s.name!r} is used twice; give each source its own name")
+        ds_names = [d.name for d in self.datasets]
+        for i, d in enumerate(self.datasets):
+            d.check_in(f"crawl.datasets[{i}] ({d.name})")
+            if ds_names.count(d.name) > 1:
+                raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
+        if not 0 <= self.max_parse_error_fraction <= 1:
+            raise ParamsError(f"crawl.max_parse_error_fraction is {self.max_parse_error_fraction}; give a share from 0 to 1")
+        minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
+                   "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ParamsError(f"crawl.{name} is {getattr(self, name)}; it must be at least {low}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +327,23 @@ class Augment(_Section):
     price_completion_per_mtok: float
     batch_price_factor: float
 
+    def check(self, key: str) -> None:
+        for name in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
+                     "concurrency", "requests_per_minute"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ParamsError(f"augment.{name} must be at least 1, got {getattr(self, name)}")
+        if self.reply_retries < 0 or self.max_retries < 0 or self.feedback_examples < 0:
+            raise ParamsError("augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise ParamsError(f"augment.max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ParamsError(f"augment.max_tokens must be at least 1 (or null: not sent), got {self.max_tokens}")
+        if not 0 <= self.min_grounding <= 1:
+            raise ParamsError(f"augment.min_grounding must be between 0 and 1, got {self.min_grounding}")
+        if self.batch and self.base_url == "local":
+            raise ParamsError("augment.batch: true needs an endpoint with the OpenAI Batch API (files and batches); "
+                              "augment.base_url local is `transformers serve`, which has none: set augment.batch: false")
+
 
 @dataclass(frozen=True)
 class Clean(_Section):
@@ -255,6 +370,33 @@ class Clean(_Section):
     trusted_sources: list[str]
     report_examples: int
 
+    def check(self, key: str) -> None:
+        import phonenumbers
+
+        if self.knn_k < 1 or self.datalab_min_records <= self.knn_k:
+            raise ParamsError(
+                f"clean.datalab_min_records ({self.datalab_min_records}) must be larger than clean.knn_k ({self.knn_k}), "
+                "which must be at least 1: the kNN graph needs k neighbours for every record"
+            )
+        if self.approximate_knn_min_records <= self.knn_k:
+            raise ParamsError(
+                f"clean.approximate_knn_min_records ({self.approximate_knn_min_records}) must be larger than clean.knn_k "
+                f"({self.knn_k}); it is the group size from which the kNN graph is approximate (20000 is the default)"
+            )
+        if not 0 <= self.outlier_threshold <= 1:
+            raise ParamsError(f"clean.outlier_threshold {self.outlier_threshold} must be in [0, 1] (higher flags more)")
+        if self.label_cv_folds < 2:
+            raise ParamsError(f"clean.label_cv_folds {self.label_cv_folds} must be at least 2")
+        unknown = sorted(set(self.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
+        if unknown:
+            raise ParamsError(
+                f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
+            )
+        if self.embedding_max_seq_length < 1:
+            raise ParamsError(f"clean.embedding_max_seq_length {self.embedding_max_seq_length} must be at least 1 (word pieces)")
+        if self.batch_size < 1 or self.min_chars < 0 or self.max_chars < self.min_chars or self.max_tokens < self.min_tokens:
+            raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
+
 
 @dataclass(frozen=True)
 class Build(_Section):
@@ -263,6 +405,13 @@ class Build(_Section):
     generated_in_test: bool
     max_tokens: int
     dataset_name: str
+
+    def check(self, key: str) -> None:
+        v, t = self.val_fraction, self.test_fraction
+        if not 0 <= v < 1 or not 0 <= t < 1 or v + t >= 1:
+            raise ParamsError(
+                f"build.val_fraction ({v}) + build.test_fraction ({t}) must each be in [0, 1) and leave records for training"
+            )
 
 
 @dataclass(frozen=True)
@@ -281,6 +430,14 @@ class Candidate(_Section):
     timeout_s: float = 60.0
     price_prompt_per_mtok: float = 0.0
     price_completion_per_mtok: float = 0.0
+
+    def check(self, key: str) -> None:
+        if self.kind == "api" and not self.base_url:
+            raise ParamsError(f"{key}.base_url is required for kind: api")
+        if self.kind == "local" and (self.base_url or self.api_key_env):
+            raise ParamsError(
+                f"{key}: base_url and api_key_env are for kind: api; a local candidate names a hub id or a directory in `model`"
+            )
 
 
 METRICS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "judge")
@@ -304,6 +461,15 @@ class Judge(_Section):
     max_retries: int
     timeout_s: float
 
+    def check(self, key: str) -> None:
+        """A judge (evaluate.judge, select.judge) that is on must say where the judge is."""
+        if self.reply_retries < 0 or self.max_retries < 0 or self.concurrency < 1 or self.requests_per_minute < 1:
+            raise ParamsError(f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
+        if self.enabled:
+            for field in ("base_url", "model", "prompt", "retry_prompt"):
+                if not getattr(self, field).strip():
+                    raise ParamsError(f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see params.yaml)")
+
 
 @dataclass(frozen=True)
 class Select(_Section):
@@ -315,6 +481,26 @@ class Select(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     candidates: dict[str, Candidate]
     judge: Judge
+
+    def check(self, key: str) -> None:
+        if not self.candidates:
+            raise ParamsError("select.candidates is empty; name at least one base model")
+        if self.metric == "judge" and not self.judge.enabled:
+            raise ParamsError(
+                "select.metric 'judge' needs the judge: set select.judge.enabled to true and name it in "
+                "select.judge.base_url and select.judge.model (an OpenAI-compatible URL and model, or base_url "
+                "local and a model directory), or choose by rouge_l, bleu or exact_match"
+            )
+        if self.judge.enabled and self.generation_samples < 1:
+            raise ParamsError("select.judge judges generated answers: select.generation_samples must be at least 1 "
+                              "while select.judge.enabled is true")
+        for name, cand in self.candidates.items():
+            if cand.kind == "api" and self.metric in ("loss", "perplexity"):
+                raise ParamsError(
+                    f"select.metric '{self.metric}' is not available for API candidate "
+                    f"select.candidates.{name}: API models report no loss. "
+                    "Choose by rouge_l, bleu, exact_match or judge, or remove the API candidate"
+                )
 
 
 @dataclass(frozen=True)
@@ -377,6 +563,33 @@ class Train(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"]
     profile: Literal["auto", "tiny", "hub"]  # auto: tiny for a stand-in (tuneline.profiles), hub for any other base
     hub: HubProfile | None  # the settings `hub` uses; None only where code builds a Train itself
+
+    def check(self, key: str) -> None:
+        """The train keys' own rules, and those that couple them with the accelerate config they name."""
+        if self.lora_r <= 0 or self.learning_rate <= 0 or self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ParamsError("train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be positive")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ParamsError(f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got {self.max_steps}")
+        if self.neftune_noise_alpha < 0:
+            raise ParamsError(f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
+                              f"got {self.neftune_noise_alpha}")
+        if not 0 < self.wise_ft <= 1:
+            raise ParamsError(f"train.wise_ft must be in (0, 1]: the share of what training learned that the saved model "
+                              f"keeps (1.0: the model as trained), got {self.wise_ft}")
+        if self.method == "ptuning" and self.wise_ft != 1:
+            raise ParamsError(f"train.wise_ft is {self.wise_ft}, but a P-tuning prompt has no base value to interpolate "
+                              "toward: set train.wise_ft to 1.0 with train.method ptuning")
+        if self.method == "ptuning" and self.profile != "tiny" and self.hub is not None and self.hub.wise_ft != 1:
+            raise ParamsError(f"train.hub.wise_ft is {self.hub.wise_ft}, but a P-tuning prompt has no base value to "
+                              "interpolate toward: set train.hub.wise_ft to 1.0 with train.method ptuning")
+        if self.save_total_limit < 1:
+            raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {self.save_total_limit}")
+        launched = self.launcher == "accelerate"
+        if self.method == "full" and self.wise_ft != 1 and launched and zero_stage(self.accelerate_config) == 3:
+            raise ParamsError(f"train.accelerate_config {self.accelerate_config} runs DeepSpeed ZeRO-3: {WISE_FT_ZERO3}")
+        sharding = distributed_type(self.accelerate_config) if launched else None
+        if self.method == "qlora" and sharding in ("FSDP", "DEEPSPEED"):
+            raise ParamsError(f"train.accelerate_config {self.accelerate_config} runs {sharding}: {QLORA_SHARDED}")
 
 
 @dataclass(frozen=True)
@@ -491,9 +704,9 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
         raise ParamsError(f"{key} should be {_type_name(cls)}, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
-        raise ParamsError(unknown_key_message(key, unknown[0], list(fields)))
+        raise ParamsError("; ".join(unknown_key_message(key, k, list(fields)) for k in unknown))
     values = {}
     for name, spec in fields.items():
         if name not in data:
@@ -503,7 +716,19 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
         values[name] = _convert(data[name], hints[name], f"{key}.{name}")
     obj = cls(**values)
     object.__setattr__(obj, "_key", key.split("[")[0])
+    if hasattr(obj, "check"):
+        _unaudited(obj.check, key)
     return obj
+
+
+def _unaudited(check, *args) -> None:
+    """Run a section's `check`: the keys it reads are not keys the stage reads."""
+    global _reads
+    reads, _reads = _reads, None
+    try:
+        check(*args)
+    finally:
+        _reads = reads
 
 
 def unknown_key_message(parent: str, name: str, known: list[str]) -> str:
@@ -551,13 +776,15 @@ def _holds_keys(tp: Any, value: Any) -> bool:
 
 def problems(data: dict, complete: bool = False) -> list[str]:
     """Every problem of a whole params mapping: each unknown section and key (all of them, at any
-    depth), the first wrong value of each section that has no unknown key and, with `complete`, each
+    depth), the first wrong value of each section that has no unknown key (its dataclass's `check`),
+    each broken rule that couples two sections (`coupling_problems`) and, with `complete`, each
     missing section (a stage reports a missing section it reads when it loads it).
 
     Checks only the file: whether a named prompt file exists or an optional package is installed is
-    checked by the stage that uses it."""
+    `check_environment`'s, which the stages that need it call."""
     found = [f"section {name!r} is not known" + _did_you_mean(name, list(SECTIONS)) for name in data
              if name not in SECTIONS]  # fmt: skip
+    built = {}
     for name, cls in SECTIONS.items():
         if name not in data:
             if complete:
@@ -567,9 +794,22 @@ def problems(data: dict, complete: bool = False) -> list[str]:
         found += unknown
         if not unknown:
             try:
-                _check_section(name, build_dataclass(cls, data[name], name), environment=False)
+                built[name] = build_dataclass(cls, data[name], name)
             except ParamsError as err:
                 found.append(str(err))
+    return found + coupling_problems(built)
+
+
+def coupling_problems(sections: dict[str, Any]) -> list[str]:
+    """The rules that couple keys of two sections, each naming both keys and the fix; a rule whose
+    sections did not load (or are absent) is not checked."""
+    train, tokenize, evaluate = sections.get("train"), sections.get("tokenize"), sections.get("evaluate")
+    found = []
+    if train and tokenize and train.method == "ptuning" and tokenize.packing:
+        found.append(PTUNING_PACKED)
+    if train and evaluate and train.method == "ptuning" and evaluate.merge:
+        found.append("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to "
+                     "false with train.method ptuning")
     return found
 
 
@@ -614,8 +854,7 @@ def section(name: str, data: dict | None = None, path: str | Path = PARAMS_FILE)
         data = read_params_file(path)
     if name not in data:
         raise ParamsError(f"{path} has no `{name}:` section; add it (docs/params.md lists its keys)")
-    params = build_dataclass(SECTIONS[name], data[name], name)
-    return _check_section(name, params)
+    return build_dataclass(SECTIONS[name], data[name], name)
 
 
 def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
@@ -631,101 +870,22 @@ def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
     return sections
 
 
-def _check_section(name: str, p: Any, environment: bool = True) -> Any:
-    """Cross-field checks that a type alone cannot express; with `environment`, also that the files
-    and packages the section names are there."""
-    if name == "augment":
-        for key in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
-                    "concurrency", "requests_per_minute"):  # fmt: skip
-            if getattr(p, key) < 1:
-                raise ParamsError(f"augment.{key} must be at least 1, got {getattr(p, key)}")
-        if p.reply_retries < 0 or p.max_retries < 0 or p.feedback_examples < 0:
-            raise ParamsError("augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0")
-        if not 0 <= p.max_failed_fraction <= 1:
-            raise ParamsError(f"augment.max_failed_fraction must be between 0 and 1, got {p.max_failed_fraction}")
-        if p.max_tokens is not None and p.max_tokens < 1:
-            raise ParamsError(f"augment.max_tokens must be at least 1 (or null: not sent), got {p.max_tokens}")
-        if not 0 <= p.min_grounding <= 1:
-            raise ParamsError(f"augment.min_grounding must be between 0 and 1, got {p.min_grounding}")
-    if name == "build":
-        if not 0 <= p.val_fraction < 1 or not 0 <= p.test_fraction < 1 or p.val_fraction + p.test_fraction >= 1:
-            raise ParamsError(
-                f"build.val_fraction ({p.val_fraction}) + build.test_fraction ({p.test_fraction}) "
-                "must each be in [0, 1) and leave records for training"
-            )
-    if name == "select":
-        if not p.candidates:
-            raise ParamsError("select.candidates is empty; name at least one base model")
-        _check_judge(p.judge, "select.judge", environment)
-        if p.metric == "judge" and not p.judge.enabled:
-            raise ParamsError(
-                "select.metric 'judge' needs the judge: set select.judge.enabled to true and name it in "
-                "select.judge.base_url and select.judge.model (an OpenAI-compatible URL and model, or base_url "
-                "local and a model directory), or choose by rouge_l, bleu or exact_match"
-            )
-        if p.judge.enabled and p.generation_samples < 1:
-            raise ParamsError("select.judge judges generated answers: select.generation_samples must be at least 1 "
-                              "while select.judge.enabled is true")
-        for cname, cand in p.candidates.items():
-            if cand.kind == "api" and not cand.base_url:
-                raise ParamsError(f"select.candidates.{cname}.base_url is required for kind: api")
-            if cand.kind == "api" and p.metric in ("loss", "perplexity"):
-                raise ParamsError(
-                    f"select.metric '{p.metric}' is not available for API candidate "
-                    f"select.candidates.{cname}: API models report no loss. "
-                    "Choose by rouge_l, bleu, exact_match or judge, or remove the API candidate"
-                )
-            if cand.kind == "local" and (cand.base_url or cand.api_key_env):
-                raise ParamsError(
-                    f"select.candidates.{cname}: base_url and api_key_env are for kind: api; "
-                    "a local candidate names a hub id or a directory in `model`"
-                )
-    if name == "models":
-        if not 0 <= p.heldout_fraction < 1:
-            raise ParamsError(f"models.heldout_fraction must be in [0, 1), got {p.heldout_fraction}")
-        for mname, spec in p.tiny.items():
-            if spec.pretrain_steps < 0:
-                raise ParamsError(f"models.tiny.{mname}.pretrain_steps must be >= 0 (0: random weights), got {spec.pretrain_steps}")
-    if name == "evaluate":
-        _check_judge(p.judge, "evaluate.judge", environment)
-        if p.lm_eval_tasks and environment:
-            import importlib.util
-
-            if importlib.util.find_spec("lm_eval") is None:
-                raise ParamsError(
-                    f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not installed: "
-                    "pip install -e '.[lmeval]' (tuneline's lmeval extra), or set evaluate.lm_eval_tasks to []"
-                )
-            if not Path(p.lm_eval_include_path).is_dir():
-                raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
-                                  "lm_eval task YAMLs (the default is configs/lm_eval)")
-    if name == "pretrain" and p.decontamination_ngram < 1:
-        raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
-    if name == "train":
-        if p.lora_r <= 0 or p.learning_rate <= 0 or p.batch_size <= 0 or p.eval_batch_size <= 0:
-            raise ParamsError("train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be positive")
-        if p.max_steps == 0 or p.max_steps < -1:
-            raise ParamsError(f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got {p.max_steps}")
-        if p.neftune_noise_alpha < 0:
-            raise ParamsError(f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
-                              f"got {p.neftune_noise_alpha}")
-        if not 0 < p.wise_ft <= 1:
-            raise ParamsError(f"train.wise_ft must be in (0, 1]: the share of what training learned that the saved model "
-                              f"keeps (1.0: the model as trained), got {p.wise_ft}")
-        if p.method == "ptuning" and p.wise_ft != 1:
-            raise ParamsError(f"train.wise_ft is {p.wise_ft}, but a P-tuning prompt has no base value to interpolate "
-                              "toward: set train.wise_ft to 1.0 with train.method ptuning")
-        if p.save_total_limit < 1:
-            raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {p.save_total_limit}")
-        if p.method == "full" and p.wise_ft != 1 and p.launcher == "accelerate" and zero_stage(p.accelerate_config) == 3:
-            raise ParamsError(f"train.accelerate_config {p.accelerate_config} runs DeepSpeed ZeRO-3: {WISE_FT_ZERO3}")
-        if environment:
-            _check_installed(p)
-    return p
-
-
 WISE_FT_ZERO3 = ("train.wise_ft below 1 with train.method full is not run under DeepSpeed ZeRO-3 (it has not "
                  "been checked there): set train.wise_ft to 1.0, or train with configs/accelerate/fsdp.yaml or ddp.yaml")
+QLORA_SHARDED = ("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
+                 "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
+PTUNING_PACKED = "train.method 'ptuning' cannot train on packed data: set tokenize.packing to false"
+
+
+def _accelerate_config(accelerate_config: str) -> dict:
+    """The mapping in an `accelerate launch` config file; {} when there is no such file."""
+    path = Path(accelerate_config)
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def distributed_type(accelerate_config: str) -> str | None:
+    """What an `accelerate launch` config file runs: MULTI_GPU (DDP), FSDP, DEEPSPEED, ... (None: no such file)."""
+    return _accelerate_config(accelerate_config).get("distributed_type")
 
 
 def zero_stage(accelerate_config: str) -> int | None:
@@ -733,10 +893,7 @@ def zero_stage(accelerate_config: str) -> int | None:
     from its `deepspeed_config.zero_stage` or the DeepSpeed JSON its `deepspeed_config_file` names."""
     import json
 
-    path = Path(accelerate_config)
-    if not path.is_file():
-        return None
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    config = _accelerate_config(accelerate_config)
     deepspeed = config.get("deepspeed_config") or {}
     if config.get("distributed_type") != "DEEPSPEED":
         return None
@@ -744,19 +901,6 @@ def zero_stage(accelerate_config: str) -> int | None:
         file = Path(deepspeed["deepspeed_config_file"])
         return json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") if file.is_file() else None
     return deepspeed.get("zero_stage")
-
-
-def _check_judge(j: Any, key: str, environment: bool = True) -> None:
-    """A judge section (evaluate.judge, select.judge) that is on must say where the judge is."""
-    if j.reply_retries < 0 or j.max_retries < 0 or j.concurrency < 1 or j.requests_per_minute < 1:
-        raise ParamsError(f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
-    if j.enabled:
-        for field in ("base_url", "model", "prompt", "retry_prompt"):
-            if not getattr(j, field).strip():
-                raise ParamsError(f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see params.yaml)")
-        for field in ("prompt", "retry_prompt") if environment else ():
-            if not Path(getattr(j, field)).is_file():
-                raise ParamsError(f"{key}.{field}: {getattr(j, field)} is not a file; name a Jinja2 prompt (see prompts/)")
 
 
 # Switches that need a package tuneline does not install: (key, value, import name, the fix).
@@ -769,10 +913,50 @@ OPTIONAL_PACKAGES = (
 )
 
 
-def _check_installed(p: Any) -> None:
-    """Fail at start-up, naming the key and the fix, when a switch needs a package that is missing."""
+def check_environment(name: str, p: Any) -> None:
+    """Probes of this machine for the section `name` (p, as loaded): the packages a switch needs and
+    the files a key names. Run by the stages that need them (select, evaluate, train) before their
+    work; `check` and `tuneline check` read the params file only, so they pass on a machine that
+    has not run the pipeline yet."""
     import importlib.util
 
-    for key, value, module, fix in OPTIONAL_PACKAGES:
-        if getattr(p, key) == value and importlib.util.find_spec(module) is None:
-            raise ParamsError(f"train.{key} {value!r} needs the {module} package, which is not installed: {fix}")
+    if name in ("select", "evaluate") and p.judge.enabled:
+        for field in ("prompt", "retry_prompt"):
+            if not Path(getattr(p.judge, field)).is_file():
+                raise ParamsError(f"{name}.judge.{field}: {getattr(p.judge, field)} is not a file; "
+                                  "name a Jinja2 prompt (see prompts/)")
+    if name == "evaluate" and p.lm_eval_tasks:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ParamsError(
+                f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not installed: "
+                "pip install -e '.[lmeval]' (tuneline's lmeval extra), or set evaluate.lm_eval_tasks to []"
+            )
+        if not Path(p.lm_eval_include_path).is_dir():
+            raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
+                              "lm_eval task YAMLs (the default is configs/lm_eval)")
+    if name == "train":
+        for key, value, module, fix in OPTIONAL_PACKAGES:
+            if getattr(p, key) == value and importlib.util.find_spec(module) is None:
+                raise ParamsError(f"train.{key} {value!r} needs the {module} package, which is not installed: {fix}")
+        if p.launcher == "accelerate" and not Path(p.accelerate_config).is_file():
+            raise ParamsError(f"train.accelerate_config {p.accelerate_config!r} is not a file; name one of "
+                              "configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml or your own `accelerate config` output")
+
+
+# An XPath whose last step is text(), an attribute or a function picks strings, not elements.
+_XPATH_NOT_ELEMENTS = re.compile(r"(?:text\(\)|@[\w:*-]+|\w\([^/]*\))\s*$")
+
+
+def _check_css(css: str, key: str) -> None:
+    """A crawl selector (CSS, or XPath after `xpath:`) that parsel can run and that selects elements."""
+    from parsel import Selector
+
+    kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
+    if css.startswith("xpath:") and _XPATH_NOT_ELEMENTS.search(css):
+        raise ParamsError(f"{key} {css!r} selects text or attributes, not elements; end the XPath at the element "
+                          "(//dt, not //dt/text())")
+    empty = Selector(text="<html><body></body></html>")
+    try:
+        empty.xpath(css.removeprefix("xpath:")) if css.startswith("xpath:") else empty.css(css)
+    except Exception as err:  # cssselect and lxml raise several types (SelectorSyntaxError, XPathError)
+        raise ParamsError(f"{key} {css!r} is not {kind} ({err}); fix the selector") from None

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
-from tuneline.params import WISE_FT_ZERO3, ParamsError, Train
+from tuneline.params import PTUNING_PACKED, QLORA_SHARDED, WISE_FT_ZERO3, ParamsError, Train
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
 
@@ -173,8 +173,7 @@ def prepare_model(selected: dict, p: Train, seed: int):
     from peft import get_peft_model
 
     if p.method == "qlora" and sharded_launch():
-        raise ParamsError("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
-                          "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
+        raise ParamsError(QLORA_SHARDED)  # launched by hand: params load sees only train.accelerate_config
     set_seed(seed)
     model = load_model(
         selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
@@ -184,7 +183,11 @@ def prepare_model(selected: dict, p: Train, seed: int):
     model.config.use_cache = False  # training never reads a KV cache, and one would hide packed sequences' boundaries
     if p.method == "qlora":
         keep_4bit_training_layout(model)
-    if not p.use_liger_kernel:  # Liger replaces the forward with its own fused linear cross-entropy
+    if p.use_liger_kernel:
+        # Liger's fused linear cross-entropy never makes the full logits either; the two would both replace the loss.
+        logging.getLogger("tuneline.training").warning(
+            "train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off")
+    else:
         answer_only_head(model)
     config = peft_config(p)
     if config is not None:
@@ -389,7 +392,7 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
     the compute dtype (`save_at_dtype`).
     """
     if p.method == "ptuning" and "position_ids" in train_ds.column_names:
-        raise ParamsError("train.method 'ptuning' cannot train on packed data: set tokenize.packing to false")
+        raise ParamsError(PTUNING_PACKED)  # data tokenized under other params than these
     if p.method == "full" and p.wise_ft != 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ParamsError(WISE_FT_ZERO3)
     tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
