@@ -279,10 +279,12 @@ def tuneline_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int,
 
     model_name, method, _, gc, liger, batch = run
     p = train_settings(method, batch, steps, gc, liger)
-    selected = {"name": model_name, "kind": "local", "model": str(work / "0p5b")}
+    from tuneline.records import chosen_model
+
+    # the 8b model itself is made here, not loaded: only its tokenizer is read
+    selected = chosen_model({"name": model_name, "kind": "local", "model": str(work / ("tokenizer" if model_name == "8b" else "0p5b"))})
     load_model = tuneline.training.load_model
     if model_name == "8b":
-        selected["model"] = str(work / "tokenizer")  # the model itself is made here, not loaded
         model = quantized_8b(shapes)
         tuneline.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
     try:

@@ -187,6 +187,7 @@ def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
 def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer,
                  out: Path):
     """tuneline.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
+    from tuneline.records import chosen_model
     from tuneline.tokenization import padding_fraction
     from tuneline.training import train
 
@@ -195,7 +196,7 @@ def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_s
     ds = seed_rows(model_dir, steps, p.batch_size, packed)
     # the share of padding in batches of these rows: what packing can save at most
     timer.padding_fraction = padding_fraction([len(ids) for ids in ds["input_ids"]], p.batch_size)
-    selected = {"name": "bench", "kind": "local", "model": str(model_dir)}
+    selected = chosen_model({"name": "bench", "kind": "local", "model": str(model_dir)})
     model, _, _ = train(selected, p, ds, None, out / "checkpoints", base.seed, [timer.callback])
     return model
 
@@ -331,14 +332,14 @@ def default_run(project: Path, answer_head: bool, start: float) -> dict:
     from datasets import load_from_disk
 
     from tuneline import params, training
-    from tuneline.records import read_json
+    from tuneline.records import chosen_model, read_json
 
     if not answer_head:
         training.answer_only_head = lambda model: False
     base, p = params.load("base", "train", path=project / "params.yaml")
     data = project / base.tokenized_dir
     selected = read_json(project / base.tuning_base)
-    selected["model"] = str(project / selected["model"])
+    selected = chosen_model({**selected, "model": str(project / selected["model"])})
     train_ds = load_from_disk(str(data / "train"))
     with tempfile.TemporaryDirectory() as tmp:
         _, _, metrics = training.train(selected, p, train_ds, load_from_disk(str(data / "val")), Path(tmp) / "checkpoints",

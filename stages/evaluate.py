@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tuneline import judge, params, timings
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
-from tuneline.records import read_json, write_json, write_jsonl
+from tuneline.records import read_chosen, read_json, skipped_for_api, write_jsonl
 from tuneline.intervals import delta_intervals, verdict
 from tuneline.scoring import score
 
@@ -102,18 +102,18 @@ def benchmarks(p, model, tokenizer, seed: int) -> dict[str, dict]:
 def main() -> None:
     base, p = params.load("base", "evaluate")
     params.check_environment("evaluate", p)
-    selected = read_json(base.tuning_base)
+    chosen = read_chosen(base.tuning_base)
     metrics_dir = Path(base.metrics_dir)
     judge_dir = Path(base.cache_dir) / "judge"
     judge_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when the judge is off
-    if p.judge.enabled and selected["kind"] != "api":
+    if p.judge.enabled and not chosen.api:
         judge.preflight(p.judge, "evaluate.judge")
-    if selected["kind"] == "api":
-        print(f"evaluate: skipped, the chosen model {selected['name']} is an API model used as is (see select_table.md)")
-        write_json(metrics_dir / "eval.json", {"skipped": 1})
-        (metrics_dir / "eval_samples.md").write_text("Skipped: an API model was chosen; see select_table.md\n", encoding="utf-8")
-        for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl"):  # every declared output exists
-            write_jsonl(metrics_dir / "eval" / name, [])
+    msg = f"the chosen model {chosen.name} is an API model used as is (see select_table.md)"
+    if skipped_for_api(chosen, "evaluate", msg, {
+        metrics_dir / "eval.json": {"skipped": 1},
+        metrics_dir / "eval_samples.md": "Skipped: an API model was chosen; see select_table.md\n",
+        **{metrics_dir / "eval" / name: [] for name in ("records.jsonl", "seen_records.jsonl", "judge.jsonl")},
+    }):
         return
 
     sets = {"unseen": read_json(Path(base.alpaca_dir) / "test.json"),
@@ -123,11 +123,11 @@ def main() -> None:
 
     # A QLoRA run is compared with the 4-bit base it trained over (dequantised, as the merge goes into
     # it, with evaluate.merge): the delta is the adapter's alone.
-    base_model = load_base(selected, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir), dequantized=p.merge)
+    base_model = load_base(chosen, p.dtype, quantize_4bit=trained_4bit(base.adapter_dir), dequantized=p.merge)
     base_scores = {name: score(base_model, tokenizer, records, **args) for name, records in sets.items()}
     base_bench = benchmarks(p, base_model, tokenizer, base.seed)
     del base_model
-    tuned_model = load_tuned(selected, base.adapter_dir, merge=p.merge, dtype=p.dtype)
+    tuned_model = load_tuned(chosen, base.adapter_dir, merge=p.merge, dtype=p.dtype)
     tuned_scores = {name: score(tuned_model, tokenizer, records, **args) for name, records in sets.items()}
     tuned_bench = benchmarks(p, tuned_model, tokenizer, base.seed)
 

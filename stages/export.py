@@ -15,22 +15,21 @@ from pathlib import Path
 
 from tuneline import params
 from tuneline.export import dir_md5, export, file_md5, model_card
-from tuneline.records import read_json, write_json
+from tuneline.records import read_chosen, read_json, skipped_for_api
 
 
 def main() -> None:
     base, p = params.load("base", "export")
-    selected = read_json(base.tuning_base)
+    chosen = read_chosen(base.tuning_base)
     out_dir = Path(base.export_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
-    if selected["kind"] == "api":
-        write_json(out_dir / "SKIPPED.json", {"reason": f"{selected['name']} is an API model used as is; nothing to export"})
-        print("export: skipped, an API model was chosen")
+    reason = f"{chosen.name} is an API model used as is; nothing to export"
+    if skipped_for_api(chosen, "export", "an API model was chosen", {out_dir / "SKIPPED.json": {"reason": reason}}):
         return
     training = read_json(Path(base.adapter_dir) / "training_args.json")
-    written = export(selected, base.adapter_dir, out_dir, p.dtype)
+    written = export(chosen, base.adapter_dir, out_dir, p.dtype)
     hashes = {f.name: file_md5(f) for f in sorted(Path(base.alpaca_dir).glob("*.json")) if f.name != "dataset_info.json"}
-    card = model_card(selected, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
+    card = model_card(chosen, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
                       read_json(Path(base.metrics_dir) / "eval.json"))
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     print(f"export: {training['method']} model ({written}) written to {out_dir}")

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from tuneline import params, timings
 from tuneline.decontamination import contaminated
-from tuneline.records import InputError, read_json, read_jsonl, write_json, write_jsonl
+from tuneline.records import ChosenModel, InputError, read_chosen, read_json, read_jsonl, skipped_for_api, write_json, write_jsonl
 
 
-def base_corpus(selected: dict) -> list[Path]:
+def base_corpus(chosen: ChosenModel) -> list[Path]:
     """The files a local candidate was pretrained on, as the models stage recorded them ([] for
     hub models: their pretraining text is not ours to check)."""
-    info = Path(selected["model"]) / "pretraining.json"
+    info = Path(chosen.name_or_path) / "pretraining.json"
     if not info.exists():
         return []
     return [Path(f) for f in read_json(info)["corpus_files"]]
@@ -59,26 +59,26 @@ def crawled_documents(path: Path, min_chars: int) -> tuple[list[dict], list[dict
 
 def main() -> None:
     base, p = params.load("base", "pretrain")
-    selected = read_json(base.selected)
+    chosen = read_chosen(base.selected)
     # What continued pretraining reads, named here whether or not it runs (dvc.yaml lists them).
     docs_path, checkpoints_root, seed = Path(base.raw_dir) / "crawl.jsonl", Path(base.cache_dir) / "pretrain", base.seed
     out_dir = Path(base.pretrained_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     metrics_path = Path(base.metrics_dir) / "pretrain.json"
-    if selected["kind"] == "api":
-        write_json(base.tuning_base, selected)
-        write_json(out_dir / "SKIPPED.json", {"reason": f"{selected['name']} is an API model used as is"})
-        write_json(metrics_path, {"skipped": 1})
-        print("pretrain: skipped, an API model was chosen")
+    if skipped_for_api(chosen, "pretrain", "an API model was chosen", {
+        base.tuning_base: chosen.record,
+        out_dir / "SKIPPED.json": {"reason": f"{chosen.name} is an API model used as is"},
+        metrics_path: {"skipped": 1},
+    }):
         return
 
     answers = {split: read_json(Path(base.alpaca_dir) / f"{split}.json") for split in ("val", "test")}
-    files = base_corpus(selected)
+    files = base_corpus(chosen)
     metrics = {"ngram": p.decontamination_ngram, "enabled": p.enabled,
                "base_corpus": {"files": len(files),
                                **contamination(answers, [f.read_text(encoding="utf-8") for f in files], p.decontamination_ngram)}}
-    tuning_base = selected
+    tuning_base = chosen.record
     if p.enabled:
         docs, rejects = crawled_documents(docs_path, p.min_doc_chars)
         held_out = [r["output"] for split in answers.values() for r in split]
@@ -101,29 +101,29 @@ def main() -> None:
         settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, epochs=p.epochs,
                               warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay, logging_steps=p.logging_steps,
                               save_steps=p.save_steps, compute_dtype=p.compute_dtype, grad_accum=p.grad_accum)
-        tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+        tokenizer = load_tokenizer(chosen.name_or_path, chosen.revision, chosen.trust_remote_code)
         blocks = text_blocks(tokenizer, [d["text"] for d in docs], p.block_size)
         live = Live(dir=str(Path(base.metrics_dir) / "pretrain"), save_dvc_exp=False, dvcyaml=None, report=None)
         data_hash = hashlib.sha256(json.dumps([d["text"] for d in docs]).encode()).hexdigest()[:16]
-        key = run_key(settings, selected, data_hash, seed)
-        model = prepare_model(selected, settings, seed)
+        key = run_key(settings, chosen, data_hash, seed)
+        model = prepare_model(chosen, settings, seed)
         _, result = pretrain(model, tokenizer, blocks, settings, checkpoint_dir(checkpoints_root, key), seed,
                              [DVCLiveCallback(live=live)], save_to=out_dir)
         tokenizer.save_pretrained(out_dir)
-        tuning_base = {**selected, "name": f"{selected['name']}+pretrain", "model": str(out_dir), "revision": None,
-                       "continued_from": selected["model"]}
+        tuning_base = {**chosen.record, "name": f"{chosen.name}+pretrain", "model": str(out_dir), "revision": None,
+                       "continued_from": chosen.name_or_path}
         metrics["continued"] = {"documents": len(docs), "rejected": len(rejects), "blocks": len(blocks),
                                 "tokens": sum(len(b) for b in blocks), "train_loss": round(result.get("train_loss", 0.0), 4)}
         timings.write(base.metrics_dir, "pretrain", timings.split(result)[1])
         write_jsonl(out_dir / "rejects.jsonl", rejects)
-        print(f"pretrain: continued pretraining of {selected['name']} on {len(docs)} documents "
+        print(f"pretrain: continued pretraining of {chosen.name} on {len(docs)} documents "
               f"({len(rejects)} left out), train_loss {metrics['continued']['train_loss']}")
     else:
         write_json(out_dir / "SKIPPED.json", {"reason": "pretrain.enabled is false: the selected base is fine-tuned as is"})
     write_json(base.tuning_base, tuning_base)
     write_json(metrics_path, metrics)
     found = metrics["base_corpus"]
-    print(f"pretrain: decontamination ({p.decontamination_ngram}-grams) of {selected['name']}'s pretraining text "
+    print(f"pretrain: decontamination ({p.decontamination_ngram}-grams) of {chosen.name}'s pretraining text "
           f"({found['files']} files): {found['test']['contaminated']} of {found['test']['answers']} test answers and "
           f"{found['val']['contaminated']} of {found['val']['answers']} val answers shared")
 

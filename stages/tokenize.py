@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer
-from tuneline.records import InputError, read_json, write_json, write_jsonl
+from tuneline.records import InputError, read_chosen, read_json, skipped_for_api, write_json, write_jsonl
 from tuneline.templates import chat_template_for, with_fixed_date
 from tuneline.tokenization import pack_batch, padding_fraction, tokenize_batch
 
@@ -98,18 +98,16 @@ def pin_fingerprint(saved: Path) -> None:
 
 def main() -> None:
     base, p = params.load("base", "tokenize")
-    selected = read_json(base.tuning_base)
+    chosen = read_chosen(base.tuning_base)
     out_dir = Path(base.tokenized_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    if selected["kind"] == "api":
-        msg = f"the chosen model {selected['name']} is an API model used as is: nothing to tokenize or train"
-        print(f"tokenize: skipped, {msg}")
-        write_json(out_dir / "SKIPPED.json", {"reason": msg})
-        write_json(Path(base.metrics_dir) / "tokenize.json", {"skipped": 1})
+    msg = f"the chosen model {chosen.name} is an API model used as is: nothing to tokenize or train"
+    if skipped_for_api(chosen, "tokenize", msg, {out_dir / "SKIPPED.json": {"reason": msg},
+                                                 Path(base.metrics_dir) / "tokenize.json": {"skipped": 1}}):
         return
 
-    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(chosen.name_or_path, chosen.revision, chosen.trust_remote_code)
     # The template actually used travels with the data, so training saves it with the model. A
     # template that prints today's date (Llama 3's strftime_now) prints tokenize.template_date
     # instead: the same records give the same tokens on every day.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from transformers.integrations import DVCLiveCallback
 
 from tuneline import params, timings
 from tuneline.profiles import with_profile
-from tuneline.records import read_json, write_json
+from tuneline.records import read_chosen, read_json, skipped_for_api, write_json
 from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, wise_ft
 
 # Set in the processes `accelerate launch` starts for us, so they train instead of launching again.
@@ -67,24 +66,21 @@ def main() -> None:
         if code:
             raise SystemExit(code)
         return
-    selected = read_json(base.tuning_base)
+    chosen = read_chosen(base.tuning_base)
     out_dir = Path(base.adapter_dir)
     live_dir = Path(base.metrics_dir) / "train"
-    if selected["kind"] == "api":
-        msg = f"the chosen model {selected['name']} is an API model used as is; no local training"
-        print(f"train: skipped, {msg}")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        write_json(out_dir / "SKIPPED.json", {"reason": msg})
-        write_json(live_dir / "metrics.json", {"skipped": 1})
+    msg = f"the chosen model {chosen.name} is an API model used as is; no local training"
+    if skipped_for_api(chosen, "train", msg, {out_dir / "SKIPPED.json": {"reason": msg},
+                                              live_dir / "metrics.json": {"skipped": 1}}, clear=out_dir):
         return
 
-    p, profile, settings = with_profile(p, selected["model"])
+    p, profile, settings = with_profile(p, chosen.name_or_path)
     print(f"train: profile {profile} (train.profile {p.profile}): " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items()),
           flush=True)
     data_dir = Path(base.tokenized_dir)
     train_ds = load_from_disk(str(data_dir / "train"))
     eval_ds = load_from_disk(str(data_dir / "val")) if (data_dir / "val").exists() else None
-    key = run_key(p, selected, dir_fingerprint(data_dir), base.seed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    key = run_key(p, chosen, dir_fingerprint(data_dir), base.seed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     checkpoints = checkpoint_dir(Path(base.cache_dir) / "checkpoints", key)
     resuming = last_checkpoint(checkpoints) is not None
     # Under `accelerate launch` every process runs this script; only the main one logs and saves,
@@ -99,23 +95,23 @@ def main() -> None:
     # Every process saves: under FSDP/ZeRO-3 the weights are gathered from all of them; the main one writes.
     # The trained model is dropped here, and freed (the Trainer's reference cycles too): it is saved, and
     # wise_ft reads the saved files and the base's on CPU.
-    tokenizer, metrics = train(selected, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)[1:]
+    tokenizer, metrics = train(chosen, p, train_ds, eval_ds, checkpoints, base.seed, callbacks, save_to=out_dir)[1:]
     gc.collect()
     if not main_process:
         return
 
     sort_target_modules(out_dir / "adapter_config.json")
-    interpolated = wise_ft(out_dir, selected, p.wise_ft)
+    interpolated = wise_ft(out_dir, chosen, p.wise_ft)
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text(encoding="utf-8")
     tokenizer.save_pretrained(out_dir)
     trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
     write_json(out_dir / "training_args.json", {
-        "base_model": selected, "method": p.method, "params": dataclasses.asdict(p), "profile": profile, "seed": base.seed,
+        "base_model": chosen.record, "method": p.method, "params": dataclasses.asdict(p), "profile": profile, "seed": base.seed,
         "run_key": key, "trainable_parameters": trainable, "total_parameters": total,
         "train_records": len(train_ds),
     })
     timings.write(base.metrics_dir, "train", timings.split(metrics)[1])
-    print(f"train: {p.method} on {selected['name']}: {trainable:,} of {total:,} parameters trained; "
+    print(f"train: {p.method} on {chosen.name}: {trainable:,} of {total:,} parameters trained; "
           f"train_loss {metrics.get('train_loss', float('nan')):.4f}; saved to {out_dir}"
           + (f" as base + {p.wise_ft:g} x the trained update (train.wise_ft, {interpolated} tensors)" if interpolated else ""))
 

@@ -12,6 +12,7 @@ from datasets import Dataset
 from tests.stage_project import ROOT, seed_records
 from tuneline import params
 from tuneline.modeling import load_tokenizer
+from tuneline.records import chosen_model
 from tuneline.tokenization import tokenize_example
 from tuneline.training import peft_config, prepare_model, training_arguments
 
@@ -55,5 +56,5 @@ def test_trl_baseline_trains_on_tuneline_s_rows_with_its_loss_and_no_per_step_me
     torch.testing.assert_close(plain.compute_loss(plain.model, dict(batch)), loss)
     assert plain._metrics["train"]["entropy"] and plain._metrics["train"]["mean_token_accuracy"]
     # and so does tuneline's training forward (LoRA starts as the identity: B is zero)
-    ours = prepare_model({"name": "tiny", "kind": "local", "model": str(tiny_model_dir)}, p, 42)
+    ours = prepare_model(chosen_model({"name": "tiny", "kind": "local", "model": str(tiny_model_dir)}), p, 42)
     torch.testing.assert_close(ours(**batch).loss, loss)

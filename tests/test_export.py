@@ -16,7 +16,7 @@ import yaml
 from tests.tuned_project import ROOT
 from tuneline.export import dir_md5, merged_model
 from tuneline.modeling import load_model, load_tokenizer
-from tuneline.records import read_json
+from tuneline.records import chosen_model, read_json
 
 TEXTS = ["How long should a French press steep?", "法压壶大约浸泡四分钟。", "Grind finer, 25-30 seconds."]
 
@@ -70,7 +70,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
     from tuneline.records import write_json
     from tuneline.training import keep_4bit_training_layout, prepare_model
 
-    selected = {"name": "tiny_llama", "kind": "local", "model": str(tiny_llama_dir)}
+    selected = chosen_model({"name": "tiny_llama", "kind": "local", "model": str(tiny_llama_dir)})
     model = prepare_model(selected, train_params("qlora"), seed=0)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     tokenizer = load_tokenizer(str(tiny_llama_dir))
@@ -100,7 +100,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
 def test_ptuning_adapter_is_refused_by_the_merge_with_the_way_out(tiny_model_dir, tmp_path):
     from tuneline.training import prepare_model
 
-    selected = {"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)}
+    selected = chosen_model({"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)})
     prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="P-tuning adapter has no weights to merge; export it with `export"):
         merged_model(selected, tmp_path / "adapter", "float32")
@@ -153,7 +153,7 @@ def ptuning_adapter(tiny_model_dir: Path, adapter_dir: Path) -> dict:
     base_dir = adapter_dir.parent / "steerable_base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    selected = {"name": "tiny_qwen", "kind": "local", "model": str(base_dir)}
+    selected = chosen_model({"name": "tiny_qwen", "kind": "local", "model": str(base_dir)})
 
     model = prepare_model(selected, train_params("ptuning"), seed=0)
     prompt = chat_ids(tokenizer, PTUNING_QUESTION)
@@ -182,7 +182,7 @@ def test_a_ptuning_export_is_a_plain_checkpoint_computing_base_plus_adapter(tiny
 
     exported = load_model(str(tmp_path / "export")).eval()
     exported_tokenizer = load_tokenizer(str(tmp_path / "export"))
-    base = load_model(selected["model"]).eval()
+    base = load_model(selected.name_or_path).eval()
     base_tokenizer = load_tokenizer(str(tiny_model_dir))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     n_virtual = peft_model.peft_config["default"].num_virtual_tokens
@@ -229,7 +229,7 @@ def test_tuneline_serve_serves_a_ptuning_export_as_base_plus_adapter(tiny_model_
             ids = torch.cat([ids, next_id], 1)
         return tokenizer.decode(ids[0, prompt.shape[1]:], skip_special_tokens=True).strip()
 
-    base = load_model(selected["model"]).eval()
+    base = load_model(selected.name_or_path).eval()
     with torch.no_grad():
         base_answer = greedy(base)
         tuned_answer = greedy(PeftModel.from_pretrained(base, tmp_path / "adapter").eval())

@@ -68,3 +68,64 @@ def test_seed_and_dataset_twin_one_kept_one_rejected_and_nothing_lost_at_any_sta
     kept, build_rejects = validate(list(enumerate(result.kept, 1)), "records.jsonl", max_tokens=1024)
     parts = split(kept, 0.15, 0.15, seed=42)
     assert Counter(r["id"] for part in parts for r in part) + Counter(r["id"] for r in build_rejects) == Counter(kept_ids)
+
+
+# --- the chosen model --------------------------------------------------------------------------------
+
+API_CHOSEN = {"name": "hosted", "kind": "api", "model": "gpt-x", "base_url": "https://api.example.invalid/v1",
+              "api_key_env": "OPENAI_API_KEY", "revision": None, "trust_remote_code": False, "metric": "rouge_l",
+              "score": 0.5, "tied_with": [], "why": "highest validation rouge_l"}
+
+
+def test_the_chosen_model_reads_what_loading_needs_and_keeps_the_file_s_mapping():
+    from tuneline.records import read_chosen, read_json
+
+    chosen = read_chosen(ROOT / "models" / "selected.json")
+    record = read_json(ROOT / "models" / "selected.json")
+    assert (chosen.name, chosen.name_or_path, chosen.revision, chosen.trust_remote_code, chosen.api) == (
+        record["name"], record["model"], None, False, False)
+    assert chosen.record == record
+    from tuneline.records import chosen_model
+
+    hub = chosen_model({"name": "q", "kind": "local", "model": "Qwen/Qwen2.5-0.5B", "revision": "abc123", "trust_remote_code": True})
+    assert (hub.revision, hub.trust_remote_code, hub.api) == ("abc123", True, False)
+    assert chosen_model({"name": "q", "kind": "local", "model": "m"}).revision is None  # older files name neither
+    assert chosen_model(API_CHOSEN).api
+
+
+def test_every_local_stage_skips_an_api_model_and_writes_its_declared_outputs(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import stages.evaluate
+    import stages.export
+    import stages.pretrain
+    import stages.tokenize
+    import stages.train
+    from tuneline.records import read_json, read_jsonl, write_json
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "prompts", tmp_path / "prompts")  # the judge's, which evaluate checks are there
+    monkeypatch.chdir(tmp_path)
+    base = params.section("base")
+    write_json(base.selected, API_CHOSEN)
+    (Path(base.adapter_dir) / "stale").mkdir(parents=True)  # a local run's adapter, from before the API model won
+    for stage in (stages.pretrain, stages.tokenize, stages.train, stages.evaluate, stages.export):
+        stage.main()
+    assert capsys.readouterr().out.splitlines() == [
+        "pretrain: skipped, an API model was chosen",
+        "tokenize: skipped, the chosen model hosted is an API model used as is: nothing to tokenize or train",
+        "train: skipped, the chosen model hosted is an API model used as is; no local training",
+        "evaluate: skipped, the chosen model hosted is an API model used as is (see select_table.md)",
+        "export: skipped, an API model was chosen",
+    ]
+    assert read_json(base.tuning_base) == API_CHOSEN
+    metrics = Path(base.metrics_dir)
+    assert [read_json(f) for f in (metrics / "pretrain.json", metrics / "tokenize.json", metrics / "train" / "metrics.json",
+                                   metrics / "eval.json")] == [{"skipped": 1}] * 4
+    assert read_json(Path(base.pretrained_dir) / "SKIPPED.json") == {"reason": "hosted is an API model used as is"}
+    assert read_json(Path(base.tokenized_dir) / "SKIPPED.json") == {
+        "reason": "the chosen model hosted is an API model used as is: nothing to tokenize or train"}
+    assert sorted(p.name for p in Path(base.adapter_dir).iterdir()) == ["SKIPPED.json"]
+    assert read_json(Path(base.export_dir) / "SKIPPED.json") == {"reason": "hosted is an API model used as is; nothing to export"}
+    assert (metrics / "eval_samples.md").read_text() == "Skipped: an API model was chosen; see select_table.md\n"
+    assert [read_jsonl(metrics / "eval" / n) for n in ("records.jsonl", "seen_records.jsonl", "judge.jsonl")] == [[]] * 3

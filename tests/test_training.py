@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from tuneline import params
 from tuneline.modeling import load_tokenizer, load_tuned
+from tuneline.records import ChosenModel, chosen_model
 from tuneline.tokenization import collate, encode
 from tuneline.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
 
@@ -34,8 +35,8 @@ NO_CHECKPOINTS = {"save_steps": 1000}
 TOKENIZE = {"max_length": 128}
 
 
-def selected_of(model_dir: Path) -> dict:
-    return {"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False}
+def selected_of(model_dir: Path) -> ChosenModel:
+    return chosen_model({"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False})
 
 
 def train_params(**changes) -> params.Train:
@@ -339,13 +340,13 @@ def run_key_parts(tiny_model_dir):
 def test_run_key_covers_everything_that_changes_the_run(tiny_model_dir):
     p, selected, data, seed = run_key_parts(tiny_model_dir)
     key = run_key(p, selected, data, seed)
-    assert key == run_key(train_params(), dict(selected), data, seed)
+    assert key == run_key(train_params(), chosen_model(dict(selected.record)), data, seed)
     others = [
         run_key(dataclasses.replace(p, learning_rate=p.learning_rate * 2), selected, data, seed),
         run_key(dataclasses.replace(p, method="lora" if p.method != "lora" else "qlora"), selected, data, seed),
         run_key(dataclasses.replace(p, use_dora=True), selected, data, seed),
         run_key(dataclasses.replace(p, wise_ft=0.5), selected, data, seed),
-        run_key(p, {**selected, "model": "other/model"}, data, seed),
+        run_key(p, chosen_model({**selected.record, "model": "other/model"}), data, seed),
         run_key(p, selected, "data4567", seed),
         run_key(p, selected, data, seed + 1),
         run_key(p, selected, data, seed, world_size=2),
@@ -560,7 +561,7 @@ def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", no_model)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
-    changed = wise_ft(saved, {**selected_of(tiny_model_dir), "model": str(base_dir)}, 0.25)
+    changed = wise_ft(saved, selected_of(base_dir), 0.25)
 
     mixed = load_file(saved / "model.safetensors")
     assert changed == len(mixed) and mixed.keys() == trained.keys()

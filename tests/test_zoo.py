@@ -78,10 +78,10 @@ def trained(request, tmp_path_factory):
     return family, project
 
 
-def selected(project: Path) -> dict:
-    from tuneline.records import read_json
+def selected(project: Path):
+    from tuneline.records import read_chosen
 
-    return read_json(project / "models" / "selected.json")
+    return read_chosen(project / "models" / "selected.json")
 
 
 def test_labels_cover_exactly_the_answers_and_their_end_of_turn(trained):

@@ -11,9 +11,10 @@ import torch
 
 from tuneline.generation import greedy_config, stop_ids
 from tuneline.modeling import load_tuned
+from tuneline.records import ChosenModel
 
 
-def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
+def merged_model(chosen: ChosenModel, adapter_dir: str | Path, dtype: str):
     """The base model at `dtype` (`auto`: see resolve_dtype) with the adapter merged in; full weights
     load at `dtype`. A QLoRA adapter merges into its base as it was trained: loaded in 4-bit, then
     dequantised (`dequantize()`) to `dtype`, so the merged model computes what the 4-bit base plus
@@ -22,7 +23,7 @@ def merged_model(selected: dict, adapter_dir: str | Path, dtype: str):
     if is_prompt_learning(adapter_dir):
         raise ValueError("export: a P-tuning adapter has no weights to merge; export it with `export()`, which "
                          "writes its virtual tokens into the vocabulary")
-    return load_tuned(selected, adapter_dir, merge=True, dtype=dtype)
+    return load_tuned(chosen, adapter_dir, merge=True, dtype=dtype)
 
 
 def file_md5(path: str | Path) -> str:
@@ -42,14 +43,14 @@ def dir_md5(path: str | Path) -> str:
     return tree.hash_info.value
 
 
-def model_card(selected: dict, training: dict, data_dir: str, data_dir_hash: str, data_hashes: dict[str, str],
+def model_card(chosen: ChosenModel, training: dict, data_dir: str, data_dir_hash: str, data_hashes: dict[str, str],
                eval_metrics: dict) -> str:
     """README.md of the exported model: base, method, params, data version (the directory hash
     dvc.lock records for `data_dir`, and each file's md5) and eval metrics."""
     lines = [
-        "---", "library_name: transformers", f"base_model: {selected['model']}", "tags: [tuneline, " + training["method"] + "]", "---", "",
-        f"# Fine-tuned {selected['name']}", "",
-        f"Made by the tuneline pipeline: base model `{selected['model']}` (chosen by {selected['why']}),",
+        "---", "library_name: transformers", f"base_model: {chosen.name_or_path}", "tags: [tuneline, " + training["method"] + "]", "---", "",
+        f"# Fine-tuned {chosen.name}", "",
+        f"Made by the tuneline pipeline: base model `{chosen.name_or_path}` (chosen by {chosen.record['why']}),",
         f"fine-tuned with **{training['method']}**, " + ("exported with its virtual tokens as special tokens that the "
         "chat template puts first." if training["method"] == "ptuning" else "merged and exported."), "",
         "## Training data", "",
@@ -74,7 +75,7 @@ def prompt_token(i: int) -> str:
     return f"<|tuneline_prompt_{i}|>"
 
 
-def with_virtual_tokens(selected: dict, adapter_dir: str | Path, dtype: str):
+def with_virtual_tokens(chosen: ChosenModel, adapter_dir: str | Path, dtype: str):
     """(model, tokenizer): the base with a P-tuning run's virtual tokens written into its vocabulary.
 
     peft prepends the prompt encoder's output (N vectors, fixed once trained) to the embedded input.
@@ -87,7 +88,7 @@ def with_virtual_tokens(selected: dict, adapter_dir: str | Path, dtype: str):
 
     from tuneline.modeling import load_base, load_tokenizer
 
-    peft_model = PeftModel.from_pretrained(load_base(selected, dtype), adapter_dir).eval()
+    peft_model = PeftModel.from_pretrained(load_base(chosen, dtype), adapter_dir).eval()
     with torch.no_grad():
         prompt = peft_model.get_prompt(batch_size=1)[0]
     model = peft_model.get_base_model()
@@ -108,17 +109,17 @@ def with_virtual_tokens(selected: dict, adapter_dir: str | Path, dtype: str):
     return model, tokenizer
 
 
-def export(selected: dict, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> str:
+def export(chosen: ChosenModel, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> str:
     """Write the servable model to `out_dir`; return how: "merged" (LoRA, QLoRA, full weights), or
     "virtual tokens" for P-tuning, whose prompt goes into the vocabulary and chat template."""
     from tuneline.modeling import load_tokenizer
 
     out_dir = Path(out_dir)
     if is_prompt_learning(adapter_dir):
-        model, tokenizer = with_virtual_tokens(selected, adapter_dir, dtype)
+        model, tokenizer = with_virtual_tokens(chosen, adapter_dir, dtype)
         written = "virtual tokens"
     else:
-        model, tokenizer = merged_model(selected, adapter_dir, dtype), load_tokenizer(str(adapter_dir))
+        model, tokenizer = merged_model(chosen, adapter_dir, dtype), load_tokenizer(str(adapter_dir))
         written = "merged"
     # Greedy, stopping at the template's end of turn too: `tuneline serve` and a plain `generate` read
     # the saved generation_config.json, and a base's own one neither stops there nor decodes greedily.

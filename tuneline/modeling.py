@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from tuneline.logs import route_transformers_logging
 from tuneline.params import ParamsError
+from tuneline.records import ChosenModel
 
 # A stage's transformers warnings go to its log file and (unless known-harmless) the terminal.
 route_transformers_logging()
@@ -166,15 +167,15 @@ def trained_4bit(adapter_dir: str | Path) -> bool:
     return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("method") == "qlora"
 
 
-def load_base(selected: dict, dtype: str = "auto", quantize_4bit: bool = False, dequantized: bool = False):
-    """The selected base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was
+def load_base(chosen: ChosenModel, dtype: str = "auto", quantize_4bit: bool = False, dequantized: bool = False):
+    """The chosen base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was
     trained over), and then `dequantized` to `dtype` when asked (the weights a QLoRA merge goes into)."""
-    model = load_model(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
-                       quantize_4bit=quantize_4bit, dtype=dtype)
+    model = load_model(chosen.name_or_path, chosen.revision, chosen.trust_remote_code, quantize_4bit=quantize_4bit,
+                       dtype=dtype)
     return model.dequantize(dtype=DTYPES[resolve_dtype(dtype)]) if quantize_4bit and dequantized else model
 
 
-def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dtype: str = "auto"):
+def load_tuned(chosen: ChosenModel, adapter_dir: str | Path, merge: bool = False, dtype: str = "auto"):
     """The fine-tuned model: the base with the adapter from `adapter_dir` (or full weights there), at
     `dtype`. A QLoRA adapter goes onto the 4-bit base it was trained over (the model as trained);
     merged, onto that base dequantised to `dtype` (`dequantize()`), as export merges it: what is
@@ -184,7 +185,7 @@ def load_tuned(selected: dict, adapter_dir: str | Path, merge: bool = False, dty
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         return load_model(str(adapter_dir), dtype=dtype)
-    base = load_base(selected, dtype, quantize_4bit=trained_4bit(adapter_dir), dequantized=merge)
+    base = load_base(chosen, dtype, quantize_4bit=trained_4bit(adapter_dir), dequantized=merge)
     model = PeftModel.from_pretrained(base, adapter_dir)
     if merge and model.peft_config["default"].is_prompt_learning:
         raise ParamsError("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")

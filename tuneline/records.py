@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -163,3 +165,50 @@ def tokenizer_hash(name: str) -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ChosenModel:
+    """The base model the pipeline tunes, as choose wrote it (base.selected) or pretrain passed it on
+    (base.tuning_base): what loading it needs, and whether it is an API model, used as is."""
+
+    name: str
+    name_or_path: str  # a hub id or a local directory
+    revision: str | None
+    trust_remote_code: bool
+    api: bool
+    record: dict  # the file's mapping as written (why, score, tied_with, ...), for what passes it on
+
+
+def chosen_model(record: dict) -> ChosenModel:
+    """The ChosenModel of a base.selected / base.tuning_base mapping."""
+    return ChosenModel(name=record["name"], name_or_path=record["model"], revision=record.get("revision"),
+                       trust_remote_code=record.get("trust_remote_code", False), api=record["kind"] == "api",
+                       record=record)
+
+
+def read_chosen(path: str | Path) -> ChosenModel:
+    """The ChosenModel in the JSON file `path` (base.selected or base.tuning_base)."""
+    return chosen_model(read_json(path))
+
+
+def skipped_for_api(chosen: ChosenModel, stage: str, message: str, writes: dict[Path, Any],
+                    clear: Path | None = None) -> bool:
+    """Whether the stage skips `chosen`, an API model that no local stage can tune, score or export.
+    Then it prints `<stage>: skipped, <message>`, empties `clear` (an output directory) and writes
+    each of `writes` (a dict as JSON, a list as JSON Lines, a str as text), so that every output the
+    stage declares exists."""
+    if not chosen.api:
+        return False
+    print(f"{stage}: skipped, {message}")
+    if clear is not None:
+        shutil.rmtree(clear, ignore_errors=True)
+    for path, content in writes.items():
+        if isinstance(content, dict):
+            write_json(path, content)
+        elif isinstance(content, list):
+            write_jsonl(path, content)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content, encoding="utf-8")
+    return True

@@ -23,6 +23,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.params import PTUNING_PACKED, QLORA_SHARDED, WISE_FT_ZERO3, ParamsError, Train
+from tuneline.records import ChosenModel
 from tuneline.timings import is_timing
 from tuneline.tokenization import IGNORE, collate
 
@@ -162,7 +163,7 @@ def reproduces_own_loss(model, patched, own_forward, tokens: int = 16) -> bool:
     return bool(torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-4))
 
 
-def prepare_model(selected: dict, p: Train, seed: int):
+def prepare_model(chosen: ChosenModel, p: Train, seed: int):
     """The base model ready to train: quantised and wrapped for QLoRA, wrapped for LoRA/P-tuning.
 
     Frozen weights load at the compute dtype (bf16 on a recent GPU); full fine-tuning loads fp32
@@ -176,8 +177,7 @@ def prepare_model(selected: dict, p: Train, seed: int):
         raise ParamsError(QLORA_SHARDED)  # launched by hand: params load sees only train.accelerate_config
     set_seed(seed)
     model = load_model(
-        selected["model"], selected.get("revision"), selected.get("trust_remote_code", False),
-        quantize_4bit=p.method == "qlora", dtype="float32" if p.method == "full" else p.compute_dtype,
+        chosen.name_or_path, chosen.revision, chosen.trust_remote_code, quantize_4bit=p.method == "qlora", dtype="float32" if p.method == "full" else p.compute_dtype,
         attn_implementation=p.attn_implementation,
     )
     model.config.use_cache = False  # training never reads a KV cache, and one would hide packed sequences' boundaries
@@ -196,13 +196,13 @@ def prepare_model(selected: dict, p: Train, seed: int):
     return model
 
 
-def run_key(p: Train, selected: dict, data_fingerprint: str, seed: int, world_size: int = 1) -> str:
+def run_key(p: Train, chosen: ChosenModel, data_fingerprint: str, seed: int, world_size: int = 1) -> str:
     """A hash of everything that makes a training run what it is.
 
     The number of processes is part of it: it changes the global batch and the data order, so a
     checkpoint of a 2-process run cannot be resumed by a single process.
     """
-    run = {"params": p.__dict__, "model": selected, "data": data_fingerprint, "seed": seed, "world_size": world_size}
+    run = {"params": p.__dict__, "model": chosen.record, "data": data_fingerprint, "seed": seed, "world_size": world_size}
     blob = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -384,9 +384,9 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
     return trainer.model, {**timings.latest, **result.metrics}
 
 
-def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list,
+def train(chosen: ChosenModel, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list,
           save_to: Path | None = None) -> tuple:
-    """Fine-tune the selected model, resuming from the newest complete checkpoint of this run;
+    """Fine-tune the chosen model, resuming from the newest complete checkpoint of this run;
     return (model, tokenizer, metrics), the metrics with the parameter counts, taken before the
     Trainer shards the model. `save_to`: see `fit`; full fine-tuning's weights are saved there at
     the compute dtype (`save_at_dtype`).
@@ -395,10 +395,10 @@ def train(selected: dict, p: Train, train_ds, eval_ds, checkpoints: Path, seed: 
         raise ParamsError(PTUNING_PACKED)  # data tokenized under other params than these
     if p.method == "full" and p.wise_ft != 1 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ParamsError(WISE_FT_ZERO3)
-    tokenizer = load_tokenizer(selected["model"], selected.get("revision"), selected.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(chosen.name_or_path, chosen.revision, chosen.trust_remote_code)
     # The arguments come first: under DeepSpeed ZeRO-3 they set up the sharded loading of the model.
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
-    model = prepare_model(selected, p, seed)
+    model = prepare_model(chosen, p, seed)
     trainable, total = trainable_parameters(model)
     model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
                          checkpoints, callbacks, save_to)
@@ -434,17 +434,17 @@ def save_at_dtype(saved: Path, dtype: str) -> int:
     return size
 
 
-def base_weight_files(selected: dict) -> list[Path]:
-    """The selected base's weight files as transformers loads them (model.safetensors, or the
+def base_weight_files(chosen: ChosenModel) -> list[Path]:
+    """The chosen base's weight files as transformers loads them (model.safetensors, or the
     model-0000i-of-0000n shards), a local directory's or the hub cache's (select and train have
     downloaded them already). Other .safetensors a hub repository ships (Mistral's
     consolidated.safetensors, in another naming) are neither read nor downloaded."""
-    model = selected["model"]
+    model = chosen.name_or_path
     root = Path(model)
     if not root.is_dir():
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(model, revision=selected.get("revision"), allow_patterns=["model*.safetensors"]))
+        root = Path(snapshot_download(model, revision=chosen.revision, allow_patterns=["model*.safetensors"]))
     files = sorted(root.glob("model*.safetensors"))
     if not files:
         raise ParamsError(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
@@ -452,7 +452,7 @@ def base_weight_files(selected: dict) -> list[Path]:
     return files
 
 
-def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
+def wise_ft(saved: Path, chosen: ChosenModel, alpha: float) -> int:
     """WiSE-FT (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models"): rewrite the model
     saved in `saved` as base + alpha x (trained - base); return the number of tensors changed.
 
@@ -475,7 +475,7 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
     changed = 0
     with ExitStack() as stack:
         base_files = [] if adapter else [stack.enter_context(safe_open(f, "pt", device="cpu"))
-                                         for f in base_weight_files(selected)]
+                                         for f in base_weight_files(chosen)]
         base_of = {key: f for f in base_files for key in f.keys()}
         for path in files:
             tensors = load_file(path)
@@ -486,7 +486,7 @@ def wise_ft(saved: Path, selected: dict, alpha: float) -> int:
                     new = t.float() * alpha
                 else:
                     if key not in base_of:
-                        raise ParamsError(f"train.wise_ft: {path} holds {key}, which the base {selected['model']}'s "
+                        raise ParamsError(f"train.wise_ft: {path} holds {key}, which the base {chosen.name_or_path}'s "
                                           "files do not have; set train.wise_ft to 1.0 for this model")
                     if not t.is_floating_point():
                         continue
