@@ -210,6 +210,7 @@ class Augment(_Section):
     per_call: int
     few_shot_k: int
     chunk_chars: int
+    chunk_budget: int
     prompts_dir: str
     structured: Literal["json_schema", "json_object", "none"]
     max_question_chars: int
@@ -636,7 +637,7 @@ def _check_section(name: str, p: Any, environment: bool = True) -> Any:
     and packages the section names are there."""
     if name == "augment":
         for key in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
-                    "concurrency", "requests_per_minute"):  # fmt: skip
+                    "chunk_budget", "concurrency", "requests_per_minute"):  # fmt: skip
             if getattr(p, key) < 1:
                 raise ParamsError(f"augment.{key} must be at least 1, got {getattr(p, key)}")
         if p.reply_retries < 0 or p.max_retries < 0 or p.feedback_examples < 0:
