@@ -47,7 +47,8 @@ def main() -> None:
     seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
     crawled, docs = augment.crawl_items(require(raw / "crawl.jsonl", "run `dvc repro crawl` first"))
     passthrough = seeds + crawled + augment.dataset_records(require(raw / "datasets.jsonl", "run `dvc repro crawl` first"))
-    chunks = augment.doc_chunks(docs, p.chunk_chars)
+    all_chunks = augment.doc_chunks(docs, p.chunk_chars)
+    chunks = augment.budgeted_chunks(all_chunks, p.chunk_budget, base.seed)
     templates = augment.load_templates(p.prompts_dir)
     cache_dir = Path(base.cache_dir) / "llm"
     cache_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when no reply was cached
@@ -100,7 +101,8 @@ def main() -> None:
     metrics = {
         **augment.summary(passthrough, result),
         "model": p.model,
-        "chunks": len(chunks),
+        "chunks": len(all_chunks),
+        "chunks_in_budget": len(chunks),
         "llm": llm.ledger(result.replies, p.price_prompt_per_mtok, p.price_completion_per_mtok, p.batch_price_factor),
     }
     timings.write_metrics(Path(base.metrics_dir) / "augment.json", metrics, base.metrics_dir, "augment")

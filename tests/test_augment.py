@@ -441,6 +441,43 @@ def test_grounded_chunks_go_round_robin_over_documents():
     assert len(chunks) == 9 and chunks[3].url.endswith("a.html") and "paragraph 1" in chunks[3].text
 
 
+def test_chunk_budget_keeps_a_small_crawl_and_samples_a_large_one_the_same_way_each_run():
+    docs = [(f"http://site/{i}.html", f"page {i}", "\n".join(f"page {i} paragraph {j} " + "x" * 40 for j in range(4)), None)
+            for i in range(25)]  # fmt: skip
+    chunks = augment.doc_chunks(docs, 60)
+    assert len(chunks) == 100
+    assert augment.budgeted_chunks(chunks, 100, seed=1) == chunks
+    sample = augment.budgeted_chunks(chunks, 30, seed=1)
+    assert len(sample) == 30 and len(set(sample)) == 30
+    assert sample == augment.budgeted_chunks(chunks, 30, seed=1)  # deterministic
+    assert sample != augment.budgeted_chunks(chunks, 30, seed=2)
+    assert sample == [c for c in chunks if c in sample]  # the round-robin order is kept
+    assert len({c.url for c in sample}) > 10  # a sample of the whole crawl, not of its first pages
+
+
+def _passage(prompt: str) -> str:
+    return re.search(r"<passage>\n(.*?)\n</passage>", prompt, re.S).group(1)
+
+
+@pytest.mark.parametrize(("budget", "read"), [(200, 7), (4, 4)])
+def test_grounded_rounds_read_every_chunk_in_the_budget(tmp_path, budget, read):
+    # Seven one-chunk documents; the pilot (pilot_size 3 = one call) reads one, round 2 the rest.
+    pages = [{"kind": "doc", "url": f"http://site/p{i}.html", "title": f"Page {i}",
+              "text": DOC.replace("Coffee beans", f"Page {i} beans")} for i in range(7)]  # fmt: skip
+    with ScriptedServer(respond=respond) as server:
+        project = make_project(tmp_path / str(budget), server.base_url, chunk_budget=budget)
+        (project / "data/raw/crawl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pages))
+        run_stage(project)
+        grounded = [b["messages"][0]["content"] for b in server.bodies() if '{"pairs"' in b["messages"][0]["content"]]
+    _, _, metrics = outputs(project)
+    assert metrics["chunks"] == 7 and metrics["chunks_in_budget"] == read
+    first_round = [p for p in grounded if "Avoid these mistakes" not in p]
+    assert len(first_round) == 1  # the pilot stays one call (pilot_size 3, per_call 3)
+    # Round 2 reads each unread chunk of the budget once, and asks at least per_round (6 = 2 calls).
+    assert len(grounded) == 1 + max(2, read - 1)
+    assert len({_passage(p) for p in grounded}) == read
+
+
 def test_too_many_failed_calls_fail_the_stage_and_are_listed(tmp_path):
     with ScriptedServer(respond=respond, faults=["500"]) as server:
         project = make_project(tmp_path / "failing", server.base_url, rounds=1, max_retries=0, max_failed_fraction=0.1)

@@ -59,6 +59,15 @@ def test_the_real_models_example_is_a_valid_params_change_that_trains_with_the_h
     assert params.section("select", merged).candidates["qwen05"].model == "Qwen/Qwen2.5-0.5B"
 
 
+def test_the_documentation_site_example_is_a_valid_heading_qa_source():
+    section = README.split("## Pointing it at real models", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml", 2)[2].split("```", 1)[0]
+    merged = deep_merge(params.read_params_file(ROOT / "params.yaml"), yaml.safe_load(block))
+    assert params.problems(merged, complete=True) == []
+    (source,) = params.section("crawl", merged).sources
+    assert source.qa_mode == "headings" and source.heading_levels == [2, 3] and source.text_css == "div.body"
+
+
 def test_the_params_reference_is_what_tools_params_doc_writes():
     sys.path.insert(0, str(ROOT / "tools"))
     import params_doc

@@ -3,7 +3,8 @@
 Pass-through (no call): the seeds, crawled Q&A pairs, and ingested dataset records.
 Generated, from two prompt templates under `augment.prompts_dir`:
   expand   - sample k seeds of one category, ask for new requests like them, then answer each
-  grounded - chunk each crawled document, ask for Q&A pairs the chunk supports (url kept)
+  grounded - chunk each crawled document, ask for Q&A pairs the chunk supports (url kept); the
+             rounds after the pilot read every chunk once, or augment.chunk_budget of them
 
 Review loop: round 1 asks for a small pilot batch; the shared rule checks
 (`tuneline.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
@@ -160,6 +161,15 @@ def doc_chunks(docs: list[tuple[str, str, str, str | None]], max_chars: int) -> 
     ]
     longest = max((len(c) for c in per_doc), default=0)
     return [chunks[i] for i in range(longest) for chunks in per_doc if i < len(chunks)]
+
+
+def budgeted_chunks(chunks: list[Chunk], budget: int, seed: int) -> list[Chunk]:
+    """The chunks grounded generation reads (augment.chunk_budget): all of them when there are at
+    most `budget`, else a sample of `budget` drawn with `seed`, in the round-robin order."""
+    if len(chunks) <= budget:
+        return chunks
+    keep = sorted(random.Random(step_seed(seed, "chunks")).sample(range(len(chunks)), budget))
+    return [chunks[i] for i in keep]
 
 
 # --- prompts ------------------------------------------------------------------------------
@@ -446,6 +456,18 @@ def _sizes(total: int, per_call: int) -> list[int]:
     return [min(per_call, total - j * per_call) for j in range(calls)]
 
 
+def grounded_sizes(p: Augment, round_no: int, n_chunks: int, calls_so_far: int) -> list[int]:
+    """Pairs to ask for in each grounded call of a round: the round's share of pilot_size or
+    per_round, and more calls (per_call pairs each) until the rounds after the pilot have read
+    every one of the `n_chunks` chunks once."""
+    sizes = _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call)
+    if round_no == 1 and p.rounds > 1:
+        return sizes  # the pilot stays small: it is reviewed before the rest is spent
+    unread = max(0, n_chunks - calls_so_far)
+    share = math.ceil(unread / (p.rounds - round_no + 1))
+    return sizes + [p.per_call] * max(0, share - len(sizes))
+
+
 def expand_tasks(seeds_by_category: dict[str, list[dict]], sizes: list[int], first: int, p: Augment,
                  templates: dict, mistakes: list[dict], seed: int) -> list[Task]:  # fmt: skip
     """Few-shot tasks; call g (counted over the whole run) uses category g mod #categories."""
@@ -511,14 +533,18 @@ def run_rounds(
 
     for round_no in range(1, p.rounds + 1):
         log = RoundLog(round_no)
-        sizes = _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call)
+        sizes = {
+            "expand": _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call),
+            "grounded": grounded_sizes(p, round_no, len(chunks), calls_so_far["grounded"]),
+        }
         tasks: list[Task] = []
         if "expand" in generators:
-            tasks += expand_tasks(seeds_by_category, sizes, calls_so_far["expand"], p, templates, mistakes["expand"], seed)
+            tasks += expand_tasks(seeds_by_category, sizes["expand"], calls_so_far["expand"], p, templates,
+                                  mistakes["expand"], seed)  # fmt: skip
         if "grounded" in generators:
-            tasks += grounded_tasks(chunks, sizes, calls_so_far["grounded"], p, templates, mistakes["grounded"])
-        calls_so_far.update({g: len(sizes) for g in generators})
-        log.asked = sum(sizes) * len(generators)
+            tasks += grounded_tasks(chunks, sizes["grounded"], calls_so_far["grounded"], p, templates, mistakes["grounded"])
+        calls_so_far.update({g: len(sizes[g]) for g in generators})
+        log.asked = sum(sum(sizes[g]) for g in generators)
 
         values, round_rejects, got = ask(tasks, call, templates, p.reply_retries, step_seed(seed, round_no, "ask"), log)
         replies += got

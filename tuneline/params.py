@@ -308,6 +308,7 @@ class Augment(_Section):
     per_call: int
     few_shot_k: int
     chunk_chars: int
+    chunk_budget: int
     prompts_dir: str
     structured: Literal["json_schema", "json_object", "none"]
     max_question_chars: int
@@ -329,7 +330,7 @@ class Augment(_Section):
 
     def check(self, key: str) -> None:
         for name in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
-                     "concurrency", "requests_per_minute"):  # fmt: skip
+                     "chunk_budget", "concurrency", "requests_per_minute"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ParamsError(f"augment.{name} must be at least 1, got {getattr(self, name)}")
         if self.reply_retries < 0 or self.max_retries < 0 or self.feedback_examples < 0:
