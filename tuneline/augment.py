@@ -13,8 +13,10 @@ mistakes", together with the records of the round that a person rejected in `tun
 (matched by content hash, with the person's reason). A reply that is not the JSON asked for is retried in the same conversation with
 the reason, a bounded number of times, then rejected with the raw reply.
 
-The round loop takes a `call(requests, seed) -> list[Reply]` function, so this module does
-no I/O of its own beyond reading input and template files.
+Each generator is one unit (`expansion`, `grounded_qa`: a Generator with its prompts, the parse of
+their replies and the records it makes of them), and `run_rounds` is the method's loop over them:
+pilot, review, feedback, next round. It takes a `call(requests, seed) -> list[Reply]` function, so
+this module does no I/O of its own beyond reading input and template files.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 
@@ -230,9 +232,6 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-PARSERS: dict[str, Callable[[str], Any]] = {"questions": parse_questions, "answer": parse_answer, "pairs": parse_pairs}
-
-
 def _text(min_chars: int, max_chars: int) -> dict:
     return {"type": "string", "minLength": min_chars, "maxLength": max_chars}
 
@@ -341,18 +340,161 @@ def reviewed_mistakes(records: list[dict], human: dict[str, str], limit: int) ->
     return examples
 
 
-# --- the round loop -----------------------------------------------------------------------
+# --- generators ---------------------------------------------------------------------------
 
 
 @dataclass
 class Task:
-    """One question put to the model: what kind of JSON it asks for, and what it is about."""
+    """One question put to the model: its prompt, the JSON it asks for (`step`, read by `parse`) and
+    what it is about."""
 
-    kind: str  # questions | answer | pairs
+    step: str  # questions | answer | pairs: the reply's shape, named in a reply reject
     generator: str  # expand | grounded
     messages: list[dict]
+    parse: Callable[[str], Any]
     context: dict
     response_format: dict | None = None
+
+
+class Candidate(NamedTuple):
+    """A generated record before review, the passage its answer must be grounded in (None: no
+    grounding check), and the problems known before review."""
+
+    record: dict
+    passage: str | None
+    known: list[str]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What a generator writes one round's prompts from."""
+
+    number: int  # 1 is the pilot
+    p: Augment
+    templates: dict
+    mistakes: list[dict]  # the generator's own "avoid these mistakes", from the round before
+    seen: set[str]  # the normalised requests of the records kept so far
+    calls_before: int  # the generator's calls in the rounds before: where its round-robin goes on
+    seed: int
+
+
+@dataclass(frozen=True)
+class Generator:
+    """One generator of records, whole: how many records each of its calls asks for in a round
+    (`sizes`), its prompts with the parse of their replies (`tasks`), and the records it makes of the
+    parsed replies (`records`: candidates for review, and follow-up tasks; `answered`: the
+    candidates of the follow-ups' replies)."""
+
+    name: str
+    sizes: Callable[[Augment, int, int], list[int]]  # (p, round number, calls before) -> records per call
+    tasks: Callable[[Round, list[int]], list[Task]]
+    records: Callable[[Round, list[tuple[Task, Any]]], tuple[list[Candidate], list[Task]]]
+    answered: Callable[[Round, list[tuple[Task, Any]]], list[Candidate]] = lambda at, done: []
+
+
+def _sizes(total: int, per_call: int) -> list[int]:
+    """How many records to ask for in each call of a round: `per_call`, the last one the rest."""
+    calls = math.ceil(total / per_call)
+    return [min(per_call, total - j * per_call) for j in range(calls)]
+
+
+def round_sizes(p: Augment, round_no: int) -> list[int]:
+    """Records to ask for in each call of a round: the pilot's pilot_size, or per_round."""
+    return _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call)
+
+
+def grounded_sizes(p: Augment, round_no: int, n_chunks: int, calls_so_far: int) -> list[int]:
+    """Pairs to ask for in each grounded call of a round: the round's share of pilot_size or
+    per_round, and more calls (per_call pairs each) until the rounds after the pilot have read
+    every one of the `n_chunks` chunks once."""
+    sizes = round_sizes(p, round_no)
+    if round_no == 1 and p.rounds > 1:
+        return sizes  # the pilot stays small: it is reviewed before the rest is spent
+    unread = max(0, n_chunks - calls_so_far)
+    share = math.ceil(unread / (p.rounds - round_no + 1))
+    return sizes + [p.per_call] * max(0, share - len(sizes))
+
+
+def generated_record(instruction: str, output: str, generator: str, round_no: int, category: str | None,
+                     url: str | None) -> dict:  # fmt: skip
+    item = {"instruction": instruction, "output": output, "category": category or None}
+    return alpaca_record(item, "generated", generator=generator, round=round_no, url=url, origin=generator)
+
+
+def expansion(seeds: list[dict]) -> Generator:
+    """Few-shot expansion of the seeds: ask for new requests like k seeds of one category (call g of
+    the run takes category g mod #categories), then ask for each new request's answer."""
+    by_category: dict[str, list[dict]] = {}
+    for record in sorted(seeds, key=lambda r: r["id"]):
+        by_category.setdefault(record.get("category") or "", []).append(record)
+    categories = sorted(by_category)
+
+    def tasks(at: Round, sizes: list[int]) -> list[Task]:
+        out = []
+        for j, n in enumerate(sizes):
+            g = at.calls_before + j
+            category = categories[g % len(categories)]
+            pool = by_category[category]
+            rng = random.Random(step_seed(at.seed, "expand", g))
+            examples = _examples(rng.sample(pool, min(at.p.few_shot_k, len(pool))))
+            text = at.templates["expand"].render(examples=examples, category=category, n=n, mistakes=at.mistakes)
+            fmt = response_format(at.p.structured, "questions", reply_schema("questions", n, at.p))
+            out.append(Task("questions", "expand", [user(text)], parse_questions, {"examples": examples, "category": category},
+                            fmt))  # fmt: skip
+        return out
+
+    def records(at: Round, done: list[tuple[Task, Any]]) -> tuple[list[Candidate], list[Task]]:
+        candidates, answers = [], []
+        asked = set(at.seen)
+        for task, questions in done:
+            for question in questions:
+                if normalize(question) in asked:
+                    # A repeated request is rejected before it costs an answer call.
+                    record = generated_record(question, "", "expand", at.number, task.context["category"], None)
+                    candidates.append(Candidate(record, None, ["duplicate"]))
+                    continue
+                asked.add(normalize(question))
+                text = at.templates["answer"].render(examples=task.context["examples"], question=question,
+                                                     mistakes=at.mistakes)  # fmt: skip
+                fmt = response_format(at.p.structured, "answer", reply_schema("answer", 1, at.p))
+                answers.append(Task("answer", "expand", [user(text)], parse_answer, {**task.context, "question": question}, fmt))
+        return candidates, answers
+
+    def answered(at: Round, done: list[tuple[Task, Any]]) -> list[Candidate]:
+        return [Candidate(generated_record(t.context["question"], answer, "expand", at.number, t.context["category"], None),
+                          None, []) for t, answer in done]  # fmt: skip
+
+    return Generator("expand", lambda p, round_no, calls_before: round_sizes(p, round_no), tasks, records, answered)
+
+
+def grounded_qa(chunks: list[Chunk]) -> Generator:
+    """Q&A grounded in the crawled documents: ask for pairs one chunk supports (call g of the run
+    takes chunk g mod #chunks); each answer is checked against its chunk."""
+
+    def tasks(at: Round, sizes: list[int]) -> list[Task]:
+        out = []
+        for j, n in enumerate(sizes):
+            chunk = chunks[(at.calls_before + j) % len(chunks)]
+            text = at.templates["grounded"].render(chunk=chunk.text, url=chunk.url, title=chunk.title, n=n,
+                                                   mistakes=at.mistakes)  # fmt: skip
+            fmt = response_format(at.p.structured, "pairs", reply_schema("pairs", n, at.p))
+            out.append(Task("pairs", "grounded", [user(text)], parse_pairs, {"chunk": chunk}, fmt))
+        return out
+
+    def records(at: Round, done: list[tuple[Task, Any]]) -> tuple[list[Candidate], list[Task]]:
+        candidates = []
+        for task, pairs in done:
+            chunk = task.context["chunk"]
+            for question, answer in pairs:
+                record = generated_record(question, answer, "grounded", at.number, chunk.category, chunk.url)
+                candidates.append(Candidate(record, chunk.text, []))
+        return candidates, []
+
+    return Generator("grounded", lambda p, round_no, calls_before: grounded_sizes(p, round_no, len(chunks), calls_before),
+                     tasks, records)  # fmt: skip
+
+
+# --- the round loop -----------------------------------------------------------------------
 
 
 @dataclass
@@ -421,7 +563,7 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
                 failures[i] = (reason, reply.error, None, attempt)
                 continue
             try:
-                values[i] = PARSERS[tasks[i].kind](reply.text or "")
+                values[i] = tasks[i].parse(reply.text or "")
                 failures.pop(i, None)
             except ReplyError as err:
                 failures[i] = (err.reason, err.detail, reply.text, attempt)
@@ -437,7 +579,7 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
             {
                 "kind": "reply",
                 "generator": tasks[i].generator,
-                "step": tasks[i].kind,
+                "step": tasks[i].step,
                 "round": log.round,
                 "reason": reason,
                 "reasons": [reason],
@@ -450,57 +592,54 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
     return values, rejects, replies
 
 
-def _sizes(total: int, per_call: int) -> list[int]:
-    """How many records to ask for in each call of a round: `per_call`, the last one the rest."""
-    calls = math.ceil(total / per_call)
-    return [min(per_call, total - j * per_call) for j in range(calls)]
+def _parsed(generator: Generator, tasks: list[Task], values: list[Any]) -> list[tuple[Task, Any]]:
+    """The generator's tasks whose reply parsed, with the parsed reply."""
+    return [(t, v) for t, v in zip(tasks, values) if t.generator == generator.name and v is not None]
 
 
-def grounded_sizes(p: Augment, round_no: int, n_chunks: int, calls_so_far: int) -> list[int]:
-    """Pairs to ask for in each grounded call of a round: the round's share of pilot_size or
-    per_round, and more calls (per_call pairs each) until the rounds after the pilot have read
-    every one of the `n_chunks` chunks once."""
-    sizes = _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call)
-    if round_no == 1 and p.rounds > 1:
-        return sizes  # the pilot stays small: it is reviewed before the rest is spent
-    unread = max(0, n_chunks - calls_so_far)
-    share = math.ceil(unread / (p.rounds - round_no + 1))
-    return sizes + [p.per_call] * max(0, share - len(sizes))
+def generate(generators: list[Generator], at: dict[str, Round], sizes: dict[str, list[int]], call: Call,
+             templates: dict, retries: int, seed: int, log: RoundLog) -> tuple[list[Candidate], list[dict], list[Reply]]:
+    """One round's generation: every generator's calls (`sizes[name]` records each) asked together,
+    then the follow-ups their replies ask for (expansion's answers); the candidate records, the
+    reply rejects, every reply."""
+    tasks = [t for g in generators for t in g.tasks(at[g.name], sizes[g.name])]
+    values, rejects, replies = ask(tasks, call, templates, retries, step_seed(seed, log.round, "ask"), log)
+    candidates, follow_ups = [], []
+    for g in generators:
+        made, more = g.records(at[g.name], _parsed(g, tasks, values))
+        candidates += made
+        follow_ups += more
+    values, more_rejects, more_replies = ask(follow_ups, call, templates, retries, step_seed(seed, log.round, "answer"), log)
+    for g in generators:
+        candidates += g.answered(at[g.name], _parsed(g, follow_ups, values))
+    return candidates, rejects + more_rejects, replies + more_replies
 
 
-def expand_tasks(seeds_by_category: dict[str, list[dict]], sizes: list[int], first: int, p: Augment,
-                 templates: dict, mistakes: list[dict], seed: int) -> list[Task]:  # fmt: skip
-    """Few-shot tasks; call g (counted over the whole run) uses category g mod #categories."""
-    categories = sorted(seeds_by_category)
-    tasks = []
-    for j, n in enumerate(sizes):
-        g = first + j
-        category = categories[g % len(categories)]
-        pool = seeds_by_category[category]
-        rng = random.Random(step_seed(seed, "expand", g))
-        examples = _examples(rng.sample(pool, min(p.few_shot_k, len(pool))))
-        text = templates["expand"].render(examples=examples, category=category, n=n, mistakes=mistakes)
-        fmt = response_format(p.structured, "questions", reply_schema("questions", n, p))
-        tasks.append(Task("questions", "expand", [user(text)], {"examples": examples, "category": category}, fmt))
-    return tasks
+def review(candidates: list[Candidate], min_grounding: float, seen: set[str], rules: ReviewRules,
+           log: RoundLog) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """A round's accepted records and record rejects, reviewed in order: an accepted record's request
+    joins `seen`, so a later candidate that repeats it is a duplicate."""
+    accepted, rejected = [], []
+    for record, passage, known in candidates:
+        log.generated += 1
+        problems = known or record_problems(record, passage, min_grounding, seen, rules)
+        if problems:
+            log.rejected.update(problems)
+            rejected.append({"kind": "record", "generator": record["generator"], "round": log.round,
+                             "reason": problems[0], "reasons": problems, "record": record})  # fmt: skip
+        else:
+            log.accepted += 1
+            seen.add(normalize(record["instruction"]))
+            accepted.append(record)
+    return accepted, rejected
 
 
-def grounded_tasks(chunks: list[Chunk], sizes: list[int], first: int, p: Augment, templates: dict,
-                   mistakes: list[dict]) -> list[Task]:  # fmt: skip
-    """Grounded tasks; call g (counted over the whole run) uses chunk g mod #chunks."""
-    tasks = []
-    for j, n in enumerate(sizes):
-        chunk = chunks[(first + j) % len(chunks)]
-        text = templates["grounded"].render(chunk=chunk.text, url=chunk.url, title=chunk.title, n=n, mistakes=mistakes)
-        fmt = response_format(p.structured, "pairs", reply_schema("pairs", n, p))
-        tasks.append(Task("pairs", "grounded", [user(text)], {"chunk": chunk}, fmt))
-    return tasks
-
-
-def generated_record(instruction: str, output: str, generator: str, round_no: int, category: str | None,
-                     url: str | None) -> dict:  # fmt: skip
-    item = {"instruction": instruction, "output": output, "category": category or None}
-    return alpaca_record(item, "generated", generator=generator, round=round_no, url=url, origin=generator)
+def feedback(generator: Generator, accepted: list[dict], rejects: list[dict], human: dict[str, str],
+             limit: int) -> list[dict]:  # fmt: skip
+    """The generator's "avoid these mistakes" for the next round: its accepted records a person
+    rejected, then its own flagged records and replies."""
+    reviewed = reviewed_mistakes([r for r in accepted if r["generator"] == generator.name], human, limit)
+    return reviewed + mistakes_from([r for r in rejects if r["generator"] == generator.name], limit)
 
 
 def run_rounds(
@@ -514,94 +653,35 @@ def run_rounds(
     rules: ReviewRules = ReviewRules(),
     human: dict[str, str] | None = None,
 ) -> AugmentResult:
-    """Generate, review (against `rules`) and feed back for `p.rounds` rounds; return accepted
-    records and rejects.
+    """The seed's method for `p.rounds` rounds: a small pilot, review (against `rules`), its mistakes
+    fed back into the next round's prompts, and the next round; return accepted records and rejects.
 
     `human` ({content hash: reason}) holds a person's rejects; those among a round's accepted
     records join the rule flags in the next round's "avoid these mistakes" (the clean stage
     removes them).
     """
-    seeds_by_category: dict[str, list[dict]] = {}
-    for record in sorted(seeds, key=lambda r: r["id"]):
-        seeds_by_category.setdefault(record.get("category") or "", []).append(record)
+    human = human or {}
+    generators = ([expansion(seeds)] if seeds else []) + ([grounded_qa(chunks)] if chunks else [])
     seen = {normalize(r["instruction"]) for r in existing}
-    generators = [g for g, ok in (("expand", bool(seeds)), ("grounded", bool(chunks))) if ok]
-    mistakes: dict[str, list[dict]] = {g: [] for g in generators}
-    calls_so_far: Counter = Counter()
+    mistakes: dict[str, list[dict]] = {g.name: [] for g in generators}
+    calls_before: Counter = Counter()
     records, rejects, replies, rounds = [], [], [], []
     every_candidate: list[dict] = []
 
     for round_no in range(1, p.rounds + 1):
         log = RoundLog(round_no)
-        sizes = {
-            "expand": _sizes(p.pilot_size if round_no == 1 else p.per_round, p.per_call),
-            "grounded": grounded_sizes(p, round_no, len(chunks), calls_so_far["grounded"]),
-        }
-        tasks: list[Task] = []
-        if "expand" in generators:
-            tasks += expand_tasks(seeds_by_category, sizes["expand"], calls_so_far["expand"], p, templates,
-                                  mistakes["expand"], seed)  # fmt: skip
-        if "grounded" in generators:
-            tasks += grounded_tasks(chunks, sizes["grounded"], calls_so_far["grounded"], p, templates, mistakes["grounded"])
-        calls_so_far.update({g: len(sizes[g]) for g in generators})
-        log.asked = sum(sum(sizes[g]) for g in generators)
-
-        values, round_rejects, got = ask(tasks, call, templates, p.reply_retries, step_seed(seed, round_no, "ask"), log)
+        at = {g.name: Round(round_no, p, templates, mistakes[g.name], seen, calls_before[g.name], seed) for g in generators}
+        sizes = {g.name: g.sizes(p, round_no, calls_before[g.name]) for g in generators}  # round 1: the pilot's
+        calls_before.update({name: len(s) for name, s in sizes.items()})
+        log.asked = sum(sum(s) for s in sizes.values())
+        candidates, reply_rejects, got = generate(generators, at, sizes, call, templates, p.reply_retries, seed, log)
         replies += got
-        # (record, passage for the grounding check, problems known before review)
-        candidates: list[tuple[dict, str | None, list[str]]] = []
-        answer_tasks: list[Task] = []
-        asked = set(seen)
-        for task, value in zip(tasks, values):
-            if value is None:
-                continue
-            if task.kind == "pairs":
-                chunk = task.context["chunk"]
-                for question, answer in value:
-                    record = generated_record(question, answer, "grounded", round_no, chunk.category, chunk.url)
-                    candidates.append((record, chunk.text, []))
-                continue
-            for question in value:
-                if normalize(question) in asked:
-                    # A repeated request is rejected before it costs an answer call.
-                    record = generated_record(question, "", "expand", round_no, task.context["category"], None)
-                    candidates.append((record, None, ["duplicate"]))
-                    continue
-                asked.add(normalize(question))
-                text = templates["answer"].render(examples=task.context["examples"], question=question,
-                                                  mistakes=mistakes["expand"])  # fmt: skip
-                fmt = response_format(p.structured, "answer", reply_schema("answer", 1, p))
-                answer_tasks.append(Task("answer", "expand", [user(text)], {**task.context, "question": question}, fmt))
-        answers, answer_rejects, got = ask(answer_tasks, call, templates, p.reply_retries,
-                                           step_seed(seed, round_no, "answer"), log)  # fmt: skip
-        replies += got
-        round_rejects += answer_rejects
-        for task, answer in zip(answer_tasks, answers):
-            if answer is not None:
-                record = generated_record(task.context["question"], answer, "expand", round_no, task.context["category"], None)
-                candidates.append((record, None, []))
-
-        record_rejects = []
-        for record, passage, known in candidates:
-            every_candidate.append(record)
-            log.generated += 1
-            problems = known or record_problems(record, passage, p.min_grounding, seen, rules)
-            if problems:
-                log.rejected.update(problems)
-                record_rejects.append({"kind": "record", "generator": record["generator"], "round": round_no,
-                                       "reason": problems[0], "reasons": problems, "record": record})  # fmt: skip
-            else:
-                log.accepted += 1
-                seen.add(normalize(record["instruction"]))
-                records.append(record)
-        round_rejects = record_rejects + round_rejects
-        accepted = records[len(records) - log.accepted :]
-        log.human_rejected = sum(text_hash(r) in (human or {}) for r in accepted)
-        for generator in generators:
-            own = [r for r in round_rejects if r["generator"] == generator]
-            reviewed = reviewed_mistakes([r for r in accepted if r["generator"] == generator], human or {},
-                                         p.feedback_examples)  # fmt: skip
-            mistakes[generator] = reviewed + mistakes_from(own, p.feedback_examples)
+        every_candidate += [c.record for c in candidates]
+        accepted, record_rejects = review(candidates, p.min_grounding, seen, rules, log)
+        records += accepted
+        log.human_rejected = sum(text_hash(r) in human for r in accepted)
+        round_rejects = record_rejects + reply_rejects
+        mistakes = {g.name: feedback(g, accepted, round_rejects, human, p.feedback_examples) for g in generators}
         rejects += round_rejects
         rounds.append(log.as_dict())
     # Ids are given last, over the whole run, so identical records of two rounds get one id each;

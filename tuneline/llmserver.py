@@ -75,8 +75,7 @@ def local_server(model_path: str, *, device: str = "cpu", startup_timeout_s: flo
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-    # Small models on CPU decode ~20x slower with several torch threads on a busy machine
-    # (measured: 96 tokens in 0.7 s with one thread, 10-30 s with two on a loaded 2-core box).
+    # Small models on CPU decode many times slower with several torch threads on a busy machine.
     # A user's own OMP_NUM_THREADS wins.
     env.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.NamedTemporaryFile("w+b", prefix="tuneline-serve-", suffix=".log", delete=False) as log_file:
