@@ -96,6 +96,7 @@ class Base(_Section):
     cache_dir: str
     decisions: str
     feedback: str
+    shard_records: int
 
 
 @dataclass(frozen=True)
@@ -634,6 +635,8 @@ def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
 def _check_section(name: str, p: Any, environment: bool = True) -> Any:
     """Cross-field checks that a type alone cannot express; with `environment`, also that the files
     and packages the section names are there."""
+    if name == "base" and p.shard_records < 1:
+        raise ParamsError(f"base.shard_records must be at least 1 (records per shard on average), got {p.shard_records}")
     if name == "augment":
         for key in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
                     "concurrency", "requests_per_minute"):  # fmt: skip
