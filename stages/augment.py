@@ -100,7 +100,7 @@ def main() -> None:
     twice = duplicate_ids(records)
     if twice:  # every input has its own id (records.with_ids): a shared one would hide a record
         raise RuntimeError(f"{len(twice)} record ids occur twice, first {twice[0]}: a bug, please report it")
-    write_jsonl_shards(Path(base.augmented_dir) / "records", records, base.shard_records, lambda r: (r["id"], r["source"]))
+    write_jsonl_shards(Path(base.augmented_dir) / "records", records, base.shard_records, augment.record_order)
     write_jsonl(Path(base.augmented_dir) / "rejects.jsonl", result.rejects)
     metrics = {
         **augment.summary(passthrough, result),

@@ -25,7 +25,7 @@ import yaml
 
 from tuneline import crawl, params
 from tuneline.params import CrawlDataset, ParamsError
-from tuneline.records import InputError, read_jsonl
+from tuneline.records import InputError, read_jsonl, read_jsonl_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,7 +345,7 @@ def test_duplicates_kept_once(main_crawl):
 
 def test_datasets_mapped_deduplicated_and_rejected(main_crawl):
     work, _, _, _ = main_crawl
-    records = read_jsonl(work / "data/raw/datasets.jsonl")
+    records = read_jsonl_dir(work / "data/raw/datasets")
     assert [(r["instruction"], r["output"], r["category"], r["source"]) for r in records] == [
         ("What is crema?", "The foam on top of an espresso.", "brewing", "dataset:extra")]
     assert records[0]["input"] == "" and records[0]["history"] == [] and records[0]["system"] == ""
@@ -498,7 +498,7 @@ def test_a_bad_jsonl_line_is_a_reject_with_file_line_and_the_good_lines_flow_on(
                                 '["not", "an", "object"]\n'
                                 '{"instruction": "What is a burr?", "output": "A grinding ring."}\n')
     records, rejects = crawl.load_datasets([d])
-    assert [r["instruction"] for r in records] == ["What is a burr?", "What is crema?"]
+    assert [r["instruction"] for r in records] == ["What is crema?", "What is a burr?"]  # row order: shards are cut in it
     assert [(r["url"], r["reason"]) for r in rejects] == [(f"{d.path}:2", "bad_json"), (f"{d.path}:4", "bad_json")]
     assert "Expecting property name" in rejects[0]["detail"] and "got list" in rejects[1]["detail"]
 

@@ -121,6 +121,11 @@ def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str,
     return with_ids(records), docs
 
 
+def record_order(record: dict) -> tuple[str, str]:
+    """The order of augment's records within a shard of records/: by id, then source."""
+    return record["id"], record["source"]
+
+
 def dataset_records(directory: str | Path) -> list[dict]:
     """Ingested public-dataset records (source: dataset), already mapped onto Alpaca fields, from the
     crawl stage's shards in order."""
