@@ -71,8 +71,9 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 # Sharded outputs. A stage's record output is a directory of JSON Lines shards, part-00000.jsonl,
 # part-00001.jsonl, ..., read in name order. Shards are cut by content-defined chunking over the
 # records in their order of arrival (input rows, then generated records): a shard ends after a
-# record whose id hashes to 0 modulo base.shard_records. Where a cut falls depends only on that
-# record, so appending or inserting records changes only the shards they land in, and DVC, which
+# record whose id hashes to 0 modulo base.shard_records (once it holds a quarter of that). Where a
+# cut falls depends on that record, so appending or inserting records changes only the shards they
+# land in (and at most the next, until the cuts fall in step again), and DVC, which
 # stores a directory output file by file under each file's content hash, stores only those again.
 # (Buckets by id hash would not do: 1% new records land in every bucket.) Names are sequential,
 # so name order is reading order without a manifest; a new cut renumbers the shards after it, which
@@ -87,11 +88,17 @@ def is_shard_end(record: dict, per_shard: int) -> bool:
 
 
 def shard_records(records: Iterable[dict], per_shard: int) -> Iterator[list[dict]]:
-    """The records cut into shards by content-defined chunking, in their order (see SHARD_GLOB's note)."""
+    """The records cut into shards by content-defined chunking, in their order (see SHARD_GLOB's note).
+
+    A shard holds at least a quarter of `per_shard` records (a cut the hash asks for sooner is skipped),
+    so no shard is tiny and an output of fewer records is one shard; the cuts after an edit fall
+    back in step with the old ones at the first cut the hash asks for past that minimum.
+    """
+    shortest = per_shard // 4
     shard: list[dict] = []
     for record in records:
         shard.append(record)
-        if is_shard_end(record, per_shard):
+        if len(shard) >= shortest and is_shard_end(record, per_shard):
             yield shard
             shard = []
     if shard:
@@ -103,7 +110,8 @@ def write_jsonl_shards(directory: str | Path, records: Iterable[dict], per_shard
     """Write records, given in arrival order, as the shards of `directory` (replacing what it held);
     `order` sorts the records within each shard (a stage's output order). Return how many were written.
 
-    The default's hundred records make one shard, so its file equals the one-file output sorted by `order`.
+    Fewer than `per_shard` / 4 records (the default's hundred) make one shard, which is the one-file
+    output sorted by `order`, byte for byte.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
