@@ -62,7 +62,7 @@ from tuneline.clean import (  # noqa: E402
     record_texts,
 )
 from tuneline.params import Clean  # noqa: E402
-from tuneline.records import content_hash, with_ids, write_jsonl  # noqa: E402
+from tuneline.records import content_hash, with_ids, write_jsonl_shards  # noqa: E402
 
 N_RECORDS = 10_000
 EMBED_SAMPLE = 300
@@ -302,7 +302,7 @@ def main() -> None:
         work = Path(tmp)
         data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
         (work / "params.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-        write_jsonl(work / data["base"]["augmented_dir"] / "records.jsonl", records)
+        write_jsonl_shards(work / data["base"]["augmented_dir"] / "records", records, data["base"]["shard_records"])
         store = work / data["base"]["cache_dir"] / "embeddings" / "embeddings.sqlite"
 
         print(f"embedding variants, {EMBED_SAMPLE} records, {args.repeats} alternating rounds:", flush=True)

@@ -1,12 +1,13 @@
 """Augment the raw material into records: pass-through sources plus LLM-generated records.
 
-Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets.jsonl,
+Reads:  base.seeds, base.raw_dir/crawl.jsonl, base.raw_dir/datasets/ (shards),
         the prompt templates in augment.prompts_dir, base.feedback (a person's rejects of
         generated records, from the feedback stage, go into the next round's "avoid these
         mistakes"); params base, augment,
         and (augment.review_clean_rules) the clean stage's language and PII keys, so generated
         records meet the policy clean applies
-Writes: base.augmented_dir/records.jsonl (sorted by id; source: seed | crawl | dataset | generated),
+Writes: base.augmented_dir/records/ (JSON Lines shards of about base.shard_records records, cut in arrival
+        order: seeds, crawled, dataset, generated; sorted by id within a shard; source: seed | crawl | dataset | generated),
         base.augmented_dir/rejects.jsonl (every generated record or reply left out, with the reason,
         and the raw reply for replies that were not the JSON asked for),
         base.cache_dir/llm/ (one file per answered call; a rerun repeats no answered call),
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from tuneline import augment, llm, params, timings
 from tuneline.llmserver import endpoint_url
-from tuneline.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl
+from tuneline.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl, write_jsonl_shards
 
 log = logging.getLogger("augment")
 
@@ -46,7 +47,7 @@ def main() -> None:
     raw = Path(base.raw_dir)
     seeds = augment.seed_records(require(Path(base.seeds), "base.seeds names the hand-written seed file"))
     crawled, docs = augment.crawl_items(require(raw / "crawl.jsonl", "run `dvc repro crawl` first"))
-    passthrough = seeds + crawled + augment.dataset_records(require(raw / "datasets.jsonl", "run `dvc repro crawl` first"))
+    passthrough = seeds + crawled + augment.dataset_records(raw / "datasets")
     all_chunks = augment.doc_chunks(docs, p.chunk_chars)
     chunks = augment.budgeted_chunks(all_chunks, p.chunk_budget, base.seed)
     templates = augment.load_templates(p.prompts_dir)
@@ -92,11 +93,11 @@ def main() -> None:
             f"augment.model and the key in ${p.api_key_env}"
         )
 
-    records = sorted(passthrough + result.records, key=lambda r: (r["id"], r["source"]))
+    records = passthrough + result.records  # arrival order, which the shards are cut in
     twice = duplicate_ids(records)
     if twice:  # every input has its own id (records.with_ids): a shared one would hide a record
         raise RuntimeError(f"{len(twice)} record ids occur twice, first {twice[0]}: a bug, please report it")
-    write_jsonl(Path(base.augmented_dir) / "records.jsonl", records)
+    write_jsonl_shards(Path(base.augmented_dir) / "records", records, base.shard_records, augment.record_order)
     write_jsonl(Path(base.augmented_dir) / "rejects.jsonl", result.rejects)
     metrics = {
         **augment.summary(passthrough, result),

@@ -1,11 +1,11 @@
 """Build the Alpaca training files from the cleaned records.
 
-Reads:  base.clean_dir/records.jsonl (and rejects.jsonl, to say which stage emptied the data when
+Reads:  base.clean_dir/records/ (shards; and rejects/, to say which stage emptied the data when
         no record is left)
 Writes: base.alpaca_dir/{train,val,test}.json (Alpaca: instruction, input, output, system, history),
         dataset_info.json (so the files load in LLaMA-Factory unchanged),
         openai_{train,val,test}.jsonl (OpenAI chat fine-tuning format),
-        rejects.jsonl (file, line, field and reason of every record left out),
+        rejects.jsonl (shard file, line, field and reason of every record left out),
         base.metrics_dir/build.json
 Each record's split comes from a hash of its id and base.seed (tuneline.alpaca.split_of): adding
 records never moves an earlier one to another split, so the test set of two commits agrees.
@@ -21,22 +21,27 @@ from pathlib import Path
 
 from tuneline import params
 from tuneline.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
-from tuneline.records import InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl, write_json, write_jsonl
+from tuneline.records import (InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl_dir, shard_files, write_json,
+                              write_jsonl)
 
 
 def main() -> None:
     base, p = params.load("base", "build")
-    source = Path(base.clean_dir) / "records.jsonl"
+    source = Path(base.clean_dir) / "records"
     out_dir = Path(base.alpaca_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
 
-    kept, rejects = validate(list(iter_numbered_jsonl(source)), str(source), p.max_tokens)
+    kept, rejects = [], []
+    for shard in shard_files(source):
+        shard_kept, shard_rejects = validate(list(iter_numbered_jsonl(shard)), str(shard), p.max_tokens)
+        kept += shard_kept
+        rejects += shard_rejects
     for r in rejects:
-        print(f"build: {source}:{r['line']}: {r['reason']}")
+        print(f"build: {r['file']}:{r['line']}: {r['reason']}")
     if not kept:
-        clean_rejects = Path(base.clean_dir) / "rejects.jsonl"
-        raise InputError(nothing_to_build(read_jsonl(clean_rejects) if clean_rejects.exists() else [], rejects,
+        clean_rejects = Path(base.clean_dir) / "rejects"
+        raise InputError(nothing_to_build(read_jsonl_dir(clean_rejects) if clean_rejects.exists() else [], rejects,
                                           base.clean_dir, base.metrics_dir))
     twice = duplicate_ids(kept)
     if twice:

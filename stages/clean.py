@@ -1,10 +1,12 @@
 """Clean the augmented records: rule filters, PII policy, duplicates, and cleanlab Datalab.
 
-Reads:  base.augmented_dir/records.jsonl,
+Reads:  base.augmented_dir/records/ (shards),
         base.decisions (human review decisions from `tuneline review`; absent or empty: none)
-Writes: base.clean_dir/records.jsonl (kept records, PII redacted when clean.pii is redact),
-        base.clean_dir/rejects.jsonl (each removed record with its reason, score and, for
+Writes: base.clean_dir/records/ (kept records, PII redacted when clean.pii is redact),
+        base.clean_dir/rejects/ (each removed record with its reason, score and, for
         duplicates, the id of the kept twin; a person's rejects have reason `human`),
+        both JSON Lines shards (tuneline.records.write_jsonl_shards) cut in the input's order,
+        sorted by id within a shard,
         base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary per language),
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from tuneline import params
 from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, render_report
-from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
+from tuneline.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
 from tuneline.review import read_decisions
 
 log = logging.getLogger("clean")
@@ -27,10 +29,10 @@ log = logging.getLogger("clean")
 
 def main() -> None:
     base, p = params.load("base", "clean")
-    source = Path(base.augmented_dir) / "records.jsonl"
+    source = Path(base.augmented_dir) / "records"
     if not source.exists():
         raise InputError(f"{source} does not exist; run the augment stage first (dvc repro augment)")
-    records = read_jsonl(source)
+    records = read_jsonl_dir(source)
 
     store = Path(base.cache_dir) / "embeddings" / "embeddings.sqlite"
     encoder = lazy_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
@@ -46,8 +48,10 @@ def main() -> None:
     started = time.perf_counter()
     result = clean_records(records, p, embed, read_decisions(base.decisions))
     clean_dir = Path(base.clean_dir)
-    write_jsonl(clean_dir / "records.jsonl", result.kept)
-    write_jsonl(clean_dir / "rejects.jsonl", result.rejects)
+    by_id = lambda r: str(r["id"])  # noqa: E731  the order within a shard, as clean_records sorts
+    write_jsonl_shards(clean_dir / "records", in_arrival_order(result.kept, records), base.shard_records, by_id)
+    write_jsonl_shards(clean_dir / "rejects", in_arrival_order(result.rejects, records), base.shard_records,
+                       lambda r: (str(r["id"]), r["reason"]))
     write_json(Path(base.metrics_dir) / "clean.json", result.metrics)
     report = Path(base.metrics_dir) / "clean_report.md"
     report.write_text(render_report(result, p.report_examples), encoding="utf-8")

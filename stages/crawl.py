@@ -3,7 +3,8 @@
 Reads  params.yaml `base` and `crawl`; the bundled site in base.site_dir (served on 127.0.0.1
        while the stage runs when crawl.serve_site is true); dataset files named in crawl.datasets.
 Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text), Markdown
-       {base.raw_dir}/datasets.jsonl       Alpaca records mapped from crawl.datasets
+       {base.raw_dir}/datasets/            Alpaca records mapped from crawl.datasets, in JSON Lines shards
+                                           (tuneline.records.write_jsonl_shards; base.shard_records a shard)
        {base.raw_dir}/crawl_rejects.jsonl  every page, request or row that gave no record, with its reason
        {base.cache_dir}/http               scrapy's HTTP cache (DVC persist: a rerun does not refetch)
        {base.metrics_dir}/crawl.json       pages, items by kind, rejects by reason, cache hits, bytes
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from tuneline import crawl, params, timings
-from tuneline.records import InputError, write_jsonl
+from tuneline.records import InputError, write_jsonl, write_jsonl_shards
 
 
 def main() -> int:
@@ -41,7 +42,7 @@ def main() -> int:
 
     raw = Path(base.raw_dir)
     write_jsonl(raw / "crawl.jsonl", result.items)
-    write_jsonl(raw / "datasets.jsonl", records)
+    write_jsonl_shards(raw / "datasets", records, base.shard_records, crawl.dataset_order)
     write_jsonl(raw / "crawl_rejects.jsonl", crawl.sorted_rejects(result.rejects + dataset_rejects))
     metrics = crawl.crawl_metrics(result, records, dataset_rejects)
     timings.write_metrics(Path(base.metrics_dir) / "crawl.json", metrics, base.metrics_dir, "crawl")

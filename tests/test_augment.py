@@ -24,7 +24,7 @@ import yaml
 
 from tests.openai_stub import ScriptedServer
 from tuneline import augment, params
-from tuneline.records import InputError, read_jsonl
+from tuneline.records import InputError, read_jsonl, read_jsonl_dir, shard_files, write_jsonl_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "TUNELINE_TEST_AUGMENT_KEY"
@@ -104,10 +104,10 @@ def make_project(root: Path, base_url: str, model: str = "stub", **augment_param
     params["augment"].update(augment_params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     base = params["base"]
-    for path, rows in ((base["seeds"], SEEDS), (f"{base['raw_dir']}/crawl.jsonl", CRAWL),
-                       (f"{base['raw_dir']}/datasets.jsonl", DATASETS)):  # fmt: skip
+    for path, rows in ((base["seeds"], SEEDS), (f"{base['raw_dir']}/crawl.jsonl", CRAWL)):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl_shards(root / base["raw_dir"] / "datasets", DATASETS, base["shard_records"])
     (root / base["feedback"]).parent.mkdir(parents=True, exist_ok=True)
     (root / base["feedback"]).write_text("{}\n")  # the feedback stage's output with no review decisions yet
     return root
@@ -133,7 +133,7 @@ def stage_log(project: Path) -> str:
 
 def outputs(project: Path) -> tuple[list[dict], list[dict], dict]:
     return (
-        read_jsonl(project / "data/augmented/records.jsonl"),
+        read_jsonl_dir(project / "data/augmented/records"),
         read_jsonl(project / "data/augmented/rejects.jsonl"),
         json.loads((project / "metrics/augment.json").read_text()),
     )
@@ -260,11 +260,11 @@ def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
 
 def test_second_run_makes_no_request_and_writes_the_same(first_run, stub):
     project, _, _, _ = first_run
-    before = (project / "data/augmented/records.jsonl").read_bytes(), (project / "data/augmented/rejects.jsonl").read_bytes()
+    before = [p.read_bytes() for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]]
     stub.reset_counts()
     run_stage(project)
     assert stub.requests == 0
-    after = (project / "data/augmented/records.jsonl").read_bytes(), (project / "data/augmented/rejects.jsonl").read_bytes()
+    after = [p.read_bytes() for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]]
     assert after == before
     assert outputs(project)[2]["llm"]["this_run"]["calls"] == 0
 
@@ -309,7 +309,7 @@ def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
         proc.wait()
         saved = len(list((killed / "cache/llm").rglob("*.json")))
         assert 5 <= saved < total and server.answered >= saved
-        assert not (killed / "data/augmented/records.jsonl").exists()
+        assert not (killed / "data/augmented/records").exists()
 
         server.reset_counts()
         run_stage(killed)

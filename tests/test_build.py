@@ -107,8 +107,10 @@ def test_build_stage_writes_splits_rejects_and_metrics(tmp_path):
     good = [rec(instruction=f"Question {i}?", output=f"Answer {i}.", source="seed") for i in range(20)]
     bad = [{"instruction": "no answer"}, {"instruction": "q", "output": "a", "history": [["x"]]}]
     lines = good[:5] + bad[:1] + good[5:] + bad[1:]
-    (tmp_path / "data/clean").mkdir(parents=True)
-    (tmp_path / "data/clean/records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    shards = tmp_path / "data/clean/records"
+    shards.mkdir(parents=True)
+    for name, part in (("part-00000.jsonl", lines[:6]), ("part-00001.jsonl", lines[6:])):  # two shards, as clean cuts them
+        (shards / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     subprocess.run([sys.executable, "-m", "stages.build"], cwd=tmp_path, check=True,
                    env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
@@ -117,8 +119,10 @@ def test_build_stage_writes_splits_rejects_and_metrics(tmp_path):
     assert sum(len(p) for p in parts.values()) == 20
     assert all(set(r) >= {"instruction", "input", "output", "system", "history"} for p in parts.values() for r in p)
     rejects = read_jsonl(out / "rejects.jsonl")
-    assert [(r["line"], r["field"]) for r in rejects] == [(6, "output"), (22, "history[0]")]
-    assert all(r["file"].endswith("data/clean/records.jsonl") for r in rejects)
+    # each reject names its shard and its line there
+    assert [(Path(r["file"]).name, r["line"], r["field"]) for r in rejects] == [
+        ("part-00000.jsonl", 6, "output"), ("part-00001.jsonl", 16, "history[0]")]
+    assert all(Path(r["file"]).parent == Path("data/clean/records") for r in rejects)
     info = json.loads((out / "dataset_info.json").read_text())
     assert all((out / entry["file_name"]).exists() for entry in info.values())
     chat = read_jsonl(out / "openai_train.jsonl")
@@ -130,9 +134,9 @@ def test_build_stage_writes_splits_rejects_and_metrics(tmp_path):
 
 def run_build(tmp_path: Path, clean_records: list[dict], clean_rejects: list[dict]) -> subprocess.CompletedProcess:
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "data/clean").mkdir(parents=True)
-    (tmp_path / "data/clean/records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean_records))
-    (tmp_path / "data/clean/rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean_rejects))
+    for name, rows in (("records", clean_records), ("rejects", clean_rejects)):
+        (tmp_path / "data/clean" / name).mkdir(parents=True)
+        (tmp_path / "data/clean" / name / "part-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return subprocess.run([sys.executable, "-m", "stages.build"], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 

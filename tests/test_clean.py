@@ -26,7 +26,7 @@ from tuneline.clean import (
     render_report,
 )
 from tuneline.params import ParamsError
-from tuneline.records import read_json, read_jsonl, with_id, write_jsonl
+from tuneline.records import read_json, read_jsonl, with_id, write_jsonl, write_jsonl_shards
 from tuneline.rules import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,10 +426,12 @@ def test_stage_writes_records_rejects_metrics_and_report_deterministically(tmp_p
     records, _ = planted()
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["base"]
-    write_jsonl(tmp_path / base["augmented_dir"] / "records.jsonl", records)
+    write_jsonl_shards(tmp_path / base["augmented_dir"] / "records", records, base["shard_records"])
     monkeypatch.chdir(tmp_path)
     clean_dir, metrics_dir = tmp_path / base["clean_dir"], tmp_path / base["metrics_dir"]
-    names = [clean_dir / "records.jsonl", clean_dir / "rejects.jsonl", metrics_dir / "clean.json", metrics_dir / "clean_report.md"]
+    # a handful of records: one shard each
+    names = [clean_dir / "records" / "part-00000.jsonl", clean_dir / "rejects" / "part-00000.jsonl", metrics_dir / "clean.json",
+             metrics_dir / "clean_report.md"]  # fmt: skip
 
     stage.main()  # as `python -m stages.clean` runs it, in this process to share the imports
     out = capsys.readouterr().out
@@ -454,7 +456,7 @@ def test_missing_input_names_the_file_and_the_fix(tmp_path):
     done = subprocess.run([sys.executable, "-m", "stages.clean"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert done.returncode != 0
-    assert "data/augmented/records.jsonl does not exist; run the augment stage first" in done.stderr
+    assert "data/augmented/records does not exist; run the augment stage first" in done.stderr
     assert not (tmp_path / "data" / "clean").exists()
 
 

@@ -8,6 +8,7 @@ requests it receives, so limits, robots.txt and the HTTP cache are checked serve
 from __future__ import annotations
 
 import copy
+import hashlib
 import dataclasses
 import http.server
 import json
@@ -25,7 +26,7 @@ import yaml
 
 from tuneline import crawl, params
 from tuneline.params import CrawlDataset, ParamsError
-from tuneline.records import InputError, read_jsonl
+from tuneline.records import InputError, read_jsonl, read_jsonl_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,7 +346,7 @@ def test_duplicates_kept_once(main_crawl):
 
 def test_datasets_mapped_deduplicated_and_rejected(main_crawl):
     work, _, _, _ = main_crawl
-    records = read_jsonl(work / "data/raw/datasets.jsonl")
+    records = read_jsonl_dir(work / "data/raw/datasets")
     assert [(r["instruction"], r["output"], r["category"], r["source"]) for r in records] == [
         ("What is crema?", "The foam on top of an espresso.", "brewing", "dataset:extra")]
     assert records[0]["input"] == "" and records[0]["history"] == [] and records[0]["system"] == ""
@@ -498,7 +499,7 @@ def test_a_bad_jsonl_line_is_a_reject_with_file_line_and_the_good_lines_flow_on(
                                 '["not", "an", "object"]\n'
                                 '{"instruction": "What is a burr?", "output": "A grinding ring."}\n')
     records, rejects = crawl.load_datasets([d])
-    assert [r["instruction"] for r in records] == ["What is a burr?", "What is crema?"]
+    assert [r["instruction"] for r in records] == ["What is crema?", "What is a burr?"]  # row order: shards are cut in it
     assert [(r["url"], r["reason"]) for r in rejects] == [(f"{d.path}:2", "bad_json"), (f"{d.path}:4", "bad_json")]
     assert "Expecting property name" in rejects[0]["detail"] and "got list" in rejects[1]["detail"]
 
@@ -909,3 +910,43 @@ def test_a_source_that_gives_no_record_fails_unless_allowed_empty(tmp_path):
     assert (tmp_path / "a" / "data/raw/crawl_rejects.jsonl").exists()  # written first: it says why
     proc = run_stage(tmp_path / "b", crawl_params([{**dead, "allow_empty": True}]))
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def cache_objects(repo: Path) -> dict[str, int]:
+    """The DVC cache's objects (md5 -> bytes); a directory's listing ends in .dir."""
+    root = repo / ".dvc" / "cache" / "files" / "md5"
+    return {f.parent.name + f.name: f.stat().st_size for f in root.glob("*/*")}
+
+
+def test_rows_appended_to_a_dataset_store_only_the_shards_they_touch_in_the_dvc_cache(tmp_path):
+    from tests.pipeline_repo import make_repo, repro, set_param
+
+    repo = make_repo(tmp_path / "repo")
+    rows = repo / "data/datasets/rows.jsonl"
+    rows.write_text("".join(json.dumps({"q": f"How do I brew cup {i}?", "a": f"Pour {i} grams slowly."}) + "\n"
+                            for i in range(3000)))  # fmt: skip
+    set_param(repo, "base.shard_records", 100)
+    set_param(repo, "crawl.sources", [])
+    set_param(repo, "crawl.serve_site", False)
+    set_param(repo, "crawl.datasets", [{"name": "rows", "path": "data/datasets/rows.jsonl", "format": "jsonl",
+                                        "split": "train", "columns": {"instruction": "q", "output": "a"}}])  # fmt: skip
+    assert "crawl" in repro(repo, "crawl")["ran"]
+    shards = repo / "data/raw/datasets"
+    before_files = {p.name: p.read_bytes() for p in sorted(shards.iterdir())}
+    before = cache_objects(repo)
+    assert len(before_files) > 15 and set(before) >= {hashlib.md5(b).hexdigest() for b in before_files.values()}
+
+    with open(rows, "a", encoding="utf-8") as f:  # 1% new rows at the end
+        f.write("".join(json.dumps({"q": f"What about cup {i}?", "a": f"Stir {i} times."}) + "\n" for i in range(30)))
+    assert "crawl" in repro(repo, "crawl")["ran"]
+    after_files = {p.name: p.read_bytes() for p in sorted(shards.iterdir())}
+    added = {md5: size for md5, size in cache_objects(repo).items() if md5 not in before}
+    new_shards = [name for name, blob in after_files.items() if blob not in before_files.values()]
+    # the last shard took the new rows (or they made one more): every other shard is the same bytes, and the
+    # cache holds only the rewritten shards and the directory's new listing
+    assert 1 <= len(new_shards) <= 2 and new_shards[-1] == max(after_files)
+    assert set(added) == {hashlib.md5(after_files[n]).hexdigest() for n in new_shards} | {
+        md5 for md5 in added if md5.endswith(".dir")}
+    total = sum(len(b) for b in after_files.values())
+    assert sum(size for md5, size in added.items() if not md5.endswith(".dir")) < 0.15 * total
+    assert len(read_jsonl_dir(shards)) == 3030

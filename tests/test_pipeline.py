@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import declared_params, repro, run, set_param, with_downstream
-from tuneline.records import read_jsonl
+from tuneline.records import read_jsonl, read_jsonl_dir
 from tuneline.review import append_decision, make_decision
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
     repo, _ = pipeline
     decisions = repo / "data/review/decisions.jsonl"
     original = decisions.read_text()
-    record = read_jsonl(repo / "data/clean/records.jsonl")[0]
+    record = read_jsonl_dir(repo / "data/clean/records")[0]
     kept_before = json.loads((repo / "metrics/clean.json").read_text())["records_out"]
     append_decision(decisions, make_decision(record, "reject", "tester", "wrong answer"))
     try:
@@ -180,9 +180,9 @@ def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
         # generator: augment is skipped
         assert record["source"] != "generated"
         assert {"feedback", "clean"} <= result["ran"] and not result["ran"] & {"models", "crawl", "augment"}
-        rejects = {r["id"]: r for r in read_jsonl(repo / "data/clean/rejects.jsonl")}
+        rejects = {r["id"]: r for r in read_jsonl_dir(repo / "data/clean/rejects")}
         assert rejects[record["id"]]["reason"] == "human"
-        assert record["id"] not in {r["id"] for r in read_jsonl(repo / "data/clean/records.jsonl")}
+        assert record["id"] not in {r["id"] for r in read_jsonl_dir(repo / "data/clean/records")}
         would_run = repro(repo, "--dry")["ran"]
         assert "build" in would_run and not would_run & UPSTREAM
         diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json").stdout)["metrics/clean.json"]

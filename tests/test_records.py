@@ -2,16 +2,29 @@
 every input appears exactly once, among the kept records or the rejects, at every stage."""
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tuneline import augment, crawl, params
 from tuneline.alpaca import split, validate
 from tuneline.clean import clean_records
 from tuneline.params import CrawlDataset
-from tuneline.records import duplicate_ids, with_id, with_ids, write_jsonl
+from tuneline.records import (
+    InputError,
+    duplicate_ids,
+    in_arrival_order,
+    iter_numbered_jsonl_dir,
+    read_jsonl_dir,
+    shard_files,
+    with_id,
+    with_ids,
+    write_jsonl,
+    write_jsonl_shards,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"instruction": "How long should a French press steep?", "output": "About four minutes, then press slowly."}
@@ -45,10 +58,10 @@ def test_seed_and_dataset_twin_one_kept_one_rejected_and_nothing_lost_at_any_sta
     ds_records, ds_rejects = crawl.load_datasets([d])
     assert len(ds_records) + len(ds_rejects) == 3
     assert [r["url"] for r in ds_rejects] == [f"{rows}:3"]
-    write_jsonl(tmp_path / "datasets.jsonl", ds_records)
+    write_jsonl_shards(tmp_path / "datasets", ds_records, 2000, crawl.dataset_order)
 
     # augment's pass-through: every input record keeps going, each with its own id
-    records = augment.seed_records(seeds) + augment.dataset_records(tmp_path / "datasets.jsonl")
+    records = augment.seed_records(seeds) + augment.dataset_records(tmp_path / "datasets")
     assert len(records) == 4 and duplicate_ids(records) == []
 
     # clean: the seed is kept; the dataset row is rejected as a duplicate *of the seed's id*
@@ -129,3 +142,79 @@ def test_every_local_stage_skips_an_api_model_and_writes_its_declared_outputs(tm
     assert read_json(Path(base.export_dir) / "SKIPPED.json") == {"reason": "hosted is an API model used as is; nothing to export"}
     assert (metrics / "eval_samples.md").read_text() == "Skipped: an API model was chosen; see select_table.md\n"
     assert [read_jsonl(metrics / "eval" / n) for n in ("records.jsonl", "seen_records.jsonl", "judge.jsonl")] == [[]] * 3
+
+
+def synthetic(n: int, start: int = 0) -> list[dict]:
+    return with_ids({"instruction": f"Question {i}?", "output": f"Answer {i}.", "source": "dataset"}
+                    for i in range(start, start + n))
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in shard_files(directory)}
+
+
+def test_shards_concatenate_to_the_one_file_output_sorted_within_each_shard(tmp_path):
+    records = synthetic(3000)
+    by_id = lambda r: r["id"]  # noqa: E731
+    assert write_jsonl_shards(tmp_path / "out", records, 200, by_id) == 3000
+    files = shard_files(tmp_path / "out")
+    assert 5 < len(files) < 40  # about 3000 / 200, cut where ids say
+    read = read_jsonl_dir(tmp_path / "out")
+    assert Counter(r["id"] for r in read) == Counter(r["id"] for r in records)
+    # each shard is a run of the input in arrival order, sorted by id inside
+    start = 0
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert [r["id"] for r in rows] == sorted(r["id"] for r in records[start:start + len(rows)])
+        start += len(rows)
+    # one shard (the default's hundred records) is the one-file output byte for byte
+    write_jsonl_shards(tmp_path / "small", records[:100], 2000, by_id)
+    write_jsonl(tmp_path / "small.jsonl", sorted(records[:100], key=by_id))
+    assert [p.name for p in shard_files(tmp_path / "small")] == ["part-00000.jsonl"]
+    assert (tmp_path / "small" / "part-00000.jsonl").read_bytes() == (tmp_path / "small.jsonl").read_bytes()
+
+
+def test_appending_one_percent_and_inserting_a_few_rewrites_only_the_shards_they_land_in(tmp_path):
+    records = synthetic(20_000)
+    write_jsonl_shards(tmp_path / "before", records, 500, lambda r: r["id"])
+    before = shard_bytes(tmp_path / "before")
+    added = synthetic(200, start=20_000)  # 1% appended
+    inserted = synthetic(3, start=50_000)
+    rng = random.Random(0)
+    grown = list(records)
+    for record in inserted:  # three records in the middle, at unrelated places
+        grown.insert(rng.randrange(1000, len(grown) - 1000), record)
+    write_jsonl_shards(tmp_path / "after", grown + added, 500, lambda r: r["id"])
+    after = shard_bytes(tmp_path / "after")
+    unchanged = set(before.values()) & set(after.values())
+    new = [name for name, blob in after.items() if blob not in unchanged]
+    # DVC stores a directory by file content: only these shards are new to its cache
+    assert len(before) > 25
+    appended_ids = {r["id"] for r in added}
+    holding_appended = [name for name, blob in after.items() if any(i.encode() in blob for i in appended_ids)]
+    # an insertion rewrites its shard, or two when the inserted record ends a shard itself; the appended
+    # rows rewrite the last shard and make their own
+    assert len(new) <= 2 * len(inserted) + len(holding_appended) and len(holding_appended) <= 5
+    assert sum(len(after[name]) for name in new) < 0.2 * sum(len(b) for b in after.values())
+    # nothing lost, nothing twice, and the unchanged shards are the same bytes as before
+    assert Counter(r["id"] for r in read_jsonl_dir(tmp_path / "after")) == Counter(r["id"] for r in grown + added)
+    assert len(unchanged) >= len(before) - 4
+
+
+def test_reading_shards_names_shard_and_line_and_old_one_file_output_is_named(tmp_path):
+    write_jsonl_shards(tmp_path / "records", synthetic(50), 10)
+    rows = list(iter_numbered_jsonl_dir(tmp_path / "records"))
+    assert [(path.name, line) for path, line, _ in rows][:2] == [(rows[0][0].name, 1), (rows[0][0].name, 2)]
+    first = shard_files(tmp_path / "records")[0]
+    first.write_text(first.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"{first}:\d+: not valid JSON"):
+        read_jsonl_dir(tmp_path / "records")
+    write_jsonl(tmp_path / "clean.jsonl", synthetic(2))
+    with pytest.raises(InputError, match="clean.jsonl is an older version's one-file layout"):
+        read_jsonl_dir(tmp_path / "clean")
+
+
+def test_rows_follow_the_order_their_ids_arrived_in():
+    arrived = synthetic(5)
+    rows = [{"id": arrived[3]["id"], "reason": "a"}, {"id": "other"}, {"id": arrived[0]["id"], "reason": "b"}]
+    assert [r["id"] for r in in_arrival_order(rows, arrived)] == [arrived[0]["id"], arrived[3]["id"], "other"]

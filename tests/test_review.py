@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.stage_project import ROOT, run_stage, stage_env
-from tuneline.records import InputError, read_json, read_jsonl, with_ids, write_jsonl
+from tuneline.records import InputError, read_json, read_jsonl, read_jsonl_dir, with_ids, write_jsonl, write_jsonl_shards
 from tuneline.review import append_decision, human_mistakes, make_decision, read_decisions
 
 REVIEWER = "Ada Reviewer"
@@ -67,9 +67,9 @@ def reviewed(tmp_path_factory):
     project = tmp_path_factory.mktemp("review")
     shutil.copy(ROOT / "params.yaml", project / "params.yaml")
     records = dict(zip(RECORDS, with_ids(RECORDS.values())))
-    write_jsonl(project / "data/augmented/records.jsonl", records.values())
+    write_jsonl_shards(project / "data/augmented/records", records.values(), 2000)
     run_stage(project, "clean")
-    cleaned = {r["id"]: r for r in read_jsonl(project / "data/clean/records.jsonl")}
+    cleaned = {r["id"]: r for r in read_jsonl_dir(project / "data/clean/records")}
     eval_row = {"index": 0, "id": records["edited"]["id"], "base_loss": 3.0, "tuned_loss": 1.0,
                 "base_answer": "Tea.", "tuned_answer": "About an hour."}  # fmt: skip
     write_jsonl(project / "metrics/eval/records.jsonl", [eval_row])
@@ -104,7 +104,7 @@ def reviewed(tmp_path_factory):
 
     # Upstream, the record a decision was made on changes (e.g. augment regenerated it).
     changed = with_ids([{**RECORDS["changes"], "output": "Medium-fine."}])[0]
-    write_jsonl(project / "data/augmented/records.jsonl", [*(r for k, r in records.items() if k != "changes"), changed])
+    write_jsonl_shards(project / "data/augmented/records", [*(r for k, r in records.items() if k != "changes"), changed], 2000)
     result = run_stage(project, "clean")
     return {"project": project, "records": records, "said": said, "stdout": result.stdout, "screenshot": screenshot}
 
@@ -138,8 +138,8 @@ def test_the_page_saves_one_signed_line_per_decision(reviewed):
 
 def test_clean_applies_reject_accept_and_edit(reviewed):
     project, records = reviewed["project"], reviewed["records"]
-    kept = {r["id"]: r for r in read_jsonl(project / "data/clean/records.jsonl")}
-    rejects = {r["id"]: r for r in read_jsonl(project / "data/clean/rejects.jsonl")}
+    kept = {r["id"]: r for r in read_jsonl_dir(project / "data/clean/records")}
+    rejects = {r["id"]: r for r in read_jsonl_dir(project / "data/clean/rejects")}
     human = rejects[records["rejected"]["id"]]
     assert human["reason"] == "human" and human["detail"] == "wrong answer" and human["reviewer"] == REVIEWER
     assert records["rejected"]["id"] not in kept
@@ -158,7 +158,7 @@ def test_a_decision_on_changed_content_is_stale_and_not_applied(reviewed):
     assert human["stale"] == 1 and [s["id"] for s in human["stale_decisions"]] == [records["changes"]["id"]]
     assert (human["rejected"], human["accepted"], human["overrides"], human["edited"]) == (1, 1, 1, 1)
     assert human["overrides_by_reason"] == {"too_short": 1}
-    changed = [r for r in read_jsonl(project / "data/clean/records.jsonl") if r["instruction"] == RECORDS["changes"]["instruction"]]
+    changed = [r for r in read_jsonl_dir(project / "data/clean/records") if r["instruction"] == RECORDS["changes"]["instruction"]]
     assert len(changed) == 1 and changed[0]["output"] == "Medium-fine." and "accepted_by_human" not in changed[0]
 
 
@@ -238,7 +238,7 @@ def page(tmp_path):
     project.mkdir()
     shutil.copy(ROOT / "params.yaml", project / "params.yaml")
     pilot = with_ids([RECORDS[k] for k in ("rejected", "accepted", "edited", "changes")])
-    write_jsonl(project / "data/augmented/records.jsonl", pilot)
+    write_jsonl_shards(project / "data/augmented/records", pilot, 2000)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
@@ -338,7 +338,7 @@ def test_a_person_at_the_page_moves_between_records_decides_and_sees_what_landed
 
     # After a new run upstream (one more pilot record), loading the page again shows it.
     extra = with_ids([generated("What is a cortado?", "Espresso cut with a little warm milk.")])
-    write_jsonl(project / "data/augmented/records.jsonl", [*pilot, *extra])
+    write_jsonl_shards(project / "data/augmented/records", [*pilot, *extra], 2000)
     driver.refresh()
     wait_until(driver, lambda d: shows(d, "#position", "of 5"), "the reloaded view has 5 records")
 

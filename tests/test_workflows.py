@@ -128,7 +128,7 @@ def test_two_fresh_runs_give_identical_outputs(pipeline_build, tmp_path_factory)
     repro(repo_c)
     a, c = lock_outs(repo_a), lock_outs(repo_c)
     # every output, caches and metrics included: run times live in metrics/timings/, no stage's output
-    assert {"data/alpaca", "data/tokenized", "models/adapter", "data/augmented/records.jsonl", "data/raw/crawl.jsonl",
+    assert {"data/alpaca", "data/tokenized", "models/adapter", "data/augmented/records", "data/raw/crawl.jsonl",
             "cache/llm", "cache/embeddings", "metrics/models.json", "metrics/train/metrics.json", "metrics/eval.json",
             "metrics/crawl.json", "metrics/augment.json"} <= set(a)  # fmt: skip
     differing = sorted(p for p in a if a[p] != c.get(p))
@@ -143,7 +143,7 @@ def test_data_outputs_match_the_committed_dvc_lock(pipeline_build):
     assert tracked.returncode == 0, "dvc.lock is not committed: run `make run` and commit dvc.lock and metrics/"
     committed, fresh = lock_outs(ROOT, DATA_STAGES), lock_outs(pipeline_build / "project", DATA_STAGES)
     compared = {p for p in committed if not p.startswith(NOT_ACROSS_MACHINES)}
-    assert {"data/raw/crawl.jsonl", "data/augmented/records.jsonl", "data/clean/records.jsonl", "data/alpaca",
+    assert {"data/raw/crawl.jsonl", "data/augmented/records", "data/clean/records", "data/alpaca",
             "data/tokenized"} <= compared  # fmt: skip
     differing = sorted(p for p in compared if committed[p] != fresh.get(p))
     assert not differing, f"data differs from what the committed dvc.lock records: {differing}"

@@ -135,14 +135,14 @@ def validate(records: list[tuple[int, dict]], source: str, max_tokens: int) -> t
 def nothing_to_build(clean_rejects: list[dict], build_rejects: list[dict], clean_dir: str, metrics_dir: str) -> str:
     """The error when no record reaches the split files, naming the stage that emptied them."""
     if build_rejects:
-        return (f"build rejected all {len(build_rejects)} records from {clean_dir}/records.jsonl "
-                f"(first: line {build_rejects[0]['line']}, {build_rejects[0]['reason']}); see the rejects file")
+        return (f"build rejected all {len(build_rejects)} records from {clean_dir}/records/ (first: "
+                f"{build_rejects[0]['file']}:{build_rejects[0]['line']}, {build_rejects[0]['reason']}); see the rejects file")
     if clean_rejects:
         reasons = Counter(r["reason"] for r in clean_rejects)
         top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
         return (f"no records reach build: the clean stage rejected all {len(clean_rejects)} records it received "
-                f"({top}); see {clean_dir}/rejects.jsonl and {metrics_dir}/clean.json, and loosen the clean: params")
-    return (f"no records reach build: {clean_dir}/records.jsonl is empty and the clean stage rejected nothing, "
+                f"({top}); see {clean_dir}/rejects/ and {metrics_dir}/clean.json, and loosen the clean: params")
+    return (f"no records reach build: {clean_dir}/records/ is empty and the clean stage rejected nothing, "
             "so it received no records: the augment stage (or crawl before it) produced none; see "
             f"{metrics_dir}/augment.json and {metrics_dir}/crawl.json")
 

@@ -36,7 +36,7 @@ import jinja2
 
 from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
 from tuneline.params import Augment, Clean
-from tuneline.records import InputError, content_hash, iter_numbered_jsonl, text_hash, with_ids
+from tuneline.records import InputError, content_hash, iter_numbered_jsonl, iter_numbered_jsonl_dir, text_hash, with_ids
 from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
@@ -124,11 +124,17 @@ def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str,
     return with_ids(records), docs
 
 
-def dataset_records(path: str | Path) -> list[dict]:
-    """Ingested public-dataset records (source: dataset), already mapped onto Alpaca fields."""
+def record_order(record: dict) -> tuple[str, str]:
+    """The order of augment's records within a shard of records/: by id, then source."""
+    return record["id"], record["source"]
+
+
+def dataset_records(directory: str | Path) -> list[dict]:
+    """Ingested public-dataset records (source: dataset), already mapped onto Alpaca fields, from the
+    crawl stage's shards in order."""
     records = []
-    for line_no, item in read_numbered_jsonl(path):
-        where = f"{path}:{line_no}"
+    for shard, line_no, item in iter_numbered_jsonl_dir(directory):
+        where = f"{shard}:{line_no}"
         _text_field(item, ("instruction",), where)
         _text_field(item, ("output",), where)
         records.append(alpaca_record(item, "dataset", origin=item.get("source")))

@@ -1128,10 +1128,11 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
 
 
 def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
-    """All `crawl.datasets` as Alpaca records (same content kept once, sorted) plus rejects.
+    """All `crawl.datasets` as Alpaca records (same content kept once) plus rejects.
 
-    Of records with the same content the first (in params order, then row order) is kept; the
-    others are rejected as `duplicate` with `duplicate_of` naming the kept record's id.
+    Records come in arrival order (params order, then row order), which the stage's shards are cut
+    in; `dataset_order` is the order within a shard. Of records with the same content the first is
+    kept; the others are rejected as `duplicate` with `duplicate_of` naming the kept record's id.
     """
     records: dict[str, dict] = {}
     rejects: list[dict] = []
@@ -1147,5 +1148,9 @@ def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
                                       content_hash=rec["content_hash"], id=rec["id"], duplicate_of=kept["id"]))
             else:
                 records[rec["content_hash"]] = rec
-    ordered = sorted(records.values(), key=lambda r: (r["source"], r["instruction"], r["id"]))
-    return ordered, sorted_rejects(rejects)
+    return list(records.values()), sorted_rejects(rejects)
+
+
+def dataset_order(record: dict) -> tuple:
+    """The order of dataset records within a shard of datasets/: by source, instruction, id."""
+    return record["source"], record["instruction"], record["id"]

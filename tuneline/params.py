@@ -106,6 +106,11 @@ class Base(_Section):
     cache_dir: str
     decisions: str
     feedback: str
+    shard_records: int
+
+    def check(self, key: str) -> None:
+        if self.shard_records < 1:
+            raise ParamsError(f"{key}.shard_records must be at least 1 (records per shard on average), got {self.shard_records}")
 
 
 @dataclass(frozen=True)

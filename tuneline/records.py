@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
 
@@ -80,6 +80,99 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
             n += 1
     os.replace(tmp, path)
     return n
+
+
+# Sharded outputs. A stage's record output is a directory of JSON Lines shards, part-00000.jsonl,
+# part-00001.jsonl, ..., read in name order. Shards are cut by content-defined chunking over the
+# records in their order of arrival (input rows, then generated records): a shard ends after a
+# record whose id hashes to 0 modulo base.shard_records (once it holds a quarter of that). Where a
+# cut falls depends on that record, so appending or inserting records changes only the shards they
+# land in (and at most the next, until the cuts fall in step again), and DVC, which
+# stores a directory output file by file under each file's content hash, stores only those again.
+# (Buckets by id hash would not do: 1% new records land in every bucket.) Names are sequential,
+# so name order is reading order without a manifest; a new cut renumbers the shards after it, which
+# costs DVC nothing but the directory's listing, since an unchanged shard has an unchanged hash.
+SHARD_GLOB = "part-*.jsonl"
+
+
+def is_shard_end(record: dict, per_shard: int) -> bool:
+    """Whether a shard ends after this record: its id (or, without one, its content) hashes to 0 mod `per_shard`."""
+    key = str(record.get("id") or content_hash(record))
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) % per_shard == 0
+
+
+def shard_records(records: Iterable[dict], per_shard: int) -> Iterator[list[dict]]:
+    """The records cut into shards by content-defined chunking, in their order (see SHARD_GLOB's note).
+
+    A shard holds at least a quarter of `per_shard` records (a cut the hash asks for sooner is skipped),
+    so no shard is tiny and an output of fewer records is one shard; the cuts after an edit fall
+    back in step with the old ones at the first cut the hash asks for past that minimum.
+    """
+    shortest = per_shard // 4
+    shard: list[dict] = []
+    for record in records:
+        shard.append(record)
+        if len(shard) >= shortest and is_shard_end(record, per_shard):
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def write_jsonl_shards(directory: str | Path, records: Iterable[dict], per_shard: int,
+                       order: Callable[[dict], Any] | None = None) -> int:
+    """Write records, given in arrival order, as the shards of `directory` (replacing what it held);
+    `order` sorts the records within each shard (a stage's output order). Return how many were written.
+
+    Fewer than `per_shard` / 4 records (the default's hundred) make one shard, which is the one-file
+    output sorted by `order`, byte for byte.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = 0
+    for i, shard in enumerate(shard_records(records, per_shard)):
+        n += write_jsonl(tmp / f"part-{i:05d}.jsonl", sorted(shard, key=order) if order else shard)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return n
+
+
+def in_arrival_order(rows: list[dict], arrived: Iterable[dict]) -> list[dict]:
+    """`rows` (a stage's kept records or rejects, which carry an input record's id) in the order their
+    ids arrived in `arrived`, so a stage's shards follow its input's; rows of other ids come last."""
+    position = {record.get("id"): i for i, record in enumerate(arrived)}
+    return sorted(rows, key=lambda row: position.get(row.get("id"), len(position)))
+
+
+def shard_files(directory: str | Path) -> list[Path]:
+    """The shards of a sharded output, in reading order; a missing directory or an old one-file output fails."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        old = directory.with_name(directory.name + ".jsonl")
+        was = f" ({old} is an older version's one-file layout)" if old.exists() else ""
+        raise InputError(f"{directory}: not found{was}; it is a directory of {SHARD_GLOB} shards: run the stage "
+                         "that writes it (`dvc repro`)")
+    return sorted(directory.glob(SHARD_GLOB))
+
+
+def iter_numbered_jsonl_dir(directory: str | Path) -> Iterator[tuple[Path, int, dict]]:
+    """(shard file, line number, object) for each record of a sharded output, streaming, in order."""
+    for path in shard_files(directory):
+        for line_no, value in iter_numbered_jsonl(path):
+            yield path, line_no, value
+
+
+def iter_jsonl_dir(directory: str | Path) -> Iterator[dict]:
+    """The records of a sharded output, streaming, shard by shard in name order."""
+    for _, _, value in iter_numbered_jsonl_dir(directory):
+        yield value
+
+
+def read_jsonl_dir(directory: str | Path) -> list[dict]:
+    """All records of a sharded output, in order."""
+    return list(iter_jsonl_dir(directory))
 
 
 def write_json(path: str | Path, value: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from tuneline.records import read_jsonl
+from tuneline.records import read_jsonl, read_jsonl_dir
 from tuneline.review import REJECT_REASONS, append_decision, latest_by_id, make_decision, read_decisions
 
 REJECTS_VIEW = "clean rejects"
@@ -26,6 +26,10 @@ EVAL_VIEW = "eval samples (base vs tuned)"
 
 def _rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
+
+
+def _sharded_rows(directory: Path) -> list[dict]:
+    return read_jsonl_dir(directory) if directory.is_dir() else []
 
 
 def pilot_views(augmented: list[dict], augment_rejects: list[dict] = ()) -> dict[str, list[dict]]:
@@ -66,10 +70,10 @@ def eval_view(rows: list[dict], cleaned: list[dict]) -> list[dict]:
 def load_views(base) -> dict[str, list[dict]]:
     """Every view's items, from the stage outputs named in the `base` params (absent files: empty views)."""
     augmented = Path(base.augmented_dir)
-    views = pilot_views(_rows(augmented / "records.jsonl"), _rows(augmented / "rejects.jsonl"))
-    views[REJECTS_VIEW] = rejects_view(_rows(Path(base.clean_dir) / "rejects.jsonl"))
+    views = pilot_views(_sharded_rows(augmented / "records"), _rows(augmented / "rejects.jsonl"))
+    views[REJECTS_VIEW] = rejects_view(_sharded_rows(Path(base.clean_dir) / "rejects"))
     eval_rows = _rows(Path(base.metrics_dir) / "eval" / "records.jsonl")
-    views[EVAL_VIEW] = eval_view(eval_rows, _rows(Path(base.clean_dir) / "records.jsonl"))
+    views[EVAL_VIEW] = eval_view(eval_rows, _sharded_rows(Path(base.clean_dir) / "records"))
     return views
 
 
