@@ -27,6 +27,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
+from stages import run
 from tuneline import augment, llm, params, timings
 from tuneline.llmserver import endpoint_url
 from tuneline.records import InputError, duplicate_ids, read_json, write_json, write_jsonl
@@ -126,8 +127,13 @@ def main() -> None:
     )
 
 
-if __name__ == "__main__":
+def main_with_message() -> None:
+    """main(), with the failures it can word ended by that one-line message."""
     try:
         main()
     except (InputError, params.ParamsError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"augment: {err}") from None
+
+
+if __name__ == "__main__":
+    run(main_with_message)

@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from stages import run
 from tuneline import params
 from tuneline.clean import check_params, clean_records, embed_texts, encoder_key, lazy_encoder, render_report
 from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

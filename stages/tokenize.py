@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from stages import run
 from tuneline import params
 from tuneline.modeling import load_tokenizer
 from tuneline.records import read_json, write_json, write_jsonl
@@ -134,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

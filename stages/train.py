@@ -28,6 +28,7 @@ from datasets import load_from_disk
 from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
+from stages import run
 from tuneline import params, timings
 from tuneline.profiles import with_profile
 from tuneline.records import read_json, write_json
@@ -123,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
