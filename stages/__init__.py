@@ -38,24 +38,16 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-def dvc_stage() -> str | None:
-    """The DVC stage this process runs as DVC started it in the workspace (`select@tiny_qwen`), or None.
-
-    DVC names the stage in DVC_STAGE and the project in DVC_ROOT; `dvc exp run --temp` and
-    `--queue` run in a copy whose root is not DVC_ROOT (the workspace). Of the processes that
-    `accelerate launch` starts (train.launcher), only rank 0 counts; the launching one does too.
-    """
-    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
-    if not stage or not root or os.environ.get("RANK", "0") != "0":
-        return None
+def in_workspace(root: str) -> bool:
+    """Whether this process runs in the workspace DVC_ROOT (`root`) names, not in the copy that
+    `dvc exp run --temp` and `--queue` run in (DVC_ROOT names the workspace there too)."""
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
     try:
-        here = Repo.find_root()
+        return Path(root).resolve() == Path(Repo.find_root()).resolve()
     except NotDvcRepoError:
-        return None
-    return stage if Path(root).resolve() == Path(here).resolve() else None
+        return False
 
 
 def stage_outputs(stage: str) -> tuple[list[str], list[str]]:
@@ -79,6 +71,8 @@ def _git(*args: str) -> subprocess.CompletedProcess:
 def put_back_tracked_outputs(stage: str) -> list[str]:
     """Put back from git's index the git-tracked files of `stage`'s outputs that are missing or
     changed; return them. A project without git, or outputs git does not track yet, have none."""
+    if not in_workspace(os.environ.get("DVC_ROOT", "")):
+        return []
     uncached, cached = stage_outputs(stage)
     if not uncached or shutil.which("git") is None:
         return []
@@ -102,20 +96,30 @@ def put_back_tracked_outputs(stage: str) -> list[str]:
 
 
 def _after_failure() -> None:
-    """On a failure of a stage DVC started in the workspace, put its git-tracked outputs back;
-    a second Ctrl-C does not stop that halfway, and a problem doing it never hides the stage's error."""
-    stage = dvc_stage()
-    if stage is None:
+    """On a failure of a stage DVC started (DVC_STAGE), put its git-tracked outputs back.
+
+    A fresh interpreter does it: the failure may have struck halfway through an import (Ctrl-C
+    while torch loads), leaving modules DVC needs half-initialised in this one. In a session of its
+    own, a second Ctrl-C or a SIGTERM to the process group does not stop it halfway; this process
+    ignores both while it waits. A problem doing it never hides the stage's own error. Of the
+    processes `accelerate launch` starts (train.launcher), only rank 0 does it; the launching one too.
+    """
+    stage = os.environ.get("DVC_STAGE")
+    if not stage or os.environ.get("RANK", "0") != "0":
         return
     handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        put_back_tracked_outputs(stage)
-    except Exception as err:  # noqa: BLE001 - the stage's own error is the one to report
-        print(f"{stage} failed, and its git-tracked outputs could not be put back ({err}); "
-              "`git checkout -- metrics/` puts them back", file=sys.stderr)
+        code = subprocess.run([sys.executable, "-c", f"import stages; stages.put_back_tracked_outputs({stage!r})"],
+                              start_new_session=True, timeout=300).returncode  # fmt: skip
+        problem = f"exit status {code}" if code else None
+    except (OSError, subprocess.TimeoutExpired) as err:
+        problem = str(err)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+    if problem:
+        print(f"{stage} failed, and its git-tracked outputs could not be put back ({problem}); "
+              "`git checkout -- metrics/` puts them back", file=sys.stderr)
 
 
 def run(main: Callable[..., int | None], *args: str) -> None:
