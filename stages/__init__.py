@@ -41,6 +41,8 @@ def _terminate(signum, frame):
 def in_workspace(root: str) -> bool:
     """Whether this process runs in the workspace DVC_ROOT (`root`) names, not in the copy that
     `dvc exp run --temp` and `--queue` run in (DVC_ROOT names the workspace there too)."""
+    if not root:
+        return False
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
