@@ -4,6 +4,7 @@ it, in temporary git + DVC copies of the project."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from tests.pipeline_repo import ROOT, env, make_repo, run
 
 TRAIN_FILES = ("metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv")
+CHOOSE_FILES = ("models/selected.json", "metrics/select_table.md")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,24 @@ def test_a_failed_stage_puts_back_the_tracked_outputs_dvc_removed(repo):
         assert git_status(repo) == " M metrics/train/metrics.json\n"
     finally:
         run(repo, "git", "checkout", "--", "metrics/")
+
+
+def test_a_stage_that_exits_with_its_own_message_puts_them_back_too(repo):
+    # choose ends with `raise SystemExit(message)` when a candidate lacks select.metric
+    scores = repo / "metrics/select/tiny_llama.json"  # select's output, which choose reads
+    scores.write_text(json.dumps({k: v for k, v in json.loads(scores.read_text()).items() if k != "rouge_l"}))
+    for path in CHOOSE_FILES:
+        (repo / path).unlink()
+    try:
+        result = run(repo, sys.executable, "-m", "stages.choose", check=False, extra_env=as_dvc_runs("choose", repo))
+        assert result.returncode == 1 and "choose: select.metric 'rouge_l' is not available for tiny_llama" in result.stderr
+        assert f"choose failed: put back from git 2 tracked files of its outputs ({', '.join(sorted(CHOOSE_FILES))})" in (
+            result.stderr)
+        for path in CHOOSE_FILES:
+            assert (repo / path).read_bytes() == committed(repo, path), path
+        assert git_status(repo) == " M metrics/select/tiny_llama.json\n"
+    finally:
+        run(repo, "git", "checkout", "--", "metrics/", "models/")
 
 
 def test_sigterm_puts_back_the_outputs_including_half_written_ones(repo):
