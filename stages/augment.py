@@ -28,6 +28,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
+from stages import run
 from tuneline import augment, llm, params, timings
 from tuneline.llmserver import endpoint_url
 from tuneline.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl, write_jsonl_shards
@@ -126,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

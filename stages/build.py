@@ -19,6 +19,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from stages import run
 from tuneline import params
 from tuneline.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
 from tuneline.records import (InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl_dir, shard_files, write_json,
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

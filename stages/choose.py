@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import run
 from tuneline import params
 from tuneline.records import read_json, tokenizer_hash, write_json
 
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

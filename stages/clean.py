@@ -19,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from stages import run
 from tuneline import params
 from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, render_report
 from tuneline.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

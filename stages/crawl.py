@@ -18,6 +18,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+from stages import run
 from tuneline import crawl, params, timings
 from tuneline.records import InputError, write_jsonl, write_jsonl_shards
 
@@ -70,4 +71,4 @@ def _site(site_dir: str, serve: bool) -> contextlib.AbstractContextManager[str |
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

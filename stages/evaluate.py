@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import run
 from tuneline import judge, params, timings
 from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
 from tuneline.records import read_chosen, read_json, skipped_for_api, write_jsonl
@@ -160,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from stages import run
 from tuneline import params
 from tuneline.export import dir_md5, export, file_md5, model_card
 from tuneline.records import read_chosen, read_json, skipped_for_api
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

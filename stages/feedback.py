@@ -12,6 +12,7 @@ most), but not its output, and DVC then skips augment and runs clean and what fo
 
 from __future__ import annotations
 
+from stages import run
 from tuneline import params
 from tuneline.records import write_json
 from tuneline.review import human_mistakes, read_decisions
@@ -25,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

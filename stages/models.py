@@ -21,6 +21,7 @@ import lxml.html
 from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
+from stages import run
 from tuneline import params, timings
 from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
 from tuneline.records import read_jsonl, write_json
@@ -89,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

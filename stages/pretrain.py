@@ -20,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from stages import run
 from tuneline import params, timings
 from tuneline.decontamination import contaminated
 from tuneline.records import ChosenModel, InputError, read_chosen, read_json, read_jsonl, skipped_for_api, write_json, write_jsonl
@@ -129,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from stages import run
 from tuneline import params, timings
 from tuneline.modeling import check_model_source, load_model, load_tokenizer, set_seed
 from tuneline.intervals import score_intervals
@@ -90,4 +91,4 @@ def main(name: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m stages.select <candidate name from select.candidates>")
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from stages import run
 from tuneline import params
 from tuneline.modeling import load_tokenizer
 from tuneline.records import InputError, read_chosen, read_json, skipped_for_api, write_json, write_jsonl
@@ -132,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -27,6 +27,7 @@ from datasets import load_from_disk
 from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
+from stages import run
 from tuneline import params, timings
 from tuneline.profiles import with_profile
 from tuneline.records import read_chosen, read_json, skipped_for_api, write_json
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
