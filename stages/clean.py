@@ -9,6 +9,8 @@ Writes: base.clean_dir/records.jsonl (kept records, PII redacted when clean.pii 
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
 Run:    python -m stages.clean
+        (clean.engine: ray runs the rules and the embeddings on the Ray cluster RAY_ADDRESS names,
+        or on a local Ray; tuneline.rayengine)
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import time
 from pathlib import Path
 
 from tuneline import params
-from tuneline.clean import check_params, clean_records, embed_texts, encoder_key, lazy_encoder, render_report
+from tuneline.clean import (
+    check_params,
+    clean_records,
+    embed_texts,
+    encoder_key,
+    lazy_encoder,
+    map_in_process,
+    render_report,
+)
 from tuneline.records import InputError, read_jsonl, write_json, write_jsonl
 from tuneline.review import read_decisions
 
@@ -37,15 +47,22 @@ def main() -> None:
     encoder = lazy_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
     key = encoder_key(p.embedding_model, p.embedding_max_seq_length)
     counts = {"texts": 0, "encoded": 0}
+    map_records, encode_batches = map_in_process, None
+    if p.engine == "ray":
+        from tuneline import rayengine
+
+        log.info("clean.engine ray: per-record work on %s", rayengine.connect())
+        map_records = rayengine.map_records
+        encode_batches = rayengine.ray_batch_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
 
     def embed(texts: list[str]):
-        vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size)
+        vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size, encode_batches)
         counts["texts"] += len(texts)
         counts["encoded"] += encoded
         return vectors
 
     started = time.perf_counter()
-    result = clean_records(records, p, embed, read_decisions(base.decisions))
+    result = clean_records(records, p, embed, read_decisions(base.decisions), map_records)
     clean_dir = Path(base.clean_dir)
     write_jsonl(clean_dir / "records.jsonl", result.kept)
     write_jsonl(clean_dir / "rejects.jsonl", result.rejects)

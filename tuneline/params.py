@@ -254,6 +254,7 @@ class Clean(_Section):
     reject_issues: list[Literal["near_duplicate", "outlier", "label"]]
     trusted_sources: list[str]
     report_examples: int
+    engine: Literal["inprocess", "ray"]
 
 
 @dataclass(frozen=True)
@@ -699,6 +700,14 @@ def _check_section(name: str, p: Any, environment: bool = True) -> Any:
             if not Path(p.lm_eval_include_path).is_dir():
                 raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
                                   "lm_eval task YAMLs (the default is configs/lm_eval)")
+    if name == "clean" and p.engine == "ray" and environment:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ParamsError(
+                "clean.engine 'ray' needs Ray Data, which is not installed: pip install -e '.[ray]' "
+                "(tuneline's ray extra), or set clean.engine to inprocess"
+            )
     if name == "pretrain" and p.decontamination_ngram < 1:
         raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {p.decontamination_ngram}")
     if name == "train":
