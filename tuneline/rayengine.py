@@ -65,15 +65,13 @@ def _json_map(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
 
 def gathered(dataset, fn: Callable[[dict], dict]) -> list[dict]:
     """`fn` of every row's record, by `map_batches` on the cluster, in the rows' index order."""
-    if dataset.count() == 0:
-        return []
     rows = dataset.map_batches(_json_map(fn), batch_size=None, batch_format="numpy").take_all()
     return [json.loads(row["x"]) for row in sorted(rows, key=lambda row: int(row["i"]))]
 
 
 def map_records(fn: Callable[[dict], dict], records: list[dict]) -> list[dict]:
     """`fn` of every record, run on the Ray cluster, in the records' order (clean.RecordMap)."""
-    return gathered(records_dataset(records), fn)
+    return gathered(records_dataset(records), fn) if records else []
 
 
 class _Encode:
