@@ -11,6 +11,8 @@ Writes: base.clean_dir/records/ (kept records, PII redacted when clean.pii is re
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
 Run:    python -m stages.clean
+        (clean.engine: ray runs the rules and the embeddings on the Ray cluster RAY_ADDRESS names,
+        or on a local Ray; tuneline.rayengine)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from stages import run
 from tuneline import params
-from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, render_report
+from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, map_in_process, render_report
 from tuneline.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
 from tuneline.review import read_decisions
 
@@ -30,6 +32,7 @@ log = logging.getLogger("clean")
 
 def main() -> None:
     base, p = params.load("base", "clean")
+    params.check_environment("clean", p)
     source = Path(base.augmented_dir) / "records"
     if not source.exists():
         raise InputError(f"{source} does not exist; run the augment stage first (dvc repro augment)")
@@ -39,15 +42,22 @@ def main() -> None:
     encoder = lazy_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
     key = encoder_key(p.embedding_model, p.embedding_max_seq_length)
     counts = {"texts": 0, "encoded": 0}
+    map_records, encode_batches = map_in_process, None
+    if p.engine == "ray":
+        from tuneline import rayengine
+
+        log.info("clean.engine ray: per-record work on %s", rayengine.connect())
+        map_records = rayengine.map_records
+        encode_batches = rayengine.ray_batch_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
 
     def embed(texts: list[str]):
-        vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size)
+        vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size, encode_batches)
         counts["texts"] += len(texts)
         counts["encoded"] += encoded
         return vectors
 
     started = time.perf_counter()
-    result = clean_records(records, p, embed, read_decisions(base.decisions))
+    result = clean_records(records, p, embed, read_decisions(base.decisions), map_records)
     clean_dir = Path(base.clean_dir)
     by_id = lambda r: str(r["id"])  # noqa: E731  the order within a shard, as clean_records sorts
     write_jsonl_shards(clean_dir / "records", in_arrival_order(result.kept, records), base.shard_records, by_id)

@@ -15,7 +15,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -45,6 +45,8 @@ KNOWN_ISSUES = (*UNSUPERVISED_ISSUES, "label")
 REASON_ORDER = ("outlier", "label", "near_duplicate")
 
 Encoder = Callable[[list[str]], np.ndarray]
+# Batches of texts -> (batch index, its embeddings) for every batch, in any order.
+BatchEncoder = Callable[[list[list[str]]], Iterable[tuple[int, np.ndarray]]]
 
 
 def rule_limits(p: Clean) -> RuleLimits:
@@ -170,13 +172,32 @@ def _cached_vectors(db: sqlite3.Connection, keys: list[str]) -> dict[str, np.nda
     return found
 
 
-def embed_texts(texts: list[str], encode: Encoder, store: Path, model: str, batch_size: int) -> tuple[np.ndarray, int]:
+def batches_in_order(encode: Encoder) -> BatchEncoder:
+    """A BatchEncoder that runs `encode` on each batch in turn, in this process."""
+
+    def encode_batches(batches: list[list[str]]) -> Iterator[tuple[int, np.ndarray]]:
+        for b, texts in enumerate(batches):
+            yield b, encode(texts)
+
+    return encode_batches
+
+
+def embed_texts(
+    texts: list[str],
+    encode: Encoder,
+    store: Path,
+    model: str,
+    batch_size: int,
+    encode_batches: BatchEncoder | None = None,
+) -> tuple[np.ndarray, int]:
     """Embeddings of `texts` (rows in order) and how many texts were sent to the encoder.
 
     Each distinct text is keyed by a hash of (model, text) in the SQLite file `store` (`model`:
     `encoder_key`); only texts not found there are encoded, shortest first in batches of
     `batch_size` (a batch is padded to its longest text: texts of one length pad least), and
     each batch is stored as soon as it is done, so an interrupted run keeps what it computed.
+    The batches go to `encode_batches` (None: `encode` on each in turn; tuneline.rayengine's
+    `ray_batch_encoder` encodes them on a Ray cluster), which may return them in any order.
     """
     keys = [content_hash(model, text) for text in texts]
     db = _open_store(store)
@@ -184,15 +205,15 @@ def embed_texts(texts: list[str], encode: Encoder, store: Path, model: str, batc
         vectors = _cached_vectors(db, sorted(set(keys)))
         todo = {k: t for k, t in zip(keys, texts) if k not in vectors}
         missing = sorted(todo.items(), key=lambda kt: (len(kt[1]), kt[0]))
-        for start in range(0, len(missing), batch_size):
-            batch = missing[start : start + batch_size]
-            encoded = encode([text for _, text in batch])
+        batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
+        run = encode_batches or batches_in_order(encode)
+        for b, encoded in run([[text for _, text in batch] for batch in batches]):
             with db:
                 db.executemany(
                     "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
-                    [(key, vec.astype(np.float32).tobytes()) for (key, _), vec in zip(batch, encoded)],
+                    [(key, vec.astype(np.float32).tobytes()) for (key, _), vec in zip(batches[b], encoded)],
                 )
-            vectors.update({key: vec.astype(np.float32) for (key, _), vec in zip(batch, encoded)})
+            vectors.update({key: vec.astype(np.float32) for (key, _), vec in zip(batches[b], encoded)})
     finally:
         db.close()
     if not texts:
@@ -405,31 +426,61 @@ def make_reject(record: dict, problem: Problem, **extra: object) -> dict:
     return row
 
 
-def apply_rules(records: list[dict], p: Clean) -> tuple[list[dict], list[dict], Counter, dict[str, str]]:
+RecordMap = Callable[[Callable[[dict], dict], list[dict]], list[dict]]
+
+
+def map_in_process(fn: Callable[[dict], dict], records: list[dict]) -> list[dict]:
+    """`fn` of every record, in order, in this process (clean.engine: inprocess; see tuneline.rayengine)."""
+    return [fn(record) for record in records]
+
+
+def rule_outcome(record: dict, limits: RuleLimits, pii_mode: str, phone_regions: tuple[str, ...]) -> dict:
+    """What the rules decide for one record, as plain JSON values:
+    {"passed": the record to keep or None, "reject": a reject row or None, "pii": PII counts by kind,
+    "language": the kept record's language or None}.
+
+    PII is redacted in the record written, kept or rejected; with clean.pii: reject, a record
+    with PII is rejected as `pii`. A rule reject lists the other rules it failed under `also`, and
+    its PII is not counted. The kept record's language (of its redacted text, which Datalab groups
+    by) comes from the one language-ID pass the rules made; only a record whose redaction changed
+    its text is identified again.
+    """
+    guesses = record_guesses(record)
+    problems = check_record(record, limits, guesses)
+    redacted, pii, found = pii_problem(record, pii_mode, phone_regions)
+    outcome = {"passed": None, "reject": None, "pii": {}, "language": None}
+    if problems:
+        others = [q.rule for q in problems[1:]]
+        outcome["reject"] = make_reject(redacted, problems[0], **({"also": others} if others else {}))
+        return outcome
+    outcome["pii"] = dict(found)
+    if pii is not None:
+        outcome["reject"] = make_reject(redacted, pii)
+        return outcome
+    outcome["language"] = record_language(redacted) if found else top_language(guesses)
+    outcome["passed"] = {**redacted, "pii_redacted": sorted(found)} if found else redacted
+    return outcome
+
+
+def apply_rules(
+    records: list[dict], p: Clean, map_records: RecordMap = map_in_process
+) -> tuple[list[dict], list[dict], Counter, dict[str, str]]:
     """(records that pass the rules, rejects, PII counts by kind of the records that pass, language by id).
 
-    PII is redacted in every record written, kept or rejected; with clean.pii: reject, a record
-    with PII is rejected as `pii`. A rule reject lists the other rules it failed under `also`.
-    The language of each passing record (of its redacted text, which Datalab groups by) comes
-    from the one language-ID pass the rules made; only a record whose redaction changed its text
-    is identified again.
+    `rule_outcome` runs on every record through `map_records`, which returns the outcomes in
+    the records' order (in this process, or as Ray Data batches: tuneline.rayengine).
     """
     limits = rule_limits(p)
+    phone_regions = tuple(p.phone_regions)
+    outcomes = map_records(lambda record: rule_outcome(record, limits, p.pii, phone_regions), records)
     passed, rejects, pii_counts, languages = [], [], Counter(), {}
-    for record in records:
-        guesses = record_guesses(record)
-        problems = check_record(record, limits, guesses)
-        redacted, pii, found = pii_problem(record, p.pii, tuple(p.phone_regions))
-        if problems:
-            others = [q.rule for q in problems[1:]]
-            rejects.append(make_reject(redacted, problems[0], **({"also": others} if others else {})))
-            continue
-        pii_counts.update(found)
-        if pii is not None:
-            rejects.append(make_reject(redacted, pii))
-            continue
-        languages[str(redacted["id"])] = record_language(redacted) if found else top_language(guesses)
-        passed.append({**redacted, "pii_redacted": sorted(found)} if found else redacted)
+    for outcome in outcomes:
+        pii_counts.update(outcome["pii"])
+        if outcome["reject"] is not None:
+            rejects.append(outcome["reject"])
+        else:
+            languages[str(outcome["passed"]["id"])] = outcome["language"]
+            passed.append(outcome["passed"])
     return passed, rejects, pii_counts, languages
 
 
@@ -637,11 +688,19 @@ def datalab_by_language(
     return kept, rejects, flagged, summary
 
 
-def clean_records(records: list[dict], p: Clean, embed: Encoder, decisions: list[dict] | None = None) -> CleanResult:
+def clean_records(
+    records: list[dict],
+    p: Clean,
+    embed: Encoder,
+    decisions: list[dict] | None = None,
+    map_records: RecordMap = map_in_process,
+) -> CleanResult:
     """Decide for every record: kept (PII redacted per params) or rejected with its reason.
 
     `embed` maps texts to embeddings (see `embed_texts`; tests pass a counting one). Output
     order is by id, so the result depends on the records' content, not on run order.
+    `map_records` runs the per-record rules (`apply_rules`); the whole-dataset steps (exact
+    duplicates, Datalab) run here, on what it returns.
     `decisions` (tuneline.review) come first: a human reject removes the record (reason
     `human`), an edit replaces its fields before the rules see it, and a human accept keeps a
     record the rules or cleanlab would have removed (counted as an override).
@@ -652,7 +711,7 @@ def clean_records(records: list[dict], p: Clean, embed: Encoder, decisions: list
         # Every input has its own id (records.with_ids); a shared id would hide a record.
         raise InputError(f"{len(twice)} ids occur more than once in the input, first {twice[0]}; rerun augment")
     human = apply_decisions(records, decisions or [])
-    passed, rejects, pii_counts, languages = apply_rules(human.records, p)
+    passed, rejects, pii_counts, languages = apply_rules(human.records, p, map_records)
     passed, duplicate_rejects = drop_exact_duplicates(passed)
     rejects += duplicate_rejects
 

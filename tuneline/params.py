@@ -375,6 +375,7 @@ class Clean(_Section):
     reject_issues: list[Literal["near_duplicate", "outlier", "label"]]
     trusted_sources: list[str]
     report_examples: int
+    engine: Literal["inprocess", "ray"]
 
     def check(self, key: str) -> None:
         import phonenumbers
@@ -921,7 +922,7 @@ OPTIONAL_PACKAGES = (
 
 def check_environment(name: str, p: Any) -> None:
     """Probes of this machine for the section `name` (p, as loaded): the packages a switch needs and
-    the files a key names. Run by the stages that need them (select, evaluate, train) before their
+    the files a key names. Run by the stages that need them (select, evaluate, train, clean) before their
     work; `check` and `tuneline check` read the params file only, so they pass on a machine that
     has not run the pipeline yet."""
     import importlib.util
@@ -940,6 +941,11 @@ def check_environment(name: str, p: Any) -> None:
         if not Path(p.lm_eval_include_path).is_dir():
             raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
                               "lm_eval task YAMLs (the default is configs/lm_eval)")
+    if name == "clean" and p.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise ParamsError(
+            "clean.engine 'ray' needs Ray Data, which is not installed: pip install -e '.[ray]' "
+            "(tuneline's ray extra), or set clean.engine to inprocess"
+        )
     if name == "train":
         for key, value, module, fix in OPTIONAL_PACKAGES:
             if getattr(p, key) == value and importlib.util.find_spec(module) is None:
