@@ -1,7 +1,7 @@
 """Bench augment: records/s at concurrency 1 vs 8 against a loopback server with a fixed
 200 ms per-request latency, and the cached rerun of 1,000 records.
 
-Runs the real round loop (`tuneline.augment.run_rounds` over `tuneline.llm.complete_many`)
+Runs the real round loop (`tuneline.data.augment.run_rounds` over `tuneline.llm.client.complete_many`)
 on grounded generation from 40 document chunks, 5 records per call, against the scripted
 OpenAI-compatible server of the tests (requests counted server-side). Baseline in the same
 run: concurrency 1. Targets: concurrency 8 >= 6x concurrency 1; cached rerun of 1,000
@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.openai_stub import ScriptedServer  # noqa: E402
-from tuneline import augment, llm, params  # noqa: E402
-from tuneline.records import write_json  # noqa: E402
+from tuneline.data import augment  # noqa: E402
+from tuneline.llm import client as llm  # noqa: E402
+from tuneline.common import params  # noqa: E402
+from tuneline.common.records import write_json  # noqa: E402
 
 LATENCY_S = 0.2
 PER_CALL = 5

@@ -1,8 +1,8 @@
 """Bench generation at scale: 10,000 generated records, live concurrent calls versus the Batch API,
 against a loopback server that takes 200 ms for every HTTP request (chat, files and batches alike).
 
-Both runs are the real round loop (`tuneline.augment.run_rounds`, grounded generation from 40 document
-chunks, 5 records per call, response_format json_schema) over `tuneline.llm`: `complete_many` at
+Both runs are the real round loop (`tuneline.data.augment.run_rounds`, grounded generation from 40 document
+chunks, 5 records per call, response_format json_schema) over `tuneline.llm.client`: `complete_many` at
 concurrency 32 (the baseline), and `complete_batch` (one JSONL upload, one batch, polls every 0.5 s,
 one download). The scripted server of the tests answers a batch as soon as it is polled: a provider's
 queue time (minutes to 24 h) is not in these wall times, which measure what the client spends. Cost uses
@@ -25,8 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.augment import chunks, respond  # noqa: E402
 from tests.openai_stub import ScriptedServer  # noqa: E402
-from tuneline import augment, llm, params  # noqa: E402
-from tuneline.records import write_json  # noqa: E402
+from tuneline.data import augment  # noqa: E402
+from tuneline.llm import client as llm  # noqa: E402
+from tuneline.common import params  # noqa: E402
+from tuneline.common.records import write_json  # noqa: E402
 
 RECORDS = 10_000
 PER_CALL = 5

@@ -48,8 +48,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneline import params, rules  # noqa: E402
-from tuneline.clean import (  # noqa: E402
+from tuneline.common import params  # noqa: E402
+
+from tuneline.data import rules  # noqa: E402
+from tuneline.data.clean import (  # noqa: E402
     apply_rules,
     datalab_by_language,
     datalab_rejects,
@@ -61,8 +63,8 @@ from tuneline.clean import (  # noqa: E402
     load_encoder,
     record_texts,
 )
-from tuneline.params import Clean  # noqa: E402
-from tuneline.records import content_hash, with_ids, write_jsonl_shards  # noqa: E402
+from tuneline.common.params import Clean  # noqa: E402
+from tuneline.common.records import content_hash, with_ids, write_jsonl_shards  # noqa: E402
 
 N_RECORDS = 10_000
 EMBED_SAMPLE = 300

@@ -43,7 +43,7 @@ def set_engine(project: Path, engine: str) -> None:
 
 def clean_outputs(project: Path) -> dict[str, bytes]:
     """The clean stage's outputs in `project`, as bytes."""
-    from tuneline import params
+    from tuneline.common import params
 
     base = params.section("base", path=project / "params.yaml")
     names = [Path(base.clean_dir) / "records.jsonl", Path(base.clean_dir) / "rejects.jsonl",
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_ray.json"))
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
-    from tuneline import params
+    from tuneline.common import params
 
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict] = {}

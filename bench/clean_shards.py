@@ -1,6 +1,6 @@
 """Which of clean's outputs move when 1% new records arrive, with the encoder taken out.
 
-Runs `tuneline.clean.clean_records` on N synthetic rows of bench/scale.py and on the same plus 1% new
+Runs `tuneline.data.clean.clean_records` on N synthetic rows of bench/scale.py and on the same plus 1% new
 ones, embedding texts as hashed bags of words (sklearn's HashingVectorizer, 384 dimensions: cheap,
 deterministic, near duplicates stay near), and prints how many keep/reject decisions of the old
 records moved, how many reject rows changed (by reason), and how many kept shards the second run
@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 from sklearn.feature_extraction.text import HashingVectorizer  # noqa: E402
 
 from bench.scale import synthetic_lines  # noqa: E402
-from tuneline import params  # noqa: E402
-from tuneline.clean import clean_records  # noqa: E402
-from tuneline.records import in_arrival_order, shard_files, with_ids, write_jsonl_shards  # noqa: E402
+from tuneline.common import params  # noqa: E402
+from tuneline.data.clean import clean_records  # noqa: E402
+from tuneline.common.records import in_arrival_order, shard_files, with_ids, write_jsonl_shards  # noqa: E402
 
 
 def rows(lines: list[str], tag: str) -> list[dict]:

@@ -92,7 +92,7 @@ def run_stage(work: Path, base_url: str) -> tuple[float, dict]:
     if proc.returncode != 0:
         sys.exit(f"crawl stage failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((work / "metrics" / "crawl.json").read_text(encoding="utf-8"))
-    clock = json.loads((work / "metrics" / "timings" / "crawl.json").read_text(encoding="utf-8"))  # tuneline.timings
+    clock = json.loads((work / "metrics" / "timings" / "crawl.json").read_text(encoding="utf-8"))  # tuneline.common.timings
     for name, source in clock["sources"].items():
         metrics["sources"][name].update(source)
     return wall, metrics

@@ -11,7 +11,7 @@ instead (e.g. this checkout's models/export after `make run`) and builds nothing
 That model has learnt to end its answers with its end-of-turn token, so answers stop at different
 lengths and a batch runs as long as its longest answer: batching's real case, not a random model
 that never stops. It generates answers to 64 prompts made from the seed records with
-`tuneline.scoring.generate_ids`, the code the evaluate and select stages run, at batch sizes 1 (the
+`tuneline.eval.scoring.generate_ids`, the code the evaluate and select stages run, at batch sizes 1 (the
 named baseline: one at a time), 8 (evaluate.batch_size) and 16, with evaluate.max_new_tokens.
 Only tokens a sequence really produced count: up to and including its first stop token, never
 the padding a finished row gets while the rest of its batch runs on. Every mode uses the same stop
@@ -50,11 +50,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from tests.pipeline_repo import make_repo, repro  # noqa: E402
-from tuneline import params  # noqa: E402
-from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
-from tuneline.records import read_json, read_jsonl  # noqa: E402
-from tuneline.generation import stop_ids  # noqa: E402
-from tuneline.scoring import generate_ids  # noqa: E402
+from tuneline.common import params  # noqa: E402
+from tuneline.model.modeling import load_model, load_tokenizer  # noqa: E402
+from tuneline.common.records import read_json, read_jsonl  # noqa: E402
+from tuneline.model.generation import stop_ids  # noqa: E402
+from tuneline.eval.scoring import generate_ids  # noqa: E402
 
 PROMPTS = 64
 BATCH_SIZES = (1, 8, 16)  # 1 is the baseline
@@ -155,7 +155,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "bench": "evaluate generation throughput (tuneline.scoring.generate_ids, greedy)",
+        "bench": "evaluate generation throughput (tuneline.eval.scoring.generate_ids, greedy)",
         "baseline": "one at a time (batch 1), same model, same round",
         "model": {"source": "given (--model)" if built_s is None else "built: dvc repro export in a copy of this checkout",
                   "base": selected.get("name"), "parameters": n_params, "build_seconds": built_s and round(built_s)},

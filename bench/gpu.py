@@ -3,18 +3,18 @@
 Models, built offline from a config with random weights (speed and memory do not depend on the values):
 - `0p5b`: shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
   vocab 151,936, tied embeddings), saved once in bf16 and loaded by every run through
-  `tuneline.training.prepare_model` -> `tuneline.modeling.load_model` (from_pretrained, as the stage does);
+  `tuneline.model.training.prepare_model` -> `tuneline.model.modeling.load_model` (from_pretrained, as the stage does);
 - `8b`: shaped like Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336,
   vocab 128,256), made on the GPU in bf16 and quantised in memory layer by layer to bitsandbytes NF4
-  (double quantisation, bf16 compute: what `tuneline.modeling.nf4_config` asks from_pretrained for),
+  (double quantisation, bf16 compute: what `tuneline.model.modeling.nf4_config` asks from_pretrained for),
   so no 16 GB checkpoint is written; it is handed to `prepare_model` in place of `load_model`.
 
 Data, shaped like instruction data: examples of a chat-template prompt (24 tokens plus a log-normal
 instruction of median 20 tokens) and a log-normal answer (median 70 tokens, sigma 0.9: Alpaca's long
-tail), random token ids, labels on the answer tokens only (as `tuneline.tokenization.encode_many`
-labels them). tuneline packs them as the tokenize stage does (`tuneline.tokenization.pack_batch`:
+tail), random token ids, labels on the answer tokens only (as `tuneline.model.tokenization.encode_many`
+labels them). tuneline packs them as the tokenize stage does (`tuneline.model.tokenization.pack_batch`:
 best fit decreasing, in batches of 1000 examples) into a `datasets.Dataset`, and trains through
-`tuneline.training.train`, whose collate is the library's: the bench copies neither.
+`tuneline.model.training.train`, whose collate is the library's: the bench copies neither.
 TRL gets the same examples as `input_ids` + `completion_mask` (answer-only loss), twice: its
 defaults (no packing, padded per batch) and its padding-free packing (`packing=True`, BFD).
 TRL runs keep TRL's defaults (learning rate 2e-5, bf16, ...) except the batch size, max_length
@@ -111,7 +111,7 @@ def model_config(shape: dict, pad_token_id: int):
 
 def build_tokenizer(out_dir: Path):
     """A small offline tokenizer (pad id 0): only its pad token and chat template are used, the data are token ids."""
-    from tuneline.tinymodels import train_tokenizer
+    from tuneline.model.tinymodels import train_tokenizer
 
     texts = (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()
     tokenizer = train_tokenizer(texts, 512, "chatml")
@@ -159,7 +159,7 @@ def quantized_8b(shapes: dict):
     """The 8B-shaped model in NF4 on this process's device, peak memory counted from here."""
     import torch
 
-    from tuneline.modeling import DTYPES, device, resolve_dtype
+    from tuneline.model.modeling import DTYPES, device, resolve_dtype
 
     dtype = DTYPES[resolve_dtype("auto")]
     model = build_random_model(shapes["8b"], 0, str(device()), dtype)
@@ -198,7 +198,7 @@ def packed_dataset(data: list, seq_len: int, n_rows: int):
     """The rows tuneline trains on: the tokenize stage's packing (pack_batch, batches of 1000 examples)."""
     from datasets import Dataset
 
-    from tuneline.tokenization import pack_batch
+    from tuneline.model.tokenization import pack_batch
 
     examples = Dataset.from_dict({"input_ids": [ids for ids, _ in data], "labels": [labels for _, labels in data]})
     packed = examples.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=seq_len),
@@ -265,7 +265,7 @@ class StepTimer:
 def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
     import dataclasses
 
-    from tuneline import params
+    from tuneline.common import params
 
     p = params.section("train", path=ROOT / "params.yaml")
     return dataclasses.replace(p, method=method, lora_r=16, lora_alpha=32, batch_size=batch, grad_accum=1, max_steps=steps, gradient_checkpointing=gc,
@@ -274,24 +274,24 @@ def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
 
 
 def tuneline_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer) -> dict:
-    """tuneline.training.train on the stage's packing of `data`; the 8B model is built and quantised here first."""
-    import tuneline.training
+    """tuneline.model.training.train on the stage's packing of `data`; the 8B model is built and quantised here first."""
+    import tuneline.model.training
 
     model_name, method, _, gc, liger, batch = run
     p = train_settings(method, batch, steps, gc, liger)
-    from tuneline.records import chosen_model
+    from tuneline.common.records import chosen_model
 
     # the 8b model itself is made here, not loaded: only its tokenizer is read
     selected = chosen_model({"name": model_name, "kind": "local", "model": str(work / ("tokenizer" if model_name == "8b" else "0p5b"))})
-    load_model = tuneline.training.load_model
+    load_model = tuneline.model.training.load_model
     if model_name == "8b":
         model = quantized_8b(shapes)
-        tuneline.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
+        tuneline.model.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
     try:
-        trained, _, metrics = tuneline.training.train(selected, p, packed_dataset(data, seq_len, batch * steps), None,
+        trained, _, metrics = tuneline.model.training.train(selected, p, packed_dataset(data, seq_len, batch * steps), None,
                                                       work / f"checkpoints-{model_name}-{method}", 0, [timer.callback])
     finally:
-        tuneline.training.load_model = load_model
+        tuneline.model.training.load_model = load_model
     lora_layers = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in trained.modules() if hasattr(m, "lora_A")})
     return {"trainable_parameters": metrics["trainable_parameters"], "train_loss": metrics.get("train_loss"),
             "lora_layer_types": lora_layers}
@@ -305,7 +305,7 @@ def trl_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, step
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tuneline.training import peft_config
+    from tuneline.model.training import peft_config
 
     model_name, method, impl, gc, liger, batch = run
     p = train_settings(method, batch, steps, gc, liger)

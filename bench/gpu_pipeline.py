@@ -84,7 +84,7 @@ def build_base(dest: Path, tiny: bool) -> None:
     import torch
 
     from gpu import SHAPES, TINY_SHAPES, build_random_model
-    from tuneline.tinymodels import train_tokenizer
+    from tuneline.model.tinymodels import train_tokenizer
 
     texts = [r["instruction"] + " " + r["output"] for r in alpaca_records(200, 0)]
     tokenizer = train_tokenizer(texts, 512 if tiny else 2048, "chatml")
@@ -103,7 +103,7 @@ def build_base(dest: Path, tiny: bool) -> None:
 
 def write_project(project: Path, base_model: Path, records: int, steps: int, tiny: bool) -> dict:
     """params.yaml (the repository's, shrunk), the Alpaca splits, selected.json and tuning_base.json."""
-    from tuneline.records import write_json
+    from tuneline.common.records import write_json
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     p["select"].update(candidates={"qwen05b": {"kind": "local", "model": str(base_model), "trust_remote_code": False}},
@@ -169,7 +169,7 @@ def serve_request(project: Path, timeout: float) -> dict:
     start = time.perf_counter()
     log = project / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--port", str(port)], cwd=project,
+        proc = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port)], cwd=project,
                                 env=env(), stdout=out, stderr=subprocess.STDOUT)
     result: dict = {}
     try:

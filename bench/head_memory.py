@@ -2,7 +2,7 @@
 
 Builds, from a config, a 2-layer Qwen2 model with Qwen2.5's vocabulary size (151,936 words, hidden
 256, tied embeddings: a model whose head, not its decoder, weighs), wraps it for LoRA through
-`tuneline.training.prepare_model` (the train stage's code), and runs one forward and backward pass
+`tuneline.model.training.prepare_model` (the train stage's code), and runs one forward and backward pass
 of a batch of 4 rows whose answers hold --answers tokens in all, in one process per run, so each
 peak is its own. Three ways to make the loss:
 
@@ -68,7 +68,9 @@ def child(model_dir: str, way: str, answers: int) -> dict:
 
     import torch
 
-    from tuneline import params, training
+    from tuneline.common import params
+
+    from tuneline.model import training
 
     if way == "before":
         training.chunked_cross_entropy = before_loss
@@ -100,7 +102,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]))))
         return
 
-    from tuneline.training import LOSS_CHUNK
+    from tuneline.model.training import LOSS_CHUNK
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ bench/train.py compares them on a 24M-parameter model, where activations and the
 dominate the peak and QLoRA's saving hardly shows (0.80x). This builds, from a config, a
 Llama-style model of about 120M parameters (hidden 1024, 10 layers, GQA 16/8 heads, vocab 2048,
 the models stage's offline tokenizer) and runs one training process per method through
-bench/train.py's child mode (`tuneline.training.train`, the train stage's code, params.yaml's train
+bench/train.py's child mode (`tuneline.model.training.train`, the train stage's code, params.yaml's train
 settings except LoRA rank 16 / alpha 32, usual at this size, where the tiny default's rank 128 would
 make the adapter a fifth of the model; the rendered seed records, batch --batch-size). Each run is its own process, so its peak
 is its own; the runs alternate qlora, full, qlora, full, ... so a drift of the machine touches both.
@@ -52,9 +52,9 @@ METHODS = ("tuneline_qlora", "tuneline_full")
 
 
 def build_model(out_dir: Path) -> int:
-    from tuneline import params
-    from tuneline.params import TinyModel
-    from tuneline.tinymodels import save_tiny_model
+    from tuneline.common import params
+    from tuneline.common.params import TinyModel
+    from tuneline.model.tinymodels import save_tiny_model
 
     from stages.models import tokenizer_texts
 

@@ -154,8 +154,8 @@ def synthetic_lines(n: int, seed: int) -> tuple[list[str], dict[str, list[int]]]
 
 def build_tokenizer(out_dir: Path) -> None:
     from stages.models import tokenizer_texts
-    from tuneline import params
-    from tuneline.tinymodels import save_tiny_model
+    from tuneline.common import params
+    from tuneline.model.tinymodels import save_tiny_model
 
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = tokenizer_texts(str(ROOT / base.seeds), str(ROOT / base.site_dir))
@@ -264,8 +264,9 @@ def run_stage(project: Path, name: str) -> dict:
 
 def run_pipeline(project: Path) -> dict[str, dict]:
     """crawl, augment's pass-through, clean, build, tokenize: each stage's figures."""
-    from tuneline import augment, params
-    from tuneline.records import iter_jsonl_dir, write_jsonl_shards
+    from tuneline.data import augment
+    from tuneline.common import params
+    from tuneline.common.records import iter_jsonl_dir, write_jsonl_shards
 
     base = params.section("base", path=project / "params.yaml")
     figures = {"crawl": run_stage(project, "crawl")}
@@ -279,7 +280,7 @@ def run_pipeline(project: Path) -> dict[str, dict]:
 
 
 def output_dirs(project: Path) -> list[str]:
-    from tuneline import params
+    from tuneline.common import params
 
     base = params.section("base", path=project / "params.yaml")
     return [base.raw_dir, base.augmented_dir, base.clean_dir, base.alpaca_dir, base.tokenized_dir]
@@ -356,7 +357,7 @@ def caught(project: Path, planted: dict[str, list[int]]) -> dict[str, dict]:
     A near-duplicate pair counts when either row of it went (clean keeps the preferred one); a
     row with U+2028 counts when it arrived as one record (kept or rejected by clean, not bad_json).
     """
-    from tuneline.records import read_jsonl, read_jsonl_dir
+    from tuneline.common.records import read_jsonl, read_jsonl_dir
 
     where = lambda line: f"{DATASET}:{line}"  # noqa: E731
     crawl_rejects = {
@@ -385,8 +386,8 @@ def knn_comparison(project: Path) -> dict:
     """Approximate (FAISS HNSW) against exact kNN in Datalab on the largest language group (embeddings cached)."""
     from sklearn.neighbors import NearestNeighbors
 
-    from tuneline import params
-    from tuneline.clean import (
+    from tuneline.common import params
+    from tuneline.data.clean import (
         UNSUPERVISED_ISSUES,
         IssueThresholds,
         apply_rules,
@@ -399,7 +400,7 @@ def knn_comparison(project: Path) -> dict:
         language_groups,
         lazy_encoder,
     )
-    from tuneline.records import read_jsonl_dir
+    from tuneline.common.records import read_jsonl_dir
 
     base, p = params.load("base", "clean", path=project / "params.yaml")
     records = read_jsonl_dir(project / base.augmented_dir / "records")
@@ -447,9 +448,9 @@ def knn_comparison(project: Path) -> dict:
 def encoder_rate(project: Path) -> float:
     """Texts per second of params.yaml's encoder (the packaged MiniLM), cold, on ENCODER_SAMPLE texts of the
     records, at clean's settings."""
-    from tuneline import params
-    from tuneline.clean import embed_texts, encoder_key, lazy_encoder, record_texts
-    from tuneline.records import read_jsonl_dir
+    from tuneline.common import params
+    from tuneline.data.clean import embed_texts, encoder_key, lazy_encoder, record_texts
+    from tuneline.common.records import read_jsonl_dir
 
     base = params.section("base", path=project / "params.yaml")
     p = params.section("clean", path=ROOT / "params.yaml")

@@ -52,8 +52,8 @@ TARGET_RECORDS_PER_S = 2000.0
 
 def build_model(out_dir: Path) -> None:
     from stages.models import tokenizer_texts as corpus
-    from tuneline import params
-    from tuneline.tinymodels import save_tiny_model
+    from tuneline.common import params
+    from tuneline.model.tinymodels import save_tiny_model
 
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
@@ -62,7 +62,7 @@ def build_model(out_dir: Path) -> None:
 
 def synthetic_records(n: int, seed: int) -> list[dict]:
     """`n` Alpaca records made of the seed records' words, with systems and histories mixed in."""
-    from tuneline.records import read_jsonl
+    from tuneline.common.records import read_jsonl
 
     seeds = read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")
     words = sorted({w for r in seeds for w in (r["instruction"] + " " + r["output"]).split()})
@@ -89,7 +89,7 @@ def make_project(root: Path, model_dir: Path, records: list[dict]) -> Path:
     """A git + DVC repository holding the code, params.yaml and a dvc.yaml with the tokenize stage only."""
     import yaml
 
-    from tuneline import params
+    from tuneline.common import params
 
     project = root / "project"
     for part in ("stages", "tuneline"):
@@ -163,9 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    from tuneline import params
-    from tuneline.modeling import load_tokenizer
-    from tuneline.tokenization import tokenize_example
+    from tuneline.common import params
+    from tuneline.model.modeling import load_tokenizer
+    from tuneline.model.tokenization import tokenize_example
 
     load_before = os.getloadavg()[0]
     loads = []

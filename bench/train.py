@@ -3,13 +3,13 @@
 Setup: a Llama-style model of about 24M parameters built from a config (hidden 512, 8 layers,
 GQA 8/4 heads) with the offline byte-level BPE tokenizer the models stage trains (vocab 2048,
 Llama 3 template); the seed records (data/seeds/seeds.jsonl) rendered and label-masked by
-`tuneline.tokenization` exactly as the tokenize stage does (max length from params.yaml), cycled
+`tuneline.model.tokenization` exactly as the tokenize stage does (max length from params.yaml), cycled
 to fill the steps. Settings (learning rate, LoRA rank/alpha/targets, compute dtype) are params.yaml's
 train section; the batch size is --batch-size (4: a few steps of a 24M model must fit in minutes
 on 2 CPU cores), the same for every run.
 
 Each run is its own process, so its peak memory is its own:
-- tuneline: `tuneline.training.train` (what the train stage calls: HF Trainer + peft) with
+- tuneline: `tuneline.model.training.train` (what the train stage calls: HF Trainer + peft) with
   method qlora, lora and full, and lora on packed data (tokenize.packing: true);
 - baseline: a plain TRL `SFTTrainer` script on the same model with the same TrainingArguments
   (tuneline's `training_arguments`, copied field by field into an SFTConfig) and LoRA config, on
@@ -26,7 +26,7 @@ Each run is its own process, so its peak memory is its own:
   splits with the stage's TrainingArguments, and saving the adapter. Both are measured over the
   Trainer's whole train() (non-padding tokens seen / train_runtime) and end to end (wall seconds,
   imports, DVC and saving included);
-- on the same project, `tuneline.training.train` in process with the answer-only LM head (the
+- on the same project, `tuneline.model.training.train` in process with the answer-only LM head (the
   default: the head and the loss on labelled positions only) against itself with the model's own
   forward (`default_full_logits`: logits of every position, prompt and padding included), the
   baseline that attributes what the head saves.
@@ -102,7 +102,7 @@ TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s"
 def settings(batch_size: int | None = None):
     """params.yaml's base, tokenize and train sections (the train batch size replaced when given; the
     LoRA rank and alpha too when BENCH_LORA_R / BENCH_LORA_ALPHA are set, as bench/memory.py does)."""
-    from tuneline import params
+    from tuneline.common import params
 
     base, tok, p = params.load("base", "tokenize", "train", path=ROOT / "params.yaml")
     if batch_size:
@@ -115,9 +115,9 @@ def settings(batch_size: int | None = None):
 def build_model(out_dir: Path) -> int:
     """The bench model and its offline tokenizer, built as the models stage builds the tiny ones."""
     from stages.models import tokenizer_texts as corpus
-    from tuneline import params
-    from tuneline.params import TinyModel
-    from tuneline.tinymodels import save_tiny_model
+    from tuneline.common import params
+    from tuneline.common.params import TinyModel
+    from tuneline.model.tinymodels import save_tiny_model
 
     base, models = params.load("base", "models", path=ROOT / "params.yaml")
     texts = corpus(str(ROOT / base.seeds), str(ROOT / base.site_dir))
@@ -125,7 +125,7 @@ def build_model(out_dir: Path) -> int:
 
 
 def seed_records() -> list[dict]:
-    from tuneline.records import read_jsonl
+    from tuneline.common.records import read_jsonl
 
     return read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")
 
@@ -166,12 +166,12 @@ class StepTimer:
 
 
 def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
-    """Exactly `steps` batches of the seed records, rendered and label-masked by tuneline.tokenization as
+    """Exactly `steps` batches of the seed records, rendered and label-masked by tuneline.model.tokenization as
     the tokenize stage does (packed into max_length rows when `packed`)."""
     from datasets import Dataset
 
-    from tuneline.modeling import load_tokenizer
-    from tuneline.tokenization import pack_batch, tokenize_example
+    from tuneline.model.modeling import load_tokenizer
+    from tuneline.model.tokenization import pack_batch, tokenize_example
 
     _, tok, _ = settings()
     tokenizer = load_tokenizer(str(model_dir))
@@ -186,10 +186,10 @@ def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
 
 def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer,
                  out: Path):
-    """tuneline.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
-    from tuneline.records import chosen_model
-    from tuneline.tokenization import padding_fraction
-    from tuneline.training import train
+    """tuneline.model.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
+    from tuneline.common.records import chosen_model
+    from tuneline.model.tokenization import padding_fraction
+    from tuneline.model.training import train
 
     base, _, p = settings(batch_size)
     p = dataclasses.replace(p, method=method, epochs=1, save_steps=10**6, logging_steps=10**6)
@@ -245,8 +245,8 @@ def trl_trainer(model_dir: str, p, args, train_ds, eval_ds, callbacks: list):
     history turns too, and nothing else. TRL prepares them as it would its own (truncation to
     `max_length`, here the tokenize stage's, which the rows already meet).
     """
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.training import peft_config
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.model.training import peft_config
 
     columns = ["input_ids", "labels"]
     train_ds = train_ds.select_columns(columns)
@@ -262,7 +262,7 @@ def trl_trainer(model_dir: str, p, args, train_ds, eval_ds, callbacks: list):
 def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out: Path):
     """The baseline on exactly `steps` batches of the seed records, rendered and label-masked as tuneline's
     run gets them; the trained model."""
-    from tuneline.training import training_arguments
+    from tuneline.model.training import training_arguments
 
     base, _, p = settings(batch_size)
     p = dataclasses.replace(p, method="lora", epochs=1, save_steps=10**6, logging_steps=10**6)
@@ -306,9 +306,9 @@ def trl_stage_run(project: Path, start: float) -> dict:
     evaluation every epoch, checkpoints every save_steps) and saves the adapter; measured as stage_run."""
     from datasets import load_from_disk
 
-    from tuneline import params
-    from tuneline.records import read_json
-    from tuneline.training import training_arguments
+    from tuneline.common import params
+    from tuneline.common.records import read_json
+    from tuneline.model.training import training_arguments
 
     base, p = params.load("base", "train", path=project / "params.yaml")
     data = project / base.tokenized_dir
@@ -326,13 +326,15 @@ def trl_stage_run(project: Path, start: float) -> dict:
 
 
 def default_run(project: Path, answer_head: bool, start: float) -> dict:
-    """tuneline.training.train (the stage's call) on the default project's tuning base and tokenized splits
+    """tuneline.model.training.train (the stage's call) on the default project's tuning base and tokenized splits
     with its train params (method lora), with the answer-only LM head or, as the baseline, with the
     model's own forward (logits of every position); measured as stage_run."""
     from datasets import load_from_disk
 
-    from tuneline import params, training
-    from tuneline.records import chosen_model, read_json
+    from tuneline.common import params
+
+    from tuneline.model import training
+    from tuneline.common.records import chosen_model, read_json
 
     if not answer_head:
         training.answer_only_head = lambda model: False

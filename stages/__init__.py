@@ -15,7 +15,7 @@ ones, as dvc.lock (which a failed stage does not update) expects. SIGKILL cannot
 `kill -9`, `git checkout -- metrics/` does the same by hand. A run in a copy of the workspace
 (`dvc exp run --temp` or `--queue`) leaves the workspace alone, so nothing is put back there.
 
-Before any stage imports a library, its logging is set up (tuneline.logs): the terminal shows the
+Before any stage imports a library, its logging is set up (tuneline.common.logs): the terminal shows the
 stage's summary, progress bars and real warnings; library chatter goes to
 base.metrics_dir/logs/<stage>.log.
 """
@@ -28,9 +28,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tuneline import params
-from tuneline.logs import stage_name, start_stage_log
-from tuneline.records import EndpointError, InputError, exit_code
+from tuneline.common import params
+from tuneline.common.logs import stage_name, start_stage_log
+from tuneline.common.records import EndpointError, InputError, exit_code
 
 
 class Terminated(BaseException):

@@ -14,7 +14,7 @@ Writes: base.augmented_dir/records/ (JSON Lines shards of about base.shard_recor
         base.metrics_dir/augment.json (counts per source and round, rejects by reason, tokens, cost)
 Run:    python -m stages.augment
         augment.base_url "local" starts `transformers serve` with structured outputs
-        (tuneline.structserve) on 127.0.0.1 for augment.model and stops it afterwards.
+        (tuneline.llm.structserve) on 127.0.0.1 for augment.model and stops it afterwards.
         Against a hosted API or a vLLM server:
         dvc exp run -S augment.base_url=https://api.openai.com/v1 -S augment.model=gpt-4o-mini
         with the key in the environment variable named by augment.api_key_env; add
@@ -29,9 +29,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from stages import run
-from tuneline import augment, llm, params, timings
-from tuneline.llmserver import endpoint_url
-from tuneline.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl, write_jsonl_shards
+from tuneline.data import augment
+from tuneline.llm import client as llm
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.llm.server import endpoint_url
+from tuneline.common.records import EndpointError, InputError, duplicate_ids, read_json, write_json, write_jsonl, write_jsonl_shards
 
 log = logging.getLogger("augment")
 

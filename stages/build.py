@@ -7,7 +7,7 @@ Writes: base.alpaca_dir/{train,val,test}.json (Alpaca: instruction, input, outpu
         openai_{train,val,test}.jsonl (OpenAI chat fine-tuning format),
         rejects.jsonl (shard file, line, field and reason of every record left out),
         base.metrics_dir/build.json
-Each record's split comes from a hash of its id and base.seed (tuneline.alpaca.split_of): adding
+Each record's split comes from a hash of its id and base.seed (tuneline.data.alpaca.split_of): adding
 records never moves an earlier one to another split, so the test set of two commits agrees.
 Run:    python -m stages.build
 """
@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 from stages import run
-from tuneline import params
-from tuneline.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
-from tuneline.records import (InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl_dir, shard_files, write_json,
+from tuneline.common import params
+from tuneline.data.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
+from tuneline.common.records import (InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl_dir, shard_files, write_json,
                               write_jsonl)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages import run
-from tuneline import params
-from tuneline.records import read_json, tokenizer_hash, write_json
+from tuneline.common import params
+from tuneline.common.records import read_json, tokenizer_hash, write_json
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
 # judge: the LLM judge's win rate over the reference answers (select.judge.enabled), higher is better.

@@ -5,14 +5,14 @@ Reads:  base.augmented_dir/records/ (shards),
 Writes: base.clean_dir/records/ (kept records, PII redacted when clean.pii is redact),
         base.clean_dir/rejects/ (each removed record with its reason, score and, for
         duplicates, the id of the kept twin; a person's rejects have reason `human`),
-        both JSON Lines shards (tuneline.records.write_jsonl_shards) cut in the input's order,
+        both JSON Lines shards (tuneline.common.records.write_jsonl_shards) cut in the input's order,
         sorted by id within a shard,
         base.metrics_dir/clean.json (counts, rejects by reason, cleanlab issue summary per language),
         base.metrics_dir/clean_report.md (the worst examples per reason, for review),
         base.cache_dir/embeddings/ (embeddings by content hash; kept between runs)
 Run:    python -m stages.clean
         (clean.engine: ray runs the rules and the embeddings on the Ray cluster RAY_ADDRESS names,
-        or on a local Ray; tuneline.rayengine)
+        or on a local Ray; tuneline.data.rayengine)
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from stages import run
-from tuneline import params
-from tuneline.clean import clean_records, embed_texts, encoder_key, lazy_encoder, map_in_process, render_report
-from tuneline.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
-from tuneline.review import read_decisions
+from tuneline.common import params
+from tuneline.data.clean import clean_records, embed_texts, encoder_key, lazy_encoder, map_in_process, render_report
+from tuneline.common.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
+from tuneline.data.review import read_decisions
 
 log = logging.getLogger("clean")
 
@@ -44,7 +44,7 @@ def main() -> None:
     counts = {"texts": 0, "encoded": 0}
     map_records, encode_batches = map_in_process, None
     if p.engine == "ray":
-        from tuneline import rayengine
+        from tuneline.data import rayengine
 
         log.info("clean.engine ray: per-record work on %s", rayengine.connect())
         map_records = rayengine.map_records

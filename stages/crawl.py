@@ -4,7 +4,7 @@ Reads  params.yaml `base` and `crawl`; the bundled site in base.site_dir (served
        while the stage runs when crawl.serve_site is true); dataset files named in crawl.datasets.
 Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text), Markdown
        {base.raw_dir}/datasets/            Alpaca records mapped from crawl.datasets, in JSON Lines shards
-                                           (tuneline.records.write_jsonl_shards; base.shard_records a shard)
+                                           (tuneline.common.records.write_jsonl_shards; base.shard_records a shard)
        {base.raw_dir}/crawl_rejects.jsonl  every page, request or row that gave no record, with its reason
        {base.cache_dir}/http               scrapy's HTTP cache (DVC persist: a rerun does not refetch)
        {base.metrics_dir}/crawl.json       pages, items by kind, rejects by reason, cache hits, bytes
@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 from stages import run
-from tuneline import crawl, params, timings
-from tuneline.records import InputError, write_jsonl, write_jsonl_shards
+from tuneline.data import crawl
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.common.records import InputError, write_jsonl, write_jsonl_shards
 
 
 def main() -> int:

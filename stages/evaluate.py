@@ -13,10 +13,10 @@ Writes: base.metrics_dir/eval.json (per set: base, tuned and delta for each metr
         and answers of the test split, for `dvc plots` and `tuneline review`),
         base.metrics_dir/eval/seen_records.jsonl (the same for seen), with evaluate.judge.enabled:
         unseen.judge in eval.json (win/tie/loss/unparsed rates of tuned over base, position
-        consistency; tuneline/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record verdicts;
+        consistency; tuneline/eval/judge.py) and base.metrics_dir/eval/judge.jsonl (per-record verdicts;
         empty when the judge is off), the judge's replies cached in base.cache_dir/judge; with
         evaluate.lm_eval_tasks: lm_eval in eval.json (each lm-evaluation-harness task's metrics for
-        base and tuned, their standard errors, the delta, its interval and verdict; tuneline/lmeval.py).
+        base and tuned, their standard errors, the delta, its interval and verdict; tuneline/eval/lmeval.py).
 Run:    python -m stages.evaluate
 """
 
@@ -25,18 +25,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages import run
-from tuneline import judge, params, timings
-from tuneline.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
-from tuneline.records import read_chosen, read_json, skipped_for_api, write_jsonl
-from tuneline.intervals import delta_intervals, verdict
-from tuneline.scoring import score
+from tuneline.eval import judge
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.model.modeling import load_base, load_tokenizer, load_tuned, trained_4bit
+from tuneline.common.records import read_chosen, read_json, skipped_for_api, write_jsonl
+from tuneline.eval.intervals import delta_intervals, verdict
+from tuneline.eval.scoring import score
 
 REPORTED = ("loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match")
 
 
 def compare(base_m: dict, tuned_m: dict, intervals: dict[str, dict]) -> dict:
     """The flat metrics file: base, tuned and delta (tuned - base) of each metric, the delta's 95%
-    bootstrap interval (`intervals`, from tuneline.intervals) and its verdict."""
+    bootstrap interval (`intervals`, from tuneline.eval.intervals) and its verdict."""
     out = {"base": {}, "tuned": {}, "delta": {}, "delta_ci95": {}, "verdict": {}}
     for key in REPORTED:
         if key in base_m and key in tuned_m:
@@ -94,7 +96,7 @@ def benchmarks(p, model, tokenizer, seed: int) -> dict[str, dict]:
     """The evaluate.lm_eval_tasks scores of `model` (none when no task is named)."""
     if not p.lm_eval_tasks:
         return {}
-    from tuneline import lmeval
+    from tuneline.eval import lmeval
 
     return lmeval.run_tasks(model, tokenizer, p.lm_eval_tasks, p.lm_eval_include_path, p.lm_eval_num_fewshot,
                             p.lm_eval_limit, p.lm_eval_chat_template, p.batch_size, seed)
@@ -137,7 +139,7 @@ def main() -> None:
         intervals = delta_intervals(base_scores[name][1], tuned_scores[name][1], [r["output"] for r in records], base.seed)
         result[name] = compare(base_scores[name][0], tuned_scores[name][0], intervals)
     if p.lm_eval_tasks:
-        from tuneline import lmeval
+        from tuneline.eval import lmeval
 
         result["lm_eval"] = lmeval.compare(base_bench, tuned_bench)
     verdicts = []

@@ -4,7 +4,7 @@ Reads:  base.tuning_base, base.adapter_dir, base.metrics_dir/eval.json, the Alpa
         go into the model card), `export:`.
 Writes: base.export_dir/ (safetensors, config, tokenizer with chat template, README.md model card): a
         plain checkpoint any OpenAI-compatible server loads. A P-tuning run's virtual tokens become
-        special tokens that the chat template puts first (tuneline.export.with_virtual_tokens).
+        special tokens that the chat template puts first (tuneline.model.export.with_virtual_tokens).
 Run:    python -m stages.export; then `make serve` serves it on 127.0.0.1.
 """
 
@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from stages import run
-from tuneline import params
-from tuneline.export import dir_md5, export, file_md5, model_card
-from tuneline.records import read_chosen, read_json, skipped_for_api
+from tuneline.common import params
+from tuneline.model.export import dir_md5, export, file_md5, model_card
+from tuneline.common.records import read_chosen, read_json, skipped_for_api
 
 
 def main() -> None:

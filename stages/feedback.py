@@ -2,7 +2,7 @@
 
 Reads:  base.decisions (a person's decisions from `tuneline review`).
 Writes: base.feedback: {content hash: the reviewer's reason} of every generated record whose last
-        decision is a reject (`tuneline.review.human_mistakes`), keys sorted.
+        decision is a reject (`tuneline.data.review.human_mistakes`), keys sorted.
 Run:    python -m stages.feedback
 
 Its own stage so that DVC reruns augment only when this feedback changed: an accept, an edit or a
@@ -13,9 +13,9 @@ most), but not its output, and DVC then skips augment and runs clean and what fo
 from __future__ import annotations
 
 from stages import run
-from tuneline import params
-from tuneline.records import write_json
-from tuneline.review import human_mistakes, read_decisions
+from tuneline.common import params
+from tuneline.common.records import write_json
+from tuneline.data.review import human_mistakes, read_decisions
 
 
 def main() -> None:

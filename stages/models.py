@@ -22,10 +22,11 @@ from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
 from stages import run
-from tuneline import params, timings
-from tuneline.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
-from tuneline.records import read_jsonl, write_json
-from tuneline.tinymodels import build_tiny_model, train_tokenizer
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.model.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
+from tuneline.common.records import read_jsonl, write_json
+from tuneline.model.tinymodels import build_tiny_model, train_tokenizer
 
 
 def tokenizer_texts(seeds_path: str, site_dir: str) -> list[str]:

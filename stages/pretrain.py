@@ -21,9 +21,10 @@ import shutil
 from pathlib import Path
 
 from stages import run
-from tuneline import params, timings
-from tuneline.decontamination import contaminated
-from tuneline.records import ChosenModel, InputError, read_chosen, read_json, read_jsonl, skipped_for_api, write_json, write_jsonl
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.eval.decontamination import contaminated
+from tuneline.common.records import ChosenModel, InputError, read_chosen, read_json, read_jsonl, skipped_for_api, write_json, write_jsonl
 
 
 def base_corpus(chosen: ChosenModel) -> list[Path]:
@@ -95,9 +96,9 @@ def main() -> None:
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback
 
-        from tuneline.modeling import load_tokenizer
-        from tuneline.pretraining import pretrain, run_params, text_blocks
-        from tuneline.training import checkpoint_dir, prepare_model, run_key
+        from tuneline.model.modeling import load_tokenizer
+        from tuneline.model.pretraining import pretrain, run_params, text_blocks
+        from tuneline.model.training import checkpoint_dir, prepare_model, run_key
 
         settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, epochs=p.epochs,
                               warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay, logging_steps=p.logging_steps,

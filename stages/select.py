@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 from stages import run
-from tuneline import params, timings
-from tuneline.modeling import check_model_source, load_model, load_tokenizer, set_seed
-from tuneline.intervals import score_intervals
-from tuneline.templates import chat_template_for, with_fixed_date
-from tuneline.records import read_json
-from tuneline.scoring import score
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.model.modeling import check_model_source, load_model, load_tokenizer, set_seed
+from tuneline.eval.intervals import score_intervals
+from tuneline.model.templates import chat_template_for, with_fixed_date
+from tuneline.common.records import read_json
+from tuneline.eval.scoring import score
 
 
 def local_tokenizer(cand, template: str, template_date: str):
@@ -44,7 +45,7 @@ def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int)
     """The judge's win rate of the candidate over the reference answers on the records it answered
     (the first generation_samples; each pair asked in both orders, a tie counts half), its 95%
     bootstrap interval, and the win/tie/loss/unparsed rates behind it."""
-    from tuneline import judge
+    from tuneline.eval import judge
 
     answered = [r["answer"] for r in rows if "answer" in r]
     sample = records[: len(answered)]
@@ -60,14 +61,14 @@ def main(name: str) -> None:
         raise params.ParamsError(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
     cand = p.candidates[name]
     if p.judge.enabled:
-        from tuneline import judge
+        from tuneline.eval import judge
 
         judge.preflight(p.judge, "select.judge")
     records = read_json(Path(base.alpaca_dir) / "val.json")
     cache_dir = Path(base.cache_dir) / "select" / name
     cache_dir.mkdir(parents=True, exist_ok=True)
     if cand.kind == "api":
-        from tuneline.apiscoring import score_api_candidate
+        from tuneline.eval.apiscoring import score_api_candidate
 
         shots = read_json(Path(base.alpaca_dir) / "train.json")[: cand.few_shot_k]
         metrics, rows = score_api_candidate(name, cand, p, records, shots, cache_dir, base.seed)

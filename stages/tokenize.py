@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 from stages import run
-from tuneline import params
-from tuneline.modeling import load_tokenizer
-from tuneline.records import InputError, read_chosen, read_json, skipped_for_api, write_json, write_jsonl
-from tuneline.templates import chat_template_for, with_fixed_date
-from tuneline.tokenization import pack_batch, padding_fraction, tokenize_batch
+from tuneline.common import params
+from tuneline.model.modeling import load_tokenizer
+from tuneline.common.records import InputError, read_chosen, read_json, skipped_for_api, write_json, write_jsonl
+from tuneline.model.templates import chat_template_for, with_fixed_date
+from tuneline.model.tokenization import pack_batch, padding_fraction, tokenize_batch
 
 
 def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tuple[Dataset, dict, list[dict]]:

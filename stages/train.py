@@ -1,7 +1,7 @@
 """Fine-tune the selected base model on the tokenized training set.
 
 Reads:  base.tokenized_dir/{train,val}, base.tuning_base (the chosen base, or its continued pretraining), `train:` (method: qlora | lora | ptuning | full;
-        train.profile: the top-level keys for a tiny stand-in, train.hub's for a real base, tuneline/profiles.py).
+        train.profile: the top-level keys for a tiny stand-in, train.hub's for a real base, tuneline/model/profiles.py).
 Writes: base.adapter_dir/ (the peft adapter, or full weights, with the tokenizer and
         training_args.json; with train.wise_ft below 1, as base + wise_ft x the trained update),
         base.cache_dir/checkpoints/<run key>/ (kept on disk, not a DVC
@@ -28,10 +28,11 @@ from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
 from stages import run
-from tuneline import params, timings
-from tuneline.profiles import with_profile
-from tuneline.records import read_chosen, read_json, skipped_for_api, write_json
-from tuneline.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, wise_ft
+from tuneline.common import params
+from tuneline.common import timings
+from tuneline.model.profiles import with_profile
+from tuneline.common.records import read_chosen, read_json, skipped_for_api, write_json
+from tuneline.model.training import checkpoint_dir, dir_fingerprint, is_main_process, last_checkpoint, run_key, train, wise_ft
 
 # Set in the processes `accelerate launch` starts for us, so they train instead of launching again.
 LAUNCHED_ENV = "TUNELINE_LAUNCHED"

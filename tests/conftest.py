@@ -27,7 +27,7 @@ SEEDS = ROOT / "data" / "seeds" / "seeds.jsonl"
 
 def seed_texts() -> list[str]:
     """The text of the bundled seed records, to train a tiny tokenizer on."""
-    from tuneline.records import read_jsonl
+    from tuneline.common.records import read_jsonl
 
     texts = []
     for record in read_jsonl(SEEDS):
@@ -39,8 +39,8 @@ def seed_texts() -> list[str]:
 
 def build_tiny(out_dir: Path, arch: str, chat_template: str) -> Path:
     """A tiny model and tokenizer saved in `out_dir` (about 0.1M parameters, built in about a second)."""
-    from tuneline.params import TinyModel
-    from tuneline.tinymodels import save_tiny_model
+    from tuneline.common.params import TinyModel
+    from tuneline.model.tinymodels import save_tiny_model
 
     # Widths are multiples of 64: bitsandbytes quantises in blocks of 64, so QLoRA tests run on these too.
     spec = TinyModel(arch=arch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

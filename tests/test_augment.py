@@ -23,8 +23,9 @@ import pytest
 import yaml
 
 from tests.openai_stub import ScriptedServer
-from tuneline import augment, params
-from tuneline.records import InputError, read_jsonl, read_jsonl_dir, shard_files, write_jsonl_shards
+from tuneline.data import augment
+from tuneline.common import params
+from tuneline.common.records import InputError, read_jsonl, read_jsonl_dir, shard_files, write_jsonl_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "TUNELINE_TEST_AUGMENT_KEY"
@@ -127,7 +128,7 @@ def run_stage(project: Path) -> subprocess.CompletedProcess:
 
 
 def stage_log(project: Path) -> str:
-    """The stage's log file (tuneline.logs): library and per-call lines that the terminal does not show."""
+    """The stage's log file (tuneline.common.logs): library and per-call lines that the terminal does not show."""
     return (project / "metrics/logs/augment.log").read_text()
 
 
@@ -221,7 +222,7 @@ def test_round_two_prompts_carry_round_one_mistakes(first_run):
 
 
 def test_reviewer_rejects_join_the_next_rounds_mistakes(first_run, stub, tmp_path):
-    from tuneline.review import append_decision, make_decision
+    from tuneline.data.review import append_decision, make_decision
 
     project = make_project(tmp_path / "reviewed", stub.base_url)
     shutil.copytree(first_run[0] / "cache", project / "cache")

@@ -10,11 +10,11 @@ import torch
 from datasets import Dataset
 
 from tests.stage_project import ROOT, seed_records
-from tuneline import params
-from tuneline.modeling import load_tokenizer
-from tuneline.records import chosen_model
-from tuneline.tokenization import tokenize_example
-from tuneline.training import peft_config, prepare_model, training_arguments
+from tuneline.common import params
+from tuneline.model.modeling import load_tokenizer
+from tuneline.common.records import chosen_model
+from tuneline.model.tokenization import tokenize_example
+from tuneline.model.training import peft_config, prepare_model, training_arguments
 
 
 def bench_train():

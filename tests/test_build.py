@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneline.alpaca import count_tokens, dataset_info, record_problems, split, to_alpaca, to_openai_chat
-from tuneline.records import read_jsonl, with_id
+from tuneline.data.alpaca import count_tokens, dataset_info, record_problems, split, to_alpaca, to_openai_chat
+from tuneline.common.records import read_jsonl, with_id
 
 ROOT = Path(__file__).resolve().parents[1]
 

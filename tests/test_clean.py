@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tuneline import params, rules
-from tuneline.clean import (
+from tuneline.common import params
+
+from tuneline.data import rules
+from tuneline.data.clean import (
     PACKAGED_MODEL,
     approximate_knn_graph,
     clean_records,
@@ -25,9 +27,9 @@ from tuneline.clean import (
     prompt_text,
     render_report,
 )
-from tuneline.params import ParamsError
-from tuneline.records import read_json, read_jsonl, with_id, write_jsonl, write_jsonl_shards
-from tuneline.rules import Problem
+from tuneline.common.params import ParamsError
+from tuneline.common.records import read_json, read_jsonl, with_id, write_jsonl, write_jsonl_shards
+from tuneline.data.rules import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
 P = params.section("clean", path=ROOT / "params.yaml")

@@ -14,9 +14,9 @@ import pytest
 from openai import OpenAI
 
 from tests.tuned_project import ROOT
-from tuneline.cli import exported_model, main, parser, serve, stop, wait_ready
-from tuneline.llmserver import free_port
-from tuneline.records import EndpointError, InputError, write_json
+from tuneline.interface.cli import exported_model, main, parser, serve, stop, wait_ready
+from tuneline.llm.server import free_port
+from tuneline.common.records import EndpointError, InputError, write_json
 
 QUESTION = [{"role": "user", "content": "How long should a French press steep?"}]
 
@@ -71,7 +71,7 @@ def test_tuneline_serve_runs_until_terminated_and_takes_the_server_down(tuned_pr
     with open(tmp_path / "cli.log", "w+b") as log:
         # Run from the project directory, as `make serve` does; the package comes from this checkout.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--port", str(port), "--device", "cpu"],
+        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
                                cwd=tuned_project, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             try:

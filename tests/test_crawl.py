@@ -1,4 +1,4 @@
-"""Tests of tuneline/crawl.py and stages/crawl.py.
+"""Tests of tuneline/data/crawl.py and stages/crawl.py.
 
 The crawl tests run the real stage (`python -m stages.crawl`, in a subprocess: scrapy's reactor
 runs once per process) against a real HTTP server on 127.0.0.1 started here, which counts the
@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneline import crawl, params
-from tuneline.params import CrawlDataset, ParamsError
-from tuneline.records import InputError, read_jsonl, read_jsonl_dir
+from tuneline.data import crawl
+
+from tuneline.common import params
+from tuneline.common.params import CrawlDataset, ParamsError
+from tuneline.common.records import InputError, read_jsonl, read_jsonl_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import ROOT, make_repo, run
-from tuneline import params
+from tuneline.common import params
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -46,7 +46,7 @@ def test_the_your_own_data_example_is_a_valid_params_change():
 
 
 def test_the_real_models_example_is_a_valid_params_change_that_trains_with_the_hub_settings():
-    from tuneline.profiles import with_profile
+    from tuneline.model.profiles import with_profile
 
     section = README.split("## Pointing it at real models", 1)[1]
     block = section.split("```yaml", 1)[1].split("```", 1)[0]

@@ -5,7 +5,7 @@ outputs); one it lists but does not import means needless reruns. The closure is
 `ast` from the stage's `cmd` (`python -m stages.<name>`), following every import inside
 `stages/` and `tuneline/` (including imports inside functions), and includes the `stages`
 package's `__init__.py`, which `python -m stages.<name>` runs first. Empty `__init__.py` files
-hold no code and are left out. A module a stage starts as a process (`"-m", "tuneline.structserve"`:
+hold no code and are left out. A module a stage starts as a process (`"-m", "tuneline.llm.structserve"`:
 the local LLM server that writes augment's replies) counts as imported: its code makes the outputs too.
 The test reads dvc.yaml, so it covers every stage there.
 """
@@ -42,7 +42,7 @@ def imported_files(path: Path) -> set[Path]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from tuneline import crawl` imports the module tuneline.crawl, if there is one
+            # `from tuneline import crawl` imports the module tuneline.data.crawl, if there is one
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif (isinstance(node, ast.List) and any(isinstance(e, ast.Constant) and e.value == "-m" for e in node.elts)):
             # a command line that runs a project module: ["python", "-m", "tuneline.x", ...]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneline.params import ParamsError
-from tuneline.records import EndpointError, InputError, exit_code
+from tuneline.common.params import ParamsError
+from tuneline.common.records import EndpointError, InputError, exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from stages.evaluate import compare, samples_table
-from tuneline.records import read_json, read_jsonl, write_json
-from tuneline.generation import stop_ids
-from tuneline.scoring import generate, generate_ids, score, until_stop
+from tuneline.common.records import read_json, read_jsonl, write_json
+from tuneline.model.generation import stop_ids
+from tuneline.eval.scoring import generate, generate_ids, score, until_stop
 
 ROOT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
 
@@ -51,7 +51,7 @@ def test_until_stop_keeps_what_was_generated_up_to_the_first_stop_token():
 
 
 def test_stop_ids_join_the_tokenizer_eos_and_the_generation_config_ones(tiny_model_dir):
-    from tuneline.modeling import load_model, load_tokenizer
+    from tuneline.model.modeling import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     assert stop_ids(model, tokenizer, "auto") == [tokenizer.eos_token_id]
@@ -60,8 +60,8 @@ def test_stop_ids_join_the_tokenizer_eos_and_the_generation_config_ones(tiny_mod
 
 
 def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny_model_dir):
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.records import read_jsonl as read
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.common.records import read_jsonl as read
     from tests.conftest import SEEDS
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
@@ -107,7 +107,7 @@ def test_tuned_loss_is_lower_than_base_loss_on_the_data_it_was_trained_on(tuned_
 
 
 def test_loss_counts_exactly_the_answer_tokens_training_learns_from(tuned_project, tiny_model_dir):
-    from tuneline.modeling import load_model, load_tokenizer
+    from tuneline.model.modeling import load_model, load_tokenizer
 
     records = read_json(tuned_project / "data" / "alpaca" / "train.json")
     tokenizer = load_tokenizer(str(tuned_project / "models" / "adapter"))
@@ -139,7 +139,7 @@ def plain_answer_losses(model, tokenizer, records: list[dict]) -> list[tuple[flo
     """The reference: full fp32 logits of the whole batch, then cross-entropy on the answer tokens."""
     import torch
 
-    from tuneline.tokenization import IGNORE, collate, encode
+    from tuneline.model.tokenization import IGNORE, collate, encode
 
     batch = collate([dict(zip(("input_ids", "labels"), encode(tokenizer, r, "auto", False))) for r in records],
                     tokenizer.pad_token_id)
@@ -158,8 +158,8 @@ def test_chunked_answer_loss_equals_the_loss_of_the_full_logits(tiny_model_dir, 
     from peft import LoraConfig, PromptEncoderConfig, get_peft_model
 
     from tests.conftest import SEEDS
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.scoring import answer_losses
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.eval.scoring import answer_losses
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     torch.manual_seed(0)

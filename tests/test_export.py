@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from tests.tuned_project import ROOT
-from tuneline.export import dir_md5, merged_model
-from tuneline.modeling import load_model, load_tokenizer
-from tuneline.records import chosen_model, read_json
+from tuneline.model.export import dir_md5, merged_model
+from tuneline.model.modeling import load_model, load_tokenizer
+from tuneline.common.records import chosen_model, read_json
 
 TEXTS = ["How long should a French press steep?", "法压壶大约浸泡四分钟。", "Grind finer, 25-30 seconds."]
 
@@ -38,7 +38,7 @@ def base_plus_adapter(base_dir: Path, adapter_dir: Path):
 
 
 def train_params(method: str):
-    from tuneline import params
+    from tuneline.common import params
 
     data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     return dataclasses.replace(params.section("train", data), method=method, compute_dtype="float32")
@@ -67,8 +67,8 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from tuneline.records import write_json
-    from tuneline.training import keep_4bit_training_layout, prepare_model
+    from tuneline.common.records import write_json
+    from tuneline.model.training import keep_4bit_training_layout, prepare_model
 
     selected = chosen_model({"name": "tiny_llama", "kind": "local", "model": str(tiny_llama_dir)})
     model = prepare_model(selected, train_params("qlora"), seed=0)
@@ -98,7 +98,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
 
 
 def test_ptuning_adapter_is_refused_by_the_merge_with_the_way_out(tiny_model_dir, tmp_path):
-    from tuneline.training import prepare_model
+    from tuneline.model.training import prepare_model
 
     selected = chosen_model({"name": "tiny_qwen", "kind": "local", "model": str(tiny_model_dir)})
     prepare_model(selected, train_params("ptuning"), seed=0).save_pretrained(tmp_path / "adapter")
@@ -142,7 +142,7 @@ def ptuning_adapter(tiny_model_dir: Path, adapter_dir: Path) -> dict:
 
     The tiny random base's logits hardly depend on its input (it answers newlines whatever the
     prompt), so its matrices are scaled by 10 first, into a base that virtual tokens can steer."""
-    from tuneline.training import prepare_model
+    from tuneline.model.training import prepare_model
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     base = load_model(str(tiny_model_dir))
@@ -174,7 +174,7 @@ def test_a_ptuning_export_is_a_plain_checkpoint_computing_base_plus_adapter(tiny
     logits at the text's positions are peft's for base + adapter, and they differ from the base's."""
     from peft import PeftModel
 
-    from tuneline.export import export
+    from tuneline.model.export import export
 
     selected = ptuning_adapter(tiny_model_dir, tmp_path / "adapter")
     assert export(selected, tmp_path / "adapter", tmp_path / "export", "float32") == "virtual tokens"
@@ -205,7 +205,7 @@ def test_tuneline_serve_serves_a_ptuning_export_as_base_plus_adapter(tiny_model_
     from peft import PeftModel
 
     from tests.test_oracles import plain_messages, served_answer
-    from tuneline.export import export
+    from tuneline.model.export import export
 
     selected = ptuning_adapter(tiny_model_dir, tmp_path / "adapter")
     project = tmp_path / "project"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuneline.intervals import delta_intervals, score_intervals, verdict
-from tuneline.textmetrics import corpus_scores, record_scores
+from tuneline.eval.intervals import delta_intervals, score_intervals, verdict
+from tuneline.eval.textmetrics import corpus_scores, record_scores
 
 REFERENCES = [f"grind the beans fresh for shot number {i} and tamp them level" for i in range(20)]
 

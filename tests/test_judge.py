@@ -13,11 +13,11 @@ import pytest
 
 from tests.openai_stub import ScriptedServer
 from tests.tuned_project import ROOT
-from tuneline import judge as judge_module
-from tuneline.judge import judge, load_prompt, outcome
-from tuneline.llm import Endpoint, lazy_caller
-from tuneline.params import ParamsError
-from tuneline.records import EndpointError
+from tuneline.eval import judge as judge_module
+from tuneline.eval.judge import judge, load_prompt, outcome
+from tuneline.llm.client import Endpoint, lazy_caller
+from tuneline.common.params import ParamsError
+from tuneline.common.records import EndpointError
 
 RECORDS = [{"id": f"r{i}", "instruction": f"How do I brew coffee number {i}?", "input": "", "output": f"Brew it well {i}."} for i in range(3)]
 TUNED = [f"tuned answer {i}" for i in range(3)]
@@ -119,7 +119,7 @@ def json_judge(base_url: str, **overrides) -> SimpleNamespace:
 
 
 def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tmp_path, tiny_model_dir):
-    from tuneline.modeling import load_tokenizer
+    from tuneline.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     label_ids = {str(tokenizer.encode(label, add_special_tokens=False)[0]): 100.0 for label in "ABC"}

@@ -1,4 +1,4 @@
-"""tuneline.llm and tuneline.llmserver against real servers on 127.0.0.1.
+"""tuneline.llm.client and tuneline.llm.server against real servers on 127.0.0.1.
 
 The scripted server counts requests, answers and in-flight requests on its side, so these
 tests see what the client really sent.
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.openai_stub import ScriptedServer
-from tuneline.llm import (EMPTY_REPLY, TRUNCATED, Endpoint, TokenBudget, cache_key, complete_batch, complete_many_sync, ledger,
+from tuneline.llm.client import (EMPTY_REPLY, TRUNCATED, Endpoint, TokenBudget, cache_key, complete_batch, complete_many_sync, ledger,
                           model_fingerprint, preflight, request_seed)
-from tuneline.llmserver import endpoint_url, local_server
-from tuneline.params import ParamsError
+from tuneline.llm.server import endpoint_url, local_server
+from tuneline.common.params import ParamsError
 
 JSON_OBJECT = {"type": "json_object"}
 
@@ -333,7 +333,7 @@ def test_a_killed_batch_run_resumes_polling_the_same_batch(tmp_path):
         script = (
             "import sys; sys.path.insert(0, %r)\n"
             "from tests.test_llm import endpoint, conversations\n"
-            "from tuneline.llm import complete_batch\n"
+            "from tuneline.llm.client import complete_batch\n"
             "complete_batch(endpoint(%r), conversations(4), %r, seed=1, poll_s=0.1)\n"
         ) % (str(Path(__file__).resolve().parent.parent), server.base_url, str(tmp_path))
         proc = subprocess.Popen([sys.executable, "-c", script])

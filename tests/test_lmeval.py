@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from tests.tuned_project import ROOT
-from tuneline import params
-from tuneline.lmeval import compare, task_scores
-from tuneline.params import ParamsError
-from tuneline.records import read_json
-from tuneline.report import verdict_section
+from tuneline.common import params
+from tuneline.eval.lmeval import compare, task_scores
+from tuneline.common.params import ParamsError
+from tuneline.common.records import read_json
+from tuneline.interface.report import verdict_section
 
 
 def test_task_scores_keep_the_requested_tasks_metrics_with_their_standard_errors():

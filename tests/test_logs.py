@@ -1,4 +1,4 @@
-"""tuneline.logs: a stage's terminal shows its summary and real warnings; library noise goes to its log file."""
+"""tuneline.common.logs: a stage's terminal shows its summary and real warnings; library noise goes to its log file."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 from tests.stage_project import ROOT, stage_env
-from tuneline.logs import KNOWN_NOISE, stage_name
+from tuneline.common.logs import KNOWN_NOISE, stage_name
 
 PROBE = f"""
 import logging, warnings
-from tuneline.logs import start_stage_log
+from tuneline.common.logs import start_stage_log
 path = start_stage_log("probe", "metrics")
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("{KNOWN_NOISE[0]}: no kernels package")
 warnings.warn("{KNOWN_NOISE[0]} (as a Python warning)")
@@ -40,7 +40,7 @@ def test_stage_name_comes_from_the_stage_module_only():
 
 
 BARS = """
-from tuneline.logs import start_stage_log
+from tuneline.common.logs import start_stage_log
 start_stage_log("probe", None)
 from tqdm.auto import tqdm
 for _ in tqdm(range(50), desc="steps", mininterval=0):

@@ -14,7 +14,7 @@ OURS = ("tuneline", "stages", "tests", "bench")
 
 # (file, target as written): where writing to a dependency's object is the design, and why.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("tuneline/training.py", "model.forward"): "the answer-only head: one model instance's training forward runs "
+    ("tuneline/model/training.py", "model.forward"): "the answer-only head: one model instance's training forward runs "
     "the LM head on labelled positions only (TRL's fused head patches the instance the same way), so peft, DDP, "
     "FSDP and DeepSpeed, which call forward, train through it; no class or module is changed",
 }
@@ -107,7 +107,7 @@ def test_the_check_sees_the_patches_it_forbids(tmp_path):
         "import types\n"
         "import transformers\n"
         "from transformers.cli.serving.model_manager import ModelManager\n"
-        "from tuneline.params import Train\n"
+        "from tuneline.common.params import Train\n"
         "ModelManager._load_model = None\n"
         "transformers.logging.verbosity = 1\n"
         "setattr(ModelManager, 'load', None)\n"

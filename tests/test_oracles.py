@@ -23,7 +23,7 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline.templates import end_of_turn
+from tuneline.model.templates import end_of_turn
 
 pytestmark = pytest.mark.slow
 
@@ -108,13 +108,13 @@ def served_answer(repo: Path, record: dict, max_tokens: int = 128, model: str = 
     run in project `repo`, which serves base.export_dir (`model`, the request's model name)."""
     from openai import OpenAI
 
-    from tuneline.cli import stop, wait_ready
+    from tuneline.interface.cli import stop, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(repo.parent / "serve.log", "w+b") as log:
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--port", str(port), "--device", "cpu"],
+        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
                                cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_ready(url, timeout=240, process=cli)
@@ -138,8 +138,8 @@ def test_serve_returns_the_greedy_answer_of_offline_generation(pipeline):
 
 
 def check_batched_equals_single(model_dir: Path, records: list[dict]) -> None:
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.scoring import generate_ids
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.eval.scoring import generate_ids
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype="float32")

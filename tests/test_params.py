@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import yaml
 
-from tuneline import params
-from tuneline.params import ParamsError
+from tuneline.common import params
+from tuneline.common.params import ParamsError
 
 
 @pytest.fixture(scope="module")

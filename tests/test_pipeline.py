@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import declared_params, repro, run, set_param, with_downstream
-from tuneline.records import read_jsonl, read_jsonl_dir
-from tuneline.review import append_decision, make_decision
+from tuneline.common.records import read_jsonl, read_jsonl_dir
+from tuneline.data.review import append_decision, make_decision
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +148,7 @@ def test_learning_rate_reruns_train_and_what_follows_only(pipeline):
 
 @pytest.mark.parametrize(
     ("path", "stage", "upstream"),
-    [("prompts/expand.txt", "augment", {"models", "crawl"}), ("tuneline/clean.py", "clean", {"models", "crawl", "augment"})],
+    [("prompts/expand.txt", "augment", {"models", "crawl"}), ("tuneline/data/clean.py", "clean", {"models", "crawl", "augment"})],
 )
 def test_editing_code_or_a_prompt_reruns_its_stage_not_upstream(pipeline, path, stage, upstream):
     repo, _ = pipeline

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.stage_project import make_project, run_stage, seed_records, set_params
-from tuneline.decontamination import contaminated
-from tuneline.pretraining import heldout_loss, pretrain, run_params, split_blocks, text_blocks
+from tuneline.eval.decontamination import contaminated
+from tuneline.model.pretraining import heldout_loss, pretrain, run_params, split_blocks, text_blocks
 
 ANSWER = ("Use water between 90 and 96 degrees, just off the boil, and pour slowly in circles so the bed "
           "of coffee stays evenly wet the whole time.")
@@ -36,7 +36,7 @@ def test_decontamination_flags_a_shared_13_word_sequence_and_not_12():
 
 
 def test_pretraining_lowers_held_out_loss_through_the_trainer(tiny_model_dir, tmp_path):
-    from tuneline.modeling import load_model, load_tokenizer
+    from tuneline.model.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), dtype="float32")

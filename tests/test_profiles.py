@@ -11,9 +11,9 @@ import yaml
 
 from tests.conftest import seed_texts
 from tests.stage_project import ROOT, make_project, seed_records, stage_command, stage_env
-from tuneline import params
-from tuneline.profiles import local_parameters, profile_of, with_profile
-from tuneline.zoo import save_standin
+from tuneline.common import params
+from tuneline.model.profiles import local_parameters, profile_of, with_profile
+from tuneline.model.zoo import save_standin
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,17 @@ import ray
 import yaml
 
 from tests.test_clean import P, ROOT, planted
-from tuneline import params, rayengine
-from tuneline.clean import (
+from tuneline.common import params
+from tuneline.data import rayengine
+from tuneline.data.clean import (
     clean_records,
     map_in_process,
     render_report,
     rule_outcome,
     rule_limits,
 )
-from tuneline.params import ParamsError
-from tuneline.records import write_jsonl
+from tuneline.common.params import ParamsError
+from tuneline.common.records import write_jsonl
 
 LOOPBACK_ONLY = "TUNELINE_TEST_LOOPBACK_ONLY"  # set inside the namespace
 

@@ -2,7 +2,7 @@
 `tuneline exps` and `tuneline report`. The commands and the params example are read from README.md
 itself, so this test breaks when the README drifts. Only what needs the network is pointed at
 loopback: the generating LLM at a scripted OpenAI-compatible server, the hub model at a stand-in of
-its family saved to disk (tuneline.zoo)."""
+its family saved to disk (tuneline.model.zoo)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.openai_stub import ScriptedServer
 from tests.pipeline_repo import ROOT, repro, run
 from tests.stage_project import seed_records
 from tests.test_augment import respond
-from tuneline.records import read_jsonl
+from tuneline.common.records import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +142,6 @@ def test_the_readme_path_from_make_run_to_the_report(pipeline_build, tmp_path):
 
 def hub_standin(out_dir: Path) -> Path:
     """The hub model's stand-in: its family's tokens, template and EOS, tiny random weights, on disk."""
-    from tuneline.zoo import save_standin
+    from tuneline.model.zoo import save_standin
 
     return save_standin("qwen2.5-instruct", seed_texts(), out_dir)

@@ -1,4 +1,4 @@
-"""Record identity (tuneline/records.py) and the invariant it carries through the data stages:
+"""Record identity (tuneline/common/records.py) and the invariant it carries through the data stages:
 every input appears exactly once, among the kept records or the rejects, at every stage."""
 
 import json
@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneline import augment, crawl, params
-from tuneline.alpaca import split, validate
-from tuneline.clean import clean_records
-from tuneline.params import CrawlDataset
-from tuneline.records import (
+from tuneline.data import augment
+
+from tuneline.data import crawl
+
+from tuneline.common import params
+from tuneline.data.alpaca import split, validate
+from tuneline.data.clean import clean_records
+from tuneline.common.params import CrawlDataset
+from tuneline.common.records import (
     InputError,
     duplicate_ids,
     in_arrival_order,
@@ -91,14 +95,14 @@ API_CHOSEN = {"name": "hosted", "kind": "api", "model": "gpt-x", "base_url": "ht
 
 
 def test_the_chosen_model_reads_what_loading_needs_and_keeps_the_file_s_mapping():
-    from tuneline.records import read_chosen, read_json
+    from tuneline.common.records import read_chosen, read_json
 
     chosen = read_chosen(ROOT / "models" / "selected.json")
     record = read_json(ROOT / "models" / "selected.json")
     assert (chosen.name, chosen.name_or_path, chosen.revision, chosen.trust_remote_code, chosen.api) == (
         record["name"], record["model"], None, False, False)
     assert chosen.record == record
-    from tuneline.records import chosen_model
+    from tuneline.common.records import chosen_model
 
     hub = chosen_model({"name": "q", "kind": "local", "model": "Qwen/Qwen2.5-0.5B", "revision": "abc123", "trust_remote_code": True})
     assert (hub.revision, hub.trust_remote_code, hub.api) == ("abc123", True, False)
@@ -114,7 +118,7 @@ def test_every_local_stage_skips_an_api_model_and_writes_its_declared_outputs(tm
     import stages.pretrain
     import stages.tokenize
     import stages.train
-    from tuneline.records import read_json, read_jsonl, write_json
+    from tuneline.common.records import read_json, read_jsonl, write_json
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "prompts", tmp_path / "prompts")  # the judge's, which evaluate checks are there

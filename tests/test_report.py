@@ -11,8 +11,8 @@ import sys
 
 from tests.pipeline_repo import env
 from tests.tuned_project import ROOT
-from tuneline import params
-from tuneline.report import other_metrics, render, verdict_section, write_report
+from tuneline.common import params
+from tuneline.interface.report import other_metrics, render, verdict_section, write_report
 
 
 def evaluation(rouge_delta: float, verdict: str, loss_delta: float = -0.5) -> dict:
@@ -111,7 +111,7 @@ json.dump({"train_seconds": 12.5}, open("metrics/timings/train.json", "w"))
 
 
 def test_exps_shows_the_params_that_differ_and_the_headline_metrics_of_real_experiments(tmp_path, monkeypatch, capsys):
-    from tuneline.cli import main
+    from tuneline.interface.cli import main
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -155,7 +155,7 @@ def records(losses: list[float], rouges: list[float]) -> str:
 
 
 def test_the_summary_pairs_the_tuned_model_at_the_revision_with_the_tuned_model_now(tmp_path):
-    from tuneline.report import summary_lines
+    from tuneline.interface.report import summary_lines
 
     repo = tmp_path / "repo"
     (repo / "metrics" / "eval").mkdir(parents=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.stage_project import ROOT, run_stage, stage_env
-from tuneline.records import InputError, read_json, read_jsonl, read_jsonl_dir, with_ids, write_jsonl, write_jsonl_shards
-from tuneline.review import append_decision, human_mistakes, make_decision, read_decisions
+from tuneline.common.records import InputError, read_json, read_jsonl, read_jsonl_dir, with_ids, write_jsonl, write_jsonl_shards
+from tuneline.data.review import append_decision, human_mistakes, make_decision, read_decisions
 
 REVIEWER = "Ada Reviewer"
 PILOT = "augment round 1 (pilot batch)"
@@ -77,7 +77,7 @@ def reviewed(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
-    app = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "review", "--port", str(port)], cwd=project, env=env,
+    app = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)], cwd=project, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_for(url, app)
@@ -242,7 +242,7 @@ def page(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
-    app = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "review", "--port", str(port)], cwd=project, env=env,
+    app = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)], cwd=project, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -353,7 +353,7 @@ def test_changed_text_with_accept_or_reject_is_refused_not_dropped():
 
 
 def test_a_rounds_view_shows_its_kept_records_then_its_rejects_with_reasons():
-    from tuneline.reviewapp import pilot_views
+    from tuneline.interface.reviewapp import pilot_views
 
     kept = {**generated("Why rinse a paper filter?", "To remove the papery taste."), "id": "aa-kept"}
     dropped = generated("Why rinse a filter?", "Beans beans beans.")

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneline import params
+from tuneline.common import params
 
-from tuneline.rules import (
+from tuneline.data.rules import (
     REVIEW_LIMITS,
     RuleLimits,
     broken_encoding,

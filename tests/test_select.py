@@ -16,9 +16,9 @@ import yaml
 from stages.choose import choose, table
 from tests.openai_stub import ScriptedServer
 from tests.tuned_project import ROOT
-from tuneline import params
-from tuneline.params import ParamsError
-from tuneline.records import read_json, read_jsonl, write_json
+from tuneline.common import params
+from tuneline.common.params import ParamsError
+from tuneline.common.records import read_json, read_jsonl, write_json
 
 RECORDS = read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")[:6]
 
@@ -182,7 +182,7 @@ def test_choosing_by_the_judge_scores_a_local_and_an_api_candidate_and_a_rerun_a
 
 
 def test_a_win_rate_counts_ties_and_unparsed_pairs_half():
-    from tuneline.judge import win_rate
+    from tuneline.eval.judge import win_rate
 
     rows = [{"outcome": o} for o in ("win", "tie", "loss", "unparsed")]
     rate, interval = win_rate(rows, seed=0)
@@ -217,7 +217,7 @@ def test_choosing_by_the_judge_without_a_judge_fails_at_start_up_naming_the_key(
 ])
 def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path, model, online, expected):
     from tests.stage_project import stage_command, stage_env
-    from tuneline.llmserver import free_port
+    from tuneline.llm.server import free_port
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     p["select"]["candidates"] = {"missing": {"kind": "local", "model": model}}
@@ -236,7 +236,7 @@ def test_a_candidate_that_cannot_load_fails_naming_its_key_and_the_fix(tmp_path,
 def test_a_candidate_without_a_chat_template_fails_as_tokenize_does_naming_tokenize_template(tmp_path):
     from tests.conftest import seed_texts
     from tests.stage_project import stage_command, stage_env
-    from tuneline.zoo import save_standin
+    from tuneline.model.zoo import save_standin
 
     model_dir = save_standin("qwen2.5-base", seed_texts(), tmp_path / "no_template")
     (model_dir / "chat_template.jinja").unlink()  # a base that ships no template

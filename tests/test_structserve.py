@@ -1,4 +1,4 @@
-"""tuneline.structserve: decoding under a JSON schema, with a real tiny model (in process, and served)."""
+"""tuneline.llm.structserve: decoding under a JSON schema, with a real tiny model (in process, and served)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline.structserve import SchemaLogitsProcessor, response_schema, schema_grammar
+from tuneline.llm.structserve import SchemaLogitsProcessor, response_schema, schema_grammar
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["winner", "why"],
           "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tuneline.textmetrics import corpus_scores, normalize, record_scores, tokens
+from tuneline.eval.textmetrics import corpus_scores, normalize, record_scores, tokens
 
 METRICS = ("rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match")
 

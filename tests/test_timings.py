@@ -1,8 +1,8 @@
-"""Run times kept apart from what DVC hashes (tuneline.timings)."""
+"""Run times kept apart from what DVC hashes (tuneline.common.timings)."""
 
 import json
 
-from tuneline import timings
+from tuneline.common import timings
 
 
 def test_split_takes_clock_readings_out_of_nested_metrics():

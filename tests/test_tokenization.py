@@ -1,4 +1,4 @@
-"""tuneline.tokenization and the tokenize stage: rendering, label masks, length limits, packing."""
+"""tuneline.model.tokenization and the tokenize stage: rendering, label masks, length limits, packing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from datasets import load_from_disk
 from stage_project import make_project, seed_records
 
-from tuneline.modeling import load_tokenizer
-from tuneline.templates import CHATML, TEMPLATES, render, render_many, to_messages, with_fixed_date
-from tuneline.tokenization import (IGNORE, best_fit_decreasing, collate, encode, fit_length, pack, pack_batch,
+from tuneline.model.modeling import load_tokenizer
+from tuneline.model.templates import CHATML, TEMPLATES, render, render_many, to_messages, with_fixed_date
+from tuneline.model.tokenization import (IGNORE, best_fit_decreasing, collate, encode, fit_length, pack, pack_batch,
                                    piece_ids, tokenize_batch, tokenize_example)
 
 RECORD = {
@@ -103,7 +103,7 @@ def test_a_template_that_prints_today_s_date_prints_the_fixed_one(tiny_model_dir
 
 def test_select_scores_a_dated_template_with_the_fixed_date_too(tiny_model_dir, tmp_path):
     from stages.select import local_tokenizer
-    from tuneline.params import Candidate
+    from tuneline.common.params import Candidate
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.chat_template = DATED

@@ -1,4 +1,4 @@
-"""tuneline.training and the train stage: QLoRA on CPU, every method, resume, determinism, DDP."""
+"""tuneline.model.training and the train stage: QLoRA on CPU, every method, resume, determinism, DDP."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from stage_project import ROOT, make_project, run_stage, seed_records, set_params, stage_command, stage_env
 from transformers import TrainerCallback
 
-from tuneline import params
-from tuneline.modeling import load_tokenizer, load_tuned
-from tuneline.records import ChosenModel, chosen_model
-from tuneline.tokenization import collate, encode
-from tuneline.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
+from tuneline.common import params
+from tuneline.model.modeling import load_tokenizer, load_tuned
+from tuneline.common.records import ChosenModel, chosen_model
+from tuneline.model.tokenization import collate, encode
+from tuneline.model.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
 
 SEED = 42
 TRAIN_RECORDS, VAL_RECORDS = 16, 4
@@ -103,7 +103,7 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
 @pytest.mark.parametrize("method", ["lora", "qlora", "ptuning", "full"])
 def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_the_model_s_own_loss(monkeypatch,
                                                                                                     tiny_model_dir, method):
-    from tuneline import training
+    from tuneline.model import training
 
     chunk = 16
     monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
@@ -151,7 +151,7 @@ def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_
 def test_liger_takes_the_loss_instead_of_the_answer_only_head_and_says_so(tiny_model_dir, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="tuneline.training"):
+    with caplog.at_level(logging.WARNING, logger="tuneline.model.training"):
         liger = prepare_model(selected_of(tiny_model_dir), train_params(method="lora", use_liger_kernel=True), SEED)
     assert ("train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off"
             in caplog.text)
@@ -189,7 +189,7 @@ TRANSFORMS = {  # soft-capping at 0.5 and scaling by 8: far from the raw head's 
 def test_models_whose_logits_are_more_than_the_head_keep_their_own_forward(monkeypatch, family):
     import transformers
 
-    from tuneline import training
+    from tuneline.model import training
 
     name, transform = TRANSFORMS[family]
     config_class = getattr(transformers, name)
@@ -479,8 +479,8 @@ def test_train_stage_runs_under_accelerate_launch_with_2_cpu_processes(tmp_path,
 
 
 def test_compute_dtype_auto_is_bf16_where_supported_fp16_on_other_gpus_fp32_on_cpu(monkeypatch):
-    from tuneline.modeling import resolve_dtype
-    from tuneline.training import precision_flags
+    from tuneline.model.modeling import resolve_dtype
+    from tuneline.model.training import precision_flags
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_dtype("auto") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
@@ -529,7 +529,7 @@ def test_full_fine_tuning_saves_its_fp32_master_weights_at_the_compute_dtype(ful
 def test_save_at_dtype_keeps_a_sharded_index_s_total_size_right(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tuneline.training import save_at_dtype
+    from tuneline.model.training import save_at_dtype
 
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="200KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
@@ -545,7 +545,7 @@ def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no
                                                                                       full_bf16_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
-    from tuneline.training import wise_ft
+    from tuneline.model.training import wise_ft
 
     base_dir = tmp_path / "base"  # the base in several files, as a hub model of some size is
     base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -580,7 +580,7 @@ def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(tmp_
 
 
 def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
-    from tuneline.modeling import device, device_map
+    from tuneline.model.modeling import device, device_map
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -763,7 +763,7 @@ def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_tha
 
 
 def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
-    from tuneline.tokenization import pack
+    from tuneline.model.tokenization import pack
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]
@@ -795,7 +795,7 @@ def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its
 def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_batch_size_2(tmp_path, tiny_model_dir):
     import flash_like
 
-    from tuneline.tokenization import pack
+    from tuneline.model.tokenization import pack
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = [encode(tokenizer, r, "auto", train_on_prompt=False) for r in seed_records()[:12]]

@@ -1,4 +1,4 @@
-"""Every family stand-in (`tuneline.zoo`) through the real stages: tokenize -> train -> evaluate -> export -> serve.
+"""Every family stand-in (`tuneline.model.zoo`) through the real stages: tokenize -> train -> evaluate -> export -> serve.
 
 One project per family, trained once (module scope) on short answers it learns to end with its
 template's end-of-turn token, then asserted on: the labels are exactly the answers plus that token;
@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import ROOT, seed_texts
 from tests.tuned_project import write_project
-from tuneline.zoo import FAMILIES, save_standin
+from tuneline.model.zoo import FAMILIES, save_standin
 
 METHODS = {"qwen2.5-base": "lora", "qwen2.5-instruct": "full", "qwen3": "lora", "llama3.2-base": "qlora",
            "llama3.2-instruct": "lora", "gemma2": "full", "phi3": "qlora"}
@@ -46,7 +46,7 @@ RECORDS = [
 
 def project_for(family: str, project: Path) -> Path:
     """A project whose base is the family's stand-in, params set to learn RECORDS by heart."""
-    from tuneline.records import write_json
+    from tuneline.common.records import write_json
 
     base = save_standin(family, seed_texts(), project / "standin")
     write_project(project, base)
@@ -79,14 +79,14 @@ def trained(request, tmp_path_factory):
 
 
 def selected(project: Path):
-    from tuneline.records import read_chosen
+    from tuneline.common.records import read_chosen
 
     return read_chosen(project / "models" / "selected.json")
 
 
 def test_labels_cover_exactly_the_answers_and_their_end_of_turn(trained):
-    from tuneline.modeling import load_tokenizer
-    from tuneline.tokenization import IGNORE, encode
+    from tuneline.model.modeling import load_tokenizer
+    from tuneline.model.tokenization import IGNORE, encode
 
     family, project = trained
     tokenizer = load_tokenizer(str(project / "models" / "adapter"))
@@ -106,9 +106,9 @@ def test_labels_cover_exactly_the_answers_and_their_end_of_turn(trained):
 
 
 def test_evaluate_generation_stops_at_the_end_of_turn_with_the_learnt_answer(trained):
-    from tuneline.modeling import load_tokenizer, load_tuned
-    from tuneline.records import read_jsonl
-    from tuneline.scoring import generate_ids
+    from tuneline.model.modeling import load_tokenizer, load_tuned
+    from tuneline.common.records import read_jsonl
+    from tuneline.eval.scoring import generate_ids
 
     family, project = trained
     tokenizer = load_tokenizer(str(project / "models" / "adapter"))
@@ -126,7 +126,7 @@ def test_evaluate_generation_stops_at_the_end_of_turn_with_the_learnt_answer(tra
 def test_plain_transformers_with_the_exported_generation_config_stops_and_decodes_greedily(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.templates import to_messages
+    from tuneline.model.templates import to_messages
 
     family, project = trained
     export_dir = project / "models" / "export"
@@ -144,9 +144,9 @@ def test_plain_transformers_with_the_exported_generation_config_stops_and_decode
 
 
 def test_evaluate_loss_is_the_model_s_own_forward_loss(trained):
-    from tuneline.modeling import load_tokenizer, load_tuned
-    from tuneline.scoring import answer_losses
-    from tuneline.tokenization import encode
+    from tuneline.model.modeling import load_tokenizer, load_tuned
+    from tuneline.eval.scoring import answer_losses
+    from tuneline.model.tokenization import encode
 
     family, project = trained
     tokenizer = load_tokenizer(str(project / "models" / "adapter"))
@@ -162,10 +162,10 @@ def test_evaluate_loss_is_the_model_s_own_forward_loss(trained):
 def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
     from openai import OpenAI
 
-    from tuneline.cli import stop, wait_ready
-    from tuneline.llmserver import free_port
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.scoring import generate
+    from tuneline.interface.cli import stop, wait_ready
+    from tuneline.llm.server import free_port
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.eval.scoring import generate
 
     family, project = trained
     if family not in SERVED:
@@ -177,12 +177,12 @@ def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
     url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(tmp_path / "serve.log", "w+b") as log:
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.cli", "serve", "--port", str(port), "--device", "cpu"],
+        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
                                cwd=project, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_ready(url, timeout=180, process=cli)
             client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=120)
-            from tuneline.templates import to_messages
+            from tuneline.model.templates import to_messages
 
             # no temperature in the request: the exported generation config alone must make it greedy and stop it
             replies = [client.chat.completions.create(model="models/export", messages=to_messages(r, with_answer=False),
@@ -194,7 +194,7 @@ def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
 
 
 def test_evaluate_with_merge_scores_the_weights_export_writes(trained):
-    from tuneline.modeling import load_model, load_tokenizer, load_tuned
+    from tuneline.model.modeling import load_model, load_tokenizer, load_tuned
 
     family, project = trained
     if METHODS[family] != "qlora":
@@ -210,10 +210,10 @@ def test_evaluate_with_merge_scores_the_weights_export_writes(trained):
 
 
 def test_generation_is_greedy_whatever_the_hub_generation_config_sets(tmp_path):
-    from tuneline.generation import stop_ids
-    from tuneline.modeling import load_model, load_tokenizer
-    from tuneline.scoring import generate_ids
-    from tuneline.templates import render, to_messages
+    from tuneline.model.generation import stop_ids
+    from tuneline.model.modeling import load_model, load_tokenizer
+    from tuneline.eval.scoring import generate_ids
+    from tuneline.model.templates import render, to_messages
 
     base = save_standin("qwen2.5-instruct", seed_texts(), tmp_path / "standin")  # its config samples at temperature 0.7
     tokenizer, model = load_tokenizer(str(base)), load_model(str(base), dtype="float32").eval()

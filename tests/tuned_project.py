@@ -18,7 +18,7 @@ RECORDS = 16
 
 def write_project(project: Path, base_model: Path) -> None:
     """params.yaml (the repository's, shrunk), the Alpaca splits and models/selected.json."""
-    from tuneline.records import read_jsonl, write_json
+    from tuneline.common.records import read_jsonl, write_json
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     # The fixture's base is a random model, so what it answers after training is arbitrary; settings

@@ -20,7 +20,7 @@ HEADER = """# params.yaml, key by key
 
 Every stage checks all of `params.yaml` when it starts (`tuneline check` does the same): an unknown key
 fails with the key it probably meant, a missing or mistyped one names the key and the fix. Each section
-maps onto a frozen dataclass in `tuneline/params.py`; a stage reads `base` and its own section, and
+maps onto a frozen dataclass in `tuneline/common/params.py`; a stage reads `base` and its own section, and
 `dvc.yaml` lists exactly those keys. Change a value and run `dvc repro`, or try it with
 `dvc exp run --temp -S section.key=value` ([workflows.md](workflows.md#experiments)).
 

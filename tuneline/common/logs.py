@@ -25,7 +25,7 @@ KNOWN_NOISE = (
     # and the `kernels` package is not installed) and falls back to its own: nothing is lost.
     "Failed to load CPU gemm_4bit_forward from kernels-community",
     # peft reads the old attribute name when it wraps a model; tuneline passes the new argument
-    # name itself (tuneline.training.checkpointing_flags).
+    # name itself (tuneline.model.training.checkpointing_flags).
     "`is_gradient_checkpointing` is deprecated and will be removed in v6",
     # The Trainer orders checkpoints by number instead of modification time: the same order here,
     # since tuneline keeps one run's checkpoints per directory.
@@ -104,7 +104,7 @@ def start_stage_log(stage: str, metrics_dir: str | Path | None) -> Path | None:
 def route_transformers_logging() -> None:
     """Send transformers' warnings through the stage's handlers (file, and the filtered terminal).
 
-    transformers writes to stderr through a handler of its own; tuneline.modeling, which imports
+    transformers writes to stderr through a handler of its own; tuneline.model.modeling, which imports
     transformers anyway, calls this. Outside a stage (tests, tools) it changes nothing.
     """
     if not _started:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from tuneline.records import ALPACA_FIELDS
+from tuneline.common.records import ALPACA_FIELDS
 
 PARAMS_FILE = "params.yaml"
 # Fields a crawl dataset's `columns:` may map; instruction and output are required.
@@ -183,7 +183,7 @@ class CrawlSource(_Section):
     title_css: str
     text_css: str
     # Q&A from question/answer selectors (pairs) or from headings, each answer the blocks up to the
-    # next heading (headings: documentation sites; see tuneline.crawl.heading_pairs).
+    # next heading (headings: documentation sites; see tuneline.data.crawl.heading_pairs).
     qa_mode: Literal["pairs", "headings"] = "pairs"
     heading_levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
     questions_end_with: list[str] = dataclasses.field(default_factory=list)  # e.g. ["?", "？"]; empty: every heading
@@ -568,7 +568,7 @@ class Train(_Section):
     launcher: Literal["python", "accelerate"]
     accelerate_config: str
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"]
-    profile: Literal["auto", "tiny", "hub"]  # auto: tiny for a stand-in (tuneline.profiles), hub for any other base
+    profile: Literal["auto", "tiny", "hub"]  # auto: tiny for a stand-in (tuneline.model.profiles), hub for any other base
     hub: HubProfile | None  # the settings `hub` uses; None only where code builds a Train itself
 
     def check(self, key: str) -> None:

@@ -10,7 +10,7 @@ A record is a dict with the Alpaca fields (`instruction`, `input`, `output`, `sy
   and, for identical copies from one provenance, the copy's number. The same text arriving as a
   seed and as a dataset row gets two ids, so one can be kept and the other rejected as a
   duplicate *of the kept one's id*. Ids do not change when other records are added or
-  reordered, which is what keeps the train/val/test split still (tuneline.alpaca.split).
+  reordered, which is what keeps the train/val/test split still (tuneline.data.alpaca.split).
 """
 
 from __future__ import annotations

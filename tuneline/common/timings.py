@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tuneline.records import write_json
+from tuneline.common.records import write_json
 
 # Keys whose values are clock readings or rates per second (`total_flos` counts work, not time).
 TIMING = re.compile(r"runtime|per_second|per_s$|latency|(^|[._])(seconds|elapsed|time|duration)\b|_s$|_at$")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from tuneline.records import content_hash, with_id
-from tuneline.templates import to_messages
+from tuneline.common.records import content_hash, with_id
+from tuneline.model.templates import to_messages
 
 # Characters of scripts written without spaces count one token each; other text counts words.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")

@@ -7,7 +7,7 @@ Generated, from two prompt templates under `augment.prompts_dir`:
              rounds after the pilot read every chunk once, or augment.chunk_budget of them
 
 Review loop: round 1 asks for a small pilot batch; the shared rule checks
-(`tuneline.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
+(`tuneline.data.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
 the flagged examples and their reasons go into the next round's prompts as "avoid these
 mistakes", together with the records of the round that a person rejected in `tuneline review`
 (matched by content hash, with the person's reason). A reply that is not the JSON asked for is retried in the same conversation with
@@ -34,10 +34,10 @@ from typing import Any, NamedTuple
 
 import jinja2
 
-from tuneline.llm import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
-from tuneline.params import Augment, Clean
-from tuneline.records import InputError, content_hash, iter_numbered_jsonl, iter_numbered_jsonl_dir, text_hash, with_ids
-from tuneline.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
+from tuneline.llm.client import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
+from tuneline.common.params import Augment, Clean
+from tuneline.common.records import InputError, content_hash, iter_numbered_jsonl, iter_numbered_jsonl_dir, text_hash, with_ids
+from tuneline.data.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
 # call(requests, seed, response formats) -> one reply per request
@@ -335,7 +335,7 @@ def mistakes_from(rejects: list[dict], limit: int) -> list[dict]:
 def reviewed_mistakes(records: list[dict], human: dict[str, str], limit: int) -> list[dict]:
     """The first `limit` of `records` that a person rejected, as prompt-ready examples with their reason.
 
-    `human` maps content hashes to the reviewer's reason (tuneline.review.human_mistakes).
+    `human` maps content hashes to the reviewer's reason (tuneline.data.review.human_mistakes).
     """
     examples = []
     for record in records:

@@ -20,10 +20,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from tuneline.params import Clean, ParamsError
-from tuneline.records import InputError, content_hash, duplicate_ids, with_id
-from tuneline.review import apply_decisions, human_metrics, override_rejects
-from tuneline.rules import (
+from tuneline.common.params import Clean, ParamsError
+from tuneline.common.records import InputError, content_hash, duplicate_ids, with_id
+from tuneline.data.review import apply_decisions, human_metrics, override_rejects
+from tuneline.data.rules import (
     Problem,
     RuleLimits,
     check_record,
@@ -196,7 +196,7 @@ def embed_texts(
     `encoder_key`); only texts not found there are encoded, shortest first in batches of
     `batch_size` (a batch is padded to its longest text: texts of one length pad least), and
     each batch is stored as soon as it is done, so an interrupted run keeps what it computed.
-    The batches go to `encode_batches` (None: `encode` on each in turn; tuneline.rayengine's
+    The batches go to `encode_batches` (None: `encode` on each in turn; tuneline.data.rayengine's
     `ray_batch_encoder` encodes them on a Ray cluster), which may return them in any order.
     """
     keys = [content_hash(model, text) for text in texts]
@@ -430,7 +430,7 @@ RecordMap = Callable[[Callable[[dict], dict], list[dict]], list[dict]]
 
 
 def map_in_process(fn: Callable[[dict], dict], records: list[dict]) -> list[dict]:
-    """`fn` of every record, in order, in this process (clean.engine: inprocess; see tuneline.rayengine)."""
+    """`fn` of every record, in order, in this process (clean.engine: inprocess; see tuneline.data.rayengine)."""
     return [fn(record) for record in records]
 
 
@@ -468,7 +468,7 @@ def apply_rules(
     """(records that pass the rules, rejects, PII counts by kind of the records that pass, language by id).
 
     `rule_outcome` runs on every record through `map_records`, which returns the outcomes in
-    the records' order (in this process, or as Ray Data batches: tuneline.rayengine).
+    the records' order (in this process, or as Ray Data batches: tuneline.data.rayengine).
     """
     limits = rule_limits(p)
     phone_regions = tuple(p.phone_regions)
@@ -701,7 +701,7 @@ def clean_records(
     order is by id, so the result depends on the records' content, not on run order.
     `map_records` runs the per-record rules (`apply_rules`); the whole-dataset steps (exact
     duplicates, Datalab) run here, on what it returns.
-    `decisions` (tuneline.review) come first: a human reject removes the record (reason
+    `decisions` (tuneline.data.review) come first: a human reject removes the record (reason
     `human`), an edit replaces its fields before the rules see it, and a human accept keeps a
     record the rules or cleanlab would have removed (counted as an override).
     """

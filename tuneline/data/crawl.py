@@ -37,8 +37,8 @@ from urllib.parse import urljoin, urlsplit
 
 from parsel import Selector
 
-from tuneline.params import Crawl, CrawlDataset, CrawlSource, ParamsError
-from tuneline.records import ALPACA_FIELDS, InputError, content_hash, with_ids
+from tuneline.common.params import Crawl, CrawlDataset, CrawlSource, ParamsError
+from tuneline.common.records import ALPACA_FIELDS, InputError, content_hash, with_ids
 
 # Elements whose text is navigation or code, never page content.
 SKIP_TAGS = frozenset({"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template"})

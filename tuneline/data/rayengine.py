@@ -78,7 +78,7 @@ class _Encode:
     """A Ray actor's encoder: the model is loaded once per actor, then encodes one batch a row."""
 
     def __init__(self, name: str, batch_size: int, max_seq_length: int):
-        from tuneline.clean import load_encoder
+        from tuneline.data.clean import load_encoder
 
         self.encode = load_encoder(name, batch_size, max_seq_length)
 

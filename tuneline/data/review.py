@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tuneline.records import InputError, iter_numbered_jsonl, text_hash
+from tuneline.common.records import InputError, iter_numbered_jsonl, text_hash
 
 ACTIONS = ("accept", "reject", "edit")
 EDITABLE = ("instruction", "input", "output")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline.intervals import score_intervals
-from tuneline.llm import Endpoint, complete_many_sync, ledger
-from tuneline.llmserver import endpoint_url
-from tuneline.records import EndpointError
-from tuneline.templates import to_messages
-from tuneline.textmetrics import corpus_scores, record_scores
+from tuneline.eval.intervals import score_intervals
+from tuneline.llm.client import Endpoint, complete_many_sync, ledger
+from tuneline.llm.server import endpoint_url
+from tuneline.common.records import EndpointError
+from tuneline.model.templates import to_messages
+from tuneline.eval.textmetrics import corpus_scores, record_scores
 
 
 def prompts(records: list[dict], shots: list[dict]) -> list[list[dict]]:

@@ -7,7 +7,7 @@ dropped, each CJK character a word of its own.
 
 from __future__ import annotations
 
-from tuneline.textmetrics import tokens
+from tuneline.eval.textmetrics import tokens
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:

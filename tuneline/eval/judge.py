@@ -6,7 +6,7 @@ reference answer), and names the better one. Judges prefer the answer shown firs
 paper), so every pair is asked twice, the tuned answer first and then second; a verdict counts only when both
 orders agree, and a pair whose orders disagree is a tie. A reply that is not the JSON asked for is
 answered with the retry prompt and asked again in the same conversation, up to `reply_retries`
-times; one still unusable counts as `unparsed`. Calls go through tuneline.llm (the openai client,
+times; one still unusable counts as `unparsed`. Calls go through tuneline.llm.client (the openai client,
 its retries and the per-call reply cache), so a rerun sends no request.
 
 Two verdict forms (`verdict` in the judge's params): `json`, a reply {"winner": "A" | "B" | "tie"},
@@ -29,11 +29,11 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from tuneline import llm
-from tuneline.intervals import percentile_interval, resample_indexes
-from tuneline.llm import Reply, ReplyError, parse_json_object
-from tuneline.params import ParamsError
-from tuneline.records import EndpointError
+from tuneline.llm import client as llm
+from tuneline.eval.intervals import percentile_interval, resample_indexes
+from tuneline.llm.client import Reply, ReplyError, parse_json_object
+from tuneline.common.params import ParamsError
+from tuneline.common.records import EndpointError
 
 Call = Callable[[list[list[dict]], int], list[Reply]]
 OUTCOMES = ("win", "tie", "loss", "unparsed")
@@ -105,7 +105,7 @@ def label_bias(model_dir: str, key: str) -> dict[str, float]:
     """The logit_bias that lets only the label tokens win: +100 (the most OpenAI allows) on the id
     of each of A, B and C in the judge's tokenizer; each must be a single token there. Sent as a
     float: `transformers serve` passes the values on as generate's sequence_bias, which rejects ints."""
-    from tuneline.modeling import load_tokenizer
+    from tuneline.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     bias = {}

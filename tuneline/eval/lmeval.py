@@ -14,7 +14,7 @@ import functools
 import math
 import os
 
-from tuneline.params import ParamsError
+from tuneline.common.params import ParamsError
 
 # lm_eval's bootstrap of a metric's standard error forks a process pool per metric; in a stage
 # that holds a model in memory it runs in-process instead.

@@ -14,10 +14,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from tuneline.generation import generating_with, greedy_config, stop_ids
-from tuneline.templates import render, to_messages
-from tuneline.textmetrics import corpus_scores, record_scores
-from tuneline.tokenization import IGNORE, collate, encode
+from tuneline.model.generation import generating_with, greedy_config, stop_ids
+from tuneline.model.templates import render, to_messages
+from tuneline.eval.textmetrics import corpus_scores, record_scores
+from tuneline.model.tokenization import IGNORE, collate, encode
 
 
 # Answer positions scored at once: their fp32 logits are LOSS_CHUNK x vocabulary (1 GB at 152k words).
@@ -80,7 +80,7 @@ def check_head(model, head, input_ids: torch.Tensor, length: int, hidden: torch.
     ours = head(hidden[:1, :n])[0].float()
     if (own - ours).abs().max() > 1e-2 * own.abs().max() + 1e-3:
         raise ValueError(f"scoring: the {model.config.model_type} model's own logits differ from its head's: it "
-                         "transforms its logits in a way tuneline.scoring.output_head does not apply")
+                         "transforms its logits in a way tuneline.eval.scoring.output_head does not apply")
 
 
 def chunked_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int = LOSS_CHUNK) -> torch.Tensor:

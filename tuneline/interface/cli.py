@@ -15,7 +15,7 @@ OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) with `transformers
 maintained server; this is only the wrapper that finds the model, starts the server, says where
 it listens and stops it. The `model` field of a request is the model directory as given. Every
 export is a plain checkpoint (a P-tuning run's virtual tokens are special tokens in it).
-`review` opens the review page (tuneline.reviewapp) on this machine; the decisions it saves go to
+`review` opens the review page (tuneline.interface.reviewapp) on this machine; the decisions it saves go to
 base.decisions, which `dvc repro` applies.
 
 The commands raise typed errors; `main` prints each as `tuneline <command>: <message>` and returns
@@ -37,9 +37,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from tuneline import params
-from tuneline.llmserver import serve_command
-from tuneline.records import EndpointError, InputError, exit_code
+from tuneline.common import params
+from tuneline.llm.server import serve_command
+from tuneline.common.records import EndpointError, InputError, exit_code
 
 # The exported model is a local directory: the server never needs the hub.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
@@ -148,7 +148,7 @@ def _terminated(*_) -> None:
 
 def report(args: argparse.Namespace) -> int:
     """Write the pull-request report: the verdict, then params and metrics diffs against a revision, and the curves."""
-    from tuneline.report import write_report
+    from tuneline.interface.report import write_report
 
     try:
         path = write_report(args.rev, args.out, args.plots_dir, timings=args.timings)
@@ -163,8 +163,8 @@ def review(args: argparse.Namespace) -> int:
     base = project_base()
     if port_in_use(args.host, args.port):
         raise EndpointError(f"port {args.port} on {args.host} is in use; pick another with --port")
-    from tuneline.review import reviewer_name
-    from tuneline.reviewapp import build_app
+    from tuneline.data.review import reviewer_name
+    from tuneline.interface.reviewapp import build_app
 
     reviewer = reviewer_name()
     app = build_app(base, reviewer)
@@ -185,7 +185,7 @@ def check(args: argparse.Namespace) -> int:
 
 def verdict(args: argparse.Namespace) -> int:
     """Print tuned vs base from metrics/eval.json as a table (what `make run` ends with)."""
-    from tuneline.report import verdict_text
+    from tuneline.interface.report import verdict_text
 
     base = project_base()
     path = Path(base.metrics_dir) / "eval.json"
@@ -197,7 +197,7 @@ def verdict(args: argparse.Namespace) -> int:
 
 def exps(args: argparse.Namespace) -> int:
     """Print the experiments of `dvc exp show`: the params that differ and the headline metrics."""
-    from tuneline.report import experiments_table
+    from tuneline.interface.report import experiments_table
 
     base = project_base()
     try:

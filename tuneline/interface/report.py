@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneline import intervals, timings
+from tuneline.eval import intervals
+
+# The summary's metrics: (set, metric, the per-record file of that set, its column).
+
+from tuneline.common import timings
 
 # The summary's metrics: (set, metric, the per-record file of that set, its column).
 HEADLINE = (("unseen", "loss", "records.jsonl", "tuned_loss"), ("unseen", "rouge_l", "records.jsonl", "tuned_rouge_l"),
@@ -291,7 +295,7 @@ def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path 
 def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "report_plots", cwd: str | Path = ".",
                  timings: bool = False) -> Path:
     """Write the report comparing the workspace with `rev`; return its path."""
-    from tuneline import params
+    from tuneline.common import params
 
     base = params.section("base", path=Path(cwd) / params.PARAMS_FILE)
     eval_path = f"{base.metrics_dir}/eval.json"

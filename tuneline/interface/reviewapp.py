@@ -4,7 +4,7 @@ It shows what needs a person's eye, one view at a time: the records augment gene
 round (round 1 is the pilot batch), the records the clean stage rejected (reason and score) and
 the evaluation samples (base and tuned answers to the test split). For each record the person
 accepts, rejects (a reason from the list, or their own words) or edits instruction, input and
-output; each decision is appended to base.decisions (tuneline.review), which `dvc repro` then
+output; each decision is appended to base.decisions (tuneline.data.review), which `dvc repro` then
 applies (clean; augment through the feedback stage). The page reads the stages' outputs again each
 time it is loaded, so a reload after `dvc repro` shows what that run wrote. Changing the record resets
 the decision, the reason and the last "Saved" message, so a verdict is never carried to another record;
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from tuneline.records import read_jsonl, read_jsonl_dir
-from tuneline.review import REJECT_REASONS, append_decision, latest_by_id, make_decision, read_decisions
+from tuneline.common.records import read_jsonl, read_jsonl_dir
+from tuneline.data.review import REJECT_REASONS, append_decision, latest_by_id, make_decision, read_decisions
 
 REJECTS_VIEW = "clean rejects"
 EVAL_VIEW = "eval samples (base vs tuned)"

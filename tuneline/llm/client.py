@@ -9,7 +9,7 @@ OpenAI-compatible endpoint, with a per-call reply cache.
   last minute's tokens leave room. A 429 pauses every call of the run for its Retry-After
   (one shared cool-down), not only the one that got it.
 - `response_format` is sent per request: json_schema (with the reply's schema; OpenAI strict
-  mode, vLLM and SGLang guided decoding, `tuneline.structserve` locally), json_object, or none.
+  mode, vLLM and SGLang guided decoding, `tuneline.llm.structserve` locally), json_object, or none.
 - `complete_batch` sends the uncached requests through the OpenAI Batch API instead (see there).
 - Every answered call is written to `cache_dir` as soon as its reply arrives, one small file
   per key, by atomic rename: a rerun, or a run after a crash or Ctrl-C, repeats no answered
@@ -17,7 +17,7 @@ OpenAI-compatible endpoint, with a per-call reply cache.
 - The API key is read from the environment variable the endpoint names and goes only into
   the request header: it is never written to the cache, to errors or to logs.
 
-`select` (API candidates) and `evaluate` (the LLM judge, tuneline/judge.py) use this module as augment does.
+`select` (API candidates) and `evaluate` (the LLM judge, tuneline/eval/judge.py) use this module as augment does.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 import openai
 
-from tuneline.records import EndpointError, content_hash
+from tuneline.common.records import EndpointError, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -525,11 +525,11 @@ def complete_many_sync(
 def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, *, cache_salt: str = "", truncated_is_error: bool = False,
                 preflight_key: str = "") -> Iterator[Callable[..., list[Reply]]]:
     """`call(requests, seed, response_format=None) -> replies` for a `with` block. With
-    `endpoint.base_url` "local", the server of the model directory `endpoint.model` (tuneline.llmserver)
+    `endpoint.base_url` "local", the server of the model directory `endpoint.model` (tuneline.llm.server)
     starts at the first call with a request missing from the cache, and stops at the end of the
     block: a fully cached rerun starts no server. Any other endpoint gets `preflight` (GET /models,
     naming `preflight_key`) before its first call that sends something."""
-    from tuneline.llmserver import endpoint_url
+    from tuneline.llm.server import endpoint_url
 
     with ExitStack() as server:
         resolved: Endpoint | None = None

@@ -1,5 +1,5 @@
 """A real OpenAI-compatible server on 127.0.0.1 for the embedded default: `transformers serve`
-(with structured outputs, tuneline.structserve).
+(with structured outputs, tuneline.llm.structserve).
 
 `endpoint_url("local", path)` starts it for the duration of a `with` block and stops it
 afterwards; any other base_url (a hosted API, a vLLM server) is passed through unchanged.
@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tuneline.params import ParamsError
-from tuneline.records import EndpointError
+from tuneline.common.params import ParamsError
+from tuneline.common.records import EndpointError
 
 LOCAL = "local"
 log = logging.getLogger(__name__)
@@ -36,13 +36,13 @@ def free_port() -> int:
 
 def serve_command(model_path: str, port: int, device: str, host: str = "127.0.0.1") -> list[str]:
     """The server's command line, pinned to one model (its name in requests is the path):
-    `transformers serve` with structured outputs (`tuneline.structserve`: response_format json_schema
+    `transformers serve` with structured outputs (`tuneline.llm.structserve`: response_format json_schema
     and json_object are decoded under that constraint, so even a tiny model writes valid JSON).
 
     Every export is a plain checkpoint (a P-tuning run's virtual tokens are special tokens in it).
     """
     options = ["--host", host, "--port", str(port), "--device", device, "--log-level", "warning"]
-    return [sys.executable, "-m", "tuneline.structserve", *options, model_path]
+    return [sys.executable, "-m", "tuneline.llm.structserve", *options, model_path]
 
 
 def _models_ready(base_url: str) -> bool:

@@ -13,7 +13,7 @@ LogitsProcessor that masks every token the grammar does not allow next:
 
 Requests, replies, logit_bias and seeds are `transformers serve`'s own.
 
-    python -m tuneline.structserve --host 127.0.0.1 --port 8000 --device cpu models/base/tiny_qwen
+    python -m tuneline.llm.structserve --host 127.0.0.1 --port 8000 --device cpu models/base/tiny_qwen
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class StructuredServe(Serve):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tuneline.structserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tuneline.llm.structserve", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a local model directory, preloaded and used for every request")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

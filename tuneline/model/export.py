@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from tuneline.generation import greedy_config, stop_ids
-from tuneline.modeling import load_tuned
-from tuneline.records import ChosenModel
+from tuneline.model.generation import greedy_config, stop_ids
+from tuneline.model.modeling import load_tuned
+from tuneline.common.records import ChosenModel
 
 
 def merged_model(chosen: ChosenModel, adapter_dir: str | Path, dtype: str):
@@ -86,7 +86,7 @@ def with_virtual_tokens(chosen: ChosenModel, adapter_dir: str | Path, dtype: str
     """
     from peft import PeftModel
 
-    from tuneline.modeling import load_base, load_tokenizer
+    from tuneline.model.modeling import load_base, load_tokenizer
 
     peft_model = PeftModel.from_pretrained(load_base(chosen, dtype), adapter_dir).eval()
     with torch.no_grad():
@@ -112,7 +112,7 @@ def with_virtual_tokens(chosen: ChosenModel, adapter_dir: str | Path, dtype: str
 def export(chosen: ChosenModel, adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> str:
     """Write the servable model to `out_dir`; return how: "merged" (LoRA, QLoRA, full weights), or
     "virtual tokens" for P-tuning, whose prompt goes into the vocabulary and chat template."""
-    from tuneline.modeling import load_tokenizer
+    from tuneline.model.modeling import load_tokenizer
 
     out_dir = Path(out_dir)
     if is_prompt_learning(adapter_dir):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from tuneline.templates import end_of_turn
+from tuneline.model.templates import end_of_turn
 
 
 def stop_ids(model, tokenizer, template: str) -> list[int]:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from tuneline.logs import route_transformers_logging
-from tuneline.params import ParamsError
-from tuneline.records import ChosenModel
+from tuneline.common.logs import route_transformers_logging
+from tuneline.common.params import ParamsError
+from tuneline.common.records import ChosenModel
 
 # A stage's transformers warnings go to its log file and (unless known-harmless) the terminal.
 route_transformers_logging()

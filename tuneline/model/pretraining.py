@@ -5,7 +5,7 @@ The `models` stage pretrains the small offline candidates from scratch on the sh
 crawled documents. Both run through the train stage's own code (`training.fit`: the Trainer,
 checkpoints, DVCLive curves); only the data differs: blocks of text whose labels are the tokens.
 
-The decontamination check of pretraining text lives in `tuneline.decontamination` (no torch needed).
+The decontamination check of pretraining text lives in `tuneline.eval.decontamination` (no torch needed).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from tuneline.params import Train
-from tuneline.records import InputError
-from tuneline.tokenization import collate
-from tuneline.training import fit, training_arguments
+from tuneline.common.params import Train
+from tuneline.common.records import InputError
+from tuneline.model.tokenization import collate
+from tuneline.model.training import fit, training_arguments
 
 
 def corpus_files(corpus_dir: str | Path) -> list[Path]:

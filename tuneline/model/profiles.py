@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tuneline.params import Train
+from tuneline.common.params import Train
 
 TINY_MAX_PARAMETERS = 10_000_000
 HUB_KEYS = ("lora_r", "lora_alpha", "learning_rate", "epochs", "lr_scheduler", "warmup_ratio", "neftune_noise_alpha", "wise_ft")

@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from tuneline.params import TinyModel
-from tuneline.templates import TEMPLATE_TOKENS, TEMPLATES
+from tuneline.common.params import TinyModel
+from tuneline.model.templates import TEMPLATE_TOKENS, TEMPLATES
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"

@@ -21,11 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
-from tuneline.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
-from tuneline.params import PTUNING_PACKED, QLORA_SHARDED, WISE_FT_ZERO3, ParamsError, Train
-from tuneline.records import ChosenModel
-from tuneline.timings import is_timing
-from tuneline.tokenization import IGNORE, collate
+from tuneline.model.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
+from tuneline.common.params import PTUNING_PACKED, QLORA_SHARDED, WISE_FT_ZERO3, ParamsError, Train
+from tuneline.common.records import ChosenModel
+from tuneline.common.timings import is_timing
+from tuneline.model.tokenization import IGNORE, collate
 
 
 def peft_config(p: Train):
@@ -138,7 +138,7 @@ def answer_only_head(model) -> bool:
 
     patched = types.MethodType(forward, model)
     if not sharded_launch() and not reproduces_own_loss(model, patched, own_forward):
-        logging.getLogger("tuneline.training").warning(
+        logging.getLogger("tuneline.model.training").warning(
             "train: %s's own loss differs from the answer-only head's on a probe; it trains with its own forward "
             "(full logits)", type(model).__name__)
         return False
@@ -185,7 +185,7 @@ def prepare_model(chosen: ChosenModel, p: Train, seed: int):
         keep_4bit_training_layout(model)
     if p.use_liger_kernel:
         # Liger's fused linear cross-entropy never makes the full logits either; the two would both replace the loss.
-        logging.getLogger("tuneline.training").warning(
+        logging.getLogger("tuneline.model.training").warning(
             "train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off")
     else:
         answer_only_head(model)
@@ -265,7 +265,7 @@ class TokensPerSecond(TrainerCallback):
 class SplitTimings(TrainerCallback):
     """Takes the timing and throughput values (runtime, samples/s, tokens/s) out of each log
     before the callbacks after it (DVCLive) write it, keeping the latest of each in `latest`:
-    they go to the stage's timings file (tuneline.timings), so the metrics and plots DVC hashes
+    they go to the stage's timings file (tuneline.common.timings), so the metrics and plots DVC hashes
     are the same on every run."""
 
     def __init__(self) -> None:
@@ -285,7 +285,7 @@ class QuietProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            logging.getLogger("tuneline.training").info("step %d: %s", state.global_step,
+            logging.getLogger("tuneline.model.training").info("step %d: %s", state.global_step,
                                                         {k: v for k, v in logs.items() if k != "total_flos"})  # fmt: skip
 
 
@@ -351,7 +351,7 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
         save_to: Path | None = None) -> tuple:
     """Train `model` with the Trainer, resuming from the newest complete checkpoint in `checkpoints`;
     return (model, metrics). Fine-tuning and pretraining on raw text both run through here. The
-    callbacks (DVCLive) see no timings; the metrics returned hold them (`tuneline.timings.split`).
+    callbacks (DVCLive) see no timings; the metrics returned hold them (`tuneline.common.timings.split`).
 
     With `save_to`, the trained weights (adapter, or full model) are saved there through
     `Trainer.save_model`, which every process must call: under FSDP or ZeRO-3 it gathers the

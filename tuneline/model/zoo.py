@@ -3,7 +3,7 @@
 Each stand-in is a tiny random model of the family's own transformers architecture (its config
 class), with a byte-level BPE tokenizer trained on the given texts that carries the family's real
 special tokens, its BOS / EOS / pad convention and its published chat template
-(`tuneline.zootemplates`), and a generation_config.json like the hub one: base models whose EOS
+(`tuneline.model.zootemplates`), and a generation_config.json like the hub one: base models whose EOS
 is not the token that ends a turn keep it so (Qwen2.5 base: <|endoftext|> vs <|im_end|>; Llama 3
 base: <|end_of_text|> vs <|eot_id|>), and instruct models keep their sampling settings.
 """
@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (AutoModelForCausalLM, GenerationConfig, Gemma2Config, LlamaConfig, Phi3Config,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
-from tuneline import zootemplates
+from tuneline.model import zootemplates
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The published chat templates of the model families the stand-in zoo (`tuneline.zoo`) imitates.
+"""The published chat templates of the model families the stand-in zoo (`tuneline.model.zoo`) imitates.
 
 Each is the Jinja template the family's hub tokenizer ships in tokenizer_config.json (chat_template),
 written out here so the zoo is built offline: Qwen2.5 (instruct and base ship the same one),
