@@ -12,7 +12,8 @@ from datasets import load_from_disk
 from stage_project import make_project, seed_records
 
 from tuneline.model.modeling import load_tokenizer
-from tuneline.model.templates import CHATML, TEMPLATES, render, render_many, to_messages, with_fixed_date
+from tuneline.model.templates import CHATML, TEMPLATES, render, render_many, with_fixed_date
+from tuneline.data.alpaca import to_messages
 from tuneline.model.tokenization import (IGNORE, best_fit_decreasing, collate, encode, fit_length, pack, pack_batch,
                                    piece_ids, tokenize_batch, tokenize_example)
 

@@ -126,7 +126,7 @@ def test_evaluate_generation_stops_at_the_end_of_turn_with_the_learnt_answer(tra
 def test_plain_transformers_with_the_exported_generation_config_stops_and_decodes_greedily(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.model.templates import to_messages
+    from tuneline.data.alpaca import to_messages
 
     family, project = trained
     export_dir = project / "models" / "export"
@@ -182,7 +182,7 @@ def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
         try:
             wait_ready(url, timeout=180, process=cli)
             client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=120)
-            from tuneline.model.templates import to_messages
+            from tuneline.data.alpaca import to_messages
 
             # no temperature in the request: the exported generation config alone must make it greedy and stop it
             replies = [client.chat.completions.create(model="models/export", messages=to_messages(r, with_answer=False),
@@ -213,7 +213,8 @@ def test_generation_is_greedy_whatever_the_hub_generation_config_sets(tmp_path):
     from tuneline.model.generation import stop_ids
     from tuneline.model.modeling import load_model, load_tokenizer
     from tuneline.eval.scoring import generate_ids
-    from tuneline.model.templates import render, to_messages
+    from tuneline.model.templates import render
+    from tuneline.data.alpaca import to_messages
 
     base = save_standin("qwen2.5-instruct", seed_texts(), tmp_path / "standin")  # its config samples at temperature 0.7
     tokenizer, model = load_tokenizer(str(base)), load_model(str(base), dtype="float32").eval()

@@ -10,7 +10,6 @@ import re
 from collections import Counter
 
 from tuneline.common.records import content_hash, with_id
-from tuneline.model.templates import to_messages
 
 # Characters of scripts written without spaces count one token each; other text counts words.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
@@ -156,3 +155,24 @@ def dataset_info(name: str, splits: dict[str, str]) -> dict:
 def to_openai_chat(record: dict) -> dict:
     """A record as one line of OpenAI chat fine-tuning JSONL, history expanded into turns."""
     return {"messages": to_messages(record)}
+
+
+def user_content(record: dict) -> str:
+    """The user turn of an Alpaca record: the instruction, then the input when there is one."""
+    instruction = record["instruction"]
+    extra = record.get("input") or ""
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def to_messages(record: dict, with_answer: bool = True) -> list[dict]:
+    """An Alpaca record as chat messages: system, history turns, the user turn, the answer."""
+    messages = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": record["system"]})
+    for user, assistant in record.get("history") or []:
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": assistant})
+    messages.append({"role": "user", "content": user_content(record)})
+    if with_answer:
+        messages.append({"role": "assistant", "content": record["output"]})
+    return messages

@@ -13,7 +13,7 @@ from tuneline.eval.intervals import score_intervals
 from tuneline.llm.client import Endpoint, complete_many_sync, ledger
 from tuneline.llm.server import endpoint_url
 from tuneline.common.records import EndpointError
-from tuneline.model.templates import to_messages
+from tuneline.data.alpaca import to_messages
 from tuneline.eval.textmetrics import corpus_scores, record_scores
 
 

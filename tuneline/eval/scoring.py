@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneline.model.generation import generating_with, greedy_config, stop_ids
-from tuneline.model.templates import render, to_messages
+from tuneline.model.templates import render
+from tuneline.data.alpaca import to_messages
 from tuneline.eval.textmetrics import corpus_scores, record_scores
 from tuneline.model.tokenization import IGNORE, collate, encode
 

@@ -38,27 +38,6 @@ TEMPLATE_TOKENS = {
 }
 
 
-def user_content(record: dict) -> str:
-    """The user turn of an Alpaca record: the instruction, then the input when there is one."""
-    instruction = record["instruction"]
-    extra = record.get("input") or ""
-    return f"{instruction}\n\n{extra}" if extra else instruction
-
-
-def to_messages(record: dict, with_answer: bool = True) -> list[dict]:
-    """An Alpaca record as chat messages: system, history turns, the user turn, the answer."""
-    messages = []
-    if record.get("system"):
-        messages.append({"role": "system", "content": record["system"]})
-    for user, assistant in record.get("history") or []:
-        messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": assistant})
-    messages.append({"role": "user", "content": user_content(record)})
-    if with_answer:
-        messages.append({"role": "assistant", "content": record["output"]})
-    return messages
-
-
 # A template's call of transformers' strftime_now with a literal format, e.g. Llama 3.1's
 # strftime_now("%d %b %Y") for "Today Date:" in the system header.
 _STRFTIME_NOW_RE = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")

@@ -16,7 +16,9 @@ from bisect import bisect_left, insort
 from collections.abc import Iterator
 from functools import partial
 
-from tuneline.model.templates import segments_many, to_messages
+from tuneline.model.templates import segments_many
+
+from tuneline.data.alpaca import to_messages
 
 IGNORE = -100
 
