@@ -48,10 +48,12 @@ repro: run
 # Tests run on every core (pytest-xdist). The default pipeline's full `dvc repro` runs once per test
 # run, in the background while other tests run, and each worker copies it (tests/conftest.py); the
 # two-fresh-runs test runs a second one. `make test TEST_WORKERS=0` runs them in this process. The
-# slowest are listed.
+# slowest are listed. Before pytest: the lock check and ruff (lint and format, pyproject.toml's rules).
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(VENV)/bin/python tools/lock.py check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 # Serve the exported model on an OpenAI-compatible endpoint (127.0.0.1:8000).

@@ -1,4 +1,5 @@
-"""Bench the clean stage on 10,000 synthetic records: rules, embedding settings, Datalab, cold and cached runs.
+"""Bench the clean stage on 10,000 synthetic records: rules, embedding settings, Datalab, cold and cached
+runs.
 
 Builds 10,000 varied records (coffee and unrelated topics, English with some Chinese, and planted
 faults: empty, HTML, refusal, mojibake, foreign language, PII, exact and near duplicates, label
@@ -49,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tuneline.common import params  # noqa: E402
-
+from tuneline.common.params import Clean  # noqa: E402
+from tuneline.common.records import content_hash, with_ids, write_jsonl_shards  # noqa: E402
 from tuneline.data import rules  # noqa: E402
 from tuneline.data.clean import (  # noqa: E402
     apply_rules,
@@ -63,41 +65,78 @@ from tuneline.data.clean import (  # noqa: E402
     load_encoder,
     record_texts,
 )
-from tuneline.common.params import Clean  # noqa: E402
-from tuneline.common.records import content_hash, with_ids, write_jsonl_shards  # noqa: E402
 
 N_RECORDS = 10_000
 EMBED_SAMPLE = 300
 TARGETS = {"rules_records_per_s": 5_000, "stage_cold_s": 180, "stage_cached_s": 20}
 
 SUBJECTS = {
-    "brewing": ["espresso", "pour-over coffee", "a French press", "cold brew", "a moka pot", "an AeroPress",
-                "drip coffee", "Turkish coffee", "a siphon brewer", "iced coffee"],
-    "grinding": ["a burr grinder", "a blade grinder", "espresso grind size", "grind retention", "hand grinders"],
+    "brewing": [
+        "espresso",
+        "pour-over coffee",
+        "a French press",
+        "cold brew",
+        "a moka pot",
+        "an AeroPress",
+        "drip coffee",
+        "Turkish coffee",
+        "a siphon brewer",
+        "iced coffee",
+    ],
+    "grinding": [
+        "a burr grinder",
+        "a blade grinder",
+        "espresso grind size",
+        "grind retention",
+        "hand grinders",
+    ],
     "milk": ["milk frothing", "latte art", "oat milk foam", "a cappuccino", "a flat white"],
     "beans": ["green coffee beans", "light roasts", "decaf beans", "single-origin beans", "coffee storage"],
     "baking": ["sourdough bread", "pizza dough", "croissants", "banana bread", "rye crackers"],
     "garden": ["tomato plants", "basil seedlings", "a compost heap", "rose pruning", "lawn aeration"],
     "bikes": ["a bicycle chain", "disc brakes", "tubeless tyres", "a derailleur", "saddle height"],
     "code": ["Python lists", "git branches", "SQL joins", "unit tests", "shell scripts"],
-}  # fmt: skip
-QUESTIONS = ["How do I get started with {s}?", "What is the most common mistake with {s}?",
-             "Why does {s} give me inconsistent results?", "How should I look after {s} for {who}?",
-             "What equipment do I need for {s}?", "How long does {s} take to learn for {who}?",
-             "What makes {s} better on a budget?", "Can you explain {s} to {who}?"]  # fmt: skip
+}
+QUESTIONS = [
+    "How do I get started with {s}?",
+    "What is the most common mistake with {s}?",
+    "Why does {s} give me inconsistent results?",
+    "How should I look after {s} for {who}?",
+    "What equipment do I need for {s}?",
+    "How long does {s} take to learn for {who}?",
+    "What makes {s} better on a budget?",
+    "Can you explain {s} to {who}?",
+]
 WHO = ["a beginner", "a busy parent", "a small cafe", "a student", "an office", "a retired teacher"]
-ANSWERS = ["Start with {n} minutes a day and keep notes on what changes.", "Most problems with {s} come from rushing "
-           "the first step; slow down and measure.", "Use about {n} grams as a baseline and adjust by one step at a time.",
-           "Clean everything after use, because old residue changes the result.", "Keep the temperature near {t} "
-           "degrees and write down every change you make.", "A cheap scale and a timer matter more than expensive tools.",
-           "Change one variable at a time so you know what helped.", "Ask someone experienced to watch you once; "
-           "small habits are easy to miss."]  # fmt: skip
-CHINESE = [("手冲咖啡的水温应该是多少？", "一般用 90 到 96 °C 的水，刚离火的开水最合适。"),
-           ("冷萃咖啡需要泡多久？", "在冰箱中浸泡 12 到 18 小时，然后过滤。"),
-           ("如何清洁磨豆机？", "用刷子清理刀盘，或者使用专用的清洁颗粒，不要用水冲洗。")]  # fmt: skip
-FOREIGN = [("Comment conserver le café en grains ?", "Gardez les grains dans un récipient hermétique, à l'abri de la lumière."),
-           ("Wie lange sollte eine French Press ziehen?", "Etwa vier Minuten, dann langsam drücken und sofort ausgießen."),
-           ("¿Cómo se prepara un buen café de olla?", "Hierve el agua con canela y piloncillo, añade el café y deja reposar.")]  # fmt: skip
+ANSWERS = [
+    "Start with {n} minutes a day and keep notes on what changes.",
+    "Most problems with {s} come from rushing the first step; slow down and measure.",
+    "Use about {n} grams as a baseline and adjust by one step at a time.",
+    "Clean everything after use, because old residue changes the result.",
+    "Keep the temperature near {t} degrees and write down every change you make.",
+    "A cheap scale and a timer matter more than expensive tools.",
+    "Change one variable at a time so you know what helped.",
+    "Ask someone experienced to watch you once; small habits are easy to miss.",
+]
+CHINESE = [
+    ("手冲咖啡的水温应该是多少？", "一般用 90 到 96 °C 的水，刚离火的开水最合适。"),
+    ("冷萃咖啡需要泡多久？", "在冰箱中浸泡 12 到 18 小时，然后过滤。"),
+    ("如何清洁磨豆机？", "用刷子清理刀盘，或者使用专用的清洁颗粒，不要用水冲洗。"),
+]
+FOREIGN = [
+    (
+        "Comment conserver le café en grains ?",
+        "Gardez les grains dans un récipient hermétique, à l'abri de la lumière.",
+    ),
+    (
+        "Wie lange sollte eine French Press ziehen?",
+        "Etwa vier Minuten, dann langsam drücken und sofort ausgießen.",
+    ),
+    (
+        "¿Cómo se prepara un buen café de olla?",
+        "Hierve el agua con canela y piloncillo, añade el café y deja reposar.",
+    ),
+]
 
 
 def synthetic_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, set[str]]]:
@@ -139,7 +178,9 @@ def synthetic_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, set[
             record["instruction"], record["output"] = rng.choice(CHINESE)
             record["instruction"] += f"（{i}）"
         elif fault < 0.16:
-            record["output"] += f" Questions: mail help{i}@example.com or call +1 555 {rng.randint(100, 999)} 0199."
+            record["output"] += (
+                f" Questions: mail help{i}@example.com or call +1 555 {rng.randint(100, 999)} 0199."
+            )
         elif fault < 0.19 and records:
             twin = rng.choice(records)
             record = {**twin, "instruction": twin["instruction"].upper(), "source": "generated"}
@@ -163,15 +204,22 @@ def synthetic_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, set[
 # The stage runs as DVC runs it, and reports its own peak RSS and CPU time on its last stderr line.
 RUN_STAGE = (
     "import resource, runpy, sys; runpy.run_module('stages.clean', run_name='__main__'); "
-    "u = resource.getrusage(resource.RUSAGE_SELF); print('usage', u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr)"
+    "u = resource.getrusage(resource.RUSAGE_SELF); print('usage', u.ru_maxrss, u.ru_utime + u.ru_stime, "
+    "file=sys.stderr)"
 )
 
 
 def run_stage(work: Path) -> tuple[float, float, float, str]:
     """Run the clean stage in `work`; return wall seconds, CPU seconds, peak RSS in MiB and its stdout."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RUN_STAGE], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_STAGE],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=1800,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"clean stage failed:\n{proc.stderr[-3000:]}")
@@ -196,8 +244,12 @@ def rate(n: int, seconds: float) -> float:
 
 def spread(values: list[float]) -> dict:
     """The median and min-max of a figure's repeats."""
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
-            "repeats": len(values)}  # fmt: skip
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+        "repeats": len(values),
+    }
 
 
 def verdict_under(values: list[float], target: float) -> str:
@@ -214,7 +266,8 @@ def embed_in_hash_order(texts: list[str], encode, key: str, batch_size: int) -> 
 
 
 def embedding_variants(p: Clean, sample: list[dict], repeats: int, work: Path) -> dict:
-    """records/s of each encoder setting on `sample`, cold (an empty store each time), in alternating rounds."""
+    """records/s of each encoder setting on `sample`, cold (an empty store each time), in alternating
+    rounds."""
     variants = {  # name: (texts, batch size, max_seq_length, hash order)
         "separate, hash order, batch 64 (before)": ("separate", 64, 256, True),
         "separate, shortest first, batch 64": ("separate", 64, 256, False),
@@ -239,13 +292,15 @@ def embedding_variants(p: Clean, sample: list[dict], repeats: int, work: Path) -
     before = seconds["separate, hash order, batch 64 (before)"]
     return {
         name: {
-            "texts_per_record": 1 if how == "joined" else 2, "batch_size": batch, "max_seq_length": max_len,
+            "texts_per_record": 1 if how == "joined" else 2,
+            "batch_size": batch,
+            "max_seq_length": max_len,
             "records_per_s": spread([len(sample) / s for s in seconds[name]]),
             # each round's ratio against the baseline of the same round
             "speedup_vs_before": spread([b / s for b, s in zip(before, seconds[name])]),
         }
         for name, (how, batch, max_len, _) in variants.items()
-    }  # fmt: skip
+    }
 
 
 def stored(encode, store: Path, key: str, batch_size: int):
@@ -255,7 +310,8 @@ def stored(encode, store: Path, key: str, batch_size: int):
 
 def findings_by_text(records: list[dict], p: Clean, store: Path, planted: dict[str, set]) -> dict:
     """Datalab's rejects with one text a record and with two, on the same records, and the planted
-    faults each finds (a planted near-duplicate pair counts when one of the two is a near_duplicate reject)."""
+    faults each finds (a planted near-duplicate pair counts when one of the two is a near_duplicate
+    reject)."""
     out, rejected = {}, {}
     for how in ("separate", "joined"):
         q = dataclasses.replace(p, embedding_text=how)
@@ -275,15 +331,21 @@ def findings_by_text(records: list[dict], p: Clean, store: Path, planted: dict[s
             "planted_wrong_categories_found": f"{sum(1 for i in flips if i in labels)}/{len(flips)}",
         }
     both = rejected["separate"] & rejected["joined"]
-    out["same_rejects"] = {reason: sum(1 for _, r in both if r == reason) for reason in ("near_duplicate", "outlier", "label")}
+    out["same_rejects"] = {
+        reason: sum(1 for _, r in both if r == reason) for reason in ("near_duplicate", "outlier", "label")
+    }
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds of the embedding variants")
-    parser.add_argument("--stage-repeats", type=int, default=2, help="cold stage runs, each followed by 3 cached runs")
-    parser.add_argument("--findings-records", type=int, default=3_000, help="records compared with one text and two")
+    parser.add_argument(
+        "--stage-repeats", type=int, default=2, help="cold stage runs, each followed by 3 cached runs"
+    )
+    parser.add_argument(
+        "--findings-records", type=int, default=3_000, help="records compared with one text and two"
+    )
     args = parser.parse_args()
     p = params.section("clean", path=ROOT / "params.yaml")
     records, planted = synthetic_records(N_RECORDS)
@@ -304,7 +366,9 @@ def main() -> None:
         work = Path(tmp)
         data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
         (work / "params.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-        write_jsonl_shards(work / data["base"]["augmented_dir"] / "records", records, data["base"]["shard_records"])
+        write_jsonl_shards(
+            work / data["base"]["augmented_dir"] / "records", records, data["base"]["shard_records"]
+        )
         store = work / data["base"]["cache_dir"] / "embeddings" / "embeddings.sqlite"
 
         print(f"embedding variants, {EMBED_SAMPLE} records, {args.repeats} alternating rounds:", flush=True)
@@ -328,7 +392,9 @@ def main() -> None:
             features = embedded_records(passed, p.embedding_text, stored(encode, store, key, p.batch_size))
         with Timer() as datalab_t:
             datalab_rejects(passed, features, p)
-        print("Datalab's findings with two texts a record and with one (embeds the other way too):", flush=True)
+        print(
+            "Datalab's findings with two texts a record and with one (embeds the other way too):", flush=True
+        )
         findings = findings_by_text(passed[: args.findings_records], p, store, planted)
     loads.append(os.getloadavg()[0])
 
@@ -338,40 +404,61 @@ def main() -> None:
         (f"embedding, from cache ({p.embedding_text} texts)", len(passed), cache_t.wall, cache_t.cpu),
         ("Datalab: near_duplicate, outlier, non_iid, label", len(passed), datalab_t.wall, datalab_t.cpu),
     ]
-    print(f"\n{N_RECORDS} synthetic records; {len(passed)} pass the rules; {os.cpu_count()} CPUs, "
-          f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
+    print(
+        f"\n{N_RECORDS} synthetic records; {len(passed)} pass the rules; {os.cpu_count()} CPUs, "
+        f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}"
+    )
     print(f"{'step':52} {'records':>8} {'wall s':>8} {'rec/s':>9} {'CPU s':>8} {'rec/CPU s':>10}")
     for name, n, wall, cpu in rows:
         print(f"{name:52} {n:8d} {wall:8.2f} {rate(n, wall):9.1f} {cpu:8.2f} {rate(n, cpu):10.1f}")
     print(f"\nembedding, cold, {EMBED_SAMPLE} records: median (min-max) of {args.repeats} rounds")
     for name, v in variants.items():
         r, x = v["records_per_s"], v["speedup_vs_before"]
-        print(f"  {name:56} {r['median']:7.1f} ({r['min']:.1f}-{r['max']:.1f}) records/s; "
-              f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f}x) the before")
+        print(
+            f"  {name:56} {r['median']:7.1f} ({r['min']:.1f}-{r['max']:.1f}) records/s; "
+            f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f}x) the before"
+        )
     stage = {"cold_s": spread([c[0] for c in cold]), "cached_s": spread([c[0] for c in cached])}
-    verdicts = {"stage_cold_s": verdict_under([c[0] for c in cold], TARGETS["stage_cold_s"]),
-                "stage_cached_s": verdict_under([c[0] for c in cached], TARGETS["stage_cached_s"]),
-                "rules_records_per_s": "met" if rate(len(records), rules_t.wall) >= TARGETS["rules_records_per_s"] else "short"}  # fmt: skip
-    print(f"\nstage ({p.embedding_text} texts, batch {p.batch_size}, max_seq_length {p.embedding_max_seq_length}):")
+    verdicts = {
+        "stage_cold_s": verdict_under([c[0] for c in cold], TARGETS["stage_cold_s"]),
+        "stage_cached_s": verdict_under([c[0] for c in cached], TARGETS["stage_cached_s"]),
+        "rules_records_per_s": "met"
+        if rate(len(records), rules_t.wall) >= TARGETS["rules_records_per_s"]
+        else "short",
+    }
+    print(
+        f"\nstage ({p.embedding_text} texts, batch {p.batch_size}, max_seq_length "
+        f"{p.embedding_max_seq_length}):"
+    )
     for name, runs, target in (("cold_s", cold, "stage_cold_s"), ("cached_s", cached, "stage_cached_s")):
         s_ = stage[name]
-        print(f"  {name}: median {s_['median']} s ({s_['min']}-{s_['max']}, {len(runs)} runs; peak RSS "
-              f"{max(r[2] for r in runs):.0f} MiB); target < {TARGETS[target]} s: {verdicts[target]}")
+        print(
+            f"  {name}: median {s_['median']} s ({s_['min']}-{s_['max']}, {len(runs)} runs; peak RSS "
+            f"{max(r[2] for r in runs):.0f} MiB); target < {TARGETS[target]} s: {verdicts[target]}"
+        )
     print(f"  {cold[0][3].strip().splitlines()[0]}")
     print(f"rules: target >= {TARGETS['rules_records_per_s']} records/s: {verdicts['rules_records_per_s']}")
     print("\nfindings, separate vs joined texts:", json.dumps(findings, indent=1))
 
     def step(n: int, t: Timer) -> dict:
-        return {"records": n, "wall_s": round(t.wall, 3), "records_per_s": rate(n, t.wall),
-                "cpu_s": round(t.cpu, 3), "records_per_cpu_s": rate(n, t.cpu)}  # fmt: skip
+        return {
+            "records": n,
+            "wall_s": round(t.wall, 3),
+            "records_per_s": rate(n, t.wall),
+            "cpu_s": round(t.cpu, 3),
+            "records_per_cpu_s": rate(n, t.cpu),
+        }
 
     result = {
         "records": N_RECORDS,
         "records_after_rules": len(passed),
         "load_average_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
         "cpus": os.cpu_count(),
-        "settings": {"embedding_text": p.embedding_text, "batch_size": p.batch_size,
-                     "embedding_max_seq_length": p.embedding_max_seq_length},
+        "settings": {
+            "embedding_text": p.embedding_text,
+            "batch_size": p.batch_size,
+            "embedding_max_seq_length": p.embedding_max_seq_length,
+        },
         "rejects_by_reason": metrics["rejects_by_reason"],
         "baseline_rules_detector_every_record": step(baseline_n, baseline_t),
         "rules": step(len(records), rules_t),
@@ -379,12 +466,20 @@ def main() -> None:
         "embedding_cached": step(len(passed), cache_t),
         "datalab": step(len(passed), datalab_t),
         "findings_separate_vs_joined": {"records": min(args.findings_records, len(passed)), **findings},
-        "stage": {**stage, "cold_cpu_s": spread([c[1] for c in cold]), "cached_cpu_s": spread([c[1] for c in cached]),
-                  "peak_rss_mib": {"cold": round(max(c[2] for c in cold)), "cached": round(max(c[2] for c in cached))},
-                  "stdout_cold": cold[0][3].strip(), "stdout_cached": cached[0][3].strip()},
+        "stage": {
+            **stage,
+            "cold_cpu_s": spread([c[1] for c in cold]),
+            "cached_cpu_s": spread([c[1] for c in cached]),
+            "peak_rss_mib": {
+                "cold": round(max(c[2] for c in cold)),
+                "cached": round(max(c[2] for c in cached)),
+            },
+            "stdout_cold": cold[0][3].strip(),
+            "stdout_cached": cached[0][3].strip(),
+        },
         "targets": TARGETS,
         "verdicts": verdicts,
-    }  # fmt: skip
+    }
     out = ROOT / "bench" / "results" / "clean.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

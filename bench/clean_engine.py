@@ -46,8 +46,12 @@ def clean_outputs(project: Path) -> dict[str, bytes]:
     from tuneline.common import params
 
     base = params.section("base", path=project / "params.yaml")
-    names = [Path(base.clean_dir) / "records.jsonl", Path(base.clean_dir) / "rejects.jsonl",
-             Path(base.metrics_dir) / "clean.json", Path(base.metrics_dir) / "clean_report.md"]  # fmt: skip
+    names = [
+        Path(base.clean_dir) / "records.jsonl",
+        Path(base.clean_dir) / "rejects.jsonl",
+        Path(base.metrics_dir) / "clean.json",
+        Path(base.metrics_dir) / "clean_report.md",
+    ]
     return {str(n): (project / n).read_bytes() for n in names}
 
 
@@ -55,9 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", choices=["params", "standin"], default="params",
-                        help="params: clean.embedding_model as params.yaml sets it (MiniLM); standin: "
-                        "bench/scale.py's one-layer encoder")  # fmt: skip
+    parser.add_argument(
+        "--encoder",
+        choices=["params", "standin"],
+        default="params",
+        help="params: clean.embedding_model as params.yaml sets it (MiniLM); standin: "
+        "bench/scale.py's one-layer encoder",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_ray.json"))
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
@@ -74,7 +82,9 @@ def main() -> None:
         base = params.section("base", path=project / "params.yaml")
         run_stage(project, "crawl")
         (project / base.augmented_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(project / base.raw_dir / "datasets.jsonl", project / base.augmented_dir / "records.jsonl")
+        shutil.copy2(
+            project / base.raw_dir / "datasets.jsonl", project / base.augmented_dir / "records.jsonl"
+        )
         records_in = sum(1 for _ in (project / base.augmented_dir / "records.jsonl").open(encoding="utf-8"))
         for engine in ENGINES:
             set_engine(project, engine)
@@ -85,16 +95,26 @@ def main() -> None:
             outputs[engine] = clean_outputs(project)
             loads.append(os.getloadavg()[0])
     results = {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": [round(x, 2) for x in loads],
-        "records_in": records_in, "encoder": args.encoder, "clean": runs,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_1m": [round(x, 2) for x in loads],
+        "records_in": records_in,
+        "encoder": args.encoder,
+        "clean": runs,
         "outputs_identical": outputs["ray"] == outputs["inprocess"],
         "ray_over_inprocess_wall": round(runs["ray"]["wall_s"] / runs["inprocess"]["wall_s"], 3),
         "note": "ray: a local Ray started by the stage (RAY_ADDRESS unset), its start-up included; cpu_s and "
         "peak_rss_mib are the driver's alone (Ray's workers are not its waited-for children)",
-    }  # fmt: skip
+    }
     for engine, run in runs.items():
-        print(f"{engine:>9}: {run['wall_s']:.1f} s wall, driver {run['cpu_s']:.1f} s CPU, {run['peak_rss_mib']:.0f} MiB")
-    print(f"outputs identical: {results['outputs_identical']}; ray / inprocess wall: {results['ray_over_inprocess_wall']}")
+        print(
+            f"{engine:>9}: {run['wall_s']:.1f} s wall, driver {run['cpu_s']:.1f} s CPU, "
+            f"{run['peak_rss_mib']:.0f} MiB"
+        )
+    print(
+        f"outputs identical: {results['outputs_identical']}; ray / inprocess wall: "
+        f"{results['ray_over_inprocess_wall']}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

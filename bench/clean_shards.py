@@ -26,8 +26,8 @@ from sklearn.feature_extraction.text import HashingVectorizer  # noqa: E402
 
 from bench.scale import synthetic_lines  # noqa: E402
 from tuneline.common import params  # noqa: E402
-from tuneline.data.clean import clean_records  # noqa: E402
 from tuneline.common.records import in_arrival_order, shard_files, with_ids, write_jsonl_shards  # noqa: E402
+from tuneline.data.clean import clean_records  # noqa: E402
 
 
 def rows(lines: list[str], tag: str) -> list[dict]:
@@ -68,13 +68,19 @@ def main() -> None:
     changed = Counter(r["reason"] for r in first.rejects if rejects.get((r["id"], r["reason"]), r) != r)
     with tempfile.TemporaryDirectory() as tmp:
         for name, result, records in (("first", first, old), ("second", second, grown)):
-            write_jsonl_shards(Path(tmp) / name, in_arrival_order(result.kept, records), args.shard_records,
-                               lambda r: str(r["id"]))  # fmt: skip
+            write_jsonl_shards(
+                Path(tmp) / name,
+                in_arrival_order(result.kept, records),
+                args.shard_records,
+                lambda r: str(r["id"]),
+            )
         held = {f.read_bytes() for f in shard_files(Path(tmp) / "first")}
         shards = [f.read_bytes() for f in shard_files(Path(tmp) / "second")]
-    print(f"{len(before)} old records: {sum(moved.values())} decisions moved {dict(moved)}; "
-          f"{sum(changed.values())} of {len(first.rejects)} reject rows changed {dict(changed)}; "
-          f"{sum(1 for s in shards if s not in held)} of {len(shards)} kept shards new")  # fmt: skip
+    print(
+        f"{len(before)} old records: {sum(moved.values())} decisions moved {dict(moved)}; "
+        f"{sum(changed.values())} of {len(first.rejects)} reject rows changed {dict(changed)}; "
+        f"{sum(1 for s in shards if s not in held)} of {len(shards)} kept shards new"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def build_site(root: Path) -> list[str]:
     def write(path: str, title: str, body: str) -> None:
         f = root / path.lstrip("/")
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(f"<html><head><title>{title}</title></head><body>{nav}<main>{body}</main>{footer}</body></html>",
-                     encoding="utf-8")
+        f.write_text(
+            f"<html><head><title>{title}</title></head><body>{nav}<main>{body}</main>{footer}</body></html>",
+            encoding="utf-8",
+        )
 
     sections = [f"/s{s}/index.html" for s in range(SECTIONS)]
     write("/index.html", "Home", "".join(f'<a href="{u}">section {i}</a>' for i, u in enumerate(sections)))
@@ -52,13 +54,16 @@ def build_site(root: Path) -> list[str]:
             if i % 2:
                 qa = "".join(
                     f'<div class="qa" data-category="brewing"><h2 class="question">Question {s}-{i}-{k}?</h2>'
-                    f'<div class="answer"><p>Answer {s}-{i}-{k}: brew at 93 degrees for {k + 2} minutes.</p></div></div>'
+                    f'<div class="answer"><p>Answer {s}-{i}-{k}: brew at 93 degrees for {k + 2} '
+                    f"minutes.</p></div></div>"
                     for k in range(3)
                 )
                 write(leaf, f"FAQ {s}-{i}", qa)
             else:
-                paras = "".join(f"<p>Paragraph {k} of article {s}-{i} about grinding and brewing coffee.</p>"
-                                for k in range(5))
+                paras = "".join(
+                    f"<p>Paragraph {k} of article {s}-{i} about grinding and brewing coffee.</p>"
+                    for k in range(5)
+                )
                 write(leaf, f"Article {s}-{i}", f"<article><h1>Article {s}-{i}</h1>{paras}</article>")
             paths.append(leaf)
     return paths
@@ -81,18 +86,27 @@ def run_stage(work: Path, base_url: str) -> tuple[float, dict]:
     """Run the crawl stage in `work`; return its wall time and metrics."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     p = data["crawl"]
-    source = dict(p["sources"][0], name="bench", start_urls=[f"{base_url}/index.html"], depth_limit=3,
-                  max_pages=5000)
+    source = dict(
+        p["sources"][0], name="bench", start_urls=[f"{base_url}/index.html"], depth_limit=3, max_pages=5000
+    )
     p.update(serve_site=False, sources=[source], datasets=[], autothrottle=False, concurrent_requests=16)
     (work / "params.yaml").write_text(yaml.safe_dump({"base": data["base"], "crawl": p}), encoding="utf-8")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "stages.crawl"], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.crawl"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"crawl stage failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((work / "metrics" / "crawl.json").read_text(encoding="utf-8"))
-    clock = json.loads((work / "metrics" / "timings" / "crawl.json").read_text(encoding="utf-8"))  # tuneline.common.timings
+    clock = json.loads(
+        (work / "metrics" / "timings" / "crawl.json").read_text(encoding="utf-8")
+    )  # tuneline.common.timings
     for name, source in clock["sources"].items():
         metrics["sources"][name].update(source)
     return wall, metrics
@@ -137,24 +151,41 @@ def main() -> None:
         ("crawl stage, HTTP cache rerun", warm["pages_fetched"], warm_crawl_s, warm_wall, warm_requests),
     ]
     print(f"site: {len(paths)} pages on {base_url}; AutoThrottle off, 16 concurrent requests")
-    print(f"{'run':32} {'pages':>6} {'crawl s':>8} {'pages/s':>8} {'stage wall s':>12} {'server requests':>16}")
+    print(
+        f"{'run':32} {'pages':>6} {'crawl s':>8} {'pages/s':>8} {'stage wall s':>12} {'server requests':>16}"
+    )
     for name, n, secs, wall, reqs in rows:
         wall_text = f"{wall:12.2f}" if wall is not None else f"{'-':>12}"
         print(f"{name:32} {n:6d} {secs:8.2f} {n / secs:8.1f} {wall_text} {reqs:16d}")
     cold_rate = pages / cold_crawl_s
-    print(f"target >= {TARGET_PAGES_PER_S:.0f} pages/s cold: {'met' if cold_rate >= TARGET_PAGES_PER_S else 'NOT met'} "
-          f"({cold_rate:.1f}); items {cold['items_by_kind']}")
+    print(
+        f"target >= {TARGET_PAGES_PER_S:.0f} pages/s cold: "
+        f"{'met' if cold_rate >= TARGET_PAGES_PER_S else 'NOT met'} "
+        f"({cold_rate:.1f}); items {cold['items_by_kind']}"
+    )
 
     result = {
         "site_pages": len(paths),
-        "baseline_urllib_sequential": {"pages": len(paths), "seconds": round(baseline_s, 3),
-                                       "pages_per_s": round(len(paths) / baseline_s, 1)},
-        "cold": {"pages": pages, "crawl_seconds": cold_crawl_s, "stage_wall_seconds": round(cold_wall, 3),
-                 "pages_per_s": round(cold_rate, 1), "server_requests": cold_requests,
-                 "items_by_kind": cold["items_by_kind"]},
-        "cached_rerun": {"pages": warm["pages_fetched"], "crawl_seconds": warm_crawl_s,
-                         "stage_wall_seconds": round(warm_wall, 3), "server_requests": warm_requests,
-                         "cache_hits": warm["cache_hits"]},
+        "baseline_urllib_sequential": {
+            "pages": len(paths),
+            "seconds": round(baseline_s, 3),
+            "pages_per_s": round(len(paths) / baseline_s, 1),
+        },
+        "cold": {
+            "pages": pages,
+            "crawl_seconds": cold_crawl_s,
+            "stage_wall_seconds": round(cold_wall, 3),
+            "pages_per_s": round(cold_rate, 1),
+            "server_requests": cold_requests,
+            "items_by_kind": cold["items_by_kind"],
+        },
+        "cached_rerun": {
+            "pages": warm["pages_fetched"],
+            "crawl_seconds": warm_crawl_s,
+            "stage_wall_seconds": round(warm_wall, 3),
+            "server_requests": warm_requests,
+            "cache_hits": warm["cache_hits"],
+        },
         "target_pages_per_s": TARGET_PAGES_PER_S,
         "target_met": cold_rate >= TARGET_PAGES_PER_S,
     }

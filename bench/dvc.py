@@ -98,17 +98,46 @@ def measure(repo: Path, touched: list[Path]) -> dict:
     after_touch, text = timed(repo, "dvc", "status")
     if "up to date" not in text:
         sys.exit(f"`dvc status` after an mtime-only touch reports changes:\n{text}")
-    return {"noop_repro_s": round(noop_repro, 3), "status_s": round(status, 3),
-            "status_after_touch_s": round(after_touch, 3)}
+    return {
+        "noop_repro_s": round(noop_repro, 3),
+        "status_s": round(status, 3),
+        "status_after_touch_s": round(after_touch, 3),
+    }
 
 
 def add_growth_stages(repo: Path, n: int) -> float:
-    """Point the bench stages at N files and run them once; return that setup's seconds (not a bench figure)."""
+    """Point the bench stages at N files and run them once; return that setup's seconds (not a bench
+    figure)."""
     start = time.perf_counter()
-    run(repo, "dvc", "stage", "add", "-f", "-n", "bench_gen", "-d", "bench_gen.py", "-o", EXTRA_DIR,
-        f"python bench_gen.py {n} {EXTRA_DIR}")
-    run(repo, "dvc", "stage", "add", "-f", "-n", "bench_use", "-d", EXTRA_DIR, "-O", "data/raw/extra_count.txt",
-        f"python -c \"import os; open('data/raw/extra_count.txt', 'w').write(str(len(os.listdir('{EXTRA_DIR}'))))\"")
+    run(
+        repo,
+        "dvc",
+        "stage",
+        "add",
+        "-f",
+        "-n",
+        "bench_gen",
+        "-d",
+        "bench_gen.py",
+        "-o",
+        EXTRA_DIR,
+        f"python bench_gen.py {n} {EXTRA_DIR}",
+    )
+    run(
+        repo,
+        "dvc",
+        "stage",
+        "add",
+        "-f",
+        "-n",
+        "bench_use",
+        "-d",
+        EXTRA_DIR,
+        "-O",
+        "data/raw/extra_count.txt",
+        f"python -c \"import os; open('data/raw/extra_count.txt', "
+        f"'w').write(str(len(os.listdir('{EXTRA_DIR}'))))\"",
+    )
     ran = repro(repo, "bench_use")["ran"]
     if ran != {"bench_gen", "bench_use"}:
         sys.exit(f"growth stages for N={n}: expected bench_gen and bench_use to run, ran {sorted(ran)}")
@@ -126,10 +155,15 @@ def projected_cost(costs: list[tuple[int, float]], n: int) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':42} {'files in data/raw':>17} {'no-op repro s':>13} {'status s':>9} {'status after touch s':>20}")
+    print(
+        f"{'case':42} {'files in data/raw':>17} {'no-op repro s':>13} {'status s':>9} "
+        f"{'status after touch s':>20}"
+    )
     for r in rows:
-        print(f"{r['case']:42} {r['raw_files']:17,d} {r['noop_repro_s']:13.2f} {r['status_s']:9.2f} "
-              f"{r['status_after_touch_s']:20.2f}")
+        print(
+            f"{r['case']:42} {r['raw_files']:17,d} {r['noop_repro_s']:13.2f} {r['status_s']:9.2f} "
+            f"{r['status_after_touch_s']:20.2f}"
+        )
 
 
 def main() -> None:
@@ -139,14 +173,23 @@ def main() -> None:
         start = time.perf_counter()
         first = repro(repo)
         first_repro_s = time.perf_counter() - start
-        print(f"first `dvc repro` of the default pipeline: {first_repro_s:.0f} s, {len(first['ran'])} stages ran")
+        print(
+            f"first `dvc repro` of the default pipeline: {first_repro_s:.0f} s, {len(first['ran'])} stages "
+            f"ran"
+        )
 
         cli_floor = median_time(repo, "dvc", "--version", must_print=".")
         raw_files = files_under(repo / "data" / "raw")
         if len(raw_files) != BASELINE_RAW_FILES:
             print(f"note: data/raw holds {len(raw_files)} files, not {BASELINE_RAW_FILES}")
-        rows = [{"case": "baseline: default pipeline", "extra_files": 0, "raw_files": len(raw_files),
-                 **measure(repo, raw_files)}]
+        rows = [
+            {
+                "case": "baseline: default pipeline",
+                "extra_files": 0,
+                "raw_files": len(raw_files),
+                **measure(repo, raw_files),
+            }
+        ]
         print_table(rows[-1:])
 
         (repo / "bench_gen.py").write_text(GENERATOR, encoding="utf-8")
@@ -155,39 +198,64 @@ def main() -> None:
             elapsed = time.perf_counter() - bench_start
             projected = projected_cost(costs, n)
             if elapsed + projected > BUDGET_S:
-                skipped.append({"extra_files": n, "projected_s": round(projected), "elapsed_s": round(elapsed)})
-                print(f"skipped N={n:,}: projected {projected:.0f} s with {elapsed:.0f} s of the {BUDGET_S:.0f} s budget spent")
+                skipped.append(
+                    {"extra_files": n, "projected_s": round(projected), "elapsed_s": round(elapsed)}
+                )
+                print(
+                    f"skipped N={n:,}: projected {projected:.0f} s with {elapsed:.0f} s of the "
+                    f"{BUDGET_S:.0f} s budget spent"
+                )
                 continue
             size_start = time.perf_counter()
             setup_s[n] = round(add_growth_stages(repo, n), 1)
             extra = sorted((repo / EXTRA_DIR).iterdir())
-            rows.append({"case": f"+{n:,} files ({n // BASELINE_RAW_FILES:,}x) in {EXTRA_DIR}", "extra_files": n,
-                         "raw_files": len(files_under(repo / "data" / "raw")), **measure(repo, extra)})
+            rows.append(
+                {
+                    "case": f"+{n:,} files ({n // BASELINE_RAW_FILES:,}x) in {EXTRA_DIR}",
+                    "extra_files": n,
+                    "raw_files": len(files_under(repo / "data" / "raw")),
+                    **measure(repo, extra),
+                }
+            )
             costs.append((n, time.perf_counter() - size_start))
             print_table(rows[-1:])
 
     base = rows[0]
-    print("\nvaried: the number of small files under data/raw/ (3 crawl outputs + N in data/raw/extra, an output of "
-          "stage bench_gen and a dependency of stage bench_use, + bench_use's count file); medians of 3; 'status after touch' is one run")
-    print(f"`dvc --version` (CLI start-up floor): {cli_floor:.2f} s; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs")
+    print(
+        "\nvaried: the number of small files under data/raw/ (3 crawl outputs + N in data/raw/extra, an "
+        "output of "
+        "stage bench_gen and a dependency of stage bench_use, + bench_use's count file); medians of 3; "
+        "'status after touch' is one run"
+    )
+    print(
+        f"`dvc --version` (CLI start-up floor): {cli_floor:.2f} s; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
+    )
     print_table(rows)
     for r in rows[1:]:
-        print(f"N={r['extra_files']:>6,}: no-op repro {r['noop_repro_s'] / base['noop_repro_s']:.2f}x baseline, "
-              f"status {r['status_s'] / base['status_s']:.2f}x, status after touch "
-              f"{r['status_after_touch_s'] / base['status_after_touch_s']:.2f}x")
+        print(
+            f"N={r['extra_files']:>6,}: no-op repro {r['noop_repro_s'] / base['noop_repro_s']:.2f}x "
+            f"baseline, "
+            f"status {r['status_s'] / base['status_s']:.2f}x, status after touch "
+            f"{r['status_after_touch_s'] / base['status_after_touch_s']:.2f}x"
+        )
     met = base["noop_repro_s"] < TARGET_NOOP_REPRO_S
-    print(f"target no-op `dvc repro` < {TARGET_NOOP_REPRO_S:.0f} s on the default pipeline: "
-          f"{'met' if met else 'NOT met'} ({base['noop_repro_s']:.2f} s)")
+    print(
+        f"target no-op `dvc repro` < {TARGET_NOOP_REPRO_S:.0f} s on the default pipeline: "
+        f"{'met' if met else 'NOT met'} ({base['noop_repro_s']:.2f} s)"
+    )
 
     result = {
-        "varied": "number of small files under data/raw/: the 3 crawl outputs plus N files in data/raw/extra, "
-                  "an output of stage bench_gen and a dependency of stage bench_use (which writes data/raw/extra_count.txt) "
-                  "added to the copy's dvc.yaml",
+        "varied": "number of small files under data/raw/: the 3 crawl outputs plus N files in "
+        "data/raw/extra, "
+        "an output of stage bench_gen and a dependency of stage bench_use (which writes "
+        "data/raw/extra_count.txt) "
+        "added to the copy's dvc.yaml",
         "baseline": "the default pipeline, unchanged (data/raw holds the crawl stage's outputs only)",
-        "method": f"temporary git repo copy (tests/pipeline_repo.make_repo), one real `dvc repro`, then medians of "
-                  f"{REPEATS} CLI runs; status_after_touch_s: one `dvc status` right after an mtime-only touch of the "
-                  f"data/raw files (baseline) or of the N extra files (growth rows)",
+        "method": f"temporary git repo copy (tests/pipeline_repo.make_repo), one real `dvc repro`, then "
+        f"medians of "
+        f"{REPEATS} CLI runs; status_after_touch_s: one `dvc status` right after an mtime-only touch of the "
+        f"data/raw files (baseline) or of the N extra files (growth rows)",
         "first_repro_s": round(first_repro_s, 1),
         "stages_first_run": sorted(first["ran"]),
         "cli_startup_s": round(cli_floor, 3),
@@ -197,8 +265,12 @@ def main() -> None:
         "target_noop_repro_s": TARGET_NOOP_REPRO_S,
         "target_met": met,
         "bench_wall_s": round(time.perf_counter() - bench_start, 1),
-        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version(), "dvc": run(ROOT, "dvc", "--version").stdout.strip()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "dvc": run(ROOT, "dvc", "--version").stdout.strip(),
+        },
     }
     out = ROOT / "bench" / "results" / "dvc.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Bench the evaluate stage's generation on the default's trained model: batched greedy decoding against one prompt at a time.
+"""Bench the evaluate stage's generation on the default's trained model: batched greedy decoding against one
+prompt at a time.
 
 The model is the default pipeline's own fine-tuned model, the one the evaluate stage scores and
 the export stage writes: by default this bench builds it by running the real stages, `dvc repro
@@ -51,10 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from tests.pipeline_repo import make_repo, repro  # noqa: E402
 from tuneline.common import params  # noqa: E402
-from tuneline.model.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.common.records import read_json, read_jsonl  # noqa: E402
-from tuneline.model.generation import stop_ids  # noqa: E402
 from tuneline.eval.scoring import generate_ids  # noqa: E402
+from tuneline.model.generation import stop_ids  # noqa: E402
+from tuneline.model.modeling import load_model, load_tokenizer  # noqa: E402
 
 PROMPTS = 64
 BATCH_SIZES = (1, 8, 16)  # 1 is the baseline
@@ -74,11 +75,19 @@ def spread(values: list[float]) -> dict:
     """The median and min-max of a ratio's rounds, and the verdict against TARGET_SPEEDUP."""
     low, high = min(values), max(values)
     verdict = "met" if low >= TARGET_SPEEDUP else "parity" if high >= TARGET_SPEEDUP else "short"
-    return {"median": round(statistics.median(values), 2), "min": round(low, 2), "max": round(high, 2), "verdict": verdict}
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(low, 2),
+        "max": round(high, 2),
+        "verdict": verdict,
+    }
 
 
-def measure(model, tokenizer, prompts: list[dict], max_new_tokens: int, repeats: int) -> tuple[list[dict], dict]:
-    """(one row per batch size with its answers' counts and seconds per round, speedup spread per batched size)."""
+def measure(
+    model, tokenizer, prompts: list[dict], max_new_tokens: int, repeats: int
+) -> tuple[list[dict], dict]:
+    """(one row per batch size with its answers' counts and seconds per round, speedup spread per batched
+    size)."""
     stops = stop_ids(model, tokenizer, "auto")
     generate_ids(model, tokenizer, prompts[:2], "auto", 2, 4)  # warm-up: first-call allocations
     seconds: dict[int, list[float]] = {b: [] for b in BATCH_SIZES}
@@ -88,34 +97,47 @@ def measure(model, tokenizer, prompts: list[dict], max_new_tokens: int, repeats:
             start = time.perf_counter()
             answers[batch_size] = generate_ids(model, tokenizer, prompts, "auto", batch_size, max_new_tokens)
             seconds[batch_size].append(time.perf_counter() - start)
-        print(f"  round {round_ + 1}: " + ", ".join(f"batch {b} {seconds[b][-1]:.2f} s" for b in BATCH_SIZES), flush=True)
+        print(
+            f"  round {round_ + 1}: " + ", ".join(f"batch {b} {seconds[b][-1]:.2f} s" for b in BATCH_SIZES),
+            flush=True,
+        )
     baseline = answers[1]
     rows = []
     for batch_size in BATCH_SIZES:
         tokens = sum(len(a) for a in answers[batch_size])
-        rows.append({
-            "mode": "one at a time (baseline)" if batch_size == 1 else f"batched {batch_size}",
-            "batch_size": batch_size,
-            "seconds": [round(s, 3) for s in seconds[batch_size]],
-            "tokens": tokens,
-            "tokens_per_s_median": round(tokens / statistics.median(seconds[batch_size]), 1),
-            "stopped_at_eos": sum(1 for a in answers[batch_size] if a and a[-1] in stops),
-            "answer_lengths": {"min": min(map(len, answers[batch_size])), "max": max(map(len, answers[batch_size]))},
-            "same_answers_as_baseline": sum(a == b for a, b in zip(answers[batch_size], baseline, strict=True)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": "one at a time (baseline)" if batch_size == 1 else f"batched {batch_size}",
+                "batch_size": batch_size,
+                "seconds": [round(s, 3) for s in seconds[batch_size]],
+                "tokens": tokens,
+                "tokens_per_s_median": round(tokens / statistics.median(seconds[batch_size]), 1),
+                "stopped_at_eos": sum(1 for a in answers[batch_size] if a and a[-1] in stops),
+                "answer_lengths": {
+                    "min": min(map(len, answers[batch_size])),
+                    "max": max(map(len, answers[batch_size])),
+                },
+                "same_answers_as_baseline": sum(
+                    a == b for a, b in zip(answers[batch_size], baseline, strict=True)
+                ),
+            }
+        )
     base_tokens = rows[0]["tokens"]
     speedups = {
         # tokens/s batched over tokens/s one at a time, within each round
-        f"batch_{row['batch_size']}": spread([(row["tokens"] / s) / (base_tokens / b)
-                                              for s, b in zip(seconds[row["batch_size"]], seconds[1])])
+        f"batch_{row['batch_size']}": spread(
+            [(row["tokens"] / s) / (base_tokens / b) for s, b in zip(seconds[row["batch_size"]], seconds[1])]
+        )
         for row in rows[1:]
-    }  # fmt: skip
+    }
     return rows, speedups
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="an exported model directory (models/export); default: build it")
+    ap.add_argument(
+        "--model", type=Path, help="an exported model directory (models/export); default: build it"
+    )
     ap.add_argument("--repeats", type=int, default=5, help="alternating rounds; each speedup is their median")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every mode")
     args = ap.parse_args()
@@ -126,45 +148,84 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, built_s = args.model, None
         if model_dir is None:
-            print("building the default's trained model: dvc repro export in a copy of this checkout", flush=True)
+            print(
+                "building the default's trained model: dvc repro export in a copy of this checkout",
+                flush=True,
+            )
             model_dir, built_s = build_trained_model(Path(tmp) / "repo")
             print(f"  built in {built_s:.0f} s", flush=True)
-        selected = read_json(model_dir.parent / "tuning_base.json") if (model_dir.parent / "tuning_base.json").exists() else {}
+        selected = (
+            read_json(model_dir.parent / "tuning_base.json")
+            if (model_dir.parent / "tuning_base.json").exists()
+            else {}
+        )
         torch.set_num_threads(args.threads)
         tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{model_dir}: {n_params / 1e6:.2f}M parameters (base {selected.get('name', '?')}); {PROMPTS} prompts, "
-              f"max_new_tokens {evaluate.max_new_tokens}, torch threads {torch.get_num_threads()}, {args.repeats} rounds")
+        print(
+            f"{model_dir}: {n_params / 1e6:.2f}M parameters (base {selected.get('name', '?')}); {PROMPTS} "
+            f"prompts, "
+            f"max_new_tokens {evaluate.max_new_tokens}, torch threads {torch.get_num_threads()}, "
+            f"{args.repeats} rounds"
+        )
         loads = [os.getloadavg()[0]]
         rows, speedups = measure(model, tokenizer, prompts, evaluate.max_new_tokens, args.repeats)
         loads.append(os.getloadavg()[0])
 
     print()
-    print("| mode | median s | tokens | tokens/s (median) | stopped at EOS | answer tokens | same answers as baseline |")
+    print(
+        "| mode | median s | tokens | tokens/s (median) | stopped at EOS | answer tokens | same answers as "
+        "baseline |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         lengths = r["answer_lengths"]
-        print(f"| {r['mode']} | {statistics.median(r['seconds']):.2f} | {r['tokens']} | {r['tokens_per_s_median']:.1f} | "
-              f"{r['stopped_at_eos']}/{PROMPTS} | {lengths['min']}-{lengths['max']} | {r['same_answers_as_baseline']}/{PROMPTS} |")
+        print(
+            f"| {r['mode']} | {statistics.median(r['seconds']):.2f} | {r['tokens']} | "
+            f"{r['tokens_per_s_median']:.1f} | "
+            f"{r['stopped_at_eos']}/{PROMPTS} | {lengths['min']}-{lengths['max']} | "
+            f"{r['same_answers_as_baseline']}/{PROMPTS} |"
+        )
     print(f"\nload average (1 min) {min(loads):.1f}-{max(loads):.1f}")
     for key, s in speedups.items():
-        print(f"speedup {key.replace('_', ' ')}: {s['median']:.2f}x (spread {s['min']:.2f}-{s['max']:.2f}x over "
-              f"{args.repeats} rounds; target >= {TARGET_SPEEDUP}x): {s['verdict']}")
+        print(
+            f"speedup {key.replace('_', ' ')}: {s['median']:.2f}x (spread {s['min']:.2f}-{s['max']:.2f}x "
+            f"over "
+            f"{args.repeats} rounds; target >= {TARGET_SPEEDUP}x): {s['verdict']}"
+        )
 
     out = ROOT / "bench" / "results" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "bench": "evaluate generation throughput (tuneline.eval.scoring.generate_ids, greedy)",
-        "baseline": "one at a time (batch 1), same model, same round",
-        "model": {"source": "given (--model)" if built_s is None else "built: dvc repro export in a copy of this checkout",
-                  "base": selected.get("name"), "parameters": n_params, "build_seconds": built_s and round(built_s)},
-        "prompts": PROMPTS, "max_new_tokens": evaluate.max_new_tokens, "repeats": args.repeats,
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "load_average_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
-        "rows": rows, "speedups": speedups, "target_speedup": TARGET_SPEEDUP,
-    }, indent=2) + "\n", encoding="utf-8")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "evaluate generation throughput (tuneline.eval.scoring.generate_ids, greedy)",
+                "baseline": "one at a time (batch 1), same model, same round",
+                "model": {
+                    "source": "given (--model)"
+                    if built_s is None
+                    else "built: dvc repro export in a copy of this checkout",
+                    "base": selected.get("name"),
+                    "parameters": n_params,
+                    "build_seconds": built_s and round(built_s),
+                },
+                "prompts": PROMPTS,
+                "max_new_tokens": evaluate.max_new_tokens,
+                "repeats": args.repeats,
+                "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+                "torch_threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "load_average_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
+                "rows": rows,
+                "speedups": speedups,
+                "target_speedup": TARGET_SPEEDUP,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"wrote {out.relative_to(ROOT)}")
 
 

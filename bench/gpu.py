@@ -3,7 +3,8 @@
 Models, built offline from a config with random weights (speed and memory do not depend on the values):
 - `0p5b`: shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
   vocab 151,936, tied embeddings), saved once in bf16 and loaded by every run through
-  `tuneline.model.training.prepare_model` -> `tuneline.model.modeling.load_model` (from_pretrained, as the stage does);
+  `tuneline.model.training.prepare_model` -> `tuneline.model.modeling.load_model` (from_pretrained, as the
+  stage does);
 - `8b`: shaped like Llama-3-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336,
   vocab 128,256), made on the GPU in bf16 and quantised in memory layer by layer to bitsandbytes NF4
   (double quantisation, bf16 compute: what `tuneline.model.modeling.nf4_config` asks from_pretrained for),
@@ -66,17 +67,47 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHAPES = {
-    "0p5b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
-                 vocab_size=151936, tie_word_embeddings=True),
-    "8b": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
-               vocab_size=128256, tie_word_embeddings=False),
+    "0p5b": dict(
+        arch="qwen2",
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        arch="llama",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 # Widths are multiples of 64: bitsandbytes quantises in blocks of 64.
 TINY_SHAPES = {
-    "0p5b": dict(SHAPES["0p5b"], hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                 vocab_size=512),
-    "8b": dict(SHAPES["8b"], hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
-               vocab_size=512),
+    "0p5b": dict(
+        SHAPES["0p5b"],
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),
+    "8b": dict(
+        SHAPES["8b"],
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        vocab_size=512,
+    ),
 }
 # name: (model, method, implementation, gradient checkpointing, Liger, batch size). implementation:
 # tuneline (packed as the stage packs), trl (TRL's defaults, unpacked) or trl_packed (TRL's
@@ -94,8 +125,12 @@ RUNS = {
     "lora_0p5b_liger": ("0p5b", "lora", "tuneline", False, True, 8),
 }
 DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-TARGETS = {"lora_vs_trl_defaults_tokens_per_s": 1.5, "full_0p5b_mfu": 0.35, "lora_0p5b_mfu": 0.25,
-           "qlora_8b_gc_peak_gib": 7.4}
+TARGETS = {
+    "lora_vs_trl_defaults_tokens_per_s": 1.5,
+    "full_0p5b_mfu": 0.35,
+    "lora_0p5b_mfu": 0.25,
+    "qlora_8b_gc_peak_gib": 7.4,
+}
 PROMPT_TEMPLATE_TOKENS = 24  # a chat template's system and role markers around the instruction
 
 
@@ -103,14 +138,23 @@ def model_config(shape: dict, pad_token_id: int):
     from transformers import LlamaConfig, Qwen2Config
 
     cls = LlamaConfig if shape["arch"] == "llama" else Qwen2Config
-    return cls(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-               num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
-               num_key_value_heads=shape["num_kv_heads"], max_position_embeddings=4096,
-               tie_word_embeddings=shape["tie_word_embeddings"], pad_token_id=pad_token_id, use_cache=False)
+    return cls(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=shape["tie_word_embeddings"],
+        pad_token_id=pad_token_id,
+        use_cache=False,
+    )
 
 
 def build_tokenizer(out_dir: Path):
-    """A small offline tokenizer (pad id 0): only its pad token and chat template are used, the data are token ids."""
+    """A small offline tokenizer (pad id 0): only its pad token and chat template are used, the data are
+    token ids."""
     from tuneline.model.tinymodels import train_tokenizer
 
     texts = (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()
@@ -140,11 +184,18 @@ def quantize_in_memory(model, compute_dtype) -> None:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, torch.nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4").to(child.weight.device)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to(child.weight.device)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
@@ -178,7 +229,9 @@ def matmul_parameters(shape: dict) -> int:
     return shape["num_layers"] * per_layer + v * h
 
 
-def instruction_examples(n_tokens: int, seq_len: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
+def instruction_examples(
+    n_tokens: int, seq_len: int, vocab: int, seed: int
+) -> list[tuple[list[int], list[int]]]:
     """Instruction-like examples, `n_tokens` in all: a prompt (template + log-normal instruction, median
     20 tokens at seq_len 2048) with no labels, then a log-normal answer (median 70) labelled, at most
     seq_len tokens in all; ids 1..vocab-1 (0 is padding). Lengths scale with seq_len / 2048."""
@@ -200,9 +253,16 @@ def packed_dataset(data: list, seq_len: int, n_rows: int):
 
     from tuneline.model.tokenization import pack_batch
 
-    examples = Dataset.from_dict({"input_ids": [ids for ids, _ in data], "labels": [labels for _, labels in data]})
-    packed = examples.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=seq_len),
-                          remove_columns=examples.column_names)
+    examples = Dataset.from_dict(
+        {"input_ids": [ids for ids, _ in data], "labels": [labels for _, labels in data]}
+    )
+    packed = examples.map(
+        pack_batch,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs=dict(max_length=seq_len),
+        remove_columns=examples.column_names,
+    )
     if len(packed) < n_rows:
         raise SystemExit(f"bench: {len(packed)} packed rows of data, {n_rows} needed")
     return packed.select(range(n_rows))
@@ -268,13 +328,30 @@ def train_settings(method: str, batch: int, steps: int, gc: bool, liger: bool):
     from tuneline.common import params
 
     p = params.section("train", path=ROOT / "params.yaml")
-    return dataclasses.replace(p, method=method, lora_r=16, lora_alpha=32, batch_size=batch, grad_accum=1, max_steps=steps, gradient_checkpointing=gc,
-                               use_liger_kernel=liger, compute_dtype="auto", attn_implementation="sdpa",
-                               save_steps=10**9, logging_steps=10**9, epochs=1, neftune_noise_alpha=0.0)
+    return dataclasses.replace(
+        p,
+        method=method,
+        lora_r=16,
+        lora_alpha=32,
+        batch_size=batch,
+        grad_accum=1,
+        max_steps=steps,
+        gradient_checkpointing=gc,
+        use_liger_kernel=liger,
+        compute_dtype="auto",
+        attn_implementation="sdpa",
+        save_steps=10**9,
+        logging_steps=10**9,
+        epochs=1,
+        neftune_noise_alpha=0.0,
+    )
 
 
-def tuneline_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer) -> dict:
-    """tuneline.model.training.train on the stage's packing of `data`; the 8B model is built and quantised here first."""
+def tuneline_run(
+    run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer
+) -> dict:
+    """tuneline.model.training.train on the stage's packing of `data`; the 8B model is built and quantised
+    here first."""
     import tuneline.model.training
 
     model_name, method, _, gc, liger, batch = run
@@ -282,22 +359,42 @@ def tuneline_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int,
     from tuneline.common.records import chosen_model
 
     # the 8b model itself is made here, not loaded: only its tokenizer is read
-    selected = chosen_model({"name": model_name, "kind": "local", "model": str(work / ("tokenizer" if model_name == "8b" else "0p5b"))})
+    selected = chosen_model(
+        {
+            "name": model_name,
+            "kind": "local",
+            "model": str(work / ("tokenizer" if model_name == "8b" else "0p5b")),
+        }
+    )
     load_model = tuneline.model.training.load_model
     if model_name == "8b":
         model = quantized_8b(shapes)
         tuneline.model.training.load_model = lambda *args, **kwargs: model  # prepare_model does the rest
     try:
-        trained, _, metrics = tuneline.model.training.train(selected, p, packed_dataset(data, seq_len, batch * steps), None,
-                                                      work / f"checkpoints-{model_name}-{method}", 0, [timer.callback])
+        trained, _, metrics = tuneline.model.training.train(
+            selected,
+            p,
+            packed_dataset(data, seq_len, batch * steps),
+            None,
+            work / f"checkpoints-{model_name}-{method}",
+            0,
+            [timer.callback],
+        )
     finally:
         tuneline.model.training.load_model = load_model
-    lora_layers = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in trained.modules() if hasattr(m, "lora_A")})
-    return {"trainable_parameters": metrics["trainable_parameters"], "train_loss": metrics.get("train_loss"),
-            "lora_layer_types": lora_layers}
+    lora_layers = sorted(
+        {f"{type(m).__module__}.{type(m).__name__}" for m in trained.modules() if hasattr(m, "lora_A")}
+    )
+    return {
+        "trainable_parameters": metrics["trainable_parameters"],
+        "train_loss": metrics.get("train_loss"),
+        "lora_layer_types": lora_layers,
+    }
 
 
-def trl_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer) -> dict:
+def trl_run(
+    run: tuple, work: Path, shapes: dict, data: list, seq_len: int, steps: int, timer: StepTimer
+) -> dict:
     """The baseline: a plain TRL SFTTrainer script on the same model, examples and LoRA config."""
     import torch
     from datasets import Dataset
@@ -313,34 +410,82 @@ def trl_run(run: tuple, work: Path, shapes: dict, data: list, seq_len: int, step
     if model_name == "8b":
         model = prepare_model_for_kbit_training(quantized_8b(shapes), use_gradient_checkpointing=gc)
     else:
-        model = AutoModelForCausalLM.from_pretrained(work / "0p5b", dtype=torch.bfloat16 if cuda else torch.float32,
-                                                     attn_implementation="sdpa", device_map={"": 0} if cuda else None)
-    rows = [{"input_ids": ids, "completion_mask": [int(label != -100) for label in labels]} for ids, labels in data]
+        model = AutoModelForCausalLM.from_pretrained(
+            work / "0p5b",
+            dtype=torch.bfloat16 if cuda else torch.float32,
+            attn_implementation="sdpa",
+            device_map={"": 0} if cuda else None,
+        )
+    rows = [
+        {"input_ids": ids, "completion_mask": [int(label != -100) for label in labels]}
+        for ids, labels in data
+    ]
     config = SFTConfig(
-        output_dir=str(work / f"trl-{impl}-{model_name}-{method}"), per_device_train_batch_size=batch, max_steps=steps,
-        max_length=seq_len, packing=impl == "trl_packed", gradient_checkpointing=gc, save_strategy="no", report_to=[],
-        logging_steps=10**9, bf16=cuda, use_cpu=not cuda, include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0, disable_tqdm=True, completion_only_loss=True,
+        output_dir=str(work / f"trl-{impl}-{model_name}-{method}"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        max_length=seq_len,
+        packing=impl == "trl_packed",
+        gradient_checkpointing=gc,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10**9,
+        bf16=cuda,
+        use_cpu=not cuda,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        completion_only_loss=True,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(work / "tokenizer"),
-                         peft_config=peft_config(p) if method != "full" else None, callbacks=[timer.callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(work / "tokenizer"),
+        peft_config=peft_config(p) if method != "full" else None,
+        callbacks=[timer.callback],
+    )
     result = trainer.train()
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
-    return {"trainable_parameters": trainable, "train_loss": result.metrics.get("train_loss"),
-            "trl_settings": {k: getattr(config, k) for k in ("learning_rate", "packing", "packing_strategy", "padding_free",
-                                                              "gradient_checkpointing", "bf16", "max_length")}}
+    return {
+        "trainable_parameters": trainable,
+        "train_loss": result.metrics.get("train_loss"),
+        "trl_settings": {
+            k: getattr(config, k)
+            for k in (
+                "learning_rate",
+                "packing",
+                "packing_strategy",
+                "padding_free",
+                "gradient_checkpointing",
+                "bf16",
+                "max_length",
+            )
+        },
+    }
 
 
 def spread(values: list[float]) -> dict:
     """Median, min, max and (max - min) / median of `values`."""
     median = statistics.median(values)
-    return {"median": round(median, 1), "min": round(min(values), 1), "max": round(max(values), 1),
-            "spread": round((max(values) - min(values)) / median, 4) if median else None}
+    return {
+        "median": round(median, 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+        "spread": round((max(values) - min(values)) / median, 4) if median else None,
+    }
 
 
-def one_run(name: str, work: Path, tiny: bool, steps: int, warmup: int, repeats: int, seq_len: int,
-            profile: Path | None = None) -> dict:
+def one_run(
+    name: str,
+    work: Path,
+    tiny: bool,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    seq_len: int,
+    profile: Path | None = None,
+) -> dict:
     """Run `name` in this process; its throughput per window, MFU inputs and peak memory."""
     import torch
 
@@ -353,8 +498,12 @@ def one_run(name: str, work: Path, tiny: bool, steps: int, warmup: int, repeats:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # Enough examples for every step: packed rows hold ~seq_len tokens, unpacked batches far fewer.
-    data = instruction_examples(batch * total_steps * seq_len + seq_len, seq_len, shapes[model_name]["vocab_size"], 0)
-    extra = (tuneline_run if impl == "tuneline" else trl_run)(run, work, shapes, data, seq_len, total_steps, timer)
+    data = instruction_examples(
+        batch * total_steps * seq_len + seq_len, seq_len, shapes[model_name]["vocab_size"], 0
+    )
+    extra = (tuneline_run if impl == "tuneline" else trl_run)(
+        run, work, shapes, data, seq_len, total_steps, timer
+    )
     windows = timer.windows(warmup, steps)
     if not windows:
         raise SystemExit(f"bench: {name} ran {len(timer.marks)} steps, fewer than {warmup} + {steps}")
@@ -364,15 +513,27 @@ def one_run(name: str, work: Path, tiny: bool, steps: int, warmup: int, repeats:
     tokens_per_s = statistics.median(rates)
     attention = attention_flops_per_token(data, shapes[model_name])
     result = {
-        "model": model_name, "method": method, "implementation": impl, "gradient_checkpointing": gc, "liger": liger,
-        "batch_size": batch, "seq_len": seq_len, "steps": len(timer.marks), "warmup_steps": warmup,
-        "window_steps": steps, "windows": [{"tokens": t, "seconds": round(s, 4)} for t, s in windows],
-        "tokens_per_s": round(tokens_per_s, 1), "tokens_per_s_windows": spread(rates),
+        "model": model_name,
+        "method": method,
+        "implementation": impl,
+        "gradient_checkpointing": gc,
+        "liger": liger,
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "steps": len(timer.marks),
+        "warmup_steps": warmup,
+        "window_steps": steps,
+        "windows": [{"tokens": t, "seconds": round(s, 4)} for t, s in windows],
+        "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s_windows": spread(rates),
         "tokens_per_step": round(sum(t for t, _ in windows) / (len(windows) * steps), 1),
-        "matmul_parameters": n, "flops_per_token": flops_per_token,
+        "matmul_parameters": n,
+        "flops_per_token": flops_per_token,
         "achieved_tflops": round(tokens_per_s * flops_per_token / 1e12, 3),
-        "attention_flops_per_token": round(attention), "attention_tflops": round(tokens_per_s * attention / 1e12, 3),
-        "wall_s": round(time.perf_counter() - start, 1), **extra,
+        "attention_flops_per_token": round(attention),
+        "attention_tflops": round(tokens_per_s * attention / 1e12, 3),
+        "wall_s": round(time.perf_counter() - start, 1),
+        **extra,
     }
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -394,10 +555,14 @@ def write_profile(profiler, path: Path, name: str, result: dict) -> None:
     path.write_text(
         f"# Profile of one `{name}` training step\n\n"
         f"Device: {device}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f"Step {result['warmup_steps'] + 1} of {result['steps']} (after the warm-up), batch {result['batch_size']} x "
-        f"{result['seq_len']} tokens packed as the tokenize stage packs; the run's median {result['tokens_per_s']:,.0f} "
+        f"Step {result['warmup_steps'] + 1} of {result['steps']} (after the warm-up), batch "
+        f"{result['batch_size']} x "
+        f"{result['seq_len']} tokens packed as the tokenize stage packs; the run's median "
+        f"{result['tokens_per_s']:,.0f} "
         f"tokens/s. Top 15 ops by {'self CUDA' if cuda else 'self CPU'} time (torch.profiler):\n\n"
-        f"```\n{table}\n```\n", encoding="utf-8")
+        f"```\n{table}\n```\n",
+        encoding="utf-8",
+    )
 
 
 def measured_peak_tflops(tiny: bool) -> float | None:
@@ -426,8 +591,16 @@ def datasheet_tflops(device_name: str) -> float | None:
 
 
 def run_arguments(args) -> list[str]:
-    return (["--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-             "--seq-len", str(args.seq_len)] + (["--tiny"] if args.tiny else []))
+    return [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--seq-len",
+        str(args.seq_len),
+    ] + (["--tiny"] if args.tiny else [])
 
 
 def child(name: str, work: Path, args, timeout: float) -> dict:
@@ -438,8 +611,11 @@ def child(name: str, work: Path, args, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s", "log_tail": str(err.stderr or "")[-1500:]}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit code {proc.returncode}", "log_tail": (proc.stdout[-500:] + proc.stderr[-2500:])}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {
+            "error": f"exit code {proc.returncode}",
+            "log_tail": (proc.stdout[-500:] + proc.stderr[-2500:]),
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def in_process(name: str, work: Path, args, profile: Path | None = None) -> dict:
@@ -453,7 +629,11 @@ def in_process(name: str, work: Path, args, profile: Path | None = None) -> dict
 
 def summary(results: dict) -> dict:
     """The comparisons and targets from the runs done so far."""
-    runs, peak, sheet = results["runs"], results["peak_bf16_tflops_measured"], results["peak_bf16_tflops_datasheet"]
+    runs, peak, sheet = (
+        results["runs"],
+        results["peak_bf16_tflops_measured"],
+        results["peak_bf16_tflops_datasheet"],
+    )
     for r in runs.values():
         if "tokens_per_s" in r:
             r["mfu_vs_measured_peak"] = round(r["achieved_tflops"] / peak, 4) if peak else None
@@ -467,10 +647,15 @@ def summary(results: dict) -> dict:
         out[f"{config}_mfu_vs_measured_peak"] = ok[config]["mfu_vs_measured_peak"]
         for trl, label in ((f"trl_{config}", "trl_defaults"), (f"trl_packed_{config}", "trl_packed")):
             if trl in ok:
-                out[f"{config.split('_')[0]}_vs_{label}_tokens_per_s" if config == "lora_0p5b"
-                    else f"{config}_vs_{label}_tokens_per_s"] = round(ok[config]["tokens_per_s"] / ok[trl]["tokens_per_s"], 3)
+                out[
+                    f"{config.split('_')[0]}_vs_{label}_tokens_per_s"
+                    if config == "lora_0p5b"
+                    else f"{config}_vs_{label}_tokens_per_s"
+                ] = round(ok[config]["tokens_per_s"] / ok[trl]["tokens_per_s"], 3)
     if "lora_0p5b_liger" in ok and "lora_0p5b" in ok:
-        out["liger_speedup"] = round(ok["lora_0p5b_liger"]["tokens_per_s"] / ok["lora_0p5b"]["tokens_per_s"], 3)
+        out["liger_speedup"] = round(
+            ok["lora_0p5b_liger"]["tokens_per_s"] / ok["lora_0p5b"]["tokens_per_s"], 3
+        )
     if "qlora_8b_gc" in ok and "peak_allocated_gib" in ok["qlora_8b_gc"]:
         out["qlora_8b_gc_peak_gib"] = ok["qlora_8b_gc"]["peak_allocated_gib"]
     met = {}
@@ -487,18 +672,26 @@ def write(results: dict, out: Path) -> None:
 
 
 def table(results: dict) -> str:
-    head = (f"| {'run':<22} | {'tokens/s':>9} | {'spread':>6} | {'TFLOP/s':>7} | {'attn TF/s':>9} | {'MFU sheet':>9} | "
-            f"{'MFU meas.':>9} | {'peak alloc GiB':>14} | {'reserved GiB':>12} |")
+    head = (
+        f"| {'run':<22} | {'tokens/s':>9} | {'spread':>6} | {'TFLOP/s':>7} | {'attn TF/s':>9} | "
+        f"{'MFU sheet':>9} | "
+        f"{'MFU meas.':>9} | {'peak alloc GiB':>14} | {'reserved GiB':>12} |"
+    )
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for name, r in results["runs"].items():
         if "error" in r or "skipped" in r:
             lines.append(f"| {name:<22} | {r.get('error') or r.get('skipped')} |")
             continue
-        lines.append(f"| {name:<22} | {r['tokens_per_s']:>9,.0f} | {fmt(r['tokens_per_s_windows']['spread'], '>6.1%')} | "
-                     f"{r['achieved_tflops']:>7.1f} | {r['attention_tflops']:>9.1f} | "
-                     f"{fmt(r.get('mfu_vs_datasheet'), '>9.1%'):>9} | {fmt(r.get('mfu_vs_measured_peak'), '>9.1%'):>9} | "
-                     f"{fmt(r.get('peak_allocated_gib'), '>14.2f'):>14} | {fmt(r.get('peak_reserved_gib'), '>12.2f'):>12} |")
+        lines.append(
+            f"| {name:<22} | {r['tokens_per_s']:>9,.0f} | "
+            f"{fmt(r['tokens_per_s_windows']['spread'], '>6.1%')} | "
+            f"{r['achieved_tflops']:>7.1f} | {r['attention_tflops']:>9.1f} | "
+            f"{fmt(r.get('mfu_vs_datasheet'), '>9.1%'):>9} | "
+            f"{fmt(r.get('mfu_vs_measured_peak'), '>9.1%'):>9} | "
+            f"{fmt(r.get('peak_allocated_gib'), '>14.2f'):>14} | "
+            f"{fmt(r.get('peak_reserved_gib'), '>12.2f'):>12} |"
+        )
     return "\n".join(lines)
 
 
@@ -506,7 +699,16 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "liger-kernel", "datasets"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "trl",
+        "liger-kernel",
+        "datasets",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -518,8 +720,11 @@ def missing_packages(run: tuple, cuda: bool) -> str | None:
     """Why `run` cannot run here, or None."""
     import importlib.util
 
-    needs = ((["liger_kernel"] if run[4] else []) + (["trl"] if run[2] != "tuneline" else [])
-             + (["bitsandbytes"] if run[1] == "qlora" else []))
+    needs = (
+        (["liger_kernel"] if run[4] else [])
+        + (["trl"] if run[2] != "tuneline" else [])
+        + (["bitsandbytes"] if run[1] == "qlora" else [])
+    )
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         return f"needs {', '.join(missing)}"
@@ -532,8 +737,9 @@ def save_0p5b(work: Path, tiny: bool, cuda: bool) -> None:
 
     tokenizer = build_tokenizer(work / "tokenizer")
     shape = (TINY_SHAPES if tiny else SHAPES)["0p5b"]
-    model = build_random_model(shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu",
-                               torch.bfloat16 if cuda else torch.float32)
+    model = build_random_model(
+        shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32
+    )
     model.save_pretrained(work / "0p5b")
     tokenizer.save_pretrained(work / "0p5b")
     del model
@@ -544,17 +750,26 @@ def save_0p5b(work: Path, tiny: bool, cuda: bool) -> None:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
-    parser.add_argument("--only", help="comma-separated run names (default: all, in order): " + ", ".join(RUNS))
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few steps (CPU too): checks the script")
+    parser.add_argument(
+        "--only", help="comma-separated run names (default: all, in order): " + ", ".join(RUNS)
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny shapes, few steps (CPU too): checks the script"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per measured window (default 6; --tiny 1)")
     parser.add_argument("--repeats", type=int, default=3, help="measured windows per run (default 3)")
     parser.add_argument("--warmup", type=int, help="steps run before measuring (default 3; --tiny 1)")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 2048; --tiny 128)")
     parser.add_argument("--run-timeout", type=float, default=90, help="seconds one configuration may take")
-    parser.add_argument("--profile", type=Path, help="profile one lora_0p5b step into this markdown file, and stop")
+    parser.add_argument(
+        "--profile", type=Path, help="profile one lora_0p5b step into this markdown file, and stop"
+    )
     parser.add_argument("--append", action="store_true", help="keep the runs already in --out and add these")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every configuration in this process (quicker on CPU; peak memory is then not per run)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every configuration in this process (quicker on CPU; peak memory is then not per run)",
+    )
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -567,8 +782,12 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     if args.run:
-        print("RESULT " + json.dumps(one_run(args.run, args.work, args.tiny, args.steps, args.warmup, args.repeats,
-                                             args.seq_len)))
+        print(
+            "RESULT "
+            + json.dumps(
+                one_run(args.run, args.work, args.tiny, args.steps, args.warmup, args.repeats, args.seq_len)
+            )
+        )
         return
 
     import torch
@@ -584,27 +803,45 @@ def main() -> None:
             save_0p5b(Path(tmp), args.tiny, cuda)
             args.repeats = 1
             r = in_process("lora_0p5b", Path(tmp), args, profile=args.profile)
-        print(f"profile of lora_0p5b: {r.get('error') or format(r['tokens_per_s'], ',.0f') + ' tokens/s'}; wrote {args.profile}")
+        print(
+            f"profile of lora_0p5b: {r.get('error') or format(r['tokens_per_s'], ',.0f') + ' tokens/s'}; "
+            f"wrote {args.profile}"
+        )
         if "error" in r:
             raise SystemExit(r["log_tail"])
         return
     results = {
-        "device": device_name, "platform": platform.platform(), "versions": versions(), "tiny": args.tiny,
+        "device": device_name,
+        "platform": platform.platform(),
+        "versions": versions(),
+        "tiny": args.tiny,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "peak_bf16_tflops_measured": measured_peak_tflops(args.tiny),
         "peak_bf16_tflops_datasheet": datasheet_tflops(device_name) if cuda else None,
-        "settings": {"seq_len": args.seq_len, "window_steps": args.steps, "windows": args.repeats,
-                     "warmup_steps": args.warmup, "compute_dtype": "auto (bfloat16 on a GPU that has it)",
-                     "attn_implementation": "sdpa",
-                     "data": "instruction-like: prompt 24 + lognormal(median 20) tokens unlabelled, answer lognormal(median 70,"
-                             " sigma 0.9) labelled, lengths x seq_len/2048"},
-        "shapes": {k: {**v, "matmul_parameters": matmul_parameters(v)} for k, v in (TINY_SHAPES if args.tiny else SHAPES).items()},
+        "settings": {
+            "seq_len": args.seq_len,
+            "window_steps": args.steps,
+            "windows": args.repeats,
+            "warmup_steps": args.warmup,
+            "compute_dtype": "auto (bfloat16 on a GPU that has it)",
+            "attn_implementation": "sdpa",
+            "data": "instruction-like: prompt 24 + lognormal(median 20) tokens unlabelled, answer "
+            "lognormal(median 70,"
+            " sigma 0.9) labelled, lengths x seq_len/2048",
+        },
+        "shapes": {
+            k: {**v, "matmul_parameters": matmul_parameters(v)}
+            for k, v in (TINY_SHAPES if args.tiny else SHAPES).items()
+        },
         "runs": {},
     }
     if args.append and args.out.exists():
         results["runs"] = json.loads(args.out.read_text(encoding="utf-8"))["runs"]
-    print(f"gpu bench on {device_name}: measured bf16 peak {results['peak_bf16_tflops_measured']} TFLOP/s, "
-          f"datasheet {results['peak_bf16_tflops_datasheet']}", flush=True)
+    print(
+        f"gpu bench on {device_name}: measured bf16 peak {results['peak_bf16_tflops_measured']} TFLOP/s, "
+        f"datasheet {results['peak_bf16_tflops_datasheet']}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         save_0p5b(work, args.tiny, cuda)
@@ -614,25 +851,39 @@ def main() -> None:
                 results["runs"][name] = {"skipped": why_not}
             else:
                 start = time.perf_counter()
-                results["runs"][name] = (in_process(name, work, args) if args.in_process
-                                         else child(name, work, args, args.run_timeout))
+                results["runs"][name] = (
+                    in_process(name, work, args)
+                    if args.in_process
+                    else child(name, work, args, args.run_timeout)
+                )
                 results["runs"][name].setdefault("wall_s", round(time.perf_counter() - start, 1))
             write(results, args.out)
             r = results["runs"][name]
-            print(f"  {name}: " + (r.get("skipped") or r.get("error") or
-                                   f"{r['tokens_per_s']:,.0f} tokens/s (spread {r['tokens_per_s_windows']['spread']}), "
-                                   f"{r['achieved_tflops']} TFLOP/s"
-                                   + (f", peak {r['peak_allocated_gib']} GiB" if "peak_allocated_gib" in r else "")
-                                   + f", {r['wall_s']} s"),
-                  flush=True)
+            print(
+                f"  {name}: "
+                + (
+                    r.get("skipped")
+                    or r.get("error")
+                    or f"{r['tokens_per_s']:,.0f} tokens/s (spread {r['tokens_per_s_windows']['spread']}), "
+                    f"{r['achieved_tflops']} TFLOP/s"
+                    + (f", peak {r['peak_allocated_gib']} GiB" if "peak_allocated_gib" in r else "")
+                    + f", {r['wall_s']} s"
+                ),
+                flush=True,
+            )
             if "error" in r:
                 print("    " + r.get("log_tail", "")[-1200:].replace("\n", "\n    "), flush=True)
     write(results, args.out)
     print("\n" + table(results))
     for key, value in results["comparisons"].items():
-        verdict = "" if key not in results["targets_met"] else (
-            f" (target {'<=' if key.endswith('_gib') else '>='} {TARGETS[key]}: "
-            f"{'met' if results['targets_met'][key] else 'NOT met'})")
+        verdict = (
+            ""
+            if key not in results["targets_met"]
+            else (
+                f" (target {'<=' if key.endswith('_gib') else '>='} {TARGETS[key]}: "
+                f"{'met' if results['targets_met'][key] else 'NOT met'})"
+            )
+        )
         print(f"{key}: {value}{verdict}")
     print(f"wrote {args.out}")
 

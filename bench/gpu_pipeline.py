@@ -1,4 +1,5 @@
-"""The pipeline's model stages end to end on this machine's GPU, as DVC runs them, with each stage's time and memory.
+"""The pipeline's model stages end to end on this machine's GPU, as DVC runs them, with each stage's time and
+memory.
 
 A temporary project (params.yaml from the repository, shrunk where it says so below) holds:
 - a Qwen2.5-0.5B-shaped base (bench/gpu.py's `0p5b` shape: 494M matmul weights, vocab 151,936,
@@ -65,7 +66,10 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 def alpaca_records(n: int, seed: int) -> list[dict]:
     """`n` Alpaca records from the seed records: each a seed's instruction with 1-8 seed answers joined
     (geometric: most short, a long tail)."""
-    seeds = [json.loads(line) for line in (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()]
+    seeds = [
+        json.loads(line)
+        for line in (ROOT / "data" / "seeds" / "seeds.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -74,24 +78,33 @@ def alpaca_records(n: int, seed: int) -> list[dict]:
         while parts < 8 and rng.random() < 0.45:
             parts += 1
         output = " ".join([first["output"]] + [rng.choice(seeds)["output"] for _ in range(parts - 1)])
-        out.append({"id": f"gpu-{i}", "instruction": first["instruction"], "input": "", "output": output,
-                    "system": "", "history": []})
+        out.append(
+            {
+                "id": f"gpu-{i}",
+                "instruction": first["instruction"],
+                "input": "",
+                "output": output,
+                "system": "",
+                "history": [],
+            }
+        )
     return out
 
 
 def build_base(dest: Path, tiny: bool) -> None:
     """The Qwen2.5-0.5B-shaped base (random weights, bf16 on a GPU) and its tokenizer, saved in `dest`."""
     import torch
-
     from gpu import SHAPES, TINY_SHAPES, build_random_model
+
     from tuneline.model.tinymodels import train_tokenizer
 
     texts = [r["instruction"] + " " + r["output"] for r in alpaca_records(200, 0)]
     tokenizer = train_tokenizer(texts, 512 if tiny else 2048, "chatml")
     cuda = torch.cuda.is_available()
     shape = (TINY_SHAPES if tiny else SHAPES)["0p5b"]
-    model = build_random_model(shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu",
-                               torch.bfloat16 if cuda else torch.float32)
+    model = build_random_model(
+        shape, tokenizer.pad_token_id, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(dest)
@@ -106,14 +119,35 @@ def write_project(project: Path, base_model: Path, records: int, steps: int, tin
     from tuneline.common.records import write_json
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    p["select"].update(candidates={"qwen05b": {"kind": "local", "model": str(base_model), "trust_remote_code": False}},
-                       generation_samples=16, max_new_tokens=32, batch_size=16)
+    p["select"].update(
+        candidates={"qwen05b": {"kind": "local", "model": str(base_model), "trust_remote_code": False}},
+        generation_samples=16,
+        max_new_tokens=32,
+        batch_size=16,
+    )
     p["select"]["judge"]["enabled"] = False  # its default judge is the tiny models stage's output
     p["tokenize"].update(max_length=128 if tiny else 1024, packing=True)
-    p["train"].update(method="lora", lora_r=16, lora_alpha=32, max_steps=steps, batch_size=8, eval_batch_size=16,
-                      save_steps=10**6, logging_steps=10, learning_rate=2e-4, compute_dtype="auto", attn_implementation="sdpa")
-    p["evaluate"].update(max_new_tokens=32, batch_size=16, generation_samples=16, seen_samples=16, samples_in_report=2,
-                         lm_eval_tasks=[])
+    p["train"].update(
+        method="lora",
+        lora_r=16,
+        lora_alpha=32,
+        max_steps=steps,
+        batch_size=8,
+        eval_batch_size=16,
+        save_steps=10**6,
+        logging_steps=10,
+        learning_rate=2e-4,
+        compute_dtype="auto",
+        attn_implementation="sdpa",
+    )
+    p["evaluate"].update(
+        max_new_tokens=32,
+        batch_size=16,
+        generation_samples=16,
+        seen_samples=16,
+        samples_in_report=2,
+        lm_eval_tasks=[],
+    )
     p["evaluate"]["judge"]["enabled"] = False
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     data = alpaca_records(records, 1)
@@ -122,27 +156,49 @@ def write_project(project: Path, base_model: Path, records: int, steps: int, tin
     write_json(alpaca / "test.json", data[:n_test])
     write_json(alpaca / "val.json", data[n_test : n_test + n_val])
     write_json(alpaca / "train.json", data[n_test + n_val :])
-    selected = {"name": "qwen05b", "kind": "local", "model": str(base_model), "revision": None, "trust_remote_code": False,
-                "base_url": None, "api_key_env": None, "metric": "rouge_l", "score": 0.0, "why": "the only candidate"}
+    selected = {
+        "name": "qwen05b",
+        "kind": "local",
+        "model": str(base_model),
+        "revision": None,
+        "trust_remote_code": False,
+        "base_url": None,
+        "api_key_env": None,
+        "metric": "rouge_l",
+        "score": 0.0,
+        "why": "the only candidate",
+    }
     write_json(project / p["base"]["selected"], selected)
     write_json(project / p["base"]["tuning_base"], selected)
     return p
 
 
 def env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def run_stage(project: Path, module: str, args: list[str], timeout: float) -> dict:
-    """`python -m <module> <args>` in `project` through WRAPPER; its time, exit code, peak memory, output tail."""
+    """`python -m <module> <args>` in `project` through WRAPPER; its time, exit code, peak memory, output
+    tail."""
     peak_file = project / f".peak-{module}.json"
     peak_file.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", WRAPPER, module, *args], cwd=project,
-                              env={**env(), "TUNELINE_PEAK_FILE": str(peak_file)}, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", WRAPPER, module, *args],
+            cwd=project,
+            env={**env(), "TUNELINE_PEAK_FILE": str(peak_file)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         code, out = "timeout", f"timed out after {timeout:.0f} s\n{err.stdout or ''}{err.stderr or ''}"
@@ -169,8 +225,13 @@ def serve_request(project: Path, timeout: float) -> dict:
     start = time.perf_counter()
     log = project / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port)], cwd=project,
-                                env=env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port)],
+            cwd=project,
+            env=env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     result: dict = {}
     try:
         while True:
@@ -185,15 +246,25 @@ def serve_request(project: Path, timeout: float) -> dict:
             except (OSError, ValueError, KeyError, IndexError):
                 time.sleep(0.5)
         result["start_s"] = round(time.perf_counter() - start, 2)
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "How hot should pour-over water be?"}],
-                           "max_tokens": 16}).encode()
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "How hot should pour-over water be?"}],
+                "max_tokens": 16,
+            }
+        ).encode()
         asked = time.perf_counter()
-        request = urllib.request.Request(f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             reply = json.loads(r.read())
-        result.update(request_s=round(time.perf_counter() - asked, 3), status="ok",
-                      completion_tokens=reply.get("usage", {}).get("completion_tokens"),
-                      answer=reply["choices"][0]["message"]["content"][:200])
+        result.update(
+            request_s=round(time.perf_counter() - asked, 3),
+            status="ok",
+            completion_tokens=reply.get("usage", {}).get("completion_tokens"),
+            answer=reply["choices"][0]["message"]["content"][:200],
+        )
     except (RuntimeError, OSError, ValueError, KeyError) as err:
         result.update(status="failed", error=f"{type(err).__name__}: {err}")
     finally:
@@ -203,7 +274,9 @@ def serve_request(project: Path, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    result["log_tail"] = log.read_text(encoding="utf-8", errors="replace")[-1500:] if result["status"] != "ok" else None
+    result["log_tail"] = (
+        log.read_text(encoding="utf-8", errors="replace")[-1500:] if result["status"] != "ok" else None
+    )
     return result
 
 
@@ -215,22 +288,29 @@ def set_method(project: Path, method: str) -> None:
 
 def device_info() -> dict:
     import torch
-
     from gpu import versions
 
     cuda = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-            "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "attn_implementation": "sdpa", "flash_attention": "not tried: no flash-attn wheel carried"}
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "attn_implementation": "sdpa",
+        "flash_attention": "not tried: no flash-attn wheel carried",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_pipeline.json")
     parser.add_argument("--tiny", action="store_true", help="tiny model, 3 steps, 120 records (CPU too)")
-    parser.add_argument("--steps", type=int, help="train.max_steps of each training run (default 50; --tiny 3)")
+    parser.add_argument(
+        "--steps", type=int, help="train.max_steps of each training run (default 50; --tiny 3)"
+    )
     parser.add_argument("--records", type=int, help="Alpaca records in all (default 3000; --tiny 120)")
-    parser.add_argument("--methods", default="lora,qlora", help="train methods, in order (default lora,qlora)")
+    parser.add_argument(
+        "--methods", default="lora,qlora", help="train methods, in order (default lora,qlora)"
+    )
     parser.add_argument("--stage-timeout", type=float, default=150, help="seconds one stage may take")
     args = parser.parse_args()
     steps = args.steps or (3 if args.tiny else 50)
@@ -243,11 +323,20 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         ok = result.get("exit_code", 0) == 0 and result.get("status", "ok") == "ok"
         peak = result.get("peak_allocated_gib")
-        print(f"  {name}: {'ok' if ok else 'FAILED'} in {result.get('wall_s', result.get('start_s'))} s"
-              + (f", peak {peak} GiB allocated, {result.get('peak_reserved_gib')} reserved" if peak is not None else ""),
-              flush=True)
+        print(
+            f"  {name}: {'ok' if ok else 'FAILED'} in {result.get('wall_s', result.get('start_s'))} s"
+            + (
+                f", peak {peak} GiB allocated, {result.get('peak_reserved_gib')} reserved"
+                if peak is not None
+                else ""
+            ),
+            flush=True,
+        )
         if not ok:
-            print("    " + str(result.get("log_tail") or result.get("error"))[-2000:].replace("\n", "\n    "), flush=True)
+            print(
+                "    " + str(result.get("log_tail") or result.get("error"))[-2000:].replace("\n", "\n    "),
+                flush=True,
+            )
         return ok
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,13 +354,24 @@ def main() -> None:
             if not record(f"train_{method}", run_stage(project, "stages.train", [], args.stage_timeout)):
                 continue
             record(f"evaluate_{method}", run_stage(project, "stages.evaluate", [], args.stage_timeout))
-            if record(f"export_{method}", run_stage(project, "stages.export", [], args.stage_timeout)) and method == "lora":
+            if (
+                record(f"export_{method}", run_stage(project, "stages.export", [], args.stage_timeout))
+                and method == "lora"
+            ):
                 record("serve_lora", serve_request(project, args.stage_timeout))
             for metrics in ("train/metrics.json", "eval.json", "tokenize.json"):
                 path = project / "metrics" / metrics
                 if path.exists():
-                    results.setdefault("metrics", {}).setdefault(method, {})[metrics] = json.loads(path.read_text())
-    record("total", {"wall_s": round(sum(s.get("wall_s", 0) or 0 for s in results["stages"].values()), 1), "exit_code": 0})
+                    results.setdefault("metrics", {}).setdefault(method, {})[metrics] = json.loads(
+                        path.read_text()
+                    )
+    record(
+        "total",
+        {
+            "wall_s": round(sum(s.get("wall_s", 0) or 0 for s in results["stages"].values()), 1),
+            "exit_code": 0,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -49,9 +49,17 @@ def build_model(out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, use_cache=False)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
 
 
@@ -69,28 +77,37 @@ def child(model_dir: str, way: str, answers: int) -> dict:
     import torch
 
     from tuneline.common import params
-
     from tuneline.model import training
 
     if way == "before":
         training.chunked_cross_entropy = before_loss
     if way == "own":
         training.answer_only_head = lambda model: False
-    p = dataclasses.replace(params.section("train", path=ROOT / "params.yaml"), method="lora", lora_r=16,
-                            lora_alpha=32, compute_dtype="float32")
+    p = dataclasses.replace(
+        params.section("train", path=ROOT / "params.yaml"),
+        method="lora",
+        lora_r=16,
+        lora_alpha=32,
+        compute_dtype="float32",
+    )
     model = training.prepare_model({"model": model_dir}, p, seed=0)
     per_row = answers // ROWS
     torch.manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (ROWS, PROMPT + per_row))
     labels = input_ids.clone()
-    labels[:, : PROMPT + 1] = -100  # the prompt, and the answer's first token (its predecessor is the prompt's)
+    labels[
+        :, : PROMPT + 1
+    ] = -100  # the prompt, and the answer's first token (its predecessor is the prompt's)
     labels[:, PROMPT] = input_ids[:, PROMPT]
     before = rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the RSS now
     loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
     loss.backward()
-    return {"peak_growth_mb": round(rss_mb("VmHWM") - before, 1), "loss": round(float(loss), 5),
-            "answer_tokens": int((labels[:, 1:] != -100).sum())}
+    return {
+        "peak_growth_mb": round(rss_mb("VmHWM") - before, 1),
+        "loss": round(float(loss), 5),
+        "answer_tokens": int((labels[:, 1:] != -100).sum()),
+    }
 
 
 def main() -> None:
@@ -109,16 +126,37 @@ def main() -> None:
         build_model(Path(tmp))
         for answers in args.answers:
             for way in WAYS:
-                out = subprocess.run([sys.executable, __file__, "--child", tmp, way, str(answers)], check=True,
-                                     capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", tmp, way, str(answers)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 runs.append({"way": way, **json.loads(out.strip().splitlines()[-1])})
-                print(f"{answers:>6} answer tokens  {way:<8} peak growth {runs[-1]['peak_growth_mb']:>8,.0f} MB  "
-                      f"loss {runs[-1]['loss']}", flush=True)
-    results = {"device": f"CPU ({os.cpu_count()} cores)", "platform": platform.platform(),
-               "model": {"arch": "qwen2", "vocab_size": VOCAB, "hidden_size": HIDDEN, "layers": 2, "rows": ROWS,
-                         "prompt_tokens_per_row": PROMPT, "method": "lora r16", "dtype": "float32"},
-               "loss_chunk": LOSS_CHUNK, "baseline": "before: the answer-only head of commit 1558630", "runs": runs,
-               "memory_measure": "peak RSS growth over one forward + backward pass (VmHWM reset before it)"}
+                print(
+                    f"{answers:>6} answer tokens  {way:<8} peak growth {runs[-1]['peak_growth_mb']:>8,.0f} "
+                    f"MB  "
+                    f"loss {runs[-1]['loss']}",
+                    flush=True,
+                )
+    results = {
+        "device": f"CPU ({os.cpu_count()} cores)",
+        "platform": platform.platform(),
+        "model": {
+            "arch": "qwen2",
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "layers": 2,
+            "rows": ROWS,
+            "prompt_tokens_per_row": PROMPT,
+            "method": "lora r16",
+            "dtype": "float32",
+        },
+        "loss_chunk": LOSS_CHUNK,
+        "baseline": "before: the answer-only head of commit 1558630",
+        "runs": runs,
+        "memory_measure": "peak RSS growth over one forward + backward pass (VmHWM reset before it)",
+    }
     out = ROOT / "bench" / "results" / "head_memory.json"
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"| answer tokens | {' | '.join(WAYS)} |  (peak growth, MB)")

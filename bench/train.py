@@ -37,7 +37,8 @@ pairs: tuneline lora vs TRL lora; lora packed vs unpacked; qlora vs full; the tr
 the answer-only head vs the full logits.
 On a GPU the runs go one after the other.
 Tokens/s counts non-padding tokens (the Trainer's `num_input_tokens_seen`, "non_padding") over the
-steps after the warm-up ones (the stage pair: over the whole run), so packed and padded runs compare fairly ("effective tokens/s");
+steps after the warm-up ones (the stage pair: over the whole run), so packed and padded runs compare fairly
+("effective tokens/s");
 the fastest single step is reported beside it.
 Peak memory: on CPU, the process's peak RSS and its growth over the RSS before the model was
 loaded (the interpreter and libraries weigh the same in every run); on CUDA, peak allocated.
@@ -50,7 +51,8 @@ Targets (issues 7 and 18): tuneline >= 1.0x TRL's tokens/s, in-process and as th
 Each ratio is the median of --repeats pairs, printed with its min-max spread and a verdict: "met"
 (the whole spread meets the target), "parity" (the spread straddles it) or "short".
 
-Run:  .venv/bin/python bench/train.py [--steps 4] [--warmup 1] [--batch-size 4] [--repeats 5] [--pairs KEY ...]
+Run:  .venv/bin/python bench/train.py [--steps 4] [--warmup 1] [--batch-size 4] [--repeats 5] [--pairs KEY
+...]
       (writes bench/results/train.json)
 """
 
@@ -77,8 +79,17 @@ sys.path[0] = str(ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RUNS = ("tuneline_lora", "trl_lora", "tuneline_qlora", "tuneline_full", "tuneline_lora_packed", "stage_lora",
-        "trl_stage_lora", "default_answer_head", "default_full_logits")
+RUNS = (
+    "tuneline_lora",
+    "trl_lora",
+    "tuneline_qlora",
+    "tuneline_full",
+    "tuneline_lora_packed",
+    "stage_lora",
+    "trl_stage_lora",
+    "default_answer_head",
+    "default_full_logits",
+)
 # the runs on the default project's tuning base and data: the train stage as `dvc repro` runs it, TRL on
 # its data, and tuneline's training in process with and without the answer-only head
 STAGE_RUNS = ("stage_lora", "trl_stage_lora", "default_answer_head", "default_full_logits")
@@ -90,13 +101,27 @@ PAIRS = (
     ("stage_lora", "trl_stage_lora", "stage_vs_trl_tokens_per_s", "tokens_per_s"),
     ("default_answer_head", "default_full_logits", "answer_head_vs_full_logits_tokens_per_s", "tokens_per_s"),
 )
-BENCH_MODEL = dict(arch="llama", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
-                   num_kv_heads=4, max_positions=1024, chat_template="llama3", pretrain_steps=0)
+BENCH_MODEL = dict(
+    arch="llama",
+    hidden_size=512,
+    intermediate_size=1376,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=4,
+    max_positions=1024,
+    chat_template="llama3",
+    pretrain_steps=0,
+)
 STAGE_PAIR = "stage_vs_trl_tokens_per_s"
 HEAD_PAIR = "answer_head_vs_full_logits_tokens_per_s"
 PROJECT_PAIRS = (STAGE_PAIR, HEAD_PAIR)  # the pairs that run on the default project
-TARGETS = {"tuneline_vs_trl_tokens_per_s": 1.0, "packing_effective_tokens_per_s": 1.5, "qlora_vs_full_peak_memory": 0.6,
-           "stage_vs_trl_tokens_per_s": 1.0, HEAD_PAIR: 1.0}
+TARGETS = {
+    "tuneline_vs_trl_tokens_per_s": 1.0,
+    "packing_effective_tokens_per_s": 1.5,
+    "qlora_vs_full_peak_memory": 0.6,
+    "stage_vs_trl_tokens_per_s": 1.0,
+    HEAD_PAIR: 1.0,
+}
 
 
 def settings(batch_size: int | None = None):
@@ -108,7 +133,9 @@ def settings(batch_size: int | None = None):
     if batch_size:
         p = dataclasses.replace(p, batch_size=batch_size)
     if "BENCH_LORA_R" in os.environ:
-        p = dataclasses.replace(p, lora_r=int(os.environ["BENCH_LORA_R"]), lora_alpha=int(os.environ["BENCH_LORA_ALPHA"]))
+        p = dataclasses.replace(
+            p, lora_r=int(os.environ["BENCH_LORA_R"]), lora_alpha=int(os.environ["BENCH_LORA_ALPHA"])
+        )
     return base, tok, p
 
 
@@ -161,12 +188,13 @@ class StepTimer:
     def best_step(self, warmup: int) -> float:
         """Tokens/s of the fastest measured step: on a machine shared with other work, the step
         least slowed by it (as `timeit` reports the best of its repeats)."""
-        steps = list(zip(self.marks[warmup - 1:], self.marks[warmup:]))
+        steps = list(zip(self.marks[warmup - 1 :], self.marks[warmup:]))
         return max((n1 - n0) / (t1 - t0) for (t0, _, n0), (t1, _, n1) in steps)
 
 
 def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
-    """Exactly `steps` batches of the seed records, rendered and label-masked by tuneline.model.tokenization as
+    """Exactly `steps` batches of the seed records, rendered and label-masked by tuneline.model.tokenization
+    as
     the tokenize stage does (packed into max_length rows when `packed`)."""
     from datasets import Dataset
 
@@ -175,18 +203,29 @@ def seed_rows(model_dir: Path, steps: int, batch_size: int, packed: bool):
 
     _, tok, _ = settings()
     tokenizer = load_tokenizer(str(model_dir))
-    rows = [tokenize_example(r, tokenizer, tok.template, tok.max_length, tok.overlong, tok.train_on_prompt)
-            for r in cycled(seed_records(), 40 * steps * batch_size)]
-    ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r["input_ids"]])
+    rows = [
+        tokenize_example(r, tokenizer, tok.template, tok.max_length, tok.overlong, tok.train_on_prompt)
+        for r in cycled(seed_records(), 40 * steps * batch_size)
+    ]
+    ds = Dataset.from_list(
+        [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r["input_ids"]]
+    )
     if packed:
-        ds = ds.map(pack_batch, batched=True, batch_size=len(ds), fn_kwargs=dict(max_length=tok.max_length),
-                    remove_columns=ds.column_names)
+        ds = ds.map(
+            pack_batch,
+            batched=True,
+            batch_size=len(ds),
+            fn_kwargs=dict(max_length=tok.max_length),
+            remove_columns=ds.column_names,
+        )
     return ds.select(range(steps * batch_size))  # one epoch of exactly `steps` batches
 
 
-def tuneline_run(model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer,
-                 out: Path):
-    """tuneline.model.training.train on exactly `steps` batches of the rendered seed records; the trained model."""
+def tuneline_run(
+    model_dir: Path, method: str, packed: bool, steps: int, batch_size: int, timer: StepTimer, out: Path
+):
+    """tuneline.model.training.train on exactly `steps` batches of the rendered seed records; the trained
+    model."""
     from tuneline.common.records import chosen_model
     from tuneline.model.tokenization import padding_fraction
     from tuneline.model.training import train
@@ -218,10 +257,14 @@ def loss_only_sft_trainer():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             body = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            add_fused_lm_head(body, outputs=("log_probs",))  # replaces the head TRL added, which also made entropy
+            add_fused_lm_head(
+                body, outputs=("log_probs",)
+            )  # replaces the head TRL added, which also made entropy
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+            outputs = model(
+                **inputs, use_cache=False, fused_lm_head=True, num_items_in_batch=num_items_in_batch
+            )
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     return LossOnlySFTTrainer
@@ -252,11 +295,20 @@ def trl_trainer(model_dir: str, p, args, train_ds, eval_ds, callbacks: list):
     train_ds = train_ds.select_columns(columns)
     eval_ds = eval_ds.select_columns(columns) if eval_ds is not None else None
     config = sft_config(args, packing=False, max_length=None, dataset_num_proc=None)
-    model = load_model(model_dir, dtype="float32" if p.method == "full" else p.compute_dtype,
-                       attn_implementation=p.attn_implementation)
-    return loss_only_sft_trainer()(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                                   processing_class=load_tokenizer(model_dir), peft_config=peft_config(p),
-                                   callbacks=callbacks)
+    model = load_model(
+        model_dir,
+        dtype="float32" if p.method == "full" else p.compute_dtype,
+        attn_implementation=p.attn_implementation,
+    )
+    return loss_only_sft_trainer()(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=load_tokenizer(model_dir),
+        peft_config=peft_config(p),
+        callbacks=callbacks,
+    )
 
 
 def trl_run(model_dir: Path, steps: int, batch_size: int, timer: StepTimer, out: Path):
@@ -296,8 +348,13 @@ def stage_run(project: Path) -> dict:
     wall = time.perf_counter() - start
     tokens = json.loads((project / "metrics" / "train" / "metrics.json").read_text())["num_input_tokens_seen"]
     runtime = json.loads((project / "metrics" / "timings" / "train.json").read_text())["train_runtime"]
-    return {"tokens_per_s": round(tokens / runtime, 1), "train_runtime_s": runtime, "wall_s": round(wall, 2),
-            "measured_tokens": tokens, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    return {
+        "tokens_per_s": round(tokens / runtime, 1),
+        "train_runtime_s": runtime,
+        "wall_s": round(wall, 2),
+        "measured_tokens": tokens,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
 
 
 def trl_stage_run(project: Path, start: float) -> dict:
@@ -320,21 +377,25 @@ def trl_stage_run(project: Path, start: float) -> dict:
         metrics = trainer.train().metrics
         trainer.save_model(str(Path(tmp) / "adapter"))
         tokens = trainer.state.num_input_tokens_seen
-    return {"tokens_per_s": round(tokens / metrics["train_runtime"], 1), "train_runtime_s": metrics["train_runtime"],
-            "wall_s": round(time.perf_counter() - start, 2), "measured_tokens": tokens,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "tokens_per_s": round(tokens / metrics["train_runtime"], 1),
+        "train_runtime_s": metrics["train_runtime"],
+        "wall_s": round(time.perf_counter() - start, 2),
+        "measured_tokens": tokens,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def default_run(project: Path, answer_head: bool, start: float) -> dict:
-    """tuneline.model.training.train (the stage's call) on the default project's tuning base and tokenized splits
+    """tuneline.model.training.train (the stage's call) on the default project's tuning base and tokenized
+    splits
     with its train params (method lora), with the answer-only LM head or, as the baseline, with the
     model's own forward (logits of every position); measured as stage_run."""
     from datasets import load_from_disk
 
     from tuneline.common import params
-
-    from tuneline.model import training
     from tuneline.common.records import chosen_model, read_json
+    from tuneline.model import training
 
     if not answer_head:
         training.answer_only_head = lambda model: False
@@ -344,12 +405,18 @@ def default_run(project: Path, answer_head: bool, start: float) -> dict:
     selected = chosen_model({**selected, "model": str(project / selected["model"])})
     train_ds = load_from_disk(str(data / "train"))
     with tempfile.TemporaryDirectory() as tmp:
-        _, _, metrics = training.train(selected, p, train_ds, load_from_disk(str(data / "val")), Path(tmp) / "checkpoints",
-                                       base.seed, [])
+        _, _, metrics = training.train(
+            selected, p, train_ds, load_from_disk(str(data / "val")), Path(tmp) / "checkpoints", base.seed, []
+        )
     tokens = p.epochs * sum(len(ids) for ids in train_ds["input_ids"])  # every real token once an epoch
-    return {"tokens_per_s": round(tokens / metrics["train_runtime"], 1), "train_runtime_s": metrics["train_runtime"],
-            "wall_s": round(time.perf_counter() - start, 2), "measured_tokens": tokens, "train_loss": metrics["train_loss"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "tokens_per_s": round(tokens / metrics["train_runtime"], 1),
+        "train_runtime_s": metrics["train_runtime"],
+        "wall_s": round(time.perf_counter() - start, 2),
+        "measured_tokens": tokens,
+        "train_loss": metrics["train_loss"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def state_memory(model) -> dict:
@@ -376,14 +443,20 @@ def one_run(name: str, model_dir: Path, steps: int, warmup: int, batch_size: int
             trained = trl_run(model_dir, warmup + steps, batch_size, timer, Path(tmp))
         else:
             method = name.split("_")[1]
-            trained = tuneline_run(model_dir, method, name.endswith("_packed"), warmup + steps, batch_size, timer,
-                                   Path(tmp))
+            trained = tuneline_run(
+                model_dir, method, name.endswith("_packed"), warmup + steps, batch_size, timer, Path(tmp)
+            )
     tokens, seconds, cpu_seconds = timer.measured(warmup)
     result = {
-        "tokens_per_s": round(tokens / seconds, 1), "tokens_per_cpu_s": round(tokens / cpu_seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_cpu_s": round(tokens / cpu_seconds, 1),
         "best_step_tokens_per_s": round(timer.best_step(warmup), 1),
-        "measured_tokens": tokens, "measured_seconds": round(seconds, 2), "measured_cpu_seconds": round(cpu_seconds, 2),
-        "steps": len(timer.marks), "warmup_steps": warmup, **state_memory(trained),
+        "measured_tokens": tokens,
+        "measured_seconds": round(seconds, 2),
+        "measured_cpu_seconds": round(cpu_seconds, 2),
+        "steps": len(timer.marks),
+        "warmup_steps": warmup,
+        **state_memory(trained),
         "padding_fraction": None if timer.padding_fraction is None else round(timer.padding_fraction, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_model_mb": round(rss_before / 2**20, 1),
@@ -399,8 +472,20 @@ def ratio(a: float, b: float) -> float:
 
 
 def launch(name: str, model_dir: Path, args, core: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--run", name, "--model", str(model_dir), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run",
+        name,
+        "--model",
+        str(model_dir),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     env = dict(os.environ)
     if core is not None:
         cmd += ["--core", str(core)]
@@ -413,7 +498,7 @@ def result_of(name: str, proc: subprocess.Popen) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"bench run {name} failed:\n{out[-2000:]}\n{err[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def run_pair(ours: str, theirs: str, model_dir: Path, args, cuda: bool) -> dict[str, dict]:
@@ -421,7 +506,9 @@ def run_pair(ours: str, theirs: str, model_dir: Path, args, cuda: bool) -> dict[
     if cuda:
         return {name: result_of(name, launch(name, model_dir, args, None)) for name in (ours, theirs)}
     cores = sorted(os.sched_getaffinity(0))
-    procs = {name: launch(name, model_dir, args, cores[i % len(cores)]) for i, name in enumerate((ours, theirs))}
+    procs = {
+        name: launch(name, model_dir, args, cores[i % len(cores)]) for i, name in enumerate((ours, theirs))
+    }
     return {name: result_of(name, proc) for name, proc in procs.items()}
 
 
@@ -447,27 +534,41 @@ def reasons(results: dict) -> dict[str, str]:
         if spread["verdict"] == "met":
             continue
         if key == "packing_effective_tokens_per_s":
-            padding = statistics.median(r["runs"]["tuneline_lora"]["padding_fraction"] for r in results["pairs"][key])
-            out[key] = (f"removing the padding ({padding:.1%} of the padded batches' tokens) allows at most "
-                        f"{1 / (1 - padding):.2f}x; beyond that only a step's fixed cost, spread over the packed "
-                        "batch's extra tokens, can add, while on CPU a packed row pays SDPA attention over its whole "
-                        "length (no variable-length kernel)")
+            padding = statistics.median(
+                r["runs"]["tuneline_lora"]["padding_fraction"] for r in results["pairs"][key]
+            )
+            out[key] = (
+                f"removing the padding ({padding:.1%} of the padded batches' tokens) allows at most "
+                f"{1 / (1 - padding):.2f}x; beyond that only a step's fixed cost, spread over the packed "
+                "batch's extra tokens, can add, while on CPU a packed row pays SDPA attention over its whole "
+                "length (no variable-length kernel)"
+            )
         elif key in ("tuneline_vs_trl_tokens_per_s", STAGE_PAIR):
             side = "straddles" if spread["verdict"] == "parity" else "lies below"
-            out[key] = ("both sides run transformers' Trainer on the same model, tokenized rows, TrainingArguments, "
-                        "LoRA and loss masking, and compute the loss alone; tuneline's head runs on the answer "
-                        "positions, TRL's fused head on every position (on CPU it does not compact them); "
-                        f"the spread {spread['min']}-{spread['max']} {side} 1.0")
+            out[key] = (
+                "both sides run transformers' Trainer on the same model, tokenized rows, TrainingArguments, "
+                "LoRA and loss masking, and compute the loss alone; tuneline's head runs on the answer "
+                "positions, TRL's fused head on every position (on CPU it does not compact them); "
+                f"the spread {spread['min']}-{spread['max']} {side} 1.0"
+            )
         elif key == HEAD_PAIR:
-            out[key] = ("both sides run tuneline's training on the same data and settings; the answer-only head saves "
-                        "the head's work at prompt and padding positions, which weighs little where the decoder "
-                        "dominates a token's cost")
+            out[key] = (
+                "both sides run tuneline's training on the same data and settings; the answer-only head "
+                "saves "
+                "the head's work at prompt and padding positions, which weighs little where the decoder "
+                "dominates a token's cost"
+            )
         elif key == "qlora_vs_full_peak_memory":
-            state = statistics.median(r["runs"]["tuneline_qlora"]["state_mb"] / r["runs"]["tuneline_full"]["state_mb"]
-                                      for r in results["pairs"][key])
-            out[key] = (f"the training state ratio is {state:.3f}x, but at {results['model']['parameters'] / 1e6:.0f}M "
-                        "parameters activations and the framework dominate the peak; bench/memory.py measures it on "
-                        "a model of over 100M parameters")
+            state = statistics.median(
+                r["runs"]["tuneline_qlora"]["state_mb"] / r["runs"]["tuneline_full"]["state_mb"]
+                for r in results["pairs"][key]
+            )
+            out[key] = (
+                f"the training state ratio is {state:.3f}x, but at "
+                f"{results['model']['parameters'] / 1e6:.0f}M "
+                "parameters activations and the framework dominate the peak; bench/memory.py measures it on "
+                "a model of over 100M parameters"
+            )
     return out
 
 
@@ -476,9 +577,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step, every run alike")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
-    parser.add_argument("--repeats", type=int, default=5, help="times each pair runs; ratios are their median")
-    parser.add_argument("--pairs", nargs="+", choices=[key for _, _, key, _ in PAIRS], help=(
-        "run only these comparisons; the others' results already in bench/results/train.json are kept"))
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="times each pair runs; ratios are their median"
+    )
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        choices=[key for _, _, key, _ in PAIRS],
+        help=("run only these comparisons; the others' results already in bench/results/train.json are kept"),
+    )
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
@@ -486,7 +593,9 @@ def main() -> None:
     if args.run in STAGE_RUNS:
         start = time.perf_counter()
         if args.core is not None:
-            os.sched_setaffinity(0, {args.core})  # the stage's processes inherit it, and one torch thread (launch)
+            os.sched_setaffinity(
+                0, {args.core}
+            )  # the stage's processes inherit it, and one torch thread (launch)
         if args.run == "stage_lora":
             result = stage_run(args.model)
         elif args.run == "trl_stage_lora":
@@ -496,7 +605,10 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     if args.run:
-        print("RESULT " + json.dumps(one_run(args.run, args.model, args.steps, args.warmup, args.batch_size, args.core)))
+        print(
+            "RESULT "
+            + json.dumps(one_run(args.run, args.model, args.steps, args.warmup, args.batch_size, args.core))
+        )
         return
 
     import torch
@@ -513,37 +625,69 @@ def main() -> None:
             for ours, theirs, key, measure in chosen:
                 start = time.perf_counter()
                 runs = run_pair(ours, theirs, project if key in PROJECT_PAIRS else model_dir, args, cuda)
-                value = (ratio(memory_of(runs[ours]), memory_of(runs[theirs])) if measure == "memory"
-                         else ratio(runs[ours]["tokens_per_s"], runs[theirs]["tokens_per_s"]))
-                pairs[key].append({"ratio": value, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)})
-                print(f"  {key}: {value}  " + ", ".join(
-                    f"{n} {r['tokens_per_s']:,.0f} tokens/s, {r.get('peak_rss_growth_mb', r['peak_rss_mb']):,.0f} MB"
-                    for n, r in runs.items()), flush=True)
+                value = (
+                    ratio(memory_of(runs[ours]), memory_of(runs[theirs]))
+                    if measure == "memory"
+                    else ratio(runs[ours]["tokens_per_s"], runs[theirs]["tokens_per_s"])
+                )
+                pairs[key].append(
+                    {"ratio": value, "runs": runs, "wall_s": round(time.perf_counter() - start, 1)}
+                )
+                print(
+                    f"  {key}: {value}  "
+                    + ", ".join(
+                        f"{n} {r['tokens_per_s']:,.0f} tokens/s, "
+                        f"{r.get('peak_rss_growth_mb', r['peak_rss_mb']):,.0f} MB"
+                        for n, r in runs.items()
+                    ),
+                    flush=True,
+                )
 
     ratios = {key: round(statistics.median(p["ratio"] for p in results), 3) for key, results in pairs.items()}
     spread = {key: spread_of([p["ratio"] for p in results], key) for key, results in pairs.items()}
     first = {key: results[0]["runs"] for key, results in pairs.items()}
     state = {n: r["state_mb"] for runs in first.values() for n, r in runs.items() if "state_mb" in r}
-    if STAGE_PAIR in pairs:  # end to end, imports and DVC included: the TRL script's wall time over the stage's
-        ratios["stage_vs_trl_wall_speed"] = round(statistics.median(
-            r["runs"]["trl_stage_lora"]["wall_s"] / r["runs"]["stage_lora"]["wall_s"] for r in pairs[STAGE_PAIR]), 3)
+    if (
+        STAGE_PAIR in pairs
+    ):  # end to end, imports and DVC included: the TRL script's wall time over the stage's
+        ratios["stage_vs_trl_wall_speed"] = round(
+            statistics.median(
+                r["runs"]["trl_stage_lora"]["wall_s"] / r["runs"]["stage_lora"]["wall_s"]
+                for r in pairs[STAGE_PAIR]
+            ),
+            3,
+        )
     if "tuneline_full" in state:
         ratios["qlora_vs_full_training_state"] = ratio(state["tuneline_qlora"], state["tuneline_full"])
     if {"tuneline_full", "tuneline_lora"} <= state.keys():
         ratios["lora_vs_full_training_state"] = ratio(state["tuneline_lora"], state["tuneline_full"])
     _, tok, p = settings(args.batch_size)
-    measured = {"date": time.strftime("%Y-%m-%d"), "batch_size": p.batch_size, "steps": args.steps,
-                "repeats": args.repeats, "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    measured = {
+        "date": time.strftime("%Y-%m-%d"),
+        "batch_size": p.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     results = {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores; pairs run one per core, "
-                                                            "one thread each)",
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"CPU ({os.cpu_count()} cores; pairs run one per core, one thread each)",
         "platform": platform.platform(),
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "model": {**BENCH_MODEL, "parameters": parameters},
-        "settings": {"batch_size": p.batch_size, "max_length": tok.max_length, "learning_rate": p.learning_rate,
-                     "lora_r": p.lora_r, "lora_alpha": p.lora_alpha, "target_modules": p.target_modules,
-                     "compute_dtype": p.compute_dtype, "steps": args.steps, "warmup_steps": args.warmup,
-                     "repeats": args.repeats},
+        "settings": {
+            "batch_size": p.batch_size,
+            "max_length": tok.max_length,
+            "learning_rate": p.learning_rate,
+            "lora_r": p.lora_r,
+            "lora_alpha": p.lora_alpha,
+            "target_modules": p.target_modules,
+            "compute_dtype": p.compute_dtype,
+            "steps": args.steps,
+            "warmup_steps": args.warmup,
+            "repeats": args.repeats,
+        },
         "memory_measure": "peak_cuda_allocated_mb" if cuda else "peak_rss_growth_mb",
         "pairs": pairs,
         "ratios": ratios,
@@ -557,41 +701,64 @@ def main() -> None:
         for field in ("pairs", "ratios", "spread", "measured"):
             results[field] = {**kept.get(field, {}), **results[field]}
         # the kept ones' spreads and verdicts come from their own repeats
-        results["spread"] = {key: spread_of([r["ratio"] for r in runs], key) for key, runs in results["pairs"].items()}
+        results["spread"] = {
+            key: spread_of([r["ratio"] for r in runs], key) for key, runs in results["pairs"].items()
+        }
     results["verdicts"] = {key: s["verdict"] for key, s in results["spread"].items()}
     results["reasons"] = reasons(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    print(f"\ntrain bench: {parameters / 1e6:.1f}M-parameter Llama-style model on {results['device']}, batch "
-          f"{p.batch_size}, {args.steps} measured steps after {args.warmup}; load average {load_before:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"\ntrain bench: {parameters / 1e6:.1f}M-parameter Llama-style model on {results['device']}, batch "
+        f"{p.batch_size}, {args.steps} measured steps after {args.warmup}; load average {load_before:.1f} -> "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     if set(first) - set(PROJECT_PAIRS):
-        print(f"| {'pair (first repeat)':<31} | {'run':<21} | {'tokens/s':>8} | {'best step':>9} | {'peak RSS MB':>11} "
-              f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |")
+        print(
+            f"| {'pair (first repeat)':<31} | {'run':<21} | {'tokens/s':>8} | {'best step':>9} | "
+            f"{'peak RSS MB':>11} "
+            f"| {'growth MB':>9} | {'state MB':>8} | {'padding':>7} |"
+        )
         print(f"|{'-' * 33}|{'-' * 23}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 11}|{'-' * 10}|{'-' * 9}|")
         for key, runs in first.items():
             if key in PROJECT_PAIRS:
                 continue
             for name, r in runs.items():
                 padding = "" if r["padding_fraction"] is None else f"{r['padding_fraction']:.3f}"
-                print(f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | {r['best_step_tokens_per_s']:>9,.0f} "
-                      f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | {r['state_mb']:>8,.1f} "
-                      f"| {padding:>7} |")
+                print(
+                    f"| {key:<31} | {name:<21} | {r['tokens_per_s']:>8,.0f} | "
+                    f"{r['best_step_tokens_per_s']:>9,.0f} "
+                    f"| {r['peak_rss_mb']:>11,.0f} | {r['peak_rss_growth_mb']:>9,.0f} | "
+                    f"{r['state_mb']:>8,.1f} "
+                    f"| {padding:>7} |"
+                )
     if set(PROJECT_PAIRS) & set(first):
-        print("\nlora on the default's tuning base and data (first repeat): the train stage under `dvc repro` vs a TRL "
-              "script; tuneline's training with the answer-only head vs the model's own forward")
+        print(
+            "\nlora on the default's tuning base and data (first repeat): the train stage under `dvc repro` "
+            "vs a TRL "
+            "script; tuneline's training with the answer-only head vs the model's own forward"
+        )
         print(f"| {'run':<19} | {'tokens/s':>8} | {'train() s':>9} | {'wall s':>6} | {'peak RSS MB':>11} |")
         print(f"|{'-' * 21}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 13}|")
         for name, r in [item for key in PROJECT_PAIRS if key in first for item in first[key].items()]:
-            print(f"| {name:<19} | {r['tokens_per_s']:>8,.0f} | {r['train_runtime_s']:>9.1f} | {r['wall_s']:>6.1f} "
-                  f"| {r['peak_rss_mb']:>11,.0f} |")
-    print(f"ratios (median of {args.repeats}): " + ", ".join(
-        f"{key} {[p['ratio'] for p in results]}" for key, results in pairs.items()))
+            print(
+                f"| {name:<19} | {r['tokens_per_s']:>8,.0f} | {r['train_runtime_s']:>9.1f} | "
+                f"{r['wall_s']:>6.1f} "
+                f"| {r['peak_rss_mb']:>11,.0f} |"
+            )
+    print(
+        f"ratios (median of {args.repeats}): "
+        + ", ".join(f"{key} {[p['ratio'] for p in results]}" for key, results in pairs.items())
+    )
     for key, value in ratios.items():
         target = TARGETS.get(key)
-        verdict = "" if target is None else f" (spread {spread[key]['min']}-{spread[key]['max']}; target " \
+        verdict = (
+            ""
+            if target is None
+            else f" (spread {spread[key]['min']}-{spread[key]['max']}; target "
             f"{'<=' if key.endswith('memory') else '>='} {target}: {spread[key]['verdict']})"
+        )
         print(f"{key}: {value}{verdict}")
         if key in results["reasons"]:
             print(f"  why: {results['reasons'][key]}")

@@ -64,8 +64,10 @@ def stage_outputs(stage: str) -> tuple[list[str], list[str]]:
         for s in repo.index.stages:
             if s.addressing == stage:
                 outs = [o for o in s.outs if not o.persist]
-                return ([o.def_path for o in outs if not o.use_cache],
-                        [o.def_path for o in outs if o.use_cache])
+                return (
+                    [o.def_path for o in outs if not o.use_cache],
+                    [o.def_path for o in outs if o.use_cache],
+                )
     return [], []
 
 
@@ -114,8 +116,11 @@ def _after_failure() -> None:
         return
     handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = subprocess.run([sys.executable, "-c", f"import stages; stages.put_back_tracked_outputs({stage!r})"],
-                              start_new_session=True, timeout=300).returncode  # fmt: skip
+        code = subprocess.run(
+            [sys.executable, "-c", f"import stages; stages.put_back_tracked_outputs({stage!r})"],
+            start_new_session=True,
+            timeout=300,
+        ).returncode
         problem = f"exit status {code}" if code else None
     except (OSError, subprocess.TimeoutExpired) as err:
         problem = str(err)
@@ -123,8 +128,11 @@ def _after_failure() -> None:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if problem:
-        print(f"{stage} failed, and its git-tracked outputs could not be put back ({problem}); "
-              "`git checkout -- metrics/` puts them back", file=sys.stderr)
+        print(
+            f"{stage} failed, and its git-tracked outputs could not be put back ({problem}); "
+            "`git checkout -- metrics/` puts them back",
+            file=sys.stderr,
+        )
 
 
 def run(main: Callable[..., int | None], *args: str) -> None:

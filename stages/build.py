@@ -21,9 +21,23 @@ from pathlib import Path
 
 from stages import run
 from tuneline.common import params
-from tuneline.data.alpaca import dataset_info, nothing_to_build, split, split_by_source, to_openai_chat, validate
-from tuneline.common.records import (InputError, duplicate_ids, iter_numbered_jsonl, read_jsonl_dir, shard_files, write_json,
-                              write_jsonl)
+from tuneline.common.records import (
+    InputError,
+    duplicate_ids,
+    iter_numbered_jsonl,
+    read_jsonl_dir,
+    shard_files,
+    write_json,
+    write_jsonl,
+)
+from tuneline.data.alpaca import (
+    dataset_info,
+    nothing_to_build,
+    split,
+    split_by_source,
+    to_openai_chat,
+    validate,
+)
 
 
 def main() -> None:
@@ -42,11 +56,19 @@ def main() -> None:
         print(f"build: {r['file']}:{r['line']}: {r['reason']}")
     if not kept:
         clean_rejects = Path(base.clean_dir) / "rejects"
-        raise InputError(nothing_to_build(read_jsonl_dir(clean_rejects) if clean_rejects.exists() else [], rejects,
-                                          base.clean_dir, base.metrics_dir))
+        raise InputError(
+            nothing_to_build(
+                read_jsonl_dir(clean_rejects) if clean_rejects.exists() else [],
+                rejects,
+                base.clean_dir,
+                base.metrics_dir,
+            )
+        )
     twice = duplicate_ids(kept)
     if twice:
-        raise InputError(f"{source}: {len(twice)} ids occur more than once, first {twice[0]}; rerun the clean stage")
+        raise InputError(
+            f"{source}: {len(twice)} ids occur more than once, first {twice[0]}; rerun the clean stage"
+        )
 
     train, val, test = split(kept, p.val_fraction, p.test_fraction, base.seed, p.generated_in_test)
     files = {}
@@ -73,7 +95,10 @@ def main() -> None:
         "with_history": sum(1 for r in kept if r["history"]),
     }
     write_json(Path(base.metrics_dir) / "build.json", metrics)
-    print(f"build: {len(kept)} records -> train {len(train)}, val {len(val)}, test {len(test)}; {len(rejects)} rejected")
+    print(
+        f"build: {len(kept)} records -> train {len(train)}, val {len(val)}, test {len(test)}; {len(rejects)} "
+        f"rejected"
+    )
 
 
 if __name__ == "__main__":

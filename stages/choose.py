@@ -18,15 +18,32 @@ from tuneline.common.records import read_json, tokenizer_hash, write_json
 LOWER_IS_BETTER = {"loss", "perplexity"}
 # judge: the LLM judge's win rate over the reference answers (select.judge.enabled), higher is better.
 # An API candidate's latency is a timing: in base.metrics_dir/timings/select-<name>.json, not here.
-COLUMNS = ("loss", "perplexity", "rouge_l", "bleu", "exact_match", "judge", "prompt_tokens", "completion_tokens", "cost")
+COLUMNS = (
+    "loss",
+    "perplexity",
+    "rouge_l",
+    "bleu",
+    "exact_match",
+    "judge",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+)
 
 
 def ranked(scores: dict[str, dict], metric: str) -> list[str]:
     """Candidate names, best first by `metric`. Exact ties go to a local candidate, which can be
     fine-tuned, then to the lower validation loss, then to the name, so the order is stable."""
     sign = 1 if metric in LOWER_IS_BETTER else -1
-    return sorted(scores, key=lambda n: (sign * scores[n][metric], scores[n].get("kind") == "api",
-                                         scores[n].get("loss") if scores[n].get("loss") is not None else float("inf"), n))
+    return sorted(
+        scores,
+        key=lambda n: (
+            sign * scores[n][metric],
+            scores[n].get("kind") == "api",
+            scores[n].get("loss") if scores[n].get("loss") is not None else float("inf"),
+            n,
+        ),
+    )
 
 
 def within_noise(best: float, other: dict, metric: str) -> bool:
@@ -50,7 +67,9 @@ def tie_key(name: str, s: dict, tie_break: str, listed: list[str]) -> float:
     return listed.index(name)
 
 
-def choose(scores: dict[str, dict], metric: str, tie_break: str = "listed_order") -> tuple[str, str, list[str]]:
+def choose(
+    scores: dict[str, dict], metric: str, tie_break: str = "listed_order"
+) -> tuple[str, str, list[str]]:
     """The chosen candidate's name, why, and the candidates it was tied with (within noise).
 
     The best-scoring candidate wins unless its score lies inside another candidate's 95% bootstrap
@@ -60,7 +79,10 @@ def choose(scores: dict[str, dict], metric: str, tie_break: str = "listed_order"
     missing = [name for name, s in scores.items() if s.get(metric) is None]
     if missing:
         fix = " (rerun select with select.judge.enabled: true)" if metric == "judge" else ""
-        raise params.ParamsError(f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric every candidate has{fix}")
+        raise params.ParamsError(
+            f"choose: select.metric '{metric}' is not available for {', '.join(missing)}; pick a metric "
+            f"every candidate has{fix}"
+        )
     order = ranked(scores, metric)
     top = scores[order[0]][metric]
     tied = [order[0]] + [n for n in order[1:] if within_noise(top, scores[n], metric)]
@@ -69,34 +91,49 @@ def choose(scores: dict[str, dict], metric: str, tie_break: str = "listed_order"
 
     def shown(n: str) -> str:
         interval = (scores[n].get("ci95") or {}).get(metric)
-        return f"{scores[n][metric]:.4f}" + (f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "")
+        return f"{scores[n][metric]:.4f}" + (
+            f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else ""
+        )
 
     direction = "lowest" if metric in LOWER_IS_BETTER else "highest"
     others = ", ".join(f"{n} {shown(n)}" for n in order if n != order[0])
-    why = f"{direction} validation {metric}: {order[0]} {shown(order[0])}" + (f" (others: {others})" if others else "")
+    why = f"{direction} validation {metric}: {order[0]} {shown(order[0])}" + (
+        f" (others: {others})" if others else ""
+    )
     if len(tied) > 1:
-        why += (f"; within noise: {order[0]}'s {metric} lies in the 95% interval of {', '.join(n for n in tied if n != order[0])}, "
-                f"so select.tie_break {tie_break} chose {best}")
+        why += (
+            f"; within noise: {order[0]}'s {metric} lies in the 95% interval of "
+            f"{', '.join(n for n in tied if n != order[0])}, "
+            f"so select.tie_break {tie_break} chose {best}"
+        )
     return best, why, [n for n in tied if n != best]
 
 
 def table(scores: dict[str, dict], best: str, why: str, metric: str) -> str:
     """The comparison as a Markdown table, one row per candidate, with the 95% interval of `metric`."""
+
     def cell(value) -> str:
         if value is None:
             return "n/a"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    lines = [f"| candidate | kind | parameters | {metric} 95% interval | " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 4)]
-    # cost: API price per million tokens (select.candidates.<name>.price_*_per_mtok) x tokens used; n/a for local models.
+    lines = [
+        f"| candidate | kind | parameters | {metric} 95% interval | " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 4),
+    ]
+    # cost: API price per million tokens (select.candidates.<name>.price_*_per_mtok) x tokens used; n/a for
+    # local models.
     for name in sorted(scores):
         s = scores[name]
         size = s.get("parameters", "api") if s.get("kind") == "local" else "api"
         mark = " **(chosen)**" if name == best else ""
         interval = (s.get("ci95") or {}).get(metric)
         shown = f"{interval['low']:.4f} - {interval['high']:.4f}" if interval else "n/a"
-        lines.append(f"| {name}{mark} | {s.get('kind')} | {cell(size)} | {shown} | " + " | ".join(cell(s.get(c)) for c in COLUMNS) + " |")
+        lines.append(
+            f"| {name}{mark} | {s.get('kind')} | {cell(size)} | {shown} | "
+            + " | ".join(cell(s.get(c)) for c in COLUMNS)
+            + " |"
+        )
     return "\n".join(["# Base model selection", "", *lines, "", f"Chosen: **{best}**, {why}.", ""])
 
 
@@ -105,12 +142,23 @@ def main() -> None:
     scores = {name: read_json(Path(base.metrics_dir) / "select" / f"{name}.json") for name in p.candidates}
     best, why, tied = choose(scores, p.metric, p.tie_break)
     cand = p.candidates[best]
-    write_json(base.selected, {
-        "name": best, "kind": cand.kind, "model": cand.model, "revision": cand.revision,
-        "trust_remote_code": cand.trust_remote_code, "base_url": cand.base_url, "api_key_env": cand.api_key_env,
-        "metric": p.metric, "score": scores[best][p.metric], "why": why, "tied_with": tied,
-        "tokenizer_hash": tokenizer_hash(cand.model) if cand.kind == "local" else "",
-    })
+    write_json(
+        base.selected,
+        {
+            "name": best,
+            "kind": cand.kind,
+            "model": cand.model,
+            "revision": cand.revision,
+            "trust_remote_code": cand.trust_remote_code,
+            "base_url": cand.base_url,
+            "api_key_env": cand.api_key_env,
+            "metric": p.metric,
+            "score": scores[best][p.metric],
+            "why": why,
+            "tied_with": tied,
+            "tokenizer_hash": tokenizer_hash(cand.model) if cand.kind == "local" else "",
+        },
+    )
     Path(base.metrics_dir, "select_table.md").write_text(table(scores, best, why, p.metric), encoding="utf-8")
     print(f"choose: {best} ({why})")
 

@@ -23,8 +23,21 @@ from pathlib import Path
 
 from stages import run
 from tuneline.common import params
-from tuneline.data.clean import clean_records, embed_texts, encoder_key, lazy_encoder, map_in_process, render_report
-from tuneline.common.records import InputError, in_arrival_order, read_jsonl_dir, write_json, write_jsonl_shards
+from tuneline.common.records import (
+    InputError,
+    in_arrival_order,
+    read_jsonl_dir,
+    write_json,
+    write_jsonl_shards,
+)
+from tuneline.data.clean import (
+    clean_records,
+    embed_texts,
+    encoder_key,
+    lazy_encoder,
+    map_in_process,
+    render_report,
+)
 from tuneline.data.review import read_decisions
 
 log = logging.getLogger("clean")
@@ -48,7 +61,9 @@ def main() -> None:
 
         log.info("clean.engine ray: per-record work on %s", rayengine.connect())
         map_records = rayengine.map_records
-        encode_batches = rayengine.ray_batch_encoder(p.embedding_model, p.batch_size, p.embedding_max_seq_length)
+        encode_batches = rayengine.ray_batch_encoder(
+            p.embedding_model, p.batch_size, p.embedding_max_seq_length
+        )
 
     def embed(texts: list[str]):
         vectors, encoded = embed_texts(texts, encoder, store, key, p.batch_size, encode_batches)
@@ -60,9 +75,15 @@ def main() -> None:
     result = clean_records(records, p, embed, read_decisions(base.decisions), map_records)
     clean_dir = Path(base.clean_dir)
     by_id = lambda r: str(r["id"])  # noqa: E731  the order within a shard, as clean_records sorts
-    write_jsonl_shards(clean_dir / "records", in_arrival_order(result.kept, records), base.shard_records, by_id)
-    write_jsonl_shards(clean_dir / "rejects", in_arrival_order(result.rejects, records), base.shard_records,
-                       lambda r: (str(r["id"]), r["reason"]))
+    write_jsonl_shards(
+        clean_dir / "records", in_arrival_order(result.kept, records), base.shard_records, by_id
+    )
+    write_jsonl_shards(
+        clean_dir / "rejects",
+        in_arrival_order(result.rejects, records),
+        base.shard_records,
+        lambda r: (str(r["id"]), r["reason"]),
+    )
     write_json(Path(base.metrics_dir) / "clean.json", result.metrics)
     report = Path(base.metrics_dir) / "clean_report.md"
     report.write_text(render_report(result, p.report_examples), encoding="utf-8")
@@ -70,12 +91,17 @@ def main() -> None:
     m = result.metrics
     reasons = ", ".join(f"{r} {n}" for r, n in m["rejects_by_reason"].items()) or "none"
     h = m["human"]
-    reviewed = (f"; review: {h['rejected']} rejected, {h['accepted']} accepted ({h['overrides']} overrides), "
-                f"{h['edited']} edited, {h['stale']} stale" if h["decisions"] else "")  # fmt: skip
+    reviewed = (
+        f"; review: {h['rejected']} rejected, {h['accepted']} accepted ({h['overrides']} overrides), "
+        f"{h['edited']} edited, {h['stale']} stale"
+        if h["decisions"]
+        else ""
+    )
     unchecked = [language for language, cl in m["cleanlab"]["languages"].items() if "skipped" in cl]
     skipped = f"; cleanlab Datalab skipped for {', '.join(unchecked)} (see metrics)" if unchecked else ""
     print(
-        f"clean: {m['records_in']} records -> {m['records_out']} kept, {m['rejected']} rejected ({reasons}){reviewed}"
+        f"clean: {m['records_in']} records -> {m['records_out']} kept, {m['rejected']} rejected "
+        f"({reasons}){reviewed}"
         f"{skipped}; embeddings for {counts['texts']} texts, {counts['encoded']} newly encoded; "
         f"{time.perf_counter() - started:.1f} s"
     )

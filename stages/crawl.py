@@ -2,9 +2,11 @@
 
 Reads  params.yaml `base` and `crawl`; the bundled site in base.site_dir (served on 127.0.0.1
        while the stage runs when crawl.serve_site is true); dataset files named in crawl.datasets.
-Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text), Markdown
+Writes {base.raw_dir}/crawl.jsonl          one item per line: qa (question, answer) or doc (title, text),
+Markdown
        {base.raw_dir}/datasets/            Alpaca records mapped from crawl.datasets, in JSON Lines shards
-                                           (tuneline.common.records.write_jsonl_shards; base.shard_records a shard)
+                                           (tuneline.common.records.write_jsonl_shards; base.shard_records a
+                                           shard)
        {base.raw_dir}/crawl_rejects.jsonl  every page, request or row that gave no record, with its reason
        {base.cache_dir}/http               scrapy's HTTP cache (DVC persist: a rerun does not refetch)
        {base.metrics_dir}/crawl.json       pages, items by kind, rejects by reason, cache hits, bytes
@@ -19,10 +21,9 @@ import sys
 from pathlib import Path
 
 from stages import run
-from tuneline.data import crawl
-from tuneline.common import params
-from tuneline.common import timings
+from tuneline.common import params, timings
 from tuneline.common.records import InputError, write_jsonl, write_jsonl_shards
+from tuneline.data import crawl
 
 
 def main() -> int:
@@ -51,10 +52,13 @@ def main() -> int:
     timings.write_metrics(Path(base.metrics_dir) / "crawl.json", metrics, base.metrics_dir, "crawl")
     if metrics["parse_errors"] > p.max_parse_error_fraction * metrics["pages_fetched"]:
         first = next(r for r in result.rejects if r["reason"] == "parse_error")
-        print(f"crawl: {metrics['parse_errors']} of {metrics['pages_fetched']} pages raised while parsing, "
-              f"more than crawl.max_parse_error_fraction {p.max_parse_error_fraction}; first: {first['url']}: "
-              f"{first['detail']}. All are parse_error rejects in {raw / 'crawl_rejects.jsonl'}; "
-              "fix the source's selectors", file=sys.stderr)
+        print(
+            f"crawl: {metrics['parse_errors']} of {metrics['pages_fetched']} pages raised while parsing, "
+            f"more than crawl.max_parse_error_fraction {p.max_parse_error_fraction}; first: {first['url']}: "
+            f"{first['detail']}. All are parse_error rejects in {raw / 'crawl_rejects.jsonl'}; "
+            "fix the source's selectors",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"crawl: {metrics['pages_fetched']} pages, {metrics['items']} items {metrics['items_by_kind']}, "

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from stages import run
 from tuneline.common import params
-from tuneline.model.export import dir_md5, export, file_md5, model_card
 from tuneline.common.records import read_chosen, read_json, skipped_for_api
+from tuneline.model.export import dir_md5, export, file_md5, model_card
 
 
 def main() -> None:
@@ -25,13 +25,25 @@ def main() -> None:
     out_dir = Path(base.export_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     reason = f"{chosen.name} is an API model used as is; nothing to export"
-    if skipped_for_api(chosen, "export", "an API model was chosen", {out_dir / "SKIPPED.json": {"reason": reason}}):
+    if skipped_for_api(
+        chosen, "export", "an API model was chosen", {out_dir / "SKIPPED.json": {"reason": reason}}
+    ):
         return
     training = read_json(Path(base.adapter_dir) / "training_args.json")
     written = export(chosen, base.adapter_dir, out_dir, p.dtype)
-    hashes = {f.name: file_md5(f) for f in sorted(Path(base.alpaca_dir).glob("*.json")) if f.name != "dataset_info.json"}
-    card = model_card(chosen, training, base.alpaca_dir, dir_md5(base.alpaca_dir), hashes,
-                      read_json(Path(base.metrics_dir) / "eval.json"))
+    hashes = {
+        f.name: file_md5(f)
+        for f in sorted(Path(base.alpaca_dir).glob("*.json"))
+        if f.name != "dataset_info.json"
+    }
+    card = model_card(
+        chosen,
+        training,
+        base.alpaca_dir,
+        dir_md5(base.alpaca_dir),
+        hashes,
+        read_json(Path(base.metrics_dir) / "eval.json"),
+    )
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     print(f"export: {training['method']} model ({written}) written to {out_dir}")
 

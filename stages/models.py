@@ -22,10 +22,17 @@ from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
 from stages import run
-from tuneline.common import params
-from tuneline.common import timings
-from tuneline.model.pretraining import corpus_files, file_hashes, heldout_loss, pretrain, run_params, split_blocks, text_blocks
+from tuneline.common import params, timings
 from tuneline.common.records import read_jsonl, write_json
+from tuneline.model.pretraining import (
+    corpus_files,
+    file_hashes,
+    heldout_loss,
+    pretrain,
+    run_params,
+    split_blocks,
+    text_blocks,
+)
 from tuneline.model.tinymodels import build_tiny_model, train_tokenizer
 
 
@@ -59,33 +66,55 @@ def main() -> None:
         before = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
         train_loss, result = math.nan, {}
         if spec.pretrain_steps:
-            live = Live(dir=str(Path(base.metrics_dir) / "models" / name), save_dvc_exp=False, dvcyaml=None, report=None)
+            live = Live(
+                dir=str(Path(base.metrics_dir) / "models" / name),
+                save_dvc_exp=False,
+                dvcyaml=None,
+                report=None,
+            )
             # A rerun starts over (pretraining is short). The folder's name is fixed: DVCLive writes it
             # into metrics/models/<name>/params.yaml, which a random temporary name would change every run.
             checkpoints = Path(base.cache_dir) / "checkpoints" / f"models-{name}"
             shutil.rmtree(checkpoints, ignore_errors=True)
-            settings = run_params(learning_rate=p.learning_rate, batch_size=p.batch_size, max_steps=spec.pretrain_steps,
-                                  warmup_ratio=p.warmup_ratio, logging_steps=p.logging_steps, compute_dtype="float32")
-            model, result = pretrain(model, tokenizer, train_blocks, settings, checkpoints, base.seed,
-                                     [DVCLiveCallback(live=live)])
+            settings = run_params(
+                learning_rate=p.learning_rate,
+                batch_size=p.batch_size,
+                max_steps=spec.pretrain_steps,
+                warmup_ratio=p.warmup_ratio,
+                logging_steps=p.logging_steps,
+                compute_dtype="float32",
+            )
+            model, result = pretrain(
+                model, tokenizer, train_blocks, settings, checkpoints, base.seed, [DVCLiveCallback(live=live)]
+            )
             shutil.rmtree(checkpoints, ignore_errors=True)
             train_loss = result.get("train_loss", math.nan)
         after = heldout_loss(model, heldout, tokenizer.pad_token_id, p.batch_size)
         seconds = time.perf_counter() - start
         info = {
-            "corpus_dir": p.corpus_dir, "corpus_files": file_hashes(files), "pretrain_steps": spec.pretrain_steps,
+            "corpus_dir": p.corpus_dir,
+            "corpus_files": file_hashes(files),
+            "pretrain_steps": spec.pretrain_steps,
             "pretrain_tokens": spec.pretrain_steps * p.batch_size * p.block_size,
-            "train_loss": round(train_loss, 4), "heldout_loss_before": round(before, 4), "heldout_loss": round(after, 4),
+            "train_loss": round(train_loss, 4),
+            "heldout_loss_before": round(before, 4),
+            "heldout_loss": round(after, 4),
         }
         out_dir = out_root / name
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "pretraining.json", info)
         parameters = sum(x.numel() for x in model.parameters())
-        metrics[name] = {"parameters": parameters, **{k: v for k, v in info.items() if k not in ("corpus_dir", "corpus_files")}}
+        metrics[name] = {
+            "parameters": parameters,
+            **{k: v for k, v in info.items() if k not in ("corpus_dir", "corpus_files")},
+        }
         stage_timings[name] = {"seconds": round(seconds, 1), **timings.split(result)[1]}
-        print(f"models: {name} ({spec.arch}, {parameters / 1e6:.2f}M parameters): pretrained {spec.pretrain_steps} steps "
-              f"on {len(files)} files, held-out loss {before:.3f} -> {after:.3f} in {seconds:.0f} s")
+        print(
+            f"models: {name} ({spec.arch}, {parameters / 1e6:.2f}M parameters): pretrained "
+            f"{spec.pretrain_steps} steps "
+            f"on {len(files)} files, held-out loss {before:.3f} -> {after:.3f} in {seconds:.0f} s"
+        )
     write_json(Path(base.metrics_dir) / "models.json", metrics)
     timings.write(base.metrics_dir, "models", stage_timings)
 

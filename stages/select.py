@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 from stages import run
-from tuneline.common import params
-from tuneline.common import timings
-from tuneline.model.modeling import check_model_source, load_model, load_tokenizer, set_seed
-from tuneline.eval.intervals import score_intervals
-from tuneline.model.templates import chat_template_for, with_fixed_date
+from tuneline.common import params, timings
 from tuneline.common.records import read_json
+from tuneline.eval.intervals import score_intervals
 from tuneline.eval.scoring import score
+from tuneline.model.modeling import check_model_source, load_model, load_tokenizer, set_seed
+from tuneline.model.templates import chat_template_for, with_fixed_date
 
 
 def local_tokenizer(cand, template: str, template_date: str):
@@ -49,7 +48,9 @@ def judged(j, records: list[dict], rows: list[dict], cache_dir: Path, seed: int)
 
     answered = [r["answer"] for r in rows if "answer" in r]
     sample = records[: len(answered)]
-    summary, verdicts, _ = judge.run(j, "select.judge", sample, answered, [r["output"] for r in sample], cache_dir, seed)
+    summary, verdicts, _ = judge.run(
+        j, "select.judge", sample, answered, [r["output"] for r in sample], cache_dir, seed
+    )
     rate, interval = judge.win_rate(verdicts, seed)
     return rate, interval, summary
 
@@ -58,7 +59,9 @@ def main(name: str) -> None:
     base, p, tok = params.load("base", "select", "tokenize")
     params.check_environment("select", p)
     if name not in p.candidates:
-        raise params.ParamsError(f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})")
+        raise params.ParamsError(
+            f"select: no candidate {name!r} in select.candidates (known: {', '.join(p.candidates)})"
+        )
     cand = p.candidates[name]
     if p.judge.enabled:
         from tuneline.eval import judge
@@ -77,15 +80,24 @@ def main(name: str) -> None:
         set_seed(base.seed)
         tokenizer = local_tokenizer(cand, tok.template, tok.template_date)
         model = load_model(cand.model, cand.revision, cand.trust_remote_code, dtype=p.dtype)
-        metrics, rows = score(model, tokenizer, records, "auto", p.batch_size, p.max_new_tokens, p.generation_samples)
+        metrics, rows = score(
+            model, tokenizer, records, "auto", p.batch_size, p.max_new_tokens, p.generation_samples
+        )
         metrics["ci95"] = score_intervals(rows, [r["output"] for r in records], base.seed)
-        metrics.update(kind="local", model=cand.model, parameters=sum(x.numel() for x in model.parameters()), template=tok.template)
+        metrics.update(
+            kind="local",
+            model=cand.model,
+            parameters=sum(x.numel() for x in model.parameters()),
+            template=tok.template,
+        )
     if p.judge.enabled:
         rate, interval, rates = judged(p.judge, records, rows, cache_dir / "judge", base.seed)
         metrics.update(judge=rate, judge_rates=rates)
         metrics["ci95"]["judge"] = interval
     metrics["name"] = name
-    timings.write_metrics(Path(base.metrics_dir) / "select" / f"{name}.json", metrics, base.metrics_dir, f"select-{name}")
+    timings.write_metrics(
+        Path(base.metrics_dir) / "select" / f"{name}.json", metrics, base.metrics_dir, f"select-{name}"
+    )
     print(f"select: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 

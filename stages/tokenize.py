@@ -22,8 +22,15 @@ from datasets import Dataset
 
 from stages import run
 from tuneline.common import params
+from tuneline.common.records import (
+    InputError,
+    read_chosen,
+    read_json,
+    skipped_for_api,
+    write_json,
+    write_jsonl,
+)
 from tuneline.model.modeling import load_tokenizer
-from tuneline.common.records import InputError, read_chosen, read_json, skipped_for_api, write_json, write_jsonl
 from tuneline.model.templates import chat_template_for, with_fixed_date
 from tuneline.model.tokenization import pack_batch, padding_fraction, tokenize_batch
 
@@ -39,8 +46,13 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
         tokenize_batch,
         batched=True,
         # main() has put the template to use, its date fixed, on the tokenizer.
-        fn_kwargs=dict(tokenizer=tokenizer, template="auto", max_length=p.max_length,
-                       overlong=p.overlong, train_on_prompt=p.train_on_prompt),
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            template="auto",
+            max_length=p.max_length,
+            overlong=p.overlong,
+            train_on_prompt=p.train_on_prompt,
+        ),
         remove_columns=records.column_names,
         num_proc=p.num_proc if p.num_proc > 1 else None,
         desc=f"tokenize {path.name}",
@@ -51,14 +63,21 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
     status = Counter(statuses)
     dropped = [i for i, s in enumerate(statuses) if s.startswith("dropped")]
     rejects = [
-        {"file": str(path), "index": i, "id": records[i].get("id"), "reason": statuses[i], "tokens": original_lengths[i],
-         "max_length": p.max_length}
+        {
+            "file": str(path),
+            "index": i,
+            "id": records[i].get("id"),
+            "reason": statuses[i],
+            "tokens": original_lengths[i],
+            "max_length": p.max_length,
+        }
         for i in dropped
     ]
     kept = tokenized
     if dropped:
-        kept = tokenized.filter(lambda batch: [not s.startswith("dropped") for s in batch], input_columns="status",
-                                batched=True)
+        kept = tokenized.filter(
+            lambda batch: [not s.startswith("dropped") for s in batch], input_columns="status", batched=True
+        )
     keep = set(range(len(statuses))).difference(dropped)
     lengths = [n for i, n in enumerate(tokenized.data.column("length").to_pylist()) if i in keep]
     answer_tokens = [n for i, n in enumerate(tokenized.data.column("answer_tokens").to_pylist()) if i in keep]
@@ -74,8 +93,14 @@ def tokenize_split(path: Path, tokenizer, p, pack: bool, cache_dir: str) -> tupl
     }
     kept = kept.remove_columns(["length", "original_length", "answer_tokens", "status"])
     if pack:
-        kept = kept.map(pack_batch, batched=True, batch_size=1000, fn_kwargs=dict(max_length=p.max_length),
-                        remove_columns=kept.column_names, desc=f"pack {path.name}")
+        kept = kept.map(
+            pack_batch,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs=dict(max_length=p.max_length),
+            remove_columns=kept.column_names,
+            desc=f"pack {path.name}",
+        )
         counts["packed_sequences"] = len(kept)
         # the lengths straight from the Arrow offsets: no packed ids become Python lists
         packed_lengths = pc.list_value_length(kept.data.column("input_ids")).to_pylist()
@@ -104,8 +129,12 @@ def main() -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     msg = f"the chosen model {chosen.name} is an API model used as is: nothing to tokenize or train"
-    if skipped_for_api(chosen, "tokenize", msg, {out_dir / "SKIPPED.json": {"reason": msg},
-                                                 Path(base.metrics_dir) / "tokenize.json": {"skipped": 1}}):
+    if skipped_for_api(
+        chosen,
+        "tokenize",
+        msg,
+        {out_dir / "SKIPPED.json": {"reason": msg}, Path(base.metrics_dir) / "tokenize.json": {"skipped": 1}},
+    ):
         return
 
     tokenizer = load_tokenizer(chosen.name_or_path, chosen.revision, chosen.trust_remote_code)
@@ -120,8 +149,13 @@ def main() -> None:
     metrics, rejects = {}, []
     with tempfile.TemporaryDirectory() as cache_dir:
         for split in ("train", "val"):
-            ds, counts, dropped = tokenize_split(Path(base.alpaca_dir) / f"{split}.json", tokenizer, p,
-                                                 pack=p.packing and split == "train", cache_dir=cache_dir)
+            ds, counts, dropped = tokenize_split(
+                Path(base.alpaca_dir) / f"{split}.json",
+                tokenizer,
+                p,
+                pack=p.packing and split == "train",
+                cache_dir=cache_dir,
+            )
             ds.save_to_disk(str(out_dir / split))
             pin_fingerprint(out_dir / split)
             metrics[split] = counts

@@ -31,7 +31,12 @@ def seed_texts() -> list[str]:
 
     texts = []
     for record in read_jsonl(SEEDS):
-        texts += [record.get("system") or "", record["instruction"], record.get("input") or "", record["output"]]
+        texts += [
+            record.get("system") or "",
+            record["instruction"],
+            record.get("input") or "",
+            record["output"],
+        ]
         for user, answer in record.get("history") or []:
             texts += [user, answer]
     return [t for t in texts if t.strip()]
@@ -43,8 +48,17 @@ def build_tiny(out_dir: Path, arch: str, chat_template: str) -> Path:
     from tuneline.model.tinymodels import save_tiny_model
 
     # Widths are multiples of 64: bitsandbytes quantises in blocks of 64, so QLoRA tests run on these too.
-    spec = TinyModel(arch=arch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, max_positions=512, chat_template=chat_template, pretrain_steps=0)
+    spec = TinyModel(
+        arch=arch,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_positions=512,
+        chat_template=chat_template,
+        pretrain_steps=0,
+    )
     save_tiny_model(spec, seed_texts(), vocab_size=512, seed=0, out_dir=out_dir)
     return out_dir
 
@@ -93,8 +107,13 @@ def pytest_collection_finish(session):
     except FileExistsError:
         return  # another worker started it
     log = open(build / "build.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.pipeline_repo", str(build)], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.pipeline_repo", str(build)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     (build / "pid").write_text(str(proc.pid))
     session.config.pipeline_builder = proc
 
@@ -138,11 +157,15 @@ def pipeline_build(request) -> Path:
 
     while not done.exists():
         if not build.exists():
-            raise RuntimeError("the pipeline build was never started (pytest_collection_finish in tests/conftest.py)")
+            raise RuntimeError(
+                "the pipeline build was never started (pytest_collection_finish in tests/conftest.py)"
+            )
         if not builder_running(build) and not done.exists():
             raise RuntimeError(f"the pipeline build in {build} failed:\n{log_tail()}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the pipeline build in {build} took over {PIPELINE_BUILD_TIMEOUT_S} s:\n{log_tail()}")
+            raise TimeoutError(
+                f"the pipeline build in {build} took over {PIPELINE_BUILD_TIMEOUT_S} s:\n{log_tail()}"
+            )
         time.sleep(2)
     return build
 

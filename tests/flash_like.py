@@ -38,15 +38,31 @@ def varlen(query, key, value, cu_seq_lens: torch.Tensor, scaling) -> torch.Tenso
     """Causal attention within each stretch of the batch's tokens (taken row after row) that
     `cu_seq_lens` bounds; [batch, heads, length, dim] in, [batch, length, heads, dim] out."""
     batch, heads, length, dim = query.shape
-    tokens = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim).transpose(0, 1) for x in (query, key, value)]
+    tokens = [
+        x.transpose(1, 2).reshape(batch * length, x.shape[1], dim).transpose(0, 1)
+        for x in (query, key, value)
+    ]
     bounds = cu_seq_lens.tolist()
-    out = [sdpa(*(t[:, a:b] for t in tokens), is_causal=True, scale=scaling, enable_gqa=True)
-           for a, b in zip(bounds, bounds[1:])]
+    out = [
+        sdpa(*(t[:, a:b] for t in tokens), is_causal=True, scale=scaling, enable_gqa=True)
+        for a, b in zip(bounds, bounds[1:])
+    ]
     return torch.cat(out, dim=1).transpose(0, 1).reshape(batch, length, heads, dim)
 
 
-def flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                         cu_seq_lens_q=None, max_length_q=None, **kwargs):
+def flash_like_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    position_ids=None,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     """The attention function transformers calls in each layer, with flash-attention's choice of kernel."""
     if attention_mask is not None:  # flash-attention unpads: each row attends causally to its own real tokens
         CALLS["padded"] += 1

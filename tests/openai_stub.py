@@ -53,7 +53,11 @@ class ScriptedServer:
         batch_failed_lines: int = 0,
     ):
         self.respond = respond
-        self.batch_delay_s, self.batch_outcome, self.batch_failed_lines = batch_delay_s, batch_outcome, batch_failed_lines
+        self.batch_delay_s, self.batch_outcome, self.batch_failed_lines = (
+            batch_delay_s,
+            batch_outcome,
+            batch_failed_lines,
+        )
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}  # id: the batch object, plus "_created" (monotonic) while it runs
         self.batch_polls = 0
@@ -112,7 +116,10 @@ class ScriptedServer:
                     time.sleep(server.latency_s)
                     return server.batch_get(self)
                 if self.path.rstrip("/").endswith("/models"):
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode())
+                    self._send(
+                        200,
+                        json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode(),
+                    )
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
@@ -127,7 +134,11 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     fault = server.faults.pop(0) if server.faults else None
-                    entry = {"body": body, "authorization": self.headers.get("Authorization"), "t": time.monotonic()}
+                    entry = {
+                        "body": body,
+                        "authorization": self.headers.get("Authorization"),
+                        "t": time.monotonic(),
+                    }
                     server.log.append(entry)
                 try:
                     if server.latency_s and not (fault or "").startswith("429"):
@@ -155,8 +166,11 @@ class ScriptedServer:
                     "created": 0,
                     "model": body.get("model", "stub"),
                     "choices": [
-                        {"index": 0, "finish_reason": "length" if fault == "length" else "stop",
-                         "message": {"role": "assistant", "content": content}}
+                        {
+                            "index": 0,
+                            "finish_reason": "length" if fault == "length" else "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
                     ],
                     "usage": usage(body, content),
                 }
@@ -174,20 +188,43 @@ class ScriptedServer:
             self.batch_http_requests += 1
         if handler.path.startswith("/v1/files"):
             message = email.parser.BytesParser().parsebytes(
-                b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
-            content = next(part.get_payload(decode=True) for part in message.get_payload()
-                           if part.get_param("name", header="content-disposition") == "file")
+                b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" + raw
+            )
+            content = next(
+                part.get_payload(decode=True)
+                for part in message.get_payload()
+                if part.get_param("name", header="content-disposition") == "file"
+            )
             file_id = f"file-{uuid.uuid4().hex[:12]}"
             with self.lock:
                 self.files[file_id] = content
-            return handler._send(200, json.dumps({"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
-                                                  "filename": "batch.jsonl", "purpose": "batch",
-                                                  "status": "processed"}).encode())
+            return handler._send(
+                200,
+                json.dumps(
+                    {
+                        "id": file_id,
+                        "object": "file",
+                        "bytes": len(content),
+                        "created_at": 0,
+                        "filename": "batch.jsonl",
+                        "purpose": "batch",
+                        "status": "processed",
+                    }
+                ).encode(),
+            )
         body = json.loads(raw)
         batch_id = f"batch_{uuid.uuid4().hex[:12]}"
-        batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
-                 "completion_window": body["completion_window"], "status": "in_progress", "created_at": 0,
-                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "_created": time.monotonic()}
+        batch = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": body["completion_window"],
+            "status": "in_progress",
+            "created_at": 0,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "_created": time.monotonic(),
+        }
         with self.lock:
             self.batches[batch_id] = batch
         handler._send(200, json.dumps({k: v for k, v in batch.items() if not k.startswith("_")}).encode())
@@ -201,40 +238,86 @@ class ScriptedServer:
         with self.lock:
             self.batch_polls += 1
             batch = self.batches[parts[2]]
-            if batch["status"] == "in_progress" and time.monotonic() - batch["_created"] >= self.batch_delay_s:
+            if (
+                batch["status"] == "in_progress"
+                and time.monotonic() - batch["_created"] >= self.batch_delay_s
+            ):
                 self._finish(batch)
         handler._send(200, json.dumps({k: v for k, v in batch.items() if not k.startswith("_")}).encode())
 
     def _finish(self, batch: dict) -> None:
-        lines = [json.loads(line) for line in self.files[batch["input_file_id"]].decode().splitlines() if line.strip()]
+        lines = [
+            json.loads(line)
+            for line in self.files[batch["input_file_id"]].decode().splitlines()
+            if line.strip()
+        ]
         if self.batch_outcome == "failed":
-            batch.update(status="failed", errors={"object": "list", "data": [
-                {"code": "invalid_request", "message": "the stub fails this batch", "line": 1}]})
+            batch.update(
+                status="failed",
+                errors={
+                    "object": "list",
+                    "data": [{"code": "invalid_request", "message": "the stub fails this batch", "line": 1}],
+                },
+            )
             return
         answered = lines[: len(lines) // 2] if self.batch_outcome == "expired" else lines
         out, err = [], []
         for n, line in enumerate(answered):
             if n < self.batch_failed_lines:
-                err.append({"id": f"req_{n}", "custom_id": line["custom_id"], "error": None,
-                            "response": {"status_code": 500, "request_id": "r", "body": {"error": {"message": "boom"}}}})
+                err.append(
+                    {
+                        "id": f"req_{n}",
+                        "custom_id": line["custom_id"],
+                        "error": None,
+                        "response": {
+                            "status_code": 500,
+                            "request_id": "r",
+                            "body": {"error": {"message": "boom"}},
+                        },
+                    }
+                )
                 continue
             content = self.respond(line["body"])
             self.answered += 1
-            completion = {"id": f"chatcmpl-b{n}", "object": "chat.completion", "created": 0, "model": line["body"]["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": content}}],
-                          "usage": usage(line["body"], content)}
-            out.append({"id": f"req_{n}", "custom_id": line["custom_id"], "error": None,
-                        "response": {"status_code": 200, "request_id": "r", "body": completion}})
+            completion = {
+                "id": f"chatcmpl-b{n}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": line["body"]["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": content},
+                    }
+                ],
+                "usage": usage(line["body"], content),
+            }
+            out.append(
+                {
+                    "id": f"req_{n}",
+                    "custom_id": line["custom_id"],
+                    "error": None,
+                    "response": {"status_code": 200, "request_id": "r", "body": completion},
+                }
+            )
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 file_id = f"file-{uuid.uuid4().hex[:12]}"
                 self.files[file_id] = "".join(json.dumps(r) + "\n" for r in rows).encode()
                 batch[name] = file_id
-        batch.update(status="expired" if self.batch_outcome == "expired" else "completed",
-                     request_counts={"total": len(lines), "completed": len(out), "failed": len(err)})
+        batch.update(
+            status="expired" if self.batch_outcome == "expired" else "completed",
+            request_counts={"total": len(lines), "completed": len(out), "failed": len(err)},
+        )
 
     def batch_requests(self) -> list[list[str]]:
         """The custom_ids of each batch created, in creation order."""
-        return [[json.loads(line)["custom_id"] for line in self.files[b["input_file_id"]].decode().splitlines() if line]
-                for b in self.batches.values()]
+        return [
+            [
+                json.loads(line)["custom_id"]
+                for line in self.files[b["input_file_id"]].decode().splitlines()
+                if line
+            ]
+            for b in self.batches.values()
+        ]

@@ -15,29 +15,47 @@ RAN = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "tuneline-test", "GIT_AUTHOR_EMAIL": "test@localhost",
-           "GIT_COMMITTER_NAME": "tuneline-test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "tuneline-test",
+    "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "tuneline-test",
+    "GIT_COMMITTER_EMAIL": "test@localhost",
+}
 
 
 def project_files() -> list[str]:
     """The files of the project as a clone would have them: tracked, plus untracked not ignored."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [f for f in out.split("\0") if f and (ROOT / f).exists()]
 
 
 def env() -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "GIT_"))}
     e.update(GIT_ENV)
-    e.update(PATH=f"{VENV_BIN}:{e.get('PATH', '/usr/bin:/bin')}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    e.update(
+        PATH=f"{VENV_BIN}:{e.get('PATH', '/usr/bin:/bin')}",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     return e
 
 
-def run(repo: Path, *cmd: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    repo: Path, *cmd: str, check: bool = True, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=repo, env={**env(), **(extra_env or {})}, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -60,7 +78,11 @@ def repro(repo: Path, *args: str, extra_env: dict | None = None) -> dict[str, se
     """Run `dvc repro`; return the stages that ran, were skipped, or were restored from the run cache."""
     out = run(repo, "dvc", "repro", *args, extra_env=extra_env)
     text = out.stdout + out.stderr
-    return {"ran": set(RAN.findall(text)), "skipped": set(SKIPPED.findall(text)), "restored": set(RESTORED.findall(text))}
+    return {
+        "ran": set(RAN.findall(text)),
+        "skipped": set(SKIPPED.findall(text)),
+        "restored": set(RESTORED.findall(text)),
+    }
 
 
 def declared_params(repo: Path) -> dict[str, set[str]]:

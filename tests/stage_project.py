@@ -25,7 +25,9 @@ def seed_records() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def make_project(dest: Path, model_dir: Path, train_records: list[dict], val_records: list[dict], **sections: dict) -> Path:
+def make_project(
+    dest: Path, model_dir: Path, train_records: list[dict], val_records: list[dict], **sections: dict
+) -> Path:
     """A project in `dest` training `model_dir` on `train`/`val`; `sections` override params keys,
     e.g. `train={"method": "qlora"}`."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -39,9 +41,19 @@ def make_project(dest: Path, model_dir: Path, train_records: list[dict], val_rec
         (alpaca / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     selected = dest / params["base"]["selected"]
     selected.parent.mkdir(parents=True, exist_ok=True)
-    chosen = json.dumps({"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False})
+    chosen = json.dumps(
+        {
+            "name": "tiny",
+            "kind": "local",
+            "model": str(model_dir),
+            "revision": None,
+            "trust_remote_code": False,
+        }
+    )
     selected.write_text(chosen, encoding="utf-8")
-    (dest / params["base"]["tuning_base"]).write_text(chosen, encoding="utf-8")  # the pretrain stage, off, hands it on
+    (dest / params["base"]["tuning_base"]).write_text(
+        chosen, encoding="utf-8"
+    )  # the pretrain stage, off, hands it on
     return dest
 
 
@@ -62,8 +74,14 @@ def set_params(project: Path, section: str, **values) -> None:
 
 def stage_env(**extra: str) -> dict:
     """The environment a stage runs in: the project's code importable, offline."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
@@ -74,8 +92,11 @@ def stage_command(name: str) -> list[str]:
 
 def run_stage(project: Path, name: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m stages.<name>` in `project`; fail with its output when it fails."""
-    result = subprocess.run(stage_command(name), cwd=project, env=stage_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        stage_command(name), cwd=project, env=stage_env(), capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
-        raise AssertionError(f"stages.{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"stages.{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result

@@ -23,20 +23,45 @@ import pytest
 import yaml
 
 from tests.openai_stub import ScriptedServer
-from tuneline.data import augment
 from tuneline.common import params
 from tuneline.common.records import InputError, read_jsonl, read_jsonl_dir, shard_files, write_jsonl_shards
+from tuneline.data import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "TUNELINE_TEST_AUGMENT_KEY"
 KEY = "sk-tuneline-augment-test-52b9a0e4"
 
 SEEDS = [
-    {"instruction": "How long should a French press steep?", "input": "", "output": "About four minutes.", "category": "brewing"},
-    {"instruction": "What ratio for pour-over?", "input": "", "output": "Start at 1:16.", "category": "brewing"},
-    {"instruction": "Why is my espresso sour?", "input": "", "output": "Under-extraction: grind finer.", "category": "brewing"},
-    {"instruction": "How fine for espresso?", "input": "", "output": "Like table salt, a bit finer.", "category": "grinding"},
-    {"instruction": "Burr or blade grinder?", "input": "", "output": "Burr: the particles are even.", "category": "grinding"},
+    {
+        "instruction": "How long should a French press steep?",
+        "input": "",
+        "output": "About four minutes.",
+        "category": "brewing",
+    },
+    {
+        "instruction": "What ratio for pour-over?",
+        "input": "",
+        "output": "Start at 1:16.",
+        "category": "brewing",
+    },
+    {
+        "instruction": "Why is my espresso sour?",
+        "input": "",
+        "output": "Under-extraction: grind finer.",
+        "category": "brewing",
+    },
+    {
+        "instruction": "How fine for espresso?",
+        "input": "",
+        "output": "Like table salt, a bit finer.",
+        "category": "grinding",
+    },
+    {
+        "instruction": "Burr or blade grinder?",
+        "input": "",
+        "output": "Burr: the particles are even.",
+        "category": "grinding",
+    },
 ]
 DOC = (
     "Coffee beans keep best in an airtight container away from light, heat and moisture.\n"
@@ -44,11 +69,24 @@ DOC = (
     "Freezing is fine for long storage if the beans are sealed and thawed only once."
 )
 CRAWL = [
-    {"kind": "qa", "url": "http://site/faq.html", "question": "Do I need to descale?", "answer": "Yes, monthly.", "category": "cleaning"},
+    {
+        "kind": "qa",
+        "url": "http://site/faq.html",
+        "question": "Do I need to descale?",
+        "answer": "Yes, monthly.",
+        "category": "cleaning",
+    },
     {"kind": "doc", "url": "http://site/storage.html", "title": "Storing beans", "text": DOC},
 ]
-DATASETS = [{"instruction": "Is decaf caffeine-free?", "input": "", "output": "Almost: about 97% is removed.",
-             "category": "beans", "source": "dataset:faq"}]  # fmt: skip
+DATASETS = [
+    {
+        "instruction": "Is decaf caffeine-free?",
+        "input": "",
+        "output": "Almost: about 97% is removed.",
+        "category": "beans",
+        "source": "dataset:faq",
+    }
+]
 
 
 # --- the scripted model -------------------------------------------------------------------
@@ -72,12 +110,17 @@ def respond(body: dict) -> str:
     if '{"questions"' in first:
         n = _n(first, r"Write (\d+) new requests")
         kinds = ["plain", "MALFORMED", "EMPTY"]
-        return json.dumps({"questions": [f"Request {tag}-{i} {kinds[i % 3]} about coffee?" for i in range(n)]})
+        return json.dumps(
+            {"questions": [f"Request {tag}-{i} {kinds[i % 3]} about coffee?" for i in range(n)]}
+        )
     if '{"pairs"' in first:
         n = _n(first, r"Write (\d+) question-and-answer pairs")
         passage = re.search(r"<passage>\n(.*?)\n</passage>", first, re.S).group(1)
         sentences = [s for s in passage.split("\n") if s]
-        pairs = [{"question": f"Question {tag}-{i} on storage?", "answer": sentences[i % len(sentences)]} for i in range(n)]
+        pairs = [
+            {"question": f"Question {tag}-{i} on storage?", "answer": sentences[i % len(sentences)]}
+            for i in range(n)
+        ]
         pairs[0]["question"] = "How should coffee beans be stored?"
         pairs[-1]["answer"] = "Roast the beans twice on a moonlit beach for ultimate flavour."
         return json.dumps({"pairs": pairs})
@@ -99,9 +142,18 @@ def make_project(root: Path, base_url: str, model: str = "stub", **augment_param
     shutil.copytree(ROOT / "prompts", root / "prompts", dirs_exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["augment"].update(
-        base_url=base_url, model=model, api_key_env=KEY_ENV, rounds=2, pilot_size=3, per_round=6, per_call=3,
-        concurrency=2, requests_per_minute=60_000, reply_retries=1, max_retries=2,
-    )  # fmt: skip
+        base_url=base_url,
+        model=model,
+        api_key_env=KEY_ENV,
+        rounds=2,
+        pilot_size=3,
+        per_round=6,
+        per_call=3,
+        concurrency=2,
+        requests_per_minute=60_000,
+        reply_retries=1,
+        max_retries=2,
+    )
     params["augment"].update(augment_params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     base = params["base"]
@@ -119,16 +171,24 @@ def stage_env() -> dict:
 
 
 def run_stage(project: Path) -> subprocess.CompletedProcess:
-    """The feedback stage (the review decisions as augment reads them), then augment, as `dvc repro` runs them."""
+    """The feedback stage (the review decisions as augment reads them), then augment, as `dvc repro` runs
+    them."""
     for stage in ("feedback", "augment"):
-        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=stage_env(),
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=project,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
 def stage_log(project: Path) -> str:
-    """The stage's log file (tuneline.common.logs): library and per-call lines that the terminal does not show."""
+    """The stage's log file (tuneline.common.logs): library and per-call lines that the terminal does not
+    show."""
     return (project / "metrics/logs/augment.log").read_text()
 
 
@@ -161,18 +221,29 @@ def first_run(stub, tmp_path_factory):
 def test_records_pass_through_and_are_generated(first_run):
     project, _, _, _ = first_run
     records, _, metrics = outputs(project)
-    by_source = {s: [r for r in records if r["source"] == s] for s in ("seed", "crawl", "dataset", "generated")}
+    by_source = {
+        s: [r for r in records if r["source"] == s] for s in ("seed", "crawl", "dataset", "generated")
+    }
     assert len(by_source["seed"]) == 5 and len(by_source["crawl"]) == 1 and len(by_source["dataset"]) == 1
-    assert by_source["crawl"][0]["url"] == "http://site/faq.html" and by_source["crawl"][0]["category"] == "cleaning"
-    assert by_source["dataset"][0]["origin"] == "dataset:faq" and by_source["dataset"][0]["category"] == "beans"
+    assert (
+        by_source["crawl"][0]["url"] == "http://site/faq.html"
+        and by_source["crawl"][0]["category"] == "cleaning"
+    )
+    assert (
+        by_source["dataset"][0]["origin"] == "dataset:faq" and by_source["dataset"][0]["category"] == "beans"
+    )
     generated = by_source["generated"]
     assert generated and metrics["records_by_source"]["generated"] == len(generated) == metrics["accepted"]
     grounded = [r for r in generated if r["generator"] == "grounded"]
     expanded = [r for r in generated if r["generator"] == "expand"]
     assert grounded and all(r["url"] == "http://site/storage.html" and r["output"] in DOC for r in grounded)
-    assert expanded and all("plain" in r["instruction"] and r["category"] in ("brewing", "grinding") for r in expanded)
+    assert expanded and all(
+        "plain" in r["instruction"] and r["category"] in ("brewing", "grinding") for r in expanded
+    )
     assert [r["id"] for r in records] == sorted(r["id"] for r in records)
-    assert all(set(r) >= {"instruction", "input", "output", "system", "history", "id", "source"} for r in records)
+    assert all(
+        set(r) >= {"instruction", "input", "output", "system", "history", "id", "source"} for r in records
+    )
 
 
 def test_flagged_records_and_bad_replies_are_rejected_with_reasons(first_run):
@@ -183,7 +254,9 @@ def test_flagged_records_and_bad_replies_are_rejected_with_reasons(first_run):
         by_reason.setdefault(r["reason"], []).append(r)
     assert set(by_reason) == {"empty_output", "not_grounded", "invalid_json", "duplicate"}
     assert len(by_reason["duplicate"]) == 2  # 3 grounded calls, each repeating one question
-    assert {r["record"]["instruction"] for r in by_reason["duplicate"]} == {"How should coffee beans be stored?"}
+    assert {r["record"]["instruction"] for r in by_reason["duplicate"]} == {
+        "How should coffee beans be stored?"
+    }
     assert all("EMPTY" in r["record"]["instruction"] for r in by_reason["empty_output"])
     assert all("moonlit" in r["record"]["output"] for r in by_reason["not_grounded"])
     malformed = by_reason["invalid_json"]
@@ -202,7 +275,9 @@ def test_malformed_reply_is_asked_again_with_the_reason(first_run):
     _, bodies, _, _ = first_run
     retries = [b for b in bodies if len(b["messages"]) == 3]
     assert retries and all(b["messages"][1]["content"] == '{"answer": "unterminated' for b in retries)
-    assert all("could not be used (the reply is not a JSON object)" in b["messages"][2]["content"] for b in retries)
+    assert all(
+        "could not be used (the reply is not a JSON object)" in b["messages"][2]["content"] for b in retries
+    )
 
 
 def test_round_two_prompts_carry_round_one_mistakes(first_run):
@@ -227,7 +302,9 @@ def test_reviewer_rejects_join_the_next_rounds_mistakes(first_run, stub, tmp_pat
     project = make_project(tmp_path / "reviewed", stub.base_url)
     shutil.copytree(first_run[0] / "cache", project / "cache")
     records, _, _ = outputs(first_run[0])
-    pilot = next(r for r in records if r["source"] == "generated" and r["round"] == 1 and r["generator"] == "grounded")
+    pilot = next(
+        r for r in records if r["source"] == "generated" and r["round"] == 1 and r["generator"] == "grounded"
+    )
     decision = make_decision(pilot, "reject", "a reviewer", "answers a question nobody asked")
     append_decision(project / "data/review/decisions.jsonl", decision)
     stub.reset_counts()
@@ -237,7 +314,10 @@ def test_reviewer_rejects_join_the_next_rounds_mistakes(first_run, stub, tmp_pat
     # the person's reason next to the rule flags.
     assert len(prompts) == 2 and all('{"pairs"' in p for p in prompts)
     for p in prompts:
-        assert f'"{pilot["instruction"]} -> ' in p and "a reviewer rejected it: answers a question nobody asked" in p
+        assert (
+            f'"{pilot["instruction"]} -> ' in p
+            and "a reviewer rejected it: answers a question nobody asked" in p
+        )
         assert "not supported by the passage" in p
     rounds = outputs(project)[2]["rounds"]
     assert [r["human_rejected"] for r in rounds] == [1, 0]
@@ -261,11 +341,17 @@ def test_tokens_are_counted_and_the_key_is_never_written(first_run, stub):
 
 def test_second_run_makes_no_request_and_writes_the_same(first_run, stub):
     project, _, _, _ = first_run
-    before = [p.read_bytes() for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]]
+    before = [
+        p.read_bytes()
+        for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]
+    ]
     stub.reset_counts()
     run_stage(project)
     assert stub.requests == 0
-    after = [p.read_bytes() for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]]
+    after = [
+        p.read_bytes()
+        for p in [*shard_files(project / "data/augmented/records"), project / "data/augmented/rejects.jsonl"]
+    ]
     assert after == before
     assert outputs(project)[2]["llm"]["this_run"]["calls"] == 0
 
@@ -276,10 +362,21 @@ def test_replies_of_a_loopback_url_are_not_reused_for_another_endpoint(first_run
     # has to start its server, which fails here because 'stub' is no model directory.
     project = make_project(tmp_path / "local", "local")
     shutil.copytree(first_run[0] / "cache", project / "cache")
-    result = subprocess.run([sys.executable, "-m", "stages.feedback"], cwd=project, env=stage_env(), capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 2 and "error: augment.model 'stub' is not a local model directory" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.feedback"], cwd=project, env=stage_env(), capture_output=True
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.augment"],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2
+        and "error: augment.model 'stub' is not a local model directory" in result.stderr
+    )
 
 
 def test_editing_a_prompt_template_asks_again(first_run, stub, tmp_path):
@@ -301,8 +398,13 @@ def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
 
         server.reset_counts()
         killed = make_project(tmp_path / "killed", server.base_url, concurrency=1)
-        proc = subprocess.Popen([sys.executable, "-m", "stages.augment"], cwd=killed, env=stage_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.augment"],
+            cwd=killed,
+            env=stage_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while len(list((killed / "cache/llm").rglob("*.json"))) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -322,8 +424,13 @@ def test_killed_run_resumes_with_exactly_the_missing_requests(tmp_path):
 def test_batch_stage_killed_while_polling_resumes_the_recorded_batch(first_run, tmp_path):
     with ScriptedServer(respond=respond, batch_delay_s=1.0) as server:
         project = make_project(tmp_path / "batch", server.base_url, batch=True, batch_poll_s=0.1)
-        proc = subprocess.Popen([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.augment"],
+            cwd=project,
+            env=stage_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while not list((project / "cache/llm/batches").glob("*.json")) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -348,9 +455,18 @@ def test_batch_stage_killed_while_polling_resumes_the_recorded_batch(first_run, 
 
 def test_batch_with_the_local_server_is_refused_naming_the_key(tmp_path):
     project = make_project(tmp_path / "local", "local", batch=True)
-    result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 2 and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.augment"],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2
+        and "augment.batch: true needs an endpoint with the OpenAI Batch API" in result.stderr
+    )
 
 
 # --- the real server ----------------------------------------------------------------------
@@ -359,8 +475,17 @@ def test_batch_with_the_local_server_is_refused_naming_the_key(tmp_path):
 @pytest.mark.slow
 def test_stage_with_the_local_server_writes_records_under_the_schema(tmp_path, tiny_model_dir):
     model = tiny_model_dir  # built like the `models` stage builds the default model, with random weights
-    project = make_project(tmp_path / "project", "local", model=str(model), max_tokens=512, rounds=1,
-                           pilot_size=2, per_call=2, max_question_chars=40, max_answer_chars=60)  # fmt: skip
+    project = make_project(
+        tmp_path / "project",
+        "local",
+        model=str(model),
+        max_tokens=512,
+        rounds=1,
+        pilot_size=2,
+        per_call=2,
+        max_question_chars=40,
+        max_answer_chars=60,
+    )
     run_stage(project)
     records, rejects, metrics = outputs(project)
     assert "started `transformers serve" in stage_log(project)
@@ -368,12 +493,17 @@ def test_stage_with_the_local_server_writes_records_under_the_schema(tmp_path, t
     assert metrics["records_by_source"]["seed"] == 5
     # Decoded under the JSON schema, even a random-weight model's replies parse: every generated record
     # is accepted or rejected with its reasons, and no reply fails as invalid JSON.
-    assert metrics["generated"] >= 2 and metrics["accepted"] + metrics["rejected_records"] == metrics["generated"]
+    assert (
+        metrics["generated"] >= 2
+        and metrics["accepted"] + metrics["rejected_records"] == metrics["generated"]
+    )
     assert not {"invalid_json", "invalid_schema"} & set(metrics["failed_replies_by_reason"])
     for reject in rejects:
         assert reject["reasons"], reject
     generated = [r for r in records if r["source"] == "generated"]
-    assert all(len(r["instruction"]) <= 40 and len(r["output"]) <= 60 for r in generated)  # the schema bounds them
+    assert all(
+        len(r["instruction"]) <= 40 and len(r["output"]) <= 60 for r in generated
+    )  # the schema bounds them
     # A fully cached rerun starts no server and sends nothing.
     (project / "metrics/logs/augment.log").unlink()
     run_stage(project)
@@ -398,8 +528,12 @@ def test_parsers_validate_the_schema():
     assert augment.parse_questions('{"questions": [" a ", "b"]}') == ["a", "b"]
     assert augment.parse_pairs('{"pairs": [{"question": "q", "answer": "a"}]}') == [("q", "a")]
     assert augment.parse_answer('{"answer": " x "}') == "x"
-    for parser, bad in ((augment.parse_questions, '{"questions": []}'), (augment.parse_questions, '{"questions": [1]}'),
-                        (augment.parse_pairs, '{"pairs": [{"question": "q"}]}'), (augment.parse_answer, '{"text": "a"}')):  # fmt: skip
+    for parser, bad in (
+        (augment.parse_questions, '{"questions": []}'),
+        (augment.parse_questions, '{"questions": [1]}'),
+        (augment.parse_pairs, '{"pairs": [{"question": "q"}]}'),
+        (augment.parse_answer, '{"text": "a"}'),
+    ):
         with pytest.raises(augment.ReplyError) as err:
             parser(bad)
         assert err.value.reason == "invalid_schema"
@@ -435,16 +569,30 @@ def test_bad_input_lines_name_file_line_and_field(tmp_path):
 
 
 def test_grounded_chunks_go_round_robin_over_documents():
-    docs = [(f"http://site/{name}.html", name, "\n".join(f"{name} paragraph {i} " + "x" * 40 for i in range(3)), None)
-            for name in ("c", "a", "b")]
+    docs = [
+        (
+            f"http://site/{name}.html",
+            name,
+            "\n".join(f"{name} paragraph {i} " + "x" * 40 for i in range(3)),
+            None,
+        )
+        for name in ("c", "a", "b")
+    ]
     chunks = augment.doc_chunks(docs, 60)
     assert [c.url.rsplit("/", 1)[1] for c in chunks[:3]] == ["a.html", "b.html", "c.html"]
     assert len(chunks) == 9 and chunks[3].url.endswith("a.html") and "paragraph 1" in chunks[3].text
 
 
 def test_chunk_budget_keeps_a_small_crawl_and_samples_a_large_one_the_same_way_each_run():
-    docs = [(f"http://site/{i}.html", f"page {i}", "\n".join(f"page {i} paragraph {j} " + "x" * 40 for j in range(4)), None)
-            for i in range(25)]  # fmt: skip
+    docs = [
+        (
+            f"http://site/{i}.html",
+            f"page {i}",
+            "\n".join(f"page {i} paragraph {j} " + "x" * 40 for j in range(4)),
+            None,
+        )
+        for i in range(25)
+    ]
     chunks = augment.doc_chunks(docs, 60)
     assert len(chunks) == 100
     assert augment.budgeted_chunks(chunks, 100, seed=1) == chunks
@@ -463,13 +611,22 @@ def _passage(prompt: str) -> str:
 @pytest.mark.parametrize(("budget", "read"), [(200, 7), (4, 4)])
 def test_grounded_rounds_read_every_chunk_in_the_budget(tmp_path, budget, read):
     # Seven one-chunk documents; the pilot (pilot_size 3 = one call) reads one, round 2 the rest.
-    pages = [{"kind": "doc", "url": f"http://site/p{i}.html", "title": f"Page {i}",
-              "text": DOC.replace("Coffee beans", f"Page {i} beans")} for i in range(7)]  # fmt: skip
+    pages = [
+        {
+            "kind": "doc",
+            "url": f"http://site/p{i}.html",
+            "title": f"Page {i}",
+            "text": DOC.replace("Coffee beans", f"Page {i} beans"),
+        }
+        for i in range(7)
+    ]
     with ScriptedServer(respond=respond) as server:
         project = make_project(tmp_path / str(budget), server.base_url, chunk_budget=budget)
         (project / "data/raw/crawl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pages))
         run_stage(project)
-        grounded = [b["messages"][0]["content"] for b in server.bodies() if '{"pairs"' in b["messages"][0]["content"]]
+        grounded = [
+            b["messages"][0]["content"] for b in server.bodies() if '{"pairs"' in b["messages"][0]["content"]
+        ]
     _, _, metrics = outputs(project)
     assert metrics["chunks"] == 7 and metrics["chunks_in_budget"] == read
     first_round = [p for p in grounded if "Avoid these mistakes" not in p]
@@ -481,26 +638,46 @@ def test_grounded_rounds_read_every_chunk_in_the_budget(tmp_path, budget, read):
 
 def test_too_many_failed_calls_fail_the_stage_and_are_listed(tmp_path):
     with ScriptedServer(respond=respond, faults=["500"]) as server:
-        project = make_project(tmp_path / "failing", server.base_url, rounds=1, max_retries=0, max_failed_fraction=0.1)
-        result = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=project, env=stage_env(),
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        project = make_project(
+            tmp_path / "failing", server.base_url, rounds=1, max_retries=0, max_failed_fraction=0.1
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.augment"],
+            cwd=project,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 3  # an endpoint error, not a user's mistake (2)
     assert "more than augment.max_failed_fraction 0.1" in result.stderr
     metrics = json.loads((project / "metrics/augment.json").read_text())
     assert [c["detail"].split(":")[0] for c in metrics["failed_calls"]] == ["InternalServerError"]
-    assert len(list((project / "cache/llm").rglob("*.json"))) == metrics["llm"]["calls"] - 1  # the answered ones are kept
+    assert (
+        len(list((project / "cache/llm").rglob("*.json"))) == metrics["llm"]["calls"] - 1
+    )  # the answered ones are kept
 
 
 def test_review_applies_the_clean_stages_language_and_pii_policy():
-    p, clean = params.section("augment", path=ROOT / "params.yaml"), params.section("clean", path=ROOT / "params.yaml")
-    german = {"instruction": "Wie lange sollte eine French Press ziehen?",
-              "output": "Etwa vier Minuten, dann langsam drücken und sofort ausgießen."}  # fmt: skip
-    iban = {"instruction": "Where do I pay for the beans?", "output": "Transfer the money to DE89 3704 0044 0532 0130 00 first."}
+    p, clean = (
+        params.section("augment", path=ROOT / "params.yaml"),
+        params.section("clean", path=ROOT / "params.yaml"),
+    )
+    german = {
+        "instruction": "Wie lange sollte eine French Press ziehen?",
+        "output": "Etwa vier Minuten, dann langsam drücken und sofort ausgießen.",
+    }
+    iban = {
+        "instruction": "Where do I pay for the beans?",
+        "output": "Transfer the money to DE89 3704 0044 0532 0130 00 first.",
+    }
 
     def problems(record: dict, rules) -> list[str]:
         return augment.record_problems(record, None, p.min_grounding, set(), rules)
 
-    off = augment.review_rules(dataclasses.replace(p, review_clean_rules=False), dataclasses.replace(clean, pii="reject"))
+    off = augment.review_rules(
+        dataclasses.replace(p, review_clean_rules=False), dataclasses.replace(clean, pii="reject")
+    )
     assert problems(german, off) == [] and problems(iban, off) == []
     on = augment.review_rules(p, dataclasses.replace(clean, pii="reject"))
     assert problems(german, on) == ["wrong_language"] and problems(iban, on) == ["pii"]
@@ -516,8 +693,14 @@ def test_an_empty_seeds_file_fails_the_stage_naming_the_file(tmp_path):
     seeds = tmp_path / "data" / "seeds" / "seeds.jsonl"
     seeds.parent.mkdir(parents=True)
     seeds.write_text("\n", encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "stages.augment"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.augment"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.returncode != 0, done.stderr[-2000:]
     assert "data/seeds/seeds.jsonl holds no seed record (base.seeds)" in done.stderr
     assert not (tmp_path / "data" / "augmented").exists()

@@ -49,7 +49,9 @@ def test_bench_data_looks_like_instruction_data_with_labels_on_answers_only():
 
     for ids, labels in data:
         answer = next(i for i, t in enumerate(labels) if t != -100)
-        assert all(t == -100 for t in labels[:answer]) and labels[answer:] == ids[answer:]  # one prompt, then the answer
+        assert (
+            all(t == -100 for t in labels[:answer]) and labels[answer:] == ids[answer:]
+        )  # one prompt, then the answer
         assert 0 < min(ids) and max(ids) < 151936 and len(ids) <= 2048
     assert 90 < lengths[len(lengths) // 2] < 160  # Alpaca-like: a median around a hundred tokens ...
     assert lengths[int(len(lengths) * 0.99)] > 3 * lengths[len(lengths) // 2]  # ... and a long tail
@@ -58,8 +60,14 @@ def test_bench_data_looks_like_instruction_data_with_labels_on_answers_only():
 
 def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path):
     out = tmp_path / "gpu.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--in-process", "--out", str(out)],
-                            cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--in-process", "--out", str(out)],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     results = json.loads(out.read_text())
     runs = results["runs"]
@@ -71,13 +79,24 @@ def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path
         if RUNS[name][4]:
             assert "skipped" in run  # Liger is Triton: GPU only
             continue
-        assert run["steps"] == 1 + 3 and len(run["windows"]) == 3  # warm-up, then 3 measured windows of 1 step
+        assert (
+            run["steps"] == 1 + 3 and len(run["windows"]) == 3
+        )  # warm-up, then 3 measured windows of 1 step
         assert run["tokens_per_s_windows"]["min"] <= run["tokens_per_s"] <= run["tokens_per_s_windows"]["max"]
-        assert 0 < run["trainable_parameters"] and math.isfinite(run["train_loss"]) and run["attention_tflops"] >= 0
+        assert (
+            0 < run["trainable_parameters"]
+            and math.isfinite(run["train_loss"])
+            and run["attention_tflops"] >= 0
+        )
     assert runs["full_0p5b"]["trainable_parameters"] > 2 * runs["lora_0p5b"]["trainable_parameters"]
-    assert runs["trl_lora_0p5b"]["trainable_parameters"] == runs["lora_0p5b"]["trainable_parameters"]  # same LoRA
+    assert (
+        runs["trl_lora_0p5b"]["trainable_parameters"] == runs["lora_0p5b"]["trainable_parameters"]
+    )  # same LoRA
     assert runs["trl_full_0p5b"]["trainable_parameters"] == runs["full_0p5b"]["trainable_parameters"]
-    for name in ("qlora_8b_gc", "trl_qlora_8b_gc"):  # LoRA over bitsandbytes 4-bit layers, as from_pretrained gives
+    for name in (
+        "qlora_8b_gc",
+        "trl_qlora_8b_gc",
+    ):  # LoRA over bitsandbytes 4-bit layers, as from_pretrained gives
         assert runs[name]["trainable_parameters"] == runs["trl_packed_qlora_8b_gc"]["trainable_parameters"]
     assert runs["qlora_8b_gc"]["lora_layer_types"] == ["peft.tuners.lora.bnb.Linear4bit"]
     assert runs["lora_0p5b"]["lora_layer_types"] == ["peft.tuners.lora.layer.Linear"]
@@ -92,12 +111,20 @@ def test_gpu_bench_tiny_runs_every_configuration_and_writes_the_results(tmp_path
 
 def test_gpu_profile_tiny_writes_the_top_15_ops_of_one_lora_step(tmp_path):
     out = tmp_path / "gpu_profile.md"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--profile", str(out)],
-                            cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--profile", str(out)],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     text = out.read_text()
     rules = [i for i, line in enumerate(text.splitlines()) if set(line.strip()) == {"-", " "}]
-    ops = text.splitlines()[rules[1] + 1 : rules[2]]  # the profiler's table: a rule, the header, a rule, the rows
+    ops = text.splitlines()[
+        rules[1] + 1 : rules[2]
+    ]  # the profiler's table: a rule, the header, a rule, the rows
 
     assert "Profile of one `lora_0p5b` training step" in text
     assert len(ops) == 15 and "aten::mm" in text  # the matmuls are there: the profiler saw the step
@@ -106,14 +133,37 @@ def test_gpu_profile_tiny_writes_the_top_15_ops_of_one_lora_step(tmp_path):
 @pytest.mark.slow
 def test_gpu_pipeline_tiny_runs_the_model_stages_and_serves_one_request(tmp_path):
     out = tmp_path / "gpu_pipeline.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_pipeline.py"), "--tiny", "--methods", "lora",
-                             "--out", str(out), "--stage-timeout", "300"],
-                            cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_pipeline.py"),
+            "--tiny",
+            "--methods",
+            "lora",
+            "--out",
+            str(out),
+            "--stage-timeout",
+            "300",
+        ],
+        cwd=ROOT,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     stages = json.loads(out.read_text())["stages"]
 
-    assert list(stages) == ["build_base", "select", "tokenize", "train_lora", "evaluate_lora", "export_lora", "serve_lora",
-                            "total"]
+    assert list(stages) == [
+        "build_base",
+        "select",
+        "tokenize",
+        "train_lora",
+        "evaluate_lora",
+        "export_lora",
+        "serve_lora",
+        "total",
+    ]
     for name, stage in stages.items():
         assert stage.get("exit_code", 0) == 0, f"{name}: {stage}"
         assert "peak_allocated_gib" in stage or name in ("build_base", "serve_lora", "total")

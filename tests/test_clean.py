@@ -1,4 +1,5 @@
-"""The clean stage: Datalab on planted issues, nothing lost, cached embeddings, encoder settings, small inputs, the stage run."""
+"""The clean stage: Datalab on planted issues, nothing lost, cached embeddings, encoder settings, small
+inputs, the stage run."""
 
 import dataclasses
 import os
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from tuneline.common import params
-
+from tuneline.common.params import ParamsError
+from tuneline.common.records import read_json, read_jsonl, with_id, write_jsonl_shards
 from tuneline.data import rules
 from tuneline.data.clean import (
     PACKAGED_MODEL,
@@ -27,8 +29,6 @@ from tuneline.data.clean import (
     prompt_text,
     render_report,
 )
-from tuneline.common.params import ParamsError
-from tuneline.common.records import read_json, read_jsonl, with_id, write_jsonl, write_jsonl_shards
 from tuneline.data.rules import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,59 +37,193 @@ P = params.section("clean", path=ROOT / "params.yaml")
 # 40 on-topic records in four categories (even rows hand-written seeds, odd rows crawled).
 BASE = {
     "brewing": [
-        ("What water temperature is best for pour-over coffee?", "Use water between 90 and 96 °C, just off the boil; hotter water extracts faster."),
-        ("What coffee-to-water ratio should I start with for drip coffee?", "Start at about 1:16, for example 20 g of coffee to 320 g of water, then adjust to taste."),
-        ("Why does my espresso taste sour?", "Sour espresso is usually under-extracted: grind finer or raise the brew temperature a little."),
-        ("Why does my espresso taste bitter?", "Bitterness points to over-extraction: coarsen the grind or shorten the shot."),
-        ("How long should an espresso shot take to pull?", "Aim for 25 to 30 seconds for a double shot of about 36 g of liquid from 18 g of coffee."),
-        ("How do I make cold brew coffee at home?", "Steep coarse grounds in cold water at 1:8 for 12 to 18 hours in the fridge, then strain."),
-        ("What is the bloom in pour-over brewing?", "The bloom is the first small pour that lets trapped carbon dioxide escape before the main pour."),
-        ("How do I use an AeroPress?", "Add fine grounds and hot water, stir, steep one minute, then press slowly through a paper filter."),
-        ("Should I preheat my coffee mug?", "Yes, rinsing the mug with hot water keeps the coffee warm longer and preserves its flavour."),
-        ("How much coffee goes into a moka pot?", "Fill the basket level with medium-fine coffee without tamping and use hot water in the base."),
+        (
+            "What water temperature is best for pour-over coffee?",
+            "Use water between 90 and 96 °C, just off the boil; hotter water extracts faster.",
+        ),
+        (
+            "What coffee-to-water ratio should I start with for drip coffee?",
+            "Start at about 1:16, for example 20 g of coffee to 320 g of water, then adjust to taste.",
+        ),
+        (
+            "Why does my espresso taste sour?",
+            "Sour espresso is usually under-extracted: grind finer or raise the brew temperature a little.",
+        ),
+        (
+            "Why does my espresso taste bitter?",
+            "Bitterness points to over-extraction: coarsen the grind or shorten the shot.",
+        ),
+        (
+            "How long should an espresso shot take to pull?",
+            "Aim for 25 to 30 seconds for a double shot of about 36 g of liquid from 18 g of coffee.",
+        ),
+        (
+            "How do I make cold brew coffee at home?",
+            "Steep coarse grounds in cold water at 1:8 for 12 to 18 hours in the fridge, then strain.",
+        ),
+        (
+            "What is the bloom in pour-over brewing?",
+            "The bloom is the first small pour that lets trapped carbon dioxide escape before the main pour.",
+        ),
+        (
+            "How do I use an AeroPress?",
+            "Add fine grounds and hot water, stir, steep one minute, then press slowly through a paper "
+            "filter.",
+        ),
+        (
+            "Should I preheat my coffee mug?",
+            "Yes, rinsing the mug with hot water keeps the coffee warm longer and preserves its flavour.",
+        ),
+        (
+            "How much coffee goes into a moka pot?",
+            "Fill the basket level with medium-fine coffee without tamping and use hot water in the base.",
+        ),
     ],
     "grinding": [
-        ("Which grind size should I use for espresso?", "Espresso needs a fine grind, like powdered sugar, so the water meets resistance in the puck."),
-        ("Which grind size is right for a French press?", "Use a coarse grind, like sea salt, so the mesh filter holds the grounds back."),
-        ("Are burr grinders better than blade grinders?", "Burr grinders give an even particle size, while blade grinders chop unevenly and cause uneven extraction."),
-        ("Should I grind coffee right before brewing?", "Yes, ground coffee loses aroma within minutes, so grind just before you brew."),
-        ("How do I adjust my grinder if coffee drains too fast?", "If water runs through too fast, set the grinder finer by one step and brew again."),
-        ("What causes fines in coffee grounds?", "Fines are tiny particles produced by the grinder burrs; too many make coffee muddy and bitter."),
-        ("How do I dial in a new coffee grinder?", "Start in the middle of the range, brew, taste, then move finer or coarser one step at a time."),
-        ("What grind size works for pour-over?", "Use a medium-fine grind, about like table salt, for a cone dripper."),
-        ("Does grind size change extraction time?", "Yes, finer grounds slow the flow of water and extract faster, coarser grounds do the opposite."),
-        ("Why does my grinder produce static and clumps?", "Dry beans build static in the grinder; a drop of water on the beans before grinding reduces it."),
+        (
+            "Which grind size should I use for espresso?",
+            "Espresso needs a fine grind, like powdered sugar, so the water meets resistance in the puck.",
+        ),
+        (
+            "Which grind size is right for a French press?",
+            "Use a coarse grind, like sea salt, so the mesh filter holds the grounds back.",
+        ),
+        (
+            "Are burr grinders better than blade grinders?",
+            "Burr grinders give an even particle size, while blade grinders chop unevenly and cause uneven "
+            "extraction.",
+        ),
+        (
+            "Should I grind coffee right before brewing?",
+            "Yes, ground coffee loses aroma within minutes, so grind just before you brew.",
+        ),
+        (
+            "How do I adjust my grinder if coffee drains too fast?",
+            "If water runs through too fast, set the grinder finer by one step and brew again.",
+        ),
+        (
+            "What causes fines in coffee grounds?",
+            "Fines are tiny particles produced by the grinder burrs; too many make coffee muddy and bitter.",
+        ),
+        (
+            "How do I dial in a new coffee grinder?",
+            "Start in the middle of the range, brew, taste, then move finer or coarser one step at a time.",
+        ),
+        (
+            "What grind size works for pour-over?",
+            "Use a medium-fine grind, about like table salt, for a cone dripper.",
+        ),
+        (
+            "Does grind size change extraction time?",
+            "Yes, finer grounds slow the flow of water and extract faster, coarser grounds do the opposite.",
+        ),
+        (
+            "Why does my grinder produce static and clumps?",
+            "Dry beans build static in the grinder; a drop of water on the beans before grinding reduces it.",
+        ),
     ],
     "cleaning": [
-        ("How often should I descale my espresso machine?", "Descale every one to three months depending on water hardness, using a citric acid descaler."),
-        ("How do I clean a French press?", "Discard the grounds, take the plunger apart and wash the mesh and carafe with warm soapy water."),
-        ("How do I backflush an espresso machine?", "Put a blind basket in the portafilter, add machine cleaner and run short cycles until the water runs clear."),
-        ("How do I clean the steam wand?", "Wipe the steam wand with a damp cloth and purge it right after every time you steam milk."),
-        ("How do I remove coffee stains from a mug?", "Scrub the mug with baking soda and a little water, then rinse it well."),
-        ("How do I clean a burr grinder?", "Run grinder cleaning tablets through it or brush the burrs after removing them, never use water on the burrs."),
-        ("How do I descale a drip coffee maker?", "Run a cycle with equal parts water and vinegar, then run two cycles of plain water to rinse."),
-        ("How do I clean a moka pot?", "Rinse the moka pot with hot water only and dry it fully; soap can leave a taste in aluminium."),
-        ("How do I clean the group head gasket?", "Scrub the group head gasket with a group brush and replace it when it gets hard or cracked."),
-        ("How do I clean a reusable coffee filter?", "Rinse the metal filter after each use and soak it in a mild cleaner weekly to clear the oils."),
+        (
+            "How often should I descale my espresso machine?",
+            "Descale every one to three months depending on water hardness, using a citric acid descaler.",
+        ),
+        (
+            "How do I clean a French press?",
+            "Discard the grounds, take the plunger apart and wash the mesh and carafe with warm soapy water.",
+        ),
+        (
+            "How do I backflush an espresso machine?",
+            "Put a blind basket in the portafilter, add machine cleaner and run short cycles until the water "
+            "runs clear.",
+        ),
+        (
+            "How do I clean the steam wand?",
+            "Wipe the steam wand with a damp cloth and purge it right after every time you steam milk.",
+        ),
+        (
+            "How do I remove coffee stains from a mug?",
+            "Scrub the mug with baking soda and a little water, then rinse it well.",
+        ),
+        (
+            "How do I clean a burr grinder?",
+            "Run grinder cleaning tablets through it or brush the burrs after removing them, never use water "
+            "on the burrs.",
+        ),
+        (
+            "How do I descale a drip coffee maker?",
+            "Run a cycle with equal parts water and vinegar, then run two cycles of plain water to rinse.",
+        ),
+        (
+            "How do I clean a moka pot?",
+            "Rinse the moka pot with hot water only and dry it fully; soap can leave a taste in aluminium.",
+        ),
+        (
+            "How do I clean the group head gasket?",
+            "Scrub the group head gasket with a group brush and replace it when it gets hard or cracked.",
+        ),
+        (
+            "How do I clean a reusable coffee filter?",
+            "Rinse the metal filter after each use and soak it in a mild cleaner weekly to clear the oils.",
+        ),
     ],
     "beans": [
-        ("How should I store coffee beans?", "Keep beans in an airtight opaque container at room temperature, away from light and heat."),
-        ("How long do roasted coffee beans stay fresh?", "Roasted beans taste best from about one to four weeks after the roast date."),
-        ("What is the difference between arabica and robusta?", "Arabica is sweeter and more acidic, robusta is more bitter and has about twice the caffeine."),
-        ("What does single origin coffee mean?", "Single origin coffee comes from one country, region or farm rather than a blend."),
-        ("What is the difference between light and dark roast?", "Light roasts keep more acidity and origin flavour, dark roasts taste roasty, bitter and heavier."),
-        ("Should I freeze coffee beans?", "Freeze beans only in sealed portions and do not refreeze them, because moisture damages the flavour."),
-        ("What does washed process coffee mean?", "Washed coffees have the fruit removed before drying, which gives a clean and bright cup."),
-        ("What is natural process coffee?", "Natural process coffee dries inside the whole fruit, which gives fruity and winey flavours."),
-        ("Why is the roast date important on a coffee bag?", "The roast date tells you how fresh the beans are, which matters more than a best-before date."),
-        ("What does altitude do to coffee beans?", "High altitude slows the growth of coffee cherries, giving denser beans with more acidity."),
+        (
+            "How should I store coffee beans?",
+            "Keep beans in an airtight opaque container at room temperature, away from light and heat.",
+        ),
+        (
+            "How long do roasted coffee beans stay fresh?",
+            "Roasted beans taste best from about one to four weeks after the roast date.",
+        ),
+        (
+            "What is the difference between arabica and robusta?",
+            "Arabica is sweeter and more acidic, robusta is more bitter and has about twice the caffeine.",
+        ),
+        (
+            "What does single origin coffee mean?",
+            "Single origin coffee comes from one country, region or farm rather than a blend.",
+        ),
+        (
+            "What is the difference between light and dark roast?",
+            "Light roasts keep more acidity and origin flavour, dark roasts taste roasty, bitter and "
+            "heavier.",
+        ),
+        (
+            "Should I freeze coffee beans?",
+            "Freeze beans only in sealed portions and do not refreeze them, because moisture damages the "
+            "flavour.",
+        ),
+        (
+            "What does washed process coffee mean?",
+            "Washed coffees have the fruit removed before drying, which gives a clean and bright cup.",
+        ),
+        (
+            "What is natural process coffee?",
+            "Natural process coffee dries inside the whole fruit, which gives fruity and winey flavours.",
+        ),
+        (
+            "Why is the roast date important on a coffee bag?",
+            "The roast date tells you how fresh the beans are, which matters more than a best-before date.",
+        ),
+        (
+            "What does altitude do to coffee beans?",
+            "High altitude slows the growth of coffee cherries, giving denser beans with more acidity.",
+        ),
     ],
 }
 
 
 def base_records() -> list[dict]:
     return [
-        with_id({"instruction": q, "input": "", "output": a, "source": "seed" if i % 2 == 0 else "crawl", "category": cat})
+        with_id(
+            {
+                "instruction": q,
+                "input": "",
+                "output": a,
+                "source": "seed" if i % 2 == 0 else "crawl",
+                "category": cat,
+            }
+        )
         for cat, items in BASE.items()
         for i, (q, a) in enumerate(items)
     ]
@@ -103,14 +237,28 @@ def planted() -> tuple[list[dict], dict[str, str]]:
     """The base records plus planted issues; returns (records, planted id by name)."""
     records = base_records()
     paraphrases = [
-        {"instruction": "How long should a shot of espresso take to pull?", "category": "brewing",
-         "output": "A double shot of espresso should take about 25 to 30 seconds, for roughly 36 g of liquid from 18 g of coffee."},
-        {"instruction": "What's the best way to clean my French press?", "category": "cleaning",
-         "output": "Throw away the grounds, disassemble the plunger, and wash the mesh and the carafe in warm, soapy water."},
-    ]  # fmt: skip
+        {
+            "instruction": "How long should a shot of espresso take to pull?",
+            "category": "brewing",
+            "output": "A double shot of espresso should take about 25 to 30 seconds, for roughly 36 g of "
+            "liquid from 18 g of coffee.",
+        },
+        {
+            "instruction": "What's the best way to clean my French press?",
+            "category": "cleaning",
+            "output": "Throw away the grounds, disassemble the plunger, and wash the mesh and the carafe in "
+            "warm, soapy water.",
+        },
+    ]
     generated = [with_id({**r, "input": "", "source": "generated"}) for r in paraphrases]
-    off_topic = with_id({"instruction": "Who won the 1998 FIFA World Cup?", "input": "", "source": "generated",
-                         "output": "France won the 1998 FIFA World Cup, beating Brazil 3-0 in the final in Paris."})  # fmt: skip
+    off_topic = with_id(
+        {
+            "instruction": "Who won the 1998 FIFA World Cup?",
+            "input": "",
+            "source": "generated",
+            "output": "France won the 1998 FIFA World Cup, beating Brazil 3-0 in the final in Paris.",
+        }
+    )
     wrong = find(records, "Which grind size is right for a French press?")
     wrong["category"] = "beans"  # a crawled grinding record, mislabelled
     seed_wrong = find(records, "Which grind size should I use for espresso?")
@@ -188,10 +336,14 @@ def test_datalab_finds_planted_duplicates_outlier_and_label_error(encoder, tmp_p
 def test_the_approximate_knn_graph_finds_what_exact_datalab_finds(encoder, tmp_path):
     records, _ = planted()
     exact = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
-    approximate = clean_records(records, dataclasses.replace(P, approximate_knn_min_records=P.knn_k + 1),
-                                cached_embed(encoder, tmp_path / "emb.sqlite"))
+    approximate = clean_records(
+        records,
+        dataclasses.replace(P, approximate_knn_min_records=P.knn_k + 1),
+        cached_embed(encoder, tmp_path / "emb.sqlite"),
+    )
     assert [(r["id"], r["reason"], r.get("duplicate_of")) for r in approximate.rejects] == [
-        (r["id"], r["reason"], r.get("duplicate_of")) for r in exact.rejects]
+        (r["id"], r["reason"], r.get("duplicate_of")) for r in exact.rejects
+    ]
     assert [r["id"] for r in approximate.kept] == [r["id"] for r in exact.kept]
     assert "approximate: FAISS HNSW" in approximate.metrics["cleanlab"]["languages"]["en"]["knn_graph"]
     # Below the threshold Datalab builds its own exact graph, and the metrics stay as they were.
@@ -231,7 +383,11 @@ def test_language_is_identified_once_per_record(encoder, tmp_path, monkeypatch):
 def test_joined_text_embeds_one_text_a_record(encoder, tmp_path):
     records, ids = planted()
     encoder.calls.clear()
-    result = clean_records(records, dataclasses.replace(P, embedding_text="joined"), cached_embed(encoder, tmp_path / "emb.sqlite"))
+    result = clean_records(
+        records,
+        dataclasses.replace(P, embedding_text="joined"),
+        cached_embed(encoder, tmp_path / "emb.sqlite"),
+    )
     assert sorted(t for call in encoder.calls for t in call) == sorted({joined_text(r) for r in records})
     reasons = {r["id"]: r["reason"] for r in result.rejects}
     assert reasons[ids["espresso_twin"]] == reasons[ids["press_twin"]] == "near_duplicate"
@@ -246,16 +402,34 @@ def test_rule_rejects_and_datalab_together_lose_nothing(encoder, tmp_path):
     records, _ = planted()
     bad = {
         "empty_output": {"instruction": "What is crema?", "output": "  "},
-        "refusal": {"instruction": "Explain descaling.", "output": "As an AI language model, I cannot help with that."},
-        "broken_encoding": {"instruction": "Describe a cafÃ© crÃ¨me.", "output": "A cafÃ© crÃ¨me is a long espresso."},
+        "refusal": {
+            "instruction": "Explain descaling.",
+            "output": "As an AI language model, I cannot help with that.",
+        },
+        "broken_encoding": {
+            "instruction": "Describe a cafÃ© crÃ¨me.",
+            "output": "A cafÃ© crÃ¨me is a long espresso.",
+        },
         "html_remnants": {"instruction": "Describe the bloom.", "output": "<p>The bloom releases gas.</p>"},
-        "wrong_language": {"instruction": "Comment conserver le café ?",
-                           "output": "Gardez les grains dans un récipient hermétique, à l'abri de la lumière."},
-        "pii": {"instruction": "Who sells beans?", "output": "Write to jane.doe@example.com for green beans."},
-    }  # fmt: skip
+        "wrong_language": {
+            "instruction": "Comment conserver le café ?",
+            "output": "Gardez les grains dans un récipient hermétique, à l'abri de la lumière.",
+        },
+        "pii": {
+            "instruction": "Who sells beans?",
+            "output": "Write to jane.doe@example.com for green beans.",
+        },
+    }
     extra = [with_id({**r, "input": "", "source": "generated"}) for r in bad.values()]
-    chinese = with_id({"instruction": "手冲咖啡的水温应该是多少？", "input": "", "source": "seed", "category": "brewing",
-                       "output": "一般用 90 到 96 °C 的水，刚离火的开水最合适。"})  # fmt: skip
+    chinese = with_id(
+        {
+            "instruction": "手冲咖啡的水温应该是多少？",
+            "input": "",
+            "source": "seed",
+            "category": "brewing",
+            "output": "一般用 90 到 96 °C 的水，刚离火的开水最合适。",
+        }
+    )
     duplicate = {**records[5], "instruction": records[5]["instruction"].upper(), "source": "generated"}
     duplicate["id"] = "dup-of-5"
     records = records + extra + [chinese, duplicate]
@@ -271,7 +445,9 @@ def test_rule_rejects_and_datalab_together_lose_nothing(encoder, tmp_path):
     assert next(r for r in result.rejects if r["id"] == "dup-of-5")["duplicate_of"] == records[5]["id"]
     assert chinese["id"] in {r["id"] for r in result.kept}
     assert_nothing_lost(records, result.kept, result.rejects)
-    assert sum(result.metrics["rejects_by_reason"].values()) == result.metrics["rejected"] == len(result.rejects)
+    assert (
+        sum(result.metrics["rejects_by_reason"].values()) == result.metrics["rejected"] == len(result.rejects)
+    )
 
 
 CHINESE_CRAWLED = [
@@ -283,8 +459,10 @@ CHINESE_CRAWLED = [
 def test_chinese_crawled_records_are_not_outliers_of_the_english_majority(encoder, tmp_path):
     # In one Datalab run with 40 English records, the English-only encoder makes both outliers.
     records = base_records()
-    chinese = [with_id({"instruction": q, "input": "", "output": a, "source": "crawl", "category": "brewing"})
-               for q, a in CHINESE_CRAWLED]  # fmt: skip
+    chinese = [
+        with_id({"instruction": q, "input": "", "output": a, "source": "crawl", "category": "brewing"})
+        for q, a in CHINESE_CRAWLED
+    ]
     result = clean_records(records + chinese, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
     kept = {r["id"] for r in result.kept}
     assert {r["id"] for r in chinese} <= kept, [r["detail"] for r in result.rejects]
@@ -313,12 +491,29 @@ def test_rerun_with_10_new_records_embeds_only_those(encoder, tmp_path):
     assert first == len({prompt_text(r) for r in records} | {output_text(r) for r in records})
 
     new = [
-        with_id({"instruction": f"What does a {size} g dose of coffee need for a {ml} ml cup?", "input": "",
-                 "output": f"For {ml} ml of water use about {size} g of medium ground coffee, a ratio near 1:{ml // size}.",
-                 "source": "generated", "category": "brewing"})
-        for size, ml in ((10, 160), (12, 200), (14, 230), (15, 250), (16, 260), (18, 300), (20, 320), (22, 350),
-                         (24, 400), (30, 480))
-    ]  # fmt: skip
+        with_id(
+            {
+                "instruction": f"What does a {size} g dose of coffee need for a {ml} ml cup?",
+                "input": "",
+                "output": f"For {ml} ml of water use about {size} g of medium ground coffee, a ratio near "
+                f"1:{ml // size}.",
+                "source": "generated",
+                "category": "brewing",
+            }
+        )
+        for size, ml in (
+            (10, 160),
+            (12, 200),
+            (14, 230),
+            (15, 250),
+            (16, 260),
+            (18, 300),
+            (20, 320),
+            (22, 350),
+            (24, 400),
+            (30, 480),
+        )
+    ]
     encoder.calls.clear()
     result = clean_records(records + new, P, cached_embed(encoder, store))
     embedded = [t for call in encoder.calls for t in call]
@@ -361,7 +556,9 @@ def test_max_seq_length_reaches_the_encoder(encoder):
     cut, full = short([text, head]), encoder([text, head])
     assert np.allclose(cut[0], cut[1], atol=1e-5)  # cut after six words: the same text as far as it sees
     assert not np.allclose(full[0], full[1], atol=1e-2)
-    with pytest.raises(ParamsError, match=r"clean.embedding_max_seq_length 1000 is more than .* set it to 512 or less"):
+    with pytest.raises(
+        ParamsError, match=r"clean.embedding_max_seq_length 1000 is more than .* set it to 512 or less"
+    ):
         load_encoder(PACKAGED_MODEL, P.batch_size, 1000)
 
 
@@ -370,7 +567,9 @@ def test_small_inputs_skip_datalab_and_say_why(encoder, tmp_path):
     encoder.calls.clear()
     result = clean_records(records, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
     assert encoder.calls == []  # nothing to embed for: Datalab does not run
-    assert "fewer than clean.datalab_min_records=20" in result.metrics["cleanlab"]["languages"]["en"]["skipped"]
+    assert (
+        "fewer than clean.datalab_min_records=20" in result.metrics["cleanlab"]["languages"]["en"]["skipped"]
+    )
     assert len(result.kept) == 8 and result.rejects == []
     assert "Skipped: 8 records" in render_report(result, 3)
     assert clean_records([], P, cached_embed(encoder, tmp_path / "emb.sqlite")).metrics["records_in"] == 0
@@ -384,7 +583,10 @@ def test_label_check_leaves_out_single_record_classes(encoder, tmp_path):
     assert label["records_checked"] == 24  # the single "only-one" record cannot be cross-validated
     one_class = [{**r, "category": "brewing" if i else "solo"} for i, r in enumerate(records)]
     result = clean_records(one_class, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
-    assert "needs at least 2 categories" in result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]["skipped"]
+    assert (
+        "needs at least 2 categories"
+        in result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]["skipped"]
+    )
     no_labels = [{k: v for k, v in r.items() if k != "category"} for r in records]
     result = clean_records(no_labels, P, cached_embed(encoder, tmp_path / "emb.sqlite"))
     assert "found 0" in result.metrics["cleanlab"]["languages"]["en"]["issues"]["label"]["skipped"]
@@ -406,7 +608,9 @@ def test_label_pred_probs_fit_unit_length_embeddings():
 def test_params_checks_name_the_key():
     with pytest.raises(ParamsError, match=r"clean.datalab_min_records \(5\) must be larger than clean.knn_k"):
         dataclasses.replace(P, datalab_min_records=5).check("clean")
-    with pytest.raises(ParamsError, match=r"clean.approximate_knn_min_records \(10\) must be larger than clean.knn_k"):
+    with pytest.raises(
+        ParamsError, match=r"clean.approximate_knn_min_records \(10\) must be larger than clean.knn_k"
+    ):
         dataclasses.replace(P, approximate_knn_min_records=10).check("clean")
     with pytest.raises(ParamsError, match=r"clean.phone_regions: 'UK' is not a region libphonenumber knows"):
         dataclasses.replace(P, phone_regions=["GB", "UK"]).check("clean")
@@ -432,8 +636,12 @@ def test_stage_writes_records_rejects_metrics_and_report_deterministically(tmp_p
     monkeypatch.chdir(tmp_path)
     clean_dir, metrics_dir = tmp_path / base["clean_dir"], tmp_path / base["metrics_dir"]
     # a handful of records: one shard each
-    names = [clean_dir / "records" / "part-00000.jsonl", clean_dir / "rejects" / "part-00000.jsonl", metrics_dir / "clean.json",
-             metrics_dir / "clean_report.md"]  # fmt: skip
+    names = [
+        clean_dir / "records" / "part-00000.jsonl",
+        clean_dir / "rejects" / "part-00000.jsonl",
+        metrics_dir / "clean.json",
+        metrics_dir / "clean_report.md",
+    ]
 
     stage.main()  # as `python -m stages.clean` runs it, in this process to share the imports
     out = capsys.readouterr().out
@@ -455,8 +663,13 @@ def test_stage_writes_records_rejects_metrics_and_report_deterministically(tmp_p
 
 def test_missing_input_names_the_file_and_the_fix(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    done = subprocess.run([sys.executable, "-m", "stages.clean"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.clean"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode != 0
     assert "data/augmented/records does not exist; run the augment stage first" in done.stderr
     assert not (tmp_path / "data" / "clean").exists()
@@ -466,6 +679,8 @@ def test_a_reject_row_is_the_same_when_its_score_differs_in_the_6th_decimal():
     # Embedding-based scores differ in the 6th decimal between CPUs (0.195301 on one VM, 0.195302
     # on another); the rejects file is hashed by DVC, so its rows must not carry that difference.
     record = {"id": "r1", "instruction": "q", "output": "a"}
-    one, other = (make_reject(record, Problem("label", "category looks wrong", s)) for s in (0.1953014, 0.1953021))
+    one, other = (
+        make_reject(record, Problem("label", "category looks wrong", s)) for s in (0.1953014, 0.1953021)
+    )
     assert one == other and one["score"] == 0.195
     assert make_reject(record, Problem("label", "category looks wrong", 0.1956))["score"] == 0.196

@@ -14,9 +14,9 @@ import pytest
 from openai import OpenAI
 
 from tests.tuned_project import ROOT
+from tuneline.common.records import EndpointError, InputError, write_json
 from tuneline.interface.cli import exported_model, main, parser, serve, stop, wait_ready
 from tuneline.llm.server import free_port
-from tuneline.common.records import EndpointError, InputError, write_json
 
 QUESTION = [{"role": "user", "content": "How long should a French press steep?"}]
 
@@ -42,12 +42,16 @@ def project_without_export(tmp_path, monkeypatch):
 
 def test_serve_says_how_to_make_the_missing_export(project_without_export, capsys):
     assert main(["serve", "--port", str(free_port())]) == 2
-    assert re.match(r"tuneline serve: no exported model in models/export .* run `dvc repro export` first\n$",
-                    capsys.readouterr().err)
+    assert re.match(
+        r"tuneline serve: no exported model in models/export .* run `dvc repro export` first\n$",
+        capsys.readouterr().err,
+    )
 
 
 def test_serve_says_when_an_api_model_was_chosen(project_without_export):
-    write_json(project_without_export / "models" / "export" / "SKIPPED.json", {"reason": "gpt-x is an API model"})
+    write_json(
+        project_without_export / "models" / "export" / "SKIPPED.json", {"reason": "gpt-x is an API model"}
+    )
     with pytest.raises(InputError, match="nothing was exported .* gpt-x is an API model"):
         exported_model(project_without_export / "models" / "export")
 
@@ -70,9 +74,17 @@ def test_tuneline_serve_runs_until_terminated_and_takes_the_server_down(tuned_pr
     url = f"http://127.0.0.1:{port}/v1"
     with open(tmp_path / "cli.log", "w+b") as log:
         # Run from the project directory, as `make serve` does; the package comes from this checkout.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
-                               cwd=tuned_project, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
+            cwd=tuned_project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             try:
                 wait_ready(url, timeout=180, process=cli)
@@ -122,7 +134,9 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(project_without_e
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(EndpointError, match=rf"^port {port} on 127.0.0.1 is in use; pick another with --port$"):
+        with pytest.raises(
+            EndpointError, match=rf"^port {port} on 127.0.0.1 is in use; pick another with --port$"
+        ):
             serve(parser().parse_args(["serve", "--port", str(port), "--startup-timeout", "5"]))
         assert main(["serve", "--port", str(port), "--startup-timeout", "5"]) == 3
 
@@ -130,10 +144,40 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(project_without_e
 def test_verdict_prints_the_eval_table(project_without_export, capsys):
     metrics = project_without_export / "metrics"
     metrics.mkdir()
-    write_json(metrics / "eval.json", {"unseen": {
-        "base": {"rouge_l": 0.1}, "tuned": {"rouge_l": 0.3}, "delta": {"rouge_l": 0.2},
-        "delta_ci95": {"rouge_l": {"low": 0.15, "high": 0.25}}, "verdict": {"rouge_l": "better"}, "records": 13}})
+    write_json(
+        metrics / "eval.json",
+        {
+            "unseen": {
+                "base": {"rouge_l": 0.1},
+                "tuned": {"rouge_l": 0.3},
+                "delta": {"rouge_l": 0.2},
+                "delta_ci95": {"rouge_l": {"low": 0.15, "high": 0.25}},
+                "verdict": {"rouge_l": "better"},
+                "records": 13,
+            }
+        },
+    )
     main(["verdict"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["set", "metric", "base", "tuned", "tuned", "-", "base", "[95%", "interval]", "verdict"]
-    assert lines[1].split() == ["unseen", "rouge_l", "0.1000", "0.3000", "+0.2000", "[+0.1500,", "+0.2500]", "better"]
+    assert lines[0].split() == [
+        "set",
+        "metric",
+        "base",
+        "tuned",
+        "tuned",
+        "-",
+        "base",
+        "[95%",
+        "interval]",
+        "verdict",
+    ]
+    assert lines[1].split() == [
+        "unseen",
+        "rouge_l",
+        "0.1000",
+        "0.3000",
+        "+0.2000",
+        "[+0.1500,",
+        "+0.2500]",
+        "better",
+    ]

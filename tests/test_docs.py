@@ -31,14 +31,22 @@ def test_the_readme_is_a_short_guide_whose_links_all_exist():
 def deep_merge(base: dict, change: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in change.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
 def test_the_your_own_data_example_is_a_valid_params_change():
     section = README.split("## Your own data and model", 1)[1]
     example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
-    assert 10 <= sum(1 for line in section.split("```yaml", 1)[1].split("```", 1)[0].splitlines() if line.strip()) <= 15
+    assert (
+        10
+        <= sum(1 for line in section.split("```yaml", 1)[1].split("```", 1)[0].splitlines() if line.strip())
+        <= 15
+    )
     merged = deep_merge(params.read_params_file(ROOT / "params.yaml"), example)
     assert params.problems(merged, complete=True) == []
     assert params.section("select", merged).candidates["qwen05"].model == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -55,7 +63,12 @@ def test_the_real_models_example_is_a_valid_params_change_that_trains_with_the_h
     assert params.problems(merged, complete=True) == []
     train = params.section("train", merged)
     trained, profile, settings = with_profile(train, "Qwen/Qwen2.5-0.5B")  # a hub id: not a tiny stand-in
-    assert profile == "hub" and settings["epochs"] == 3 and trained.lora_r == 16 and trained.learning_rate == 2e-4
+    assert (
+        profile == "hub"
+        and settings["epochs"] == 3
+        and trained.lora_r == 16
+        and trained.learning_rate == 2e-4
+    )
     assert params.section("select", merged).candidates["qwen05"].model == "Qwen/Qwen2.5-0.5B"
 
 
@@ -74,7 +87,8 @@ def test_the_params_reference_is_what_tools_params_doc_writes():
 
     written = params_doc.page((ROOT / "params.yaml").read_text(encoding="utf-8"))
     assert (ROOT / "docs" / "params.md").read_text(encoding="utf-8") == written, (
-        "docs/params.md is out of date: run `python tools/params_doc.py`")
+        "docs/params.md is out of date: run `python tools/params_doc.py`"
+    )
     for line in (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines():
         key = line.split(":", 1)[0].strip().removeprefix("- ")
         if re.fullmatch(r"[a-z_]+", key):
@@ -96,4 +110,7 @@ def test_a_misspelt_key_in_dvc_exp_run_stops_before_any_work_and_leaves_the_work
     assert "Running stage 'models'" in text and "Running stage 'crawl'" not in text
     # --temp ran it in a copy: the workspace is as it was
     assert (repo / "params.yaml").read_text(encoding="utf-8") == before
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+    assert (
+        subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+        == ""
+    )

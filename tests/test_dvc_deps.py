@@ -44,10 +44,17 @@ def imported_files(path: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from tuneline import crawl` imports the module tuneline.data.crawl, if there is one
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif (isinstance(node, ast.List) and any(isinstance(e, ast.Constant) and e.value == "-m" for e in node.elts)):
+        elif isinstance(node, ast.List) and any(
+            isinstance(e, ast.Constant) and e.value == "-m" for e in node.elts
+        ):
             # a command line that runs a project module: ["python", "-m", "tuneline.x", ...]
-            names = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
-                     and re.fullmatch(r"(tuneline|stages)(\.\w+)+", e.value)]
+            names = [
+                e.value
+                for e in node.elts
+                if isinstance(e, ast.Constant)
+                and isinstance(e.value, str)
+                and re.fullmatch(r"(tuneline|stages)(\.\w+)+", e.value)
+            ]
         for name in names:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):
@@ -81,7 +88,13 @@ def test_stage_deps_are_exactly_its_import_closure(name):
     assert match, f"{name}: cmd {stage['cmd']!r} does not run a stage script"
     script = module_file(match.group(1))
     assert script is not None, f"{name}: {match.group(1)} has no file"
-    listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py") and d.startswith(PACKAGES)}
+    listed = {
+        d
+        for d in stage.get("deps", [])
+        if isinstance(d, str) and d.endswith(".py") and d.startswith(PACKAGES)
+    }
     wanted = closure(script)
     assert not wanted - listed, f"dvc.yaml stage {name!r} misses deps it imports: {sorted(wanted - listed)}"
-    assert not listed - wanted, f"dvc.yaml stage {name!r} lists deps it does not import: {sorted(listed - wanted)}"
+    assert not listed - wanted, (
+        f"dvc.yaml stage {name!r} lists deps it does not import: {sorted(listed - wanted)}"
+    )

@@ -18,9 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_main_guard(node: ast.AST) -> bool:
-    """`if __name__ == "__main__": sys.exit(main())`, the one way a module run with -m returns main's status."""
-    return (isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
-            and [ast.unparse(n) for n in node.body] == ["sys.exit(main())"])
+    """`if __name__ == "__main__": sys.exit(main())`, the one way a module run with -m returns main's
+    status."""
+    return (
+        isinstance(node, ast.If)
+        and ast.unparse(node.test) == "__name__ == '__main__'"
+        and [ast.unparse(n) for n in node.body] == ["sys.exit(main())"]
+    )
 
 
 def exits_in(tree: ast.Module) -> list[str]:
@@ -30,8 +34,13 @@ def exits_in(tree: ast.Module) -> list[str]:
     for node in ast.walk(tree):
         if id(node) in guards:
             continue
-        named = (isinstance(node, ast.Name) and node.id in ("SystemExit", "exit", "quit")
-                 or isinstance(node, ast.Attribute) and node.attr == "exit" and ast.unparse(node.value) == "sys")
+        named = (
+            isinstance(node, ast.Name)
+            and node.id in ("SystemExit", "exit", "quit")
+            or isinstance(node, ast.Attribute)
+            and node.attr == "exit"
+            and ast.unparse(node.value) == "sys"
+        )
         if named:
             found.append(f"{node.lineno}: {ast.unparse(node)}")
     return found
@@ -47,12 +56,16 @@ def test_no_module_under_tuneline_exits_the_process():
 
 
 def test_the_walk_finds_each_way_of_exiting():
-    source = ("import sys\nraise SystemExit('x')\nsys.exit(1)\ntry:\n    pass\nexcept SystemExit:\n    pass\n"
-              "if __name__ == '__main__':\n    sys.exit(main())\n")
+    source = (
+        "import sys\nraise SystemExit('x')\nsys.exit(1)\ntry:\n    pass\nexcept SystemExit:\n    pass\n"
+        "if __name__ == '__main__':\n    sys.exit(main())\n"
+    )
     assert exits_in(ast.parse(source)) == ["2: SystemExit", "3: sys.exit", "6: SystemExit"]
 
 
-@pytest.mark.parametrize(("error", "code"), [(ParamsError("k"), 2), (InputError("f:1: x"), 2), (EndpointError("e"), 3)])
+@pytest.mark.parametrize(
+    ("error", "code"), [(ParamsError("k"), 2), (InputError("f:1: x"), 2), (EndpointError("e"), 3)]
+)
 def test_each_typed_error_has_its_exit_status(error, code):
     assert exit_code(error) == code
 
@@ -60,12 +73,23 @@ def test_each_typed_error_has_its_exit_status(error, code):
 @pytest.mark.parametrize(("error", "code"), [("ParamsError", 2), ("InputError", 2), ("EndpointError", 3)])
 def test_a_stage_prints_a_typed_error_as_one_line_and_its_exit_status(tmp_path, error, code):
     module = "params" if error == "ParamsError" else "records"
-    script = f"import stages\nfrom tuneline.{module} import {error}\nraise {error}('augment.model: the fix')\n"
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    script = (
+        f"import stages\nfrom tuneline.{module} import {error}\nraise {error}('augment.model: the fix')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert (done.returncode, done.stderr) == (code, "error: augment.model: the fix\n")
 
 
 def test_any_other_exception_in_a_stage_is_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "import stages\nraise RuntimeError('a bug')"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and done.stderr.startswith("Traceback") and "RuntimeError: a bug" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", "import stages\nraise RuntimeError('a bug')"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        done.returncode == 1 and done.stderr.startswith("Traceback") and "RuntimeError: a bug" in done.stderr
+    )

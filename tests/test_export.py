@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from tests.tuned_project import ROOT
+from tuneline.common.records import chosen_model, read_json
 from tuneline.model.export import dir_md5, merged_model
 from tuneline.model.modeling import load_model, load_tokenizer
-from tuneline.common.records import chosen_model, read_json
 
 TEXTS = ["How long should a French press steep?", "法压壶大约浸泡四分钟。", "Grind finer, 25-30 seconds."]
 
@@ -59,7 +59,9 @@ def test_export_writes_a_standalone_model_with_the_training_chat_template(tuned_
     names = {p.name for p in export_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md"} <= names
     assert "adapter_config.json" not in names and not any(n.endswith(".bin") for n in names)
-    adapter_template = (tuned_project / "models" / "adapter" / "chat_template.jinja").read_text(encoding="utf-8")
+    adapter_template = (tuned_project / "models" / "adapter" / "chat_template.jinja").read_text(
+        encoding="utf-8"
+    )
     assert (export_dir / "chat_template.jinja").read_text(encoding="utf-8") == adapter_template
 
 
@@ -77,7 +79,9 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
     batch = tokenizer(TEXTS[0], return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
     model.train()
-    for _ in range(3):  # real QLoRA steps: LoRA B starts at zero, so an untrained adapter would merge trivially
+    for _ in range(
+        3
+    ):  # real QLoRA steps: LoRA B starts at zero, so an untrained adapter would merge trivially
         model(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -94,7 +98,12 @@ def test_qlora_adapter_merges_into_the_dequantised_base(tiny_llama_dir, tmp_path
     as_trained = PeftModel.from_pretrained(four_bit, adapter_dir).eval()
     assert max_difference(logits(merged, tokenizer), logits(as_trained, tokenizer)) < 1e-4
     # ... which the adapter merged into the unquantised base is not.
-    assert max_difference(logits(merged, tokenizer), logits(base_plus_adapter(tiny_llama_dir, adapter_dir), tokenizer)) > 1e-4
+    assert (
+        max_difference(
+            logits(merged, tokenizer), logits(base_plus_adapter(tiny_llama_dir, adapter_dir), tokenizer)
+        )
+        > 1e-4
+    )
 
 
 def test_ptuning_adapter_is_refused_by_the_merge_with_the_way_out(tiny_model_dir, tmp_path):
@@ -125,7 +134,10 @@ def test_model_card_names_the_data_hashes_dvc_records(tuned_project, tmp_path):
     for name in ("unseen", "seen"):
         assert f"## Evaluation: {name}" in card
         assert f"| loss | {result[name]['base']['loss']:.4f} | {result[name]['tuned']['loss']:.4f} |" in card
-    assert "fine-tuned with **lora**" in card and str(read_json(tuned_project / "models" / "selected.json")["model"]) in card
+    assert (
+        "fine-tuned with **lora**" in card
+        and str(read_json(tuned_project / "models" / "selected.json")["model"]) in card
+    )
 
 
 PTUNING_QUESTION = "How long should a French press steep?"
@@ -133,8 +145,9 @@ PTUNING_ANSWER = "Four minutes."
 
 
 def chat_ids(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
 
 
 def ptuning_adapter(tiny_model_dir: Path, adapter_dir: Path) -> dict:
@@ -157,7 +170,9 @@ def ptuning_adapter(tiny_model_dir: Path, adapter_dir: Path) -> dict:
 
     model = prepare_model(selected, train_params("ptuning"), seed=0)
     prompt = chat_ids(tokenizer, PTUNING_QUESTION)
-    answer = tokenizer(PTUNING_ANSWER + "<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    answer = tokenizer(PTUNING_ANSWER + "<|im_end|>", add_special_tokens=False, return_tensors="pt")[
+        "input_ids"
+    ]
     ids, labels = torch.cat([prompt, answer], 1), torch.cat([torch.full_like(prompt, -100), answer], 1)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
     for _ in range(100):
@@ -190,7 +205,7 @@ def test_a_ptuning_export_is_a_plain_checkpoint_computing_base_plus_adapter(tiny
         plain, prefixed = chat_ids(base_tokenizer, text), chat_ids(exported_tokenizer, text)
         assert prefixed.shape[1] == plain.shape[1] + n_virtual and torch.equal(prefixed[:, n_virtual:], plain)
         with torch.no_grad():
-            want = peft_model(input_ids=plain).logits[0, -plain.shape[1]:]
+            want = peft_model(input_ids=plain).logits[0, -plain.shape[1] :]
             got = exported(input_ids=prefixed).logits[0, n_virtual:, : want.shape[-1]]
             bare = base(input_ids=plain).logits[0]
         assert float((got - want).abs().max()) < 1e-4
@@ -215,23 +230,27 @@ def test_tuneline_serve_serves_a_ptuning_export_as_base_plus_adapter(tiny_model_
 
     record = {"instruction": PTUNING_QUESTION}
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    prompt = tokenizer.apply_chat_template(plain_messages(record), add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(
+        plain_messages(record), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
 
     def greedy(model) -> str:
         """Greedy decoding by the model's own forward over the whole sequence: the model as trained. (peft's
-        cached `generate` places a P-tuning model's new tokens N positions early, so it is not the reference.)"""
+        cached `generate` places a P-tuning model's new tokens N positions early, so it is not the
+        reference.)"""
         ids = prompt
         for _ in range(12):
             next_id = model(input_ids=ids).logits[0, -1].argmax().view(1, 1)
             if int(next_id) == tokenizer.convert_tokens_to_ids("<|im_end|>"):
                 break
             ids = torch.cat([ids, next_id], 1)
-        return tokenizer.decode(ids[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        return tokenizer.decode(ids[0, prompt.shape[1] :], skip_special_tokens=True).strip()
 
     base = load_model(selected.name_or_path).eval()
     with torch.no_grad():
         base_answer = greedy(base)
         tuned_answer = greedy(PeftModel.from_pretrained(base, tmp_path / "adapter").eval())
-    assert tuned_answer == PTUNING_ANSWER != base_answer  # the check below can tell the adapter from the bare base
+    assert (
+        tuned_answer == PTUNING_ANSWER != base_answer
+    )  # the check below can tell the adapter from the bare base
     assert served_answer(project, record, max_tokens=24) == tuned_answer

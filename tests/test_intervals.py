@@ -11,8 +11,10 @@ REFERENCES = [f"grind the beans fresh for shot number {i} and tamp them level" f
 
 
 def rows(answers: list[str], losses: list[float]) -> list[dict]:
-    return [{"loss": loss, "answer_tokens": 10, "answer": a, **record_scores(a, ref)}
-            for a, loss, ref in zip(answers, losses, REFERENCES)]
+    return [
+        {"loss": loss, "answer_tokens": 10, "answer": a, **record_scores(a, ref)}
+        for a, loss, ref in zip(answers, losses, REFERENCES)
+    ]
 
 
 def test_a_paired_interval_sees_a_small_consistent_gain_that_separate_intervals_cannot():
@@ -22,7 +24,10 @@ def test_a_paired_interval_sees_a_small_consistent_gain_that_separate_intervals_
     delta = delta_intervals(base, tuned, REFERENCES, seed=42)
     assert delta["loss"]["low"] == pytest.approx(-0.3) and delta["loss"]["high"] == pytest.approx(-0.3)
     assert verdict("loss", delta["loss"]) == "better"
-    b, t = score_intervals(base, REFERENCES, seed=42)["loss"], score_intervals(tuned, REFERENCES, seed=42)["loss"]
+    b, t = (
+        score_intervals(base, REFERENCES, seed=42)["loss"],
+        score_intervals(tuned, REFERENCES, seed=42)["loss"],
+    )
     assert t["low"] < b["high"] and b["low"] < t["high"]  # unpaired, the two intervals overlap
 
 
@@ -48,7 +53,12 @@ def test_mixed_changes_are_within_noise_and_the_interval_is_reproducible_by_seed
 
 
 def test_the_interval_of_corpus_bleu_brackets_the_corpus_bleu_that_is_reported():
-    answers = ["grind the beans fresh for shot", "tea", "tamp them level", "grind the beans fresh for shot number 3 and tamp"] * 5
+    answers = [
+        "grind the beans fresh for shot",
+        "tea",
+        "tamp them level",
+        "grind the beans fresh for shot number 3 and tamp",
+    ] * 5
     scored = rows(answers, [1.0] * 20)
     reported = corpus_scores(answers, REFERENCES)
     intervals = score_intervals(scored, REFERENCES, seed=1)
@@ -62,4 +72,6 @@ def test_generation_metrics_are_resampled_over_the_generated_records_only_and_ap
     intervals = score_intervals(scored, REFERENCES, seed=3)
     assert 0 < intervals["rouge_l"]["high"] <= 1 and intervals["loss"]["low"] >= 1.0
     api = [{"answer": a, **record_scores(a, r)} for a, r in zip(["tea", "beans"], REFERENCES)]
-    assert "loss" not in score_intervals(api, REFERENCES, seed=3) and "rouge_l" in score_intervals(api, REFERENCES, seed=3)
+    assert "loss" not in score_intervals(api, REFERENCES, seed=3) and "rouge_l" in score_intervals(
+        api, REFERENCES, seed=3
+    )

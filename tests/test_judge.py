@@ -13,13 +13,21 @@ import pytest
 
 from tests.openai_stub import ScriptedServer
 from tests.tuned_project import ROOT
+from tuneline.common.params import ParamsError
+from tuneline.common.records import EndpointError
 from tuneline.eval import judge as judge_module
 from tuneline.eval.judge import judge, load_prompt, outcome
 from tuneline.llm.client import Endpoint, lazy_caller
-from tuneline.common.params import ParamsError
-from tuneline.common.records import EndpointError
 
-RECORDS = [{"id": f"r{i}", "instruction": f"How do I brew coffee number {i}?", "input": "", "output": f"Brew it well {i}."} for i in range(3)]
+RECORDS = [
+    {
+        "id": f"r{i}",
+        "instruction": f"How do I brew coffee number {i}?",
+        "input": "",
+        "output": f"Brew it well {i}.",
+    }
+    for i in range(3)
+]
 TUNED = [f"tuned answer {i}" for i in range(3)]
 BASE = [f"base answer {i}" for i in range(3)]
 
@@ -35,11 +43,32 @@ def prefers_tuned(body: dict) -> str:
 
 
 def run(server: ScriptedServer, cache_dir, retries: int = 1) -> tuple[dict, list[dict]]:
-    endpoint = Endpoint(base_url=server.base_url, model="judge", api_key_env="TUNELINE_TEST_NO_KEY", temperature=0.0,
-                        max_tokens=32, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10)
-    template, retry = load_prompt(ROOT / "prompts" / "judge.txt", "p"), load_prompt(ROOT / "prompts" / "retry.txt", "r")
+    endpoint = Endpoint(
+        base_url=server.base_url,
+        model="judge",
+        api_key_env="TUNELINE_TEST_NO_KEY",
+        temperature=0.0,
+        max_tokens=32,
+        concurrency=2,
+        requests_per_minute=6000,
+        max_retries=0,
+        timeout_s=10,
+    )
+    template, retry = (
+        load_prompt(ROOT / "prompts" / "judge.txt", "p"),
+        load_prompt(ROOT / "prompts" / "retry.txt", "r"),
+    )
     with lazy_caller(endpoint, cache_dir) as call:
-        summary, rows, _ = judge(lambda requests, seed: call(requests, seed, {"type": "json_object"}), template, retry, RECORDS, TUNED, BASE, retries, seed=42)
+        summary, rows, _ = judge(
+            lambda requests, seed: call(requests, seed, {"type": "json_object"}),
+            template,
+            retry,
+            RECORDS,
+            TUNED,
+            BASE,
+            retries,
+            seed=42,
+        )
     return summary, rows
 
 
@@ -100,22 +129,42 @@ def test_outcome_counts_a_verdict_only_when_both_orders_agree():
 
 
 def test_a_missing_prompt_file_names_it_and_the_key(tmp_path):
-    with pytest.raises(ParamsError, match=r"judge\.txt: the prompt file named by evaluate\.judge\.prompt is missing"):
+    with pytest.raises(
+        ParamsError, match=r"judge\.txt: the prompt file named by evaluate\.judge\.prompt is missing"
+    ):
         load_prompt(tmp_path / "judge.txt", "evaluate.judge.prompt")
 
 
 def label_judge(base_url: str, model: str) -> SimpleNamespace:
     """evaluate.judge's keys, with label verdicts."""
-    return SimpleNamespace(base_url=base_url, model=model, api_key_env="TUNELINE_TEST_NO_KEY", verdict="label",
-                           prompt=str(ROOT / "prompts" / "judge_label.txt"), retry_prompt=str(ROOT / "prompts" / "retry.txt"),
-                           max_tokens=32, reply_retries=1, concurrency=2, requests_per_minute=6000, max_retries=0, timeout_s=10,
-                           structured="json_schema", max_failed_fraction=0.1)
+    return SimpleNamespace(
+        base_url=base_url,
+        model=model,
+        api_key_env="TUNELINE_TEST_NO_KEY",
+        verdict="label",
+        prompt=str(ROOT / "prompts" / "judge_label.txt"),
+        retry_prompt=str(ROOT / "prompts" / "retry.txt"),
+        max_tokens=32,
+        reply_retries=1,
+        concurrency=2,
+        requests_per_minute=6000,
+        max_retries=0,
+        timeout_s=10,
+        structured="json_schema",
+        max_failed_fraction=0.1,
+    )
 
 
 def json_judge(base_url: str, **overrides) -> SimpleNamespace:
     """evaluate.judge's keys, with json verdicts from an API judge."""
-    return SimpleNamespace(**{**vars(label_judge(base_url, "judge")), "verdict": "json",
-                              "prompt": str(ROOT / "prompts" / "judge.txt"), **overrides})
+    return SimpleNamespace(
+        **{
+            **vars(label_judge(base_url, "judge")),
+            "verdict": "json",
+            "prompt": str(ROOT / "prompts" / "judge.txt"),
+            **overrides,
+        }
+    )
 
 
 def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tmp_path, tiny_model_dir):
@@ -130,8 +179,15 @@ def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tm
         return "C" if k == 1 else ("A" if a.startswith("tuned") == (k == 0) else "B")
 
     with ScriptedServer(respond=label) as server:
-        summary, rows, _ = judge_module.run(label_judge(server.base_url, str(tiny_model_dir)), "evaluate.judge", RECORDS,
-                                            TUNED, BASE, tmp_path, seed=42)
+        summary, rows, _ = judge_module.run(
+            label_judge(server.base_url, str(tiny_model_dir)),
+            "evaluate.judge",
+            RECORDS,
+            TUNED,
+            BASE,
+            tmp_path,
+            seed=42,
+        )
         bodies = server.bodies()
     assert len(bodies) == 6 and all(b["max_tokens"] == 1 and b["logit_bias"] == label_ids for b in bodies)
     assert all("response_format" not in b for b in bodies)  # no JSON asked for
@@ -142,9 +198,18 @@ def test_label_verdicts_ask_for_one_token_biased_to_the_labels_and_c_is_a_tie(tm
 
 
 def test_label_verdicts_need_a_local_judge_whose_labels_are_single_tokens(tmp_path):
-    with pytest.raises(ParamsError, match=r"evaluate\.judge\.model must be a local model directory.*verdict: json"):
-        judge_module.run(label_judge("http://127.0.0.1:9/v1", "gpt-4o-mini"), "evaluate.judge", RECORDS, TUNED, BASE,
-                         tmp_path, seed=42)
+    with pytest.raises(
+        ParamsError, match=r"evaluate\.judge\.model must be a local model directory.*verdict: json"
+    ):
+        judge_module.run(
+            label_judge("http://127.0.0.1:9/v1", "gpt-4o-mini"),
+            "evaluate.judge",
+            RECORDS,
+            TUNED,
+            BASE,
+            tmp_path,
+            seed=42,
+        )
     assert judge_module.parse_label(" B\n") == "B" and judge_module.parse_label("C") == "tie"
     with pytest.raises(judge_module.ReplyError):
         judge_module.parse_label("Answer A")
@@ -152,10 +217,15 @@ def test_label_verdicts_need_a_local_judge_whose_labels_are_single_tokens(tmp_pa
 
 def test_json_verdicts_send_the_verdict_schema(tmp_path):
     with ScriptedServer(respond=prefers_tuned) as server:
-        summary, _, _ = judge_module.run(json_judge(server.base_url), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42)
+        summary, _, _ = judge_module.run(
+            json_judge(server.base_url), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42
+        )
         formats = [b["response_format"] for b in server.bodies()]
     assert summary["win"] == 1.0
-    assert all(f["type"] == "json_schema" and f["json_schema"]["schema"] == judge_module.VERDICT_SCHEMA for f in formats)
+    assert all(
+        f["type"] == "json_schema" and f["json_schema"]["schema"] == judge_module.VERDICT_SCHEMA
+        for f in formats
+    )
 
 
 def test_a_dead_judge_endpoint_fails_the_stage_within_seconds_naming_the_key(tmp_path):
@@ -163,17 +233,31 @@ def test_a_dead_judge_endpoint_fails_the_stage_within_seconds_naming_the_key(tmp
         s.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
         started = time.monotonic()
-        with pytest.raises(EndpointError, match=r"evaluate\.judge: evaluate\.judge\.base_url .*did not answer GET /models"):
-            judge_module.run(json_judge(dead, max_retries=3), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42)
+        with pytest.raises(
+            EndpointError, match=r"evaluate\.judge: evaluate\.judge\.base_url .*did not answer GET /models"
+        ):
+            judge_module.run(
+                json_judge(dead, max_retries=3), "evaluate.judge", RECORDS, TUNED, BASE, tmp_path, 42
+            )
     assert time.monotonic() - started < 10
 
 
 def test_more_failed_judge_calls_than_allowed_fail_naming_base_url(tmp_path):
     # The server is up (GET /models answers) but every verdict call fails: no "unparsed 1.00" exit 0.
     with ScriptedServer(faults=["500"] * 6) as server:
-        with pytest.raises(EndpointError, match=r"select\.judge: 6 of 6 judge calls failed.*select\.judge\.max_failed_fraction "
-                                             r"0\.1.*Check select\.judge\.base_url \('http://127\.0\.0\.1"):
+        with pytest.raises(
+            EndpointError,
+            match=r"select\.judge: 6 of 6 judge calls failed.*select\.judge\.max_failed_fraction "
+            r"0\.1.*Check select\.judge\.base_url \('http://127\.0\.0\.1",
+        ):
             judge_module.run(json_judge(server.base_url), "select.judge", RECORDS, TUNED, BASE, tmp_path, 42)
     with ScriptedServer(respond=prefers_tuned, faults=["500"]) as server:  # one of six: within 0.2
-        judge_module.run(json_judge(server.base_url, max_failed_fraction=0.2), "select.judge", RECORDS, TUNED, BASE,
-                         tmp_path / "again", 42)
+        judge_module.run(
+            json_judge(server.base_url, max_failed_fraction=0.2),
+            "select.judge",
+            RECORDS,
+            TUNED,
+            BASE,
+            tmp_path / "again",
+            42,
+        )

@@ -39,18 +39,26 @@ def upward_imports(root: Path) -> list[str]:
         own = LAYERS.index(parts[0])
         for line, package in tuneline_imports(path):
             if package not in LAYERS or LAYERS.index(package) > own:
-                arrows.append(f"{path.relative_to(root)}:{line} imports tuneline.{package} ({parts[0]} is below it)")
+                arrows.append(
+                    f"{path.relative_to(root)}:{line} imports tuneline.{package} ({parts[0]} is below it)"
+                )
     return arrows
 
 
 def test_every_module_lives_in_a_package_and_no_import_runs_back_up():
-    assert sorted(p.name for p in (ROOT / "tuneline").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+    assert sorted(
+        p.name for p in (ROOT / "tuneline").iterdir() if p.is_dir() and p.name != "__pycache__"
+    ) == sorted(LAYERS)
     assert upward_imports(ROOT) == []
 
 
 def test_an_upward_import_is_found(tmp_path):
     (tmp_path / "tuneline" / "common").mkdir(parents=True)
     (tmp_path / "tuneline" / "eval").mkdir()
-    (tmp_path / "tuneline" / "common" / "records.py").write_text("def f():\n    from tuneline.eval import intervals\n")
+    (tmp_path / "tuneline" / "common" / "records.py").write_text(
+        "def f():\n    from tuneline.eval import intervals\n"
+    )
     (tmp_path / "tuneline" / "eval" / "intervals.py").write_text("from tuneline.common import records\n")
-    assert upward_imports(tmp_path) == ["tuneline/common/records.py:2 imports tuneline.eval (common is below it)"]
+    assert upward_imports(tmp_path) == [
+        "tuneline/common/records.py:2 imports tuneline.eval (common is below it)"
+    ]

@@ -17,10 +17,21 @@ from pathlib import Path
 import pytest
 
 from tests.openai_stub import ScriptedServer
-from tuneline.llm.client import (EMPTY_REPLY, TRUNCATED, Endpoint, TokenBudget, cache_key, complete_batch, complete_many_sync, ledger,
-                          model_fingerprint, preflight, request_seed)
-from tuneline.llm.server import endpoint_url, local_server
 from tuneline.common.params import ParamsError
+from tuneline.llm.client import (
+    EMPTY_REPLY,
+    TRUNCATED,
+    Endpoint,
+    TokenBudget,
+    cache_key,
+    complete_batch,
+    complete_many_sync,
+    ledger,
+    model_fingerprint,
+    preflight,
+    request_seed,
+)
+from tuneline.llm.server import endpoint_url, local_server
 
 JSON_OBJECT = {"type": "json_object"}
 
@@ -30,9 +41,16 @@ KEY = "sk-tuneline-llm-test-7d1f3c9e"
 
 def endpoint(base_url: str, **overrides) -> Endpoint:
     values = dict(
-        base_url=base_url, model="stub", api_key_env=KEY_ENV, temperature=0.7, max_tokens=32,
-        concurrency=4, requests_per_minute=60_000, max_retries=3, timeout_s=10.0,
-    )  # fmt: skip
+        base_url=base_url,
+        model="stub",
+        api_key_env=KEY_ENV,
+        temperature=0.7,
+        max_tokens=32,
+        concurrency=4,
+        requests_per_minute=60_000,
+        max_retries=3,
+        timeout_s=10.0,
+    )
     return Endpoint(**{**values, **overrides})
 
 
@@ -72,8 +90,10 @@ def test_cache_fans_out_two_levels_and_still_reads_the_one_level_layout(tmp_path
         files = cache_files(tmp_path)
         # ab/cd/abcd....json: two directory levels of two hex digits each, named by the key
         assert len(files) == 4
-        assert all(f.parent.parent.parent == tmp_path and f.stem.startswith(f.parent.parent.name + f.parent.name)
-                   for f in files)
+        assert all(
+            f.parent.parent.parent == tmp_path and f.stem.startswith(f.parent.parent.name + f.parent.name)
+            for f in files
+        )
         # An entry written by an earlier version (ab/abcd....json) is still a hit, not a new call.
         for f in files:
             f.rename(tmp_path / f.parent.parent.name / f.name)
@@ -95,7 +115,9 @@ def test_seed_is_sent_and_identical_requests_get_their_own(tmp_path, monkeypatch
 def test_429_with_retry_after_and_500_are_retried(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     with ScriptedServer(faults=["429:1", "500"]) as server:
-        (reply,) = complete_many_sync(endpoint(server.base_url, concurrency=1), conversations(1), tmp_path, seed=1)
+        (reply,) = complete_many_sync(
+            endpoint(server.base_url, concurrency=1), conversations(1), tmp_path, seed=1
+        )
         assert reply.error is None and json.loads(reply.text)["echo"] == "question 0"
         assert [e["status"] for e in server.log] == [429, 500, 200]
         # Retry-After: 1 was honoured before the second attempt.
@@ -117,7 +139,9 @@ def test_failed_reply_is_reported_not_cached_and_asked_again(tmp_path, monkeypat
 
 def test_empty_reply_is_reported_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    with ScriptedServer(respond=lambda body: "" if body["messages"][0]["content"] == "question 1" else "ok") as server:
+    with ScriptedServer(
+        respond=lambda body: "" if body["messages"][0]["content"] == "question 1" else "ok"
+    ) as server:
         ep = endpoint(server.base_url)
         replies = complete_many_sync(ep, conversations(2), tmp_path, seed=1)
         assert [r.error for r in replies] == [None, EMPTY_REPLY] and replies[1].completion_tokens > 0
@@ -139,7 +163,12 @@ def test_requests_per_minute_spaces_request_starts(tmp_path, monkeypatch):
     with ScriptedServer() as server:
         # 120 per minute: one start every 0.5 s, whatever the concurrency. (Arrivals are stamped by
         # the server, which a loaded machine can delay by a fraction of a second: hence the margin.)
-        complete_many_sync(endpoint(server.base_url, concurrency=8, requests_per_minute=120), conversations(5), tmp_path, seed=1)
+        complete_many_sync(
+            endpoint(server.base_url, concurrency=8, requests_per_minute=120),
+            conversations(5),
+            tmp_path,
+            seed=1,
+        )
         starts = sorted(e["t"] for e in server.log)
     assert starts[-1] - starts[0] >= 1.6
 
@@ -170,7 +199,12 @@ def test_cache_key_covers_everything_that_changes_the_reply():
         cache_key(ep, [{"role": "user", "content": "hi!"}], 1, None),
         cache_key(ep, messages, 2, None),
         cache_key(ep, messages, 1, JSON_OBJECT),
-        cache_key(ep, messages, 1, {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}),
+        cache_key(
+            ep,
+            messages,
+            1,
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+        ),
         cache_key(ep, messages, 1, False, salt="weights-v2"),
     ]
     assert len({key, *variants}) == 1 + len(variants)
@@ -204,10 +238,14 @@ def test_transformers_serve_answers_and_is_stopped(tmp_path, monkeypatch, tiny_m
     with endpoint_url("local", model) as url:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         ep = endpoint(url, model=model, max_tokens=8, concurrency=2)
-        replies = complete_many_sync(ep, conversations(3), tmp_path / "cache", seed=1, response_format=JSON_OBJECT)
+        replies = complete_many_sync(
+            ep, conversations(3), tmp_path / "cache", seed=1, response_format=JSON_OBJECT
+        )
     # A random-weight model may stop at once: that is an empty reply, reported and not cached.
     # Cut off at max_tokens, its text is the reply (truncated_is_error is off: generation metrics).
-    assert all((r.error is None and r.text) or r.error == EMPTY_REPLY for r in replies), [r.error for r in replies]
+    assert all((r.error is None and r.text) or r.error == EMPTY_REPLY for r in replies), [
+        r.error for r in replies
+    ]
     assert all(r.prompt_tokens > 0 and r.completion_tokens <= 8 for r in replies)  # usage is reported
     assert len(cache_files(tmp_path / "cache")) == sum(r.error is None for r in replies)
     with socket.socket() as s:  # the server is gone once the block ends
@@ -216,16 +254,22 @@ def test_transformers_serve_answers_and_is_stopped(tmp_path, monkeypatch, tiny_m
 
 def test_a_truncated_reply_is_an_error_and_never_cached(tmp_path):
     with ScriptedServer(faults=["length"]) as server:
-        (reply,) = complete_many_sync(endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True)
+        (reply,) = complete_many_sync(
+            endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True
+        )
         assert reply.error == TRUNCATED and reply.text is None
         assert list(tmp_path.rglob("*.json")) == []
-        (again,) = complete_many_sync(endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True)
+        (again,) = complete_many_sync(
+            endpoint(server.base_url), conversations(1), tmp_path, seed=1, truncated_is_error=True
+        )
         assert again.error is None and server.requests == 2
 
 
 def test_null_temperature_and_max_tokens_are_not_sent(tmp_path):
     with ScriptedServer() as server:
-        complete_many_sync(endpoint(server.base_url, temperature=None, max_tokens=None), conversations(1), tmp_path, seed=1)
+        complete_many_sync(
+            endpoint(server.base_url, temperature=None, max_tokens=None), conversations(1), tmp_path, seed=1
+        )
         body = server.bodies()[0]
         assert "temperature" not in body and "max_tokens" not in body and body["seed"] is not None
 
@@ -250,13 +294,20 @@ def test_cache_key_includes_the_normalised_endpoint():
 
 
 def test_response_format_is_sent_per_request_and_joins_the_key(tmp_path):
-    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True},
+    }
     with ScriptedServer() as server:
-        complete_many_sync(endpoint(server.base_url), conversations(2), tmp_path, seed=1, response_format=[schema, None])
+        complete_many_sync(
+            endpoint(server.base_url), conversations(2), tmp_path, seed=1, response_format=[schema, None]
+        )
         by_question = {b["messages"][0]["content"]: b for b in server.bodies()}
         assert by_question["question 0"]["response_format"] == schema
         assert "response_format" not in by_question["question 1"]
-        complete_many_sync(endpoint(server.base_url), conversations(2), tmp_path, seed=1, response_format=JSON_OBJECT)
+        complete_many_sync(
+            endpoint(server.base_url), conversations(2), tmp_path, seed=1, response_format=JSON_OBJECT
+        )
         assert server.requests == 4  # another format is another call
 
 
@@ -264,7 +315,9 @@ def test_one_429_pauses_every_call_for_its_retry_after(tmp_path):
     # Three calls at a time, each answered after 0.5 s; the first gets a 429 at once asking for 2 s.
     # Calls that start after it wait out the same 2 s, not only the one that got it.
     with ScriptedServer(latency_s=0.5, faults=["429:2"]) as server:
-        replies = complete_many_sync(endpoint(server.base_url, concurrency=3), conversations(6), tmp_path, seed=1)
+        replies = complete_many_sync(
+            endpoint(server.base_url, concurrency=3), conversations(6), tmp_path, seed=1
+        )
         assert all(r.error is None for r in replies)
         rate_limited = next(e["t"] for e in server.log if e["status"] == 429)
         later = [e["t"] for e in server.log[3:]]  # every request that started after the first three
@@ -310,16 +363,27 @@ def test_preflight_catches_a_dead_endpoint_within_seconds():
 def test_batch_answers_land_in_the_cache_and_a_rerun_sends_nothing(tmp_path):
     with ScriptedServer() as server:
         ep = endpoint(server.base_url)
-        replies = complete_batch(ep, conversations(5), tmp_path, seed=1, response_format=JSON_OBJECT, poll_s=0.05)
+        replies = complete_batch(
+            ep, conversations(5), tmp_path, seed=1, response_format=JSON_OBJECT, poll_s=0.05
+        )
         assert [json.loads(r.text)["echo"] for r in replies] == [f"question {i}" for i in range(5)]
         assert all(r.batch and not r.cached for r in replies)
         assert server.requests == 0 and len(server.batches) == 1  # no live call: one batch of five lines
-        (body,) = {json.dumps(b, sort_keys=True) for b in [json.loads(line)["body"] for line in
-                   server.files[next(iter(server.batches.values()))["input_file_id"]].decode().splitlines()][:1]}
+        (body,) = {
+            json.dumps(b, sort_keys=True)
+            for b in [
+                json.loads(line)["body"]
+                for line in server.files[next(iter(server.batches.values()))["input_file_id"]]
+                .decode()
+                .splitlines()
+            ][:1]
+        }
         assert json.loads(body)["response_format"] == JSON_OBJECT and json.loads(body)["seed"] is not None
         assert not list((tmp_path / "batches").glob("*.json"))  # settled: no batch left to resume
 
-        again = complete_batch(ep, conversations(5), tmp_path, seed=1, response_format=JSON_OBJECT, poll_s=0.05)
+        again = complete_batch(
+            ep, conversations(5), tmp_path, seed=1, response_format=JSON_OBJECT, poll_s=0.05
+        )
         assert all(r.cached for r in again) and len(server.batches) == 1
         # The same calls made live find the batch's replies: one cache for both paths.
         live = complete_many_sync(ep, conversations(5), tmp_path, seed=1, response_format=JSON_OBJECT)
@@ -350,13 +414,26 @@ def test_a_killed_batch_run_resumes_polling_the_same_batch(tmp_path):
         assert len(server.batches) == 1  # polled the recorded batch, submitted none
 
 
-@pytest.mark.parametrize("outcome, failed_lines, answered", [("expired", 0, 2), ("failed", 0, 0), ("completed", 1, 3)])
-def test_expired_failed_and_partly_failed_batches_fail_naming_what_to_rerun(tmp_path, outcome, failed_lines, answered):
+@pytest.mark.parametrize(
+    "outcome, failed_lines, answered", [("expired", 0, 2), ("failed", 0, 0), ("completed", 1, 3)]
+)
+def test_expired_failed_and_partly_failed_batches_fail_naming_what_to_rerun(
+    tmp_path, outcome, failed_lines, answered
+):
     with ScriptedServer(batch_outcome=outcome, batch_failed_lines=failed_lines) as server:
-        with pytest.raises(RuntimeError, match=rf"batch batch_\w+ {outcome}.*{answered} of 4 requests answered and cached, "
-                                               rf"{4 - answered} not.*rerun `dvc repro augment` to submit only those"):
-            complete_batch(endpoint(server.base_url), conversations(4), tmp_path, seed=1, poll_s=0.05,
-                           rerun="rerun `dvc repro augment`")
+        with pytest.raises(
+            RuntimeError,
+            match=rf"batch batch_\w+ {outcome}.*{answered} of 4 requests answered and cached, "
+            rf"{4 - answered} not.*rerun `dvc repro augment` to submit only those",
+        ):
+            complete_batch(
+                endpoint(server.base_url),
+                conversations(4),
+                tmp_path,
+                seed=1,
+                poll_s=0.05,
+                rerun="rerun `dvc repro augment`",
+            )
         assert len(cache_files(tmp_path)) == answered  # what it answered is kept
         server.batch_outcome, server.batch_failed_lines = "completed", 0
         replies = complete_batch(endpoint(server.base_url), conversations(4), tmp_path, seed=1, poll_s=0.05)

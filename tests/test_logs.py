@@ -1,4 +1,5 @@
-"""tuneline.common.logs: a stage's terminal shows its summary and real warnings; library noise goes to its log file."""
+"""tuneline.common.logs: a stage's terminal shows its summary and real warnings; library noise goes to its
+log file."""
 
 from __future__ import annotations
 
@@ -22,11 +23,21 @@ print("probe: 1 summary line")
 
 
 def test_known_noise_goes_to_the_file_and_a_real_warning_to_stderr(tmp_path):
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "probe: 1 summary line\n"
-    assert "a new problem" in done.stderr and "UserWarning" in done.stderr and "probe: disk almost full" in done.stderr
+    assert (
+        "a new problem" in done.stderr
+        and "UserWarning" in done.stderr
+        and "probe: disk almost full" in done.stderr
+    )
     assert "gemm_4bit_forward" not in done.stderr and "loaded 3 shards" not in done.stderr
     log = (tmp_path / "metrics/logs/probe.log").read_text()
     assert log.count("gemm_4bit_forward") == 2 and "loaded 3 shards" in log and "a new problem" in log
@@ -50,8 +61,14 @@ print("probe: done")
 
 
 def test_no_progress_bar_is_written_when_stderr_is_not_a_terminal(tmp_path):
-    done = subprocess.run([sys.executable, "-c", BARS], cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", BARS],
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "probe: done\n"
     assert "\r" not in done.stderr and "steps" not in done.stderr

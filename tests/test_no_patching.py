@@ -14,14 +14,19 @@ OURS = ("tuneline", "stages", "tests", "bench")
 
 # (file, target as written): where writing to a dependency's object is the design, and why.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("tuneline/model/training.py", "model.forward"): "the answer-only head: one model instance's training forward runs "
-    "the LM head on labelled positions only (TRL's fused head patches the instance the same way), so peft, DDP, "
+    (
+        "tuneline/model/training.py",
+        "model.forward",
+    ): "the answer-only head: one model instance's training forward runs "
+    "the LM head on labelled positions only (TRL's fused head patches the instance the same way), so peft, "
+    "DDP, "
     "FSDP and DeepSpeed, which call forward, train through it; no class or module is changed",
 }
 
 
 def imported_names(tree: ast.Module) -> tuple[set[str], set[str]]:
-    """(third-party, standard library): the names `import x` / `from x import y` bind, by where x comes from."""
+    """(third-party, standard library): the names `import x` / `from x import y` bind, by where x comes
+    from."""
     names, stdlib = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -50,8 +55,9 @@ def is_function(value: ast.expr | None, defined: set[str]) -> bool:
     if isinstance(value, ast.Lambda) or (isinstance(value, ast.Name) and value.id in defined):
         return True
     call = value.func if isinstance(value, ast.Call) else None
-    return (isinstance(call, ast.Attribute) and call.attr == "MethodType") or (isinstance(call, ast.Name)
-                                                                              and call.id == "MethodType")
+    return (isinstance(call, ast.Attribute) and call.attr == "MethodType") or (
+        isinstance(call, ast.Name) and call.id == "MethodType"
+    )
 
 
 def assigned_attributes(tree: ast.Module) -> list[tuple[ast.Attribute, bool]]:
@@ -62,12 +68,25 @@ def assigned_attributes(tree: ast.Module) -> list[tuple[ast.Attribute, bool]]:
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             function = is_function(node.value, defined)
             for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                targets += [(t, function) for t in ast.walk(target)
-                            if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
-              and len(node.args) == 3 and isinstance(node.args[1], ast.Constant)):
-            attribute = ast.Attribute(value=node.args[0], attr=node.args[1].value, ctx=ast.Store(),
-                                      lineno=node.lineno, col_offset=node.col_offset)
+                targets += [
+                    (t, function)
+                    for t in ast.walk(target)
+                    if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)
+                ]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "setattr"
+            and len(node.args) == 3
+            and isinstance(node.args[1], ast.Constant)
+        ):
+            attribute = ast.Attribute(
+                value=node.args[0],
+                attr=node.args[1].value,
+                ctx=ast.Store(),
+                lineno=node.lineno,
+                col_offset=node.col_offset,
+            )
             targets.append((attribute, is_function(node.args[2], defined)))
     return targets
 
@@ -81,7 +100,9 @@ def patches(path: Path) -> list[str]:
     found = []
     for target, function in assigned_attributes(tree):
         root = root_name(target.value)
-        private = target.attr.startswith("_") and not (target.attr.startswith("__") and target.attr.endswith("__"))
+        private = target.attr.startswith("_") and not (
+            target.attr.startswith("__") and target.attr.endswith("__")
+        )
         if root in third_party or ((private or function) and root not in ("self", "cls", *stdlib)):
             written = ast.unparse(target)
             if (str(path.relative_to(ROOT)), written) not in ALLOWED:
@@ -95,7 +116,10 @@ def library_files() -> list[Path]:
 
 def test_nothing_under_tuneline_or_stages_patches_a_dependency():
     found = [hit for path in library_files() for hit in patches(path)]
-    assert not found, "writes to a dependency's objects (use public API, or allow-list with the reason):\n" + "\n".join(found)
+    assert not found, (
+        "writes to a dependency's objects (use public API, or allow-list with the reason):\n"
+        + "\n".join(found)
+    )
 
 
 def test_the_check_sees_the_patches_it_forbids(tmp_path):
@@ -126,5 +150,13 @@ def test_the_check_sees_the_patches_it_forbids(tmp_path):
         found = [hit.split(" ", 1)[1] for hit in patches(bad)]
     finally:
         ROOT = saved
-    assert sorted(found) == sorted(["ModelManager._load_model", "transformers.logging.verbosity", "ModelManager.load",
-                                    "model._hf_hook", "model.forward", "model.generate"])
+    assert sorted(found) == sorted(
+        [
+            "ModelManager._load_model",
+            "transformers.logging.verbosity",
+            "ModelManager.load",
+            "model._hf_hook",
+            "model.forward",
+            "model.generate",
+        ]
+    )

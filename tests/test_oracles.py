@@ -48,10 +48,11 @@ def plain_generate(export_dir: Path, record: dict, max_new_tokens: int = 128) ->
     """Greedy answer of the exported model with plain transformers: no tuneline code."""
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
-    ids = tokenizer.apply_chat_template(plain_messages(record), add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        plain_messages(record), add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def best_memorised(repo: Path) -> dict:
@@ -64,7 +65,9 @@ def best_memorised(repo: Path) -> dict:
 
 def check_reproduces_memorised_answer(export_dir: Path, record: dict) -> float:
     score = rouge_l(plain_generate(export_dir, record), record["output"])
-    assert score >= 0.8, f"the exported model answers {record['instruction']!r} with ROUGE-L {score:.2f} < 0.8"
+    assert score >= 0.8, (
+        f"the exported model answers {record['instruction']!r} with ROUGE-L {score:.2f} < 0.8"
+    )
     return score
 
 
@@ -112,15 +115,24 @@ def served_answer(repo: Path, record: dict, max_tokens: int = 128, model: str = 
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     with open(repo.parent / "serve.log", "w+b") as log:
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
-                               cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
+            cwd=repo,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             wait_ready(url, timeout=240, process=cli)
             client = OpenAI(base_url=url, api_key="not-needed")
-            reply = client.chat.completions.create(model=model, messages=plain_messages(record),
-                                                   max_tokens=max_tokens, temperature=0)
+            reply = client.chat.completions.create(
+                model=model, messages=plain_messages(record), max_tokens=max_tokens, temperature=0
+            )
             return (reply.choices[0].message.content or "").strip()
         finally:
             stop(cli)
@@ -138,21 +150,26 @@ def test_serve_returns_the_greedy_answer_of_offline_generation(pipeline):
 
 
 def check_batched_equals_single(model_dir: Path, records: list[dict]) -> None:
-    from tuneline.model.modeling import load_model, load_tokenizer
     from tuneline.eval.scoring import generate_ids
+    from tuneline.model.modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype="float32")
     batched = generate_ids(model, tokenizer, records, "auto", batch_size=len(records), max_new_tokens=48)
-    single = [generate_ids(model, tokenizer, [r], "auto", batch_size=1, max_new_tokens=48)[0] for r in records]
+    single = [
+        generate_ids(model, tokenizer, [r], "auto", batch_size=1, max_new_tokens=48)[0] for r in records
+    ]
     assert batched == single
 
 
 def mixed_lengths(repo: Path, n: int = 6) -> list[dict]:
     """Records whose prompts differ in length the most: the batch needs real left padding."""
-    records = json.loads((repo / "data/alpaca/test.json").read_text()) + json.loads((repo / "data/alpaca/train.json").read_text())[:16]
+    records = (
+        json.loads((repo / "data/alpaca/test.json").read_text())
+        + json.loads((repo / "data/alpaca/train.json").read_text())[:16]
+    )
     records.sort(key=lambda r: len(r["instruction"]) + len(r.get("input") or ""))
-    picked = records[: n // 2] + records[-(n - n // 2):]
+    picked = records[: n // 2] + records[-(n - n // 2) :]
     assert len({len(r["instruction"]) for r in picked}) > 1
     return picked
 
@@ -189,21 +206,30 @@ def check_serving_text_is_training_text(export_dir: Path, tokenized_dir: Path, r
     train = load_from_disk(str(tokenized_dir / "train"))
     assert len(train) == len(records)
     for record, example in zip(records, train):
-        prompt = tokenizer.apply_chat_template(plain_messages(record), add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-        full = tokenizer.apply_chat_template(plain_messages(record) + [{"role": "assistant", "content": record["output"]}],
-                                             tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            plain_messages(record), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        full = tokenizer.apply_chat_template(
+            plain_messages(record) + [{"role": "assistant", "content": record["output"]}],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
         ids, labels = list(example["input_ids"]), list(example["labels"])
         assert ids == full, f"record {record['id']}: served template renders other tokens than training saw"
         # The last answer (earlier ones are history turns, also learned) starts where the served prompt ends.
         start = len(prompt)
-        assert ids[:start] == prompt, f"record {record['id']}: the served prompt is not the text training saw before the answer"
+        assert ids[:start] == prompt, (
+            f"record {record['id']}: the served prompt is not the text training saw before the answer"
+        )
         learned = [i for i in range(start, len(labels)) if labels[i] != -100]
-        assert labels[start - 1] == -100 and learned and learned == list(range(start, learned[-1] + 1)), \
+        assert labels[start - 1] == -100 and learned and learned == list(range(start, learned[-1] + 1)), (
             f"record {record['id']}: the answer training learned does not start where serving's prompt ends"
-        # it ends with the end-of-turn token, where serving stops; what the template writes after it is not learned
-        assert tokenizer.convert_ids_to_tokens(ids[learned[-1]]) == end_of_turn(tokenizer, "auto"), \
+        )
+        # it ends with the end-of-turn token, where serving stops; what the template writes after it is not
+        # learned
+        assert tokenizer.convert_ids_to_tokens(ids[learned[-1]]) == end_of_turn(tokenizer, "auto"), (
             f"record {record['id']}: the answer training learned does not end with the end-of-turn token"
+        )
 
 
 def test_the_text_the_model_sees_when_served_is_what_it_trained_on(pipeline):
@@ -217,8 +243,12 @@ def test_serving_text_check_fails_on_a_template_that_drifted(pipeline, tmp_path)
     repo, _ = pipeline
     header = "<|im_start|>assistant\n"
     records = json.loads((repo / "data/alpaca/train.json").read_text())
-    drifted = broken_template(repo / "models/export", tmp_path, f"{{% if add_generation_prompt %}}{header}",
-                              f"{{% if add_generation_prompt %}}{header}\n")
+    drifted = broken_template(
+        repo / "models/export",
+        tmp_path,
+        f"{{% if add_generation_prompt %}}{header}",
+        f"{{% if add_generation_prompt %}}{header}\n",
+    )
     with pytest.raises(AssertionError, match="served prompt is not the text training saw"):
         check_serving_text_is_training_text(drifted, repo / "data/tokenized", records)
 
@@ -232,8 +262,10 @@ def check_tuned_beats_base_on_seen(eval_metrics: dict, train_metrics: dict) -> N
 
 def test_tuned_beats_base_on_the_seen_set_by_a_margin(pipeline):
     repo, _ = pipeline
-    check_tuned_beats_base_on_seen(json.loads((repo / "metrics/eval.json").read_text()),
-                                   json.loads((repo / "metrics/train/metrics.json").read_text()))
+    check_tuned_beats_base_on_seen(
+        json.loads((repo / "metrics/eval.json").read_text()),
+        json.loads((repo / "metrics/train/metrics.json").read_text()),
+    )
 
 
 def test_seen_margin_check_fails_when_the_tuned_model_is_the_base(pipeline):
@@ -242,4 +274,6 @@ def test_seen_margin_check_fails_when_the_tuned_model_is_the_base(pipeline):
     eval_metrics = json.loads((repo / "metrics/eval.json").read_text())
     untrained = {**eval_metrics, "seen": {**eval_metrics["seen"], "tuned": eval_metrics["seen"]["base"]}}
     with pytest.raises(AssertionError):
-        check_tuned_beats_base_on_seen(untrained, json.loads((repo / "metrics/train/metrics.json").read_text()))
+        check_tuned_beats_base_on_seen(
+            untrained, json.loads((repo / "metrics/train/metrics.json").read_text())
+        )

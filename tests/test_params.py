@@ -95,15 +95,23 @@ def test_unknown_section_is_refused(tmp_path, raw):
 def test_a_negative_neftune_alpha_names_the_key_and_what_it_should_be(raw):
     data = copy.deepcopy(raw)
     data["train"]["neftune_noise_alpha"] = -5
-    with pytest.raises(ParamsError, match=r"train\.neftune_noise_alpha must be 0 \(off\) or a positive noise scale"):
+    with pytest.raises(
+        ParamsError, match=r"train\.neftune_noise_alpha must be 0 \(off\) or a positive noise scale"
+    ):
         params.section("train", data)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"wise_ft": 0}, r"train\.wise_ft must be in \(0, 1\]"),
-    ({"wise_ft": 1.5}, r"train\.wise_ft must be in \(0, 1\]"),
-    ({"method": "ptuning", "wise_ft": 0.85}, r"P-tuning prompt has no base value .* set train\.wise_ft to 1\.0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"wise_ft": 0}, r"train\.wise_ft must be in \(0, 1\]"),
+        ({"wise_ft": 1.5}, r"train\.wise_ft must be in \(0, 1\]"),
+        (
+            {"method": "ptuning", "wise_ft": 0.85},
+            r"P-tuning prompt has no base value .* set train\.wise_ft to 1\.0",
+        ),
+    ],
+)
 def test_a_wise_ft_share_it_cannot_apply_names_the_key_and_the_fix(raw, changes, message):
     data = copy.deepcopy(raw)
     data["train"].update(changes)
@@ -124,11 +132,14 @@ def test_the_whole_file_is_checked_and_every_unknown_key_is_named_with_the_key_m
         params.check(data=data)
     message = str(err.value)
     assert message.startswith("params.yaml: 5 problems, nothing was run:")
-    for line in ("section 'trian' is not known (did you mean 'train'?)",
-                 "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)",
-                 "train.lora_rr is not a known key (did you mean train.lora_r?)",
-                 "crawl.sources[0].max_pagez is not a known key (did you mean crawl.sources[0].max_pages?)",
-                 "select.candidates.tiny_qwen.modle is not a known key (did you mean select.candidates.tiny_qwen.model?)"):
+    for line in (
+        "section 'trian' is not known (did you mean 'train'?)",
+        "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)",
+        "train.lora_rr is not a known key (did you mean train.lora_r?)",
+        "crawl.sources[0].max_pagez is not a known key (did you mean crawl.sources[0].max_pages?)",
+        "select.candidates.tiny_qwen.modle is not a known key (did you mean "
+        "select.candidates.tiny_qwen.model?)",
+    ):
         assert f"\n  {line}" in message
 
 
@@ -142,7 +153,9 @@ def test_the_whole_file_check_names_wrong_values_and_missing_sections_too(raw):
     assert "build.max_tokens should be an integer, got 'many'" in found
     assert "the `export:` section is missing; add it (docs/params.md lists its keys)" in found
     assert params.problems(raw, complete=True) == []
-    assert "the `export:` section is missing" not in " ".join(params.problems(data))  # a stage that reads it says so
+    assert "the `export:` section is missing" not in " ".join(
+        params.problems(data)
+    )  # a stage that reads it says so
 
 
 def test_a_key_far_from_any_known_one_lists_the_known_keys(raw):
@@ -153,9 +166,14 @@ def test_a_key_far_from_any_known_one_lists_the_known_keys(raw):
 
 
 def test_a_field_added_to_a_dataclass_is_known_without_another_edit(raw):
-    """The check walks the dataclasses' own fields, so a key another change adds needs no list kept in step."""
-    extended = dataclasses.make_dataclass("ExportPlus", [("new_key", int, dataclasses.field(default=0))],
-                                          bases=(params.SECTIONS["export"],), frozen=True)
+    """The check walks the dataclasses' own fields, so a key another change adds needs no list kept in
+    step."""
+    extended = dataclasses.make_dataclass(
+        "ExportPlus",
+        [("new_key", int, dataclasses.field(default=0))],
+        bases=(params.SECTIONS["export"],),
+        frozen=True,
+    )
     assert params.unknown_keys(extended, {**raw["export"], "new_key": 3}, "export") == []
     assert params.unknown_keys(params.SECTIONS["export"], {**raw["export"], "new_key": 3}, "export") != []
 
@@ -166,22 +184,30 @@ def test_a_stage_stops_on_a_mistake_in_another_stage_s_section_before_its_work(t
     data = params.read_params_file("params.yaml")
     data["evaluate"]["batch_sise"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    result = subprocess.run(stage_command("feedback"), cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        stage_command("feedback"), cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "evaluate.batch_sise is not a known key (did you mean evaluate.batch_size?)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / data["base"]["feedback"]).exists()  # the feedback stage did none of its work
 
 
-@pytest.mark.parametrize("config, refused", [
-    ("configs/accelerate/zero3.yaml", True), ("configs/accelerate/zero2.yaml", False), ("configs/accelerate/fsdp.yaml", False),
-])
+@pytest.mark.parametrize(
+    "config, refused",
+    [
+        ("configs/accelerate/zero3.yaml", True),
+        ("configs/accelerate/zero2.yaml", False),
+        ("configs/accelerate/fsdp.yaml", False),
+    ],
+)
 def test_wise_ft_of_full_fine_tuning_under_deepspeed_zero3_names_the_key_and_the_fix(raw, config, refused):
     data = copy.deepcopy(raw)
     data["train"].update(method="full", wise_ft=0.5, launcher="accelerate", accelerate_config=config)
     if refused:
-        with pytest.raises(ParamsError, match=r"ZeRO-3: train\.wise_ft below 1 .* set train\.wise_ft to 1\.0"):
+        with pytest.raises(
+            ParamsError, match=r"ZeRO-3: train\.wise_ft below 1 .* set train\.wise_ft to 1\.0"
+        ):
             params.section("train", data)
     else:
         assert params.section("train", data).wise_ft == 0.5
@@ -193,8 +219,11 @@ def test_zero_stage_reads_an_accelerate_config_or_the_deepspeed_json_it_names(tm
     ds_json = tmp_path / "ds.json"
     ds_json.write_text('{"zero_optimization": {"stage": 3}}')
     by_file = tmp_path / "by_file.yaml"
-    by_file.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED",
-                                       "deepspeed_config": {"deepspeed_config_file": str(ds_json)}}))
+    by_file.write_text(
+        yaml.safe_dump(
+            {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": str(ds_json)}}
+        )
+    )
     assert params.zero_stage(str(by_file)) == 3
     assert params.zero_stage("configs/accelerate/zero2.yaml") == 2
     assert params.zero_stage("configs/accelerate/ddp.yaml") is None
@@ -215,8 +244,10 @@ def test_ptuning_cannot_train_on_packed_data(raw):
     data = copy.deepcopy(raw)
     data["train"].update(method="ptuning", wise_ft=1.0)
     data["tokenize"]["packing"] = True
-    assert ("\n  train.method 'ptuning' cannot train on packed data: set tokenize.packing to false"
-            in load_problems(data))
+    assert (
+        "\n  train.method 'ptuning' cannot train on packed data: set tokenize.packing to false"
+        in load_problems(data)
+    )
     data["tokenize"]["packing"] = False
     params.check(data=data)
 
@@ -234,23 +265,32 @@ def test_a_ptuning_adapter_cannot_be_merged_for_evaluation(raw):
     data = copy.deepcopy(raw)
     data["train"].update(method="ptuning", wise_ft=1.0)
     data["evaluate"]["merge"] = True
-    assert ("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false "
-            "with train.method ptuning") in load_problems(data)
+    assert (
+        "evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false "
+        "with train.method ptuning"
+    ) in load_problems(data)
     data["train"]["method"] = "lora"
     params.check(data=data)
 
 
-@pytest.mark.parametrize("config, runs", [("fsdp.yaml", "FSDP"), ("zero2.yaml", "DEEPSPEED"), ("zero3.yaml", "DEEPSPEED"),
-                                          ("ddp.yaml", None)])
+@pytest.mark.parametrize(
+    "config, runs",
+    [("fsdp.yaml", "FSDP"), ("zero2.yaml", "DEEPSPEED"), ("zero3.yaml", "DEEPSPEED"), ("ddp.yaml", None)],
+)
 def test_qlora_cannot_run_sharded_under_fsdp_or_deepspeed(raw, config, runs):
     data = copy.deepcopy(raw)
-    data["train"].update(method="qlora", wise_ft=1.0, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}")
+    data["train"].update(
+        method="qlora", wise_ft=1.0, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}"
+    )
     if runs is None:
         assert params.section("train", data).method == "qlora"
         return
-    with pytest.raises(ParamsError, match=rf"^train\.accelerate_config configs/accelerate/{config} runs {runs}: train\.method "
-                                          r"'qlora' runs one whole 4-bit copy per GPU \(DDP\): set train\.accelerate_config "
-                                          r"to configs/accelerate/ddp\.yaml, or train\.method to lora for FSDP/DeepSpeed$"):
+    with pytest.raises(
+        ParamsError,
+        match=rf"^train\.accelerate_config configs/accelerate/{config} runs {runs}: train\.method "
+        r"'qlora' runs one whole 4-bit copy per GPU \(DDP\): set train\.accelerate_config "
+        r"to configs/accelerate/ddp\.yaml, or train\.method to lora for FSDP/DeepSpeed$",
+    ):
         params.section("train", data)
     data["train"]["launcher"] = "python"  # the config is not used
     assert params.section("train", data).method == "qlora"
@@ -269,8 +309,10 @@ def test_every_unknown_key_of_a_section_is_named_at_once(raw):
     data["train"].update(lora_rr=16, epoch=3)
     with pytest.raises(ParamsError) as err:
         params.section("train", data)
-    assert str(err.value) == ("train.epoch is not a known key (did you mean train.epochs?); "
-                              "train.lora_rr is not a known key (did you mean train.lora_r?)")
+    assert str(err.value) == (
+        "train.epoch is not a known key (did you mean train.epochs?); "
+        "train.lora_rr is not a known key (did you mean train.lora_r?)"
+    )
 
 
 def test_probes_of_the_machine_are_the_stage_s_not_the_loader_s(raw, tmp_path):
@@ -278,9 +320,13 @@ def test_probes_of_the_machine_are_the_stage_s_not_the_loader_s(raw, tmp_path):
     data["evaluate"]["judge"].update(enabled=True, prompt=str(tmp_path / "missing.txt"))
     evaluate = params.section("evaluate", data)  # the file check passes: the prompt may not exist yet
     params.check(data=data)
-    with pytest.raises(ParamsError, match=r"^evaluate\.judge\.prompt: .*missing\.txt is not a file; name a Jinja2 prompt"):
+    with pytest.raises(
+        ParamsError, match=r"^evaluate\.judge\.prompt: .*missing\.txt is not a file; name a Jinja2 prompt"
+    ):
         params.check_environment("evaluate", evaluate)
     data["train"].update(launcher="accelerate", accelerate_config=str(tmp_path / "none.yaml"))
-    with pytest.raises(ParamsError, match=r"train\.accelerate_config '.*none\.yaml' is not a file; name one of configs/"):
+    with pytest.raises(
+        ParamsError, match=r"train\.accelerate_config '.*none\.yaml' is not a file; name one of configs/"
+    ):
         params.check_environment("train", params.section("train", data))
     params.check_environment("train", params.section("train", raw))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import declared_params, repro, run, set_param, with_downstream
-from tuneline.common.records import read_jsonl, read_jsonl_dir
+from tuneline.common.records import read_jsonl_dir
 from tuneline.data.review import append_decision, make_decision
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,20 @@ UPSTREAM = {"models", "crawl", "feedback", "augment", "clean"}
 
 def all_stages(repo) -> set[str]:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    names = {"models", "crawl", "feedback", "augment", "clean", "build", "choose", "pretrain", "tokenize", "train", "evaluate",
-             "export"}
+    names = {
+        "models",
+        "crawl",
+        "feedback",
+        "augment",
+        "clean",
+        "build",
+        "choose",
+        "pretrain",
+        "tokenize",
+        "train",
+        "evaluate",
+        "export",
+    }
     return names | {f"select@{c}" for c in params["select"]["candidates"]}
 
 
@@ -91,13 +103,20 @@ def test_first_repro_runs_every_stage_and_writes_the_outputs(pipeline):
 
 def test_metrics_are_tracked_by_git_not_ignored(pipeline):
     repo, _ = pipeline
-    for path in ("metrics/eval.json", "metrics/build.json", "metrics/train/metrics.json", "models/selected.json",
-                 "metrics/timings/train.json"):
+    for path in (
+        "metrics/eval.json",
+        "metrics/build.json",
+        "metrics/train/metrics.json",
+        "models/selected.json",
+        "metrics/timings/train.json",
+    ):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 1, path
     shown = run(repo, "dvc", "metrics", "show", "--json").stdout
     assert "eval.json" in shown and "build.json" in shown
     assert "timings/train.json" not in shown  # how fast stays out of the view of how good
-    assert "timings/train.json" in run(repo, "dvc", "metrics", "show", "-R", "metrics/timings", "--json").stdout
+    assert (
+        "timings/train.json" in run(repo, "dvc", "metrics", "show", "-R", "metrics/timings", "--json").stdout
+    )
 
 
 def test_run_times_are_in_the_timings_files_not_in_hashed_outputs(pipeline):
@@ -106,9 +125,15 @@ def test_run_times_are_in_the_timings_files_not_in_hashed_outputs(pipeline):
     assert {"crawl", "augment", "models", "select-tiny_qwen", "train", "evaluate"} <= set(clock)
     assert clock["train"]["train_runtime"] > 0 and clock["train"]["tokens_per_s"] > 0
     assert clock["models"]["tiny_qwen"]["seconds"] > 0 and clock["crawl"]["sources"]["bundled"]["started_at"]
-    hashed = [p for p in (repo / "metrics").rglob("*") if p.is_file() and "timings" not in p.parts and "logs" not in p.parts]
+    hashed = [
+        p
+        for p in (repo / "metrics").rglob("*")
+        if p.is_file() and "timings" not in p.parts and "logs" not in p.parts
+    ]
     for path in hashed:  # DVCLive's curves included: no runtime, samples/s or tokens/s file or key
-        assert not any(word in str(path.relative_to(repo)) for word in ("runtime", "per_second", "tokens_per_s")), path
+        assert not any(
+            word in str(path.relative_to(repo)) for word in ("runtime", "per_second", "tokens_per_s")
+        ), path
         if path.suffix == ".json":
             assert not re.search(r'"[^"]*(runtime|per_second|_s|_at|seconds)":', path.read_text()), path
 
@@ -148,13 +173,19 @@ def test_learning_rate_reruns_train_and_what_follows_only(pipeline):
 
 @pytest.mark.parametrize(
     ("path", "stage", "upstream"),
-    [("prompts/expand.txt", "augment", {"models", "crawl"}), ("tuneline/data/clean.py", "clean", {"models", "crawl", "augment"})],
+    [
+        ("prompts/expand.txt", "augment", {"models", "crawl"}),
+        ("tuneline/data/clean.py", "clean", {"models", "crawl", "augment"}),
+    ],
 )
 def test_editing_code_or_a_prompt_reruns_its_stage_not_upstream(pipeline, path, stage, upstream):
     repo, _ = pipeline
     file = repo / path
     original = file.read_text()
-    file.write_text(original + ("\n# edited\n" if path.endswith(".py") else "\nKeep every answer under three sentences.\n"))
+    file.write_text(
+        original
+        + ("\n# edited\n" if path.endswith(".py") else "\nKeep every answer under three sentences.\n")
+    )
     try:
         # `dvc repro <stage>` runs the stage and whatever upstream changed, nothing downstream:
         # what is under test is that the edit reaches its stage and not the stages before it.
@@ -171,7 +202,6 @@ def test_a_review_decision_reruns_clean_and_shows_in_metrics_diff(pipeline):
     decisions = repo / "data/review/decisions.jsonl"
     original = decisions.read_text()
     record = read_jsonl_dir(repo / "data/clean/records")[0]
-    kept_before = json.loads((repo / "metrics/clean.json").read_text())["records_out"]
     append_decision(decisions, make_decision(record, "reject", "tester", "wrong answer"))
     try:
         # Up to clean only: the stages after it are shown to be out of date, not rerun (minutes).

@@ -11,8 +11,10 @@ from tests.stage_project import make_project, run_stage, seed_records, set_param
 from tuneline.eval.decontamination import contaminated
 from tuneline.model.pretraining import heldout_loss, pretrain, run_params, split_blocks, text_blocks
 
-ANSWER = ("Use water between 90 and 96 degrees, just off the boil, and pour slowly in circles so the bed "
-          "of coffee stays evenly wet the whole time.")
+ANSWER = (
+    "Use water between 90 and 96 degrees, just off the boil, and pour slowly in circles so the bed "
+    "of coffee stays evenly wet the whole time."
+)
 
 
 def test_text_blocks_keep_every_token_and_end_each_text():
@@ -57,9 +59,18 @@ def crawl_project(tmp_path, tiny_model_dir):
     project = make_project(tmp_path / "project", tiny_model_dir, records[:20], records[20:25])
     test = records[25:30] + [{**records[30], "id": "answer-in-a-doc", "output": ANSWER}]
     (project / "data/alpaca/test.json").write_text(json.dumps(test), encoding="utf-8")
-    docs = [{"kind": "doc", "url": f"http://127.0.0.1/{i}", "title": "t", "text": " ".join(r["output"] for r in records[i:i + 6])}
-            for i in (0, 6, 12)]  # training records only: val and test answers are records 20-30
-    docs.append({"kind": "doc", "url": "http://127.0.0.1/leak", "title": "t", "text": "A guide. " + ANSWER * 2})
+    docs = [
+        {
+            "kind": "doc",
+            "url": f"http://127.0.0.1/{i}",
+            "title": "t",
+            "text": " ".join(r["output"] for r in records[i : i + 6]),
+        }
+        for i in (0, 6, 12)
+    ]  # training records only: val and test answers are records 20-30
+    docs.append(
+        {"kind": "doc", "url": "http://127.0.0.1/leak", "title": "t", "text": "A guide. " + ANSWER * 2}
+    )
     docs.append({"kind": "doc", "url": "http://127.0.0.1/short", "title": "t", "text": "Too short."})
     docs.append({"kind": "qa", "url": "http://127.0.0.1/qa", "question": "q?", "answer": "a"})
     raw = project / "data/raw"
@@ -73,20 +84,35 @@ def test_pretrain_stage_off_passes_the_selected_base_on_and_reports_contaminatio
     selected = json.loads((crawl_project / "models/selected.json").read_text())
     assert json.loads((crawl_project / "models/tuning_base.json").read_text()) == selected
     metrics = json.loads((crawl_project / "metrics/pretrain.json").read_text())
-    assert metrics["enabled"] is False and metrics["base_corpus"]["files"] == 0  # a model with no recorded corpus
+    assert (
+        metrics["enabled"] is False and metrics["base_corpus"]["files"] == 0
+    )  # a model with no recorded corpus
     assert (crawl_project / "models/pretrained/SKIPPED.json").exists()
 
 
-def test_continued_pretraining_leaves_out_contaminated_documents_and_trains_the_base(crawl_project, tiny_model_dir):
+def test_continued_pretraining_leaves_out_contaminated_documents_and_trains_the_base(
+    crawl_project, tiny_model_dir
+):
     from safetensors.torch import load_file
 
-    set_params(crawl_project, "pretrain", enabled=True, epochs=3, batch_size=4, block_size=64, learning_rate=0.003,
-               min_doc_chars=100)
+    set_params(
+        crawl_project,
+        "pretrain",
+        enabled=True,
+        epochs=3,
+        batch_size=4,
+        block_size=64,
+        learning_rate=0.003,
+        min_doc_chars=100,
+    )
     run_stage(crawl_project, "pretrain")
     tuning = json.loads((crawl_project / "models/tuning_base.json").read_text())
     out = crawl_project / "models/pretrained"
     assert tuning["model"] == "models/pretrained" and tuning["continued_from"] == str(tiny_model_dir)
-    rejects = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    rejects = {
+        r["url"].rsplit("/", 1)[1]: r["reason"]
+        for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
+    }
     assert rejects == {"leak": "contaminated", "short": "too_short"}
     metrics = json.loads((crawl_project / "metrics/pretrain.json").read_text())["continued"]
     assert metrics["documents"] == 3 and metrics["rejected"] == 2

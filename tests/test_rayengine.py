@@ -24,18 +24,18 @@ import pytest
 import ray
 import yaml
 
-from tests.test_clean import P, ROOT, planted
+from tests.test_clean import ROOT, P, planted
 from tuneline.common import params
+from tuneline.common.params import ParamsError
+from tuneline.common.records import write_jsonl
 from tuneline.data import rayengine
 from tuneline.data.clean import (
     clean_records,
     map_in_process,
     render_report,
-    rule_outcome,
     rule_limits,
+    rule_outcome,
 )
-from tuneline.common.params import ParamsError
-from tuneline.common.records import write_jsonl
 
 LOOPBACK_ONLY = "TUNELINE_TEST_LOOPBACK_ONLY"  # set inside the namespace
 
@@ -59,8 +59,10 @@ def local_ray():
     """A local Ray for this module: 2 CPUs, on 127.0.0.1, without the dashboard; shut down after.
     Only inside the loopback-only namespace; there it also checks that nothing listens elsewhere."""
     if os.environ.get(LOOPBACK_ONLY) != "1":
-        pytest.skip("starts Ray, whose servers listen on every interface: "
-                    "test_the_ray_tests_pass_on_a_loopback_only_network runs it in a namespace")
+        pytest.skip(
+            "starts Ray, whose servers listen on every interface: "
+            "test_the_ray_tests_pass_on_a_loopback_only_network runs it in a namespace"
+        )
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     assert listening_addresses() <= LOOPBACK
     yield
@@ -76,10 +78,21 @@ def test_the_ray_tests_pass_on_a_loopback_only_network():
     if probe.returncode != 0:
         pytest.skip(f"this machine refuses a network namespace (unshare -rn: {probe.stderr.strip()})")
     inner = subprocess.run(
-        ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider -n 0 "$1"',
-         sys.executable, __file__],
-        cwd=ROOT, env={**os.environ, LOOPBACK_ONLY: "1"}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            "unshare",
+            "-rn",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider -n 0 "$1"',
+            sys.executable,
+            __file__,
+        ],
+        cwd=ROOT,
+        env={**os.environ, LOOPBACK_ONLY: "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert inner.returncode == 0, inner.stdout[-4000:] + inner.stderr[-2000:]
     assert re.search(r"\b4 passed\b", inner.stdout), inner.stdout[-2000:]
 
@@ -91,12 +104,21 @@ def faulty_records() -> list[dict]:
     records = [{k: v for k, v in r.items() if k not in ("id", "content_hash")} for r in records]
     records += [
         {"instruction": "What is a flat white?", "input": "", "output": "", "source": "generated"},
-        {"instruction": "Who roasts the beans for the shop?", "input": "", "source": "crawl", "category": "beans",
-         "output": "Write to roaster@example.com or call +44 20 7946 0958 for the roasting schedule."},
-        {"instruction": "Can you recommend a grinder?", "input": "", "source": "generated",
-         "output": "I'm sorry, but I cannot help with product recommendations."},
+        {
+            "instruction": "Who roasts the beans for the shop?",
+            "input": "",
+            "source": "crawl",
+            "category": "beans",
+            "output": "Write to roaster@example.com or call +44 20 7946 0958 for the roasting schedule.",
+        },
+        {
+            "instruction": "Can you recommend a grinder?",
+            "input": "",
+            "source": "generated",
+            "output": "I'm sorry, but I cannot help with product recommendations.",
+        },
         {**records[5], "instruction": records[5]["instruction"].upper(), "source": "generated"},
-    ]  # fmt: skip
+    ]
     return records
 
 
@@ -115,17 +137,23 @@ def outputs(result) -> dict[str, bytes]:
 
 
 def shuffled_blocks(block_records: int, seed: int):
-    """A clean.RecordMap on the local Ray whose blocks (`block_records` records each) arrive in shuffled order."""
+    """A clean.RecordMap on the local Ray whose blocks (`block_records` records each) arrive in shuffled
+    order."""
 
     def map_records(fn, records):
-        return rayengine.gathered(rayengine.records_dataset(records, block_records).randomize_block_order(seed=seed), fn)
+        return rayengine.gathered(
+            rayengine.records_dataset(records, block_records).randomize_block_order(seed=seed), fn
+        )
 
     return map_records
 
 
 def fake_embed(texts: list[str]) -> np.ndarray:
     """Deterministic unit vectors from a hash of each text (no model), for tests of the rules pass alone."""
-    rows = [np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8).astype(np.float32) - 127.5 for t in texts]
+    rows = [
+        np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8).astype(np.float32) - 127.5
+        for t in texts
+    ]
     vectors = np.stack(rows) if rows else np.zeros((0, 32), np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
@@ -142,7 +170,10 @@ def test_ids_and_outcomes_do_not_depend_on_block_size_or_arrival_order(local_ray
     records = faulty_records()
     here = outputs(clean_records(records, P, fake_embed))
     for block_records, seed in ((5, 0), (13, 7), (1000, 1)):
-        assert outputs(clean_records(records, P, fake_embed, map_records=shuffled_blocks(block_records, seed))) == here
+        assert (
+            outputs(clean_records(records, P, fake_embed, map_records=shuffled_blocks(block_records, seed)))
+            == here
+        )
     kept = json.loads("[" + here["records.jsonl"].decode().strip().replace("\n", ",") + "]")
     assert len({r["id"] for r in kept}) == len(kept) > 30
     limits = rule_limits(P)
@@ -159,8 +190,12 @@ def test_stage_with_engine_ray_writes_the_same_bytes_as_inprocess(local_ray, tmp
     records = faulty_records()
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     base = data["base"]
-    names = [Path(base["clean_dir"]) / "records.jsonl", Path(base["clean_dir"]) / "rejects.jsonl",
-             Path(base["metrics_dir"]) / "clean.json", Path(base["metrics_dir"]) / "clean_report.md"]  # fmt: skip
+    names = [
+        Path(base["clean_dir"]) / "records.jsonl",
+        Path(base["clean_dir"]) / "rejects.jsonl",
+        Path(base["metrics_dir"]) / "clean.json",
+        Path(base["metrics_dir"]) / "clean_report.md",
+    ]
     written, said = {}, {}
     for engine in ("inprocess", "ray"):
         project = tmp_path / engine
@@ -177,7 +212,9 @@ def test_stage_with_engine_ray_writes_the_same_bytes_as_inprocess(local_ray, tmp
     assert said["ray"].split("; embeddings")[0] == said["inprocess"].split("; embeddings")[0]
     assert written["ray"] == written["inprocess"]
     metrics = json.loads(written["ray"][str(names[2])])
-    assert {"empty_output", "refusal", "exact_duplicate", "near_duplicate", "outlier"} <= set(metrics["rejects_by_reason"])
+    assert {"empty_output", "refusal", "exact_duplicate", "near_duplicate", "outlier"} <= set(
+        metrics["rejects_by_reason"]
+    )
     assert metrics["pii"]["records_redacted"] == 1
 
 
@@ -186,8 +223,11 @@ def test_engine_ray_without_ray_installed_names_the_key_and_the_extra(monkeypatc
     data["clean"]["engine"] = "ray"
     assert params.section("clean", data).engine == "ray"
     monkeypatch.setitem(sys.modules, "ray", None)  # what importlib sees where ray is not installed
-    with pytest.raises(ParamsError, match=r"clean.engine 'ray' needs Ray Data, which is not installed: "
-                                          r"pip install -e '\.\[ray\]'.*or set clean.engine to inprocess"):  # fmt: skip
+    with pytest.raises(
+        ParamsError,
+        match=r"clean.engine 'ray' needs Ray Data, which is not installed: "
+        r"pip install -e '\.\[ray\]'.*or set clean.engine to inprocess",
+    ):
         params.check_environment("clean", params.section("clean", data))
     data["clean"]["engine"] = "spark"
     with pytest.raises(ParamsError, match=r"clean.engine 'spark' is not one of inprocess, ray"):

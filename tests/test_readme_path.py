@@ -51,7 +51,8 @@ def make_run_recipe() -> list[str]:
 
 
 def with_readme_example(params: dict, example: dict) -> dict:
-    """params.yaml edited as the README says: each `section: {key: value}` of the example replaces that key."""
+    """params.yaml edited as the README says: each `section: {key: value}` of the example replaces that
+    key."""
     for name, keys in example.items():
         params[name].update(keys)
     return params
@@ -60,11 +61,16 @@ def with_readme_example(params: dict, example: dict) -> dict:
 def write_own_data(repo: Path, params: dict) -> int:
     """A small seeds file and dataset where the example puts them, in the example's format and columns."""
     seeds = seed_records()[:16]
-    (repo / params["base"]["seeds"]).write_text("".join(json.dumps(r) + "\n" for r in seeds), encoding="utf-8")
+    (repo / params["base"]["seeds"]).write_text(
+        "".join(json.dumps(r) + "\n" for r in seeds), encoding="utf-8"
+    )
     (dataset,) = params["crawl"]["datasets"]
     columns = dataset["columns"]
     with open(ROOT / "data/datasets/faq.csv", encoding="utf-8") as f:
-        rows = [{columns["instruction"]: row["question"], columns["output"]: row["answer"]} for row in csv.DictReader(f)]
+        rows = [
+            {columns["instruction"]: row["question"], columns["output"]: row["answer"]}
+            for row in csv.DictReader(f)
+        ]
     assert dataset["format"] == "jsonl"
     (repo / dataset["path"]).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return len(rows)
@@ -81,14 +87,16 @@ def test_the_readme_path_from_make_run_to_the_report(pipeline_build, tmp_path):
     verdict = run(repo, "tuneline", "verdict").stdout.splitlines()
     shown = fenced(quick, "")[0].splitlines()
     assert verdict[0].split() == shown[0].split()
-    assert any(re.match(r"seen\s+rouge_l\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+ \[.*\]\s+(better|worse|within noise)$", line)
-               for line in verdict), verdict  # fmt: skip
+    assert any(
+        re.match(r"seen\s+rouge_l\s+[\d.]+\s+[\d.]+\s+[+-][\d.]+ \[.*\]\s+(better|worse|within noise)$", line)
+        for line in verdict
+    ), verdict
 
     # 2. your own data and model: the example as written, but for the two hosts it names
     own = section("Your own data and model")
     example = yaml.safe_load(fenced(own, "yaml")[0])
     params = with_readme_example(yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8")), example)
-    (name, candidate), = params["select"]["candidates"].items()
+    ((name, candidate),) = params["select"]["candidates"].items()
     assert candidate["model"] == HUB_ID and params["augment"]["base_url"] == "https://api.openai.com/v1"
     candidate["model"] = str(hub_standin(tmp_path / HUB_ID))
     # Two defaults the example leaves alone, shortened: the path is under test, not what 70 epochs learn
@@ -105,7 +113,9 @@ def test_the_readme_path_from_make_run_to_the_report(pipeline_build, tmp_path):
         assert {"crawl", "augment", "clean", "build", f"select@{name}", "train", "evaluate"} <= ran
         assert llm.requests > 0
     (dataset,) = params["crawl"]["datasets"]
-    assert [r["source"] for r in read_jsonl(repo / "data/raw/datasets.jsonl")] == [f"dataset:{dataset['name']}"] * records
+    assert [r["source"] for r in read_jsonl(repo / "data/raw/datasets.jsonl")] == [
+        f"dataset:{dataset['name']}"
+    ] * records
     selected = json.loads((repo / "models/selected.json").read_text())
     assert selected["name"] == name and selected["model"] == candidate["model"]
     committing = commands(own, "git ")
@@ -133,8 +143,11 @@ def test_the_readme_path_from_make_run_to_the_report(pipeline_build, tmp_path):
         run(repo, *shlex.split(command.replace("<name>", exp_name)))
     report = (repo / "report.md").read_text(encoding="utf-8")
     summary = report.split("## Verdict", 1)[0]
-    assert re.search(rf"- \*\*unseen loss\*\* \(mean over records\): tuned at `HEAD` [\d.]+ -> tuned now [\d.]+, "
-                     rf"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] over the same \d+ records: {VERDICT}", summary), summary
+    assert re.search(
+        rf"- \*\*unseen loss\*\* \(mean over records\): tuned at `HEAD` [\d.]+ -> tuned now [\d.]+, "
+        rf"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] over the same \d+ records: {VERDICT}",
+        summary,
+    ), summary
     assert re.search(rf"- \*\*unseen rouge_l\*\*: .* over the same \d+ records: {VERDICT}", summary), summary
     params_diff = report.split("## Params changed", 1)[1].split("\n## ", 1)[0]
     assert changed in params_diff and value in params_diff, report

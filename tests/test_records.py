@@ -9,13 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneline.data import augment
-
-from tuneline.data import crawl
-
 from tuneline.common import params
-from tuneline.data.alpaca import split, validate
-from tuneline.data.clean import clean_records
 from tuneline.common.params import CrawlDataset
 from tuneline.common.records import (
     InputError,
@@ -29,9 +23,15 @@ from tuneline.common.records import (
     write_jsonl,
     write_jsonl_shards,
 )
+from tuneline.data import augment, crawl
+from tuneline.data.alpaca import split, validate
+from tuneline.data.clean import clean_records
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"instruction": "How long should a French press steep?", "output": "About four minutes, then press slowly."}
+SHARED = {
+    "instruction": "How long should a French press steep?",
+    "output": "About four minutes, then press slowly.",
+}
 
 
 def test_same_text_from_two_sources_gets_two_ids_and_one_content_hash():
@@ -50,15 +50,25 @@ def test_identical_copies_in_one_input_are_numbered_and_others_do_not_move_them(
 
 def test_seed_and_dataset_twin_one_kept_one_rejected_and_nothing_lost_at_any_stage(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text(json.dumps({**SHARED, "category": "brewing"}) + "\n"
-                     + json.dumps({"instruction": "What is crema?", "output": "The foam on an espresso."}) + "\n")
+    seeds.write_text(
+        json.dumps({**SHARED, "category": "brewing"})
+        + "\n"
+        + json.dumps({"instruction": "What is crema?", "output": "The foam on an espresso."})
+        + "\n"
+    )
     rows = tmp_path / "faq.jsonl"
-    rows.write_text(json.dumps({"q": SHARED["instruction"], "a": SHARED["output"]}) + "\n"
-                    + json.dumps({"q": "Why descale a kettle?", "a": "Limescale slows heating."}) + "\n"
-                    + '{"q": "broken", "a": "line",}\n')
+    rows.write_text(
+        json.dumps({"q": SHARED["instruction"], "a": SHARED["output"]})
+        + "\n"
+        + json.dumps({"q": "Why descale a kettle?", "a": "Limescale slows heating."})
+        + "\n"
+        + '{"q": "broken", "a": "line",}\n'
+    )
 
     # crawl: dataset rows in = records + rejects
-    d = CrawlDataset(name="faq", path=str(rows), format="jsonl", split="train", columns={"instruction": "q", "output": "a"})
+    d = CrawlDataset(
+        name="faq", path=str(rows), format="jsonl", split="train", columns={"instruction": "q", "output": "a"}
+    )
     ds_records, ds_rejects = crawl.load_datasets([d])
     assert len(ds_records) + len(ds_rejects) == 3
     assert [r["url"] for r in ds_rejects] == [f"{rows}:3"]
@@ -71,8 +81,12 @@ def test_seed_and_dataset_twin_one_kept_one_rejected_and_nothing_lost_at_any_sta
     # clean: the seed is kept; the dataset row is rejected as a duplicate *of the seed's id*
     p = params.section("clean", path=ROOT / "params.yaml")
     result = clean_records(records, p, lambda texts: np.ones((len(texts), 4), dtype=np.float32))
-    seed_twin = next(r for r in records if r["source"] == "seed" and r["instruction"] == SHARED["instruction"])
-    row_twin = next(r for r in records if r["source"] == "dataset" and r["instruction"] == SHARED["instruction"])
+    seed_twin = next(
+        r for r in records if r["source"] == "seed" and r["instruction"] == SHARED["instruction"]
+    )
+    row_twin = next(
+        r for r in records if r["source"] == "dataset" and r["instruction"] == SHARED["instruction"]
+    )
     kept_ids = [r["id"] for r in result.kept]
     assert seed_twin["id"] in kept_ids and row_twin["id"] not in kept_ids
     reject = next(r for r in result.rejects if r["id"] == row_twin["id"])
@@ -84,14 +98,26 @@ def test_seed_and_dataset_twin_one_kept_one_rejected_and_nothing_lost_at_any_sta
     # build: records in = split records + rejects, each id once
     kept, build_rejects = validate(list(enumerate(result.kept, 1)), "records.jsonl", max_tokens=1024)
     parts = split(kept, 0.15, 0.15, seed=42)
-    assert Counter(r["id"] for part in parts for r in part) + Counter(r["id"] for r in build_rejects) == Counter(kept_ids)
+    assert Counter(r["id"] for part in parts for r in part) + Counter(
+        r["id"] for r in build_rejects
+    ) == Counter(kept_ids)
 
 
 # --- the chosen model --------------------------------------------------------------------------------
 
-API_CHOSEN = {"name": "hosted", "kind": "api", "model": "gpt-x", "base_url": "https://api.example.invalid/v1",
-              "api_key_env": "OPENAI_API_KEY", "revision": None, "trust_remote_code": False, "metric": "rouge_l",
-              "score": 0.5, "tied_with": [], "why": "highest validation rouge_l"}
+API_CHOSEN = {
+    "name": "hosted",
+    "kind": "api",
+    "model": "gpt-x",
+    "base_url": "https://api.example.invalid/v1",
+    "api_key_env": "OPENAI_API_KEY",
+    "revision": None,
+    "trust_remote_code": False,
+    "metric": "rouge_l",
+    "score": 0.5,
+    "tied_with": [],
+    "why": "highest validation rouge_l",
+}
 
 
 def test_the_chosen_model_reads_what_loading_needs_and_keeps_the_file_s_mapping():
@@ -100,13 +126,28 @@ def test_the_chosen_model_reads_what_loading_needs_and_keeps_the_file_s_mapping(
     chosen = read_chosen(ROOT / "models" / "selected.json")
     record = read_json(ROOT / "models" / "selected.json")
     assert (chosen.name, chosen.name_or_path, chosen.revision, chosen.trust_remote_code, chosen.api) == (
-        record["name"], record["model"], None, False, False)
+        record["name"],
+        record["model"],
+        None,
+        False,
+        False,
+    )
     assert chosen.record == record
     from tuneline.common.records import chosen_model
 
-    hub = chosen_model({"name": "q", "kind": "local", "model": "Qwen/Qwen2.5-0.5B", "revision": "abc123", "trust_remote_code": True})
+    hub = chosen_model(
+        {
+            "name": "q",
+            "kind": "local",
+            "model": "Qwen/Qwen2.5-0.5B",
+            "revision": "abc123",
+            "trust_remote_code": True,
+        }
+    )
     assert (hub.revision, hub.trust_remote_code, hub.api) == ("abc123", True, False)
-    assert chosen_model({"name": "q", "kind": "local", "model": "m"}).revision is None  # older files name neither
+    assert (
+        chosen_model({"name": "q", "kind": "local", "model": "m"}).revision is None
+    )  # older files name neither
     assert chosen_model(API_CHOSEN).api
 
 
@@ -125,7 +166,9 @@ def test_every_local_stage_skips_an_api_model_and_writes_its_declared_outputs(tm
     monkeypatch.chdir(tmp_path)
     base = params.section("base")
     write_json(base.selected, API_CHOSEN)
-    (Path(base.adapter_dir) / "stale").mkdir(parents=True)  # a local run's adapter, from before the API model won
+    (Path(base.adapter_dir) / "stale").mkdir(
+        parents=True
+    )  # a local run's adapter, from before the API model won
     for stage in (stages.pretrain, stages.tokenize, stages.train, stages.evaluate, stages.export):
         stage.main()
     assert capsys.readouterr().out.splitlines() == [
@@ -137,20 +180,38 @@ def test_every_local_stage_skips_an_api_model_and_writes_its_declared_outputs(tm
     ]
     assert read_json(base.tuning_base) == API_CHOSEN
     metrics = Path(base.metrics_dir)
-    assert [read_json(f) for f in (metrics / "pretrain.json", metrics / "tokenize.json", metrics / "train" / "metrics.json",
-                                   metrics / "eval.json")] == [{"skipped": 1}] * 4
-    assert read_json(Path(base.pretrained_dir) / "SKIPPED.json") == {"reason": "hosted is an API model used as is"}
+    assert [
+        read_json(f)
+        for f in (
+            metrics / "pretrain.json",
+            metrics / "tokenize.json",
+            metrics / "train" / "metrics.json",
+            metrics / "eval.json",
+        )
+    ] == [{"skipped": 1}] * 4
+    assert read_json(Path(base.pretrained_dir) / "SKIPPED.json") == {
+        "reason": "hosted is an API model used as is"
+    }
     assert read_json(Path(base.tokenized_dir) / "SKIPPED.json") == {
-        "reason": "the chosen model hosted is an API model used as is: nothing to tokenize or train"}
+        "reason": "the chosen model hosted is an API model used as is: nothing to tokenize or train"
+    }
     assert sorted(p.name for p in Path(base.adapter_dir).iterdir()) == ["SKIPPED.json"]
-    assert read_json(Path(base.export_dir) / "SKIPPED.json") == {"reason": "hosted is an API model used as is; nothing to export"}
-    assert (metrics / "eval_samples.md").read_text() == "Skipped: an API model was chosen; see select_table.md\n"
-    assert [read_jsonl(metrics / "eval" / n) for n in ("records.jsonl", "seen_records.jsonl", "judge.jsonl")] == [[]] * 3
+    assert read_json(Path(base.export_dir) / "SKIPPED.json") == {
+        "reason": "hosted is an API model used as is; nothing to export"
+    }
+    assert (
+        metrics / "eval_samples.md"
+    ).read_text() == "Skipped: an API model was chosen; see select_table.md\n"
+    assert [
+        read_jsonl(metrics / "eval" / n) for n in ("records.jsonl", "seen_records.jsonl", "judge.jsonl")
+    ] == [[]] * 3
 
 
 def synthetic(n: int, start: int = 0) -> list[dict]:
-    return with_ids({"instruction": f"Question {i}?", "output": f"Answer {i}.", "source": "dataset"}
-                    for i in range(start, start + n))
+    return with_ids(
+        {"instruction": f"Question {i}?", "output": f"Answer {i}.", "source": "dataset"}
+        for i in range(start, start + n)
+    )
 
 
 def shard_bytes(directory: Path) -> dict[str, bytes]:
@@ -169,7 +230,7 @@ def test_shards_concatenate_to_the_one_file_output_sorted_within_each_shard(tmp_
     start = 0
     for path in files:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        assert [r["id"] for r in rows] == sorted(r["id"] for r in records[start:start + len(rows)])
+        assert [r["id"] for r in rows] == sorted(r["id"] for r in records[start : start + len(rows)])
         start += len(rows)
     # one shard (the default's hundred records) is the one-file output byte for byte
     write_jsonl_shards(tmp_path / "small", records[:100], 2000, by_id)
@@ -201,7 +262,9 @@ def test_appending_one_percent_and_inserting_a_few_rewrites_only_the_shards_they
     assert len(new) <= 2 * len(inserted) + len(holding_appended) and len(holding_appended) <= 5
     assert sum(len(after[name]) for name in new) < 0.2 * sum(len(b) for b in after.values())
     # nothing lost, nothing twice, and the unchanged shards are the same bytes as before
-    assert Counter(r["id"] for r in read_jsonl_dir(tmp_path / "after")) == Counter(r["id"] for r in grown + added)
+    assert Counter(r["id"] for r in read_jsonl_dir(tmp_path / "after")) == Counter(
+        r["id"] for r in grown + added
+    )
     assert len(unchanged) >= len(before) - 4
 
 

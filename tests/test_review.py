@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 from tests.stage_project import ROOT, run_stage, stage_env
-from tuneline.common.records import InputError, read_json, read_jsonl, read_jsonl_dir, with_ids, write_jsonl, write_jsonl_shards
+from tuneline.common.records import (
+    InputError,
+    read_json,
+    read_jsonl_dir,
+    with_ids,
+    write_jsonl,
+    write_jsonl_shards,
+)
 from tuneline.data.review import append_decision, human_mistakes, make_decision, read_decisions
 
 REVIEWER = "Ada Reviewer"
@@ -29,8 +36,18 @@ PILOT = "augment round 1 (pilot batch)"
 
 
 def generated(instruction: str, output: str, round_no: int = 1) -> dict:
-    return {"instruction": instruction, "input": "", "output": output, "system": "", "history": [],
-            "source": "generated", "generator": "expand", "round": round_no, "origin": "expand", "category": "brewing"}  # fmt: skip
+    return {
+        "instruction": instruction,
+        "input": "",
+        "output": output,
+        "system": "",
+        "history": [],
+        "source": "generated",
+        "generator": "expand",
+        "round": round_no,
+        "origin": "expand",
+        "category": "brewing",
+    }
 
 
 RECORDS = {
@@ -38,7 +55,9 @@ RECORDS = {
     "accepted": generated("Name a coffee bean species.", "x"),  # too_short: the rules reject it
     "edited": generated("How long does a French press steep?", "About an hour."),
     "changes": generated("What grind suits a moka pot?", "Fine, a bit coarser than espresso."),
-    "kept": generated("Why rinse a paper filter?", "To remove the papery taste and warm the brewer.", round_no=2),
+    "kept": generated(
+        "Why rinse a paper filter?", "To remove the papery taste and warm the brewer.", round_no=2
+    ),
 }
 
 
@@ -70,15 +89,27 @@ def reviewed(tmp_path_factory):
     write_jsonl_shards(project / "data/augmented/records", records.values(), 2000)
     run_stage(project, "clean")
     cleaned = {r["id"]: r for r in read_jsonl_dir(project / "data/clean/records")}
-    eval_row = {"index": 0, "id": records["edited"]["id"], "base_loss": 3.0, "tuned_loss": 1.0,
-                "base_answer": "Tea.", "tuned_answer": "About an hour."}  # fmt: skip
+    eval_row = {
+        "index": 0,
+        "id": records["edited"]["id"],
+        "base_loss": 3.0,
+        "tuned_loss": 1.0,
+        "base_answer": "Tea.",
+        "tuned_answer": "About an hour.",
+    }
     write_jsonl(project / "metrics/eval/records.jsonl", [eval_row])
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
-    app = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)], cwd=project, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    app = subprocess.Popen(
+        [sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(url, app)
         from gradio_client import Client
@@ -104,17 +135,35 @@ def reviewed(tmp_path_factory):
 
     # Upstream, the record a decision was made on changes (e.g. augment regenerated it).
     changed = with_ids([{**RECORDS["changes"], "output": "Medium-fine."}])[0]
-    write_jsonl_shards(project / "data/augmented/records", [*(r for k, r in records.items() if k != "changes"), changed], 2000)
+    write_jsonl_shards(
+        project / "data/augmented/records",
+        [*(r for k, r in records.items() if k != "changes"), changed],
+        2000,
+    )
     result = run_stage(project, "clean")
-    return {"project": project, "records": records, "said": said, "stdout": result.stdout, "screenshot": screenshot}
+    return {
+        "project": project,
+        "records": records,
+        "said": said,
+        "stdout": result.stdout,
+        "screenshot": screenshot,
+    }
 
 
 def browser_check(project: Path, url: str) -> dict:
     """Headless chromium: the rendered page (DOM after its scripts ran) and a screenshot."""
     shot = project / "review.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=4000",
-             "--window-size=1280,1000"]  # fmt: skip
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=4000",
+        "--window-size=1280,1000",
+    ]
+    dom = subprocess.run(
+        ["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
     subprocess.run(["chromium", *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     return {"dom": dom, "png": shot}
 
@@ -126,10 +175,15 @@ def decisions(project: Path) -> list[dict]:
 def test_the_page_saves_one_signed_line_per_decision(reviewed):
     saved = decisions(reviewed["project"])
     records = reviewed["records"]
-    assert [d["id"] for d in saved] == [records[k]["id"] for k in ("rejected", "accepted", "edited", "changes")]
+    assert [d["id"] for d in saved] == [
+        records[k]["id"] for k in ("rejected", "accepted", "edited", "changes")
+    ]
     assert [d["action"] for d in saved] == ["reject", "accept", "edit", "accept"]
     assert all(d["reviewer"] == REVIEWER and d["time"] for d in saved)
-    assert all(d["content_hash"] == records[k]["content_hash"] for d, k in zip(saved, ("rejected", "accepted", "edited")))
+    assert all(
+        d["content_hash"] == records[k]["content_hash"]
+        for d, k in zip(saved, ("rejected", "accepted", "edited"))
+    )
     assert saved[0]["reason"] == "wrong answer" and saved[2]["edits"] == {"output": "About four minutes."}
     assert reviewed["said"]["rejected"].startswith("Saved: reject")
     # a reject without a reason is refused, and nothing is written for it
@@ -158,8 +212,14 @@ def test_a_decision_on_changed_content_is_stale_and_not_applied(reviewed):
     assert human["stale"] == 1 and [s["id"] for s in human["stale_decisions"]] == [records["changes"]["id"]]
     assert (human["rejected"], human["accepted"], human["overrides"], human["edited"]) == (1, 1, 1, 1)
     assert human["overrides_by_reason"] == {"too_short": 1}
-    changed = [r for r in read_jsonl_dir(project / "data/clean/records") if r["instruction"] == RECORDS["changes"]["instruction"]]
-    assert len(changed) == 1 and changed[0]["output"] == "Medium-fine." and "accepted_by_human" not in changed[0]
+    changed = [
+        r
+        for r in read_jsonl_dir(project / "data/clean/records")
+        if r["instruction"] == RECORDS["changes"]["instruction"]
+    ]
+    assert (
+        len(changed) == 1 and changed[0]["output"] == "Medium-fine." and "accepted_by_human" not in changed[0]
+    )
 
 
 def test_the_clean_stage_prints_one_summary_line(reviewed):
@@ -171,7 +231,10 @@ def test_the_clean_stage_prints_one_summary_line(reviewed):
 
 def test_a_headless_browser_shows_the_records(reviewed):
     if reviewed["screenshot"] is None:
-        pytest.skip("no browser: Debian's `chromium` is not installed (apt-get install chromium), so the page was not rendered")
+        pytest.skip(
+            "no browser: Debian's `chromium` is not installed (apt-get install chromium), so the page was "
+            "not rendered"
+        )
     dom, png = reviewed["screenshot"]["dom"], reviewed["screenshot"]["png"]
     # Rendered HTML, not the page's JSON config (which has the Markdown source, with backticks):
     # the title, and the first pilot record's id in the record's description.
@@ -183,27 +246,46 @@ def test_a_headless_browser_shows_the_records(reviewed):
 def test_bad_decision_lines_name_the_file_line_and_field(tmp_path):
     path = tmp_path / "decisions.jsonl"
     assert read_decisions(path) == []  # absent: no decisions
-    good = make_decision({"id": "a1", "content_hash": "h1", "output": "old"}, "edit", "me", edits={"output": "new"})
+    good = make_decision(
+        {"id": "a1", "content_hash": "h1", "output": "old"}, "edit", "me", edits={"output": "new"}
+    )
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "action": "approve"}) + "\n")
     with pytest.raises(InputError, match=r"decisions.jsonl:2: field 'action' is 'approve'"):
         read_decisions(path)
     with pytest.raises(ValueError, match="an edit must change"):
-        make_decision({"id": "a1", "content_hash": "h1", "output": "old"}, "edit", "me", edits={"output": "old"})
+        make_decision(
+            {"id": "a1", "content_hash": "h1", "output": "old"}, "edit", "me", edits={"output": "old"}
+        )
 
 
 def test_only_rejects_of_generated_records_are_feedback_for_augment(tmp_path):
     def record(i: int, source: str) -> dict:
-        return {"id": f"r{i}", "content_hash": f"h{i}", "instruction": f"q{i}", "output": f"a{i}", "source": source}
+        return {
+            "id": f"r{i}",
+            "content_hash": f"h{i}",
+            "instruction": f"q{i}",
+            "output": f"a{i}",
+            "source": source,
+        }
 
     generated, crawled, seed = record(1, "generated"), record(2, "crawl"), record(3, "seed")
-    decisions = [make_decision(generated, "reject", "me", "made up"), make_decision(crawled, "reject", "me", "off topic"),
-                 make_decision(seed, "accept", "me"), make_decision(record(4, "generated"), "accept", "me")]
+    decisions = [
+        make_decision(generated, "reject", "me", "made up"),
+        make_decision(crawled, "reject", "me", "off topic"),
+        make_decision(seed, "accept", "me"),
+        make_decision(record(4, "generated"), "accept", "me"),
+    ]
     older = make_decision(record(5, ""), "reject", "me", "vague")
     del older["source"]  # written before decisions named their record's source: counted
     assert {d["source"] for d in decisions} == {"generated", "crawl", "seed"}
-    assert human_mistakes(decisions + [older]) == {generated["content_hash"]: "made up", older["content_hash"]: "vague"}
+    assert human_mistakes(decisions + [older]) == {
+        generated["content_hash"]: "made up",
+        older["content_hash"]: "vague",
+    }
     # a later accept of the generated record takes its reject back
-    assert generated["content_hash"] not in human_mistakes(decisions + [make_decision(generated, "accept", "me")])
+    assert generated["content_hash"] not in human_mistakes(
+        decisions + [make_decision(generated, "accept", "me")]
+    )
 
     # the stage writes the same bytes whatever accepts are added: DVC then skips augment
     path = tmp_path / "data/review/decisions.jsonl"
@@ -211,7 +293,10 @@ def test_only_rejects_of_generated_records_are_feedback_for_augment(tmp_path):
         append_decision(path, d)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     outputs = []
-    for extra in ([], [make_decision(record(6, "generated"), "accept", "me"), make_decision(crawled, "reject", "me", "x")]):
+    for extra in (
+        [],
+        [make_decision(record(6, "generated"), "accept", "me"), make_decision(crawled, "reject", "me", "x")],
+    ):
         for d in extra:
             append_decision(path, d)
         run_stage(tmp_path, "feedback")
@@ -225,12 +310,14 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="no browser: Debian's chromium and chromium-driver are not installed "
-           "(apt-get install chromium chromium-driver; .ci/run installs them)")  # fmt: skip
+    "(apt-get install chromium chromium-driver; .ci/run installs them)",
+)
 
 
 @pytest.fixture
 def page(tmp_path):
-    """The review page of a project with four pilot records, served by `tuneline review`, in headless chromium."""
+    """The review page of a project with four pilot records, served by `tuneline review`, in headless
+    chromium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -242,8 +329,14 @@ def page(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = stage_env(TUNELINE_REVIEWER=REVIEWER, GRADIO_ANALYTICS_ENABLED="False")
-    app = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)], cwd=project, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    app = subprocess.Popen(
+        [sys.executable, "-m", "tuneline.interface.cli", "review", "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1400"):
@@ -254,7 +347,12 @@ def page(tmp_path):
         # Both paths given: Selenium Manager, which would look for a driver online, is not started.
         driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
         driver.get(url)
-        yield {"driver": driver, "url": url, "project": project, "pilot": sorted(pilot, key=lambda r: r["id"])}
+        yield {
+            "driver": driver,
+            "url": url,
+            "project": project,
+            "pilot": sorted(pilot, key=lambda r: r["id"]),
+        }
     finally:
         if driver is not None:
             driver.quit()
@@ -264,8 +362,11 @@ def page(tmp_path):
 
 def element(driver, css: str):
     """The element at `css` once the page has rendered it."""
-    return wait_until(driver, lambda d: d.find_elements("css selector", css) and d.find_element("css selector", css),
-                      f"an element at {css}")  # fmt: skip
+    return wait_until(
+        driver,
+        lambda d: d.find_elements("css selector", css) and d.find_element("css selector", css),
+        f"an element at {css}",
+    )
 
 
 def text_of(driver, css: str) -> str:
@@ -307,7 +408,8 @@ def test_a_person_at_the_page_moves_between_records_decides_and_sees_what_landed
     wait_until(driver, lambda d: shows(d, "#position", "record 1 of 4"), "the position, record 1 of 4")
     assert pilot[0]["id"] in text_of(driver, "body")
 
-    # A reject half made, then Next: the decision, the reason and the message do not follow to the next record.
+    # A reject half made, then Next: the decision, the reason and the message do not follow to the next
+    # record.
     choose(driver, "reject")
     type_into(driver, "#reason input", "off topic")
     element(driver, "#next").click()
@@ -329,7 +431,11 @@ def test_a_person_at_the_page_moves_between_records_decides_and_sees_what_landed
     wait_until(driver, lambda d: shows(d, "#status", "Saved: edit"), "the saved message")
     (saved,) = read_decisions(decisions_file)
     assert (saved["id"], saved["action"], saved["edits"], saved["reviewer"]) == (
-        pilot[1]["id"], "edit", {"output": "A changed answer."}, REVIEWER)
+        pilot[1]["id"],
+        "edit",
+        {"output": "A changed answer."},
+        REVIEWER,
+    )
 
     # Previous goes back, and the message of the last save is gone.
     element(driver, "#previous").click()
@@ -345,11 +451,16 @@ def test_a_person_at_the_page_moves_between_records_decides_and_sees_what_landed
 
 def test_changed_text_with_accept_or_reject_is_refused_not_dropped():
     record = {"id": "a1", "content_hash": "h1", "instruction": "q", "output": "old"}
-    with pytest.raises(ValueError, match="you changed output but chose accept: choose edit to keep the change"):
+    with pytest.raises(
+        ValueError, match="you changed output but chose accept: choose edit to keep the change"
+    ):
         make_decision(record, "accept", "me", edits={"instruction": "q", "output": "new"})
     with pytest.raises(ValueError, match="you changed instruction but chose reject"):
         make_decision(record, "reject", "me", "off topic", edits={"instruction": "q2", "output": "old"})
-    assert make_decision(record, "accept", "me", edits={"instruction": "q", "output": "old"})["action"] == "accept"
+    assert (
+        make_decision(record, "accept", "me", edits={"instruction": "q", "output": "old"})["action"]
+        == "accept"
+    )
 
 
 def test_a_rounds_view_shows_its_kept_records_then_its_rejects_with_reasons():
@@ -357,9 +468,16 @@ def test_a_rounds_view_shows_its_kept_records_then_its_rejects_with_reasons():
 
     kept = {**generated("Why rinse a paper filter?", "To remove the papery taste."), "id": "aa-kept"}
     dropped = generated("Why rinse a filter?", "Beans beans beans.")
-    rejects = [{"kind": "record", "round": 1, "reason": "not_grounded", "reasons": ["not_grounded", "duplicate"],
-                "record": {**dropped, "id": "zz-rejected"}},
-               {"kind": "reply", "round": 1, "reason": "truncated", "reasons": ["truncated"], "raw": None}]  # fmt: skip
+    rejects = [
+        {
+            "kind": "record",
+            "round": 1,
+            "reason": "not_grounded",
+            "reasons": ["not_grounded", "duplicate"],
+            "record": {**dropped, "id": "zz-rejected"},
+        },
+        {"kind": "reply", "round": 1, "reason": "truncated", "reasons": ["truncated"], "raw": None},
+    ]
     views = pilot_views([kept], rejects)
     assert list(views) == [PILOT]
     first, second = views[PILOT]

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from tuneline.common import params
-
 from tuneline.data.rules import (
     REVIEW_LIMITS,
     RuleLimits,
@@ -22,20 +21,27 @@ from tuneline.data.rules import (
     normalised_key,
     phone_spans,
     pii_problem,
+    record_language,
     redact_record,
     redact_text,
-    record_language,
     refusal,
     repeats_instruction,
     review_problems,
 )
 
 # The phone regions of the shipped params (020 7946 0958 is read as British, 030 1234567 as German).
-REGIONS = tuple(params.section("clean", path=Path(__file__).resolve().parents[1] / "params.yaml").phone_regions)
+REGIONS = tuple(
+    params.section("clean", path=Path(__file__).resolve().parents[1] / "params.yaml").phone_regions
+)
 LIMITS = RuleLimits(
-    min_chars=2, max_chars=200, min_tokens=1, max_tokens=60, languages=("en", "zh"),
-    language_min_chars=20, language_confidence=0.9,
-)  # fmt: skip
+    min_chars=2,
+    max_chars=200,
+    min_tokens=1,
+    max_tokens=60,
+    languages=("en", "zh"),
+    language_min_chars=20,
+    language_confidence=0.9,
+)
 
 ZH = {
     "instruction": "手冲咖啡的水温应该是多少？",
@@ -47,7 +53,11 @@ EN = {
     "input": "",
     "output": "Steep for about four minutes, then press slowly and pour it all out right away.",
 }
-MIXED = {"instruction": "Python 中的 list comprehension 是什么？", "input": "", "output": "它是一种用一行代码生成 list 的写法，例如 [x * 2 for x in items]。"}
+MIXED = {
+    "instruction": "Python 中的 list comprehension 是什么？",
+    "input": "",
+    "output": "它是一种用一行代码生成 list 的写法，例如 [x * 2 for x in items]。",
+}
 
 
 def rec(**kw) -> dict:
@@ -107,7 +117,11 @@ def test_too_long_in_characters_and_tokens():
 
 @pytest.mark.parametrize(
     "output",
-    ["How long should a French press steep?", "how long should a french press steep", "Sure! How long should a French press steep?"],
+    [
+        "How long should a French press steep?",
+        "how long should a french press steep",
+        "Sure! How long should a French press steep?",
+    ],
 )
 def test_output_that_only_repeats_the_instruction(output):
     assert repeats_instruction(rec(output=output)).rule == "repeats_instruction"
@@ -118,7 +132,10 @@ def test_output_that_only_repeats_the_instruction(output):
     [
         ("Which is larger, 3 or 5?", "5 is larger."),
         ("Name the grind for espresso.", "Fine."),
-        ("How long should a French press steep?", "How long should a French press steep? About four minutes, then press."),
+        (
+            "How long should a French press steep?",
+            "How long should a French press steep? About four minutes, then press.",
+        ),
     ],
 )
 def test_answers_that_reuse_words_are_not_repeats(instruction, output):
@@ -145,7 +162,12 @@ def test_refusal_words_inside_a_real_answer_are_fine():
 
 @pytest.mark.parametrize(
     "output",
-    ["The cafÃ© serves Ã©tÃ© blends.", "â€œBloomâ€\x9d lets the gas out.", "Steep for four \ufffd minutes.", "Steep\x00 now."],
+    [
+        "The cafÃ© serves Ã©tÃ© blends.",
+        "â€œBloomâ€\x9d lets the gas out.",
+        "Steep for four \ufffd minutes.",
+        "Steep\x00 now.",
+    ],
 )
 def test_broken_encoding(output):
     problem = broken_encoding(rec(output=output))
@@ -154,7 +176,13 @@ def test_broken_encoding(output):
 
 @pytest.mark.parametrize(
     "text",
-    ["手冲咖啡的水温应该是多少？", "冷萃咖啡需要泡多久？在冰箱中浸泡 12 到 18 小时。", "日本語のテキスト", "Привет, мир", "Café crème, naïve résumé — 95 °C"],
+    [
+        "手冲咖啡的水温应该是多少？",
+        "冷萃咖啡需要泡多久？在冰箱中浸泡 12 到 18 小时。",
+        "日本語のテキスト",
+        "Привет, мир",
+        "Café crème, naïve résumé — 95 °C",
+    ],
 )
 def test_correct_non_latin_and_accented_text_is_not_broken_encoding(text):
     assert broken_encoding({"instruction": text, "output": text}) is None
@@ -168,11 +196,14 @@ def test_html_remnants():
 
 def test_html_in_code_or_in_answers_about_markup_is_fine():
     assert html_remnants(rec(output="Wrap it in `<b>` and the `&amp;` entity.")) is None
-    assert html_remnants({"instruction": "What does the b tag do in HTML?", "output": "Use <b>bold</b>."}) is None
+    assert (
+        html_remnants({"instruction": "What does the b tag do in HTML?", "output": "Use <b>bold</b>."})
+        is None
+    )
 
 
 def test_html_in_a_crawled_fenced_code_block_is_fine_even_when_the_code_shows_a_fence():
-    code = "```html\n<div class=\"x\">\n  <p>Hi &amp; bye</p>\n</div>\n```"
+    code = '```html\n<div class="x">\n  <p>Hi &amp; bye</p>\n</div>\n```'
     assert html_remnants(rec(output=f"Like this:\n\n{code}\n\nDone.")) is None
     nested = f"Write:\n\n````markdown\n{code}\n<b>after the inner fence</b>\n````"
     assert html_remnants(rec(output=nested)) is None
@@ -180,20 +211,30 @@ def test_html_in_a_crawled_fenced_code_block_is_fine_even_when_the_code_shows_a_
 
 
 def test_the_words_tag_or_html_do_not_switch_the_html_check_off():
-    scraped = html_remnants({"instruction": "What tags does this coffee have?", "output": "<div class='tags'>Fruity</div>"})
+    scraped = html_remnants(
+        {"instruction": "What tags does this coffee have?", "output": "<div class='tags'>Fruity</div>"}
+    )
     assert scraped is not None and scraped.rule == "html_remnants"
     entity = html_remnants({"instruction": "Is this HTML page about espresso?", "output": "Yes,&nbsp;it is."})
     assert entity is not None and "&nbsp;" in entity.detail
     # only the tags the question names are allowed in the answer
-    other = html_remnants({"instruction": "What does the br tag do?", "output": "It breaks a line: <br> <span>x</span>"})
+    other = html_remnants(
+        {"instruction": "What does the br tag do?", "output": "It breaks a line: <br> <span>x</span>"}
+    )
     assert other is not None and "<span>" in other.detail
 
 
 @pytest.mark.parametrize(
     "record",
     [
-        {"instruction": "Qu'est-ce que le café filtre ?", "output": "Le café filtre est préparé en versant de l'eau chaude sur du café moulu."},
-        {"instruction": "Wie lange sollte eine French Press ziehen?", "output": "Etwa vier Minuten, dann langsam drücken und sofort ausgießen."},
+        {
+            "instruction": "Qu'est-ce que le café filtre ?",
+            "output": "Le café filtre est préparé en versant de l'eau chaude sur du café moulu.",
+        },
+        {
+            "instruction": "Wie lange sollte eine French Press ziehen?",
+            "output": "Etwa vier Minuten, dann langsam drücken und sofort ausgießen.",
+        },
     ],
 )
 def test_language_not_allowed_is_rejected_when_certain(record):
@@ -210,7 +251,12 @@ def test_chinese_mixed_and_short_texts_are_not_wrong_language():
     assert language_problem({"instruction": "Merci", "output": "De rien"}, LIMITS) is None
     # Chinese is rejected when only English is allowed.
     en_only = RuleLimits(**{**LIMITS.__dict__, "languages": ("en",)})
-    assert language_problem({**ZH, "output": "一般用九十到九十六度的水，刚离火的开水最合适，深烘豆可以再低一两度。"}, en_only).rule == "wrong_language"
+    assert (
+        language_problem(
+            {**ZH, "output": "一般用九十到九十六度的水，刚离火的开水最合适，深烘豆可以再低一两度。"}, en_only
+        ).rule
+        == "wrong_language"
+    )
 
 
 @pytest.mark.parametrize(
@@ -232,14 +278,20 @@ def test_short_texts_get_their_language(text, language):
 
 def test_dutch_is_not_taken_for_english():
     # Short ASCII words the two languages share ("is", "in", "de") once let Dutch pass as English.
-    dutch = {"instruction": "Hoe lang moet de koffie trekken?", "output": "De koffie is klaar en de melk is warm in de kan."}
+    dutch = {
+        "instruction": "Hoe lang moet de koffie trekken?",
+        "output": "De koffie is klaar en de melk is warm in de kan.",
+    }
     problem = language_problem(dutch, RuleLimits(**{**LIMITS.__dict__, "languages": ("en",)}))
     assert problem is not None and problem.rule == "wrong_language" and "text is nl" in problem.detail
     assert record_language({"instruction": "123", "output": "4.5"}) == "und"
 
 
 def test_language_decision_is_deterministic():
-    record = {"instruction": "Hola, ¿cómo estás?", "output": "Bien, gracias. Vamos a preparar un café con leche."}
+    record = {
+        "instruction": "Hola, ¿cómo estás?",
+        "output": "Bien, gracias. Vamos a preparar un café con leche.",
+    }
     assert len({str(language_problem(record, LIMITS)) for _ in range(5)}) == 1
 
 
@@ -256,7 +308,8 @@ def test_pii_is_redacted_with_placeholders():
 
 def test_ordinary_numbers_are_not_pii():
     text = (
-        "Brew 18 g for 25-30 s at 93 °C; 1:16 ratio; years 2019-2020; 1234 5678 9012 3456; 123456789012345678. "
+        "Brew 18 g for 25-30 s at 93 °C; 1:16 ratio; years 2019-2020; 1234 5678 9012 3456; "
+        "123456789012345678. "
         "At 10:30:00 use v1.2.3, ratio 1:2:3, not 999.1.1.1 or 1.2.3.4.5."
     )
     assert redact_text(text, REGIONS) == (text, {})
@@ -271,15 +324,22 @@ def test_national_phone_formats_are_found_through_phonenumbers():
 
 
 def test_iban_is_pii_only_with_a_valid_checksum():
-    text, found = redact_text("Pay DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432; DE89 3704 0044 0532 0130 01 is a typo.", REGIONS)
+    text, found = redact_text(
+        "Pay DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432; DE89 3704 0044 0532 0130 01 is a typo.",
+        REGIONS,
+    )
     assert (text, found) == ("Pay [IBAN] or [IBAN]; DE89 3704 0044 0532 0130 01 is a typo.", {"iban": 2})
-    redacted, problem, _ = pii_problem(rec(output="Transfer to DE89370400440532013000 today."), "reject", REGIONS)
+    redacted, problem, _ = pii_problem(
+        rec(output="Transfer to DE89370400440532013000 today."), "reject", REGIONS
+    )
     assert problem.rule == "pii" and problem.detail == "contains personal data: 1 iban"
     assert redacted["output"] == "Transfer to [IBAN] today."
 
 
 def test_ipv4_and_ipv6_addresses_are_pii():
-    text, found = redact_text("Server 192.168.1.20, 2001:db8::1 and fe80::1ff:fe23:4567:890a; loopback 127.0.0.1.", REGIONS)
+    text, found = redact_text(
+        "Server 192.168.1.20, 2001:db8::1 and fe80::1ff:fe23:4567:890a; loopback 127.0.0.1.", REGIONS
+    )
     assert (text, found) == ("Server [IP], [IP] and [IP]; loopback [IP].", {"ip": 4})
 
 
@@ -290,7 +350,11 @@ def test_pii_policy_redact_or_reject():
     assert kept["output"] == "Write to [EMAIL] for beans." and kept["history"] == [["call me?", "[PHONE]"]]
     assert record["output"].startswith("Write to jane")  # the input record is not changed
     redacted, problem, _ = pii_problem(record, "reject", REGIONS)
-    assert (problem.rule, problem.detail, problem.score) == ("pii", "contains personal data: 1 email, 1 phone", 2)
+    assert (problem.rule, problem.detail, problem.score) == (
+        "pii",
+        "contains personal data: 1 email, 1 phone",
+        2,
+    )
     assert redacted == kept  # nothing personal reaches the rejects file either
     assert redact_record(EN, REGIONS) == (EN, {})
 
@@ -311,9 +375,18 @@ def test_exact_duplicates_after_normalisation_keep_the_preferred_source():
 
 def test_review_problems_uses_fixed_limits_and_names_reasons():
     assert REVIEW_LIMITS.languages is None
-    assert review_problems({"instruction": "Explain crema.", "output": "As an AI language model, I can't."}) == ["refusal"]
+    assert review_problems(
+        {"instruction": "Explain crema.", "output": "As an AI language model, I can't."}
+    ) == ["refusal"]
     assert review_problems({"instruction": "Explain crema.", "output": ""}) == ["empty_output"]
-    assert review_problems({"instruction": "Explain crema.", "output": "Explain crema!"}) == ["repeats_instruction"]
+    assert review_problems({"instruction": "Explain crema.", "output": "Explain crema!"}) == [
+        "repeats_instruction"
+    ]
     # Language is the clean stage's policy, not the review's.
-    assert review_problems({"instruction": "Qu'est-ce que la crème?", "output": "La mousse dorée sur un espresso."}) == []
+    assert (
+        review_problems(
+            {"instruction": "Qu'est-ce que la crème?", "output": "La mousse dorée sur un espresso."}
+        )
+        == []
+    )
     assert describe("refusal").startswith("the answer is a refusal")

@@ -46,9 +46,19 @@ def test_a_failed_stage_puts_back_the_tracked_outputs_dvc_removed(repo):
     (repo / "metrics/tokenize.json").unlink()  # as DVC does before it runs the stage
     (repo / "metrics/train/metrics.json").write_text("{}")  # another stage's output: not tokenize's to touch
     try:
-        result = run(repo, sys.executable, "-m", "stages.tokenize", check=False, extra_env=as_dvc_runs("tokenize", repo))
+        result = run(
+            repo,
+            sys.executable,
+            "-m",
+            "stages.tokenize",
+            check=False,
+            extra_env=as_dvc_runs("tokenize", repo),
+        )
         assert result.returncode == 1 and "Traceback" in result.stderr  # no base model here: a real failure
-        assert "tokenize failed: put back from git 1 tracked file of its outputs (metrics/tokenize.json)" in result.stderr
+        assert (
+            "tokenize failed: put back from git 1 tracked file of its outputs (metrics/tokenize.json)"
+            in result.stderr
+        )
         assert (repo / "metrics/tokenize.json").read_bytes() == committed(repo, "metrics/tokenize.json")
         assert git_status(repo) == " M metrics/train/metrics.json\n"
     finally:
@@ -62,10 +72,17 @@ def test_a_stage_that_exits_with_its_own_message_puts_them_back_too(repo):
     for path in CHOOSE_FILES:
         (repo / path).unlink()
     try:
-        result = run(repo, sys.executable, "-m", "stages.choose", check=False, extra_env=as_dvc_runs("choose", repo))
-        assert result.returncode == 1 and "choose: select.metric 'rouge_l' is not available for tiny_llama" in result.stderr
-        assert f"choose failed: put back from git 2 tracked files of its outputs ({', '.join(sorted(CHOOSE_FILES))})" in (
-            result.stderr)
+        result = run(
+            repo, sys.executable, "-m", "stages.choose", check=False, extra_env=as_dvc_runs("choose", repo)
+        )
+        assert (
+            result.returncode == 1
+            and "choose: select.metric 'rouge_l' is not available for tiny_llama" in result.stderr
+        )
+        assert (
+            f"choose failed: put back from git 2 tracked files of its outputs "
+            f"({', '.join(sorted(CHOOSE_FILES))})" in (result.stderr)
+        )
         for path in CHOOSE_FILES:
             assert (repo / path).read_bytes() == committed(repo, path), path
         assert git_status(repo) == " M metrics/select/tiny_llama.json\n"
@@ -78,8 +95,14 @@ def test_sigterm_puts_back_the_outputs_including_half_written_ones(repo):
     (repo / TRAIN_FILES[1]).unlink()
     log = repo / "metrics/logs/train.log"
     log.unlink(missing_ok=True)
-    stage = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=repo, env={**env(), **as_dvc_runs("train", repo)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=repo,
+        env={**env(), **as_dvc_runs("train", repo)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not log.exists():  # written once stages/__init__.py has set up logging and the SIGTERM handler
@@ -102,8 +125,14 @@ def test_a_stage_in_a_copy_of_the_workspace_leaves_both_alone(repo, tmp_path):
     workspace.mkdir()
     (repo / "metrics/tokenize.json").unlink()
     try:
-        result = run(repo, sys.executable, "-m", "stages.tokenize", check=False,
-                     extra_env=as_dvc_runs("tokenize", workspace))  # fmt: skip
+        result = run(
+            repo,
+            sys.executable,
+            "-m",
+            "stages.tokenize",
+            check=False,
+            extra_env=as_dvc_runs("tokenize", workspace),
+        )
         assert result.returncode == 1 and "put back" not in result.stderr
         assert not (repo / "metrics/tokenize.json").exists()  # the copy is DVC's to throw away
         assert list(workspace.iterdir()) == []
@@ -112,7 +141,9 @@ def test_a_stage_in_a_copy_of_the_workspace_leaves_both_alone(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_dvc_exp_run_leaves_the_metrics_committed_and_the_documented_recovery_works(pipeline_build, tmp_path):
+def test_ctrl_c_in_dvc_exp_run_leaves_the_metrics_committed_and_the_documented_recovery_works(
+    pipeline_build, tmp_path
+):
     repo = tmp_path / "project"
     shutil.copytree(pipeline_build / "project", repo, symlinks=True)
     run(repo, "git", "add", "-A")
@@ -120,8 +151,15 @@ def test_ctrl_c_in_dvc_exp_run_leaves_the_metrics_committed_and_the_documented_r
     log = repo / "metrics/logs/train.log"
     log.unlink()
     # Ctrl-C in a terminal signals the whole foreground process group: dvc and the stage it runs
-    dvc = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=5"], cwd=repo, env=env(), start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    dvc = subprocess.Popen(
+        ["dvc", "exp", "run", "-S", "train.epochs=5"],
+        cwd=repo,
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not log.exists():
@@ -133,12 +171,17 @@ def test_ctrl_c_in_dvc_exp_run_leaves_the_metrics_committed_and_the_documented_r
     finally:
         dvc.kill()
     assert dvc.returncode != 0 and "KeyboardInterrupt" in output, output
-    assert "train failed: put back from git" in output and "`dvc checkout train` puts back models/adapter" in output, output
+    assert (
+        "train failed: put back from git" in output
+        and "`dvc checkout train` puts back models/adapter" in output
+    ), output
     for path in TRAIN_FILES:
         assert (repo / path).read_bytes() == committed(repo, path), path
     assert git_status(repo, "metrics/") == ""
     # the recovery docs/workflows.md gives brings back the rest
-    recovery = (ROOT / "docs/workflows.md").read_text(encoding="utf-8").split("To recover:\n\n```bash\n", 1)[1]
+    recovery = (
+        (ROOT / "docs/workflows.md").read_text(encoding="utf-8").split("To recover:\n\n```bash\n", 1)[1]
+    )
     for line in recovery.split("```", 1)[0].splitlines():
         run(repo, *shlex.split(line.split("#", 1)[0]))
     assert git_status(repo) == ""

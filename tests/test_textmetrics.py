@@ -20,7 +20,9 @@ def test_identical_strings_score_one_on_every_metric(text):
     assert scores == {k: 1.0 for k in METRICS}
 
 
-@pytest.mark.parametrize(("prediction", "reference"), [("green tea leaves", "espresso machine grind"), ("绿茶", "咖啡豆")])
+@pytest.mark.parametrize(
+    ("prediction", "reference"), [("green tea leaves", "espresso machine grind"), ("绿茶", "咖啡豆")]
+)
 def test_disjoint_strings_score_zero(prediction, reference):
     assert record_scores(prediction, reference) == {k: 0.0 for k in METRICS}
 

@@ -22,8 +22,8 @@ from stage_project import ROOT, make_project, run_stage, seed_records, set_param
 from transformers import TrainerCallback
 
 from tuneline.common import params
-from tuneline.model.modeling import load_tokenizer, load_tuned
 from tuneline.common.records import ChosenModel, chosen_model
+from tuneline.model.modeling import load_tokenizer, load_tuned
 from tuneline.model.tokenization import collate, encode
 from tuneline.model.training import checkpoint_dir, last_checkpoint, prepare_model, run_key, train
 
@@ -36,7 +36,15 @@ TOKENIZE = {"max_length": 128}
 
 
 def selected_of(model_dir: Path) -> ChosenModel:
-    return chosen_model({"name": "tiny", "kind": "local", "model": str(model_dir), "revision": None, "trust_remote_code": False})
+    return chosen_model(
+        {
+            "name": "tiny",
+            "kind": "local",
+            "model": str(model_dir),
+            "revision": None,
+            "trust_remote_code": False,
+        }
+    )
 
 
 def train_params(**changes) -> params.Train:
@@ -49,7 +57,9 @@ def tokenized(model_dir: Path, records: list[dict], max_length: int = 128) -> Da
     fast. A cut answer loses its end of turn, which they do not mind; the tokenize stage never cuts."""
     tokenizer = load_tokenizer(str(model_dir))
     rows = [encode(tokenizer, r, "auto", False) for r in records]
-    return Dataset.from_list([{"input_ids": ids[:max_length], "labels": labels[:max_length]} for ids, labels in rows])
+    return Dataset.from_list(
+        [{"input_ids": ids[:max_length], "labels": labels[:max_length]} for ids, labels in rows]
+    )
 
 
 def answer_loss(model, ds: Dataset, pad_token_id: int) -> float:
@@ -74,7 +84,10 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
 
     selected = selected_of(tiny_model_dir)
     records = seed_records()
-    train_ds, eval_ds = tokenized(tiny_model_dir, records[:8], 64), tokenized(tiny_model_dir, records[8:12], 64)
+    train_ds, eval_ds = (
+        tokenized(tiny_model_dir, records[:8], 64),
+        tokenized(tiny_model_dir, records[8:12], 64),
+    )
     # full batches, and an evaluation after every epoch between training steps
     p = train_params(method="qlora", epochs=4, batch_size=8, logging_steps=1, **NO_CHECKPOINTS)
 
@@ -95,20 +108,25 @@ def test_qlora_step_on_cpu_trains_only_the_adapter_over_4bit_layers(tmp_path, ti
     changed = {k for k in initial if not torch.equal(initial[k], after[k])}
     lora_keys = {k for k in initial if "lora_" in k}
     assert lora_keys and changed == lora_keys  # every adapter weight moved; nothing else did
-    assert any(k.endswith(".weight") and initial[k].dtype == torch.uint8 for k in initial)  # 4-bit base stayed
+    assert any(
+        k.endswith(".weight") and initial[k].dtype == torch.uint8 for k in initial
+    )  # 4-bit base stayed
     assert len(log.losses) == 4 and log.losses[-1] < log.losses[0]
     assert answer_loss(model, train_ds, pad) < loss_before
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "ptuning", "full"])
-def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_the_model_s_own_loss(monkeypatch,
-                                                                                                    tiny_model_dir, method):
+def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_the_model_s_own_loss(
+    monkeypatch, tiny_model_dir, method
+):
     from tuneline.model import training
 
     chunk = 16
     monkeypatch.setattr(training, "LOSS_CHUNK", chunk)
     selected, p = selected_of(tiny_model_dir), train_params(method=method)
-    batch = collate(list(tokenized(tiny_model_dir, seed_records()[:4])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    batch = collate(
+        list(tokenized(tiny_model_dir, seed_records()[:4])), load_tokenizer(str(tiny_model_dir)).pad_token_id
+    )
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert labelled < 0.6 * batch["input_ids"].numel()  # prompts and padding: over 40% of the positions
     assert labelled > 3 * chunk  # several chunks, the last one short
@@ -117,7 +135,11 @@ def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_
         m.setattr(training, "answer_only_head", lambda model: False)
         plain = prepare_model(selected, p, SEED)  # the model's own forward: logits of every position
     head_rows = []
-    head = patched.get_output_embeddings() if method == "full" else patched.get_base_model().get_output_embeddings()
+    head = (
+        patched.get_output_embeddings()
+        if method == "full"
+        else patched.get_base_model().get_output_embeddings()
+    )
     head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
 
     for kwargs in ({}, {"num_items_in_batch": torch.tensor(labelled + 7)}):  # as the Trainer passes it
@@ -141,20 +163,30 @@ def test_training_forward_runs_the_head_on_answer_positions_only_in_chunks_with_
     assert kept_rows == [] or max(kept_rows) <= chunk
     loss.backward(), plain(**batch).loss.backward()
     trainable = [(a, b) for a, b in zip(patched.parameters(), plain.parameters()) if a.requires_grad]
-    assert trainable and all(a.grad is not None for a, _ in trainable) and any(a.grad.abs().sum() > 0 for a, _ in trainable)
+    assert (
+        trainable
+        and all(a.grad is not None for a, _ in trainable)
+        and any(a.grad.abs().sum() > 0 for a, _ in trainable)
+    )
     for a, b in trainable:
         torch.testing.assert_close(a.grad, b.grad)
     # without labels (generation, scoring) it is the model's own forward
-    torch.testing.assert_close(patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits)
+    torch.testing.assert_close(
+        patched(input_ids=batch["input_ids"]).logits, plain(input_ids=batch["input_ids"]).logits
+    )
 
 
 def test_liger_takes_the_loss_instead_of_the_answer_only_head_and_says_so(tiny_model_dir, caplog):
     import logging
 
     with caplog.at_level(logging.WARNING, logger="tuneline.model.training"):
-        liger = prepare_model(selected_of(tiny_model_dir), train_params(method="lora", use_liger_kernel=True), SEED)
-    assert ("train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off"
-            in caplog.text)
+        liger = prepare_model(
+            selected_of(tiny_model_dir), train_params(method="lora", use_liger_kernel=True), SEED
+        )
+    assert (
+        "train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head "
+        "is off" in caplog.text
+    )
     assert "forward" not in vars(liger.get_base_model())  # the model's own forward, which Liger replaces
     head = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
     assert "forward" in vars(head.get_base_model())
@@ -162,7 +194,9 @@ def test_liger_takes_the_loss_instead_of_the_answer_only_head_and_says_so(tiny_m
 
 def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_model_dir):
     model = prepare_model(selected_of(tiny_model_dir), train_params(method="lora"), SEED)
-    batch = collate(list(tokenized(tiny_model_dir, seed_records()[:2])), load_tokenizer(str(tiny_model_dir)).pad_token_id)
+    batch = collate(
+        list(tokenized(tiny_model_dir, seed_records()[:2])), load_tokenizer(str(tiny_model_dir)).pad_token_id
+    )
     loss = model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}).loss
     assert float(loss) == 0
     loss.backward()
@@ -173,8 +207,17 @@ def tiny_of(config_class, **transform):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False, **transform)
+    config = config_class(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        use_cache=False,
+        **transform,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -224,8 +267,14 @@ def tokenized_project(tmp_path_factory, tiny_model_dir) -> Path:
     from stages import tokenize as stage
 
     records = seed_records()
-    project = make_project(tmp_path_factory.mktemp("tokenized"), tiny_model_dir, records[:TRAIN_RECORDS],
-                           records[TRAIN_RECORDS:TRAIN_RECORDS + VAL_RECORDS], tokenize=TOKENIZE, train=TRAIN)
+    project = make_project(
+        tmp_path_factory.mktemp("tokenized"),
+        tiny_model_dir,
+        records[:TRAIN_RECORDS],
+        records[TRAIN_RECORDS : TRAIN_RECORDS + VAL_RECORDS],
+        tokenize=TOKENIZE,
+        train=TRAIN,
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         stage.main()
@@ -240,7 +289,9 @@ def copy_project(src: Path, dest: Path, **train_changes) -> Path:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_trains_and_loads_back_for_generation(tmp_path, monkeypatch, tokenized_project, tiny_model_dir, method):
+def test_each_method_trains_and_loads_back_for_generation(
+    tmp_path, monkeypatch, tokenized_project, tiny_model_dir, method
+):
     from transformers import AutoModelForCausalLM
 
     from stages import train as stage
@@ -275,23 +326,32 @@ def test_each_method_trains_and_loads_back_for_generation(tmp_path, monkeypatch,
         assert saved.keys() == loaded.keys()
         assert all(torch.equal(saved[k], loaded[k].cpu()) for k in saved)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How long should a French press steep?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How long should a French press steep?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         assert not torch.allclose(tuned(**prompt).logits[:, -1], base(**prompt).logits[:, -1])
-        out = tuned.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = tuned.generate(
+            **prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4
 
 
-WISE_FT_RUNS = {"qlora": METHODS["qlora"], "full": METHODS["full"],
-                # an embedding's LoRA B is saved without a .weight suffix
-                "lora_on_embeddings": {"method": "lora", "target_modules": ["embed_tokens", "q_proj"]}}
+WISE_FT_RUNS = {
+    "qlora": METHODS["qlora"],
+    "full": METHODS["full"],
+    # an embedding's LoRA B is saved without a .weight suffix
+    "lora_on_embeddings": {"method": "lora", "target_modules": ["embed_tokens", "q_proj"]},
+}
 
 
 @pytest.mark.parametrize("method", list(WISE_FT_RUNS))
-def test_wise_ft_saves_the_base_plus_that_share_of_the_trained_update_from_the_same_run(tmp_path, tokenized_project,
-                                                                                           tiny_model_dir, method):
+def test_wise_ft_saves_the_base_plus_that_share_of_the_trained_update_from_the_same_run(
+    tmp_path, tokenized_project, tiny_model_dir, method
+):
     from peft.helpers import rescale_adapter_scale
     from transformers import AutoModelForCausalLM
 
@@ -343,7 +403,9 @@ def test_run_key_covers_everything_that_changes_the_run(tiny_model_dir):
     assert key == run_key(train_params(), chosen_model(dict(selected.record)), data, seed)
     others = [
         run_key(dataclasses.replace(p, learning_rate=p.learning_rate * 2), selected, data, seed),
-        run_key(dataclasses.replace(p, method="lora" if p.method != "lora" else "qlora"), selected, data, seed),
+        run_key(
+            dataclasses.replace(p, method="lora" if p.method != "lora" else "qlora"), selected, data, seed
+        ),
         run_key(dataclasses.replace(p, use_dora=True), selected, data, seed),
         run_key(dataclasses.replace(p, wise_ft=0.5), selected, data, seed),
         run_key(p, chosen_model({**selected.record, "model": "other/model"}), data, seed),
@@ -404,18 +466,27 @@ def test_same_seed_gives_identical_adapter_bytes(tmp_path, tokenized_project, un
     # The terminal: progress bars and one summary line; the per-step log dicts are in the log file.
     assert "{'loss'" not in done.stdout and "'train_runtime'" not in done.stdout
     assert "FutureWarning" not in done.stderr and "gemm_4bit_forward" not in done.stderr
-    assert [line for line in done.stdout.splitlines() if line.strip()] == [
-        line for line in done.stdout.splitlines() if line.startswith("train: ")] != []  # fmt: skip
+    assert (
+        [line for line in done.stdout.splitlines() if line.strip()]
+        == [line for line in done.stdout.splitlines() if line.startswith("train: ")]
+        != []
+    )
     assert "'loss':" in (other / "metrics/logs/train.log").read_text()
-    assert (uninterrupted / "models/adapter/adapter_model.safetensors").read_bytes() == \
-        (other / "models/adapter/adapter_model.safetensors").read_bytes()
-    assert json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"] == \
-        json.loads((other / "models/adapter/training_args.json").read_text())["run_key"]
+    assert (uninterrupted / "models/adapter/adapter_model.safetensors").read_bytes() == (
+        other / "models/adapter/adapter_model.safetensors"
+    ).read_bytes()
+    assert (
+        json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"]
+        == json.loads((other / "models/adapter/training_args.json").read_text())["run_key"]
+    )
 
 
 def complete_checkpoints(project: Path) -> list[Path]:
-    return [state.parent for state in project.glob("cache/checkpoints/*/checkpoint-*/trainer_state.json")
-            if _parses(state)]
+    return [
+        state.parent
+        for state in project.glob("cache/checkpoints/*/checkpoint-*/trainer_state.json")
+        if _parses(state)
+    ]
 
 
 def _parses(path: Path) -> bool:
@@ -429,8 +500,13 @@ def _parses(path: Path) -> bool:
 @cpu_only
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, tokenized_project, uninterrupted):
     project = copy_project(tokenized_project, tmp_path / "killed")
-    proc = subprocess.Popen(stage_command("train"), cwd=project, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        stage_command("train"),
+        cwd=project,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not complete_checkpoints(project) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -460,21 +536,41 @@ def test_train_stage_runs_under_accelerate_launch_with_2_cpu_processes(tmp_path,
     single_key = json.loads((uninterrupted / "models/adapter/training_args.json").read_text())["run_key"]
     # `--cpu` alone starts a single process; --multi_gpu starts one per process via torchrun,
     # on CPU (gloo) where no GPU is visible.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train"]
-    result = subprocess.run(cmd, cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-                            timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "stages.train",
+    ]
+    result = subprocess.run(
+        cmd, cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
     assert "resuming" not in result.stdout
-    assert len(re.findall(r"^train: \w+ on tiny", result.stdout, re.M)) == 1  # only the main process reports and saves
+    assert (
+        len(re.findall(r"^train: \w+ on tiny", result.stdout, re.M)) == 1
+    )  # only the main process reports and saves
 
     info = json.loads((project / "models/adapter/training_args.json").read_text())
     assert info["run_key"] != single_key
     assert [d.name for d in (project / "cache" / "checkpoints").iterdir()] == [info["run_key"]]
     assert adapter_weights(project).keys() == adapter_weights(uninterrupted).keys()
     # each process took half of every batch of records: half the optimizer steps of one process
-    state = json.loads((Path(last_checkpoint(project / "cache" / "checkpoints" / info["run_key"])) /
-                        "trainer_state.json").read_text())
+    state = json.loads(
+        (
+            Path(last_checkpoint(project / "cache" / "checkpoints" / info["run_key"])) / "trainer_state.json"
+        ).read_text()
+    )
     assert state["global_step"] == 2 * TRAIN_RECORDS // (TRAIN["batch_size"] * 2)
 
 
@@ -495,7 +591,9 @@ def test_compute_dtype_auto_is_bf16_where_supported_fp16_on_other_gpus_fp32_on_c
     assert precision_flags("bfloat16", cuda=False) == {"bf16": False, "fp16": False}
 
 
-def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at_the_compute_dtype(tiny_model_dir):
+def test_full_fine_tuning_keeps_fp32_master_weights_and_lora_freezes_the_base_at_the_compute_dtype(
+    tiny_model_dir,
+):
     selected = selected_of(tiny_model_dir)
     full = prepare_model(selected, train_params(method="full", compute_dtype="bfloat16"), SEED)
     assert {p.dtype for p in full.parameters()} == {torch.float32}
@@ -510,8 +608,12 @@ def full_bf16_run(tmp_path_factory, tiny_model_dir) -> tuple[dict, Path]:
     """A full fine-tuning run at compute dtype bfloat16, saved: (its trained weights, the save)."""
     saved = tmp_path_factory.mktemp("full_bf16") / "adapter"
     ds = tokenized(tiny_model_dir, seed_records()[:8])
-    p = train_params(method="full", compute_dtype="bfloat16", max_steps=2, learning_rate=0.001, **NO_CHECKPOINTS)
-    model, _, _ = train(selected_of(tiny_model_dir), p, ds, None, saved.parent / "ck", SEED, [], save_to=saved)
+    p = train_params(
+        method="full", compute_dtype="bfloat16", max_steps=2, learning_rate=0.001, **NO_CHECKPOINTS
+    )
+    model, _, _ = train(
+        selected_of(tiny_model_dir), p, ds, None, saved.parent / "ck", SEED, [], save_to=saved
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, saved
 
 
@@ -536,13 +638,17 @@ def test_save_at_dtype_keeps_a_sharded_index_s_total_size_right(tmp_path, tiny_m
     assert len(shards) > 1
     size = save_at_dtype(tmp_path, "bfloat16")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == size == sum(
-        t.numel() * 2 for f in shards for t in load_file(f).values())
+    assert (
+        index["metadata"]["total_size"]
+        == size
+        == sum(t.numel() * 2 for f in shards for t in load_file(f).values())
+    )
     assert set(index["weight_map"].values()) == {f.name for f in shards}
 
 
-def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no_model(tmp_path, monkeypatch,
-                                                                                      full_bf16_run, tiny_model_dir):
+def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no_model(
+    tmp_path, monkeypatch, full_bf16_run, tiny_model_dir
+):
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     from tuneline.model.training import wise_ft
@@ -572,11 +678,21 @@ def test_wise_ft_of_full_fine_tuning_reads_the_base_s_files_on_cpu_and_builds_no
         torch.testing.assert_close(mixed[k], expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
-def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(tmp_path, tiny_model_dir, monkeypatch):
+def test_wise_ft_of_full_fine_tuning_refuses_deepspeed_zero3_naming_the_key(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     ds = tokenized(tiny_model_dir, seed_records()[:2])
     with pytest.raises(params.ParamsError, match=r"train\.wise_ft .* ZeRO-3.*set train\.wise_ft to 1\.0"):
-        train(selected_of(tiny_model_dir), train_params(method="full", wise_ft=0.5), ds, None, tmp_path, SEED, [])
+        train(
+            selected_of(tiny_model_dir),
+            train_params(method="full", wise_ft=0.5),
+            ds,
+            None,
+            tmp_path,
+            SEED,
+            [],
+        )
 
 
 def test_each_rank_loads_onto_its_own_gpu_and_sharded_launches_load_on_cpu(monkeypatch):
@@ -609,23 +725,42 @@ def test_memory_and_speed_switches_reach_the_trainer_and_the_model(tmp_path, mon
     import transformers.trainer
 
     liger_applied = []
-    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, config: liger_applied.append(model))
+    monkeypatch.setattr(
+        transformers.trainer, "apply_liger_kernel", lambda model, config: liger_applied.append(model)
+    )
     selected = selected_of(tiny_model_dir)
     ds = tokenized(tiny_model_dir, seed_records()[:8], 64)
-    p = train_params(gradient_checkpointing=True, attn_implementation="eager", optim="adamw_8bit", use_liger_kernel=True,
-                     max_steps=3, batch_size=2, eval_batch_size=3, save_steps=1, save_total_limit=1, **{"epochs": 5})
+    p = train_params(
+        gradient_checkpointing=True,
+        attn_implementation="eager",
+        optim="adamw_8bit",
+        use_liger_kernel=True,
+        max_steps=3,
+        batch_size=2,
+        eval_batch_size=3,
+        save_steps=1,
+        save_total_limit=1,
+        **{"epochs": 5},
+    )
     seen = SeenAtStart()
     model, _, metrics = train(selected, p, ds, ds.select(range(2)), tmp_path / "ck", SEED, [seen])
 
-    assert seen.args.gradient_checkpointing and seen.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert seen.args.gradient_checkpointing and seen.args.gradient_checkpointing_kwargs == {
+        "use_reentrant": False
+    }
     assert model.base_model.model.model.gradient_checkpointing  # switched on in the model itself
     assert model.config._attn_implementation == "eager"
     optimizer = getattr(seen.optimizer, "optimizer", seen.optimizer)  # accelerate wraps it
     assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
     assert liger_applied == [model]
     assert seen.args.per_device_eval_batch_size == 3
-    assert metrics["train_runtime"] > 0 and json.loads(
-        (Path(last_checkpoint(tmp_path / "ck")) / "trainer_state.json").read_text())["global_step"] == 3  # not 5 epochs
+    assert (
+        metrics["train_runtime"] > 0
+        and json.loads((Path(last_checkpoint(tmp_path / "ck")) / "trainer_state.json").read_text())[
+            "global_step"
+        ]
+        == 3
+    )  # not 5 epochs
     assert [d.name for d in (tmp_path / "ck").iterdir()] == ["checkpoint-3"]  # save_total_limit: 1
 
 
@@ -673,11 +808,24 @@ def test_switches_that_need_a_missing_package_fail_naming_the_key_and_the_fix(mo
 
     raw = params.read_params_file(ROOT / "params.yaml")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("flash_attn", "liger_kernel", "kernels") else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            None if name in ("flash_attn", "liger_kernel", "kernels") else real_find_spec(name, *a)
+        ),
+    )
     for key, value, message in [
-        ("use_liger_kernel", True, r"train\.use_liger_kernel True needs the liger_kernel package.*pip install liger-kernel"),
-        ("attn_implementation", "flash_attention_2", r"train\.attn_implementation 'flash_attention_2' needs the flash_attn"),
+        (
+            "use_liger_kernel",
+            True,
+            r"train\.use_liger_kernel True needs the liger_kernel package.*pip install liger-kernel",
+        ),
+        (
+            "attn_implementation",
+            "flash_attention_2",
+            r"train\.attn_implementation 'flash_attention_2' needs the flash_attn",
+        ),
         ("attn_implementation", "kernels-community/flash-attn", r"needs the kernels package"),
         ("attn_implementation", "flash", r"train\.attn_implementation 'flash' is not one of sdpa, eager"),
         ("optim", "adamw", r"train\.optim 'adamw' is not one of adamw_torch, adamw_8bit, paged_adamw_8bit"),
@@ -698,30 +846,49 @@ def launched_project(tokenized_project: Path, dest: Path, config: str, **train_c
     changed to `processes` CPU processes (gloo), as `dvc exp run -S train.launcher=accelerate` would."""
     import yaml
 
-    project = copy_project(tokenized_project, dest, launcher="accelerate", accelerate_config=f"configs/accelerate/{config}",
-                           **train_changes)
+    project = copy_project(
+        tokenized_project,
+        dest,
+        launcher="accelerate",
+        accelerate_config=f"configs/accelerate/{config}",
+        **train_changes,
+    )
     shutil.copytree(ROOT / "configs", project / "configs")
     path = project / "configs" / "accelerate" / config
     accelerate_config = yaml.safe_load(path.read_text())
-    accelerate_config.update(num_processes=2, use_cpu=True)  # CPU processes over gloo: what a CPU machine can run
+    accelerate_config.update(
+        num_processes=2, use_cpu=True
+    )  # CPU processes over gloo: what a CPU machine can run
     if "fsdp_config" in accelerate_config:
-        # accelerate broadcasts rank 0's weights from a GPU (it refuses on CPU); each rank loads them itself here
-        accelerate_config["fsdp_config"].update(fsdp_sync_module_states=False, fsdp_cpu_ram_efficient_loading=False)
+        # accelerate broadcasts rank 0's weights from a GPU (it refuses on CPU); each rank loads them itself
+        # here
+        accelerate_config["fsdp_config"].update(
+            fsdp_sync_module_states=False, fsdp_cpu_ram_efficient_loading=False
+        )
     path.write_text(yaml.safe_dump(accelerate_config))
     return project
 
 
 def run_launched(project: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(stage_command("train"), cwd=project, env=stage_env(CUDA_VISIBLE_DEVICES=""),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        stage_command("train"),
+        cwd=project,
+        env=stage_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
 
 @pytest.mark.slow
-def test_qlora_under_ddp_with_2_processes_trains_and_saves_an_adapter_that_loads_back(tmp_path, tokenized_project,
-                                                                                      tiny_model_dir):
-    project = launched_project(tokenized_project, tmp_path / "ddp", "ddp.yaml", method="qlora", max_steps=2, **NO_CHECKPOINTS)
+def test_qlora_under_ddp_with_2_processes_trains_and_saves_an_adapter_that_loads_back(
+    tmp_path, tokenized_project, tiny_model_dir
+):
+    project = launched_project(
+        tokenized_project, tmp_path / "ddp", "ddp.yaml", method="qlora", max_steps=2, **NO_CHECKPOINTS
+    )
     result = run_launched(project)
     assert "train: accelerate launch --config_file configs/accelerate/ddp.yaml" in result.stdout
     assert result.stdout.count("train: qlora on tiny") == 1  # only the main process reports
@@ -741,12 +908,20 @@ def test_qlora_under_ddp_with_2_processes_trains_and_saves_an_adapter_that_loads
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_that_load_back(tmp_path, tokenized_project,
-                                                                                           tiny_model_dir):
+def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_that_load_back(
+    tmp_path, tokenized_project, tiny_model_dir
+):
     from transformers import AutoModelForCausalLM
 
-    project = launched_project(tokenized_project, tmp_path / "fsdp", "fsdp.yaml", method="full", learning_rate=0.001,
-                               max_steps=2, **NO_CHECKPOINTS)
+    project = launched_project(
+        tokenized_project,
+        tmp_path / "fsdp",
+        "fsdp.yaml",
+        method="full",
+        learning_rate=0.001,
+        max_steps=2,
+        **NO_CHECKPOINTS,
+    )
     result = run_launched(project)
     assert result.stdout.count("train: full on tiny") == 1
 
@@ -762,7 +937,9 @@ def test_full_fine_tuning_under_fsdp_with_2_processes_saves_gathered_weights_tha
     assert all(torch.equal(tuned.state_dict()[k], saved[k]) for k in saved)
 
 
-def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(tmp_path, tiny_model_dir):
+def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its_cache_default(
+    tmp_path, tiny_model_dir
+):
     from tuneline.model.tokenization import pack
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -770,8 +947,15 @@ def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its
     packs = list(pack(iter(examples), max_length=400))
     assert any(p["num_examples"] > 1 for p in packs)
     ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
-    model, _, _ = train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, **NO_CHECKPOINTS), ds, None,
-                        tmp_path / "ck", SEED, [])
+    model, _, _ = train(
+        selected_of(tiny_model_dir),
+        train_params(max_steps=2, batch_size=2, **NO_CHECKPOINTS),
+        ds,
+        None,
+        tmp_path / "ck",
+        SEED,
+        [],
+    )
 
     # The worst case: a model whose config asks for a KV cache (a cache hides the packed boundaries
     # from the attention mask). The packed batch itself says use_cache=False, so that cannot leak.
@@ -789,10 +973,12 @@ def test_a_model_trained_on_packed_data_keeps_packed_examples_apart_whatever_its
             assert torch.allclose(packed[a:b], alone, atol=1e-5), f"the example at {a}:{b} saw another one"
         # The control: with the cache the config asks for, the later examples do see the earlier ones.
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-    assert not torch.allclose(leaky[starts[1]:starts[2]], packed[starts[1]:starts[2]], atol=1e-3)
+    assert not torch.allclose(leaky[starts[1] : starts[2]], packed[starts[1] : starts[2]], atol=1e-3)
 
 
-def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_batch_size_2(tmp_path, tiny_model_dir):
+def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_batch_size_2(
+    tmp_path, tiny_model_dir
+):
     import flash_like
 
     from tuneline.model.tokenization import pack
@@ -804,8 +990,15 @@ def test_the_trainer_hands_packed_batches_boundaries_to_a_flash_attention_at_bat
     ds = Dataset.from_list([{k: p[k] for k in ("input_ids", "labels", "position_ids")} for p in packs])
     flash_like.register()
     flash_like.CALLS.clear()
-    train(selected_of(tiny_model_dir), train_params(max_steps=2, batch_size=2, attn_implementation=flash_like.NAME,
-                                                    **NO_CHECKPOINTS), ds, None, tmp_path / "ck", SEED, [])
+    train(
+        selected_of(tiny_model_dir),
+        train_params(max_steps=2, batch_size=2, attn_implementation=flash_like.NAME, **NO_CHECKPOINTS),
+        ds,
+        None,
+        tmp_path / "ck",
+        SEED,
+        [],
+    )
     # every attention call of the 2 training steps (2 layers each) ran varlen; the plain causal ones
     # are the head's probe (2 forwards of one unpacked row) before training
     assert flash_like.CALLS == {"varlen": 2 * 2, "causal": 2 * 2}

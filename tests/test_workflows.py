@@ -59,14 +59,30 @@ def test_a_clone_that_pulls_reruns_nothing_and_has_the_same_model(pipeline, clon
     repo_a, _ = pipeline
     result = repro(clone)
     assert result["ran"] == set()
-    for path in ("models/export/model.safetensors", "models/adapter/adapter_model.safetensors", "data/alpaca/train.json"):
+    for path in (
+        "models/export/model.safetensors",
+        "models/adapter/adapter_model.safetensors",
+        "data/alpaca/train.json",
+    ):
         assert sha(clone / path) == sha(repo_a / path), path
 
 
 def test_experiments_run_and_show_with_their_metrics(clone):
     # Two epochs each: what is tested is the experiment machinery, not what the runs learn.
-    run(clone, "dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", "-S", "train.learning_rate=1e-4",
-        "-S", "train.epochs=2")
+    run(
+        clone,
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "rank16",
+        "-S",
+        "train.lora_r=16",
+        "-S",
+        "train.learning_rate=1e-4",
+        "-S",
+        "train.epochs=2",
+    )
     run(clone, "dvc", "exp", "run", "--queue", "-n", "rank4", "-S", "train.lora_r=4", "-S", "train.epochs=2")
     run(clone, "dvc", "queue", "start")
     deadline = time.monotonic() + 600
@@ -106,19 +122,28 @@ def test_report_shows_the_changed_param_and_metrics(clone):
     report = (clone / "report.md").read_text()
     # First the summary: the tuned model at HEAD -> now, paired over the same test records, with a verdict
     summary = report.split("## Verdict", 1)[0]
-    assert re.search(r"- \*\*unseen loss\*\* \(mean over records\): tuned at `HEAD` [\d.]+ -> tuned now [\d.]+, "
-                     r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] over the same \d+ records: \*\*(better|worse|within noise)\*\*",
-                     summary), summary
+    assert re.search(
+        r"- \*\*unseen loss\*\* \(mean over records\): tuned at `HEAD` [\d.]+ -> tuned now [\d.]+, "
+        r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] over the same \d+ records: \*\*(better|worse|within "
+        r"noise)\*\*",
+        summary,
+    ), summary
     # only the curves that help (the metrics table may still list the counters)
     assert "epoch.png" not in report and "num_input_tokens_seen.png" not in report and "_loss.png" in report
     # Then the verdict: the changed unseen loss delta, its interval, its word, and what it was at HEAD
     first = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
-    assert re.search(r"\| unseen \| loss \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| "
-                     r"\*\*(better|worse|within noise)\*\* \| [+-][\d.]+ \((better|worse|within noise)\) \|", first), first
+    assert re.search(
+        r"\| unseen \| loss \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| "
+        r"\*\*(better|worse|within noise)\*\* \| [+-][\d.]+ \((better|worse|within noise)\) \|",
+        first,
+    ), first
     assert "train.learning_rate" in report and "0.004" in report and "0.01" in report
     assert "metrics/train/metrics.json" in report.split("<details>", 1)[1]
     assert "train_runtime" not in report  # timings only with --timings
-    assert list((clone / "report_plots").glob("*.png")) and "![train_loss](report_plots/train_loss.png)" in report
+    assert (
+        list((clone / "report_plots").glob("*.png"))
+        and "![train_loss](report_plots/train_loss.png)" in report
+    )
     run(clone, "git", "checkout", "--", "params.yaml")
 
 
@@ -128,9 +153,20 @@ def test_two_fresh_runs_give_identical_outputs(pipeline_build, tmp_path_factory)
     repro(repo_c)
     a, c = lock_outs(repo_a), lock_outs(repo_c)
     # every output, caches and metrics included: run times live in metrics/timings/, no stage's output
-    assert {"data/alpaca", "data/tokenized", "models/adapter", "data/augmented/records", "data/raw/crawl.jsonl",
-            "cache/llm", "cache/embeddings", "metrics/models.json", "metrics/train/metrics.json", "metrics/eval.json",
-            "metrics/crawl.json", "metrics/augment.json"} <= set(a)  # fmt: skip
+    assert {
+        "data/alpaca",
+        "data/tokenized",
+        "models/adapter",
+        "data/augmented/records",
+        "data/raw/crawl.jsonl",
+        "cache/llm",
+        "cache/embeddings",
+        "metrics/models.json",
+        "metrics/train/metrics.json",
+        "metrics/eval.json",
+        "metrics/crawl.json",
+        "metrics/augment.json",
+    } <= set(a)
     differing = sorted(p for p in a if a[p] != c.get(p))
     assert not differing, f"outputs differ between two fresh runs: {differing}"
     assert json.loads((repo_c / "metrics/timings/models.json").read_text())["tiny_qwen"]["seconds"] > 0
@@ -139,11 +175,20 @@ def test_two_fresh_runs_give_identical_outputs(pipeline_build, tmp_path_factory)
 def test_data_outputs_match_the_committed_dvc_lock(pipeline_build):
     # `make run` on main commits dvc.lock and metrics/; a fresh copy that runs the data stages
     # must write exactly the data whose hashes that dvc.lock records.
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=ROOT, capture_output=True)
-    assert tracked.returncode == 0, "dvc.lock is not committed: run `make run` and commit dvc.lock and metrics/"
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=ROOT, capture_output=True
+    )
+    assert tracked.returncode == 0, (
+        "dvc.lock is not committed: run `make run` and commit dvc.lock and metrics/"
+    )
     committed, fresh = lock_outs(ROOT, DATA_STAGES), lock_outs(pipeline_build / "project", DATA_STAGES)
     compared = {p for p in committed if not p.startswith(NOT_ACROSS_MACHINES)}
-    assert {"data/raw/crawl.jsonl", "data/augmented/records", "data/clean/records", "data/alpaca",
-            "data/tokenized"} <= compared  # fmt: skip
+    assert {
+        "data/raw/crawl.jsonl",
+        "data/augmented/records",
+        "data/clean/records",
+        "data/alpaca",
+        "data/tokenized",
+    } <= compared
     differing = sorted(p for p in compared if committed[p] != fresh.get(p))
     assert not differing, f"data differs from what the committed dvc.lock records: {differing}"

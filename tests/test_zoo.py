@@ -1,4 +1,5 @@
-"""Every family stand-in (`tuneline.model.zoo`) through the real stages: tokenize -> train -> evaluate -> export -> serve.
+"""Every family stand-in (`tuneline.model.zoo`) through the real stages: tokenize -> train -> evaluate ->
+export -> serve.
 
 One project per family, trained once (module scope) on short answers it learns to end with its
 template's end-of-turn token, then asserted on: the labels are exactly the answers plus that token;
@@ -24,12 +25,24 @@ from tests.conftest import ROOT, seed_texts
 from tests.tuned_project import write_project
 from tuneline.model.zoo import FAMILIES, save_standin
 
-METHODS = {"qwen2.5-base": "lora", "qwen2.5-instruct": "full", "qwen3": "lora", "llama3.2-base": "qlora",
-           "llama3.2-instruct": "lora", "gemma2": "full", "phi3": "qlora"}
-SERVED = {"qwen2.5-base", "llama3.2-base"}  # bases whose EOS is not their end of turn: serving once per family costs ~20 s
+METHODS = {
+    "qwen2.5-base": "lora",
+    "qwen2.5-instruct": "full",
+    "qwen3": "lora",
+    "llama3.2-base": "qlora",
+    "llama3.2-instruct": "lora",
+    "gemma2": "full",
+    "phi3": "qlora",
+}
+SERVED = {
+    "qwen2.5-base",
+    "llama3.2-base",
+}  # bases whose EOS is not their end of turn: serving once per family costs ~20 s
 # Templates that rewrite earlier turns once a later one exists: only the last answer is learnt.
 LAST_TURN_ONLY = {"qwen3", "phi3"}
-ANSWER_PREFIX = {"qwen3": "<think>\n\n</think>\n\n"}  # Qwen3's template writes an empty reasoning block before the answer
+ANSWER_PREFIX = {
+    "qwen3": "<think>\n\n</think>\n\n"
+}  # Qwen3's template writes an empty reasoning block before the answer
 MAX_NEW = 24
 
 # Short answers a tiny model learns in a few dozen steps; no system prompt (Gemma 2's template refuses one).
@@ -52,9 +65,19 @@ def project_for(family: str, project: Path) -> Path:
     write_project(project, base)
     p = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     method = METHODS[family]
-    p["train"].update(method=method, epochs=40, learning_rate=0.004 if method == "full" else 0.02, batch_size=4, lora_r=16,
-                      lora_alpha=32, wise_ft=1.0, compute_dtype="float32")
-    p["evaluate"].update(max_new_tokens=MAX_NEW, batch_size=4, generation_samples=4, merge=method == "qlora", dtype="float32")
+    p["train"].update(
+        method=method,
+        epochs=40,
+        learning_rate=0.004 if method == "full" else 0.02,
+        batch_size=4,
+        lora_r=16,
+        lora_alpha=32,
+        wise_ft=1.0,
+        compute_dtype="float32",
+    )
+    p["evaluate"].update(
+        max_new_tokens=MAX_NEW, batch_size=4, generation_samples=4, merge=method == "qlora", dtype="float32"
+    )
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     for split in ("train", "test", "val"):
         write_json(project / p["base"]["alpaca_dir"] / f"{split}.json", RECORDS)
@@ -101,19 +124,23 @@ def test_labels_cover_exactly_the_answers_and_their_end_of_turn(trained):
                 spans, current = [*spans, current], []
         spans += [current] if current else []
         answers = [a for _, a in record["history"]] if family not in LAST_TURN_ONLY else []
-        expected = [a + turn_end for a in answers] + [ANSWER_PREFIX.get(family, "") + record["output"] + turn_end]
+        expected = [a + turn_end for a in answers] + [
+            ANSWER_PREFIX.get(family, "") + record["output"] + turn_end
+        ]
         assert [tokenizer.decode(s) for s in spans] == expected
 
 
 def test_evaluate_generation_stops_at_the_end_of_turn_with_the_learnt_answer(trained):
-    from tuneline.model.modeling import load_tokenizer, load_tuned
     from tuneline.common.records import read_jsonl
     from tuneline.eval.scoring import generate_ids
+    from tuneline.model.modeling import load_tokenizer, load_tuned
 
     family, project = trained
     tokenizer = load_tokenizer(str(project / "models" / "adapter"))
     turn_end = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
-    model = load_tuned(selected(project), project / "models" / "adapter", merge=METHODS[family] == "qlora", dtype="float32")
+    model = load_tuned(
+        selected(project), project / "models" / "adapter", merge=METHODS[family] == "qlora", dtype="float32"
+    )
     answers = generate_ids(model, tokenizer, RECORDS, "auto", batch_size=4, max_new_tokens=MAX_NEW)
     assert [ids[-1] for ids in answers] == [turn_end] * len(RECORDS)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
@@ -136,16 +163,20 @@ def test_plain_transformers_with_the_exported_generation_config_stops_and_decode
     assert config.do_sample is False and config.repetition_penalty in (None, 1.0)
     turn_end = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
     for record in RECORDS:
-        inputs = tokenizer.apply_chat_template(to_messages(record, with_answer=False), add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW)[0, inputs["input_ids"].shape[1]:].tolist()
+        inputs = tokenizer.apply_chat_template(
+            to_messages(record, with_answer=False),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW)[0, inputs["input_ids"].shape[1] :].tolist()
         assert out[-1] == turn_end and len(out) < MAX_NEW
         assert tokenizer.decode(out, skip_special_tokens=True).strip().endswith(record["output"])
 
 
 def test_evaluate_loss_is_the_model_s_own_forward_loss(trained):
-    from tuneline.model.modeling import load_tokenizer, load_tuned
     from tuneline.eval.scoring import answer_losses
+    from tuneline.model.modeling import load_tokenizer, load_tuned
     from tuneline.model.tokenization import encode
 
     family, project = trained
@@ -162,10 +193,10 @@ def test_evaluate_loss_is_the_model_s_own_forward_loss(trained):
 def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
     from openai import OpenAI
 
+    from tuneline.eval.scoring import generate
     from tuneline.interface.cli import stop, wait_ready
     from tuneline.llm.server import free_port
     from tuneline.model.modeling import load_model, load_tokenizer
-    from tuneline.eval.scoring import generate
 
     family, project = trained
     if family not in SERVED:
@@ -175,18 +206,31 @@ def test_served_answer_is_the_offline_greedy_one_and_stops(trained, tmp_path):
     offline = generate(model, tokenizer, RECORDS, "auto", batch_size=4, max_new_tokens=MAX_NEW)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     with open(tmp_path / "serve.log", "w+b") as log:
-        cli = subprocess.Popen([sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
-                               cwd=project, stdout=log, stderr=subprocess.STDOUT, env=env)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "tuneline.interface.cli", "serve", "--port", str(port), "--device", "cpu"],
+            cwd=project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             wait_ready(url, timeout=180, process=cli)
             client = OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=120)
             from tuneline.data.alpaca import to_messages
 
-            # no temperature in the request: the exported generation config alone must make it greedy and stop it
-            replies = [client.chat.completions.create(model="models/export", messages=to_messages(r, with_answer=False),
-                                                      max_tokens=MAX_NEW).choices[0] for r in RECORDS]
+            # no temperature in the request: the exported generation config alone must make it greedy and
+            # stop it
+            replies = [
+                client.chat.completions.create(
+                    model="models/export", messages=to_messages(r, with_answer=False), max_tokens=MAX_NEW
+                ).choices[0]
+                for r in RECORDS
+            ]
         finally:
             stop(cli)
     assert [c.message.content.strip() for c in replies] == offline
@@ -198,7 +242,10 @@ def test_evaluate_with_merge_scores_the_weights_export_writes(trained):
 
     family, project = trained
     if METHODS[family] != "qlora":
-        pytest.skip("the QLoRA families: merging into the dequantised 4-bit base is where scoring and export could part")
+        pytest.skip(
+            "the QLoRA families: merging into the dequantised 4-bit base is where scoring and export could "
+            "part"
+        )
     export_dir = project / "models" / "export"
     tokenizer = load_tokenizer(str(export_dir))
     batch = tokenizer(["How fine for a French press?", "法压壶"], return_tensors="pt", padding=True)
@@ -210,21 +257,27 @@ def test_evaluate_with_merge_scores_the_weights_export_writes(trained):
 
 
 def test_generation_is_greedy_whatever_the_hub_generation_config_sets(tmp_path):
+    from tuneline.data.alpaca import to_messages
+    from tuneline.eval.scoring import generate_ids
     from tuneline.model.generation import stop_ids
     from tuneline.model.modeling import load_model, load_tokenizer
-    from tuneline.eval.scoring import generate_ids
     from tuneline.model.templates import render
-    from tuneline.data.alpaca import to_messages
 
-    base = save_standin("qwen2.5-instruct", seed_texts(), tmp_path / "standin")  # its config samples at temperature 0.7
+    base = save_standin(
+        "qwen2.5-instruct", seed_texts(), tmp_path / "standin"
+    )  # its config samples at temperature 0.7
     tokenizer, model = load_tokenizer(str(base)), load_model(str(base), dtype="float32").eval()
-    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=2)  # a random model repeats itself
+    model.generation_config.update(
+        repetition_penalty=5.0, no_repeat_ngram_size=2
+    )  # a random model repeats itself
     hub_config = model.generation_config.to_dict()
     answers = generate_ids(model, tokenizer, RECORDS, "auto", batch_size=1, max_new_tokens=12)
     stops = stop_ids(model, tokenizer, "auto")
     for record, answer in zip(RECORDS, answers):
-        ids = tokenizer(render(tokenizer, to_messages(record, with_answer=False), "auto", add_generation_prompt=True),
-                        add_special_tokens=False)["input_ids"]
+        ids = tokenizer(
+            render(tokenizer, to_messages(record, with_answer=False), "auto", add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
         greedy = []
         with torch.no_grad():
             while len(greedy) < 12 and not (greedy and greedy[-1] in stops):

@@ -24,11 +24,24 @@ def write_project(project: Path, base_model: Path) -> None:
     # The fixture's base is a random model, so what it answers after training is arbitrary; settings
     # that change it (NEFTune's noise included) are pinned, or a test of the serving path meets an
     # empty answer instead of the few tokens it expects.
-    p["train"].update(method="lora", epochs=10, learning_rate=0.01, batch_size=8, grad_accum=1,
-                      save_steps=1000, logging_steps=5, lora_dropout=0.0, neftune_noise_alpha=0.0)
+    p["train"].update(
+        method="lora",
+        epochs=10,
+        learning_rate=0.01,
+        batch_size=8,
+        grad_accum=1,
+        save_steps=1000,
+        logging_steps=5,
+        lora_dropout=0.0,
+        neftune_noise_alpha=0.0,
+    )
     p["tokenize"].update(template="auto", max_length=256, packing=False)
-    p["evaluate"].update(max_new_tokens=8, batch_size=8, generation_samples=4, merge=False, samples_in_report=3)
-    p["evaluate"]["judge"]["enabled"] = False  # the default's tiny judge needs a server start; the judge tests turn it on
+    p["evaluate"].update(
+        max_new_tokens=8, batch_size=8, generation_samples=4, merge=False, samples_in_report=3
+    )
+    p["evaluate"]["judge"]["enabled"] = (
+        False  # the default's tiny judge needs a server start; the judge tests turn it on
+    )
     p["export"].update(dtype="float32")
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     records = read_jsonl(ROOT / "data" / "seeds" / "seeds.jsonl")[:RECORDS]
@@ -36,11 +49,25 @@ def write_project(project: Path, base_model: Path) -> None:
     write_json(alpaca / "train.json", records)
     write_json(alpaca / "test.json", records)
     write_json(alpaca / "val.json", records[:4])
-    (alpaca / "dataset_info.json").write_text(json.dumps({"tuneline_train": {"file_name": "train.json"}}), encoding="utf-8")
-    selected = {"name": "tiny_qwen", "kind": "local", "model": str(base_model), "revision": None, "trust_remote_code": False,
-                "base_url": None, "api_key_env": None, "metric": "loss", "score": 0.0, "why": "the test fixture"}
+    (alpaca / "dataset_info.json").write_text(
+        json.dumps({"tuneline_train": {"file_name": "train.json"}}), encoding="utf-8"
+    )
+    selected = {
+        "name": "tiny_qwen",
+        "kind": "local",
+        "model": str(base_model),
+        "revision": None,
+        "trust_remote_code": False,
+        "base_url": None,
+        "api_key_env": None,
+        "metric": "loss",
+        "score": 0.0,
+        "why": "the test fixture",
+    }
     write_json(project / p["base"]["selected"], selected)
-    write_json(project / p["base"]["tuning_base"], selected)  # what the pretrain stage hands on when it is off
+    write_json(
+        project / p["base"]["tuning_base"], selected
+    )  # what the pretrain stage hands on when it is off
 
 
 def make_tuned_project(project: Path, base_model: Path) -> Path:

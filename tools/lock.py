@@ -9,7 +9,8 @@ that pin, so what it pins fits the torch the tests ran with; torch's own pure-Py
 
     python tools/lock.py compile [--upgrade]   # make lock: re-resolve and rewrite requirements.lock
     python tools/lock.py check                 # make test runs it: pyproject.toml and the lock agree
-    python tools/lock.py keep OUT              # what a sync must keep besides the lock (torch, uv, pip, tuneline)
+    python tools/lock.py keep OUT              # what a sync must keep besides the lock (torch, uv, pip,
+    tuneline)
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import argparse
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -73,18 +74,42 @@ def compile_lock(upgrade: bool) -> None:
     constraints = ROOT / "build" / "torch-constraint.txt"
     constraints.parent.mkdir(exist_ok=True)
     constraints.write_text(TORCH_PIN + "\n", encoding="utf-8")
-    command = [sys.executable, "-m", "uv", "pip", "compile", "pyproject.toml", "--all-extras", "--generate-hashes",
-               "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28", "--no-emit-package", "torch",
-               "-c", str(constraints.relative_to(ROOT)), "--custom-compile-command", "make lock", "-o", LOCK.name, "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "--all-extras",
+        "--generate-hashes",
+        "--python-version",
+        "3.11",
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "--no-emit-package",
+        "torch",
+        "-c",
+        str(constraints.relative_to(ROOT)),
+        "--custom-compile-command",
+        "make lock",
+        "-o",
+        LOCK.name,
+        "-q",
+    ]
     if LOCAL_WHEELS.is_dir():  # resolve against the CPU build's metadata, which needs no CUDA libraries
         command += ["--find-links", str(LOCAL_WHEELS)]
     if upgrade:
         command.append("--upgrade")
     subprocess.run(command, cwd=ROOT, check=True)
-    cuda = [name for name in locked_versions(LOCK) if name.startswith(("nvidia-cu", "cuda-")) or name == "triton"]
+    cuda = [
+        name for name in locked_versions(LOCK) if name.startswith(("nvidia-cu", "cuda-")) or name == "triton"
+    ]
     if cuda:
-        raise SystemExit(f"{LOCK.name} resolved torch's CUDA build ({', '.join(cuda)}): keep {LOCAL_WHEELS} "
-                         f"with the CPU wheel of {TORCH_PIN}, or pass --find-links to it")
+        raise SystemExit(
+            f"{LOCK.name} resolved torch's CUDA build ({', '.join(cuda)}): keep {LOCAL_WHEELS} "
+            f"with the CPU wheel of {TORCH_PIN}, or pass --find-links to it"
+        )
 
 
 def requirement_closure(roots: list[str]) -> dict[str, str]:
@@ -111,14 +136,19 @@ def write_keep(out: Path) -> None:
     """The requirements a sync keeps beside the lock: the installed torch (whichever build) and what only
     it needs, uv and pip, and tuneline itself (editable)."""
     locked = locked_versions(LOCK)
-    keep = {name: version for name, version in requirement_closure(["torch", "uv", "pip"]).items()
-            if name not in locked}
+    keep = {
+        name: version
+        for name, version in requirement_closure(["torch", "uv", "pip"]).items()
+        if name not in locked
+    }
     lines = [f"{name}=={version}" for name, version in sorted(keep.items())] + [f"-e {ROOT}"]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("compile").add_argument("--upgrade", action="store_true")
     check = sub.add_parser("check")
@@ -132,8 +162,11 @@ def main() -> None:
         problems = disagreements(args.pyproject, args.lock)
         if problems:
             print("\n".join(f"lock check: {p}" for p in problems), file=sys.stderr)
-            print("lock check: run `make lock` and commit requirements.lock (a commit of its own, "
-                  "with `make test` run on it)", file=sys.stderr)
+            print(
+                "lock check: run `make lock` and commit requirements.lock (a commit of its own, "
+                "with `make test` run on it)",
+                file=sys.stderr,
+            )
             raise SystemExit(1)
         print(f"lock check: {args.lock.name} satisfies {args.pyproject.name}")
     else:

@@ -84,8 +84,11 @@ def page(params_text: str) -> str:
     parts = [HEADER]
     for path, value, comment in rows(params_text.splitlines()):
         if "." not in path and "[" not in path:
-            parts.append(f"\n## `{path}`\n" + (f"\n{comment}\n" if comment else "")
-                         + "\n| key | default | what it is |\n|---|---|---|")
+            parts.append(
+                f"\n## `{path}`\n"
+                + (f"\n{comment}\n" if comment else "")
+                + "\n| key | default | what it is |\n|---|---|---|"
+            )
             continue
         shown = f"`{cell(value)}`" if value else ""
         parts.append(f"| `{path}` | {shown} | {cell(comment)} |")

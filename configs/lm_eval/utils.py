@@ -11,6 +11,8 @@ def with_choices(dataset):
     n = len(answers)
 
     def add(doc: dict, i: int) -> dict:
-        return {"choices": [answers[i]] + [answers[(i + k) % n] for k in range(1, min(DISTRACTORS, n - 1) + 1)]}
+        return {
+            "choices": [answers[i]] + [answers[(i + k) % n] for k in range(1, min(DISTRACTORS, n - 1) + 1)]
+        }
 
     return dataset.map(add, with_indices=True)

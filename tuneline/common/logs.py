@@ -64,7 +64,11 @@ def progress_env(is_terminal: bool) -> dict[str, str]:
     stderr is not a terminal; tqdm reads TQDM_DISABLE when it is imported, so this runs first."""
     if is_terminal:
         return {}
-    return {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return {
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
 
 
 def start_stage_log(stage: str, metrics_dir: str | Path | None) -> Path | None:

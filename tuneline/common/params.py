@@ -64,7 +64,9 @@ class _Section:
 
 def _holds_sections(annotation: str) -> bool:
     """True for fields that hold nested sections (reading them is not reading a value)."""
-    return any(name in str(annotation) for name in ("TinyModel", "CrawlSource", "CrawlDataset", "Candidate", "Judge"))
+    return any(
+        name in str(annotation) for name in ("TinyModel", "CrawlSource", "CrawlDataset", "Candidate", "Judge")
+    )
 
 
 def _start_audit(path: str) -> None:
@@ -110,7 +112,10 @@ class Base(_Section):
 
     def check(self, key: str) -> None:
         if self.shard_records < 1:
-            raise ParamsError(f"{key}.shard_records must be at least 1 (records per shard on average), got {self.shard_records}")
+            raise ParamsError(
+                f"{key}.shard_records must be at least 1 (records per shard on average), got "
+                f"{self.shard_records}"
+            )
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,9 @@ class TinyModel(_Section):
 
     def check(self, key: str) -> None:
         if self.pretrain_steps < 0:
-            raise ParamsError(f"{key}.pretrain_steps must be >= 0 (0: random weights), got {self.pretrain_steps}")
+            raise ParamsError(
+                f"{key}.pretrain_steps must be >= 0 (0: random weights), got {self.pretrain_steps}"
+            )
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,9 @@ class Pretrain(_Section):
 
     def check(self, key: str) -> None:
         if self.decontamination_ngram < 1:
-            raise ParamsError(f"pretrain.decontamination_ngram must be at least 1, got {self.decontamination_ngram}")
+            raise ParamsError(
+                f"pretrain.decontamination_ngram must be at least 1, got {self.decontamination_ngram}"
+            )
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,9 @@ class CrawlSource(_Section):
     # next heading (headings: documentation sites; see tuneline.data.crawl.heading_pairs).
     qa_mode: Literal["pairs", "headings"] = "pairs"
     heading_levels: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
-    questions_end_with: list[str] = dataclasses.field(default_factory=list)  # e.g. ["?", "？"]; empty: every heading
+    questions_end_with: list[str] = dataclasses.field(
+        default_factory=list
+    )  # e.g. ["?", "？"]; empty: every heading
     exclude_css: list[str] = dataclasses.field(default_factory=list)  # sub-blocks taken out before extraction
     builtin_excludes: bool = True  # also take out Sphinx, MkDocs, Docusaurus, DocBook, GitHub furniture
     allow_empty: bool = False  # true: a source that gives no record is not an error (a site that may be down)
@@ -195,7 +206,10 @@ class CrawlSource(_Section):
         """The source's own rules; `where` names it (crawl.sources[i] (name)), and a relative start URL
         needs crawl.serve_site."""
         if not SOURCE_NAME.match(self.name):
-            raise ParamsError(f"{where}.name {self.name!r}: use letters, digits, '-' and '_' only (it names the source's cache file)")
+            raise ParamsError(
+                f"{where}.name {self.name!r}: use letters, digits, '-' and '_' only (it names the source's "
+                f"cache file)"
+            )
         if not self.start_urls:
             raise ParamsError(f"{where}.start_urls is empty; give at least one URL")
         for url in self.start_urls:
@@ -214,24 +228,34 @@ class CrawlSource(_Section):
                 try:
                     re.compile(pattern)
                 except re.error as err:
-                    raise ParamsError(f"{where}.{key}: {pattern!r} is not a valid regular expression ({err})") from None
+                    raise ParamsError(
+                        f"{where}.{key}: {pattern!r} is not a valid regular expression ({err})"
+                    ) from None
         if self.depth_limit < 0:
-            raise ParamsError(f"{where}.depth_limit is {self.depth_limit}; use 0 for no limit or a positive depth")
+            raise ParamsError(
+                f"{where}.depth_limit is {self.depth_limit}; use 0 for no limit or a positive depth"
+            )
         if self.max_pages < 1:
             raise ParamsError(f"{where}.max_pages is {self.max_pages}; it must be at least 1")
         pairs = ("question_css", "answer_css") if self.qa_mode == "pairs" else ()
         needed = {"qa": pairs, "doc": ("title_css",), "auto": pairs}
         for key in needed[self.kind]:
             if not getattr(self, key).strip():
-                raise ParamsError(f"{where}.{key} is empty but kind is {self.kind!r}; give a CSS selector (or xpath:...)")
+                raise ParamsError(
+                    f"{where}.{key} is empty but kind is {self.kind!r}; give a CSS selector (or xpath:...)"
+                )
         for key in ("question_css", "answer_css", "title_css", "text_css"):
             css = getattr(self, key)
             if css.strip():
                 _check_css(css, f"{where}.{key}")
         for i, css in enumerate(self.exclude_css):
             _check_css(css, f"{where}.exclude_css[{i}]")
-        if self.qa_mode == "headings" and (not self.heading_levels or not set(self.heading_levels) <= set(range(1, 7))):
-            raise ParamsError(f"{where}.heading_levels is {self.heading_levels}; list heading levels from 1 to 6 (h1..h6)")
+        if self.qa_mode == "headings" and (
+            not self.heading_levels or not set(self.heading_levels) <= set(range(1, 7))
+        ):
+            raise ParamsError(
+                f"{where}.heading_levels is {self.heading_levels}; list heading levels from 1 to 6 (h1..h6)"
+            )
 
 
 @dataclass(frozen=True)
@@ -251,12 +275,16 @@ class CrawlDataset(_Section):
         if self.format != "hub":
             for key in ("config", "revision"):
                 if getattr(self, key) is not None:
-                    raise ParamsError(f"{where}.{key} is for format: hub only; remove it for a {self.format} file")
+                    raise ParamsError(
+                        f"{where}.{key} is for format: hub only; remove it for a {self.format} file"
+                    )
         if self.format in ("json", "jsonl", "csv") and self.split != "train":
             raise ParamsError(f"{where}.split is {self.split!r}: a {self.format} file has one split, 'train'")
         unknown = sorted(set(self.columns) - set(DATASET_FIELDS))
         if unknown:
-            raise ParamsError(f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}")
+            raise ParamsError(
+                f"{where}.columns.{unknown[0]} is not a record field; map onto {', '.join(DATASET_FIELDS)}"
+            )
         for key in ("instruction", "output"):
             if not self.columns.get(key):
                 raise ParamsError(f"{where}.columns.{key} is not mapped; name the column that holds it")
@@ -284,16 +312,29 @@ class Crawl(_Section):
         for i, s in enumerate(self.sources):
             s.check_in(f"crawl.sources[{i}] ({s.name})", self.serve_site)
             if names.count(s.name) > 1:
-                raise ParamsError(f"crawl.sources[{i}].name {s.name!r} is used twice; give each source its own name")
+                raise ParamsError(
+                    f"crawl.sources[{i}].name {s.name!r} is used twice; give each source its own name"
+                )
         ds_names = [d.name for d in self.datasets]
         for i, d in enumerate(self.datasets):
             d.check_in(f"crawl.datasets[{i}] ({d.name})")
             if ds_names.count(d.name) > 1:
-                raise ParamsError(f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name")
+                raise ParamsError(
+                    f"crawl.datasets[{i}].name {d.name!r} is used twice; give each dataset its own name"
+                )
         if not 0 <= self.max_parse_error_fraction <= 1:
-            raise ParamsError(f"crawl.max_parse_error_fraction is {self.max_parse_error_fraction}; give a share from 0 to 1")
-        minimum = {"retry_times": 0, "http_cache_expiration_s": 0, "autothrottle_start_delay_s": 0,
-                   "max_page_bytes": 1, "concurrent_requests": 1, "min_doc_chars": 0, "download_timeout": 1e-3}
+            raise ParamsError(
+                f"crawl.max_parse_error_fraction is {self.max_parse_error_fraction}; give a share from 0 to 1"
+            )
+        minimum = {
+            "retry_times": 0,
+            "http_cache_expiration_s": 0,
+            "autothrottle_start_delay_s": 0,
+            "max_page_bytes": 1,
+            "concurrent_requests": 1,
+            "min_doc_chars": 0,
+            "download_timeout": 1e-3,
+        }
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise ParamsError(f"crawl.{name} is {getattr(self, name)}; it must be at least {low}")
@@ -334,21 +375,38 @@ class Augment(_Section):
     batch_price_factor: float
 
     def check(self, key: str) -> None:
-        for name in ("rounds", "pilot_size", "per_round", "per_call", "few_shot_k", "chunk_chars",
-                     "chunk_budget", "concurrency", "requests_per_minute"):  # fmt: skip
+        for name in (
+            "rounds",
+            "pilot_size",
+            "per_round",
+            "per_call",
+            "few_shot_k",
+            "chunk_chars",
+            "chunk_budget",
+            "concurrency",
+            "requests_per_minute",
+        ):
             if getattr(self, name) < 1:
                 raise ParamsError(f"augment.{name} must be at least 1, got {getattr(self, name)}")
         if self.reply_retries < 0 or self.max_retries < 0 or self.feedback_examples < 0:
-            raise ParamsError("augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0")
+            raise ParamsError(
+                "augment.reply_retries, augment.max_retries and augment.feedback_examples must be >= 0"
+            )
         if not 0 <= self.max_failed_fraction <= 1:
-            raise ParamsError(f"augment.max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}")
+            raise ParamsError(
+                f"augment.max_failed_fraction must be between 0 and 1, got {self.max_failed_fraction}"
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ParamsError(f"augment.max_tokens must be at least 1 (or null: not sent), got {self.max_tokens}")
+            raise ParamsError(
+                f"augment.max_tokens must be at least 1 (or null: not sent), got {self.max_tokens}"
+            )
         if not 0 <= self.min_grounding <= 1:
             raise ParamsError(f"augment.min_grounding must be between 0 and 1, got {self.min_grounding}")
         if self.batch and self.base_url == "local":
-            raise ParamsError("augment.batch: true needs an endpoint with the OpenAI Batch API (files and batches); "
-                              "augment.base_url local is `transformers serve`, which has none: set augment.batch: false")
+            raise ParamsError(
+                "augment.batch: true needs an endpoint with the OpenAI Batch API (files and batches); "
+                "augment.base_url local is `transformers serve`, which has none: set augment.batch: false"
+            )
 
 
 @dataclass(frozen=True)
@@ -382,26 +440,40 @@ class Clean(_Section):
 
         if self.knn_k < 1 or self.datalab_min_records <= self.knn_k:
             raise ParamsError(
-                f"clean.datalab_min_records ({self.datalab_min_records}) must be larger than clean.knn_k ({self.knn_k}), "
+                f"clean.datalab_min_records ({self.datalab_min_records}) must be larger than clean.knn_k "
+                f"({self.knn_k}), "
                 "which must be at least 1: the kNN graph needs k neighbours for every record"
             )
         if self.approximate_knn_min_records <= self.knn_k:
             raise ParamsError(
-                f"clean.approximate_knn_min_records ({self.approximate_knn_min_records}) must be larger than clean.knn_k "
-                f"({self.knn_k}); it is the group size from which the kNN graph is approximate (20000 is the default)"
+                f"clean.approximate_knn_min_records ({self.approximate_knn_min_records}) must be larger than "
+                f"clean.knn_k "
+                f"({self.knn_k}); it is the group size from which the kNN graph is approximate (20000 is the "
+                f"default)"
             )
         if not 0 <= self.outlier_threshold <= 1:
-            raise ParamsError(f"clean.outlier_threshold {self.outlier_threshold} must be in [0, 1] (higher flags more)")
+            raise ParamsError(
+                f"clean.outlier_threshold {self.outlier_threshold} must be in [0, 1] (higher flags more)"
+            )
         if self.label_cv_folds < 2:
             raise ParamsError(f"clean.label_cv_folds {self.label_cv_folds} must be at least 2")
         unknown = sorted(set(self.phone_regions) - phonenumbers.SUPPORTED_REGIONS)
         if unknown:
             raise ParamsError(
-                f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes such as US, GB, DE)"
+                f"clean.phone_regions: {unknown[0]!r} is not a region libphonenumber knows (ISO 3166 codes "
+                f"such as US, GB, DE)"
             )
         if self.embedding_max_seq_length < 1:
-            raise ParamsError(f"clean.embedding_max_seq_length {self.embedding_max_seq_length} must be at least 1 (word pieces)")
-        if self.batch_size < 1 or self.min_chars < 0 or self.max_chars < self.min_chars or self.max_tokens < self.min_tokens:
+            raise ParamsError(
+                f"clean.embedding_max_seq_length {self.embedding_max_seq_length} must be at least 1 (word "
+                f"pieces)"
+            )
+        if (
+            self.batch_size < 1
+            or self.min_chars < 0
+            or self.max_chars < self.min_chars
+            or self.max_tokens < self.min_tokens
+        ):
             raise ParamsError("clean.batch_size must be positive and clean.min_* must not exceed clean.max_*")
 
 
@@ -417,7 +489,8 @@ class Build(_Section):
         v, t = self.val_fraction, self.test_fraction
         if not 0 <= v < 1 or not 0 <= t < 1 or v + t >= 1:
             raise ParamsError(
-                f"build.val_fraction ({v}) + build.test_fraction ({t}) must each be in [0, 1) and leave records for training"
+                f"build.val_fraction ({v}) + build.test_fraction ({t}) must each be in [0, 1) and leave "
+                f"records for training"
             )
 
 
@@ -443,7 +516,8 @@ class Candidate(_Section):
             raise ParamsError(f"{key}.base_url is required for kind: api")
         if self.kind == "local" and (self.base_url or self.api_key_env):
             raise ParamsError(
-                f"{key}: base_url and api_key_env are for kind: api; a local candidate names a hub id or a directory in `model`"
+                f"{key}: base_url and api_key_env are for kind: api; a local candidate names a hub id or a "
+                f"directory in `model`"
             )
 
 
@@ -456,7 +530,9 @@ class Judge(_Section):
     base_url: str  # "local": `transformers serve` of `model` on 127.0.0.1 for the stage
     model: str
     api_key_env: str
-    verdict: Literal["json", "label"]  # json: {"winner": ...}; label: one token, A, B or C, forced by logit_bias
+    verdict: Literal[
+        "json", "label"
+    ]  # json: {"winner": ...}; label: one token, A, B or C, forced by logit_bias
     structured: Literal["json_schema", "json_object", "none"]  # json verdicts' response_format
     prompt: str
     retry_prompt: str
@@ -470,12 +546,22 @@ class Judge(_Section):
 
     def check(self, key: str) -> None:
         """A judge (evaluate.judge, select.judge) that is on must say where the judge is."""
-        if self.reply_retries < 0 or self.max_retries < 0 or self.concurrency < 1 or self.requests_per_minute < 1:
-            raise ParamsError(f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1")
+        if (
+            self.reply_retries < 0
+            or self.max_retries < 0
+            or self.concurrency < 1
+            or self.requests_per_minute < 1
+        ):
+            raise ParamsError(
+                f"{key}.reply_retries and max_retries must be >= 0, concurrency and requests_per_minute >= 1"
+            )
         if self.enabled:
             for field in ("base_url", "model", "prompt", "retry_prompt"):
                 if not getattr(self, field).strip():
-                    raise ParamsError(f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see params.yaml)")
+                    raise ParamsError(
+                        f"{key}.{field} is empty; the judge is on ({key}.enabled), so set it (see "
+                        f"params.yaml)"
+                    )
 
 
 @dataclass(frozen=True)
@@ -495,12 +581,15 @@ class Select(_Section):
         if self.metric == "judge" and not self.judge.enabled:
             raise ParamsError(
                 "select.metric 'judge' needs the judge: set select.judge.enabled to true and name it in "
-                "select.judge.base_url and select.judge.model (an OpenAI-compatible URL and model, or base_url "
+                "select.judge.base_url and select.judge.model (an OpenAI-compatible URL and model, or "
+                "base_url "
                 "local and a model directory), or choose by rouge_l, bleu or exact_match"
             )
         if self.judge.enabled and self.generation_samples < 1:
-            raise ParamsError("select.judge judges generated answers: select.generation_samples must be at least 1 "
-                              "while select.judge.enabled is true")
+            raise ParamsError(
+                "select.judge judges generated answers: select.generation_samples must be at least 1 "
+                "while select.judge.enabled is true"
+            )
         for name, cand in self.candidates.items():
             if cand.kind == "api" and self.metric in ("loss", "perplexity"):
                 raise ParamsError(
@@ -568,35 +657,68 @@ class Train(_Section):
     launcher: Literal["python", "accelerate"]
     accelerate_config: str
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"]
-    profile: Literal["auto", "tiny", "hub"]  # auto: tiny for a stand-in (tuneline.model.profiles), hub for any other base
+    profile: Literal[
+        "auto", "tiny", "hub"
+    ]  # auto: tiny for a stand-in (tuneline.model.profiles), hub for any other base
     hub: HubProfile | None  # the settings `hub` uses; None only where code builds a Train itself
 
     def check(self, key: str) -> None:
         """The train keys' own rules, and those that couple them with the accelerate config they name."""
         if self.lora_r <= 0 or self.learning_rate <= 0 or self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ParamsError("train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be positive")
+            raise ParamsError(
+                "train.lora_r, train.learning_rate, train.batch_size and train.eval_batch_size must be "
+                "positive"
+            )
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ParamsError(f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got {self.max_steps}")
+            raise ParamsError(
+                f"train.max_steps must be -1 (train for train.epochs) or a positive number of steps, got "
+                f"{self.max_steps}"
+            )
         if self.neftune_noise_alpha < 0:
-            raise ParamsError(f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
-                              f"got {self.neftune_noise_alpha}")
+            raise ParamsError(
+                f"train.neftune_noise_alpha must be 0 (off) or a positive noise scale such as 5, "
+                f"got {self.neftune_noise_alpha}"
+            )
         if not 0 < self.wise_ft <= 1:
-            raise ParamsError(f"train.wise_ft must be in (0, 1]: the share of what training learned that the saved model "
-                              f"keeps (1.0: the model as trained), got {self.wise_ft}")
+            raise ParamsError(
+                f"train.wise_ft must be in (0, 1]: the share of what training learned that the saved model "
+                f"keeps (1.0: the model as trained), got {self.wise_ft}"
+            )
         if self.method == "ptuning" and self.wise_ft != 1:
-            raise ParamsError(f"train.wise_ft is {self.wise_ft}, but a P-tuning prompt has no base value to interpolate "
-                              "toward: set train.wise_ft to 1.0 with train.method ptuning")
-        if self.method == "ptuning" and self.profile != "tiny" and self.hub is not None and self.hub.wise_ft != 1:
-            raise ParamsError(f"train.hub.wise_ft is {self.hub.wise_ft}, but a P-tuning prompt has no base value to "
-                              "interpolate toward: set train.hub.wise_ft to 1.0 with train.method ptuning")
+            raise ParamsError(
+                f"train.wise_ft is {self.wise_ft}, but a P-tuning prompt has no base value to interpolate "
+                "toward: set train.wise_ft to 1.0 with train.method ptuning"
+            )
+        if (
+            self.method == "ptuning"
+            and self.profile != "tiny"
+            and self.hub is not None
+            and self.hub.wise_ft != 1
+        ):
+            raise ParamsError(
+                f"train.hub.wise_ft is {self.hub.wise_ft}, but a P-tuning prompt has no base value to "
+                "interpolate toward: set train.hub.wise_ft to 1.0 with train.method ptuning"
+            )
         if self.save_total_limit < 1:
-            raise ParamsError(f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got {self.save_total_limit}")
+            raise ParamsError(
+                f"train.save_total_limit must be at least 1 (a killed run resumes from the newest), got "
+                f"{self.save_total_limit}"
+            )
         launched = self.launcher == "accelerate"
-        if self.method == "full" and self.wise_ft != 1 and launched and zero_stage(self.accelerate_config) == 3:
-            raise ParamsError(f"train.accelerate_config {self.accelerate_config} runs DeepSpeed ZeRO-3: {WISE_FT_ZERO3}")
+        if (
+            self.method == "full"
+            and self.wise_ft != 1
+            and launched
+            and zero_stage(self.accelerate_config) == 3
+        ):
+            raise ParamsError(
+                f"train.accelerate_config {self.accelerate_config} runs DeepSpeed ZeRO-3: {WISE_FT_ZERO3}"
+            )
         sharding = distributed_type(self.accelerate_config) if launched else None
         if self.method == "qlora" and sharding in ("FSDP", "DEEPSPEED"):
-            raise ParamsError(f"train.accelerate_config {self.accelerate_config} runs {sharding}: {QLORA_SHARDED}")
+            raise ParamsError(
+                f"train.accelerate_config {self.accelerate_config} runs {sharding}: {QLORA_SHARDED}"
+            )
 
 
 @dataclass(frozen=True)
@@ -718,7 +840,9 @@ def build_dataclass(cls: type, data: Any, key: str) -> Any:
     for name, spec in fields.items():
         if name not in data:
             if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"{key}.{name} is missing; add it to {PARAMS_FILE} ({_type_name(hints[name])})")
+                raise ParamsError(
+                    f"{key}.{name} is missing; add it to {PARAMS_FILE} ({_type_name(hints[name])})"
+                )
             continue
         values[name] = _convert(data[name], hints[name], f"{key}.{name}")
     obj = cls(**values)
@@ -789,8 +913,11 @@ def problems(data: dict, complete: bool = False) -> list[str]:
 
     Checks only the file: whether a named prompt file exists or an optional package is installed is
     `check_environment`'s, which the stages that need it call."""
-    found = [f"section {name!r} is not known" + _did_you_mean(name, list(SECTIONS)) for name in data
-             if name not in SECTIONS]  # fmt: skip
+    found = [
+        f"section {name!r} is not known" + _did_you_mean(name, list(SECTIONS))
+        for name in data
+        if name not in SECTIONS
+    ]
     built = {}
     for name, cls in SECTIONS.items():
         if name not in data:
@@ -815,8 +942,10 @@ def coupling_problems(sections: dict[str, Any]) -> list[str]:
     if train and tokenize and train.method == "ptuning" and tokenize.packing:
         found.append(PTUNING_PACKED)
     if train and evaluate and train.method == "ptuning" and evaluate.merge:
-        found.append("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to "
-                     "false with train.method ptuning")
+        found.append(
+            "evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to "
+            "false with train.method ptuning"
+        )
     return found
 
 
@@ -877,10 +1006,14 @@ def load(*names: str, path: str | Path = PARAMS_FILE) -> tuple:
     return sections
 
 
-WISE_FT_ZERO3 = ("train.wise_ft below 1 with train.method full is not run under DeepSpeed ZeRO-3 (it has not "
-                 "been checked there): set train.wise_ft to 1.0, or train with configs/accelerate/fsdp.yaml or ddp.yaml")
-QLORA_SHARDED = ("train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
-                 "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed")
+WISE_FT_ZERO3 = (
+    "train.wise_ft below 1 with train.method full is not run under DeepSpeed ZeRO-3 (it has not "
+    "been checked there): set train.wise_ft to 1.0, or train with configs/accelerate/fsdp.yaml or ddp.yaml"
+)
+QLORA_SHARDED = (
+    "train.method 'qlora' runs one whole 4-bit copy per GPU (DDP): set train.accelerate_config "
+    "to configs/accelerate/ddp.yaml, or train.method to lora for FSDP/DeepSpeed"
+)
 PTUNING_PACKED = "train.method 'ptuning' cannot train on packed data: set tokenize.packing to false"
 
 
@@ -891,12 +1024,14 @@ def _accelerate_config(accelerate_config: str) -> dict:
 
 
 def distributed_type(accelerate_config: str) -> str | None:
-    """What an `accelerate launch` config file runs: MULTI_GPU (DDP), FSDP, DEEPSPEED, ... (None: no such file)."""
+    """What an `accelerate launch` config file runs: MULTI_GPU (DDP), FSDP, DEEPSPEED, ... (None: no such
+    file)."""
     return _accelerate_config(accelerate_config).get("distributed_type")
 
 
 def zero_stage(accelerate_config: str) -> int | None:
-    """The DeepSpeed ZeRO stage an `accelerate launch` config file runs (None: not DeepSpeed, or no such file),
+    """The DeepSpeed ZeRO stage an `accelerate launch` config file runs (None: not DeepSpeed, or no such
+    file),
     from its `deepspeed_config.zero_stage` or the DeepSpeed JSON its `deepspeed_config_file` names."""
     import json
 
@@ -906,17 +1041,35 @@ def zero_stage(accelerate_config: str) -> int | None:
         return None
     if deepspeed.get("deepspeed_config_file"):
         file = Path(deepspeed["deepspeed_config_file"])
-        return json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") if file.is_file() else None
+        return (
+            json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage")
+            if file.is_file()
+            else None
+        )
     return deepspeed.get("zero_stage")
 
 
 # Switches that need a package tuneline does not install: (key, value, import name, the fix).
 OPTIONAL_PACKAGES = (
-    ("attn_implementation", "flash_attention_2", "flash_attn",
-     "pip install flash-attn --no-build-isolation (CUDA only), or set train.attn_implementation to sdpa"),
-    ("attn_implementation", "kernels-community/flash-attn", "kernels",
-     "pip install kernels (the kernel itself comes from the hub), or set train.attn_implementation to sdpa"),
-    ("use_liger_kernel", True, "liger_kernel", "pip install liger-kernel (CUDA only), or set train.use_liger_kernel to false"),
+    (
+        "attn_implementation",
+        "flash_attention_2",
+        "flash_attn",
+        "pip install flash-attn --no-build-isolation (CUDA only), or set train.attn_implementation to sdpa",
+    ),
+    (
+        "attn_implementation",
+        "kernels-community/flash-attn",
+        "kernels",
+        "pip install kernels (the kernel itself comes from the hub), or set train.attn_implementation to "
+        "sdpa",
+    ),
+    (
+        "use_liger_kernel",
+        True,
+        "liger_kernel",
+        "pip install liger-kernel (CUDA only), or set train.use_liger_kernel to false",
+    ),
 )
 
 
@@ -930,17 +1083,22 @@ def check_environment(name: str, p: Any) -> None:
     if name in ("select", "evaluate") and p.judge.enabled:
         for field in ("prompt", "retry_prompt"):
             if not Path(getattr(p.judge, field)).is_file():
-                raise ParamsError(f"{name}.judge.{field}: {getattr(p.judge, field)} is not a file; "
-                                  "name a Jinja2 prompt (see prompts/)")
+                raise ParamsError(
+                    f"{name}.judge.{field}: {getattr(p.judge, field)} is not a file; "
+                    "name a Jinja2 prompt (see prompts/)"
+                )
     if name == "evaluate" and p.lm_eval_tasks:
         if importlib.util.find_spec("lm_eval") is None:
             raise ParamsError(
-                f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not installed: "
+                f"evaluate.lm_eval_tasks {p.lm_eval_tasks} needs lm-evaluation-harness, which is not "
+                f"installed: "
                 "pip install -e '.[lmeval]' (tuneline's lmeval extra), or set evaluate.lm_eval_tasks to []"
             )
         if not Path(p.lm_eval_include_path).is_dir():
-            raise ParamsError(f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
-                              "lm_eval task YAMLs (the default is configs/lm_eval)")
+            raise ParamsError(
+                f"evaluate.lm_eval_include_path: {p.lm_eval_include_path} is not a directory of "
+                "lm_eval task YAMLs (the default is configs/lm_eval)"
+            )
     if name == "clean" and p.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise ParamsError(
             "clean.engine 'ray' needs Ray Data, which is not installed: pip install -e '.[ray]' "
@@ -949,10 +1107,14 @@ def check_environment(name: str, p: Any) -> None:
     if name == "train":
         for key, value, module, fix in OPTIONAL_PACKAGES:
             if getattr(p, key) == value and importlib.util.find_spec(module) is None:
-                raise ParamsError(f"train.{key} {value!r} needs the {module} package, which is not installed: {fix}")
+                raise ParamsError(
+                    f"train.{key} {value!r} needs the {module} package, which is not installed: {fix}"
+                )
         if p.launcher == "accelerate" and not Path(p.accelerate_config).is_file():
-            raise ParamsError(f"train.accelerate_config {p.accelerate_config!r} is not a file; name one of "
-                              "configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml or your own `accelerate config` output")
+            raise ParamsError(
+                f"train.accelerate_config {p.accelerate_config!r} is not a file; name one of "
+                "configs/accelerate/{ddp,fsdp,zero2,zero3}.yaml or your own `accelerate config` output"
+            )
 
 
 # An XPath whose last step is text(), an attribute or a function picks strings, not elements.
@@ -965,8 +1127,10 @@ def _check_css(css: str, key: str) -> None:
 
     kind = "an XPath expression" if css.startswith("xpath:") else "a CSS selector"
     if css.startswith("xpath:") and _XPATH_NOT_ELEMENTS.search(css):
-        raise ParamsError(f"{key} {css!r} selects text or attributes, not elements; end the XPath at the element "
-                          "(//dt, not //dt/text())")
+        raise ParamsError(
+            f"{key} {css!r} selects text or attributes, not elements; end the XPath at the element "
+            "(//dt, not //dt/text())"
+        )
     empty = Selector(text="<html><body></body></html>")
     try:
         empty.xpath(css.removeprefix("xpath:")) if css.startswith("xpath:") else empty.css(css)

@@ -62,7 +62,9 @@ def iter_numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+                raise InputError(
+                    f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
             if not isinstance(value, dict):
                 raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(value).__name__}")
             yield line_no, value
@@ -96,7 +98,8 @@ SHARD_GLOB = "part-*.jsonl"
 
 
 def is_shard_end(record: dict, per_shard: int) -> bool:
-    """Whether a shard ends after this record: its id (or, without one, its content) hashes to 0 mod `per_shard`."""
+    """Whether a shard ends after this record: its id (or, without one, its content) hashes to 0 mod
+    `per_shard`."""
     key = str(record.get("id") or content_hash(record))
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) % per_shard == 0
 
@@ -119,8 +122,9 @@ def shard_records(records: Iterable[dict], per_shard: int) -> Iterator[list[dict
         yield shard
 
 
-def write_jsonl_shards(directory: str | Path, records: Iterable[dict], per_shard: int,
-                       order: Callable[[dict], Any] | None = None) -> int:
+def write_jsonl_shards(
+    directory: str | Path, records: Iterable[dict], per_shard: int, order: Callable[[dict], Any] | None = None
+) -> int:
     """Write records, given in arrival order, as the shards of `directory` (replacing what it held);
     `order` sorts the records within each shard (a stage's output order). Return how many were written.
 
@@ -147,13 +151,16 @@ def in_arrival_order(rows: list[dict], arrived: Iterable[dict]) -> list[dict]:
 
 
 def shard_files(directory: str | Path) -> list[Path]:
-    """The shards of a sharded output, in reading order; a missing directory or an old one-file output fails."""
+    """The shards of a sharded output, in reading order; a missing directory or an old one-file output
+    fails."""
     directory = Path(directory)
     if not directory.is_dir():
         old = directory.with_name(directory.name + ".jsonl")
         was = f" ({old} is an older version's one-file layout)" if old.exists() else ""
-        raise InputError(f"{directory}: not found{was}; it is a directory of {SHARD_GLOB} shards: run the stage "
-                         "that writes it (`dvc repro`)")
+        raise InputError(
+            f"{directory}: not found{was}; it is a directory of {SHARD_GLOB} shards: run the stage "
+            "that writes it (`dvc repro`)"
+        )
     return sorted(directory.glob(SHARD_GLOB))
 
 
@@ -254,7 +261,12 @@ def tokenizer_hash(name: str) -> str:
         return ""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"):
+        if f.name.startswith("tokenizer") or f.name in (
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "vocab.json",
+            "merges.txt",
+        ):
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -275,9 +287,14 @@ class ChosenModel:
 
 def chosen_model(record: dict) -> ChosenModel:
     """The ChosenModel of a base.selected / base.tuning_base mapping."""
-    return ChosenModel(name=record["name"], name_or_path=record["model"], revision=record.get("revision"),
-                       trust_remote_code=record.get("trust_remote_code", False), api=record["kind"] == "api",
-                       record=record)
+    return ChosenModel(
+        name=record["name"],
+        name_or_path=record["model"],
+        revision=record.get("revision"),
+        trust_remote_code=record.get("trust_remote_code", False),
+        api=record["kind"] == "api",
+        record=record,
+    )
 
 
 def read_chosen(path: str | Path) -> ChosenModel:
@@ -285,8 +302,9 @@ def read_chosen(path: str | Path) -> ChosenModel:
     return chosen_model(read_json(path))
 
 
-def skipped_for_api(chosen: ChosenModel, stage: str, message: str, writes: dict[Path, Any],
-                    clear: Path | None = None) -> bool:
+def skipped_for_api(
+    chosen: ChosenModel, stage: str, message: str, writes: dict[Path, Any], clear: Path | None = None
+) -> bool:
     """Whether the stage skips `chosen`, an API model that no local stage can tune, score or export.
     Then it prints `<stage>: skipped, <message>`, empties `clear` (an output directory) and writes
     each of `writes` (a dict as JSON, a list as JSON Lines, a str as text), so that every output the

@@ -13,7 +13,9 @@ from tuneline.common.records import content_hash, with_id
 
 # Characters of scripts written without spaces count one token each; other text counts words.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
-_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
+_WORD = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+"
+)
 
 
 def count_tokens(text: str) -> int:
@@ -39,10 +41,16 @@ def record_problems(record: dict, max_tokens: int) -> list[tuple[str, str]]:
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
-            problems.append(("history", f"should be a list of [instruction, answer] pairs, got {type(history).__name__}"))
+            problems.append(
+                ("history", f"should be a list of [instruction, answer] pairs, got {type(history).__name__}")
+            )
         else:
             for i, turn in enumerate(history):
-                if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                if not (
+                    isinstance(turn, (list, tuple))
+                    and len(turn) == 2
+                    and all(isinstance(t, str) for t in turn)
+                ):
                     problems.append((f"history[{i}]", "should be a pair of 2 strings [instruction, answer]"))
     if not problems:
         n = count_tokens(render_text(record))
@@ -87,8 +95,9 @@ def split_of(record: dict, val_fraction: float, test_fraction: float, seed: int)
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def split(records: list[dict], val_fraction: float, test_fraction: float, seed: int,
-          generated_in_test: bool = True) -> tuple[list, list, list]:  # fmt: skip
+def split(
+    records: list[dict], val_fraction: float, test_fraction: float, seed: int, generated_in_test: bool = True
+) -> tuple[list, list, list]:
     """A train/val/test split that never moves: each record's split is `split_of` its identity.
     Without `generated_in_test`, a generated record (source: generated) drawn for test goes to train:
     the test split then scores the model on human-written and crawled records only.
@@ -122,34 +131,58 @@ def validate(records: list[tuple[int, dict]], source: str, max_tokens: int) -> t
     for line_no, record in records:
         problems = record_problems(record, max_tokens)
         if problems:
-            rejects.append({
-                "file": source, "line": line_no, "field": problems[0][0], "id": record.get("id"),
-                "reason": "; ".join(f"{f}: {r}" for f, r in problems), "record": record,
-            })
+            rejects.append(
+                {
+                    "file": source,
+                    "line": line_no,
+                    "field": problems[0][0],
+                    "id": record.get("id"),
+                    "reason": "; ".join(f"{f}: {r}" for f, r in problems),
+                    "record": record,
+                }
+            )
             continue
         kept.append(to_alpaca(with_id(record)))
     return kept, rejects
 
 
-def nothing_to_build(clean_rejects: list[dict], build_rejects: list[dict], clean_dir: str, metrics_dir: str) -> str:
+def nothing_to_build(
+    clean_rejects: list[dict], build_rejects: list[dict], clean_dir: str, metrics_dir: str
+) -> str:
     """The error when no record reaches the split files, naming the stage that emptied them."""
     if build_rejects:
-        return (f"build rejected all {len(build_rejects)} records from {clean_dir}/records/ (first: "
-                f"{build_rejects[0]['file']}:{build_rejects[0]['line']}, {build_rejects[0]['reason']}); see the rejects file")
+        return (
+            f"build rejected all {len(build_rejects)} records from {clean_dir}/records/ (first: "
+            f"{build_rejects[0]['file']}:{build_rejects[0]['line']}, {build_rejects[0]['reason']}); see the "
+            f"rejects file"
+        )
     if clean_rejects:
         reasons = Counter(r["reason"] for r in clean_rejects)
         top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
-        return (f"no records reach build: the clean stage rejected all {len(clean_rejects)} records it received "
-                f"({top}); see {clean_dir}/rejects/ and {metrics_dir}/clean.json, and loosen the clean: params")
-    return (f"no records reach build: {clean_dir}/records/ is empty and the clean stage rejected nothing, "
-            "so it received no records: the augment stage (or crawl before it) produced none; see "
-            f"{metrics_dir}/augment.json and {metrics_dir}/crawl.json")
+        return (
+            f"no records reach build: the clean stage rejected all {len(clean_rejects)} records it received "
+            f"({top}); see {clean_dir}/rejects/ and {metrics_dir}/clean.json, and loosen the clean: params"
+        )
+    return (
+        f"no records reach build: {clean_dir}/records/ is empty and the clean stage rejected nothing, "
+        "so it received no records: the augment stage (or crawl before it) produced none; see "
+        f"{metrics_dir}/augment.json and {metrics_dir}/crawl.json"
+    )
 
 
 def dataset_info(name: str, splits: dict[str, str]) -> dict:
     """LLaMA-Factory's dataset_info.json entries for the split files (`{split: file_name}`)."""
-    columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
-    return {f"{name}_{split}": {"file_name": file, "formatting": "alpaca", "columns": dict(columns)} for split, file in splits.items()}
+    columns = {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    }
+    return {
+        f"{name}_{split}": {"file_name": file, "formatting": "alpaca", "columns": dict(columns)}
+        for split, file in splits.items()
+    }
 
 
 def to_openai_chat(record: dict) -> dict:

@@ -10,7 +10,8 @@ Review loop: round 1 asks for a small pilot batch; the shared rule checks
 (`tuneline.data.rules.review_problems`) plus a grounding and a duplicate check flag bad records;
 the flagged examples and their reasons go into the next round's prompts as "avoid these
 mistakes", together with the records of the round that a person rejected in `tuneline review`
-(matched by content hash, with the person's reason). A reply that is not the JSON asked for is retried in the same conversation with
+(matched by content hash, with the person's reason). A reply that is not the JSON asked for is retried in the
+same conversation with
 the reason, a bounded number of times, then rejected with the raw reply.
 
 Each generator is one unit (`expansion`, `grounded_qa`: a Generator with its prompts, the parse of
@@ -22,7 +23,6 @@ this module does no I/O of its own beyond reading input and template files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import re
@@ -34,10 +34,17 @@ from typing import Any, NamedTuple
 
 import jinja2
 
-from tuneline.llm.client import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
 from tuneline.common.params import Augment, Clean
-from tuneline.common.records import InputError, content_hash, iter_numbered_jsonl, iter_numbered_jsonl_dir, text_hash, with_ids
+from tuneline.common.records import (
+    InputError,
+    content_hash,
+    iter_numbered_jsonl,
+    iter_numbered_jsonl_dir,
+    text_hash,
+    with_ids,
+)
 from tuneline.data.rules import REVIEW_LIMITS, ReviewRules, describe, review_problems
+from tuneline.llm.client import EMPTY_REPLY, TRUNCATED, Endpoint, Reply, ReplyError, parse_json_object
 
 TEMPLATES = ("expand", "answer", "grounded", "retry")
 # call(requests, seed, response formats) -> one reply per request
@@ -99,8 +106,10 @@ def seed_records(path: str | Path) -> list[dict]:
         _text_field(item, ("output",), where)
         records.append(alpaca_record(item, "seed"))
     if not records:  # an empty file would run the whole pipeline on crawled and dataset records alone
-        raise InputError(f"{path} holds no seed record (base.seeds); add at least one JSON line with instruction "
-                         "and output, as data/seeds/seeds.jsonl has")
+        raise InputError(
+            f"{path} holds no seed record (base.seeds); add at least one JSON line with instruction "
+            "and output, as data/seeds/seeds.jsonl has"
+        )
     return with_ids(records)
 
 
@@ -114,13 +123,21 @@ def crawl_items(path: str | Path) -> tuple[list[dict], list[tuple[str, str, str,
         if kind == "qa":
             question = _text_field(item, ("question", "instruction"), where)
             answer = _text_field(item, ("answer", "output"), where)
-            records.append(alpaca_record({**item, "instruction": question, "output": answer}, "crawl",
-                                         url=url or None, origin=item.get("source")))  # fmt: skip
+            records.append(
+                alpaca_record(
+                    {**item, "instruction": question, "output": answer},
+                    "crawl",
+                    url=url or None,
+                    origin=item.get("source"),
+                )
+            )
         elif kind == "doc":
             text = _text_field(item, ("text", "content"), where)
             docs.append((url, item.get("title") or "", text, item.get("category")))
         else:
-            raise InputError(f"{where}: field 'kind' is {kind!r}; expected 'qa' or 'doc' (rerun the crawl stage)")
+            raise InputError(
+                f"{where}: field 'kind' is {kind!r}; expected 'qa' or 'doc' (rerun the crawl stage)"
+            )
     return with_ids(records), docs
 
 
@@ -149,7 +166,9 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
             pieces.extend([para] if para else [])
             continue
         for sentence in re.split(r"(?<=[.!?。！？])\s*", para):
-            pieces.extend(sentence[i : i + max_chars] for i in range(0, len(sentence), max_chars) if sentence.strip())
+            pieces.extend(
+                sentence[i : i + max_chars] for i in range(0, len(sentence), max_chars) if sentence.strip()
+            )
     chunks: list[str] = []
     for piece in pieces:
         if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
@@ -190,7 +209,9 @@ def load_templates(prompts_dir: str | Path) -> dict[str, jinja2.Template]:
     for name in TEMPLATES:
         path = Path(prompts_dir, f"{name}.txt")
         if not path.is_file():
-            raise InputError(f"{path}: prompt template is missing (augment.prompts_dir is {str(prompts_dir)!r})")
+            raise InputError(
+                f"{path}: prompt template is missing (augment.prompts_dir is {str(prompts_dir)!r})"
+            )
         try:
             templates[name] = env.from_string(path.read_text(encoding="utf-8"))
         except jinja2.TemplateSyntaxError as err:
@@ -244,7 +265,12 @@ def _text(min_chars: int, max_chars: int) -> dict:
 
 def _closed(properties: dict) -> dict:
     # OpenAI's strict mode needs every property required and no others allowed.
-    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
 
 
 def reply_schema(kind: str, n: int, p: Augment) -> dict:
@@ -271,7 +297,11 @@ def response_format(structured: str, name: str, schema: dict) -> dict | None:
 
 def _tokens(text: str) -> list[str]:
     # CJK characters count one by one; other scripts by words of 3+ letters or numbers.
-    return [t for t in re.findall(r"[\u3400-\u9fff]|[^\W_]+", text.lower()) if len(t) >= 3 or not t.isascii() or t.isdigit()]
+    return [
+        t
+        for t in re.findall(r"[\u3400-\u9fff]|[^\W_]+", text.lower())
+        if len(t) >= 3 or not t.isascii() or t.isdigit()
+    ]
 
 
 def grounding(answer: str, passage: str) -> float:
@@ -303,7 +333,11 @@ def review_rules(p: Augment, clean: Clean) -> ReviewRules:
 
 
 def record_problems(
-    record: dict, passage: str | None, min_grounding: float, seen: set[str], rules: ReviewRules = ReviewRules()
+    record: dict,
+    passage: str | None,
+    min_grounding: float,
+    seen: set[str],
+    rules: ReviewRules = ReviewRules(),
 ) -> list[str]:
     """Why a generated record is unfit: the shared rule checks, grounding, duplicates."""
     problems = list(review_problems(record, rules))
@@ -342,7 +376,9 @@ def reviewed_mistakes(records: list[dict], human: dict[str, str], limit: int) ->
         reason = human.get(text_hash(record))
         if reason is not None and len(examples) < limit:
             text = f"{record['instruction']} -> {record['output'] or '(empty answer)'}"
-            examples.append({"text": _printable(text), "reasons": [f"a reviewer rejected it: {_printable(reason)}"]})
+            examples.append(
+                {"text": _printable(text), "reasons": [f"a reviewer rejected it: {_printable(reason)}"]}
+            )
     return examples
 
 
@@ -421,8 +457,9 @@ def grounded_sizes(p: Augment, round_no: int, n_chunks: int, calls_so_far: int) 
     return sizes + [p.per_call] * max(0, share - len(sizes))
 
 
-def generated_record(instruction: str, output: str, generator: str, round_no: int, category: str | None,
-                     url: str | None) -> dict:  # fmt: skip
+def generated_record(
+    instruction: str, output: str, generator: str, round_no: int, category: str | None, url: str | None
+) -> dict:
     item = {"instruction": instruction, "output": output, "category": category or None}
     return alpaca_record(item, "generated", generator=generator, round=round_no, url=url, origin=generator)
 
@@ -443,10 +480,20 @@ def expansion(seeds: list[dict]) -> Generator:
             pool = by_category[category]
             rng = random.Random(step_seed(at.seed, "expand", g))
             examples = _examples(rng.sample(pool, min(at.p.few_shot_k, len(pool))))
-            text = at.templates["expand"].render(examples=examples, category=category, n=n, mistakes=at.mistakes)
+            text = at.templates["expand"].render(
+                examples=examples, category=category, n=n, mistakes=at.mistakes
+            )
             fmt = response_format(at.p.structured, "questions", reply_schema("questions", n, at.p))
-            out.append(Task("questions", "expand", [user(text)], parse_questions, {"examples": examples, "category": category},
-                            fmt))  # fmt: skip
+            out.append(
+                Task(
+                    "questions",
+                    "expand",
+                    [user(text)],
+                    parse_questions,
+                    {"examples": examples, "category": category},
+                    fmt,
+                )
+            )
         return out
 
     def records(at: Round, done: list[tuple[Task, Any]]) -> tuple[list[Candidate], list[Task]]:
@@ -456,21 +503,43 @@ def expansion(seeds: list[dict]) -> Generator:
             for question in questions:
                 if normalize(question) in asked:
                     # A repeated request is rejected before it costs an answer call.
-                    record = generated_record(question, "", "expand", at.number, task.context["category"], None)
+                    record = generated_record(
+                        question, "", "expand", at.number, task.context["category"], None
+                    )
                     candidates.append(Candidate(record, None, ["duplicate"]))
                     continue
                 asked.add(normalize(question))
-                text = at.templates["answer"].render(examples=task.context["examples"], question=question,
-                                                     mistakes=at.mistakes)  # fmt: skip
+                text = at.templates["answer"].render(
+                    examples=task.context["examples"], question=question, mistakes=at.mistakes
+                )
                 fmt = response_format(at.p.structured, "answer", reply_schema("answer", 1, at.p))
-                answers.append(Task("answer", "expand", [user(text)], parse_answer, {**task.context, "question": question}, fmt))
+                answers.append(
+                    Task(
+                        "answer",
+                        "expand",
+                        [user(text)],
+                        parse_answer,
+                        {**task.context, "question": question},
+                        fmt,
+                    )
+                )
         return candidates, answers
 
     def answered(at: Round, done: list[tuple[Task, Any]]) -> list[Candidate]:
-        return [Candidate(generated_record(t.context["question"], answer, "expand", at.number, t.context["category"], None),
-                          None, []) for t, answer in done]  # fmt: skip
+        return [
+            Candidate(
+                generated_record(
+                    t.context["question"], answer, "expand", at.number, t.context["category"], None
+                ),
+                None,
+                [],
+            )
+            for t, answer in done
+        ]
 
-    return Generator("expand", lambda p, round_no, calls_before: round_sizes(p, round_no), tasks, records, answered)
+    return Generator(
+        "expand", lambda p, round_no, calls_before: round_sizes(p, round_no), tasks, records, answered
+    )
 
 
 def grounded_qa(chunks: list[Chunk]) -> Generator:
@@ -481,8 +550,9 @@ def grounded_qa(chunks: list[Chunk]) -> Generator:
         out = []
         for j, n in enumerate(sizes):
             chunk = chunks[(at.calls_before + j) % len(chunks)]
-            text = at.templates["grounded"].render(chunk=chunk.text, url=chunk.url, title=chunk.title, n=n,
-                                                   mistakes=at.mistakes)  # fmt: skip
+            text = at.templates["grounded"].render(
+                chunk=chunk.text, url=chunk.url, title=chunk.title, n=n, mistakes=at.mistakes
+            )
             fmt = response_format(at.p.structured, "pairs", reply_schema("pairs", n, at.p))
             out.append(Task("pairs", "grounded", [user(text)], parse_pairs, {"chunk": chunk}, fmt))
         return out
@@ -496,8 +566,12 @@ def grounded_qa(chunks: list[Chunk]) -> Generator:
                 candidates.append(Candidate(record, chunk.text, []))
         return candidates, []
 
-    return Generator("grounded", lambda p, round_no, calls_before: grounded_sizes(p, round_no, len(chunks), calls_before),
-                     tasks, records)  # fmt: skip
+    return Generator(
+        "grounded",
+        lambda p, round_no, calls_before: grounded_sizes(p, round_no, len(chunks), calls_before),
+        tasks,
+        records,
+    )
 
 
 # --- the round loop -----------------------------------------------------------------------
@@ -542,7 +616,9 @@ def step_seed(seed: int, *parts: Any) -> int:
     return int(content_hash(seed, *parts), 16) % 2**31
 
 
-def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int, log: RoundLog) -> tuple[list[Any], list[dict], list[Reply]]:
+def ask(
+    tasks: list[Task], call: Call, templates: dict, retries: int, seed: int, log: RoundLog
+) -> tuple[list[Any], list[dict], list[Reply]]:
     """Parsed replies for each task (None where it failed), the reply rejects, all replies.
 
     A reply that does not parse is answered with the reason and asked again in the same
@@ -565,7 +641,9 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
             if reply.error is not None:
                 # Not cached, so the next run asks again; a deterministic model would
                 # answer the same now, so it is not re-asked here.
-                reason = {EMPTY_REPLY: "empty_reply", TRUNCATED: "truncated"}.get(reply.error, "request_failed")
+                reason = {EMPTY_REPLY: "empty_reply", TRUNCATED: "truncated"}.get(
+                    reply.error, "request_failed"
+                )
                 failures[i] = (reason, reply.error, None, attempt)
                 continue
             try:
@@ -574,7 +652,10 @@ def ask(tasks: list[Task], call: Call, templates: dict, retries: int, seed: int,
             except ReplyError as err:
                 failures[i] = (err.reason, err.detail, reply.text, attempt)
                 fix = templates["retry"].render(reason=err.detail)
-                conversations[i] = conversations[i] + [{"role": "assistant", "content": reply.text}, user(fix)]
+                conversations[i] = conversations[i] + [
+                    {"role": "assistant", "content": reply.text},
+                    user(fix),
+                ]
                 retry.append(i)
         pending = retry if attempt <= retries else []
     log.calls += len(replies)
@@ -603,8 +684,16 @@ def _parsed(generator: Generator, tasks: list[Task], values: list[Any]) -> list[
     return [(t, v) for t, v in zip(tasks, values) if t.generator == generator.name and v is not None]
 
 
-def generate(generators: list[Generator], at: dict[str, Round], sizes: dict[str, list[int]], call: Call,
-             templates: dict, retries: int, seed: int, log: RoundLog) -> tuple[list[Candidate], list[dict], list[Reply]]:
+def generate(
+    generators: list[Generator],
+    at: dict[str, Round],
+    sizes: dict[str, list[int]],
+    call: Call,
+    templates: dict,
+    retries: int,
+    seed: int,
+    log: RoundLog,
+) -> tuple[list[Candidate], list[dict], list[Reply]]:
     """One round's generation: every generator's calls (`sizes[name]` records each) asked together,
     then the follow-ups their replies ask for (expansion's answers); the candidate records, the
     reply rejects, every reply."""
@@ -615,14 +704,17 @@ def generate(generators: list[Generator], at: dict[str, Round], sizes: dict[str,
         made, more = g.records(at[g.name], _parsed(g, tasks, values))
         candidates += made
         follow_ups += more
-    values, more_rejects, more_replies = ask(follow_ups, call, templates, retries, step_seed(seed, log.round, "answer"), log)
+    values, more_rejects, more_replies = ask(
+        follow_ups, call, templates, retries, step_seed(seed, log.round, "answer"), log
+    )
     for g in generators:
         candidates += g.answered(at[g.name], _parsed(g, follow_ups, values))
     return candidates, rejects + more_rejects, replies + more_replies
 
 
-def review(candidates: list[Candidate], min_grounding: float, seen: set[str], rules: ReviewRules,
-           log: RoundLog) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def review(
+    candidates: list[Candidate], min_grounding: float, seen: set[str], rules: ReviewRules, log: RoundLog
+) -> tuple[list[dict], list[dict]]:
     """A round's accepted records and record rejects, reviewed in order: an accepted record's request
     joins `seen`, so a later candidate that repeats it is a duplicate."""
     accepted, rejected = [], []
@@ -631,8 +723,16 @@ def review(candidates: list[Candidate], min_grounding: float, seen: set[str], ru
         problems = known or record_problems(record, passage, min_grounding, seen, rules)
         if problems:
             log.rejected.update(problems)
-            rejected.append({"kind": "record", "generator": record["generator"], "round": log.round,
-                             "reason": problems[0], "reasons": problems, "record": record})  # fmt: skip
+            rejected.append(
+                {
+                    "kind": "record",
+                    "generator": record["generator"],
+                    "round": log.round,
+                    "reason": problems[0],
+                    "reasons": problems,
+                    "record": record,
+                }
+            )
         else:
             log.accepted += 1
             seen.add(normalize(record["instruction"]))
@@ -640,8 +740,9 @@ def review(candidates: list[Candidate], min_grounding: float, seen: set[str], ru
     return accepted, rejected
 
 
-def feedback(generator: Generator, accepted: list[dict], rejects: list[dict], human: dict[str, str],
-             limit: int) -> list[dict]:  # fmt: skip
+def feedback(
+    generator: Generator, accepted: list[dict], rejects: list[dict], human: dict[str, str], limit: int
+) -> list[dict]:
     """The generator's "avoid these mistakes" for the next round: its accepted records a person
     rejected, then its own flagged records and replies."""
     reviewed = reviewed_mistakes([r for r in accepted if r["generator"] == generator.name], human, limit)
@@ -676,18 +777,27 @@ def run_rounds(
 
     for round_no in range(1, p.rounds + 1):
         log = RoundLog(round_no)
-        at = {g.name: Round(round_no, p, templates, mistakes[g.name], seen, calls_before[g.name], seed) for g in generators}
-        sizes = {g.name: g.sizes(p, round_no, calls_before[g.name]) for g in generators}  # round 1: the pilot's
+        at = {
+            g.name: Round(round_no, p, templates, mistakes[g.name], seen, calls_before[g.name], seed)
+            for g in generators
+        }
+        sizes = {
+            g.name: g.sizes(p, round_no, calls_before[g.name]) for g in generators
+        }  # round 1: the pilot's
         calls_before.update({name: len(s) for name, s in sizes.items()})
         log.asked = sum(sum(s) for s in sizes.values())
-        candidates, reply_rejects, got = generate(generators, at, sizes, call, templates, p.reply_retries, seed, log)
+        candidates, reply_rejects, got = generate(
+            generators, at, sizes, call, templates, p.reply_retries, seed, log
+        )
         replies += got
         every_candidate += [c.record for c in candidates]
         accepted, record_rejects = review(candidates, p.min_grounding, seen, rules, log)
         records += accepted
         log.human_rejected = sum(text_hash(r) in human for r in accepted)
         round_rejects = record_rejects + reply_rejects
-        mistakes = {g.name: feedback(g, accepted, round_rejects, human, p.feedback_examples) for g in generators}
+        mistakes = {
+            g.name: feedback(g, accepted, round_rejects, human, p.feedback_examples) for g in generators
+        }
         rejects += round_rejects
         rounds.append(log.as_dict())
     # Ids are given last, over the whole run, so identical records of two rounds get one id each;
@@ -716,7 +826,9 @@ def endpoint(p: Augment, base_url: str) -> Endpoint:
 def summary(passthrough: list[dict], result: AugmentResult) -> dict:
     """Record counts by source and rejects by reason, for metrics/augment.json."""
     by_source = Counter(r["source"] for r in passthrough + result.records)
-    record_reasons = Counter(reason for r in result.rejects if r["kind"] == "record" for reason in r["reasons"])
+    record_reasons = Counter(
+        reason for r in result.rejects if r["kind"] == "record" for reason in r["reasons"]
+    )
     reply_reasons = Counter(r["reason"] for r in result.rejects if r["kind"] == "reply")
     return {
         "records": len(passthrough) + len(result.records),
@@ -730,7 +842,8 @@ def summary(passthrough: list[dict], result: AugmentResult) -> dict:
         # Calls that still failed after the client's retries: the next run asks exactly these again.
         "failed_calls": [
             {k: r.get(k) for k in ("generator", "step", "round", "url", "detail")}
-            for r in result.rejects if r["kind"] == "reply" and r["reason"] == "request_failed"
+            for r in result.rejects
+            if r["kind"] == "reply" and r["reason"] == "request_failed"
         ],
         "rounds": result.rounds,
     }
@@ -740,6 +853,9 @@ def pilot_line(pilot: dict, rejects: list[dict], top: int = 3) -> str:
     """One line on the pilot round (round 1): asked, generated, accepted, rejected, and the top reasons."""
     reasons = Counter(r["reason"] for r in rejects if r["round"] == pilot["round"])
     listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(top)) or "none"
-    return (f"augment: pilot round: asked {pilot['asked']}, generated {pilot['generated']}, accepted {pilot['accepted']}, "
-            f"rejected {pilot['rejected']} records and {pilot['failed_replies']} replies; top reasons: {listed} "
-            "(all in rejects.jsonl; `tuneline review` shows the round)")
+    return (
+        f"augment: pilot round: asked {pilot['asked']}, generated {pilot['generated']}, accepted "
+        f"{pilot['accepted']}, "
+        f"rejected {pilot['rejected']} records and {pilot['failed_replies']} replies; top reasons: {listed} "
+        "(all in rejects.jsonl; `tuneline review` shows the round)"
+    )

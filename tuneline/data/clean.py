@@ -130,20 +130,24 @@ def load_encoder(name: str, batch_size: int, max_seq_length: int) -> Encoder:
     positions = getattr(model[0].auto_model.config, "max_position_embeddings", None)
     if positions is not None and max_seq_length > positions:
         raise ParamsError(
-            f"clean.embedding_max_seq_length {max_seq_length} is more than {name!r} has positions for ({positions}); "
+            f"clean.embedding_max_seq_length {max_seq_length} is more than {name!r} has positions for "
+            f"({positions}); "
             f"set it to {positions} or less"
         )
     model.max_seq_length = max_seq_length
 
     def encode(texts: list[str]) -> np.ndarray:
-        vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+        vectors = model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
         return np.asarray(vectors, dtype=np.float32)
 
     return encode
 
 
 def lazy_encoder(name: str, batch_size: int, max_seq_length: int) -> Encoder:
-    """`load_encoder`, deferred to the first call: a rerun that finds every text cached never loads the model."""
+    """`load_encoder`, deferred to the first call: a rerun that finds every text cached never loads the
+    model."""
     loaded: list[Encoder] = []
 
     def encode(texts: list[str]) -> np.ndarray:
@@ -285,7 +289,9 @@ def approximate_knn_graph(features: np.ndarray, k: int) -> csr_matrix:
         index.add(x)
     finally:
         faiss.omp_set_num_threads(threads)
-    similarity, neighbours = index.search(x, k + 1, params=faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH))
+    similarity, neighbours = index.search(
+        x, k + 1, params=faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH)
+    )
     distances = np.clip(1.0 - similarity, 0.0, None)
     # Drop each row's own entry (not always first: an identical vector ties with it), else the farthest.
     own = neighbours == np.arange(n)[:, None]
@@ -343,7 +349,13 @@ def find_data_issues(
     """
     from cleanlab import Datalab
 
-    n = knn_graph.shape[0] if knn_graph is not None else len(features) if features is not None else len(labels or [])
+    n = (
+        knn_graph.shape[0]
+        if knn_graph is not None
+        else len(features)
+        if features is not None
+        else len(labels or [])
+    )
     data = {"row": list(range(n))}
     if labels is not None:
         data["label"] = labels
@@ -372,7 +384,8 @@ def find_data_issues(
 
 
 def label_pred_probs(features: np.ndarray, labels: list[str], folds: int) -> np.ndarray:
-    """Out-of-sample class probabilities from a cross-validated logistic regression (columns: sorted labels)."""
+    """Out-of-sample class probabilities from a cross-validated logistic regression (columns: sorted
+    labels)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
@@ -430,7 +443,8 @@ RecordMap = Callable[[Callable[[dict], dict], list[dict]], list[dict]]
 
 
 def map_in_process(fn: Callable[[dict], dict], records: list[dict]) -> list[dict]:
-    """`fn` of every record, in order, in this process (clean.engine: inprocess; see tuneline.data.rayengine)."""
+    """`fn` of every record, in order, in this process (clean.engine: inprocess; see
+    tuneline.data.rayengine)."""
     return [fn(record) for record in records]
 
 
@@ -485,7 +499,8 @@ def apply_rules(
 
 
 def drop_exact_duplicates(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(records without exact duplicates, rejects naming the kept twin); seeds and crawled records are kept first."""
+    """(records without exact duplicates, rejects naming the kept twin); seeds and crawled records are kept
+    first."""
     twins = exact_duplicates(records)
     kept = [r for i, r in enumerate(records) if i not in twins]
     rejects = [
@@ -549,21 +564,26 @@ def datalab_rejects(
     summary: dict = {"records_checked": len(records)}
     if len(records) < p.datalab_min_records:
         summary["skipped"] = (
-            f"{len(records)} records after the rules, fewer than clean.datalab_min_records={p.datalab_min_records}"
+            f"{len(records)} records after the rules, fewer than "
+            f"clean.datalab_min_records={p.datalab_min_records}"
         )
         return records, [], [], summary
     thresholds = IssueThresholds(p.knn_k, p.near_duplicate_threshold, p.outlier_threshold)
     graph = None
     if len(records) >= p.approximate_knn_min_records:
         graph = approximate_knn_graph(features, p.knn_k)
-        summary["knn_graph"] = f"approximate: FAISS HNSW ({len(records)} >= clean.approximate_knn_min_records)"
+        summary["knn_graph"] = (
+            f"approximate: FAISS HNSW ({len(records)} >= clean.approximate_knn_min_records)"
+        )
     found = find_data_issues(features, UNSUPERVISED_ISSUES, thresholds, knn_graph=graph)
     flags, scores = dict(found.flags), dict(found.scores)
     predicted: dict[int, str] = {}
 
     rows, labels, label_skip = labelled_subset(records)
     if label_skip is None and len(rows) < p.datalab_min_records:
-        label_skip = f"{len(rows)} labelled records, fewer than clean.datalab_min_records={p.datalab_min_records}"
+        label_skip = (
+            f"{len(rows)} labelled records, fewer than clean.datalab_min_records={p.datalab_min_records}"
+        )
     if label_skip is None:
         folds = min(p.label_cv_folds, min(Counter(labels).values()))
         labelled = features if len(rows) == len(records) else features[rows]  # all rows: no copy
@@ -587,7 +607,11 @@ def datalab_rejects(
                 detail = f"category {records[i].get('category')!r} looks wrong; likely {predicted.get(i)!r}"
             problem = Problem(t, detail, float(scores[t][i]))
             if source_kind(records[i]) in p.trusted_sources:
-                flagged.append(make_reject(records[i], problem, kept_because=f"source {records[i].get('source')} is trusted"))
+                flagged.append(
+                    make_reject(
+                        records[i], problem, kept_because=f"source {records[i].get('source')} is trusted"
+                    )
+                )
             elif i not in reasons:
                 reasons[i] = problem
         summary["issues"][t]["kept_trusted"] = sum(1 for f in flagged if f["reason"] == t)
@@ -601,7 +625,9 @@ def datalab_rejects(
     rejects += [
         make_reject(
             records[i],
-            Problem("near_duplicate", f"near duplicate of {records[j]['id']}", float(scores["near_duplicate"][i])),
+            Problem(
+                "near_duplicate", f"near duplicate of {records[j]['id']}", float(scores["near_duplicate"][i])
+            ),
             duplicate_of=records[j]["id"],
         )
         for i, j in sorted(twins.items())
@@ -612,7 +638,11 @@ def datalab_rejects(
 
 
 def _issue_summary(
-    flags: dict[str, np.ndarray], scores: dict[str, np.ndarray], found: DataIssues, label_rows: list[int], label_skip: str | None
+    flags: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    found: DataIssues,
+    label_rows: list[int],
+    label_skip: str | None,
 ) -> dict:
     summary = {
         t: {"flagged": int(flags[t].sum()), "mean_score": round(float(scores[t].mean()), 6)}
@@ -679,7 +709,9 @@ def datalab_by_language(
         at = [position[i] for i in rows] if rows[0] in position else []
         # A group whose rows are a run of the embedded ones (one language: all of them) is a view, not a copy.
         contiguous = bool(at) and at == list(range(at[0], at[0] + len(at)))
-        group_features = features[at[0] : at[0] + len(at)] if contiguous else features[at] if at else features[:0]
+        group_features = (
+            features[at[0] : at[0] + len(at)] if contiguous else features[at] if at else features[:0]
+        )
         k, r, f, group_summary = datalab_rejects([records[i] for i in rows], group_features, p)
         kept += k
         rejects += r
@@ -709,7 +741,9 @@ def clean_records(
     twice = duplicate_ids(records)
     if twice:
         # Every input has its own id (records.with_ids); a shared id would hide a record.
-        raise InputError(f"{len(twice)} ids occur more than once in the input, first {twice[0]}; rerun augment")
+        raise InputError(
+            f"{len(twice)} ids occur more than once in the input, first {twice[0]}; rerun augment"
+        )
     human = apply_decisions(records, decisions or [])
     passed, rejects, pii_counts, languages = apply_rules(human.records, p, map_records)
     passed, duplicate_rejects = drop_exact_duplicates(passed)
@@ -758,8 +792,10 @@ def _example_table(rows: list[dict], by_id: dict[str, dict], examples: int) -> l
     for r in rows[:examples]:
         twin = by_id.get(r.get("duplicate_of"), {})
         lines.append(
-            f"| {r['id']} | {_cell(r['record'].get('source'), 20)} | {'' if r['score'] is None else r['score']} "
-            f"| {_cell(r['detail'], 60)} | {_cell(r['record'].get('instruction'))} | {_cell(r['record'].get('output'))} "
+            f"| {r['id']} | {_cell(r['record'].get('source'), 20)} | "
+            f"{'' if r['score'] is None else r['score']} "
+            f"| {_cell(r['detail'], 60)} | {_cell(r['record'].get('instruction'))} | "
+            f"{_cell(r['record'].get('output'))} "
             f"| {_cell(twin.get('instruction'), 60) if twin else ''} |"
         )
     return lines
@@ -781,7 +817,11 @@ def render_report(result: CleanResult, examples: int) -> str:
         f"{m['records_in']} records in, {m['records_out']} kept, {m['rejected']} rejected.",
         "",
         *(
-            ["| reason | rejected |", "| --- | ---: |", *(f"| {r} | {n} |" for r, n in m["rejects_by_reason"].items())]
+            [
+                "| reason | rejected |",
+                "| --- | ---: |",
+                *(f"| {r} | {n} |" for r, n in m["rejects_by_reason"].items()),
+            ]
             if m["rejects_by_reason"]
             else ["No record was rejected."]
         ),

@@ -30,7 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -42,10 +42,36 @@ from tuneline.common.records import ALPACA_FIELDS, InputError, content_hash, wit
 
 # Elements whose text is navigation or code, never page content.
 SKIP_TAGS = frozenset({"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "template"})
-BLOCK_TAGS = frozenset({
-    "p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol",
-    "dl", "dt", "dd", "blockquote", "pre", "table", "tr", "td", "th", "figcaption", "br", "hr",
-})
+BLOCK_TAGS = frozenset(
+    {
+        "p",
+        "div",
+        "section",
+        "article",
+        "main",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "blockquote",
+        "pre",
+        "table",
+        "tr",
+        "td",
+        "th",
+        "figcaption",
+        "br",
+        "hr",
+    }
+)
 REDIRECT_MAX_TIMES = 20  # scrapy's default, stated here because the page-count backstop depends on it
 
 
@@ -74,7 +100,9 @@ def select(sel: Selector, selector: str) -> Any:
     return sel.css(selector)
 
 
-def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) -> tuple[list[dict], list[tuple[str, str]]]:
+def page_items(
+    page: str | Selector, source: CrawlSource, min_doc_chars: int
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """The items one HTML page (text, or its parsed Selector) yields, and (reason, detail) for what it lost.
 
     The page is read from a copy with page furniture taken out (`page_furniture`). Q&A comes from
@@ -97,7 +125,9 @@ def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) ->
     if items or lost:  # a Q&A page: what is left of it is prose outside the Q&A
         doc, why = _doc_item(sel, source, min_doc_chars)
         if doc and source.kind == "qa":
-            lost.append(("prose_outside_qa", f"{len(doc['text'])} characters (kind auto keeps them as a document)"))
+            lost.append(
+                ("prose_outside_qa", f"{len(doc['text'])} characters (kind auto keeps them as a document)")
+            )
         elif doc:
             items.append(doc)
         elif why[0] == "navigation_only":
@@ -110,18 +140,61 @@ def page_items(page: str | Selector, source: CrawlSource, min_doc_chars: int) ->
 # Page furniture that documentation generators put inside the content: heading permalinks ("¶"),
 # tables of contents, breadcrumbs, "edit this page", previous/next links, copy buttons.
 BUILTIN_EXCLUDE_CSS = {
-    "sphinx": ["a.headerlink", "div.sphinxsidebar", "div.related", "div[role=navigation]", "div.toctree-wrapper",
-               "nav.contents", "div.contents.topic", "div.rst-footer-buttons", "a.viewcode-link", "div.footer"],
-    "mkdocs_material": ["a.headerlink", ".md-header", ".md-sidebar", ".md-footer", ".md-nav", ".md-path",
-                        ".md-content__button", ".md-source-file", ".md-tabs", ".md-clipboard", ".md-search"],
-    "docusaurus": ["a.hash-link", ".theme-doc-breadcrumbs", ".theme-doc-toc-mobile", ".theme-doc-toc-desktop",
-                   ".theme-edit-this-page", ".theme-last-updated", ".pagination-nav", ".theme-doc-footer"],
-    "docbook": ["div.toc", "div.qandaset > dl", "div.qandaset tr > td:first-child:not(:last-child)",
-                "div.navheader", "div.titlepage hr", "div.navfooter", "div.list-of-tables", "div.list-of-figures",
-                "div.list-of-examples"],
+    "sphinx": [
+        "a.headerlink",
+        "div.sphinxsidebar",
+        "div.related",
+        "div[role=navigation]",
+        "div.toctree-wrapper",
+        "nav.contents",
+        "div.contents.topic",
+        "div.rst-footer-buttons",
+        "a.viewcode-link",
+        "div.footer",
+    ],
+    "mkdocs_material": [
+        "a.headerlink",
+        ".md-header",
+        ".md-sidebar",
+        ".md-footer",
+        ".md-nav",
+        ".md-path",
+        ".md-content__button",
+        ".md-source-file",
+        ".md-tabs",
+        ".md-clipboard",
+        ".md-search",
+    ],
+    "docusaurus": [
+        "a.hash-link",
+        ".theme-doc-breadcrumbs",
+        ".theme-doc-toc-mobile",
+        ".theme-doc-toc-desktop",
+        ".theme-edit-this-page",
+        ".theme-last-updated",
+        ".pagination-nav",
+        ".theme-doc-footer",
+    ],
+    "docbook": [
+        "div.toc",
+        "div.qandaset > dl",
+        "div.qandaset tr > td:first-child:not(:last-child)",
+        "div.navheader",
+        "div.titlepage hr",
+        "div.navfooter",
+        "div.list-of-tables",
+        "div.list-of-figures",
+        "div.list-of-examples",
+    ],
     "github": ["a.anchor", "svg.octicon", "clipboard-copy", ".zeroclipboard-container"],
-    "consent": ["#onetrust-consent-sdk", ".cc-window", "[id^=cookie-banner]", "[class^=cookie-banner]",
-                "[id^=cookie-consent]", "[class^=cookie-consent]"],
+    "consent": [
+        "#onetrust-consent-sdk",
+        ".cc-window",
+        "[id^=cookie-banner]",
+        "[class^=cookie-banner]",
+        "[id^=cookie-consent]",
+        "[class^=cookie-consent]",
+    ],
 }
 
 
@@ -159,16 +232,20 @@ def _selector_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], lis
             items.append(_qa_item(inside[0], Selector(root=_without(a.root, inside[0].root), type="html")))
             nested |= {id(a), id(inside[0])}
         elif len(inside) > 1:
-            lost.append(("qa_nested", f"answer {_short(a)!r} holds {len(inside)} questions; narrow answer_css"))
+            lost.append(
+                ("qa_nested", f"answer {_short(a)!r} holds {len(inside)} questions; narrow answer_css")
+            )
             nested |= {id(a), *map(id, inside)}
     for q in questions:
         if id(q) not in nested and any(_contains(q.root, a.root) for a in answers):
             lost.append(("qa_nested", f"question {_short(q)!r} holds its answer; narrow question_css"))
             nested.add(id(q))
     order = {el: i for i, el in enumerate(sel.root.getroottree().iter())}
-    events = sorted([(order.get(q.root, -1), 0, q) for q in questions if id(q) not in nested]
-                    + [(order.get(a.root, -1), 1, a) for a in answers if id(a) not in nested],
-                    key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(order.get(q.root, -1), 0, q) for q in questions if id(q) not in nested]
+        + [(order.get(a.root, -1), 1, a) for a in answers if id(a) not in nested],
+        key=lambda e: (e[0], e[1]),
+    )
     pending: Selector | None = None
     for _, is_answer, el in events:
         if not is_answer:
@@ -183,7 +260,9 @@ def _selector_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], lis
     if pending is not None:
         lost.append(("qa_mismatch", f"question {_short(pending)!r} has no answer after it"))
     kept = [i for i in items if i["question"] and i["answer"]]
-    lost += [("qa_empty", f"question {i['question'][:60]!r} has an empty side") for i in items if i not in kept]
+    lost += [
+        ("qa_empty", f"question {i['question'][:60]!r} has an empty side") for i in items if i not in kept
+    ]
     for el in [*questions, *answers]:  # what is left of the page is prose outside the Q&A
         if el.root.getparent() is not None and _in_tree(sel.root, el.root):
             el.drop()
@@ -258,18 +337,23 @@ def heading_pairs(sel: Selector, source: CrawlSource) -> tuple[list[dict], list[
             if not is_q[i]:
                 continue
             level = int(head.tag[1])
-            later = zip(heads[i + 1:], is_q[i + 1:])
+            later = zip(heads[i + 1 :], is_q[i + 1 :])
             end = next((h for h, q in later if q or int(h.tag[1]) <= level), None)
             pieces = range_pieces(scope, head, end)
             item = {"kind": "qa", "question": question_text(head), "answer": markdown(pieces)}
-            category = Selector(root=head, type="html").xpath(
-                "ancestor-or-self::*[@data-category][1]/@data-category").get()
+            category = (
+                Selector(root=head, type="html")
+                .xpath("ancestor-or-self::*[@data-category][1]/@data-category")
+                .get()
+            )
             if category:
                 item["category"] = category.strip()
             if item["answer"]:
                 items.append(item)
             else:
-                lost.append(("qa_empty", f"question {item['question'][:60]!r} has no text before the next heading"))
+                lost.append(
+                    ("qa_empty", f"question {item['question'][:60]!r} has no text before the next heading")
+                )
             taken.append((head, pieces))
     for head, pieces in taken:
         _remove_pieces([("el", head), *pieces])
@@ -375,8 +459,15 @@ def _converter() -> Any:
             return head + fence + body + fence + tail
 
     # bs4 on lxml: a third faster than on html.parser, and lxml reads the pages already.
-    return DocsConverter(heading_style="atx", bullets="-", strip=["a", "img"], escape_underscores=False,
-                         escape_asterisks=False, code_language_callback=code_language, bs4_options="lxml")
+    return DocsConverter(
+        heading_style="atx",
+        bullets="-",
+        strip=["a", "img"],
+        escape_underscores=False,
+        escape_asterisks=False,
+        code_language_callback=code_language,
+        bs4_options="lxml",
+    )
 
 
 _LANGUAGE_CLASS = re.compile(r"^(?:language|lang|highlight-source|highlight)-([A-Za-z0-9_+#.-]+)$")
@@ -436,8 +527,10 @@ def _doc_item(sel: Selector, source: CrawlSource, min_doc_chars: int) -> tuple[d
     if not text or all_chars <= 0 or all(line.startswith("#") for line in text.split("\n") if line.strip()):
         return None, ("no_content", "no text besides the title and headings")
     if own_chars < min_doc_chars:
-        return None, ("navigation_only",
-                      f"{max(own_chars, 0)} characters outside links, fewer than crawl.min_doc_chars {min_doc_chars}")
+        return None, (
+            "navigation_only",
+            f"{max(own_chars, 0)} characters outside links, fewer than crawl.min_doc_chars {min_doc_chars}",
+        )
     item = {"kind": "doc", "title": title, "text": text}
     if category:
         item["category"] = category.strip()
@@ -452,7 +545,12 @@ def decode_page(body: bytes, content_type: str) -> tuple[str, str, int]:
     body is valid UTF-8, else charset_normalizer's guess. Bytes invalid in that encoding are
     replaced by U+FFFD and counted, so a few bad bytes do not lose the page.
     """
-    from w3lib.encoding import html_body_declared_encoding, http_content_type_encoding, read_bom, resolve_encoding
+    from w3lib.encoding import (
+        html_body_declared_encoding,
+        http_content_type_encoding,
+        read_bom,
+        resolve_encoding,
+    )
 
     bom, _ = read_bom(body)
     declared = bom or http_content_type_encoding(content_type) or html_body_declared_encoding(body)
@@ -573,8 +671,11 @@ class ItemSink:
             return None
         winner, loser = sorted((old, item), key=lambda i: (len(i["url"]), i["url"], i["source"]))
         self.items[h] = winner
-        self.rejects.append(reject(loser["url"], loser["source"], "duplicate", f"same content as {winner['url']}",
-                                   content_hash=h))
+        self.rejects.append(
+            reject(
+                loser["url"], loser["source"], "duplicate", f"same content as {winner['url']}", content_hash=h
+            )
+        )
         return loser
 
     def reject(self, url: str, source: str, reason: str, detail: str = "") -> None:
@@ -651,8 +752,13 @@ def _spider_class() -> type:
                     # Fetched at the limit, so its links were cut; from here they are within it.
                     self.depth[key] = depth
                     self.crawler.stats.inc_value("tuneline/refetched_shallower")
-                    return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
-                                          meta={"tl_depth": depth, "links_only": True})
+                    return scrapy.Request(
+                        url,
+                        callback=self.parse,
+                        errback=self.on_error,
+                        dont_filter=True,
+                        meta={"tl_depth": depth, "links_only": True},
+                    )
                 return None
             if len(self.depth) >= self.source.max_pages:
                 self.crawler.stats.inc_value("tuneline/links_over_max_pages")
@@ -660,8 +766,9 @@ def _spider_class() -> type:
             self.depth[key] = depth
             # dont_filter: the dict above already dedups pages; scrapy's dupefilter would drop the
             # second hop of a redirect loop silently instead of letting REDIRECT_MAX_TIMES report it.
-            return scrapy.Request(url, callback=self.parse, errback=self.on_error, dont_filter=True,
-                                  meta={"tl_depth": depth})
+            return scrapy.Request(
+                url, callback=self.parse, errback=self.on_error, dont_filter=True, meta={"tl_depth": depth}
+            )
 
         async def start(self):
             for url in self.source.start_urls:
@@ -712,10 +819,16 @@ def in_domains(url: str, domains: list[str]) -> bool:
 
 def error_reason(error: BaseException, meta: dict) -> tuple[str, str]:
     """The rejects reason and detail for a failed request."""
-    from scrapy.exceptions import (CannotResolveHostError, DownloadCancelledError,
-                                   DownloadConnectionRefusedError, DownloadTimeoutError, IgnoreRequest)
+    from scrapy.exceptions import (
+        CannotResolveHostError,
+        DownloadCancelledError,
+        DownloadConnectionRefusedError,
+        DownloadTimeoutError,
+        IgnoreRequest,
+    )
     from scrapy.spidermiddlewares.httperror import HttpError
-    from twisted.internet import defer, error as txerror
+    from twisted.internet import defer
+    from twisted.internet import error as txerror
 
     message = str(error)[:200]
     if isinstance(error, HttpError):
@@ -750,8 +863,9 @@ class CrawlResult:
     stats: dict[str, dict]
 
 
-def run_crawl(p: Crawl, sources: list[CrawlSource], http_cache_dir: str | Path,
-              uncached: frozenset[str] = frozenset()) -> CrawlResult:
+def run_crawl(
+    p: Crawl, sources: list[CrawlSource], http_cache_dir: str | Path, uncached: frozenset[str] = frozenset()
+) -> CrawlResult:
     """Crawl every source (one scrapy crawler each, concurrently); once per process.
 
     Sources named in `uncached` skip the HTTP cache (the bundled site is local and changes with
@@ -779,8 +893,15 @@ def _plain(stats: dict) -> dict:
 
 def sorted_items(items: Any) -> list[dict]:
     """Items in a stable order: by URL, then content."""
-    return sorted(items, key=lambda i: (i["url"], i["kind"], i.get("question", i.get("title", "")),
-                                        i.get("answer", i.get("text", ""))))
+    return sorted(
+        items,
+        key=lambda i: (
+            i["url"],
+            i["kind"],
+            i.get("question", i.get("title", "")),
+            i.get("answer", i.get("text", "")),
+        ),
+    )
 
 
 def sorted_rejects(rejects: list[dict]) -> list[dict]:
@@ -796,11 +917,14 @@ def rebase_urls(result: CrawlResult, served_url: str, site_dir: str) -> CrawlRes
     prefix = site_dir.rstrip("/") + "/"
 
     def fix(record: dict) -> dict:
-        return {k: v.replace(served_url, prefix) if k in ("url", "detail") and isinstance(v, str) else v
-                for k, v in record.items()}
+        return {
+            k: v.replace(served_url, prefix) if k in ("url", "detail") and isinstance(v, str) else v
+            for k, v in record.items()
+        }
 
-    return CrawlResult(sorted_items(map(fix, result.items)), sorted_rejects([fix(r) for r in result.rejects]),
-                       result.stats)
+    return CrawlResult(
+        sorted_items(map(fix, result.items)), sorted_rejects([fix(r) for r in result.rejects]), result.stats
+    )
 
 
 def empty_sources(sources: list[CrawlSource], metrics: dict, rejects: list[dict]) -> list[str]:
@@ -812,14 +936,17 @@ def empty_sources(sources: list[CrawlSource], metrics: dict, rejects: list[dict]
         if counts.get("items", 0) or s.allow_empty:
             continue
         why = Counter(r["reason"] for r in rejects if r["source"] == s.name)
-        found.append(f"crawl.sources[{i}] ({s.name}) gave no record: {counts.get('pages', 0)} pages fetched, "
-                     f"rejects {dict(sorted(why.items()))}; check its start_urls and selectors "
-                     f"(data/raw/crawl_rejects.jsonl has each reason), or set crawl.sources[{i}].allow_empty: true")
+        found.append(
+            f"crawl.sources[{i}] ({s.name}) gave no record: {counts.get('pages', 0)} pages fetched, "
+            f"rejects {dict(sorted(why.items()))}; check its start_urls and selectors "
+            f"(data/raw/crawl_rejects.jsonl has each reason), or set crawl.sources[{i}].allow_empty: true"
+        )
     return found
 
 
 def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_rejects: list[dict]) -> dict:
     """metrics/crawl.json: pages, items by kind, rejects by reason, cache hits, bytes, per source."""
+
     def total(key: str) -> int:
         return sum(int(s.get(key, 0)) for s in result.stats.values())
 
@@ -841,7 +968,9 @@ def crawl_metrics(result: CrawlResult, dataset_records: list[dict], dataset_reje
         "items": len(result.items),
         "items_by_kind": dict(sorted(Counter(i["kind"] for i in result.items).items())),
         "rejects": len(result.rejects) + len(dataset_rejects),
-        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in result.rejects + dataset_rejects).items())),
+        "rejects_by_reason": dict(
+            sorted(Counter(r["reason"] for r in result.rejects + dataset_rejects).items())
+        ),
         "dataset_records": len(dataset_records),
         # Every dataset row is a record or a reject: rows_in = records + rejects.
         "dataset_rows_in": len(dataset_records) + len(dataset_rejects),
@@ -910,7 +1039,9 @@ def _read_text(d: CrawlDataset) -> str:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the data
     except UnicodeDecodeError as err:
-        raise _dataset_error(d, f"{d.path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+        raise _dataset_error(
+            d, f"{d.path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
     if not text.strip():
         raise _dataset_error(d, f"{d.path} is empty; remove the entry from crawl.datasets or fill the file")
     return text
@@ -935,7 +1066,9 @@ def _jsonl_lines(d: CrawlDataset) -> Iterator[tuple[int, str]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise _dataset_error(
-                    d, f"{d.path}:{line_no}: not UTF-8 text (byte {err.start} of the line: {err.reason}); save it as UTF-8"
+                    d,
+                    f"{d.path}:{line_no}: not UTF-8 text (byte {err.start} of the line: {err.reason}); save "
+                    f"it as UTF-8",
                 ) from None
             seen_text = seen_text or bool(line.strip())
             yield line_no, line
@@ -943,7 +1076,9 @@ def _jsonl_lines(d: CrawlDataset) -> Iterator[tuple[int, str]]:
         raise _dataset_error(d, f"{d.path} is empty; remove the entry from crawl.datasets or fill the file")
 
 
-def _jsonl_rows(d: CrawlDataset, lines: Iterable[tuple[int, str]]) -> tuple[list[tuple[str, dict]], list[dict]]:
+def _jsonl_rows(
+    d: CrawlDataset, lines: Iterable[tuple[int, str]]
+) -> tuple[list[tuple[str, dict]], list[dict]]:
     rows, rejects = [], []
     for line_no, line in lines:
         if not line.strip():
@@ -955,7 +1090,11 @@ def _jsonl_rows(d: CrawlDataset, lines: Iterable[tuple[int, str]]) -> tuple[list
             rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"{err.msg} at column {err.colno}"))
             continue
         if not isinstance(value, dict):
-            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(value)}"))
+            rejects.append(
+                reject(
+                    where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(value)}"
+                )
+            )
             continue
         rows.append((where, value))
     return rows, rejects
@@ -965,9 +1104,12 @@ def _json_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _dataset_error(d, f"{d.path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                                "fix the file (format: json is one JSON array of objects; use format: jsonl "
-                                "for one object per line, where a bad line is rejected and the rest kept)") from None
+        raise _dataset_error(
+            d,
+            f"{d.path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+            "fix the file (format: json is one JSON array of objects; use format: jsonl "
+            "for one object per line, where a bad line is rejected and the rest kept)",
+        ) from None
     if not isinstance(value, list):
         raise _dataset_error(d, f"{d.path}: expected a JSON array of objects, got {_type_name(value)}")
     rows, rejects = [], []
@@ -976,7 +1118,11 @@ def _json_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list
         if isinstance(row, dict):
             rows.append((where, row))
         else:
-            rejects.append(reject(where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(row)}"))
+            rejects.append(
+                reject(
+                    where, f"dataset:{d.name}", "bad_json", f"expected a JSON object, got {_type_name(row)}"
+                )
+            )
     return rows, rejects
 
 
@@ -988,8 +1134,14 @@ def _csv_rows(d: CrawlDataset, text: str) -> tuple[list[tuple[str, dict]], list[
         where = f"{d.path}:{line_no}"
         line_no = reader.line_num + 1
         if None in row or None in row.values():
-            rejects.append(reject(where, f"dataset:{d.name}", "bad_csv",
-                                  f"{len(reader.fieldnames or [])} columns in the header, a different number in this row"))
+            rejects.append(
+                reject(
+                    where,
+                    f"dataset:{d.name}",
+                    "bad_csv",
+                    f"{len(reader.fieldnames or [])} columns in the header, a different number in this row",
+                )
+            )
             continue
         rows.append((where, row))
     return rows, rejects
@@ -1026,7 +1178,8 @@ def load_dataset_rows(d: CrawlDataset) -> tuple[list[tuple[str, dict]], list[dic
 
 
 def check_columns(d: CrawlDataset, columns: list[str]) -> None:
-    """Fail when a mapped column is not in the data, suggesting the one meant (`Instruction` for `instruction`).
+    """Fail when a mapped column is not in the data, suggesting the one meant (`Instruction` for
+    `instruction`).
 
     An optional column (anything but instruction and output) that the file lacks is empty for
     this file, unless the file has it in another case: that is a misspelt mapping.
@@ -1040,7 +1193,9 @@ def check_columns(d: CrawlDataset, columns: list[str]) -> None:
         close = same or difflib.get_close_matches(col, columns, n=1)
         hint = f"; did you mean {close[0]!r}? (column names are case-sensitive)" if close else ""
         raise _dataset_error(
-            d, f"column {col!r} (mapped to {field_}) is not in {d.path}{hint}; its columns are {', '.join(columns)}"
+            d,
+            f"column {col!r} (mapped to {field_}) is not in {d.path}{hint}; its columns are "
+            f"{', '.join(columns)}",
         )
 
 
@@ -1057,7 +1212,8 @@ def _field_problem(field_: str, value: Any) -> str | None:
         if value == "":
             return None
         pairs = isinstance(value, list) and all(
-            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in value)
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in value
+        )
         return None if pairs else "history: expected a list of [user, assistant] string pairs"
     return None
 
@@ -1085,7 +1241,10 @@ def _case_hint(d: CrawlDataset, row: dict) -> str:
         if col not in row:
             same = [k for k in row if k.casefold() == col.casefold()]
             if same:
-                return f"; the row has {same[0]!r}, not the mapped {col!r} ({field_}): column names are case-sensitive"
+                return (
+                    f"; the row has {same[0]!r}, not the mapped {col!r} ({field_}): "
+                    "column names are case-sensitive"
+                )
     return ""
 
 
@@ -1115,8 +1274,14 @@ def dataset_records(d: CrawlDataset, rows: list[tuple[str, dict]]) -> tuple[list
             else:
                 rec[key] = "" if value is None else value.strip()
         if not rec["instruction"] or not rec["output"]:
-            rejects.append(reject(where, f"dataset:{d.name}", "empty_field",
-                                  "instruction or output is empty" + _case_hint(d, row)))
+            rejects.append(
+                reject(
+                    where,
+                    f"dataset:{d.name}",
+                    "empty_field",
+                    "instruction or output is empty" + _case_hint(d, row),
+                )
+            )
             continue
         rec["source"] = f"dataset:{d.name}"
         category = row.get(d.columns["category"]) if d.columns.get("category") else None
@@ -1144,8 +1309,17 @@ def load_datasets(entries: list[CrawlDataset]) -> tuple[list[dict], list[dict]]:
         for rec in recs:
             kept = records.get(rec["content_hash"])
             if kept is not None:
-                rejects.append(reject(rec["row"], rec["source"], "duplicate", f"same content as {kept['row']}",
-                                      content_hash=rec["content_hash"], id=rec["id"], duplicate_of=kept["id"]))
+                rejects.append(
+                    reject(
+                        rec["row"],
+                        rec["source"],
+                        "duplicate",
+                        f"same content as {kept['row']}",
+                        content_hash=rec["content_hash"],
+                        id=rec["id"],
+                        duplicate_of=kept["id"],
+                    )
+                )
             else:
                 records[rec["content_hash"]] = rec
     return list(records.values()), sorted_rejects(rejects)

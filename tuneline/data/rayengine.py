@@ -84,8 +84,11 @@ class _Encode:
 
     def __call__(self, batch: dict) -> dict:
         vectors = [self.encode(json.loads(texts)) for texts in batch["x"]]
-        return {"b": batch["b"], "v": [v.astype(np.float32).tobytes() for v in vectors],
-                "n": [len(v) for v in vectors]}  # fmt: skip
+        return {
+            "b": batch["b"],
+            "v": [v.astype(np.float32).tobytes() for v in vectors],
+            "n": [len(v) for v in vectors],
+        }
 
 
 def ray_batch_encoder(name: str, batch_size: int, max_seq_length: int):

@@ -57,7 +57,9 @@ def read_decisions(path: str | Path) -> list[dict]:
             if not isinstance(d.get(key), str) or not d[key]:
                 raise InputError(f"{where}: field {key!r} must be a non-empty string")
         if d.get("action") not in ACTIONS:
-            raise InputError(f"{where}: field 'action' is {d.get('action')!r}; expected one of {', '.join(ACTIONS)}")
+            raise InputError(
+                f"{where}: field 'action' is {d.get('action')!r}; expected one of {', '.join(ACTIONS)}"
+            )
         edits = d.get("edits") or {}
         strings = isinstance(edits, dict) and all(isinstance(v, str) for v in edits.values())
         if not strings or set(edits) - set(EDITABLE):
@@ -78,7 +80,9 @@ def reviewer_name(cwd: str | Path | None = None) -> str:
     if os.environ.get(REVIEWER_ENV):
         return os.environ[REVIEWER_ENV]
     try:
-        git = subprocess.run(["git", "config", "user.name"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        git = subprocess.run(
+            ["git", "config", "user.name"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
         name = git.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         name = ""
@@ -94,8 +98,15 @@ def reviewed_hash(record: dict) -> str:
     return record.get("edited_from") or record.get("content_hash") or text_hash(record)
 
 
-def make_decision(record: dict, action: str, reviewer: str, reason: str = "", edits: dict | None = None,
-                  view: str = "", now: datetime | None = None) -> dict:  # fmt: skip
+def make_decision(
+    record: dict,
+    action: str,
+    reviewer: str,
+    reason: str = "",
+    edits: dict | None = None,
+    view: str = "",
+    now: datetime | None = None,
+) -> dict:
     """One line of the decisions file about `record`; edits keep only fields that really changed."""
     if action not in ACTIONS:
         raise ValueError(f"action {action!r} is not one of {', '.join(ACTIONS)}")
@@ -103,8 +114,10 @@ def make_decision(record: dict, action: str, reviewer: str, reason: str = "", ed
     if action == "edit" and not changed:
         raise ValueError("an edit must change instruction, input or output")
     if action != "edit" and changed:  # an accept or reject would drop the changed text without a word
-        raise ValueError(f"you changed {', '.join(sorted(changed))} but chose {action}: choose edit to keep the change, "
-                         "or put the text back")
+        raise ValueError(
+            f"you changed {', '.join(sorted(changed))} but chose {action}: choose edit to keep the change, "
+            "or put the text back"
+        )
     return {
         "id": record["id"],
         "content_hash": reviewed_hash(record),
@@ -144,8 +157,15 @@ def apply_decisions(records: list[dict], decisions: list[dict]) -> Applied:
     for record_id, d in latest_by_id(decisions).items():
         record = by_id.get(record_id)
         if record is None or record.get("content_hash") != d["content_hash"]:
-            stale.append({"id": record_id, "content_hash": d["content_hash"], "action": d["action"],
-                          "reviewer": d.get("reviewer"), "time": d.get("time")})  # fmt: skip
+            stale.append(
+                {
+                    "id": record_id,
+                    "content_hash": d["content_hash"],
+                    "action": d["action"],
+                    "reviewer": d.get("reviewer"),
+                    "time": d.get("time"),
+                }
+            )
         else:
             live[record_id] = d
     kept, rejects, edited = [], [], 0
@@ -154,8 +174,16 @@ def apply_decisions(records: list[dict], decisions: list[dict]) -> Applied:
         if d is None or d["action"] == "accept":
             kept.append(record)
         elif d["action"] == "reject":
-            rejects.append({"id": record["id"], "reason": "human", "detail": d.get("reason") or "rejected by a reviewer",
-                            "score": None, "reviewer": d.get("reviewer"), "record": record})  # fmt: skip
+            rejects.append(
+                {
+                    "id": record["id"],
+                    "reason": "human",
+                    "detail": d.get("reason") or "rejected by a reviewer",
+                    "score": None,
+                    "reviewer": d.get("reviewer"),
+                    "record": record,
+                }
+            )
         else:
             changed = {**record, **d["edits"], "edited_by_human": True, "edited_from": record["content_hash"]}
             kept.append({**changed, "content_hash": text_hash(changed)})
@@ -200,6 +228,8 @@ def human_mistakes(decisions: list[dict]) -> dict[str, str]:
     records from another source (seed, crawl, dataset) are no feedback for the generator; a
     decision that does not say its record's source (written before decisions did) counts.
     """
-    return {d["content_hash"]: d.get("reason") or "rejected by a reviewer"
-            for d in latest_by_id(decisions).values()
-            if d["action"] == "reject" and d.get("source", "") in ("", "generated")}  # fmt: skip
+    return {
+        d["content_hash"]: d.get("reason") or "rejected by a reviewer"
+        for d in latest_by_id(decisions).values()
+        if d["action"] == "reject" and d.get("source", "") in ("", "generated")
+    }

@@ -102,12 +102,15 @@ _HTML_TAG_RE = re.compile(
 _HTML_ENTITY_RE = re.compile(r"&(?:nbsp|amp|lt|gt|quot|apos|#\d{2,5}|#x[0-9a-f]{2,4});", re.IGNORECASE)
 _ABOUT_MARKUP_RE = re.compile(r"html|xml|markup|\btags?\b|标签|网页", re.IGNORECASE)
 
-_EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_EMAIL_RE = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+)
 _CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _ID_RE = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])|(?<![\dA-Za-z])\d{17}[\dXx](?![\dA-Za-z])")
 # IBAN as printed (groups of four) or compact; kept only when its ISO 13616 checksum holds.
 _IBAN_RE = re.compile(
-    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)(?![A-Za-z0-9])"
+    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: "
+    r"[A-Z0-9]{1,4})?)(?![A-Za-z0-9])"
 )
 # IP address candidates; kept only when the `ipaddress` module parses them.
 _IP_RE = re.compile(
@@ -117,7 +120,14 @@ _IP_RE = re.compile(
 # A run of seven or more digits (separators allowed): texts without one hold no phone number,
 # and phonenumbers' matcher (milliseconds per text) is not run on them.
 _PHONE_CANDIDATE_RE = re.compile(r"\d(?:[\s().-]{0,3}\d){6,}")
-PII_PLACEHOLDERS = {"email": "[EMAIL]", "iban": "[IBAN]", "ip": "[IP]", "card": "[CARD]", "id": "[ID]", "phone": "[PHONE]"}
+PII_PLACEHOLDERS = {
+    "email": "[EMAIL]",
+    "iban": "[IBAN]",
+    "ip": "[IP]",
+    "card": "[CARD]",
+    "id": "[ID]",
+    "phone": "[PHONE]",
+}
 
 
 def count_tokens(text: str) -> int:
@@ -127,7 +137,9 @@ def count_tokens(text: str) -> int:
 
 def text_fields(record: dict) -> list[tuple[str, str]]:
     """(field, text) for every text a record holds, history turns named `history[i][j]`."""
-    fields = [(k, record[k]) for k in ("instruction", "input", "output", "system") if isinstance(record.get(k), str)]
+    fields = [
+        (k, record[k]) for k in ("instruction", "input", "output", "system") if isinstance(record.get(k), str)
+    ]
     history = record.get("history")
     if isinstance(history, list):
         for i, turn in enumerate(history):
@@ -156,14 +168,20 @@ def length_problem(record: dict, limits: RuleLimits) -> Problem | None:
         text = _text(record, field).strip()
         # A CJK character is a word (是, 对 are whole answers): such text is held to min_tokens only.
         if len(text) < limits.min_chars and not _CJK_CHAR_RE.search(text):
-            return Problem("too_short", f"{field} has {len(text)} characters, fewer than {limits.min_chars}", len(text))
+            return Problem(
+                "too_short", f"{field} has {len(text)} characters, fewer than {limits.min_chars}", len(text)
+            )
         # Text that is not blank has at least one token, so counting is needed only above 1.
         tokens = count_tokens(text) if limits.min_tokens > 1 else 1
         if tokens < limits.min_tokens:
-            return Problem("too_short", f"{field} has {tokens} tokens, fewer than {limits.min_tokens}", tokens)
+            return Problem(
+                "too_short", f"{field} has {tokens} tokens, fewer than {limits.min_tokens}", tokens
+            )
     whole = "\n".join(text for _, text in text_fields(record))
     if len(whole) > limits.max_chars:
-        return Problem("too_long", f"record has {len(whole)} characters, more than {limits.max_chars}", len(whole))
+        return Problem(
+            "too_long", f"record has {len(whole)} characters, more than {limits.max_chars}", len(whole)
+        )
     # A token is at least one character: a text this short cannot be over the token budget.
     tokens = count_tokens(whole) if len(whole) > limits.max_tokens else 0
     if tokens > limits.max_tokens:
@@ -177,7 +195,8 @@ def _letters_only(text: str) -> str:
 
 
 def repeats_instruction(record: dict) -> Problem | None:
-    """The output only restates the instruction: equal to it, a large part of it, or it plus a few characters."""
+    """The output only restates the instruction: equal to it, a large part of it, or it plus a few
+    characters."""
     instruction, output = _letters_only(_text(record, "instruction")), _letters_only(_text(record, "output"))
     if not instruction or not output:
         return None
@@ -196,7 +215,8 @@ def repeats_instruction(record: dict) -> Problem | None:
 
 
 def refusal(record: dict) -> Problem | None:
-    """Refusal or assistant boilerplate in the output ("As an AI language model...", "I'm sorry, but I can't")."""
+    """Refusal or assistant boilerplate in the output ("As an AI language model...", "I'm sorry, but I
+    can't")."""
     output = _text(record, "output")
     match = _REFUSAL_ANYWHERE.search(output) or _REFUSAL_START.match(output)
     if match:
@@ -212,12 +232,18 @@ def broken_encoding(record: dict) -> Problem | None:
     """
     for field, text in text_fields(record):
         if "\ufffd" in text:
-            return Problem("broken_encoding", f"{field} contains U+FFFD replacement characters", text.count("\ufffd"))
+            return Problem(
+                "broken_encoding", f"{field} contains U+FFFD replacement characters", text.count("\ufffd")
+            )
         if _CONTROL_RE.search(text):
-            return Problem("broken_encoding", f"{field} contains control characters", len(_CONTROL_RE.findall(text)))
+            return Problem(
+                "broken_encoding", f"{field} contains control characters", len(_CONTROL_RE.findall(text))
+            )
         # Mojibake is made of non-ASCII characters: ASCII text cannot contain any.
         if not text.isascii() and is_bad(text):
-            return Problem("broken_encoding", f"{field} looks like mojibake (wrongly decoded text)", badness(text))
+            return Problem(
+                "broken_encoding", f"{field} looks like mojibake (wrongly decoded text)", badness(text)
+            )
     return None
 
 
@@ -229,7 +255,11 @@ def html_remnants(record: dict) -> Problem | None:
     so the words "tag" or "html" do not switch the check off.
     """
     question = _text(record, "instruction") + " " + _text(record, "input")
-    named = {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9]*", question)} if _ABOUT_MARKUP_RE.search(question) else set()
+    named = (
+        {w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9]*", question)}
+        if _ABOUT_MARKUP_RE.search(question)
+        else set()
+    )
     for field, text in text_fields(record):
         if "<" not in text and "&" not in text:
             continue
@@ -237,7 +267,9 @@ def html_remnants(record: dict) -> Problem | None:
         tags = [m.group(0) for m in _HTML_TAG_RE.finditer(prose) if _tag_name(m.group(0)) not in named]
         found = tags + _HTML_ENTITY_RE.findall(prose)
         if found:
-            return Problem("html_remnants", f"{field} contains HTML remnants such as {found[0]!r}", len(found))
+            return Problem(
+                "html_remnants", f"{field} contains HTML remnants such as {found[0]!r}", len(found)
+            )
     return None
 
 
@@ -272,7 +304,8 @@ def _identifier() -> LanguageIdentifier:
 
 
 def language_guesses(text: str) -> dict[str, float]:
-    """Probability of each likely language (ISO 639-1 code) of `text`, highest first; {} for text without letters.
+    """Probability of each likely language (ISO 639-1 code) of `text`, highest first; {} for text without
+    letters.
 
     py3langid (a naive Bayes over byte n-grams, deterministic) decides, after the Chinese
     shortcut of `_script_language`.
@@ -311,7 +344,9 @@ def record_language(record: dict) -> str:
     return top_language(record_guesses(record))
 
 
-def language_problem(record: dict, limits: RuleLimits, guesses: dict[str, float] | None = None) -> Problem | None:
+def language_problem(
+    record: dict, limits: RuleLimits, guesses: dict[str, float] | None = None
+) -> Problem | None:
     """The record's language is not one of `limits.languages`, when that is certain.
 
     Short texts (fewer than language_min_chars non-space characters), mixed Chinese/English and
@@ -331,7 +366,11 @@ def language_problem(record: dict, limits: RuleLimits, guesses: dict[str, float]
     top, prob = next(iter(probs.items()))
     if top in allowed or prob < limits.language_confidence or any(probs.get(a, 0.0) > 0.1 for a in allowed):
         return None
-    return Problem("wrong_language", f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}", round(prob, 4))
+    return Problem(
+        "wrong_language",
+        f"text is {top} (p={prob:.2f}), not one of {', '.join(sorted(allowed))}",
+        round(prob, 4),
+    )
 
 
 def check_record(record: dict, limits: RuleLimits, guesses: dict[str, float] | None = None) -> list[Problem]:
@@ -473,7 +512,11 @@ def phone_spans(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
     if not _PHONE_CANDIDATE_RE.search(text):
         return []
     found = sorted(
-        {(m.start, m.end) for region in regions for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)}
+        {
+            (m.start, m.end)
+            for region in regions
+            for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID)
+        }
     )
     merged: list[tuple[int, int]] = []
     for start, end in found:
@@ -485,7 +528,8 @@ def phone_spans(text: str, regions: tuple[str, ...]) -> list[tuple[int, int]]:
 
 
 def redact_text(text: str, phone_regions: tuple[str, ...]) -> tuple[str, dict[str, int]]:
-    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers as placeholders; counts by kind.
+    """The text with e-mail addresses, IBANs, IP addresses, card, ID and phone numbers as placeholders;
+    counts by kind.
 
     National phone numbers are looked for as dialled in `phone_regions` (clean.phone_regions).
 
@@ -531,7 +575,9 @@ def redact_record(record: dict, phone_regions: tuple[str, ...]) -> tuple[dict, d
             out[field] = redact(out[field])
     if isinstance(out.get("history"), list):
         out["history"] = [
-            [redact(t) if isinstance(t, str) else t for t in turn] if isinstance(turn, (list, tuple)) else turn
+            [redact(t) if isinstance(t, str) else t for t in turn]
+            if isinstance(turn, (list, tuple))
+            else turn
             for turn in out["history"]
         ]
     return out, found
@@ -564,7 +610,10 @@ def normalised_key(record: dict) -> str:
             return [norm(v) for v in value]
         return value
 
-    return json.dumps([norm(record.get(k)) for k in ("instruction", "input", "output", "system", "history")], ensure_ascii=False)
+    return json.dumps(
+        [norm(record.get(k)) for k in ("instruction", "input", "output", "system", "history")],
+        ensure_ascii=False,
+    )
 
 
 SOURCE_RANK = {"seed": 0, "crawl": 1, "dataset": 2, "generated": 4}

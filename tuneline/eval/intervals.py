@@ -38,10 +38,13 @@ def bleu_from_stats(stats: np.ndarray) -> float:
     return min(_BLEU._compute_score_from_stats(stats.tolist()).score / 100, 1.0)
 
 
-def resampled_metrics(rows: list[dict], references: list[str], seed: int, resamples: int = RESAMPLES) -> dict[str, np.ndarray]:
+def resampled_metrics(
+    rows: list[dict], references: list[str], seed: int, resamples: int = RESAMPLES
+) -> dict[str, np.ndarray]:
     """Each metric of `rows` (score()'s per-record rows) on every resample: metric -> `resamples` values.
 
-    Loss is over every record (rows without one, an API model's, give no loss); the generation metrics over the records that have an answer (the
+    Loss is over every record (rows without one, an API model's, give no loss); the generation metrics over
+    the records that have an answer (the
     first generation_samples). The resamples depend only on the seed and the number of records, so
     two models' rows of the same records are resampled alike: that is what pairs them.
     """
@@ -68,13 +71,22 @@ def percentile_interval(values: np.ndarray) -> dict[str, float]:
     return {"low": round(float(low), 6), "high": round(float(high), 6)}
 
 
-def score_intervals(rows: list[dict], references: list[str], seed: int, resamples: int = RESAMPLES) -> dict[str, dict]:
+def score_intervals(
+    rows: list[dict], references: list[str], seed: int, resamples: int = RESAMPLES
+) -> dict[str, dict]:
     """The 95% interval of each metric of one model on these records: metric -> {low, high}."""
-    return {k: percentile_interval(v) for k, v in resampled_metrics(rows, references, seed, resamples).items()}
+    return {
+        k: percentile_interval(v) for k, v in resampled_metrics(rows, references, seed, resamples).items()
+    }
 
 
-def delta_intervals(base_rows: list[dict], tuned_rows: list[dict], references: list[str], seed: int,
-                    resamples: int = RESAMPLES) -> dict[str, dict]:
+def delta_intervals(
+    base_rows: list[dict],
+    tuned_rows: list[dict],
+    references: list[str],
+    seed: int,
+    resamples: int = RESAMPLES,
+) -> dict[str, dict]:
     """The 95% interval of each metric's delta (tuned - base), paired: both on the same resamples."""
     base = resampled_metrics(base_rows, references, seed, resamples)
     tuned = resampled_metrics(tuned_rows, references, seed, resamples)

@@ -26,18 +26,37 @@ BOOTSTRAP_ITERS = 1000
 Z95 = 1.959964
 
 
-def run_tasks(model, tokenizer, tasks: list[str], include_path: str, num_fewshot: int | None, limit: int | None,
-              chat_template: bool, batch_size: int, seed: int) -> dict[str, dict]:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path: str,
+    num_fewshot: int | None,
+    limit: int | None,
+    chat_template: bool,
+    batch_size: int,
+    seed: int,
+) -> dict[str, dict]:
     """Each requested task's metrics of `model`: {"<task>/<metric>": {"value", "stderr", "higher_is_better",
     "documents"}}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              task_manager=task_manager(tuple(tasks), include_path), bootstrap_iters=BOOTSTRAP_ITERS,
-                              apply_chat_template=chat_template, log_samples=False, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager(tuple(tasks), include_path),
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        apply_chat_template=chat_template,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     return task_scores(results, tasks)
 
 
@@ -71,9 +90,12 @@ def task_scores(results: dict, tasks: list[str]) -> dict[str, dict]:
                 continue
             stderr = values.get(f"{metric}_stderr,{filt}")
             name = f"{task}/{metric}" + (f",{filt}" if filt != "none" else "")
-            out[name] = {"value": round(float(value), 6),
-                         "stderr": round(float(stderr), 6) if isinstance(stderr, (int, float)) else None,
-                         "higher_is_better": better.get(metric), "documents": documents}
+            out[name] = {
+                "value": round(float(value), 6),
+                "stderr": round(float(stderr), 6) if isinstance(stderr, (int, float)) else None,
+                "higher_is_better": better.get(metric),
+                "documents": documents,
+            }
     return out
 
 
@@ -83,8 +105,15 @@ def compare(base: dict[str, dict], tuned: dict[str, dict]) -> dict:
     interval is delta +/- 1.96 x sqrt(se_base^2 + se_tuned^2): lm_eval reports unpaired standard
     errors, so it is wider than a paired one; a metric without a standard error gets no interval,
     and one whose direction lm_eval does not give, no verdict."""
-    out: dict = {"base": {}, "tuned": {}, "delta": {}, "delta_ci95": {}, "verdict": {}, "stderr": {"base": {}, "tuned": {}},
-                 "documents": {}}
+    out: dict = {
+        "base": {},
+        "tuned": {},
+        "delta": {},
+        "delta_ci95": {},
+        "verdict": {},
+        "stderr": {"base": {}, "tuned": {}},
+        "documents": {},
+    }
     for name in base:
         b, t = base[name], tuned[name]
         out["base"][name], out["tuned"][name] = b["value"], t["value"]

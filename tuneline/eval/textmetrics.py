@@ -45,7 +45,11 @@ def _unit(bleu: float) -> float:
 def record_scores(prediction: str, reference: str) -> dict[str, float]:
     """ROUGE-1/2/L F1, sentence BLEU-4 and exact match of one prediction."""
     rouge = _ROUGE.score(reference, prediction)
-    bleu = _unit(sacrebleu.sentence_bleu(prediction, [reference], tokenize="zh").score) if prediction.strip() else 0.0
+    bleu = (
+        _unit(sacrebleu.sentence_bleu(prediction, [reference], tokenize="zh").score)
+        if prediction.strip()
+        else 0.0
+    )
     return {
         "rouge_1": rouge["rouge1"].fmeasure,
         "rouge_2": rouge["rouge2"].fmeasure,

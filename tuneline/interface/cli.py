@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import IO
 
 from tuneline.common import params
-from tuneline.llm.server import serve_command
 from tuneline.common.records import EndpointError, InputError, exit_code
+from tuneline.llm.server import serve_command
 
 # The exported model is a local directory: the server never needs the hub.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
@@ -99,7 +99,8 @@ def exported_model(export_dir: str | Path) -> Path:
 
 
 def project_base():
-    """The `base` params of the project in the working directory; InputError or ParamsError saying what is wrong."""
+    """The `base` params of the project in the working directory; InputError or ParamsError saying what is
+    wrong."""
     if not Path(params.PARAMS_FILE).is_file():
         raise InputError(f"no {params.PARAMS_FILE} here; run it from the project root")
     return params.section("base")
@@ -126,7 +127,9 @@ def serve(args: argparse.Namespace) -> int:
     # SIGTERM becomes an exception, so the `finally` below stops the server on `kill` as on Ctrl-C.
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        wait_ready(url, args.startup_timeout, process)  # EndpointError: it died or never came up; its output says why
+        wait_ready(
+            url, args.startup_timeout, process
+        )  # EndpointError: it died or never came up; its output says why
         name = str(model_dir)
         print(f"tuneline serve: {name} at {url} (request model name: {name!r}); Ctrl-C stops it", flush=True)
         return process.wait()
@@ -147,7 +150,8 @@ def _terminated(*_) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
-    """Write the pull-request report: the verdict, then params and metrics diffs against a revision, and the curves."""
+    """Write the pull-request report: the verdict, then params and metrics diffs against a revision, and the
+    curves."""
     from tuneline.interface.report import write_report
 
     try:
@@ -168,8 +172,11 @@ def review(args: argparse.Namespace) -> int:
 
     reviewer = reviewer_name()
     app = build_app(base, reviewer)
-    print(f"tuneline review: http://{args.host}:{args.port} (decisions by {reviewer} go to {base.decisions}); "
-          "Ctrl-C stops it", flush=True)  # fmt: skip
+    print(
+        f"tuneline review: http://{args.host}:{args.port} (decisions by {reviewer} go to {base.decisions}); "
+        "Ctrl-C stops it",
+        flush=True,
+    )
     app.launch(server_name=args.host, server_port=args.port, quiet=True, inbrowser=False)
     return 0
 
@@ -179,7 +186,10 @@ def check(args: argparse.Namespace) -> int:
     if not Path(args.params).is_file():
         raise InputError(f"no {args.params} here; run it from the project root")
     params.check(args.params, complete=True)
-    print(f"tuneline check: {args.params} is fine ({len(params.SECTIONS)} sections); `dvc repro` runs the pipeline")
+    print(
+        f"tuneline check: {args.params} is fine ({len(params.SECTIONS)} sections); `dvc repro` runs the "
+        f"pipeline"
+    )
     return 0
 
 
@@ -207,13 +217,19 @@ def exps(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG = """The pipeline runs with `make run` (the first time: it makes .venv too) or `dvc repro` (after a change:
-only what it touches reruns). Try a change as an experiment with `dvc exp run --temp -S train.lora_r=32`."""
+EPILOG = """The pipeline runs with `make run` (the first time: it makes .venv too) or `dvc repro`
+(after a change: only what it touches reruns). Try a change as an experiment with
+`dvc exp run --temp -S train.lora_r=32`."""
 
 
 def _command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
-    c = commands.add_parser(name, help=help, description=help, epilog=EPILOG,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = commands.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=EPILOG,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     c.set_defaults(run=run)
     return c
 
@@ -221,27 +237,45 @@ def _command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
 def parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    p = argparse.ArgumentParser(prog="tuneline", description="Check, serve, review and report on what `dvc repro` made.",
-                                epilog=EPILOG)
+    p = argparse.ArgumentParser(
+        prog="tuneline",
+        description="Check, serve, review and report on what `dvc repro` made.",
+        epilog=EPILOG,
+    )
     p.add_argument("--version", action="version", version=f"tuneline {version('tuneline')}")
     commands = p.add_subparsers(dest="command", required=True)
     c = _command(commands, "check", "check all of params.yaml, as every stage does before its work", check)
     c.add_argument("--params", default=params.PARAMS_FILE, help="the params file")
-    _command(commands, "verdict", "print tuned vs base (metrics/eval.json) with intervals and verdicts", verdict)
-    e = _command(commands, "exps", "the experiments (dvc exp show): params that differ, headline metrics", exps)
+    _command(
+        commands, "verdict", "print tuned vs base (metrics/eval.json) with intervals and verdicts", verdict
+    )
+    e = _command(
+        commands, "exps", "the experiments (dvc exp show): params that differ, headline metrics", exps
+    )
     e.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     s = _command(commands, "serve", "serve the exported model on an OpenAI-compatible endpoint", serve)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda:0, …")
     s.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
-    r = _command(commands, "report", "did the change help? The verdict against a revision, params and metrics diffs, "
-                 "curves, as Markdown for a pull request", report)  # fmt: skip
+    r = _command(
+        commands,
+        "report",
+        "did the change help? The verdict against a revision, params and metrics diffs, "
+        "curves, as Markdown for a pull request",
+        report,
+    )
     r.add_argument("--rev", default="main", help="the revision to compare the workspace with")
     r.add_argument("--out", default="report.md", help="the Markdown file to write")
-    r.add_argument("--plots-dir", default="report_plots", help="where the training curves are rendered as PNG")
-    r.add_argument("--timings", action="store_true", help="keep the timing and throughput rows of the metrics diff")
-    v = _command(commands, "review", "review generated records, rejects and eval samples in the browser", review)
+    r.add_argument(
+        "--plots-dir", default="report_plots", help="where the training curves are rendered as PNG"
+    )
+    r.add_argument(
+        "--timings", action="store_true", help="keep the timing and throughput rows of the metrics diff"
+    )
+    v = _command(
+        commands, "review", "review generated records, rejects and eval samples in the browser", review
+    )
     v.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     v.add_argument("--port", type=int, default=7860, help="port to listen on")
     return p

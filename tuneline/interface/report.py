@@ -22,16 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+# The summary's metrics: (set, metric, the per-record file of that set, its column).
+from tuneline.common import timings
 from tuneline.eval import intervals
 
 # The summary's metrics: (set, metric, the per-record file of that set, its column).
-
-from tuneline.common import timings
-
-# The summary's metrics: (set, metric, the per-record file of that set, its column).
-HEADLINE = (("unseen", "loss", "records.jsonl", "tuned_loss"), ("unseen", "rouge_l", "records.jsonl", "tuned_rouge_l"),
-            ("seen", "rouge_l", "seen_records.jsonl", "tuned_rouge_l"))
-# The training curves worth a picture: loss (train and validation) and the learning rate, not epoch or tokens seen.
+HEADLINE = (
+    ("unseen", "loss", "records.jsonl", "tuned_loss"),
+    ("unseen", "rouge_l", "records.jsonl", "tuned_rouge_l"),
+    ("seen", "rouge_l", "seen_records.jsonl", "tuned_rouge_l"),
+)
+# The training curves worth a picture: loss (train and validation) and the learning rate, not epoch or tokens
+# seen.
 CURVES = re.compile(r"(^|/)(loss|learning_rate)\.tsv$")
 
 # Rows of `dvc metrics diff` about how long or how fast, not how good (the timings files, and the
@@ -40,7 +42,8 @@ TIMING = re.compile(rf"{timings.TIMING.pattern}|flos")
 
 
 def dvc(*args: str, cwd: str | Path = ".") -> str:
-    """The standard output of a dvc command (the dvc installed beside tuneline); a failure raises with its message."""
+    """The standard output of a dvc command (the dvc installed beside tuneline); a failure raises with its
+    message."""
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -77,8 +80,14 @@ def paired_change(before: list[dict], now: list[dict], column: str, seed: int) -
     idx = intervals.resample_indexes(len(pairs), seed)
     interval = intervals.percentile_interval((new - was)[idx].mean(1))
     metric = column.removeprefix("tuned_")
-    return {"before": float(was.mean()), "now": float(new.mean()), "delta": float((new - was).mean()),
-            "ci95": interval, "verdict": intervals.verdict(metric, interval), "records": len(pairs)}
+    return {
+        "before": float(was.mean()),
+        "now": float(new.mean()),
+        "delta": float((new - was).mean()),
+        "ci95": interval,
+        "verdict": intervals.verdict(metric, interval),
+        "records": len(pairs),
+    }
 
 
 def summary_lines(metrics_dir: str, rev: str, seed: int, cwd: str | Path = ".") -> list[str]:
@@ -87,18 +96,27 @@ def summary_lines(metrics_dir: str, rev: str, seed: int, cwd: str | Path = ".") 
     for set_name, metric, file, column in HEADLINE:
         path = f"{metrics_dir}/eval/{file}"
         now_file = Path(cwd) / path
-        now = [json.loads(x) for x in now_file.read_text(encoding="utf-8").splitlines() if x.strip()] if now_file.is_file() else None
+        now = (
+            [json.loads(x) for x in now_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+            if now_file.is_file()
+            else None
+        )
         before = jsonl_at(rev, path, cwd)
         change = paired_change(before, now, column, seed) if now and before else None
         if change is None:
-            lines.append(f"- **{set_name} {metric}**: no per-record scores to pair "
-                         f"({'at `' + rev + '`' if now else 'in the workspace: run `dvc repro`'})")
+            lines.append(
+                f"- **{set_name} {metric}**: no per-record scores to pair "
+                f"({'at `' + rev + '`' if now else 'in the workspace: run `dvc repro`'})"
+            )
             continue
         ci = change["ci95"]
         mean = " (mean over records)" if metric == "loss" else ""
-        lines.append(f"- **{set_name} {metric}**{mean}: tuned at `{rev}` {change['before']:.4f} -> tuned now "
-                     f"{change['now']:.4f}, {change['delta']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] over the same "
-                     f"{change['records']} records: **{change['verdict']}**")
+        lines.append(
+            f"- **{set_name} {metric}**{mean}: tuned at `{rev}` {change['before']:.4f} -> tuned now "
+            f"{change['now']:.4f}, {change['delta']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] over the "
+            f"same "
+            f"{change['records']} records: **{change['verdict']}**"
+        )
     return lines
 
 
@@ -109,8 +127,16 @@ def verdict_rows(now: dict) -> list[list[str]]:
         if not isinstance(result, dict) or "delta" not in result:
             continue
         for key, delta in result["delta"].items():
-            rows.append([name, key, f"{result['base'][key]:.4f}", f"{result['tuned'][key]:.4f}",
-                         _delta(delta, result.get("delta_ci95", {}).get(key)), result.get("verdict", {}).get(key, "no interval")])
+            rows.append(
+                [
+                    name,
+                    key,
+                    f"{result['base'][key]:.4f}",
+                    f"{result['tuned'][key]:.4f}",
+                    _delta(delta, result.get("delta_ci95", {}).get(key)),
+                    result.get("verdict", {}).get(key, "no interval"),
+                ]
+            )
     return rows
 
 
@@ -121,11 +147,17 @@ def text_table(rows: list[list[str]]) -> str:
 
 
 def verdict_text(now: dict) -> str:
-    """eval.json as an aligned plain-text table, for the terminal (`tuneline verdict`, the end of `make run`)."""
+    """eval.json as an aligned plain-text table, for the terminal (`tuneline verdict`, the end of `make
+    run`)."""
     if "skipped" in now:
         return "Evaluation skipped: an API model was chosen and is used as is (see metrics/select_table.md)."
-    table = text_table([["set", "metric", "base", "tuned", "tuned - base [95% interval]", "verdict"], *verdict_rows(now)])
-    return table + "\nseen: training records (did fine-tuning take?); unseen: the test split (does it generalise?)"
+    table = text_table(
+        [["set", "metric", "base", "tuned", "tuned - base [95% interval]", "verdict"], *verdict_rows(now)]
+    )
+    return (
+        table
+        + "\nseen: training records (did fine-tuning take?); unseen: the test split (does it generalise?)"
+    )
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -139,17 +171,30 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 
 def experiment_runs(shown: list[dict]) -> list[tuple[str, dict, dict]]:
-    """(name, params.yaml flattened, metrics by file) of each commit and experiment of `dvc exp show --json`."""
+    """(name, params.yaml flattened, metrics by file) of each commit and experiment of `dvc exp show
+    --json`."""
     runs = []
     for commit in shown:
-        entries = [(commit.get("name") or commit["rev"][:7] if commit["rev"] != "workspace" else "workspace",
-                    commit.get("data"))]
-        entries += [(rev.get("name") or rev["rev"][:7], rev.get("data")) for exp in commit.get("experiments") or []
-                    for rev in exp.get("revs", [])]  # fmt: skip
+        entries = [
+            (
+                commit.get("name") or commit["rev"][:7] if commit["rev"] != "workspace" else "workspace",
+                commit.get("data"),
+            )
+        ]
+        entries += [
+            (rev.get("name") or rev["rev"][:7], rev.get("data"))
+            for exp in commit.get("experiments") or []
+            for rev in exp.get("revs", [])
+        ]
         for name, data in entries:
             if data:
-                runs.append((name, _flat((data.get("params") or {}).get("params.yaml", {}).get("data") or {}),
-                             {path: m.get("data") or {} for path, m in (data.get("metrics") or {}).items()}))
+                runs.append(
+                    (
+                        name,
+                        _flat((data.get("params") or {}).get("params.yaml", {}).get("data") or {}),
+                        {path: m.get("data") or {} for path, m in (data.get("metrics") or {}).items()},
+                    )
+                )
     return runs
 
 
@@ -175,7 +220,8 @@ def experiments_table(metrics_dir: str, all_commits: bool = False, cwd: str | Pa
     """`tuneline exps`: the experiments of HEAD (or of every commit) as an aligned table."""
     shown = json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []), cwd=cwd))
     return text_table(experiments_rows(shown, f"{metrics_dir}/eval.json")) + (
-        "\ntuned model's metrics, each with its verdict against the base; `dvc exp show` has every column")
+        "\ntuned model's metrics, each with its verdict against the base; `dvc exp show` has every column"
+    )
 
 
 def _delta(value: float, interval: dict | None) -> str:
@@ -189,8 +235,13 @@ def verdict_section(now: dict | None, before: dict | None, rev: str) -> str:
         return "No evaluation in the workspace: run `dvc repro` first."
     if "skipped" in now:
         return "Evaluation skipped: an API model was chosen and is used as is (see metrics/select_table.md)."
-    lines = [f"Tuned vs base, with the 95% paired bootstrap interval of the difference; `{rev}` shows the same at that revision.",
-             "", f"| set | metric | base | tuned | tuned - base [95% interval] | verdict | at `{rev}` |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Tuned vs base, with the 95% paired bootstrap interval of the difference; `{rev}` shows the same at "
+        f"that revision.",
+        "",
+        f"| set | metric | base | tuned | tuned - base [95% interval] | verdict | at `{rev}` |",
+        "|---|---|---|---|---|---|---|",
+    ]
     judge_lines = []
     for name, result in now.items():
         if not isinstance(result, dict):
@@ -204,19 +255,27 @@ def verdict_section(now: dict | None, before: dict | None, rev: str) -> str:
                 old = old if was["delta"][key] != delta else "same"
             else:
                 old = "new"
-            lines.append(f"| {name} | {key} | {result['base'][key]:.4f} | {result['tuned'][key]:.4f} | "
-                         f"{_delta(delta, interval)} | **{word}** | {old} |")
+            lines.append(
+                f"| {name} | {key} | {result['base'][key]:.4f} | {result['tuned'][key]:.4f} | "
+                f"{_delta(delta, interval)} | **{word}** | {old} |"
+            )
         if "judge" in result:
             j = result["judge"]
             net = j.get("net_win_ci95")
             judge_lines.append(
-                f"LLM judge on {name} ({j['pairs']} pairs, each judged in both orders): the tuned model wins {j['win']:.0%}, "
-                f"ties {j['tie']:.0%}, loses {j['loss']:.0%}, unparsed {j['unparsed']:.0%}; position consistency "
+                f"LLM judge on {name} ({j['pairs']} pairs, each judged in both orders): the tuned model wins "
+                f"{j['win']:.0%}, "
+                f"ties {j['tie']:.0%}, loses {j['loss']:.0%}, unparsed {j['unparsed']:.0%}; position "
+                f"consistency "
                 + (f"{j['position_consistency']:.0%}" if j["position_consistency"] is not None else "n/a")
-                + (f"; win - loss 95% interval [{net['low']:+.2f}, {net['high']:+.2f}]" if net else "") + ".")
+                + (f"; win - loss 95% interval [{net['low']:+.2f}, {net['high']:+.2f}]" if net else "")
+                + "."
+            )
     if len(lines) == 4:  # no metric had a delta: a line, not an empty table
         lines = ["No tuned-vs-base deltas in eval.json."]
-    return "\n".join(lines + ([""] + judge_lines if judge_lines else ["", "LLM judge: off (evaluate.judge.enabled)."]))
+    return "\n".join(
+        lines + ([""] + judge_lines if judge_lines else ["", "LLM judge: off (evaluate.judge.enabled)."])
+    )
 
 
 def other_metrics(metrics_md: str, eval_path: str, timings: bool = False) -> str:
@@ -225,39 +284,65 @@ def other_metrics(metrics_md: str, eval_path: str, timings: bool = False) -> str
     kept = []
     for line in metrics_md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) > 1 and (cells[0] == eval_path or (not timings and TIMING.search(cells[1]))):
+        if (
+            line.startswith("|")
+            and len(cells) > 1
+            and (cells[0] == eval_path or (not timings and TIMING.search(cells[1])))
+        ):
             continue
         kept.append(line)
     return "\n".join(kept)
 
 
-def render(rev: str, verdict_md: str, params_md: str, metrics_md: str, images: list[str], timings: bool = False,
-           summary: list[str] | None = None) -> str:
+def render(
+    rev: str,
+    verdict_md: str,
+    params_md: str,
+    metrics_md: str,
+    images: list[str],
+    timings: bool = False,
+    summary: list[str] | None = None,
+) -> str:
     """The report's Markdown: the summary and the verdict first, then params, the other metrics
     (`other_metrics`) folded, the curves; a section with nothing in it says so in one line, no empty table."""
-    other = ["<details><summary>Other metrics changed" + ("" if timings else " (timings left out; `tuneline report --timings` "
-             "shows them)") + "</summary>", "", metrics_md.strip(), "", "</details>"] if _has_rows(metrics_md) else [
-             "No other metrics changed."]  # fmt: skip
-    return "\n".join([
-        f"# tuneline report: workspace vs `{rev}`",
-        "",
-        *(summary or []),
-        "",
-        "## Verdict",
-        "",
-        verdict_md,
-        "",
-        "## Params changed",
-        "",
-        params_md.strip() if _has_rows(params_md) else "No params changed.",
-        "",
-        *other,
-        "",
-        "## Training curves",
-        "",
-        *([f"![{Path(i).stem}]({i})" for i in images] or [f"No training curves (`dvc plots diff {rev}` shows none)."]),
-        "",
-    ])
+    other = (
+        [
+            "<details><summary>Other metrics changed"
+            + ("" if timings else " (timings left out; `tuneline report --timings` shows them)")
+            + "</summary>",
+            "",
+            metrics_md.strip(),
+            "",
+            "</details>",
+        ]
+        if _has_rows(metrics_md)
+        else ["No other metrics changed."]
+    )
+    return "\n".join(
+        [
+            f"# tuneline report: workspace vs `{rev}`",
+            "",
+            *(summary or []),
+            "",
+            "## Verdict",
+            "",
+            verdict_md,
+            "",
+            "## Params changed",
+            "",
+            params_md.strip() if _has_rows(params_md) else "No params changed.",
+            "",
+            *other,
+            "",
+            "## Training curves",
+            "",
+            *(
+                [f"![{Path(i).stem}]({i})" for i in images]
+                or [f"No training curves (`dvc plots diff {rev}` shows none)."]
+            ),
+            "",
+        ]
+    )
 
 
 def _has_rows(table_md: str) -> bool:
@@ -265,7 +350,9 @@ def _has_rows(table_md: str) -> bool:
     return sum(line.lstrip().startswith("|") for line in table_md.splitlines()) > 2
 
 
-def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path = ".", timings: bool = False) -> list[str]:
+def render_curves(
+    rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path = ".", timings: bool = False
+) -> list[str]:
     """PNG images of the plots under `prefix` (workspace and `rev` overlaid), as DVC specifies them,
     timing and throughput curves only with `timings`; their paths relative to `cwd`."""
     import vl_convert
@@ -280,7 +367,8 @@ def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path 
         for plot in plots:
             if plot.get("type") != "vega":
                 continue
-            # DVCLive writes <dir>/plots/metrics/<name>.tsv (train/loss.tsv, eval/loss.tsv): name the image after <name>
+            # DVCLive writes <dir>/plots/metrics/<name>.tsv (train/loss.tsv, eval/loss.tsv): name the image
+            # after <name>
             curve = plot_id.removeprefix(prefix).split("plots/metrics/")[-1]
             name = re.sub(r"[^\w.-]+", "_", curve.strip("/")).removesuffix(".tsv") + ".png"
             if not timings and TIMING.search(name.removesuffix(".png")):
@@ -292,8 +380,13 @@ def render_curves(rev: str, plots_dir: str | Path, prefix: str, cwd: str | Path 
     return images
 
 
-def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "report_plots", cwd: str | Path = ".",
-                 timings: bool = False) -> Path:
+def write_report(
+    rev: str,
+    out: str | Path = "report.md",
+    plots_dir: str = "report_plots",
+    cwd: str | Path = ".",
+    timings: bool = False,
+) -> Path:
     """Write the report comparing the workspace with `rev`; return its path."""
     from tuneline.common import params
 
@@ -306,9 +399,13 @@ def write_report(rev: str, out: str | Path = "report.md", plots_dir: str = "repo
     params_md = dvc("params", "diff", rev, "--md", cwd=cwd)
     metrics_md = other_metrics(dvc("metrics", "diff", rev, "--md", cwd=cwd), eval_path, timings)
     if timings:  # not declared as metrics (dvc.yaml), so named here
-        timings_md = dvc("metrics", "diff", rev, "--md", "-R", "--targets", f"{base.metrics_dir}/timings", cwd=cwd)
+        timings_md = dvc(
+            "metrics", "diff", rev, "--md", "-R", "--targets", f"{base.metrics_dir}/timings", cwd=cwd
+        )
         metrics_md = "\n\n".join(t.strip() for t in (metrics_md, timings_md) if _has_rows(t))
     images = render_curves(rev, plots_dir, f"{base.metrics_dir}/train/", cwd, timings)
     path = Path(cwd) / out
-    path.write_text(render(rev, verdict_md, params_md, metrics_md, images, timings, summary), encoding="utf-8")
+    path.write_text(
+        render(rev, verdict_md, params_md, metrics_md, images, timings, summary), encoding="utf-8"
+    )
     return path

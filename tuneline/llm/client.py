@@ -17,7 +17,8 @@ OpenAI-compatible endpoint, with a per-call reply cache.
 - The API key is read from the environment variable the endpoint names and goes only into
   the request header: it is never written to the cache, to errors or to logs.
 
-`select` (API candidates) and `evaluate` (the LLM judge, tuneline/eval/judge.py) use this module as augment does.
+`select` (API candidates) and `evaluate` (the LLM judge, tuneline/eval/judge.py) use this module as augment
+does.
 """
 
 from __future__ import annotations
@@ -109,11 +110,15 @@ def normalise_base_url(base_url: str) -> str:
     parts = urlparse(base_url.strip())
     scheme = (parts.scheme or "https").lower()
     port = parts.port
-    netloc = (parts.hostname or "").lower() + (f":{port}" if port and port != {"http": 80, "https": 443}.get(scheme) else "")
+    netloc = (parts.hostname or "").lower() + (
+        f":{port}" if port and port != {"http": 80, "https": 443}.get(scheme) else ""
+    )
     return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
 
 
-def cache_key(endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None, salt: str = "") -> str:
+def cache_key(
+    endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None, salt: str = ""
+) -> str:
     """The cache key of one call: everything that changes the reply, and nothing else.
 
     The endpoint (normalised base_url: two servers serving different weights under one model
@@ -169,7 +174,8 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 
 def legacy_cache_path(cache_dir: str | Path, key: str) -> Path:
-    """Where entries were written before the two-level layout (`ab/abcd....json`): still read, never written."""
+    """Where entries were written before the two-level layout (`ab/abcd....json`): still read, never
+    written."""
     return Path(cache_dir) / key[:2] / f"{key}.json"
 
 
@@ -206,7 +212,9 @@ def read_cached(cache_dir: str | Path, key: str) -> Reply | None:
     )
 
 
-def write_cached(cache_dir: str | Path, key: str, reply: Reply, messages: list[dict], model: str, seed: int) -> None:
+def write_cached(
+    cache_dir: str | Path, key: str, reply: Reply, messages: list[dict], model: str, seed: int
+) -> None:
     """Store one answered call atomically (temp file + rename): a crash leaves no torn entry.
 
     The entry keeps no latency: the cache is a DVC output, so the same calls must write the same bytes."""
@@ -244,13 +252,15 @@ def api_key(endpoint: Endpoint) -> str:
         return NO_KEY
     raise EndpointError(
         f"the environment variable {endpoint.api_key_env} is not set, and {endpoint.base_url} needs an API "
-        f"key: `export {endpoint.api_key_env}=...` (the name comes from the api_key_env param; the key itself "
+        f"key: `export {endpoint.api_key_env}=...` (the name comes from the api_key_env param; the key "
+        f"itself "
         "is never stored in params)"
     )
 
 
 def retry_after_s(headers) -> float:
-    """The wait a 429 asks for: retry-after-ms, retry-after (seconds or an HTTP date), else 1 s; at most 300 s."""
+    """The wait a 429 asks for: retry-after-ms, retry-after (seconds or an HTTP date), else 1 s; at most 300
+    s."""
     try:
         if headers.get("retry-after-ms"):
             return min(float(headers["retry-after-ms"]) / 1000, 300.0)
@@ -344,18 +354,25 @@ def preflight(endpoint: Endpoint, key: str, timeout_s: float = 5.0) -> list[str]
     """GET {base_url}/models once, before a stage's calls: a dead host, a wrong URL or a refused key
     fails within seconds, naming the params key `key` (e.g. evaluate.judge.base_url), rather than
     after every call's retries. Returns the model ids listed (a model not among them is logged)."""
-    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), max_retries=0, timeout=timeout_s)
+    client = openai.OpenAI(
+        base_url=endpoint.base_url, api_key=api_key(endpoint), max_retries=0, timeout=timeout_s
+    )
     try:
         with client:
             models = [m.id for m in client.models.list()]
     except (openai.APIError, ValueError) as err:
         raise EndpointError(
-            f"{key} {endpoint.base_url!r} did not answer GET /models ({_describe_error(err, client.api_key)}): "
+            f"{key} {endpoint.base_url!r} did not answer GET /models "
+            f"({_describe_error(err, client.api_key)}): "
             f"check {key}, that the server is up, and the key in ${endpoint.api_key_env}"
         ) from None
     if models and endpoint.model not in models:
-        log.warning("%s lists no model %r (it lists %s); the calls may fail", endpoint.base_url, endpoint.model,
-                    ", ".join(models[:5]))  # fmt: skip
+        log.warning(
+            "%s lists no model %r (it lists %s); the calls may fail",
+            endpoint.base_url,
+            endpoint.model,
+            ", ".join(models[:5]),
+        )
     return models
 
 
@@ -396,15 +413,22 @@ def _reply_from(response, latency: float, truncated_is_error: bool, batch: bool 
 
 
 async def _call(
-    client: openai.AsyncOpenAI, endpoint: Endpoint, messages: list[dict], seed: int, response_format: dict | None,
-    truncated_is_error: bool, budget: TokenBudget | None = None,
+    client: openai.AsyncOpenAI,
+    endpoint: Endpoint,
+    messages: list[dict],
+    seed: int,
+    response_format: dict | None,
+    truncated_is_error: bool,
+    budget: TokenBudget | None = None,
 ) -> Reply:
     estimate = estimate_tokens(messages, endpoint.max_tokens)
     if budget is not None:
         await budget.take(estimate)
     started = time.perf_counter()
     try:
-        response = await client.chat.completions.create(**request_body(endpoint, messages, seed, response_format))
+        response = await client.chat.completions.create(
+            **request_body(endpoint, messages, seed, response_format)
+        )
     except (openai.APIError, ValueError) as err:
         # ValueError: a 200 whose body is not the JSON the client expects (a misbehaving proxy).
         return Reply(None, 0, 0, time.perf_counter() - started, False, _describe_error(err, client.api_key))
@@ -491,7 +515,9 @@ async def complete_many(
 
         async def run_one(i: int) -> None:
             async with semaphore:
-                reply = await _call(client, endpoint, requests[i], seeds[i], formats[i], truncated_is_error, budget)
+                reply = await _call(
+                    client, endpoint, requests[i], seeds[i], formats[i], truncated_is_error, budget
+                )
             if reply.error is None:
                 write_cached(cache_dir, keys[i], reply, requests[i], endpoint.model, seeds[i])
             else:
@@ -501,8 +527,10 @@ async def complete_many(
         async with client:
             await asyncio.gather(*(run_one(i) for i in missing))
         if limiter.cool_downs:
-            log.warning("%d responses were 429 (rate limited): every call paused for their Retry-After",
-                        limiter.cool_downs)
+            log.warning(
+                "%d responses were 429 (rate limited): every call paused for their Retry-After",
+                limiter.cool_downs,
+            )
     return replies  # type: ignore[return-value]  # every slot is filled above
 
 
@@ -517,13 +545,28 @@ def complete_many_sync(
     truncated_is_error: bool = False,
 ) -> list[Reply]:
     """`complete_many` for synchronous callers (stage scripts)."""
-    return asyncio.run(complete_many(endpoint, requests, cache_dir, seed, response_format, cache_salt=cache_salt,
-                                     truncated_is_error=truncated_is_error))
+    return asyncio.run(
+        complete_many(
+            endpoint,
+            requests,
+            cache_dir,
+            seed,
+            response_format,
+            cache_salt=cache_salt,
+            truncated_is_error=truncated_is_error,
+        )
+    )
 
 
 @contextmanager
-def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, *, cache_salt: str = "", truncated_is_error: bool = False,
-                preflight_key: str = "") -> Iterator[Callable[..., list[Reply]]]:
+def lazy_caller(
+    endpoint: Endpoint,
+    cache_dir: str | Path,
+    *,
+    cache_salt: str = "",
+    truncated_is_error: bool = False,
+    preflight_key: str = "",
+) -> Iterator[Callable[..., list[Reply]]]:
     """`call(requests, seed, response_format=None) -> replies` for a `with` block. With
     `endpoint.base_url` "local", the server of the model directory `endpoint.model` (tuneline.llm.server)
     starts at the first call with a request missing from the cache, and stops at the end of the
@@ -536,15 +579,24 @@ def lazy_caller(endpoint: Endpoint, cache_dir: str | Path, *, cache_salt: str = 
 
         def call(requests: list[list[dict]], seed: int, response_format: Formats = None) -> list[Reply]:
             nonlocal resolved
-            if resolved is None and uncached(endpoint, requests, cache_dir, seed, response_format, cache_salt=cache_salt):
+            if resolved is None and uncached(
+                endpoint, requests, cache_dir, seed, response_format, cache_salt=cache_salt
+            ):
                 if endpoint.base_url == "local":
                     url = server.enter_context(endpoint_url(endpoint.base_url, endpoint.model))
                     resolved = replace(endpoint, base_url=url, key_url="local")
                 else:
                     preflight(endpoint, preflight_key or "base_url")
                     resolved = endpoint
-            return complete_many_sync(resolved or endpoint, requests, cache_dir, seed, response_format,
-                                      cache_salt=cache_salt, truncated_is_error=truncated_is_error)
+            return complete_many_sync(
+                resolved or endpoint,
+                requests,
+                cache_dir,
+                seed,
+                response_format,
+                cache_salt=cache_salt,
+                truncated_is_error=truncated_is_error,
+            )
 
         yield call
 
@@ -560,24 +612,43 @@ def batch_state_path(cache_dir: str | Path, keys: list[str]) -> Path:
     return Path(cache_dir) / "batches" / f"{content_hash(sorted(keys))[:16]}.json"
 
 
-def _batch_lines(endpoint: Endpoint, requests: list[list[dict]], seeds: list[int], formats: list[dict | None],
-                 keys: list[str], missing: list[int]) -> bytes:  # fmt: skip
+def _batch_lines(
+    endpoint: Endpoint,
+    requests: list[list[dict]],
+    seeds: list[int],
+    formats: list[dict | None],
+    keys: list[str],
+    missing: list[int],
+) -> bytes:
     lines = [
-        json.dumps({"custom_id": keys[i], "method": "POST", "url": BATCH_ENDPOINT,
-                    "body": request_body(endpoint, requests[i], seeds[i], formats[i])}, ensure_ascii=False)
+        json.dumps(
+            {
+                "custom_id": keys[i],
+                "method": "POST",
+                "url": BATCH_ENDPOINT,
+                "body": request_body(endpoint, requests[i], seeds[i], formats[i]),
+            },
+            ensure_ascii=False,
+        )
         for i in missing
-    ]  # fmt: skip
+    ]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def _submit_batch(client: openai.OpenAI, payload: bytes, state: Path, count: int) -> str:
     """Upload the request file, create the batch, record its id (atomically) before anything else."""
     uploaded = client.files.create(file=("tuneline-batch.jsonl", payload), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=BATCH_ENDPOINT, completion_window="24h",
-                                  metadata={"tuneline": state.stem})  # fmt: skip
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint=BATCH_ENDPOINT,
+        completion_window="24h",
+        metadata={"tuneline": state.stem},
+    )
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_name(f".{state.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"batch_id": batch.id, "input_file_id": uploaded.id, "requests": count}), encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"batch_id": batch.id, "input_file_id": uploaded.id, "requests": count}), encoding="utf-8"
+    )
     os.replace(tmp, state)
     log.info("submitted batch %s (%d requests), recorded in %s", batch.id, count, state)
     return batch.id
@@ -587,8 +658,13 @@ def _poll_batch(client: openai.OpenAI, batch_id: str, poll_s: float):
     batch = client.batches.retrieve(batch_id)
     while batch.status in BATCH_RUNNING:
         counts = batch.request_counts
-        log.info("batch %s %s (%s of %s done)", batch_id, batch.status, counts.completed if counts else "?",
-                 counts.total if counts else "?")  # fmt: skip
+        log.info(
+            "batch %s %s (%s of %s done)",
+            batch_id,
+            batch.status,
+            counts.completed if counts else "?",
+            counts.total if counts else "?",
+        )
         time.sleep(poll_s)
         batch = client.batches.retrieve(batch_id)
     return batch
@@ -611,7 +687,15 @@ def _line_reply(line: dict | None, truncated_is_error: bool) -> Reply:
     if response.get("status_code") != 200 or line.get("error"):
         problem = line.get("error") or (response.get("body") or {}).get("error") or {}
         detail = problem.get("message") if isinstance(problem, dict) else str(problem)
-        return Reply(None, 0, 0, 0.0, False, f"batch request failed: HTTP {response.get('status_code')}: {detail}", True)
+        return Reply(
+            None,
+            0,
+            0,
+            0.0,
+            False,
+            f"batch request failed: HTTP {response.get('status_code')}: {detail}",
+            True,
+        )
     return _reply_from(ChatCompletion.model_validate(response["body"]), 0.0, truncated_is_error, batch=True)
 
 
@@ -643,17 +727,25 @@ def complete_batch(
     if not missing:
         return replies  # type: ignore[return-value]
     state = batch_state_path(cache_dir, [keys[i] for i in missing])
-    client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint), max_retries=endpoint.max_retries,
-                           timeout=endpoint.timeout_s)  # fmt: skip
+    client = openai.OpenAI(
+        base_url=endpoint.base_url,
+        api_key=api_key(endpoint),
+        max_retries=endpoint.max_retries,
+        timeout=endpoint.timeout_s,
+    )
     with client:
         if state.is_file():
             batch_id = json.loads(state.read_text(encoding="utf-8"))["batch_id"]
             log.info("resuming batch %s recorded in %s", batch_id, state)
         else:
-            batch_id = _submit_batch(client, _batch_lines(endpoint, requests, seeds, formats, keys, missing), state,
-                                     len(missing))  # fmt: skip
+            batch_id = _submit_batch(
+                client, _batch_lines(endpoint, requests, seeds, formats, keys, missing), state, len(missing)
+            )
         batch = _poll_batch(client, batch_id, poll_s)
-        results = {**_result_lines(client, batch.error_file_id), **_result_lines(client, batch.output_file_id)}
+        results = {
+            **_result_lines(client, batch.error_file_id),
+            **_result_lines(client, batch.output_file_id),
+        }
     failed = []
     for i in missing:
         reply = _line_reply(results.get(keys[i]), truncated_is_error)
@@ -673,17 +765,32 @@ def complete_batch(
     return replies  # type: ignore[return-value]
 
 
-def ledger(replies: list[Reply], price_prompt_per_mtok: float = 0.0, price_completion_per_mtok: float = 0.0,
-           batch_price_factor: float = 0.5) -> dict:
+def ledger(
+    replies: list[Reply],
+    price_prompt_per_mtok: float = 0.0,
+    price_completion_per_mtok: float = 0.0,
+    batch_price_factor: float = 0.5,
+) -> dict:
     """Calls and tokens of a set of replies: all of them, and the part this run paid for. Replies
     answered through the Batch API cost `batch_price_factor` of the prices (OpenAI's batch rate: half)."""
 
     def totals(rs: list[Reply]) -> dict:
         prompt = sum(r.prompt_tokens for r in rs)
         completion = sum(r.completion_tokens for r in rs)
-        cost = sum((r.prompt_tokens * price_prompt_per_mtok + r.completion_tokens * price_completion_per_mtok)
-                   * (batch_price_factor if r.batch else 1.0) for r in rs) / 1e6  # fmt: skip
-        return {"calls": len(rs), "prompt_tokens": prompt, "completion_tokens": completion, "cost": round(cost, 6)}
+        cost = (
+            sum(
+                (r.prompt_tokens * price_prompt_per_mtok + r.completion_tokens * price_completion_per_mtok)
+                * (batch_price_factor if r.batch else 1.0)
+                for r in rs
+            )
+            / 1e6
+        )
+        return {
+            "calls": len(rs),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cost": round(cost, 6),
+        }
 
     fresh = [r for r in replies if not r.cached]
     live = [r for r in fresh if not r.batch]

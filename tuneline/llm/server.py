@@ -74,11 +74,18 @@ def local_server(model_path: str, *, device: str = "cpu", startup_timeout_s: flo
         )
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    }
     # Small models on CPU decode many times slower with several torch threads on a busy machine.
     # A user's own OMP_NUM_THREADS wins.
     env.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.NamedTemporaryFile("w+b", prefix="tuneline-serve-", suffix=".log", delete=False) as log_file:
+    with tempfile.NamedTemporaryFile(
+        "w+b", prefix="tuneline-serve-", suffix=".log", delete=False
+    ) as log_file:
         log_path = Path(log_file.name)
         proc = subprocess.Popen(
             serve_command(model_path, port, device), stdout=log_file, stderr=subprocess.STDOUT, env=env
@@ -88,8 +95,8 @@ def local_server(model_path: str, *, device: str = "cpu", startup_timeout_s: flo
         while not _models_ready(base_url):
             if proc.poll() is not None:
                 raise EndpointError(
-                    f"`transformers serve {model_path}` exited with code {proc.returncode} before it was ready:\n"
-                    + _tail(log_path)
+                    f"`transformers serve {model_path}` exited with code {proc.returncode} before it was "
+                    f"ready:\n" + _tail(log_path)
                 )
             if time.monotonic() > deadline:
                 raise EndpointError(

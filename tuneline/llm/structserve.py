@@ -121,8 +121,9 @@ class StructuredServe(Serve):
         from transformers.cli.serving.systemone import SystemOneHandler
         from transformers.cli.serving.transcription import TranscriptionHandler
 
-        manager = ModelManager(self.loader, self.generation_state, model_timeout=self.model_timeout,
-                               force_model=self.force_model)
+        manager = ModelManager(
+            self.loader, self.generation_state, model_timeout=self.model_timeout, force_model=self.force_model
+        )
         shared = {"model_manager": manager, "generation_state": self.generation_state}
         chat = {**shared, "chat_template_kwargs": self.chat_template_kwargs}
         app = build_server(
@@ -137,17 +138,19 @@ class StructuredServe(Serve):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tuneline.llm.structserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tuneline.llm.structserve", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("model", help="a local model directory, preloaded and used for every request")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    StructuredServe(force_model=args.model, host=args.host, port=args.port, device=args.device,
-                    log_level=args.log_level)
+    StructuredServe(
+        force_model=args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level
+    )
 
 
 if __name__ == "__main__":
     main()
-

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from tuneline.common.records import ChosenModel
 from tuneline.model.generation import greedy_config, stop_ids
 from tuneline.model.modeling import load_tuned
-from tuneline.common.records import ChosenModel
 
 
 def merged_model(chosen: ChosenModel, adapter_dir: str | Path, dtype: str):
@@ -21,8 +21,10 @@ def merged_model(chosen: ChosenModel, adapter_dir: str | Path, dtype: str):
     the adapter did, not the adapter on top of weights it never saw. It is `load_tuned`'s merge, the
     one evaluate scores with `evaluate.merge`."""
     if is_prompt_learning(adapter_dir):
-        raise ValueError("export: a P-tuning adapter has no weights to merge; export it with `export()`, which "
-                         "writes its virtual tokens into the vocabulary")
+        raise ValueError(
+            "export: a P-tuning adapter has no weights to merge; export it with `export()`, which "
+            "writes its virtual tokens into the vocabulary"
+        )
     return load_tuned(chosen, adapter_dir, merge=True, dtype=dtype)
 
 
@@ -43,24 +45,63 @@ def dir_md5(path: str | Path) -> str:
     return tree.hash_info.value
 
 
-def model_card(chosen: ChosenModel, training: dict, data_dir: str, data_dir_hash: str, data_hashes: dict[str, str],
-               eval_metrics: dict) -> str:
+def model_card(
+    chosen: ChosenModel,
+    training: dict,
+    data_dir: str,
+    data_dir_hash: str,
+    data_hashes: dict[str, str],
+    eval_metrics: dict,
+) -> str:
     """README.md of the exported model: base, method, params, data version (the directory hash
     dvc.lock records for `data_dir`, and each file's md5) and eval metrics."""
     lines = [
-        "---", "library_name: transformers", f"base_model: {chosen.name_or_path}", "tags: [tuneline, " + training["method"] + "]", "---", "",
-        f"# Fine-tuned {chosen.name}", "",
-        f"Made by the tuneline pipeline: base model `{chosen.name_or_path}` (chosen by {chosen.record['why']}),",
-        f"fine-tuned with **{training['method']}**, " + ("exported with its virtual tokens as special tokens that the "
-        "chat template puts first." if training["method"] == "ptuning" else "merged and exported."), "",
-        "## Training data", "",
-        f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:", "",
-        *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())], "",
-        "## Training parameters", "", "```json", json.dumps(training["params"], indent=2, sort_keys=True), "```", "",
-        *[line for name, title in (("unseen", "test split"), ("seen", "training records")) if name in eval_metrics
-          for line in (f"## Evaluation: {name} ({title})", "", "| metric | base | tuned | delta |", "|---|---|---|---|",
-                       *[f"| {k} | {m['base'][k]:.4f} | {m['tuned'][k]:.4f} | {m['delta'][k]:+.4f} |"
-                         for m in [eval_metrics[name]] for k in m["base"]], "")],
+        "---",
+        "library_name: transformers",
+        f"base_model: {chosen.name_or_path}",
+        "tags: [tuneline, " + training["method"] + "]",
+        "---",
+        "",
+        f"# Fine-tuned {chosen.name}",
+        "",
+        f"Made by the tuneline pipeline: base model `{chosen.name_or_path}` (chosen by "
+        f"{chosen.record['why']}),",
+        f"fine-tuned with **{training['method']}**, "
+        + (
+            "exported with its virtual tokens as special tokens that the chat template puts first."
+            if training["method"] == "ptuning"
+            else "merged and exported."
+        ),
+        "",
+        "## Training data",
+        "",
+        f"`{data_dir}` at `{data_dir_hash}` (the hash dvc.lock records for it); its files' md5:",
+        "",
+        *[f"- `{name}`: `{md5}`" for name, md5 in sorted(data_hashes.items())],
+        "",
+        "## Training parameters",
+        "",
+        "```json",
+        json.dumps(training["params"], indent=2, sort_keys=True),
+        "```",
+        "",
+        *[
+            line
+            for name, title in (("unseen", "test split"), ("seen", "training records"))
+            if name in eval_metrics
+            for line in (
+                f"## Evaluation: {name} ({title})",
+                "",
+                "| metric | base | tuned | delta |",
+                "|---|---|---|---|",
+                *[
+                    f"| {k} | {m['base'][k]:.4f} | {m['tuned'][k]:.4f} | {m['delta'][k]:+.4f} |"
+                    for m in [eval_metrics[name]]
+                    for k in m["base"]
+                ],
+                "",
+            )
+        ],
     ]
     return "\n".join(lines)
 
@@ -98,12 +139,16 @@ def with_virtual_tokens(chosen: ChosenModel, adapter_dir: str | Path, dtype: str
     ids = tokenizer.convert_tokens_to_ids(tokens)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = model.get_input_embeddings()
-    scale = getattr(embeddings, "embed_scale", 1.0)  # Gemma scales embeddings inside the module; peft's prompt is not
+    scale = getattr(
+        embeddings, "embed_scale", 1.0
+    )  # Gemma scales embeddings inside the module; peft's prompt is not
     with torch.no_grad():
         embeddings.weight[ids] = (prompt / scale).to(embeddings.weight.dtype)
         embedded = embeddings(torch.tensor(ids, device=embeddings.weight.device))
     if not torch.allclose(embedded.float(), prompt.float(), rtol=1e-2, atol=1e-3):
-        raise ValueError(f"export: {type(embeddings).__name__} does not reproduce the virtual tokens' vectors")
+        raise ValueError(
+            f"export: {type(embeddings).__name__} does not reproduce the virtual tokens' vectors"
+        )
     tokenizer.chat_template = "".join(tokens) + tokenizer.chat_template
     model.generation_config.suppress_tokens = sorted({*(model.generation_config.suppress_tokens or []), *ids})
     return model, tokenizer

@@ -1,4 +1,5 @@
-"""Greedy generation that stops where a chat model's answer ends: the one config select, evaluate and export use.
+"""Greedy generation that stops where a chat model's answer ends: the one config select, evaluate and export
+use.
 
 A model's answer ends at its template's end-of-turn token as well as at its EOS, and decoding is
 greedy with nothing inherited from the model's hub generation config; the exported
@@ -31,8 +32,16 @@ def greedy_config(stops: list[int], pad_token_id: int | None, max_new_tokens: in
     hub one sets temperature, top-p, repetition penalty), so nothing is inherited from it."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-                            eos_token_id=stops, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens)
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        eos_token_id=stops,
+        pad_token_id=pad_token_id,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 @contextmanager

@@ -51,7 +51,8 @@ def local_rank() -> int:
 
 
 def resolve_dtype(name: str) -> str:
-    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on CPU; other names as given."""
+    """`auto`: bfloat16 where the GPU supports it, else float16 on a GPU, float32 on CPU; other names as
+    given."""
     if name != "auto":
         return name
     if not torch.cuda.is_available():
@@ -62,7 +63,10 @@ def resolve_dtype(name: str) -> str:
 def sharded_launch() -> bool:
     """Whether `accelerate launch` runs FSDP or DeepSpeed: the model then loads on CPU and the
     Trainer shards it, instead of every rank holding a whole copy on its GPU."""
-    return any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true")
+        for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def device_map() -> dict | None:
@@ -82,10 +86,13 @@ def looks_like_path(name: str) -> bool:
 
 
 def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub's host opens within `timeout_s` (the hub client retries for a minute)."""
+    """Whether a TCP connection to the hub's host opens within `timeout_s` (the hub client retries for a
+    minute)."""
     url = urllib.parse.urlparse(endpoint)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout_s
+        ).close()
         return True
     except OSError:
         return False
@@ -100,22 +107,30 @@ def check_model_source(name: str, revision: str | None, key: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ParamsError(f"{key} {name!r} is a directory without config.json, not a saved model; point {key} at "
-                              "the directory save_pretrained wrote (or a hub id)")
+            raise ParamsError(
+                f"{key} {name!r} is a directory without config.json, not a saved model; point {key} at "
+                "the directory save_pretrained wrote (or a hub id)"
+            )
         return
     if looks_like_path(name) or path.exists():
-        raise ParamsError(f"{key} {name!r}: no such model directory; fix the path, or build it first "
-                          "(`dvc repro models` writes models/base/<name>)")
+        raise ParamsError(
+            f"{key} {name!r}: no such model directory; fix the path, or build it first "
+            "(`dvc repro models` writes models/base/<name>)"
+        )
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return  # in the local hub cache: loads offline too
     if constants.HF_HUB_OFFLINE:
-        raise ParamsError(f"{key} {name!r} is a hub id that is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
-                          f"the hub is off (HF_HUB_OFFLINE): download it while online (`hf download {name}`), or set "
-                          f"{key} to a local model directory")
+        raise ParamsError(
+            f"{key} {name!r} is a hub id that is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+            f"the hub is off (HF_HUB_OFFLINE): download it while online (`hf download {name}`), or set "
+            f"{key} to a local model directory"
+        )
     if not hub_reachable(constants.ENDPOINT):
-        raise ParamsError(f"{key} {name!r} is a hub id, but {constants.ENDPOINT} cannot be reached and it is not in the "
-                          f"local hub cache: download it where there is a network (`hf download {name}`), or set {key} "
-                          "to a local model directory")
+        raise ParamsError(
+            f"{key} {name!r} is a hub id, but {constants.ENDPOINT} cannot be reached and it is not in the "
+            f"local hub cache: download it where there is a network (`hf download {name}`), or set {key} "
+            "to a local model directory"
+        )
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -150,9 +165,13 @@ def load_model(
     `sdpa` is transformers' own default: SDPA where the architecture has it, eager attention where it
     has not (Gemma 2, whose attention soft-capping SDPA cannot do); asked for by name, it would refuse those.
     """
-    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True,
-                  dtype=DTYPES[resolve_dtype(dtype)],
-                  attn_implementation=None if attn_implementation == "sdpa" else attn_implementation)
+    kwargs = dict(
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        dtype=DTYPES[resolve_dtype(dtype)],
+        attn_implementation=None if attn_implementation == "sdpa" else attn_implementation,
+    )
     placement = device_map()
     if quantize_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
@@ -167,11 +186,18 @@ def trained_4bit(adapter_dir: str | Path) -> bool:
     return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("method") == "qlora"
 
 
-def load_base(chosen: ChosenModel, dtype: str = "auto", quantize_4bit: bool = False, dequantized: bool = False):
+def load_base(
+    chosen: ChosenModel, dtype: str = "auto", quantize_4bit: bool = False, dequantized: bool = False
+):
     """The chosen base model at `dtype`, 4-bit when asked (to score a QLoRA run's base as it was
     trained over), and then `dequantized` to `dtype` when asked (the weights a QLoRA merge goes into)."""
-    model = load_model(chosen.name_or_path, chosen.revision, chosen.trust_remote_code, quantize_4bit=quantize_4bit,
-                       dtype=dtype)
+    model = load_model(
+        chosen.name_or_path,
+        chosen.revision,
+        chosen.trust_remote_code,
+        quantize_4bit=quantize_4bit,
+        dtype=dtype,
+    )
     return model.dequantize(dtype=DTYPES[resolve_dtype(dtype)]) if quantize_4bit and dequantized else model
 
 
@@ -188,5 +214,8 @@ def load_tuned(chosen: ChosenModel, adapter_dir: str | Path, merge: bool = False
     base = load_base(chosen, dtype, quantize_4bit=trained_4bit(adapter_dir), dequantized=merge)
     model = PeftModel.from_pretrained(base, adapter_dir)
     if merge and model.peft_config["default"].is_prompt_learning:
-        raise ParamsError("evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to false")
+        raise ParamsError(
+            "evaluate.merge is true, but a P-tuning adapter has no weights to merge; set evaluate.merge to "
+            "false"
+        )
     return model.merge_and_unload().to(DTYPES[resolve_dtype(dtype)]) if merge else model

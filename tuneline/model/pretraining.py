@@ -27,7 +27,9 @@ def corpus_files(corpus_dir: str | Path) -> list[Path]:
     """The corpus's text files (`*.txt`), in a stable order."""
     files = sorted(Path(corpus_dir).rglob("*.txt"))
     if not files:
-        raise InputError(f"models: no *.txt files in {corpus_dir} (models.corpus_dir); put the pretraining text there")
+        raise InputError(
+            f"models: no *.txt files in {corpus_dir} (models.corpus_dir); put the pretraining text there"
+        )
     return files
 
 
@@ -50,8 +52,10 @@ def split_blocks(blocks: list[list[int]], heldout_fraction: float) -> tuple[list
     if heldout_fraction <= 0 or len(blocks) < 2:
         return blocks, []
     every = max(2, round(1 / heldout_fraction))
-    return ([b for i, b in enumerate(blocks) if i % every != every - 1],
-            [b for i, b in enumerate(blocks) if i % every == every - 1])
+    return (
+        [b for i, b in enumerate(blocks) if i % every != every - 1],
+        [b for i, b in enumerate(blocks) if i % every == every - 1],
+    )
 
 
 def as_examples(blocks: list[list[int]]) -> list[dict]:
@@ -68,32 +72,85 @@ def heldout_loss(model, blocks: list[list[int]], pad_token_id: int, batch_size: 
     device = next(model.parameters()).device
     total = count = 0.0
     for i in range(0, len(blocks), batch_size):
-        batch = {k: v.to(device) for k, v in collate(as_examples(blocks[i : i + batch_size]), pad_token_id).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(as_examples(blocks[i : i + batch_size]), pad_token_id).items()
+        }
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * n
         count += n
     return total / max(count, 1)
 
 
-def run_params(*, learning_rate: float, batch_size: int, epochs: float = 1.0, max_steps: int = -1,
-               warmup_ratio: float = 0.0, weight_decay: float = 0.0, logging_steps: int = 10,
-               save_steps: int = 10**9, compute_dtype: str = "auto", grad_accum: int = 1) -> Train:
+def run_params(
+    *,
+    learning_rate: float,
+    batch_size: int,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    warmup_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    logging_steps: int = 10,
+    save_steps: int = 10**9,
+    compute_dtype: str = "auto",
+    grad_accum: int = 1,
+) -> Train:
     """Pretraining's settings as the train stage's code takes them: full training of every weight,
     with the Trainer's defaults for what pretraining does not set (no LoRA, adamw, no switches)."""
-    return Train(method="full", lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                 use_dora=False, use_rslora=False, ptuning_virtual_tokens=0, compute_dtype=compute_dtype,
-                 gradient_checkpointing=False, attn_implementation="sdpa", optim="adamw_torch",
-                 use_liger_kernel=False, learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
-                 batch_size=batch_size, eval_batch_size=batch_size, grad_accum=grad_accum,
-                 warmup_ratio=warmup_ratio, weight_decay=weight_decay, neftune_noise_alpha=0.0, wise_ft=1.0,
-                 save_steps=save_steps, save_total_limit=2,
-                 logging_steps=logging_steps, launcher="python", accelerate_config="", lr_scheduler="linear",
-                 profile="tiny", hub=None)
+    return Train(
+        method="full",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        use_dora=False,
+        use_rslora=False,
+        ptuning_virtual_tokens=0,
+        compute_dtype=compute_dtype,
+        gradient_checkpointing=False,
+        attn_implementation="sdpa",
+        optim="adamw_torch",
+        use_liger_kernel=False,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        neftune_noise_alpha=0.0,
+        wise_ft=1.0,
+        save_steps=save_steps,
+        save_total_limit=2,
+        logging_steps=logging_steps,
+        launcher="python",
+        accelerate_config="",
+        lr_scheduler="linear",
+        profile="tiny",
+        hub=None,
+    )
 
 
-def pretrain(model, tokenizer, train_blocks: list[list[int]], p: Train, checkpoints: Path, seed: int,
-             callbacks: list, save_to: Path | None = None) -> tuple:
+def pretrain(
+    model,
+    tokenizer,
+    train_blocks: list[list[int]],
+    p: Train,
+    checkpoints: Path,
+    seed: int,
+    callbacks: list,
+    save_to: Path | None = None,
+) -> tuple:
     """Train `model` on the blocks with the causal-LM objective; return (model, metrics)."""
     args = training_arguments(p, checkpoints, seed, has_eval=False)
-    return fit(model, tokenizer, args, as_examples(train_blocks), None,
-               partial(collate, pad_token_id=tokenizer.pad_token_id), checkpoints, callbacks, save_to)
+    return fit(
+        model,
+        tokenizer,
+        args,
+        as_examples(train_blocks),
+        None,
+        partial(collate, pad_token_id=tokenizer.pad_token_id),
+        checkpoints,
+        callbacks,
+        save_to,
+    )

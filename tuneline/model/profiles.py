@@ -13,7 +13,16 @@ from pathlib import Path
 from tuneline.common.params import Train
 
 TINY_MAX_PARAMETERS = 10_000_000
-HUB_KEYS = ("lora_r", "lora_alpha", "learning_rate", "epochs", "lr_scheduler", "warmup_ratio", "neftune_noise_alpha", "wise_ft")
+HUB_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "learning_rate",
+    "epochs",
+    "lr_scheduler",
+    "warmup_ratio",
+    "neftune_noise_alpha",
+    "wise_ft",
+)
 
 
 def local_parameters(model: str) -> int | None:

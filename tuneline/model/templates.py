@@ -52,8 +52,10 @@ def with_fixed_date(template: str, date: str) -> str:
     day = datetime.date.fromisoformat(date)
     fixed = _STRFTIME_NOW_RE.sub(lambda m: json.dumps(day.strftime(m.group(2))), template)
     if "strftime_now(" in fixed:
-        raise ValueError("the chat template calls strftime_now with a format that is not a string literal; "
-                         "set tokenize.template to a named template or edit the template")
+        raise ValueError(
+            "the chat template calls strftime_now with a format that is not a string literal; "
+            "set tokenize.template to a named template or edit the template"
+        )
     return fixed
 
 
@@ -63,8 +65,7 @@ def chat_template_for(tokenizer, template: str) -> str:
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.chat_template
         raise ValueError(
-            "the tokenizer has no chat template; set tokenize.template to one of "
-            + ", ".join(TEMPLATES)
+            "the tokenizer has no chat template; set tokenize.template to one of " + ", ".join(TEMPLATES)
         )
     return TEMPLATES[template]
 
@@ -82,7 +83,7 @@ def end_of_turn(tokenizer, template: str) -> str | None:
     <|end_of_text|>), so generation must stop on it as well, or the answer runs on to max_new_tokens.
     """
     full = render(tokenizer, _PROBE, template)
-    after = full[full.rindex(_PROBE[-1]["content"]) + len(_PROBE[-1]["content"]):]
+    after = full[full.rindex(_PROBE[-1]["content"]) + len(_PROBE[-1]["content"]) :]
     specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     found = [(after.index(t), t) for t in specials if t in after]
     return min(found)[1] if found else None
@@ -93,7 +94,9 @@ def render(tokenizer, messages: list[dict], template: str, add_generation_prompt
     return render_many(tokenizer, [messages], template, add_generation_prompt)[0]
 
 
-def render_many(tokenizer, conversations: list[list[dict]], template: str, add_generation_prompt: bool = False) -> list[str]:
+def render_many(
+    tokenizer, conversations: list[list[dict]], template: str, add_generation_prompt: bool = False
+) -> list[str]:
     """Many conversations as text: the strings `apply_chat_template` renders, at a quarter of its cost.
 
     The conversations are `to_messages` output, plain dicts of strings, so the per-message
@@ -109,10 +112,16 @@ def render_many(tokenizer, conversations: list[list[dict]], template: str, add_g
     try:  # imported here: build reads this module and never loads transformers
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:
-        return tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            conversations,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     compiled = _compile_jinja_template(chat_template)
-    variables = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+    variables = dict(
+        tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=add_generation_prompt
+    )
     return [compiled.render(messages=messages, **variables) for messages in conversations]
 
 
@@ -120,7 +129,8 @@ def segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str, 
     """The rendered conversation cut into (text, is_answer) pieces.
 
     Each assistant turn is the text that rendering the conversation up to and including it adds
-    after the generation prompt, up to and including its end-of-turn token; everything else is prompt. The pieces joined give exactly the
+    after the generation prompt, up to and including its end-of-turn token; everything else is prompt. The
+    pieces joined give exactly the
     rendered conversation, so label masks line up with what the model sees.
     """
     return segments_many(tokenizer, [messages], template)[0]
@@ -158,14 +168,16 @@ def segments_many(tokenizer, conversations: list[list[dict]], template: str) -> 
             # plus its answer, so only that answer is learnt, as the model will see it when serving.
             turns = turns[-1:]
             if not turns[0][1].startswith(turns[0][0]):
-                raise ValueError(f"chat template {template!r} does not render the last answer after its prompt")
+                raise ValueError(
+                    f"chat template {template!r} does not render the last answer after its prompt"
+                )
         pieces: list[tuple[str, bool]] = []
         done = ""
         for prompt, full in turns:
-            pieces.append((prompt[len(done):], False))
-            pieces += answer_pieces(full[len(prompt):], turn_end)
+            pieces.append((prompt[len(done) :], False))
+            pieces += answer_pieces(full[len(prompt) :], turn_end)
             done = full
-        rest = "" if ends_on_answer else full_texts[f0 + n_turns][len(done):]
+        rest = "" if ends_on_answer else full_texts[f0 + n_turns][len(done) :]
         if rest:
             pieces.append((rest, False))
         out.append([(text, is_answer) for text, is_answer in pieces if text])

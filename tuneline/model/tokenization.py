@@ -16,9 +16,8 @@ from bisect import bisect_left, insort
 from collections.abc import Iterator
 from functools import partial
 
-from tuneline.model.templates import segments_many
-
 from tuneline.data.alpaca import to_messages
+from tuneline.model.templates import segments_many
 
 IGNORE = -100
 
@@ -40,13 +39,21 @@ def piece_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None
-            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+    if (
+        hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
 
 
-def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
+def encode_many(
+    tokenizer, records: list[dict], template: str, train_on_prompt: bool
+) -> list[tuple[list[int], list[int]]]:
     """`encode` of many records: every piece of every record tokenized in one call, each piece on its own."""
     pieces = segments_many(tokenizer, [to_messages(r) for r in records], template)
     texts = [text for record_pieces in pieces for text, _ in record_pieces]
@@ -60,12 +67,16 @@ def encode_many(tokenizer, records: list[dict], template: str, train_on_prompt: 
             input_ids += ids
             labels += ids if (is_answer or train_on_prompt) else [IGNORE] * len(ids)
         if labels:
-            labels[0] = IGNORE  # nothing predicts the first token; in a pack, its predecessor is another example
+            labels[0] = (
+                IGNORE  # nothing predicts the first token; in a pack, its predecessor is another example
+            )
         encoded.append((input_ids, labels))
     return encoded
 
 
-def shortened(tokenizer, record: dict, template: str, max_length: int, train_on_prompt: bool) -> tuple[list[int], list[int]] | None:
+def shortened(
+    tokenizer, record: dict, template: str, max_length: int, train_on_prompt: bool
+) -> tuple[list[int], list[int]] | None:
     """The record encoded with its oldest history turns left out, as few as make it fit in
     `max_length` tokens; None when even without history it does not fit. Every shorter history
     is rendered and tokenized in one `encode_many` call."""
@@ -77,9 +88,11 @@ def shortened(tokenizer, record: dict, template: str, max_length: int, train_on_
     return None
 
 
-def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlong: str,
-               shorter=None) -> tuple[list[int], list[int], str]:
-    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong | dropped_no_answer.
+def fit_length(
+    input_ids: list[int], labels: list[int], max_length: int, overlong: str, shorter=None
+) -> tuple[list[int], list[int], str]:
+    """Apply the length limit; the status says what happened: ok | truncated | dropped_overlong |
+    dropped_no_answer.
 
     Tokens are never cut off the end: that would keep an answer without its end of turn and teach
     the model not to stop. With `overlong: truncate`, an overlong record is replaced by `shorter()`
@@ -101,31 +114,54 @@ def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlon
 EXAMPLE_COLUMNS = ("input_ids", "labels", "length", "original_length", "answer_tokens", "status")
 
 
-def example_row(input_ids: list[int], labels: list[int], max_length: int, overlong: str, shorter=None) -> dict:
+def example_row(
+    input_ids: list[int], labels: list[int], max_length: int, overlong: str, shorter=None
+) -> dict:
     """One encoded record after the length limit (`fit_length`), with the counts the stage reports
     (length, original_length, answer_tokens, status)."""
     original = len(input_ids)
     input_ids, labels, status = fit_length(input_ids, labels, max_length, overlong, shorter)
     answer_tokens = sum(1 for label in labels if label != IGNORE)
-    return {"input_ids": input_ids, "labels": labels, "length": len(input_ids), "original_length": original,
-            "answer_tokens": answer_tokens, "status": status}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "length": len(input_ids),
+        "original_length": original,
+        "answer_tokens": answer_tokens,
+        "status": status,
+    }
 
 
-def tokenize_example(record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool) -> dict:
+def tokenize_example(
+    record: dict, tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool
+) -> dict:
     """One record to input_ids, labels, and the counts the stage reports."""
     input_ids, labels = encode(tokenizer, record, template, train_on_prompt)
-    return example_row(input_ids, labels, max_length, overlong,
-                       partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
+    return example_row(
+        input_ids,
+        labels,
+        max_length,
+        overlong,
+        partial(shortened, tokenizer, record, template, max_length, train_on_prompt),
+    )
 
 
-def tokenize_batch(batch: dict[str, list], tokenizer, template: str, max_length: int, overlong: str,
-                   train_on_prompt: bool) -> dict[str, list]:
+def tokenize_batch(
+    batch: dict[str, list], tokenizer, template: str, max_length: int, overlong: str, train_on_prompt: bool
+) -> dict[str, list]:
     """The batched `datasets.map` function: a batch of records (columns of values) to the columns of
     `tokenize_example`, row for row the same."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [example_row(ids, labels, max_length, overlong,
-                        partial(shortened, tokenizer, record, template, max_length, train_on_prompt))
-            for record, (ids, labels) in zip(records, encode_many(tokenizer, records, template, train_on_prompt))]
+    rows = [
+        example_row(
+            ids,
+            labels,
+            max_length,
+            overlong,
+            partial(shortened, tokenizer, record, template, max_length, train_on_prompt),
+        )
+        for record, (ids, labels) in zip(records, encode_many(tokenizer, records, template, train_on_prompt))
+    ]
     return {key: [row[key] for row in rows] for key in EXAMPLE_COLUMNS}
 
 
@@ -160,7 +196,9 @@ def best_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]:
     have filled). Ties go to the earlier example and the earlier bin, so the result is deterministic;
     an example longer than `max_length` gets a bin of its own."""
     bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (tokens left, bin number), sorted: the best fit is the first that is big enough
+    room: list[
+        tuple[int, int]
+    ] = []  # (tokens left, bin number), sorted: the best fit is the first that is big enough
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         k = bisect_left(room, (lengths[i], -1))
         if k < len(room):
@@ -177,13 +215,16 @@ def best_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]:
 def pack_batch(batch: dict, max_length: int) -> dict:
     """The batched `datasets.map` function that packs one batch of tokenized examples, best fit decreasing."""
     examples = list(zip(batch["input_ids"], batch["labels"]))
-    packs = [packed_row([examples[i] for i in b])
-             for b in best_fit_decreasing([len(ids) for ids, _ in examples], max_length)]
+    packs = [
+        packed_row([examples[i] for i in b])
+        for b in best_fit_decreasing([len(ids) for ids, _ in examples], max_length)
+    ]
     return {key: [p[key] for p in packs] for key in ("input_ids", "labels", "position_ids", "num_examples")}
 
 
 def padding_fraction(lengths: list[int], batch_size: int) -> float:
-    """The share of padding tokens when sequences of `lengths` are batched in order and padded to the longest."""
+    """The share of padding tokens when sequences of `lengths` are batched in order and padded to the
+    longest."""
     total = padded = 0
     for i in range(0, len(lengths), batch_size):
         chunk = lengths[i : i + batch_size]
@@ -204,7 +245,12 @@ def varlen_metadata(position_ids):
     starts = (flat == 0).nonzero().reshape(-1)
     cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
     longest = int(cu_seq_lens.diff().max())
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict:

@@ -21,10 +21,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ProgressCallback
 
-from tuneline.model.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.common.params import PTUNING_PACKED, QLORA_SHARDED, WISE_FT_ZERO3, ParamsError, Train
 from tuneline.common.records import ChosenModel
 from tuneline.common.timings import is_timing
+from tuneline.model.modeling import DTYPES, load_model, load_tokenizer, resolve_dtype, sharded_launch
 from tuneline.model.tokenization import IGNORE, collate
 
 
@@ -66,8 +66,14 @@ def keep_4bit_training_layout(model) -> None:
 # Config keys of models whose logits are more than the head's output (Gemma's soft-capping, Cohere's
 # and Granite's scaling, Falcon-H1's multiplier) or whose loss adds a router term (MoE): those keep
 # their own forward, which knows how.
-OWN_LOGITS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                   "lm_head_multiplier", "output_router_logits")
+OWN_LOGITS_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "output_router_logits",
+)
 
 # Answer positions whose logits the training loss makes at once: LOSS_CHUNK x vocabulary in fp32
 # (0.6 GB at 152k words), and as much again for their gradient in the backward pass.
@@ -90,8 +96,12 @@ def chunked_cross_entropy(head, rows: torch.Tensor, targets: torch.Tensor, chunk
     """
     from torch.utils.checkpoint import checkpoint
 
-    losses = [checkpoint(_summed_cross_entropy, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-              for i in range(0, max(len(targets), 1), chunk)]
+    losses = [
+        checkpoint(
+            _summed_cross_entropy, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False
+        )
+        for i in range(0, max(len(targets), 1), chunk)
+    ]
     return torch.stack(losses).sum()
 
 
@@ -115,8 +125,11 @@ def answer_only_head(model) -> bool:
     was patched.
     """
     config = model.config.get_text_config()
-    if (any(getattr(config, key, None) for key in OWN_LOGITS_KEYS) or model.get_output_embeddings() is None
-            or model.base_model is model):  # no decoder apart from the head to run first
+    if (
+        any(getattr(config, key, None) for key in OWN_LOGITS_KEYS)
+        or model.get_output_embeddings() is None
+        or model.base_model is model
+    ):  # no decoder apart from the head to run first
         return False
     own_forward = model.forward
 
@@ -131,7 +144,9 @@ def answer_only_head(model) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         answer = targets != IGNORE
-        loss = chunked_cross_entropy(self.get_output_embeddings(), hidden[:, :-1][answer], targets[answer], LOSS_CHUNK)
+        loss = chunked_cross_entropy(
+            self.get_output_embeddings(), hidden[:, :-1][answer], targets[answer], LOSS_CHUNK
+        )
         # a batch with no labelled token gives a zero that stays connected to the graph
         count = answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return CausalLMOutputWithPast(loss=loss / count)
@@ -139,8 +154,11 @@ def answer_only_head(model) -> bool:
     patched = types.MethodType(forward, model)
     if not sharded_launch() and not reproduces_own_loss(model, patched, own_forward):
         logging.getLogger("tuneline.model.training").warning(
-            "train: %s's own loss differs from the answer-only head's on a probe; it trains with its own forward "
-            "(full logits)", type(model).__name__)
+            "train: %s's own loss differs from the answer-only head's on a probe; it trains with its own "
+            "forward "
+            "(full logits)",
+            type(model).__name__,
+        )
         return False
     model.forward = patched
     return True
@@ -157,7 +175,11 @@ def reproduces_own_loss(model, patched, own_forward, tokens: int = 16) -> bool:
     training = model.training
     model.eval()
     vocab = model.config.get_text_config().vocab_size
-    ids = (torch.arange(1, tokens + 1) * 7919 % vocab).unsqueeze(0).to(model.get_input_embeddings().weight.device)
+    ids = (
+        (torch.arange(1, tokens + 1) * 7919 % vocab)
+        .unsqueeze(0)
+        .to(model.get_input_embeddings().weight.device)
+    )
     ours, theirs = patched(input_ids=ids, labels=ids).loss, own_forward(input_ids=ids, labels=ids).loss
     model.train(training)
     return bool(torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-4))
@@ -177,16 +199,25 @@ def prepare_model(chosen: ChosenModel, p: Train, seed: int):
         raise ParamsError(QLORA_SHARDED)  # launched by hand: params load sees only train.accelerate_config
     set_seed(seed)
     model = load_model(
-        chosen.name_or_path, chosen.revision, chosen.trust_remote_code, quantize_4bit=p.method == "qlora", dtype="float32" if p.method == "full" else p.compute_dtype,
+        chosen.name_or_path,
+        chosen.revision,
+        chosen.trust_remote_code,
+        quantize_4bit=p.method == "qlora",
+        dtype="float32" if p.method == "full" else p.compute_dtype,
         attn_implementation=p.attn_implementation,
     )
-    model.config.use_cache = False  # training never reads a KV cache, and one would hide packed sequences' boundaries
+    model.config.use_cache = (
+        False  # training never reads a KV cache, and one would hide packed sequences' boundaries
+    )
     if p.method == "qlora":
         keep_4bit_training_layout(model)
     if p.use_liger_kernel:
-        # Liger's fused linear cross-entropy never makes the full logits either; the two would both replace the loss.
+        # Liger's fused linear cross-entropy never makes the full logits either; the two would both replace
+        # the loss.
         logging.getLogger("tuneline.model.training").warning(
-            "train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only head is off")
+            "train.use_liger_kernel: Liger's fused linear cross-entropy computes the loss; the answer-only "
+            "head is off"
+        )
     else:
         answer_only_head(model)
     config = peft_config(p)
@@ -202,7 +233,13 @@ def run_key(p: Train, chosen: ChosenModel, data_fingerprint: str, seed: int, wor
     The number of processes is part of it: it changes the global batch and the data order, so a
     checkpoint of a 2-process run cannot be resumed by a single process.
     """
-    run = {"params": p.__dict__, "model": chosen.record, "data": data_fingerprint, "seed": seed, "world_size": world_size}
+    run = {
+        "params": p.__dict__,
+        "model": chosen.record,
+        "data": data_fingerprint,
+        "seed": seed,
+        "world_size": world_size,
+    }
     blob = json.dumps(run, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -285,8 +322,9 @@ class QuietProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            logging.getLogger("tuneline.model.training").info("step %d: %s", state.global_step,
-                                                        {k: v for k, v in logs.items() if k != "total_flos"})  # fmt: skip
+            logging.getLogger("tuneline.model.training").info(
+                "step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"}
+            )
 
 
 def precision_flags(dtype: str, cuda: bool) -> dict:
@@ -347,8 +385,17 @@ def training_arguments(p: Train, out_dir: Path, seed: int, has_eval: bool) -> Tr
     )
 
 
-def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, checkpoints: Path, callbacks: list,
-        save_to: Path | None = None) -> tuple:
+def fit(
+    model,
+    tokenizer,
+    args: TrainingArguments,
+    train_ds,
+    eval_ds,
+    collator,
+    checkpoints: Path,
+    callbacks: list,
+    save_to: Path | None = None,
+) -> tuple:
     """Train `model` with the Trainer, resuming from the newest complete checkpoint in `checkpoints`;
     return (model, metrics). Fine-tuning and pretraining on raw text both run through here. The
     callbacks (DVCLive) see no timings; the metrics returned hold them (`tuneline.common.timings.split`).
@@ -384,8 +431,16 @@ def fit(model, tokenizer, args: TrainingArguments, train_ds, eval_ds, collator, 
     return trainer.model, {**timings.latest, **result.metrics}
 
 
-def train(chosen: ChosenModel, p: Train, train_ds, eval_ds, checkpoints: Path, seed: int, callbacks: list,
-          save_to: Path | None = None) -> tuple:
+def train(
+    chosen: ChosenModel,
+    p: Train,
+    train_ds,
+    eval_ds,
+    checkpoints: Path,
+    seed: int,
+    callbacks: list,
+    save_to: Path | None = None,
+) -> tuple:
     """Fine-tune the chosen model, resuming from the newest complete checkpoint of this run;
     return (model, tokenizer, metrics), the metrics with the parameter counts, taken before the
     Trainer shards the model. `save_to`: see `fit`; full fine-tuning's weights are saved there at
@@ -400,8 +455,17 @@ def train(chosen: ChosenModel, p: Train, train_ds, eval_ds, checkpoints: Path, s
     args = training_arguments(p, checkpoints, seed, has_eval=eval_ds is not None and len(eval_ds) > 0)
     model = prepare_model(chosen, p, seed)
     trainable, total = trainable_parameters(model)
-    model, metrics = fit(model, tokenizer, args, train_ds, eval_ds, partial(collate, pad_token_id=tokenizer.pad_token_id),
-                         checkpoints, callbacks, save_to)
+    model, metrics = fit(
+        model,
+        tokenizer,
+        args,
+        train_ds,
+        eval_ds,
+        partial(collate, pad_token_id=tokenizer.pad_token_id),
+        checkpoints,
+        callbacks,
+        save_to,
+    )
     if save_to is not None and p.method == "full" and is_main_process():
         save_at_dtype(Path(save_to), resolve_dtype(p.compute_dtype))
     return model, tokenizer, {**metrics, "trainable_parameters": trainable, "total_parameters": total}
@@ -424,8 +488,10 @@ def save_at_dtype(saved: Path, dtype: str) -> int:
         tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in load_file(path).items()}
         size += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, path, metadata={"format": "pt"})
-    for name, key, value in (("model.safetensors.index.json", "metadata", {"total_size": size}),
-                             ("config.json", "dtype", dtype)):
+    for name, key, value in (
+        ("model.safetensors.index.json", "metadata", {"total_size": size}),
+        ("config.json", "dtype", dtype),
+    ):
         path = saved / name
         if path.exists():
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -447,8 +513,10 @@ def base_weight_files(chosen: ChosenModel) -> list[Path]:
         root = Path(snapshot_download(model, revision=chosen.revision, allow_patterns=["model*.safetensors"]))
     files = sorted(root.glob("model*.safetensors"))
     if not files:
-        raise ParamsError(f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
-                          "set train.wise_ft to 1.0 for this model")
+        raise ParamsError(
+            f"train.wise_ft: the base {model} has no .safetensors files to interpolate toward; "
+            "set train.wise_ft to 1.0 for this model"
+        )
     return files
 
 
@@ -474,20 +542,27 @@ def wise_ft(saved: Path, chosen: ChosenModel, alpha: float) -> int:
     files = [saved / "adapter_model.safetensors"] if adapter else sorted(saved.glob("model*.safetensors"))
     changed = 0
     with ExitStack() as stack:
-        base_files = [] if adapter else [stack.enter_context(safe_open(f, "pt", device="cpu"))
-                                         for f in base_weight_files(chosen)]
+        base_files = (
+            []
+            if adapter
+            else [stack.enter_context(safe_open(f, "pt", device="cpu")) for f in base_weight_files(chosen)]
+        )
         base_of = {key: f for f in base_files for key in f.keys()}
         for path in files:
             tensors = load_file(path)
             for key, t in tensors.items():
                 if adapter:
-                    if not {"lora_B", "lora_embedding_B"} & set(key.split(".")):  # an embedding's B has no .weight
+                    if not {"lora_B", "lora_embedding_B"} & set(
+                        key.split(".")
+                    ):  # an embedding's B has no .weight
                         continue
                     new = t.float() * alpha
                 else:
                     if key not in base_of:
-                        raise ParamsError(f"train.wise_ft: {path} holds {key}, which the base {chosen.name_or_path}'s "
-                                          "files do not have; set train.wise_ft to 1.0 for this model")
+                        raise ParamsError(
+                            f"train.wise_ft: {path} holds {key}, which the base {chosen.name_or_path}'s "
+                            "files do not have; set train.wise_ft to 1.0 for this model"
+                        )
                     if not t.is_floating_point():
                         continue
                     base_t = base_of[key].get_tensor(key).float()
@@ -496,8 +571,10 @@ def wise_ft(saved: Path, chosen: ChosenModel, alpha: float) -> int:
                 changed += 1
             save_file(tensors, path, metadata={"format": "pt"})
     if not changed:
-        raise ParamsError(f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
-                          "set train.wise_ft to 1.0")
+        raise ParamsError(
+            f"train.wise_ft is {alpha}, but {saved} holds no LoRA B matrix or base weight to interpolate; "
+            "set train.wise_ft to 1.0"
+        )
     return changed
 
 
@@ -510,5 +587,3 @@ def is_main_process() -> bool:
 def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
