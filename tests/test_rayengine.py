@@ -27,7 +27,7 @@ import yaml
 from tests.test_clean import ROOT, P, planted
 from tuneline.common import params
 from tuneline.common.params import ParamsError
-from tuneline.common.records import write_jsonl
+from tuneline.common.records import shard_files, write_jsonl_shards
 from tuneline.data import rayengine
 from tuneline.data.clean import (
     clean_records,
@@ -191,22 +191,26 @@ def test_stage_with_engine_ray_writes_the_same_bytes_as_inprocess(local_ray, tmp
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     base = data["base"]
     names = [
-        Path(base["clean_dir"]) / "records.jsonl",
-        Path(base["clean_dir"]) / "rejects.jsonl",
+        Path(base["clean_dir"]) / "records",
+        Path(base["clean_dir"]) / "rejects",
         Path(base["metrics_dir"]) / "clean.json",
         Path(base["metrics_dir"]) / "clean_report.md",
     ]
+
+    def contents(path: Path) -> bytes | dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in shard_files(path)} if path.is_dir() else path.read_bytes()
+
     written, said = {}, {}
     for engine in ("inprocess", "ray"):
         project = tmp_path / engine
         project.mkdir()
         data["clean"]["engine"] = engine
         (project / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        write_jsonl(project / base["augmented_dir"] / "records.jsonl", records)
+        write_jsonl_shards(project / base["augmented_dir"] / "records", records, base["shard_records"])
         monkeypatch.chdir(project)
         stage.main()
         said[engine] = capsys.readouterr().out
-        written[engine] = {str(n): (project / n).read_bytes() for n in names}
+        written[engine] = {str(n): contents(project / n) for n in names}
     # Each run embedded every text itself (the Ray one in Ray actors): no vector came from a cache.
     assert re.search(r"embeddings for (\d+) texts, \1 newly encoded", said["ray"])
     assert said["ray"].split("; embeddings")[0] == said["inprocess"].split("; embeddings")[0]
