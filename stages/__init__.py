@@ -176,4 +176,8 @@ sys.excepthook = _report_failure
 _stage = stage_name(getattr(sys, "orig_argv", []))
 if _stage is not None:
     signal.signal(signal.SIGTERM, _terminate)
+    # A process forked from the stage (cleanlab's multiprocessing pool, for one) dies on SIGTERM as by
+    # default: Pool.terminate() ends its workers with SIGTERM, and a worker that raised Terminated
+    # instead would hang the stage in the pool's join.
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     start_stage_log(_stage, _metrics_dir())

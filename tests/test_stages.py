@@ -119,6 +119,34 @@ def test_sigterm_puts_back_the_outputs_including_half_written_ones(repo):
     assert git_status(repo) == ""
 
 
+FORKED_CHILD = """
+import multiprocessing, signal, sys, time
+sys.orig_argv = [sys.executable, "-m", "stages.feedback"]  # as DVC runs a stage
+import stages
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()
+time.sleep(0.5)
+child.terminate()  # SIGTERM, as multiprocessing.Pool.terminate() ends its workers
+child.join(20)
+print(child.exitcode)
+"""
+
+
+def test_a_process_forked_by_a_stage_dies_on_sigterm_as_by_default(tmp_path):
+    # The stage itself turns SIGTERM into Terminated; a forked worker that did the same would exit 1
+    # after its cleanup (and cleanlab's pool hung in join waiting on one).
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILD],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env(), "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == str(-signal.SIGTERM)
+
+
 def test_a_stage_in_a_copy_of_the_workspace_leaves_both_alone(repo, tmp_path):
     # `dvc exp run --temp` runs the stage in a copy, with DVC_ROOT naming the workspace
     workspace = tmp_path / "workspace"
