@@ -72,7 +72,7 @@ def test_each_typed_error_has_its_exit_status(error, code):
 
 @pytest.mark.parametrize(("error", "code"), [("ParamsError", 2), ("InputError", 2), ("EndpointError", 3)])
 def test_a_stage_prints_a_typed_error_as_one_line_and_its_exit_status(tmp_path, error, code):
-    module = "params" if error == "ParamsError" else "records"
+    module = "common.params" if error == "ParamsError" else "common.records"
     script = (
         f"import stages\nfrom tuneline.{module} import {error}\nraise {error}('augment.model: the fix')\n"
     )

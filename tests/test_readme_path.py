@@ -21,7 +21,7 @@ from tests.openai_stub import ScriptedServer
 from tests.pipeline_repo import ROOT, repro, run
 from tests.stage_project import seed_records
 from tests.test_augment import respond
-from tuneline.common.records import read_jsonl
+from tuneline.common.records import read_jsonl_dir
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_the_readme_path_from_make_run_to_the_report(pipeline_build, tmp_path):
         assert {"crawl", "augment", "clean", "build", f"select@{name}", "train", "evaluate"} <= ran
         assert llm.requests > 0
     (dataset,) = params["crawl"]["datasets"]
-    assert [r["source"] for r in read_jsonl(repo / "data/raw/datasets.jsonl")] == [
+    assert [r["source"] for r in read_jsonl_dir(repo / "data/raw/datasets")] == [
         f"dataset:{dataset['name']}"
     ] * records
     selected = json.loads((repo / "models/selected.json").read_text())

@@ -66,7 +66,7 @@ def test_a_failed_stage_puts_back_the_tracked_outputs_dvc_removed(repo):
 
 
 def test_a_stage_that_exits_with_its_own_message_puts_them_back_too(repo):
-    # choose ends with `raise SystemExit(message)` when a candidate lacks select.metric
+    # choose ends with a ParamsError (exit 2, its one-line message) when a candidate lacks select.metric
     scores = repo / "metrics/select/tiny_llama.json"  # select's output, which choose reads
     scores.write_text(json.dumps({k: v for k, v in json.loads(scores.read_text()).items() if k != "rouge_l"}))
     for path in CHOOSE_FILES:
@@ -76,8 +76,8 @@ def test_a_stage_that_exits_with_its_own_message_puts_them_back_too(repo):
             repo, sys.executable, "-m", "stages.choose", check=False, extra_env=as_dvc_runs("choose", repo)
         )
         assert (
-            result.returncode == 1
-            and "choose: select.metric 'rouge_l' is not available for tiny_llama" in result.stderr
+            result.returncode == 2
+            and "select.metric 'rouge_l' is not available for tiny_llama" in result.stderr
         )
         assert (
             f"choose failed: put back from git 2 tracked files of its outputs "
